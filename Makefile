@@ -37,7 +37,7 @@ bench: setup
 	$(BIN)/epp bench cluster
 
 proto: setup
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto --pyi_out=proto proto/epp_api.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/epp_api.proto
 
 clean:
 	rm -rf $(VENV) $(ENVOY_DIR) build *.egg-info

@@ -15,6 +15,8 @@ extension-point methods below, registered by entry point `epp.plugins` or named 
 from __future__ import annotations
 
 import dataclasses
+import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -254,7 +256,9 @@ class PluginHandle:
     cycle state) and a monotonic clock (virtual in the cluster simulation)."""
 
     plugins: Mapping[str, Plugin] = field(default_factory=dict)
-    clock: Callable[[], float] = field(default=lambda: __import__("time").monotonic())
+    clock: Callable[[], float] = time.monotonic
+    # Randomness for pickers and exploration; seed it for reproducible runs (simulation, tests).
+    rng: random.Random = field(default_factory=lambda: random.Random())
 
     def plugin(self, name: str) -> Plugin:
         return self.plugins[name]

@@ -1,0 +1,251 @@
+"""`epp endpoints` and `epp explain`: clients of a running picker's project API.
+
+    epp endpoints --addr 127.0.0.1:9002 [--tls|--insecure] [--json]
+    epp explain --addr 127.0.0.1:9002 --model m --prompt "..." [--chat] [--header k=v ...]
+    epp explain --addr 127.0.0.1:9002 --body-file request.json [--path /v1/chat/completions]
+
+The picker serves TLS by default with a self-signed certificate. grpcio cannot skip
+verification, so --tls (the default) fetches the server's own certificate and trusts
+exactly that one; --insecure speaks plaintext.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import json_format
+
+from proto import epp_api_pb2 as pb
+from proto import epp_api_pb2_grpc as pb_grpc
+
+MULTI_COMMAND = True
+
+
+# ---------------------------------------------------------------------------- connection
+def split_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--addr: expected host:port, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+def fetch_server_certificate(host: str, port: int, timeout: float) -> bytes:
+    """The PEM certificate the server presents (unverified: it is what we will trust)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])  # gRPC servers may refuse a handshake without it
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        with ctx.wrap_socket(sock, server_hostname=host if not _is_ip(host) else None) as tls:
+            der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise ConnectionError(f"{host}:{port} presented no certificate")
+    return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def certificate_names(pem: bytes) -> tuple[list[str], list[str]]:
+    """(DNS names and common name, IP addresses) the certificate is valid for."""
+    fd, path = tempfile.mkstemp(suffix=".pem")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        info = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # stdlib has no public decoder
+    except Exception:  # noqa: BLE001 - an undecodable cert just gets no override
+        return [], []
+    finally:
+        os.unlink(path)
+    dns = [v for k, v in info.get("subjectAltName", ()) if k == "DNS"]
+    ips = [v.strip() for k, v in info.get("subjectAltName", ()) if k == "IP Address"]
+    for rdn in info.get("subject", ()):
+        dns += [v for k, v in rdn if k == "commonName" and v not in dns]
+    return dns, ips
+
+
+def open_channel(addr: str, tls: bool, timeout: float) -> grpc.Channel:
+    host, port = split_addr(addr)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not tls:
+        return grpc.insecure_channel(target)
+    pem = fetch_server_certificate(host, port, timeout)
+    dns, ips = certificate_names(pem)
+    options: list[tuple[str, str]] = []
+    covered = host in dns or any(_same_ip(host, ip) for ip in ips)
+    if not covered and dns:
+        # The self-signed cert names the picker's service, not the address we dialled.
+        options.append(("grpc.ssl_target_name_override", dns[0]))
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=pem), options=options)
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------- endpoints
+def format_endpoints(resp: pb.ListEndpointsResponse) -> str:
+    header = ("NAME", "ADDRESS", "WAIT", "RUN", "KV%", "LORA run/wait/max", "BLOCKS", "AGE", "OK",
+              "INFLIGHT", "TOKENS", "LABELS")
+    rows = [header]
+    for e in resp.endpoints:
+        m = e.metrics
+        host = f"[{e.address}]" if ":" in e.address else e.address
+        lora = f"{','.join(m.running_lora_adapters) or '-'}/{','.join(m.waiting_lora_adapters) or '-'}/{m.max_lora}"
+        blocks = f"{m.num_gpu_blocks}x{m.block_size}" if m.block_size or m.num_gpu_blocks else "-"
+        age = "never" if m.age_seconds < 0 else f"{m.age_seconds:.2f}s"
+        labels = ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-"
+        rows.append((e.name, f"{host}:{e.port}", str(m.waiting_queue_size), str(m.running_requests_size),
+                     f"{m.kv_cache_usage * 100:.1f}", lora, blocks, age, "yes" if m.ok else "no",
+                     str(e.in_flight_requests), str(e.in_flight_tokens), labels))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append(f"{len(resp.endpoints)} endpoints{'' if resp.synced else ' (endpoint source not synced yet)'}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- explain
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def format_explain(resp: pb.ExplainResponse) -> str:
+    lines = []
+    if resp.HasField("request"):
+        r = resp.request
+        model = r.incoming_model if r.target_model in ("", r.incoming_model) else \
+            f"{r.incoming_model} -> {r.target_model} (rewritten)"
+        extra = f", objective {r.objective}" if r.objective else ""
+        lines.append(f"request: model {model or '-'}, {r.kind or 'unknown'}, priority {r.priority}{extra}"
+                     f"{', stream' if r.stream else ''}, prompt {r.prompt_chars} chars")
+    if resp.candidates:
+        lines.append(f"candidates: {', '.join(resp.candidates)}")
+    for p in resp.profiles:
+        lines.append(f"profile {p.name}:")
+        for f in p.filters:
+            kept = ", ".join(f.kept) if f.kept else "none"
+            lines.append(f"  filter {_plugin(f.name, f.type)} kept {kept}")
+        for s in p.scorers:
+            scores = " ".join(f"{e.endpoint}={_fmt(e.score)}" for e in s.scores)
+            lines.append(f"  scorer {_plugin(s.name, s.type)} (w={_fmt(s.weight)}): {scores}")
+        if p.totals:
+            lines.append(f"  totals: {' '.join(f'{e.endpoint}={_fmt(e.score)}' for e in p.totals)}")
+        if p.error:
+            lines.append(f"  failed: {p.error}")
+        elif p.picked:
+            lines.append(f"  picker {p.picker or '-'} picked {', '.join(p.picked)}")
+    if resp.error_code:
+        lines.append(f"error: {resp.error_code} (HTTP {resp.http_status}) - {resp.error_message}")
+    elif resp.targets:
+        primary = f" (profile {resp.primary_profile})" if resp.primary_profile else ""
+        lines.append(f"picked {', '.join(resp.targets)}{primary}")
+    for k, v in sorted(resp.headers.items()):
+        lines.append(f"sets header {k}: {v}")
+    return "\n".join(lines)
+
+
+def _plugin(name: str, type_: str) -> str:
+    return name if not type_ or type_ == name else f"{name} ({type_})"
+
+
+def explain_request(args: argparse.Namespace) -> pb.ExplainRequest:
+    headers: dict[str, str] = {}
+    for item in args.header:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--header: expected key=value, got {item!r}")
+        headers[key.strip().lower()] = value
+    if args.body_file:
+        with open(args.body_file, "rb") as f:
+            body = f.read()
+        try:
+            chat = "messages" in json.loads(body)
+        except (ValueError, TypeError):
+            chat = False
+    else:
+        if not args.model or args.prompt is None:
+            raise ValueError("give --model and --prompt, or --body-file")
+        chat = args.chat
+        doc = ({"model": args.model, "messages": [{"role": "user", "content": args.prompt}]} if chat
+               else {"model": args.model, "prompt": args.prompt})
+        body = json.dumps(doc).encode()
+    headers.setdefault(":path", args.path or ("/v1/chat/completions" if chat else "/v1/completions"))
+    headers.setdefault(":method", "POST")
+    headers.setdefault("content-type", "application/json")
+    return pb.ExplainRequest(body=body, headers=headers)
+
+
+# ---------------------------------------------------------------------------- main
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--addr", default="127.0.0.1:9002", help="picker gRPC address host:port")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--tls", dest="tls", action="store_true", default=True,
+                      help="TLS, trusting the certificate the server presents (default)")
+    mode.add_argument("--insecure", dest="tls", action="store_false", help="plaintext gRPC")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    if command == "endpoints":
+        p = argparse.ArgumentParser(prog="epp endpoints", description="List a running picker's endpoints.")
+        _common(p)
+        return p
+    p = argparse.ArgumentParser(prog="epp explain", description="Why a request would go where it goes.")
+    _common(p)
+    p.add_argument("--model", default="", help="model name for --prompt")
+    p.add_argument("--prompt", default=None, help="prompt text (a completions request; --chat for chat)")
+    p.add_argument("--chat", action="store_true", help="send --prompt as a chat completions message")
+    p.add_argument("--body-file", default="", help="JSON request body file (instead of --model/--prompt)")
+    p.add_argument("--path", default="", help="request path (default from the body's shape)")
+    p.add_argument("--header", action="append", default=[], metavar="K=V", help="request header (repeatable)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("endpoints", "explain"):
+        print("usage: epp endpoints|explain [flags]", file=sys.stderr)
+        return 2
+    command = argv[0]
+    args = build_parser(command).parse_args(argv[1:])
+    try:
+        request = explain_request(args) if command == "explain" else pb.ListEndpointsRequest()
+    except (ValueError, OSError) as e:
+        print(f"epp {command}: {e}", file=sys.stderr)
+        return 2
+    try:
+        with open_channel(args.addr, args.tls, args.timeout) as channel:
+            stub = pb_grpc.EndpointPickerStub(channel)
+            if command == "endpoints":
+                resp = stub.ListEndpoints(request, timeout=args.timeout)
+            else:
+                resp = stub.Explain(request, timeout=args.timeout)
+    except grpc.RpcError as e:
+        print(f"epp {command}: {args.addr}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"epp {command}: {args.addr}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json_format.MessageToJson(resp, preserving_proto_field_name=True))
+    else:
+        print(format_endpoints(resp) if command == "endpoints" else format_explain(resp))
+    return 0
