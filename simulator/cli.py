@@ -1,0 +1,157 @@
+"""`epp sim`: N simulated vLLM servers on ports P..P+N-1, from one process and one asyncio loop.
+
+    epp sim --port 8000 --model meta-llama/Llama-3.1-8B-Instruct --replicas 4 \\
+        --pod-names a,b,c,d --labels tier=gold --replica-labels 0:zone=x --lora-modules sql,chat
+
+Each server prints one line `sim ready: pod=... url=http://host:port ...` once listening.
+With --kv-events-endpoint tcp://*:5557, replica i publishes on port 5557+i."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import re
+import signal
+import sys
+
+from .engine import EngineConfig
+from .server import FAILURES, SimConfig, SimServer
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _labels(value: str) -> dict[str, str]:
+    out = {}
+    for item in _csv(value):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"label {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EngineConfig()
+    p = argparse.ArgumentParser(prog="epp sim", description="vLLM-compatible simulated model servers")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="port of the first replica")
+    p.add_argument("--model", default=SimConfig.model, help="served model name")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--pod-names", type=_csv, default=None,
+                   help="comma-separated pod names, one per replica (default <pod-prefix>-<i>)")
+    p.add_argument("--pod-prefix", default="sim")
+    p.add_argument("--labels", type=_labels, default={}, help="k=v,... labels of every replica")
+    p.add_argument("--replica-labels", action="append", default=[],
+                   help="I:k=v,... labels of replica I (repeatable)")
+    p.add_argument("--lora-modules", type=_csv, default=[], help="comma-separated LoRA adapters to preload")
+    p.add_argument("--max-loras", type=int, default=d.max_loras)
+    p.add_argument("--lora-load-time", type=float, default=d.lora_load_time, help="seconds to load an adapter")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    p.add_argument("--num-gpu-blocks", "--kv-cache-size", type=int, default=d.num_gpu_blocks)
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    p.add_argument("--step-overhead", type=float, default=d.step_overhead, help="seconds per engine step")
+    p.add_argument("--prefill-time-per-token", type=float, default=d.prefill_time_per_token)
+    p.add_argument("--decode-time-per-seq", type=float, default=d.decode_time_per_seq)
+    p.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per wall second")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=("random", "echo"), default="random")
+    p.add_argument("--failure-injection-rate", type=float, default=0.0, help="fraction of requests failed")
+    p.add_argument("--failure-types", type=_csv, default=list(FAILURES),
+                   help="comma-separated subset of " + ",".join(FAILURES))
+    p.add_argument("--startup-delay", type=float, default=0.0, help="wall seconds /health answers 503")
+    p.add_argument("--kv-events-endpoint", default=None,
+                   help="ZMQ PUB bind address, e.g. tcp://*:5557 (replica i binds port+i)")
+    p.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
+                   help="host in the KV-events topic kv@<host>:<port>@<model> (default $POD_IP, else --host)")
+    return p
+
+
+def _replica_endpoint(endpoint: str | None, i: int) -> str | None:
+    if not endpoint or i == 0:
+        return endpoint
+    m = re.match(r"^(.*):(\d+)$", endpoint)
+    if not m:
+        raise ValueError(f"--kv-events-endpoint {endpoint!r} needs a port to give each replica its own")
+    return f"{m.group(1)}:{int(m.group(2)) + i}"
+
+
+def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
+    if args.replicas < 1:
+        raise ValueError("--replicas must be >= 1")
+    if args.time_scale <= 0:
+        raise ValueError("--time-scale must be > 0")
+    if args.startup_delay < 0:
+        raise ValueError("--startup-delay must be >= 0")
+    names = args.pod_names or [f"{args.pod_prefix}-{i}" for i in range(args.replicas)]
+    if len(names) != args.replicas:
+        raise ValueError(f"--pod-names has {len(names)} names for {args.replicas} replicas")
+    per_replica: dict[int, dict[str, str]] = {}
+    for spec in args.replica_labels:
+        idx, _, rest = spec.partition(":")
+        if not idx.isdigit() or int(idx) >= args.replicas:
+            raise ValueError(f"--replica-labels {spec!r}: expected I:k=v with 0 <= I < {args.replicas}")
+        per_replica.setdefault(int(idx), {}).update(_labels(rest))
+    engine = EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        num_gpu_blocks=args.num_gpu_blocks, block_size=args.block_size, max_model_len=args.max_model_len,
+        max_loras=args.max_loras, lora_load_time=args.lora_load_time, step_overhead=args.step_overhead,
+        prefill_time_per_token=args.prefill_time_per_token, decode_time_per_seq=args.decode_time_per_seq)
+    return [SimConfig(
+        model=args.model, host=args.host, port=args.port + i, pod=names[i],
+        labels={**args.labels, **per_replica.get(i, {})}, engine=dataclasses.replace(engine),
+        lora_modules=list(args.lora_modules), time_scale=args.time_scale, seed=args.seed + i, mode=args.mode,
+        failure_injection_rate=args.failure_injection_rate, failure_types=list(args.failure_types),
+        startup_delay=args.startup_delay, kv_events_endpoint=_replica_endpoint(args.kv_events_endpoint, i),
+        advertise_host=args.advertise_host,
+    ) for i in range(args.replicas)]
+
+
+async def serve(configs: list[SimConfig]) -> None:
+    """Run every server until SIGTERM/SIGINT, or until all have died (POST /sim/die)."""
+    servers = [SimServer(c) for c in configs]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    from .clock import AsyncioClock
+    clock = AsyncioClock(loop, configs[0].time_scale)
+    started = []
+    try:
+        for s in servers:
+            await s.start(clock)
+            started.append(s)
+        waits = [asyncio.ensure_future(stop.wait())] + [asyncio.ensure_future(s.dead.wait()) for s in servers]
+        all_dead = asyncio.ensure_future(asyncio.wait(waits[1:]))
+        await asyncio.wait([waits[0], all_dead], return_when=asyncio.FIRST_COMPLETED)
+        for w in [*waits, all_dead]:
+            w.cancel()
+        await asyncio.gather(*waits, all_dead, return_exceptions=True)
+    finally:
+        for s in started:
+            await s.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configs = configs_from_args(args)
+    except ValueError as e:
+        print(f"epp sim: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(configs))
+    except OSError as e:  # e.g. port in use
+        print(f"epp sim: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,682 @@
+"""The engine model: a pure, synchronous state machine of one vLLM-style engine.
+
+No clock and no asyncio inside: the caller passes `now` to every call. One batch step
+is two calls, so that its effects land at the step's end:
+
+    duration = engine.step(now)        # schedule a batch (admit, allocate KV blocks)
+    ...                                # time passes: now + duration
+    engine.finish_step(now + duration) # tokens, first-token/finish callbacks, stored blocks
+
+EngineLoop (below) does exactly this on any Clock. Callbacks of an EngineRequest fire
+inside finish_step, with the step's end time:
+    on_first_token(t, cached_tokens)   once, when the prefill is done
+    on_token(t, token_id)              every generated token, the first included
+    on_finish(t, finish_reason)        "length" (or req.finish_reason) after max_tokens
+An aborted request gets no callback (the caller aborted it).
+
+Scheduling follows vLLM V1: each step first serves running requests in admission order
+(one decode token each, or the next prefill chunk), then admits waiting requests FCFS
+while there are sequence slots, token budget and KV blocks. A decode that cannot get a
+block preempts the most recently admitted running request (it later recomputes). A
+waiting request that does not fit in KV blocks stops admission (FCFS); one whose LoRA
+adapter has no free slot is skipped and waits.
+
+KV cache: num_gpu_blocks blocks of block_size tokens. A full prompt block is identified
+by a 64-bit xxhash chained over (parent hash, its token ids), seeded by the adapter name.
+Prompt hashes are computed once at submit. Blocks enter the cache when their tokens have
+been computed; unreferenced cached blocks are evicted least-recently-freed first (a
+finished request's blocks are freed tail first, so prefixes outlive their tails);
+referenced blocks are never evicted. Generated tokens' blocks are not cached.
+
+Default timing (one H100 80GB serving an 8B bf16 model such as Llama-3.1-8B):
+- step_overhead 6 ms: a decode step must read the 16 GB of weights; at ~3.35 TB/s HBM
+  that is ~4.8 ms, plus launch/sampling/scheduler overhead. Measured vLLM ITL for an 8B
+  model on one H100 at low concurrency is ~6-7 ms.
+- decode_time_per_seq 0.08 ms: KV reads and per-sequence work; a full batch of 256
+  decoding sequences then takes ~26 ms per step, in line with measured ITL under load.
+- prefill_time_per_token 50 us: ~16 GFLOP per token for 8B parameters at ~330 TFLOP/s
+  effective (a third of the dense bf16 peak), i.e. ~20k prefill tokens/s; a 2,000-token
+  prompt takes ~106 ms to first token when nothing is cached.
+- num_gpu_blocks 27,000 x 16 tokens (~432k tokens): Llama-3-8B stores 128 KiB of KV per
+  token (32 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes); with
+  gpu_memory_utilization 0.9, ~16 GB weights and activations, ~54 GB remain.
+- max_num_seqs 256 and max_num_batched_tokens 8192: vLLM's defaults for online serving
+  on an H100; max_model_len 32768; max_loras 1 (vLLM default), lora_load_time 30 ms
+  (copying a rank-16 adapter of ~50 MB from host memory and setting it up)."""
+
+from __future__ import annotations
+
+import array
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+__all__ = [
+    "EngineConfig", "EngineRequest", "Engine", "EngineLoop", "EngineStats", "PromptTooLong",
+    "BlockStored", "BlockRemoved", "AllBlocksCleared", "KVEvent", "block_hashes",
+]
+
+
+class PromptTooLong(ValueError):
+    """The request can never run on this engine (HTTP 400)."""
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    num_gpu_blocks: int = 27000
+    block_size: int = 16
+    max_model_len: int = 32768
+    max_loras: int = 1
+    lora_load_time: float = 0.030
+    step_overhead: float = 0.006
+    prefill_time_per_token: float = 0.000050
+    decode_time_per_seq: float = 0.000080
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_loras", "lora_load_time", "step_overhead", "prefill_time_per_token",
+                     "decode_time_per_seq"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# Request states
+WAITING, RUNNING, FINISHED, ABORTED = 0, 1, 2, 3
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    max_tokens: int
+    lora: str | None = None
+    arrival: float | None = None  # set to `now` at submit when None
+    # Token ids to "generate" in order; past its end the engine emits token 0.
+    output_token_ids: Sequence[int] = ()
+    finish_reason: str = "length"
+    on_first_token: Callable[[float, int], None] | None = None
+    on_token: Callable[[float, int], None] | None = None
+    on_finish: Callable[[float, str], None] | None = None
+    # Chained prompt block hashes; computed at submit when not given.
+    block_hashes: list[int] | None = None
+
+    # Engine-owned state.
+    state: int = field(default=WAITING, init=False)
+    num_prompt: int = field(default=0, init=False)
+    num_computed: int = field(default=0, init=False)
+    num_output: int = field(default=0, init=False)
+    cached_tokens: int = field(default=0, init=False)
+    scheduled_at: float | None = field(default=None, init=False)
+    first_token_at: float | None = field(default=None, init=False)
+    finished_at: float | None = field(default=None, init=False)
+    num_preemptions: int = field(default=0, init=False)
+    _held: list[int] = field(default_factory=list, init=False, repr=False)  # cached block hashes referenced
+    _private: int = field(default=0, init=False, repr=False)  # blocks held outside the cache
+    _nblocks: int = field(default=0, init=False, repr=False)  # len(_held) + _private
+    _registered: int = field(default=0, init=False, repr=False)  # leading prompt blocks cached or hit
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str = "GPU"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    block_hashes: list[int]
+    medium: str = "GPU"
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+@dataclass
+class EngineStats:
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage_perc: float
+    running_lora_adapters: list[str]
+    waiting_lora_adapters: list[str]
+    max_loras: int
+    block_size: int
+    num_gpu_blocks: int
+    num_requests_received: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    prefix_cache_hits_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hit_requests_total: int
+    request_success_total: dict[str, int]
+    num_preemptions_total: int
+    lora_loads_total: int
+
+
+def _lora_seed(lora: str | None) -> int:
+    return 0 if lora is None else xxhash.xxh64_intdigest(lora.encode())
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, lora: str | None = None) -> list[int]:
+    """Chained hashes of the full blocks of token_ids: hash_i = xxh64(hash_{i-1} || tokens_i).
+    Linear in the prompt; ids are packed once as 32-bit ints."""
+    n = len(token_ids) // block_size
+    if n == 0:
+        return []
+    raw = array.array("I", token_ids[: n * block_size]).tobytes()
+    step = 4 * block_size
+    parent = _lora_seed(lora)
+    out = []
+    h = xxhash.xxh64_intdigest
+    for i in range(n):
+        parent = h(parent.to_bytes(8, "little") + raw[i * step:(i + 1) * step])
+        out.append(parent)
+    return out
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None,
+                 on_kv_events: Callable[[list[KVEvent]], None] | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.on_kv_events = on_kv_events
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self._requests: dict[str, EngineRequest] = {}
+        self._refs: dict[int, int] = {}  # cached block hash -> reference count
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, least recently freed first
+        self._num_free = self.config.num_gpu_blocks  # blocks neither cached nor held
+        self._batch: list[tuple[EngineRequest, int]] | None = None
+        self._events: list[KVEvent] = []
+        self._lora_running: dict[str, int] = {}  # adapter -> running requests using it
+        self._lora_resident: OrderedDict[str, None] = OrderedDict()  # loaded in a GPU slot, LRU order
+        self._lora_ids: dict[str, int] = {}
+        self.last_step_tokens = 0
+        # counters
+        self.num_requests_received = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.prefix_cache_hits_total = 0
+        self.prefix_cache_queries_total = 0
+        self.prefix_cache_hit_requests_total = 0
+        self.request_success_total = {"stop": 0, "length": 0, "abort": 0}
+        self.num_preemptions_total = 0
+        self.lora_loads_total = 0
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def submit(self, req: EngineRequest, now: float) -> None:
+        self.check(len(req.prompt_token_ids), req.max_tokens, req.lora)
+        cfg = self.config
+        n_prompt = len(req.prompt_token_ids)
+        if req.request_id in self._requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        if req.block_hashes is None:
+            req.block_hashes = block_hashes(req.prompt_token_ids, cfg.block_size, req.lora)
+        req.arrival = now if req.arrival is None else req.arrival
+        req.num_prompt = n_prompt
+        req.state = WAITING
+        self._requests[req.request_id] = req
+        self.waiting.append(req)
+        self.num_requests_received += 1
+
+    def check(self, n_prompt: int, max_tokens: int, lora: str | None = None) -> None:
+        """Raise PromptTooLong if such a request could never run here."""
+        cfg = self.config
+        if n_prompt == 0:
+            raise PromptTooLong("prompt must contain at least one token")
+        if max_tokens < 1:
+            raise PromptTooLong(f"max_tokens must be >= 1, got {max_tokens}")
+        if n_prompt + max_tokens > cfg.max_model_len:
+            raise PromptTooLong(
+                f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
+                f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.")
+        if -(-(n_prompt + max_tokens) // cfg.block_size) > cfg.num_gpu_blocks:
+            raise PromptTooLong(f"request needs more than the {cfg.num_gpu_blocks} KV cache blocks of this server")
+        if lora is not None and cfg.max_loras < 1:
+            raise PromptTooLong("LoRA adapters are not enabled on this server (max_loras is 0)")
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is; frees its blocks. False if unknown or done."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req.state == WAITING:
+            self.waiting.remove(req)
+        elif req.state == RUNNING:
+            self._free(req)
+            self._lora_release(req)
+            self.running.remove(req)
+        req.state = ABORTED
+        self.request_success_total["abort"] += 1
+        self._flush_events()
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---- one batch step -----------------------------------------------------------------
+
+    def step(self, now: float) -> float | None:
+        """Schedule one batch starting at `now`; return its duration, or None if idle.
+        Must be followed by finish_step(now + duration) before the next step."""
+        if self._batch is not None:
+            raise RuntimeError("step() called before finish_step() of the previous step")
+        cfg = self.config
+        bs = cfg.block_size
+        budget = cfg.max_num_batched_tokens
+        batch: list[tuple[EngineRequest, int]] = []
+        prefill_tokens = 0
+        decode_seqs = 0
+        loads = 0
+
+        running = self.running
+        preempted = False
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed = req.num_computed
+            remaining = req.num_prompt + req.num_output - computed  # >= 1 for a running request
+            decode = remaining == 1 and req.num_output > 0
+            chunk = remaining if remaining < budget else budget
+            end = computed + chunk
+            if end > req._nblocks * bs:
+                need = -(-end // bs) - req._nblocks
+                preempted_self = False
+                while not self._allocate(need):
+                    victim = running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        preempted_self = True
+                        break
+                if preempted_self:
+                    break
+                req._private += need
+                req._nblocks += need
+            batch.append((req, chunk))
+            budget -= chunk
+            if decode:
+                decode_seqs += 1
+            else:
+                prefill_tokens += chunk
+            i += 1
+
+        if budget > 0 and self.waiting and not preempted:  # as vLLM: no admissions after a preemption
+            loads, prefill_tokens = self._admit(now, budget, batch, loads, prefill_tokens)
+
+        if not batch:
+            self.last_step_tokens = 0
+            self._flush_events()
+            return None
+        self._batch = batch
+        self.last_step_tokens = prefill_tokens + decode_seqs
+        self._flush_events()
+        return (cfg.step_overhead + prefill_tokens * cfg.prefill_time_per_token
+                + decode_seqs * cfg.decode_time_per_seq + loads * cfg.lora_load_time)
+
+    def _admit(self, now: float, budget: int, batch: list, loads: int, prefill_tokens: int) -> tuple[int, int]:
+        cfg = self.config
+        bs = cfg.block_size
+        waiting = self.waiting
+        skipped: list[EngineRequest] = []
+        while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = waiting[0]
+            lora = req.lora
+            if lora is not None and lora not in self._lora_running and len(self._lora_running) >= cfg.max_loras:
+                skipped.append(waiting.popleft())  # waits for a LoRA slot; others may go ahead
+                continue
+            hit, hit_evictable = self._match(req)
+            total = req.num_prompt + req.num_output
+            computed = hit * bs
+            chunk = min(total - computed, budget)
+            need = -(-(computed + chunk) // bs) - hit
+            if need > self._num_free + len(self._evictable) - hit_evictable:
+                break  # FCFS: nothing behind it is admitted either
+            waiting.popleft()
+            hashes = req.block_hashes
+            refs = self._refs
+            for h in hashes[:hit]:
+                r = refs[h]
+                if r == 0:
+                    del self._evictable[h]
+                refs[h] = r + 1
+            req._held = list(hashes[:hit])
+            req._registered = hit
+            self._allocate(need)
+            req._private = need
+            req._nblocks = hit + need
+            req.num_computed = computed
+            if req.scheduled_at is None:
+                req.scheduled_at = now
+                req.cached_tokens = computed
+                self.prefix_cache_queries_total += len(req.prompt_token_ids)
+                self.prefix_cache_hits_total += computed
+                if hit:
+                    self.prefix_cache_hit_requests_total += 1
+            if lora is not None:
+                loads += self._lora_acquire(lora)
+            req.state = RUNNING
+            self.running.append(req)
+            batch.append((req, chunk))
+            budget -= chunk
+            prefill_tokens += chunk
+        if skipped:
+            waiting.extendleft(reversed(skipped))
+        return loads, prefill_tokens
+
+    def finish_step(self, now: float) -> None:
+        """Apply the scheduled step's effects at its end time `now` and fire callbacks."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        bs = self.config.block_size
+        emit = self.on_kv_events is not None
+        finished = False
+        generated = 0
+        for req, chunk in batch:
+            if req.state != RUNNING:
+                continue  # aborted or preempted while the step ran
+            computed = req.num_computed = req.num_computed + chunk
+            if req._registered < len(req.block_hashes):
+                full = computed // bs
+                if full > req._registered:
+                    self._register(req, min(full, len(req.block_hashes)), emit)
+            out = req.num_output
+            if computed < req.num_prompt + out:
+                continue  # prefill chunk, no token yet
+            req.num_output = out + 1
+            generated += 1
+            if out == 0 and req.first_token_at is None:
+                req.first_token_at = now
+                self.prompt_tokens_total += req.num_prompt
+                if req.on_first_token is not None:
+                    req.on_first_token(now, req.cached_tokens)
+            if req.on_token is not None:
+                req.on_token(now, req.output_token_ids[out] if out < len(req.output_token_ids) else 0)
+            if out + 1 >= req.max_tokens:
+                self._finish(req, now)
+                finished = True
+        self.generation_tokens_total += generated
+        if finished:
+            self.running = [r for r in self.running if r.state == RUNNING]
+        self._flush_events()
+
+    # ---- KV blocks --------------------------------------------------------------------
+
+    def _match(self, req: EngineRequest) -> tuple[int, int]:
+        """Leading prompt blocks cached now (at most all but the last prompt token, which
+        must be computed to sample), and how many of those are evictable."""
+        refs = self._refs
+        limit = (len(req.prompt_token_ids) - 1) // self.config.block_size
+        hit = evictable = 0
+        for h in req.block_hashes:
+            if hit >= limit:
+                break
+            r = refs.get(h)
+            if r is None:
+                break
+            hit += 1
+            if r == 0:
+                evictable += 1
+        return hit, evictable
+
+    def cached_prefix_blocks(self, token_ids: Sequence[int] | None = None, lora: str | None = None,
+                             hashes: Sequence[int] | None = None) -> int:
+        """Leading full blocks of this prompt cached now (no LRU side effects). Pass the
+        prompt's token ids, or its block_hashes() to avoid rehashing."""
+        if hashes is None:
+            hashes = block_hashes(token_ids or (), self.config.block_size, lora)
+        refs = self._refs
+        n = 0
+        for h in hashes:
+            if h not in refs:
+                break
+            n += 1
+        return n
+
+    def _allocate(self, n: int) -> bool:
+        if n <= 0:
+            return True
+        if n > self._num_free + len(self._evictable):
+            return False
+        short = n - self._num_free
+        if short > 0:
+            removed = []
+            ev = self._evictable
+            refs = self._refs
+            for _ in range(short):
+                h, _ = ev.popitem(last=False)
+                del refs[h]
+                removed.append(h)
+            self._num_free += short
+            if self.on_kv_events is not None:
+                self._events.append(BlockRemoved(removed))
+        self._num_free -= n
+        return True
+
+    def _register(self, req: EngineRequest, full: int, emit: bool) -> None:
+        """Cache the prompt blocks req has just completed. A block another request cached
+        meanwhile is shared instead: req drops its own copy (no event: nothing new stored)."""
+        refs = self._refs
+        hashes = req.block_hashes
+        run_start = -1
+        for i in range(req._registered, full):
+            h = hashes[i]
+            r = refs.get(h)
+            if r is not None:
+                if r == 0:
+                    del self._evictable[h]
+                refs[h] = r + 1
+                req._held.append(h)
+                req._private -= 1
+                self._num_free += 1
+                if emit and run_start >= 0:
+                    self._stored(req, run_start, i)
+                run_start = -1
+                continue
+            refs[h] = 1
+            req._held.append(h)
+            req._private -= 1
+            if run_start < 0:
+                run_start = i
+        if emit and run_start >= 0:
+            self._stored(req, run_start, full)
+        req._registered = full
+
+    def _stored(self, req: EngineRequest, start: int, end: int) -> None:
+        bs = self.config.block_size
+        hashes = req.block_hashes
+        self._events.append(BlockStored(
+            block_hashes=hashes[start:end],
+            parent_block_hash=hashes[start - 1] if start > 0 else None,
+            token_ids=list(req.prompt_token_ids[start * bs:end * bs]),
+            block_size=bs,
+            lora_id=self._lora_id(req.lora),
+        ))
+
+    def _free(self, req: EngineRequest) -> None:
+        refs = self._refs
+        ev = self._evictable
+        for h in reversed(req._held):  # tail first: a prefix outlives its continuations
+            r = refs[h] - 1
+            refs[h] = r
+            if r == 0:
+                ev[h] = None
+        req._held = []
+        self._num_free += req._private
+        req._private = 0
+        req._nblocks = 0
+
+    def _finish(self, req: EngineRequest, now: float) -> None:
+        self._free(req)
+        self._lora_release(req)
+        req.state = FINISHED
+        req.finished_at = now
+        self._requests.pop(req.request_id, None)
+        reason = req.finish_reason
+        self.request_success_total[reason] = self.request_success_total.get(reason, 0) + 1
+        if req.on_finish is not None:
+            req.on_finish(now, reason)
+
+    def _preempt(self, req: EngineRequest) -> None:
+        """Recompute-style preemption: free everything, requeue at the head."""
+        self.running.remove(req)
+        self._free(req)
+        self._lora_release(req)
+        req.num_computed = 0
+        req._registered = 0
+        req.state = WAITING
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(req)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block; refused (False) while any is referenced."""
+        if any(r > 0 for r in self._refs.values()):
+            return False
+        self._num_free += len(self._refs)
+        self._refs.clear()
+        self._evictable.clear()
+        if self.on_kv_events is not None:
+            self._events.append(AllBlocksCleared())
+        self._flush_events()
+        return True
+
+    def _flush_events(self) -> None:
+        if self._events:
+            events, self._events = self._events, []
+            if self.on_kv_events is not None:
+                self.on_kv_events(events)
+
+    # ---- LoRA ---------------------------------------------------------------------------
+
+    def _lora_id(self, lora: str | None) -> int | None:
+        if lora is None:
+            return None
+        i = self._lora_ids.get(lora)
+        if i is None:
+            i = self._lora_ids[lora] = len(self._lora_ids) + 1
+        return i
+
+    def _lora_acquire(self, lora: str) -> int:
+        """Count a running user of `lora`; returns 1 if it had to be loaded into a slot."""
+        self._lora_running[lora] = self._lora_running.get(lora, 0) + 1
+        resident = self._lora_resident
+        if lora in resident:
+            resident.move_to_end(lora)
+            return 0
+        if len(resident) >= self.config.max_loras:
+            for name in resident:
+                if name not in self._lora_running:
+                    del resident[name]
+                    break
+        resident[lora] = None
+        self.lora_loads_total += 1
+        return 1
+
+    def _lora_release(self, req: EngineRequest) -> None:
+        lora = req.lora
+        if lora is None:
+            return
+        n = self._lora_running.get(lora, 0) - 1
+        if n <= 0:
+            self._lora_running.pop(lora, None)
+        else:
+            self._lora_running[lora] = n
+
+    def unload_lora(self, lora: str) -> None:
+        """Forget a resident adapter (next use loads it again)."""
+        if lora not in self._lora_running:
+            self._lora_resident.pop(lora, None)
+
+    # ---- introspection -------------------------------------------------------------------
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._refs)
+
+    def is_cached(self, block_hash: int) -> bool:
+        return block_hash in self._refs
+
+    def kv_cache_usage(self) -> float:
+        cfg = self.config
+        return (cfg.num_gpu_blocks - self._num_free - len(self._evictable)) / cfg.num_gpu_blocks
+
+    def stats(self) -> EngineStats:
+        waiting_loras = sorted({r.lora for r in self.waiting if r.lora is not None})
+        return EngineStats(
+            num_requests_running=len(self.running),
+            num_requests_waiting=len(self.waiting),
+            kv_cache_usage_perc=self.kv_cache_usage(),
+            running_lora_adapters=sorted(self._lora_running),
+            waiting_lora_adapters=waiting_loras,
+            max_loras=self.config.max_loras,
+            block_size=self.config.block_size,
+            num_gpu_blocks=self.config.num_gpu_blocks,
+            num_requests_received=self.num_requests_received,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_hits_total=self.prefix_cache_hits_total,
+            prefix_cache_queries_total=self.prefix_cache_queries_total,
+            prefix_cache_hit_requests_total=self.prefix_cache_hit_requests_total,
+            request_success_total=dict(self.request_success_total),
+            num_preemptions_total=self.num_preemptions_total,
+            lora_loads_total=self.lora_loads_total,
+        )
+
+
+class EngineLoop:
+    """Drives an Engine on any Clock: one step at a time, idle when there is no work,
+    woken by submit(). on_step(start, duration, tokens) observes every step."""
+
+    def __init__(self, engine: Engine, clock, on_step: Callable[[float, float, int], None] | None = None) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.on_step = on_step
+        self._busy = False  # a step is scheduled or running
+        self._step_end = 0.0
+
+    def submit(self, req: EngineRequest) -> None:
+        """Raises PromptTooLong for a request the engine can never run."""
+        now = self.clock.now()
+        self.engine.submit(req, now)
+        self._wake()
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    def _wake(self) -> None:
+        if not self._busy:
+            self._busy = True
+            # Not inline: the submitter may be inside a callback of the engine.
+            self.clock.call_at(self.clock.now(), self._start_step)
+
+    def _start_step(self) -> None:
+        now = max(self.clock.now(), self._step_end)
+        duration = self.engine.step(now)
+        if duration is None:
+            self._busy = False
+            return
+        if self.on_step is not None:
+            self.on_step(now, duration, self.engine.last_step_tokens)
+        self._step_end = now + duration
+        self.clock.call_at(self._step_end, self._end_step)
+
+    def _end_step(self) -> None:
+        self.engine.finish_step(self._step_end)
+        self._start_step()

@@ -1,0 +1,515 @@
+"""The HTTP front of one simulated vLLM server (aiohttp), driving an Engine in real time.
+
+Endpoints: POST /v1/completions, /v1/chat/completions (JSON or SSE), GET /v1/models,
+/health, /metrics, POST /tokenize, /v1/load_lora_adapter, /v1/unload_lora_adapter,
+/reset_prefix_cache. Test controls: POST /sim/hang (every other request then waits
+until POST /sim/unhang), POST /sim/die (the server closes its port and stops), GET
+/sim/info (pod, labels, counts).
+
+max_tokens (or max_completion_tokens) defaults to 16 when absent. Output text: in
+`random` mode max_tokens one-token words drawn deterministically from the prompt and the
+seed (finish_reason "length"; `ignore_eos` is accepted and changes nothing); in `echo`
+mode the prompt's own tokens (for chat, the last message's), finish_reason "stop" when
+the echo ends before max_tokens. Latencies in the histograms are in simulated seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import tokenizer
+from .clock import AsyncioClock
+from .engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong
+from .kv_events import ZmqKVPublisher, topic_for
+from .metrics import ServerMetrics
+
+DEFAULT_MAX_TOKENS = 16
+
+# Failure injection: type -> (HTTP status, error type, message), as llm-d-inference-sim.
+FAILURES: dict[str, tuple[int, str, str]] = {
+    "rate_limit": (429, "RateLimitError", "Rate limit reached for {model}. Please try again later."),
+    "invalid_api_key": (401, "AuthenticationError", "Incorrect API key provided."),
+    "context_length": (400, "BadRequestError",
+                       "This model's maximum context length is {max_model_len} tokens. Please reduce the length "
+                       "of the messages."),
+    "server_error": (503, "ServiceUnavailableError", "The server is overloaded or not ready yet."),
+    "invalid_request": (400, "BadRequestError", "Invalid request: the request could not be processed."),
+    "model_not_found": (404, "NotFoundError", "The model `{model}` does not exist."),
+}
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+@dataclass
+class SimConfig:
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    pod: str = "sim-0"
+    labels: dict[str, str] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    lora_modules: list[str] = field(default_factory=list)
+    time_scale: float = 1.0
+    seed: int = 0
+    mode: str = "random"  # random | echo
+    failure_injection_rate: float = 0.0
+    failure_types: list[str] = field(default_factory=lambda: list(FAILURES))
+    startup_delay: float = 0.0  # wall seconds during which /health answers 503
+    kv_events_endpoint: str | None = None  # ZMQ bind address, e.g. tcp://*:5557
+    advertise_host: str | None = None  # host in the KV-events topic (default: host; in a pod, its IP)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("random", "echo"):
+            raise ValueError(f"mode must be 'random' or 'echo', got {self.mode!r}")
+        if not 0.0 <= self.failure_injection_rate <= 1.0:
+            raise ValueError(f"failure_injection_rate must be in [0, 1], got {self.failure_injection_rate}")
+        bad = [t for t in self.failure_types if t not in FAILURES]
+        if bad:
+            raise ValueError(f"unknown failure type(s) {bad}; known: {sorted(FAILURES)}")
+        if self.failure_injection_rate > 0 and not self.failure_types:
+            raise ValueError("failure_types is empty but failure_injection_rate > 0")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_ or _ERROR_TYPES.get(status, "BadRequestError")
+        self.param = param
+
+
+def error_response(status: int, message: str, type_: str | None = None, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_ or _ERROR_TYPES.get(status, "BadRequestError"),
+                      "param": param, "code": status}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+@dataclass
+class _Prompt:
+    token_ids: list[int]
+    echo_pieces: list[str]
+
+
+class _Generation:
+    """Collects one request's engine callbacks for its HTTP handler."""
+
+    __slots__ = ("texts", "pieces", "wake", "done", "reason", "first_t", "cached", "last_t", "n", "server", "req")
+
+    def __init__(self, server: SimServer, pieces: Sequence[str]) -> None:
+        self.server = server
+        self.pieces = pieces
+        self.texts: list[str] = []
+        self.wake = asyncio.Event()
+        self.done = False
+        self.reason = ""
+        self.cached = 0
+        self.last_t = 0.0
+        self.n = 0
+        self.req: EngineRequest | None = None
+
+    def on_first_token(self, t: float, cached: int) -> None:
+        self.cached = cached
+        self.last_t = t
+
+    def on_token(self, t: float, _tok: int) -> None:
+        if self.n:
+            self.server.metrics.hist["vllm:inter_token_latency_seconds"].observe(t - self.last_t)
+        self.last_t = t
+        self.texts.append(self.pieces[self.n])
+        self.n += 1
+        self.wake.set()
+
+    def on_finish(self, t: float, reason: str) -> None:
+        self.done = True
+        self.reason = reason
+        r = self.req
+        self.server.metrics.observe_finished(r.arrival, r.scheduled_at, r.first_token_at, t,
+                                             len(r.prompt_token_ids), r.num_output, r.max_tokens)
+        self.wake.set()
+
+
+class SimServer:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.engine)
+        self.metrics = ServerMetrics(config.model, config.pod, config.engine.max_model_len,
+                                     config.engine.max_num_batched_tokens)
+        self.metrics.cache_config_labels = _cache_config_labels(config.engine)
+        self.loras: dict[str, str] = {name: name for name in config.lora_modules}  # name -> path
+        self._rng = random.Random(config.seed)
+        self._hang = asyncio.Event()
+        self._hang.set()  # set = not hanging
+        self._loop_driver: EngineLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready_at = 0.0
+        self.publisher: ZmqKVPublisher | None = None
+        self.dead = asyncio.Event()
+        self.app = self._build_app()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, clock: AsyncioClock | None = None) -> None:
+        cfg = self.config
+        clock = clock or AsyncioClock(time_scale=cfg.time_scale)
+        if cfg.kv_events_endpoint:
+            topic = topic_for(cfg.advertise_host or cfg.host, cfg.port, cfg.model)
+            self.publisher = ZmqKVPublisher(cfg.kv_events_endpoint, topic)
+            self.engine.on_kv_events = self.publisher.publish
+        hist = self.metrics.hist["vllm:iteration_tokens_total"]
+        self._loop_driver = EngineLoop(self.engine, clock, on_step=lambda _s, _d, n: hist.observe(n))
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
+        await site.start()
+        self._ready_at = time.monotonic() + cfg.startup_delay
+        labels = ",".join(f"{k}={v}" for k, v in cfg.labels.items())
+        kv = f" kv_events={cfg.kv_events_endpoint}" if cfg.kv_events_endpoint else ""
+        print(f"sim ready: pod={cfg.pod} model={cfg.model} url=http://{cfg.host}:{cfg.port}"
+              f" labels={labels or '-'} healthy_after={cfg.startup_delay}s{kv}", flush=True)
+
+    async def stop(self) -> None:
+        for req in list(self.engine._requests):
+            self.engine.abort(req)
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+        self._hang.set()
+        self.dead.set()
+
+    # ---- app -----------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._middleware])
+        app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics_page),
+            web.post("/tokenize", self.tokenize),
+            web.post("/v1/load_lora_adapter", self.load_lora),
+            web.post("/v1/unload_lora_adapter", self.unload_lora),
+            web.post("/reset_prefix_cache", self.reset_prefix_cache),
+            web.post("/sim/hang", self.sim_hang),
+            web.post("/sim/unhang", self.sim_unhang),
+            web.post("/sim/die", self.sim_die),
+            web.get("/sim/info", self.sim_info),
+        ])
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        if not request.path.startswith("/sim/") and not self._hang.is_set():
+            await self._hang.wait()
+        try:
+            return await handler(request)
+        except ApiError as e:
+            self.metrics.rejected[e.status] = self.metrics.rejected.get(e.status, 0) + 1
+            return error_response(e.status, e.message, e.type, e.param)
+        except web.HTTPException as e:
+            if e.status >= 400:
+                return error_response(e.status, e.reason)
+            raise
+
+    # ---- OpenAI endpoints -----------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._admit(request)
+        prompt = self._completion_prompt(body)
+        return await self._generate(request, body, prompt, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._admit(request)
+        prompt = self._chat_prompt(body)
+        return await self._generate(request, body, prompt, chat=True)
+
+    async def _admit(self, request: web.Request) -> dict:
+        """Body, model and failure-injection checks shared by both completion endpoints."""
+        cfg = self.config
+        if time.monotonic() < self._ready_at:
+            raise ApiError(503, "The server is starting up.")
+        body = await _read_json(request)
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, "model must be a string", param="model")
+        if model is not None and model != cfg.model and model not in self.loras:
+            raise ApiError(404, f"The model `{model}` does not exist.", param="model")
+        if cfg.failure_injection_rate and self._rng.random() < cfg.failure_injection_rate:
+            kind = self._rng.choice(cfg.failure_types)
+            status, type_, msg = FAILURES[kind]
+            raise ApiError(status, msg.format(model=model or cfg.model, max_model_len=cfg.engine.max_model_len),
+                           type_)
+        return body
+
+    def _completion_prompt(self, body: dict) -> _Prompt:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids, pieces = tokenizer.encode_with_pieces(prompt)
+            return _Prompt(ids, pieces)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < tokenizer.VOCAB_SIZE
+                                                       for t in prompt):
+            return _Prompt(list(prompt), [tokenizer.decode_token(t) or " x" for t in prompt])
+        if isinstance(prompt, list) and len(prompt) > 1:
+            raise ApiError(400, "prompt: only one prompt per request is supported", param="prompt")
+        raise ApiError(400, "prompt must be a string or a list of token ids", param="prompt")
+
+    def _chat_prompt(self, body: dict) -> _Prompt:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list", param="messages")
+        try:
+            text = tokenizer.apply_chat_template(messages)
+            last = tokenizer._content_text(messages[-1].get("content"))
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return _Prompt(tokenizer.encode(text), tokenizer.pieces(last))
+
+    def _max_tokens(self, body: dict, chat: bool) -> int:
+        names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+        for name in names:
+            v = body.get(name)
+            if v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ApiError(400, f"{name} must be an integer >= 1, got {v!r}", param=name)
+            return v
+        return DEFAULT_MAX_TOKENS
+
+    async def _generate(self, request: web.Request, body: dict, prompt: _Prompt, chat: bool) -> web.StreamResponse:
+        cfg = self.config
+        max_tokens = self._max_tokens(body, chat)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "stream must be a boolean", param="stream")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise ApiError(400, "stream_options must be an object", param="stream_options")
+        include_usage = bool(opts.get("include_usage", False))
+        n = body.get("n", 1)
+        if n != 1:
+            raise ApiError(400, "n: only n=1 is supported", param="n")
+        if "ignore_eos" in body and not isinstance(body["ignore_eos"], bool):
+            raise ApiError(400, "ignore_eos must be a boolean", param="ignore_eos")
+        model = body.get("model") or cfg.model
+        lora = model if model != cfg.model else None
+        try:  # before any per-token work: max_tokens may be huge
+            self.engine.check(len(prompt.token_ids), max_tokens, lora)
+        except PromptTooLong as e:
+            raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
+
+        if cfg.mode == "echo":
+            pieces = prompt.echo_pieces[:max_tokens] or [" "]
+            finish = "stop" if len(pieces) < max_tokens else "length"
+            out_ids = tokenizer.encode("".join(pieces))[: len(pieces)]
+        else:
+            rng = random.Random(cfg.seed * 1_000_003 + zlib.crc32(repr(prompt.token_ids[-64:]).encode()))
+            choices = rng.choices(tokenizer.OUTPUT_VOCAB, k=max_tokens)
+            pieces = [t for _, t in choices]
+            out_ids = [i for i, _ in choices]
+            finish = "length"
+        gen = _Generation(self, pieces)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        req = EngineRequest(rid, prompt.token_ids, len(pieces), lora=lora, output_token_ids=out_ids,
+                            finish_reason=finish, on_first_token=gen.on_first_token, on_token=gen.on_token,
+                            on_finish=gen.on_finish)
+        gen.req = req
+        try:
+            self._loop_driver.submit(req)
+        except PromptTooLong as e:
+            raise ApiError(400, str(e), param="prompt" if not chat else "messages") from None
+        try:
+            if stream:
+                return await self._stream(request, gen, rid, model, chat, include_usage)
+            while not gen.done:
+                await gen.wake.wait()
+                gen.wake.clear()
+            return _json(_full_response(rid, model, chat, "".join(gen.texts), gen.reason,
+                                        _usage(req, gen.cached)))
+        finally:
+            if not gen.done:
+                self._loop_driver.abort(rid)
+
+    async def _stream(self, request: web.Request, gen: _Generation, rid: str, model: str, chat: bool,
+                      include_usage: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        created = int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": model}
+        sent = 0
+        first = True
+        while True:
+            await gen.wake.wait()
+            gen.wake.clear()
+            texts = gen.texts
+            parts = []
+            if chat and first and texts:
+                parts.append(_sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                        "logprobs": None, "finish_reason": None}]}))
+                first = False
+            end = len(texts)
+            for i in range(sent, end):
+                last = gen.done and i == end - 1
+                reason = gen.reason if last else None
+                if chat:
+                    choice = {"index": 0, "delta": {"content": texts[i]}, "logprobs": None, "finish_reason": reason}
+                else:
+                    choice = {"index": 0, "text": texts[i], "logprobs": None, "finish_reason": reason,
+                              "stop_reason": None}
+                parts.append(_sse({**head, "choices": [choice]}))
+            sent = end
+            if gen.done:
+                if include_usage:
+                    parts.append(_sse({**head, "choices": [], "usage": _usage(gen.req, gen.cached)}))
+                parts.append(b"data: [DONE]\n\n")
+            if parts:
+                await resp.write(b"".join(parts))
+            if gen.done:
+                await resp.write_eof()
+                return resp
+
+    async def models(self, request: web.Request) -> web.Response:
+        cfg = self.config
+        created = int(self.metrics.created)
+        data = [{"id": cfg.model, "object": "model", "created": created, "owned_by": "vllm", "root": cfg.model,
+                 "parent": None, "max_model_len": cfg.engine.max_model_len}]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": path,
+                  "parent": cfg.model, "max_model_len": cfg.engine.max_model_len}
+                 for name, path in self.loras.items()]
+        return _json({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if time.monotonic() < self._ready_at:
+            return error_response(503, "The server is starting up.")
+        return web.Response(status=200)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        text = self.metrics.render(self.engine.stats())
+        return web.Response(body=text.encode(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        if "messages" in body:
+            prompt = self._chat_prompt(body)
+        elif isinstance(body.get("prompt"), str):
+            prompt = _Prompt(tokenizer.encode(body["prompt"]), [])
+        else:
+            raise ApiError(400, "tokenize needs 'prompt' (a string) or 'messages'", param="prompt")
+        return _json({"count": len(prompt.token_ids), "max_model_len": self.config.engine.max_model_len,
+                      "tokens": prompt.token_ids, "token_strs": None})
+
+    async def load_lora(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.", param="lora_name")
+        if name in self.loras or name == self.config.model:
+            raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+        self.loras[name] = path
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or name not in self.loras:
+            raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError", "lora_name")
+        del self.loras[name]
+        self.engine.unload_lora(name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        if not self.engine.reset_prefix_cache():
+            raise ApiError(400, "Failed to reset prefix cache: blocks are in use by running requests.")
+        return web.Response(status=200)
+
+    # ---- test controls ---------------------------------------------------------------
+
+    async def sim_hang(self, request: web.Request) -> web.Response:
+        self._hang.clear()
+        return _json({"hanging": True})
+
+    async def sim_unhang(self, request: web.Request) -> web.Response:
+        self._hang.set()
+        return _json({"hanging": False})
+
+    async def sim_die(self, request: web.Request) -> web.StreamResponse:
+        resp = _json({"dying": True})
+        await resp.prepare(request)
+        await resp.write_eof()
+        asyncio.get_running_loop().create_task(self.stop())
+        return resp
+
+    async def sim_info(self, request: web.Request) -> web.Response:
+        cfg = self.config
+        s = self.engine.stats()
+        return _json({"pod": cfg.pod, "labels": cfg.labels, "host": cfg.host, "port": cfg.port, "model": cfg.model,
+                      "loras": list(self.loras), "stats": dataclasses.asdict(s),
+                      "hanging": not self._hang.is_set()})
+
+
+async def _read_json(request: web.Request) -> dict:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _usage(req: EngineRequest, cached: int) -> dict:
+    p, c = len(req.prompt_token_ids), req.num_output
+    return {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _full_response(rid: str, model: str, chat: bool, text: str, reason: str, usage: dict) -> dict:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                  "logprobs": None, "finish_reason": reason, "stop_reason": None}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": None,
+                  "prompt_logprobs": None}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
+            "usage": usage}
+
+
+def _cache_config_labels(e: EngineConfig) -> list[tuple[str, str]]:
+    return [("block_size", str(e.block_size)), ("cache_dtype", "auto"), ("calculate_kv_scales", "False"),
+            ("cpu_offload_gb", "0"), ("enable_prefix_caching", "True"), ("gpu_memory_utilization", "0.9"),
+            ("is_attention_free", "False"), ("num_cpu_blocks", "None"), ("num_gpu_blocks", str(e.num_gpu_blocks)),
+            ("num_gpu_blocks_override", "None"), ("prefix_caching_hash_algo", "builtin"),
+            ("sliding_window", "None"), ("swap_space", "4"), ("swap_space_bytes", str(4 * 1024 ** 3))]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

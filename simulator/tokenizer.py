@@ -1,0 +1,107 @@
+"""A deterministic, dependency-free tokenizer and a fixed (Llama-3 style) chat template.
+
+Text is split left to right into pieces (special tokens, a word with its leading space,
+up to 3 digits, up to 4 punctuation marks, whitespace); a word longer than 6 characters
+is cut into 5-character chunks until the rest fits in 6. Each piece's id is a stable CRC32 of its text folded into the
+vocabulary, so the same text always gives the same ids in every process, and English
+text comes out at about 4 characters per token. Because pieces never span a word
+boundary, two prompts with the same leading text share their leading token ids, which is
+what makes prefix caching behave as with a real model."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+from typing import Any
+
+VOCAB_SIZE = 128256  # Llama 3's vocabulary size
+SPECIAL_TOKENS = {
+    "<|begin_of_text|>": 128000,
+    "<|end_of_text|>": 128001,
+    "<|start_header_id|>": 128006,
+    "<|end_header_id|>": 128007,
+    "<|eot_id|>": 128009,
+}
+_FIRST_SPECIAL = 128000
+# One regex does all the cutting (in C): a word of up to 6 characters (with its leading
+# space) is one piece; a longer one is cut into 5-character chunks until the rest fits.
+_PIECE = re.compile(
+    "|".join(re.escape(s) for s in SPECIAL_TOKENS)
+    + r"| ?[A-Za-z]{1,5}(?![A-Za-z])|[A-Za-z]{6}(?![A-Za-z])| [A-Za-z]{4}|[A-Za-z]{5}"
+    + r"| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]{1,4}|\s+(?!\S)|\s+"
+)
+
+# Short words, each exactly one token (<= 6 characters with its leading space): the
+# vocabulary that generated text is drawn from.
+_OUTPUT_WORDS = (
+    " the of and to in is it you that he was for on are as with his they at be this"
+    " have from or one had by but not what all were we when your can said there use an"
+    " each she do how will up out many then them so some her make like him into time has"
+    " look two more go see no way day did get come made may part new sun sky sea red big"
+    " old far end run set cat dog map car box cup key top low ice own art law war act"
+).split(" ")[1:]
+
+
+@lru_cache(maxsize=1 << 17)
+def _piece_id(piece: str) -> int:
+    special = SPECIAL_TOKENS.get(piece)
+    return special if special is not None else zlib.crc32(piece.encode()) % _FIRST_SPECIAL
+
+
+def pieces(text: str) -> list[str]:
+    """The text cut into token pieces (joining them gives the text back)."""
+    return _PIECE.findall(text)
+
+
+def encode(text: str) -> list[int]:
+    return list(map(_piece_id, _PIECE.findall(text)))
+
+
+def encode_with_pieces(text: str) -> tuple[list[int], list[str]]:
+    ps = _PIECE.findall(text)
+    return list(map(_piece_id, ps)), ps
+
+
+OUTPUT_VOCAB: tuple[tuple[int, str], ...] = tuple((_piece_id(w), w) for w in (" " + w for w in _OUTPUT_WORDS))
+_ID_TO_TEXT = {i: t for i, t in OUTPUT_VOCAB} | {v: k for k, v in SPECIAL_TOKENS.items()}
+
+
+def decode_token(token_id: int) -> str:
+    """Text of a generated token (ids outside the output vocabulary decode to "")."""
+    return _ID_TO_TEXT.get(token_id, "")
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: keep the text parts
+        parts = []
+        for part in content:
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("message content parts must be {'type': 'text', 'text': str}")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ValueError("message content must be a string or a list of text parts")
+
+
+def apply_chat_template(messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    """Llama-3 chat format. Raises ValueError naming the bad field."""
+    out = ["<|begin_of_text|>"]
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise ValueError(f"messages[{i}] must be an object")
+        role = msg.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"messages[{i}].role must be a non-empty string")
+        try:
+            text = _content_text(msg.get("content"))
+        except ValueError as e:
+            raise ValueError(f"messages[{i}].content: {e}") from None
+        out.append(f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>")
+    if add_generation_prompt:
+        out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return "".join(out)
