@@ -1,0 +1,157 @@
+"""Profile handlers: which scheduling profiles run for a request, and which result is primary."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from epp.framework import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    PluginHandle,
+    ProfileRunResult,
+    SchedulerProfile,
+    SchedulingResult,
+)
+from epp.registry import register
+
+
+@register
+class SingleProfileHandler:
+    """Runs the one profile once; its result is the primary result."""
+
+    type_name = "single-profile-handler"
+
+    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
+        self.name = name
+
+    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
+                      results: Mapping[str, ProfileRunResult | None]) -> Mapping[str, SchedulerProfile]:
+        if results:
+            return {}
+        return profiles
+
+    def process_results(self, cycle: CycleState, request: InferenceRequest,
+                        results: Mapping[str, ProfileRunResult | None]) -> SchedulingResult:
+        primary = next(iter(results), "")
+        return SchedulingResult(profile_results=dict(results), primary_profile=primary)
+
+
+# --------------------------------------------------------------------------- prefill/decode disaggregation
+PREFILLER_HEADER = "x-prefiller-host-port"
+
+
+@dataclass(slots=True)
+class DisaggParams:
+    decodeProfile: str = "decode"
+    prefillProfile: str = "prefill"
+    deciderPluginName: str = ""  # a *-pd-decider instance; "" = the first one configured (none: never split)
+
+
+@register
+class DisaggProfileHandler:
+    """Runs the decode profile first; if the decider approves, the prefill profile picks a
+    prefill endpoint, announced upstream in `x-prefiller-host-port`. The decode endpoint
+    stays the primary target; a failed prefill profile falls back to decode only."""
+
+    type_name = "disagg-profile-handler"
+    Params = DisaggParams
+
+    def __init__(self, name: str, params: DisaggParams | None, handle: PluginHandle) -> None:
+        p = params or DisaggParams()
+        self.name = name
+        self.decode = p.decodeProfile
+        self.prefill = p.prefillProfile
+        self._decider_name = p.deciderPluginName
+        self._handle = handle
+        self._decider: object | None = None
+        self._decider_resolved = False
+
+    def check_profiles(self, names: Sequence[str]) -> None:
+        for key, profile in (("decodeProfile", self.decode), ("prefillProfile", self.prefill)):
+            if profile not in names:
+                raise ValueError(f"parameters.{key}: no scheduling profile named {profile!r}")
+        if self._decider_name:
+            plugin = self._handle.plugins.get(self._decider_name)
+            if plugin is None or not callable(getattr(plugin, "disaggregate", None)):
+                raise ValueError(f"parameters.deciderPluginName: no pd-decider plugin named {self._decider_name!r}")
+
+    def _get_decider(self):
+        if not self._decider_resolved:
+            self._decider_resolved = True
+            plugins = self._handle.plugins
+            if self._decider_name:
+                self._decider = plugins.get(self._decider_name)
+            else:
+                self._decider = next((p for p in plugins.values() if callable(getattr(p, "disaggregate", None))), None)
+        return self._decider
+
+    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
+                      results: Mapping[str, ProfileRunResult | None]) -> Mapping[str, SchedulerProfile]:
+        if self.decode not in results:
+            return {self.decode: profiles[self.decode]}
+        decoded = results[self.decode]
+        if decoded is None or not decoded.targets or self.prefill in results:
+            return {}
+        decider = self._get_decider()
+        if decider is not None and decider.disaggregate(cycle, request, decoded.targets[0]):
+            return {self.prefill: profiles[self.prefill]}
+        return {}
+
+    def process_results(self, cycle: CycleState, request: InferenceRequest,
+                        results: Mapping[str, ProfileRunResult | None]) -> SchedulingResult:
+        out = SchedulingResult(profile_results=dict(results), primary_profile=self.decode)
+        prefilled = results.get(self.prefill)
+        if prefilled is not None and prefilled.targets:
+            out.headers[PREFILLER_HEADER] = prefilled.targets[0].hostport
+        return out
+
+
+@dataclass(slots=True)
+class PrefixDeciderParams:
+    nonCachedTokens: int = 0  # 0 = never disaggregate
+    prefixPluginName: str = ""  # which prefix-cache-scorer's match to read; "" = the first one
+
+    def validate(self) -> None:
+        if self.nonCachedTokens < 0:
+            raise ValueError(f"nonCachedTokens: must be >= 0, got {self.nonCachedTokens}")
+
+
+@register
+class PrefixBasedPDDecider:
+    """Disaggregate iff inputTokens >= N and inputTokens - cachedTokens(decode endpoint) >= N:
+    a long prompt that is mostly cached on the decode endpoint is cheaper to prefill there."""
+
+    type_name = "prefix-based-pd-decider"
+    Params = PrefixDeciderParams
+
+    def __init__(self, name: str, params: PrefixDeciderParams | None, handle: PluginHandle) -> None:
+        from scorers.prefix import prefix_state_key
+
+        p = params or PrefixDeciderParams()
+        self.name = name
+        self.threshold = p.nonCachedTokens
+        self._key = prefix_state_key(p.prefixPluginName)
+
+    def disaggregate(self, cycle: CycleState, request: InferenceRequest, decode_endpoint: Endpoint) -> bool:
+        n = self.threshold
+        if n <= 0:
+            return False
+        tokens = request.estimated_prompt_tokens
+        if tokens < n:
+            return False
+        match = cycle.get(self._key)
+        cached = match.cached_tokens(decode_endpoint) if match is not None else 0
+        return tokens - cached >= n
+
+
+@register
+class AlwaysDisaggPDDecider:
+    type_name = "always-disagg-pd-decider"
+
+    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
+        self.name = name
+
+    def disaggregate(self, cycle: CycleState, request: InferenceRequest, decode_endpoint: Endpoint) -> bool:
+        return True

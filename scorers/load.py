@@ -1,0 +1,137 @@
+"""Scorers on the model servers' load: queue, running requests, KV usage, in-flight tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+
+from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
+from epp.registry import register
+
+_waiting = attrgetter("metrics.waiting_queue_size")
+_running = attrgetter("metrics.running_requests_size")
+_kv = attrgetter("metrics.kv_cache_usage_percent")
+
+
+def min_max_inverse(values: Sequence[float]) -> list[float]:
+    """(max - v) / (max - min): the least loaded scores 1.0, the most 0.0; all equal: 1.0."""
+    if not values:
+        return []
+    hi, lo = max(values), min(values)
+    if hi == lo:
+        return [1.0] * len(values)
+    span = hi - lo
+    return [(hi - v) / span for v in values]
+
+
+@register
+class QueueScorer:
+    type_name = "queue-scorer"
+
+    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
+        self.name = name
+
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        return min_max_inverse(list(map(_waiting, endpoints)))
+
+
+@register
+class RunningRequestsSizeScorer:
+    type_name = "running-requests-size-scorer"
+
+    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
+        self.name = name
+
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        return min_max_inverse(list(map(_running, endpoints)))
+
+
+@register
+class KVCacheUtilizationScorer:
+    type_name = "kv-cache-utilization-scorer"
+
+    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
+        self.name = name
+
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        return [1.0 - u for u in map(_kv, endpoints)]
+
+
+@dataclass(slots=True)
+class TokenLoadParams:
+    queueThresholdTokens: int = 4194304
+
+    def validate(self) -> None:
+        if self.queueThresholdTokens <= 0:
+            raise ValueError(f"queueThresholdTokens: must be > 0, got {self.queueThresholdTokens}")
+
+
+@register
+class TokenLoadScorer:
+    """1 - min(tokens, T)/T on the tokens in flight to each endpoint (kept by the director)."""
+
+    type_name = "token-load-scorer"
+    Params = TokenLoadParams
+
+    def __init__(self, name: str, params: TokenLoadParams | None, handle: PluginHandle) -> None:
+        self.name = name
+        self.threshold = (params or TokenLoadParams()).queueThresholdTokens
+
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        t = self.threshold
+        return [1.0 - min(e.in_flight_tokens, t) / t for e in endpoints]
+
+
+@dataclass(slots=True)
+class LoadAwareParams:
+    threshold: int = 128
+
+    def validate(self) -> None:
+        if self.threshold <= 0:
+            raise ValueError(f"threshold: must be > 0, got {self.threshold}")
+
+
+@register
+class LoadAwareScorer:
+    """Empty queue: 0.5; else 0.5 * (1 - min(w, T)/T), so any queue scores below an idle server."""
+
+    type_name = "load-aware-scorer"
+    Params = LoadAwareParams
+
+    def __init__(self, name: str, params: LoadAwareParams | None, handle: PluginHandle) -> None:
+        self.name = name
+        self.threshold = (params or LoadAwareParams()).threshold
+
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        t = self.threshold
+        out = []
+        for e in endpoints:
+            w = e.metrics.waiting_queue_size
+            out.append(0.5 if w <= 0 else 0.5 * (1.0 - min(w, t) / t))
+        return out
+
+
+@register
+class LoraAffinityScorer:
+    """1.0 adapter running; 0.8 room to load one more; 0.6 adapter waiting; else 0."""
+
+    type_name = "lora-affinity-scorer"
+
+    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
+        self.name = name
+
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        model = request.target_model
+        out = []
+        for e in endpoints:
+            m = e.metrics
+            if model in m.running_lora_adapters:
+                out.append(1.0)
+            elif len(m.running_lora_adapters) + len(m.waiting_lora_adapters) < m.max_active_models:
+                out.append(0.8)
+            elif model in m.waiting_lora_adapters:
+                out.append(0.6)
+            else:
+                out.append(0.0)
+        return out

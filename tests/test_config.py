@@ -1,0 +1,196 @@
+"""EndpointPickerConfig parsing: the reference format, defaults, and errors naming the key."""
+
+import pytest
+
+from epp.config import ConfigError, load_config, parse_duration, parse_quantity
+
+REFERENCE_EXAMPLE = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+  parameters: {blockSizeTokens: 16, maxPrefixBlocksToMatch: 256, lruCapacityPerServer: 31250}
+- {name: picker, type: max-score-picker, parameters: {maxNumOfEndpoints: 1}}
+- type: utilization-detector
+  parameters: {queueDepthThreshold: 5, kvCacheUtilThreshold: 0.8}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+  - {pluginRef: prefix-cache-scorer, weight: 3}
+  - {pluginRef: picker}
+saturationDetector: {pluginRef: utilization-detector}
+flowControl: {maxBytes: 10Gi, defaultRequestTTL: 60s,
+              priorityBands: [{priority: 100, maxBytes: 5Gi, maxRequests: 500}]}
+"""
+
+
+def errmsg(text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(text)
+    return str(e.value)
+
+
+def test_reference_example_parses_exactly():
+    cfg = load_config(REFERENCE_EXAMPLE)
+    assert cfg.feature_gates == {"flowControl"}
+    assert [p.name for p in cfg.plugins if not p.implicit] == [
+        "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "picker", "utilization-detector"]
+    assert cfg.plugin("prefix-cache-scorer").parameters["lruCapacityPerServer"] == 31250
+    (prof,) = cfg.scheduling_profiles
+    assert [(r.plugin_ref, r.weight) for r in prof.plugins] == [
+        ("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0), ("picker", 1.0)]
+    assert cfg.saturation_detector == "utilization-detector"
+    assert cfg.profile_handler == "single-profile-handler"
+    fc = cfg.flow_control
+    assert fc.max_bytes == 10 * 2**30 and fc.default_request_ttl == 60.0
+    band = fc.band(100)
+    assert (band.max_bytes, band.max_requests) == (5 * 2**30, 500)
+    assert fc.band(7).max_bytes == 1_000_000_000  # unlisted band: defaults
+
+
+def test_llmd_api_version_accepted():
+    cfg = load_config("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins: [{type: queue-scorer}]\n")
+    assert cfg.api_version == "llm-d.ai/v1alpha1"
+
+
+def test_no_file_defaults():
+    for text in (None, "", "  \n"):
+        cfg = load_config(text)
+        (prof,) = cfg.scheduling_profiles
+        assert prof.name == "default"
+        assert [(r.plugin_ref, r.weight) for r in prof.plugins] == [
+            ("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0),
+            ("max-score-picker", 1.0)]
+        assert cfg.profile_handler == "single-profile-handler"
+        assert cfg.saturation_detector == "utilization-detector"
+        assert cfg.flow_control is None
+
+
+def test_no_profiles_gives_default_profile_with_every_filter_scorer_picker():
+    cfg = load_config("""
+plugins:
+- type: decode-filter
+- type: queue-scorer
+- {type: random-picker, name: rp}
+- type: utilization-detector
+""")
+    (prof,) = cfg.scheduling_profiles
+    assert prof.name == "default"
+    # utilization-detector is a filter too; every scorer gets weight 1
+    assert [(r.plugin_ref, r.weight) for r in prof.plugins] == [
+        ("decode-filter", 1.0), ("queue-scorer", 1.0), ("rp", 1.0), ("utilization-detector", 1.0)]
+    assert cfg.saturation_detector == "utilization-detector"
+
+
+def test_profile_without_picker_gets_max_score_picker():
+    cfg = load_config("""
+plugins: [{type: queue-scorer}]
+schedulingProfiles: [{name: p, plugins: [{pluginRef: queue-scorer, weight: 5}]}]
+""")
+    refs = cfg.scheduling_profiles[0].plugins
+    assert refs[-1].plugin_ref == "max-score-picker"
+    assert cfg.plugin("max-score-picker").type == "max-score-picker"
+
+
+def test_flow_control_gate_without_section_gets_defaults():
+    cfg = load_config("featureGates: [flowControl]\nplugins: [{type: queue-scorer}]\n")
+    assert cfg.flow_control is not None and cfg.flow_control.default_request_ttl == 60.0
+
+
+def test_legacy_inline_saturation_detector_thresholds():
+    cfg = load_config("plugins: [{type: queue-scorer}]\nsaturationDetector: {queueDepthThreshold: 9}\n")
+    spec = cfg.plugin(cfg.saturation_detector)
+    assert spec.type == "utilization-detector" and spec.parameters == {"queueDepthThreshold": 9}
+
+
+def test_conformance_style_config():
+    cfg = load_config("""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: header-based-testing-filter
+- type: destination-endpoint-served-verifier
+schedulingProfiles:
+- name: conformance-profile
+  plugins:
+  - pluginRef: header-based-testing-filter
+  - pluginRef: destination-endpoint-served-verifier
+""")
+    refs = [r.plugin_ref for r in cfg.scheduling_profiles[0].plugins]
+    assert refs == ["header-based-testing-filter", "destination-endpoint-served-verifier", "max-score-picker"]
+    assert cfg.profile_handler == "single-profile-handler"
+
+
+def test_engine_metrics_kept_raw():
+    cfg = load_config("engineMetrics: {sglang: {waiting: 'sglang:num_queue_reqs'}}\n")
+    assert cfg.engine_metrics == {"sglang": {"waiting": "sglang:num_queue_reqs"}}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("plugins: [{type: queue-scorer}, {type: queue-scorer}, {type: prefix-cache-scorer, "
+     "parameters: {blockSizeTokens: x}}]",
+     "plugins[1].name: duplicate plugin name 'queue-scorer'"),
+    ("plugins: [{type: queue-scorer}, {type: kv-cache-utilization-scorer}, {type: prefix-cache-scorer, "
+     "parameters: {blockSizeTokens: x}}]",
+     "plugins[2].parameters.blockSizeTokens: expected an integer, got 'x'"),
+    ("plugins: [{type: prefix-cache-scorer, parameters: {blockSizeTokenz: 3}}]",
+     "plugins[0].parameters.blockSizeTokenz: unknown parameter"),
+    ("plugins: [{type: no-such-scorer}]", "plugins[0].type: unknown plugin type 'no-such-scorer'"),
+    ("plugins: [{type: queue-scorer, parameters: {a: 1}}]", "plugins[0].parameters: plugin 'queue-scorer' takes no"),
+    ("plugins: [{name: x}]", "plugins[0].type: required"),
+    ("plugins: [{type: queue-scorer, nmae: x}]", "plugins[0].nmae: unknown key"),
+    ("plugin: []", "plugin: unknown key"),
+    ("kind: Foo", "kind: expected EndpointPickerConfig"),
+    ("apiVersion: v1", "apiVersion: expected one of"),
+    ("plugins: {type: queue-scorer}", "plugins: expected a list"),
+    ("plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: [{pluginRef: nope}]}]",
+     "schedulingProfiles[0].plugins[0].pluginRef: no plugin named 'nope'"),
+    ("plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: [{pluginRef: queue-scorer, "
+     "weight: heavy}]}]", "schedulingProfiles[0].plugins[0].weight: expected a number, got 'heavy'"),
+    ("plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: []}, {name: a, plugins: []}]",
+     "schedulingProfiles[1].name: duplicate profile name 'a'"),
+    ("plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: []}, {name: b, plugins: []}]",
+     "several schedulingProfiles need a profile handler"),
+    ("plugins: [{type: queue-scorer}]\nsaturationDetector: {pluginRef: queue-scorer}",
+     "saturationDetector.pluginRef: 'queue-scorer' is not a saturation detector"),
+    ("plugins: [{type: queue-scorer}]\nsaturationDetector: {pluginRef: gone}",
+     "saturationDetector.pluginRef: no plugin named 'gone'"),
+    ("flowControl: {maxBytes: lots}", "flowControl.maxBytes: expected a quantity like 10Gi, got 'lots'"),
+    ("flowControl: {defaultRequestTTL: soon}", "flowControl.defaultRequestTTL: expected a duration like 60s"),
+    ("flowControl: {priorityBands: [{maxBytes: 1}]}", "flowControl.priorityBands[0].priority: required"),
+    ("flowControl: {priorityBands: [{priority: 1, maxRequests: many}]}",
+     "flowControl.priorityBands[0].maxRequests: expected an integer, got 'many'"),
+    ("flowControl: {priorityBands: [{priority: 1, speed: 3}]}", "flowControl.priorityBands[0].speed: unknown key"),
+    ("plugins: [{type: utilization-detector, parameters: {metricsStalenessThreshold: later}}]",
+     "plugins[0].parameters.metricsStalenessThreshold: expected a duration"),
+    ("plugins: [{type: max-score-picker, parameters: {maxNumOfEndpoints: 0}}]",
+     "plugins[0].parameters.maxNumOfEndpoints: must be >= 1"),
+    ("plugins: [{type: label-selector-filter, parameters: {matchExpressions: [{key: a, operator: Near}]}}]",
+     "plugins[0].parameters.matchExpressions[0].operator: expected one of"),
+    ("featureGates: flowControl", "featureGates: expected a list"),
+    ("engineMetrics: [a]", "engineMetrics: expected a mapping"),
+    ("plugins: [\n", "config: not valid YAML"),
+])
+def test_errors_name_the_key(text, expected):
+    assert expected in errmsg(text)
+
+
+def test_quantities_and_durations():
+    assert parse_quantity("10Gi", "k") == 10 * 2**30
+    assert parse_quantity("5G", "k") == 5 * 10**9
+    assert parse_quantity("1.5Ki", "k") == 1536
+    assert parse_quantity(1e9, "k") == 10**9
+    assert parse_quantity("1e9", "k") == 10**9
+    assert parse_duration("60s", "k") == 60.0
+    assert parse_duration("1m30s", "k") == 90.0
+    assert parse_duration("200ms", "k") == pytest.approx(0.2)
+    assert parse_duration(2, "k") == 2.0
+    with pytest.raises(ConfigError, match="^k: "):
+        parse_quantity("-1", "k")
+    with pytest.raises(ConfigError, match="^k: "):
+        parse_duration("5 s", "k")

@@ -1,0 +1,155 @@
+"""Scorer formulas at their boundaries (reference scheduling.md)."""
+
+import base64
+import random
+
+import pytest
+
+from epp.framework import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Metrics,
+    PluginHandle,
+    ProfileRunResult,
+    ResponseInfo,
+    SchedulingResult,
+)
+from epp.registry import build_plugin
+from scorers.prefix import PREFIX_STATE_KEY, PrefixMatch
+
+
+def ep(i, labels=None, **metrics):
+    return Endpoint(f"e{i}", f"10.0.0.{i}", 8000, labels=labels or {}, namespace="ns", metrics=Metrics(**metrics))
+
+
+def req(model="m", prompt="x" * 400, rid="r", headers=None, max_tokens=None):
+    return InferenceRequest(rid, model, model, "completions", prompt, headers or {}, max_tokens=max_tokens)
+
+
+def plugin(ptype, params=None, clock=None):
+    h = PluginHandle(rng=random.Random(3))
+    if clock is not None:
+        h.clock = clock
+    return build_plugin(ptype, None, params, h, "test")
+
+
+def score(p, endpoints, request=None, cycle=None):
+    return p.score(cycle if cycle is not None else CycleState(), request or req(), endpoints)
+
+
+def result_for(e):
+    return SchedulingResult({"default": ProfileRunResult([e])}, "default")
+
+
+def test_queue_and_running_scorers_min_max():
+    eps = [ep(1, waiting_queue_size=10, running_requests_size=3), ep(2, waiting_queue_size=0, running_requests_size=3),
+           ep(3, waiting_queue_size=5, running_requests_size=9)]
+    assert score(plugin("queue-scorer"), eps) == [0.0, 1.0, 0.5]
+    assert score(plugin("running-requests-size-scorer"), eps) == [1.0, 1.0, 0.0]
+    same = [ep(1, waiting_queue_size=4), ep(2, waiting_queue_size=4)]
+    assert score(plugin("queue-scorer"), same) == [1.0, 1.0]
+    assert score(plugin("queue-scorer"), []) == []
+
+
+def test_kv_cache_utilization():
+    assert score(plugin("kv-cache-utilization-scorer"),
+                 [ep(1, kv_cache_usage_percent=0.0), ep(2, kv_cache_usage_percent=0.75),
+                  ep(3, kv_cache_usage_percent=1.0)]) == [1.0, 0.25, 0.0]
+
+
+def test_lora_affinity_levels():
+    running = frozenset({"a"})
+    eps = [
+        ep(1, running_lora_adapters=running, max_active_models=1),  # running: 1.0
+        ep(2, running_lora_adapters=frozenset({"b"}), max_active_models=4),  # room: 0.8
+        ep(3, running_lora_adapters=frozenset({"b"}), waiting_lora_adapters=frozenset({"a"}),
+           max_active_models=2),  # full, waiting: 0.6
+        ep(4, running_lora_adapters=frozenset({"b", "c"}), max_active_models=2),  # full: 0
+    ]
+    assert score(plugin("lora-affinity-scorer"), eps, req(model="a")) == [1.0, 0.8, 0.6, 0.0]
+
+
+def test_token_load():
+    eps = [ep(i) for i in range(3)]
+    eps[0].in_flight_tokens, eps[1].in_flight_tokens, eps[2].in_flight_tokens = 0, 250, 5000
+    assert score(plugin("token-load-scorer", {"queueThresholdTokens": 1000}), eps) == [1.0, 0.75, 0.0]
+    assert plugin("token-load-scorer").threshold == 4194304
+
+
+def test_load_aware():
+    eps = [ep(1, waiting_queue_size=0), ep(2, waiting_queue_size=32), ep(3, waiting_queue_size=500)]
+    assert score(plugin("load-aware-scorer"), eps) == [0.5, 0.5 * (1 - 32 / 128), 0.0]
+    assert score(plugin("load-aware-scorer", {"threshold": 64}), eps)[1] == pytest.approx(0.25)
+
+
+def test_active_request_counts_and_formula():
+    now = [100.0]
+    p = plugin("active-request-scorer", {"requestTimeout": "10s"}, clock=lambda: now[0])
+    eps = [ep(1), ep(2), ep(3)]
+    assert score(p, eps) == [1.0, 1.0, 1.0]
+    for i in range(4):
+        p.pre_request(CycleState(), req(rid=f"a{i}"), result_for(eps[0]))
+    for i in range(2):
+        p.pre_request(CycleState(), req(rid=f"b{i}"), result_for(eps[1]))
+    assert score(p, eps) == [0.0, 0.5, 1.0]  # (4-c)/4, idle (0) -> 1.0
+    p.response_complete(req(rid="a0"), ResponseInfo(), eps[0])
+    p.response_complete(req(rid="a0"), ResponseInfo(), eps[0])  # twice: counted once
+    assert p.counts[eps[0]] == 3
+    p2 = plugin("active-request-scorer", {"idleThreshold": 2, "maxBusyScore": 0.5})
+    for i in range(4):
+        p2.pre_request(CycleState(), req(rid=f"a{i}"), result_for(eps[0]))
+    p2.pre_request(CycleState(), req(rid="b"), result_for(eps[1]))
+    assert score(p2, eps) == [0.0, 1.0, 1.0]
+    p2.pre_request(CycleState(), req(rid="c"), result_for(eps[1]))
+    p2.pre_request(CycleState(), req(rid="d"), result_for(eps[1]))
+    assert score(p2, eps) == [0.0, pytest.approx((4 - 3) / 4 * 0.5), 1.0]
+    now[0] += 11  # lost completions expire (checked when the next request is committed)
+    p.pre_request(CycleState(), req(rid="z"), result_for(eps[2]))
+    assert score(p, eps) == [1.0, 1.0, 0.0] and p.counts == {eps[2]: 1}
+
+
+def test_session_affinity():
+    p = plugin("session-affinity-scorer")
+    eps = [ep(1), ep(2)]
+    token = base64.standard_b64encode(b"ns/e2").decode()
+    assert score(p, eps, req(headers={"x-session-token": token})) == [0.0, 1.0]
+    assert score(p, eps, req(headers={"x-session-token": "!!notbase64"})) == [0.0, 0.0]
+    assert score(p, eps, req()) == [0.0, 0.0]
+    info = ResponseInfo()
+    p.response_received(req(), info, eps[0])
+    assert base64.standard_b64decode(info.set_headers["x-session-token"]) == b"ns/e1"
+
+
+def test_no_hit_lru_spreads_cold_requests():
+    p = plugin("no-hit-lru-scorer")
+    eps = [ep(1), ep(2), ep(3)]
+    cold = CycleState({PREFIX_STATE_KEY: PrefixMatch([1, 2], 16, {}, any_hit=False)})
+    warm = CycleState({PREFIX_STATE_KEY: PrefixMatch([1, 2], 16, {eps[0]: 1}, any_hit=True)})
+    assert score(p, eps, cycle=cold) == [1.0, 1.0, 1.0]
+    p.pre_request(cold, req(), result_for(eps[0]))
+    p.pre_request(cold, req(), result_for(eps[1]))
+    s = score(p, eps, cycle=cold)
+    assert s[2] == 1.0 and 1.0 > s[0] > s[1] > 0  # never used > least recent > most recent
+    assert score(p, eps, cycle=warm) == [0.5, 0.5, 0.5]
+    p.pre_request(warm, req(), result_for(eps[2]))  # warm picks do not count
+    assert score(p, eps, cycle=cold)[2] == 1.0
+    p.endpoints_removed([eps[0]])
+    assert score(p, eps, cycle=cold)[0] == 1.0
+
+
+def test_context_length_aware():
+    p = plugin("context-length-aware")
+    label = "llm-d.ai/context-length-range"
+    eps = [ep(1, {label: "0-1000"}), ep(2, {label: "0-8000"}), ep(3, {label: "2000-8000"}), ep(4),
+           ep(5, {label: "junk"})]
+    s = score(p, eps, req(prompt="x" * 2000))  # 500 tokens
+    assert s[0] == pytest.approx(1.0)  # narrowest in range
+    assert 0.3 < s[1] < s[0]
+    assert 0.0 <= s[2] < 0.3  # out of range
+    assert s[3] == 0.5 and s[4] == 0.5
+    assert p.filter(CycleState(), req(prompt="x" * 2000), eps) == eps  # filtering off
+    f = plugin("context-length-aware", {"enableFiltering": True})
+    assert f.filter(CycleState(), req(prompt="x" * 2000), eps) == [eps[0], eps[1], eps[3], eps[4]]
+    # max_tokens counts towards the context
+    assert f.filter(CycleState(), req(prompt="x" * 2000, max_tokens=1600), eps)[:2] == [eps[1], eps[2]]
