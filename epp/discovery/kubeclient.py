@@ -1,0 +1,255 @@
+"""The `kubernetes` client, used from threads: configuration and a list-then-watch loop.
+
+The client is synchronous; each `Reflector` owns one thread that lists a resource,
+watches from the list's resourceVersion, re-lists on 410 Gone and backs off on
+errors. Results go back to the asyncio loop with `call_soon_threadsafe`, so the loop
+never blocks and every datastore write happens on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+log = logging.getLogger("epp.discovery.kubernetes")
+
+WATCH_TIMEOUT_SECONDS = 300  # server-side watch length; the client re-watches after it
+CONNECT_TIMEOUT = 5.0
+LIST_READ_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """A namespaced resource the picker reads."""
+
+    group: str  # "" = core
+    version: str
+    plural: str
+
+    def __str__(self) -> str:
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+
+def load_api_client(kubeconfig: str = "") -> client.ApiClient:
+    """--kubeconfig if given, else in-cluster, else ~/.kube/config (blocking: file reads).
+    Raises ValueError saying which sources were tried."""
+    cfg = client.Configuration()
+    try:
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        else:
+            try:
+                config.load_incluster_config(client_configuration=cfg)
+            except ConfigException:
+                config.load_kube_config(client_configuration=cfg)
+    except (ConfigException, OSError, TypeError, ValueError) as e:
+        tried = f"--kubeconfig={kubeconfig}" if kubeconfig else "in-cluster service account, then ~/.kube/config"
+        raise ValueError(f"Kubernetes client configuration failed ({tried}): {e}") from None
+    return client.ApiClient(cfg)
+
+
+def api_request(api: client.ApiClient, method: str, path: str, query: dict[str, object] | None = None,
+                body: dict | None = None, timeout: tuple[float, float] = (CONNECT_TIMEOUT, LIST_READ_TIMEOUT),
+                ) -> urllib3.HTTPResponse:
+    """One call through the client's own serialisation, auth (token refresh included)
+    and REST layer, returning the raw response (non-2xx raises ApiException), as the
+    generated `*_Api` methods do with `_preload_content=False`. Calling the generic layer
+    avoids importing `CoreV1Api`, whose module takes seconds of CPU to import."""
+    accept = "application/json;stream=watch" if (query or {}).get("watch") else "application/json"
+    headers = {"Accept": accept}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    params = [(k, v) for k, v in (query or {}).items() if v is not None]
+    method, url, headers, body, post = api.param_serialize(method=method, resource_path=path, query_params=params,
+                                                           header_params=headers, body=body,
+                                                           auth_settings=["BearerToken"])
+    resp = api.call_api(method, url, headers, body, post, _request_timeout=timeout)
+    if not 200 <= resp.status <= 299:
+        resp.read()
+        raise ApiException.from_response(http_resp=resp, body=None, data=None)
+    return resp.response
+
+
+def resource_path(resource: Resource, namespace: str, name: str = "") -> str:
+    base = f"/api/{resource.version}" if not resource.group else f"/apis/{resource.group}/{resource.version}"
+    return f"{base}/namespaces/{namespace}/{resource.plural}" + (f"/{name}" if name else "")
+
+
+def describe_api_error(e: ApiException, verb: str, resource: Resource, namespace: str) -> str:
+    """A log line an operator can act on; for 401/403 it names the missing permission."""
+    if e.status == 403:
+        return (f"forbidden: the picker's service account may not {verb} {resource} in namespace {namespace}; "
+                f"grant it in the Role: apiGroups [{resource.group!r}], resources [{resource.plural}], "
+                f"verbs [{verb}] ({_api_message(e)})")
+    if e.status == 401:
+        return (f"unauthorized: the API server rejected the picker's credentials to {verb} {resource} "
+                f"({_api_message(e)})")
+    if e.status == 404:
+        return (f"{verb} {resource}: the API server does not serve {resource.group}/{resource.version} "
+                f"{resource.plural}; is the CRD installed?")
+    return f"{verb} {resource} in namespace {namespace} failed: HTTP {e.status} {_api_message(e)}"
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return orjson.loads(e.body).get("message") or e.reason or ""
+    except (orjson.JSONDecodeError, TypeError, AttributeError):
+        return str(e.reason or "")
+
+
+class _Gone(Exception):
+    """410: the resourceVersion we watch from was compacted away; re-list."""
+
+
+class Backoff:
+    def __init__(self, base: float = 0.2, cap: float = 30.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2 ** self.failures)
+        self.failures += 1
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Reflector:
+    """List then watch one resource in one namespace, on a thread of its own."""
+
+    def __init__(self, api: client.ApiClient, resource: Resource, namespace: str, loop: asyncio.AbstractEventLoop,
+                 on_list: Callable[[list[dict]], None], on_event: Callable[[str, dict], None], *,
+                 field_selector: str | None = None, backoff: Backoff | None = None) -> None:
+        self.api = api
+        self.resource = resource
+        self.namespace = namespace
+        self.field_selector = field_selector
+        self._loop = loop
+        self._on_list = on_list
+        self._on_event = on_event
+        self._backoff = backoff or Backoff()
+        self._stop = threading.Event()
+        self._response: urllib3.HTTPResponse | None = None
+        self._last_rv = ""
+        self._thread = threading.Thread(target=self._run, name=f"watch-{resource.plural}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end and interrupt a blocked read; join with `join()`."""
+        self._stop.set()
+        resp = self._response
+        if resp is not None:
+            try:
+                resp.shutdown()  # unblocks a read in progress on the worker thread
+            except Exception:  # noqa: BLE001 - already closed or released
+                pass
+
+    def join(self, timeout: float = 5.0) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ thread side
+    def _deliver(self, fn: Callable, *args: object) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed
+            self._stop.set()
+
+    def _run(self) -> None:
+        rv: str | None = None  # None = (re-)list first
+        while not self._stop.is_set():
+            verb = "list" if rv is None else "watch"
+            try:
+                if rv is None:
+                    rv = self._list()
+                    verb = "watch"
+                self._last_rv = rv
+                self._watch(rv)
+                rv = self._last_rv  # stream ended (server timeout): watch on from there
+                continue
+            except _Gone:
+                log.info("watch %s: resourceVersion expired (410 Gone); re-listing", self.resource)
+                rv = None
+                continue
+            except ApiException as e:
+                if self._stop.is_set():
+                    return
+                delay = self._backoff.next()
+                level = logging.ERROR if e.status in (401, 403, 404) else logging.WARNING
+                log.log(level, "%s; retrying in %.1fs", describe_api_error(e, verb, self.resource, self.namespace),
+                        delay)
+            except Exception as e:  # noqa: BLE001 - network errors, stream drops, bad JSON
+                if self._stop.is_set():
+                    return
+                delay = self._backoff.next()
+                log.warning("%s %s: %s: %s; reconnecting in %.1fs", verb, self.resource, type(e).__name__, e, delay)
+            if verb == "watch":
+                rv = self._last_rv  # resume the watch where the dropped stream left off
+            self._stop.wait(delay)
+
+    def _call(self, timeout: tuple[float, float], **query: object) -> urllib3.HTTPResponse:
+        query["fieldSelector"] = self.field_selector
+        return api_request(self.api, "GET", resource_path(self.resource, self.namespace), query, timeout=timeout)
+
+    def _list(self) -> str:
+        resp = self._call((CONNECT_TIMEOUT, LIST_READ_TIMEOUT))
+        try:
+            body = orjson.loads(resp.data)
+        finally:
+            resp.release_conn()
+        items = body.get("items") or []
+        self._deliver(self._on_list, items)
+        return (body.get("metadata") or {}).get("resourceVersion", "")
+
+    def _watch(self, rv: str) -> None:
+        """Watch from `rv` until the stream ends, keeping `_last_rv` current."""
+        try:
+            resp = self._call((CONNECT_TIMEOUT, WATCH_TIMEOUT_SECONDS + 30), watch="true", resourceVersion=rv,
+                              allowWatchBookmarks="true", timeoutSeconds=WATCH_TIMEOUT_SECONDS)
+        except ApiException as e:
+            if e.status == 410:
+                raise _Gone() from e
+            raise
+        self._response = resp
+        self._backoff.reset()
+        try:
+            if self._stop.is_set():  # stop() ran before the response was visible to it
+                return
+            buf = b""
+            for chunk in resp.stream(None, decode_content=False):
+                if self._stop.is_set():
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self._handle_line(line)
+        finally:
+            self._response = None
+            resp.release_conn()
+
+    def _handle_line(self, line: bytes) -> None:
+        event = orjson.loads(line)
+        etype, obj = event.get("type"), event.get("object") or {}
+        if etype == "ERROR":
+            if obj.get("code") == 410:
+                raise _Gone()
+            raise ApiException(status=obj.get("code") or 500, reason=obj.get("message") or "watch error")
+        if etype in ("ADDED", "MODIFIED", "DELETED"):
+            self._deliver(self._on_event, etype, obj)
+        self._last_rv = (obj.get("metadata") or {}).get("resourceVersion") or self._last_rv
+
