@@ -1,0 +1,158 @@
+"""Picker cost per routed request, through the real Envoy.
+
+Starts N `epp sim` servers, the picker (`epp serve`, default config, plaintext) and Envoy in
+each mode (full-duplex, buffered) plus "direct" (Envoy straight to one server, no picker),
+sends the same requests through each, and reports:
+  - picker CPU per request: the picker process's utime+stime from /proc/<pid>/stat
+    before/after the run, raw and minus its idle rate (scraping) over the same wall time;
+  - req/s, and client latency p50/p99 with the latency added over "direct".
+
+    python -m bench.picker_cost --requests 2000 --concurrency 8 --endpoints 8 [--tls]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from epp.envoy import start_envoy
+from epp.launch import Process, free_port, free_port_range, http_ok, wait_until
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its reaped children are not counted)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+@dataclass
+class Result:
+    mode: str
+    requests: int
+    seconds: float
+    latencies: list[float]
+    picker_cpu: float = 0.0
+    picker_idle_cpu: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float) -> float:
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_load(port: int, requests: int, concurrency: int, body: bytes) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    errors: list[str] = []
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        local: list[float] = []
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    break
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            local.append(time.perf_counter() - t0)
+            if r.status != 200:
+                errors.append(str(r.status))
+        conn.close()
+        with lock:
+            latencies.extend(local)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. HTTP {errors[0]}")
+    return time.perf_counter() - t0, latencies
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.picker_cost", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--endpoints", type=int, default=8)
+    ap.add_argument("--prompt-chars", type=int, default=1000)
+    ap.add_argument("--modes", default="direct,full-duplex,buffered")
+    ap.add_argument("--envoy-concurrency", type=int, default=1)
+    ap.add_argument("--tls", action="store_true", help="picker serves TLS (self-signed), as by default in production")
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="epp-picker-cost-"))
+    base = free_port_range(args.endpoints)
+    sim = Process([sys.executable, "-m", "epp.cli", "sim", "--host", "127.0.0.1", "--port", str(base),
+                   "--model", "m1", "--replicas", str(args.endpoints), "--time-scale", "1000"],
+                  "sim", tmp / "sim.log")
+    ports = [free_port() for _ in range(3)]
+    endpoints = ",".join(f"127.0.0.1:{base + i}" for i in range(args.endpoints))
+    picker = Process([sys.executable, "-m", "epp.cli", "serve", "--bind-address", "127.0.0.1",
+                      f"--grpc-port={ports[0]}", f"--grpc-health-port={ports[1]}", f"--metrics-port={ports[2]}",
+                      f"--secure-serving={str(args.tls).lower()}", f"--endpoints={endpoints}"], "picker",
+                     tmp / "picker.log")
+    prompt = ("The quick brown fox jumps over the lazy dog. " * (args.prompt_chars // 45 + 1))[:args.prompt_chars]
+    body = json.dumps({"model": "m1", "prompt": prompt, "max_tokens": 1}).encode()
+    results: list[Result] = []
+    try:
+        wait_until(lambda: all(http_ok(f"http://127.0.0.1:{base + i}/health") for i in range(args.endpoints)),
+                   60, "simulators")
+        wait_until(lambda: "epp: ready" in (tmp / "picker.log").read_text(), 60, "picker")
+        for mode in args.modes.split(","):
+            if mode == "direct":
+                env = start_envoy("direct", backends=[f"127.0.0.1:{base}"], log_dir=tmp,
+                                  concurrency=args.envoy_concurrency)
+            else:
+                env = start_envoy(mode, epp_port=ports[0], epp_tls=args.tls, log_dir=tmp,
+                                  concurrency=args.envoy_concurrency)
+            with env:
+                run_load(env.port, min(200, args.requests), args.concurrency, body)  # warm up
+                idle0, t_idle = cpu_seconds(picker.pid), time.perf_counter()
+                time.sleep(2.0)
+                idle_rate = (cpu_seconds(picker.pid) - idle0) / (time.perf_counter() - t_idle)
+                c0 = cpu_seconds(picker.pid)
+                seconds, lat = run_load(env.port, args.requests, args.concurrency, body)
+                cpu = cpu_seconds(picker.pid) - c0
+                results.append(Result(mode, args.requests, seconds, lat, cpu, idle_rate * seconds))
+    finally:
+        picker.stop()
+        sim.stop()
+    direct = next((r for r in results if r.mode == "direct"), None)
+    print(f"endpoints={args.endpoints} requests={args.requests} concurrency={args.concurrency} "
+          f"prompt_chars={args.prompt_chars} tls={args.tls} cores={os.cpu_count()} "
+          f"loadavg={os.getloadavg()[0]:.1f}")
+    print(f"{'mode':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
+          f"{'picker us/req':>14} {'minus idle':>11}")
+    for r in results:
+        add50 = (r.pct(0.5) - direct.pct(0.5)) * 1e3 if direct else float("nan")
+        add99 = (r.pct(0.99) - direct.pct(0.99)) * 1e3 if direct else float("nan")
+        per = r.picker_cpu / r.requests * 1e6 if r.mode != "direct" else 0.0
+        net = (r.picker_cpu - r.picker_idle_cpu) / r.requests * 1e6 if r.mode != "direct" else 0.0
+        print(f"{r.mode:<12} {r.rps:8.0f} {r.pct(0.5) * 1e3:8.2f} {r.pct(0.99) * 1e3:8.2f} {add50:8.2f} "
+              f"{add99:8.2f} {per:14.0f} {net:11.0f}")
+    print(f"median latency {statistics.median(results[0].latencies) * 1e3:.2f} ms ({results[0].mode}); logs in {tmp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

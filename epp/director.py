@@ -1,0 +1,378 @@
+"""Request control around one scheduling cycle (reference scheduling.md "Request flow").
+
+parse -> model rewrite -> objective & priority -> admission -> candidates (subset hint)
+-> pipeline.run_cycle -> in-flight accounting -> response hooks -> release, exactly once.
+
+The director knows nothing about gRPC or Envoy: the ext_proc layer hands it headers and
+bytes and gets back a `RequestContext` describing where the request goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from epp.admission import AdmissionController
+from epp.datastore import Datastore
+from epp.errors import InferenceError, service_unavailable
+from epp.framework import Endpoint, InferenceRequest, ResponseInfo, SchedulingResult
+from epp.request import MODEL_REWRITE_HEADER, parse_request, rewritten_body
+from epp.telemetry import Telemetry
+from scorers.prefix import CHARS_PER_TOKEN, PREFIX_STATE_KEY
+
+if TYPE_CHECKING:
+    from epp.api import ExplainResult
+
+log = logging.getLogger("epp.director")
+
+REQUEST_ID_HEADER = "x-request-id"
+# Largest response kept in memory to read `usage` from (or restore the model name in).
+MAX_JSON_RESPONSE = 16 * 1024 * 1024
+
+Release = Callable[[], None]
+
+
+def subset_ips(hint: Sequence[str]) -> frozenset[str]:
+    """IPs of a subset hint's "ip:port" entries (IPv6 bracketed or bare)."""
+    ips = set()
+    for entry in hint:
+        entry = entry.strip()
+        if entry.startswith("["):
+            ips.add(entry[1:entry.find("]")] if "]" in entry else entry[1:])
+        elif entry.count(":") == 1:
+            ips.add(entry.rsplit(":", 1)[0])
+        else:  # bare IPv4, or bare IPv6 without port
+            ips.add(entry)
+    return frozenset(ips)
+
+
+@dataclass(slots=True)
+class UsageParser:
+    """Reads token usage from a response: SSE `data:` events (split across chunks: the
+    partial line is carried over) or a JSON body (kept until the end, up to a cap)."""
+
+    sse: bool = False
+    _carry: bytes = b""
+    _json: list[bytes] = field(default_factory=list)
+    _json_size: int = 0
+    usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes, eos: bool) -> None:
+        if self.sse:
+            data = self._carry + chunk if self._carry else chunk
+            cut = data.rfind(b"\n")
+            if eos:
+                complete, self._carry = data, b""
+            elif cut < 0:
+                self._carry = data[-MAX_JSON_RESPONSE:]
+                return
+            else:
+                complete, self._carry = data[:cut], data[cut + 1:]
+            if b'"usage"' in complete:
+                for line in complete.split(b"\n"):
+                    if b'"usage"' in line and line.startswith(b"data:"):
+                        self._take(line[5:].strip())
+            return
+        if self._json_size + len(chunk) <= MAX_JSON_RESPONSE:
+            self._json.append(chunk)
+            self._json_size += len(chunk)
+        if eos and self._json:
+            body = b"".join(self._json)
+            self._json = []
+            if b'"usage"' in body:
+                self._take(body)
+
+    def _take(self, payload: bytes) -> None:
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if isinstance(usage, dict):
+            self.usage = usage
+
+
+class ModelNameRestorer:
+    """Restores the client-facing model name in a response whose request was rewritten.
+    SSE: rewritten line by line (a partial line waits for its end). JSON: rewritten once
+    the whole body is in (intermediate chunks yield nothing)."""
+
+    __slots__ = ("_pattern", "_replacement", "_sse", "_held")
+
+    def __init__(self, target: str, incoming: str, sse: bool) -> None:
+        self._pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(orjson.dumps(target)))
+        self._replacement = rb"\g<1>" + orjson.dumps(incoming).replace(b"\\", b"\\\\")
+        self._sse = sse
+        self._held = b""
+
+    def flush(self) -> bytes:
+        """Whatever is held (the response ended with trailers instead of end_of_stream)."""
+        return self.feed(b"", True)
+
+    def feed(self, chunk: bytes, eos: bool) -> bytes:
+        data = self._held + chunk if self._held else chunk
+        if eos:
+            self._held = b""
+            return self._pattern.sub(self._replacement, data)
+        if not self._sse:
+            if len(data) > MAX_JSON_RESPONSE:  # too big to hold: pass through unrewritten
+                self._held = b""
+                return data
+            self._held = data
+            return b""
+        cut = data.rfind(b"\n") + 1
+        self._held = data[cut:]
+        return self._pattern.sub(self._replacement, data[:cut]) if cut else b""
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request's life in the picker, from headers to the end of the response."""
+
+    headers: dict[str, str]
+    request_id: str = ""
+    generated_request_id: bool = False
+    start: float = 0.0
+    request: InferenceRequest | None = None
+    result: SchedulingResult | None = None
+    targets: list[Endpoint] = field(default_factory=list)
+    destination: str = ""  # comma-joined hostports, primary first
+    upstream_headers: dict[str, str] = field(default_factory=dict)  # to set on the upstream request
+    new_body: bytes | None = None  # set when a model rewrite changed the body
+    release: Release | None = None
+    in_flight_tokens: int = 0
+    response: ResponseInfo = field(default_factory=ResponseInfo)
+    response_bytes: int = 0
+    first_chunk_at: float = 0.0
+    usage: UsageParser | None = None
+    restorer: ModelNameRestorer | None = None
+    completed: bool = False
+
+    @property
+    def primary(self) -> Endpoint | None:
+        return self.targets[0] if self.targets else None
+
+
+class Director:
+    def __init__(self, datastore: Datastore, pipeline: Any, *, admission: Any = None,
+                 telemetry: Telemetry | None = None, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.datastore = datastore
+        self.pipeline = pipeline
+        self.admission = admission if admission is not None else AdmissionController(pipeline, clock)
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    # ------------------------------------------------------------------ request phase
+    def new_context(self, headers: dict[str, str]) -> RequestContext:
+        ctx = RequestContext(headers=headers, start=self.clock())
+        rid = headers.get(REQUEST_ID_HEADER)
+        if not rid:
+            rid = str(uuid.uuid4())
+            headers[REQUEST_ID_HEADER] = rid
+            ctx.generated_request_id = True
+        ctx.request_id = rid
+        return ctx
+
+    def prepare(self, ctx: RequestContext, body: bytes) -> InferenceRequest:
+        """Parse, rewrite the model, resolve the objective (no side effects on the pool)."""
+        headers = ctx.headers
+        request = parse_request(body, headers, ctx.request_id, headers.get(":path", ""))
+        if request.incoming_model:
+            override = headers.get(MODEL_REWRITE_HEADER)
+            target = override or self.datastore.rewrite_model(request.incoming_model, self.rng)
+            if target and target != request.incoming_model:
+                request.target_model = target
+        if request.objective:
+            objective = self.datastore.objectives.get(request.objective)
+            request.priority = objective.priority if objective is not None else 0
+        return request
+
+    def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
+        endpoints = self.datastore.endpoints()
+        if subset is None:
+            return endpoints
+        if not subset:
+            raise service_unavailable("endpoint subset hint is empty")
+        ips = subset_ips(subset)
+        narrowed = [e for e in endpoints if e.address in ips]
+        if not narrowed:
+            raise service_unavailable("no pool endpoint matches the endpoint subset hint")
+        return narrowed
+
+    async def route(self, ctx: RequestContext, body: bytes, subset: Sequence[str] | None) -> None:
+        """Schedule the request; on return ctx.destination is set. Raises InferenceError.
+        After a successful admission, `complete(ctx)` must be called exactly once."""
+        request = ctx.request = self.prepare(ctx, body)
+        tel = self.telemetry
+        if request.target_model != request.incoming_model:
+            ctx.new_body = rewritten_body(request)
+            tel.model_rewrite_decisions.get("", request.incoming_model, request.target_model).inc()
+        candidates = self.candidates(subset)
+        ctx.release = await self.admission.admit(request, candidates)
+        t0 = time.perf_counter()
+        try:
+            cycle, result = self.pipeline.run_cycle(request, candidates)
+        except InferenceError:
+            tel.scheduled(request.target_model, time.perf_counter() - t0, False)
+            raise
+        tel.scheduled(request.target_model, time.perf_counter() - t0, True)
+        targets = result.targets
+        if not targets:
+            raise service_unavailable("no endpoint picked for the request")
+        ctx.result = result
+        ctx.targets = targets
+        match = cycle.get(PREFIX_STATE_KEY)
+        if match is not None and match.hashes:
+            best = max(match.matches.values(), default=0)
+            tel.prefix_match(best / len(match.hashes), best * match.block_size_tokens * CHARS_PER_TOKEN)
+        ctx.destination = targets[0].hostport if len(targets) == 1 else ",".join(t.hostport for t in targets)
+        if result.headers:
+            ctx.upstream_headers.update(result.headers)
+        primary = targets[0]
+        primary.in_flight += 1
+        ctx.in_flight_tokens = request.estimated_prompt_tokens + (request.max_tokens or 0)
+        primary.in_flight_tokens += ctx.in_flight_tokens
+        model, target = request.incoming_model, request.target_model
+        tel.request_total.get(model, target, request.priority).inc()
+        tel.request_sizes.get(model, target).observe(request.size_bytes)
+        tel.running_requests.get(model).inc()
+        if self._debug:
+            log.debug("routed request_id=%s model=%s target_model=%s endpoint=%s", ctx.request_id, model,
+                      target, ctx.destination)
+
+    def failed(self, ctx: RequestContext, error: InferenceError) -> None:
+        """A request ended with an ImmediateResponse: count it and release what it held."""
+        r = ctx.request
+        model = r.incoming_model if r else ""
+        self.telemetry.request_error(model, r.target_model if r else "", error.code)
+        log.info("request failed request_id=%s model=%s code=%s: %s", ctx.request_id, model, error.code,
+                 error.message)
+        self.complete(ctx)
+
+    # ------------------------------------------------------------------ response phase
+    def response_headers(self, ctx: RequestContext, status: int, headers: Mapping[str, str],
+                         served: str) -> dict[str, str]:
+        """Response headers arrived; returns headers plugins want set on the response."""
+        info = ctx.response
+        info.status = status
+        info.headers = headers
+        info.served_endpoint = served or (ctx.targets[0].hostport if ctx.targets else "")
+        sse = "text/event-stream" in headers.get("content-type", "")
+        ctx.usage = UsageParser(sse=sse)
+        r = ctx.request
+        if r is not None and r.target_model != r.incoming_model and r.incoming_model:
+            ctx.restorer = ModelNameRestorer(r.target_model, r.incoming_model, sse)
+        if ctx.targets and r is not None:
+            self._hook(self.pipeline.response_received, ctx, info)
+        return info.set_headers
+
+    def response_body(self, ctx: RequestContext, chunk: bytes, eos: bool) -> bytes | None:
+        """A response body chunk; returns replacement bytes when the model name is restored."""
+        if not ctx.first_chunk_at and chunk:
+            ctx.first_chunk_at = self.clock()
+        ctx.response_bytes += len(chunk)
+        if ctx.usage is None:
+            ctx.usage = UsageParser()
+        ctx.usage.feed(chunk, eos)
+        r = ctx.request
+        if r is not None and ctx.targets:
+            info = ctx.response
+            info.end_of_stream = eos
+            self._hook(self.pipeline.response_streaming, ctx, info)
+        if ctx.restorer is not None:
+            return ctx.restorer.feed(chunk, eos)
+        return None
+
+    def complete(self, ctx: RequestContext) -> None:
+        """End of the request's life, on every path (success, error, disconnect): runs
+        the completion hooks and releases the admission slot and in-flight counts once."""
+        if ctx.completed:
+            return
+        ctx.completed = True
+        r = ctx.request
+        try:
+            if ctx.targets and r is not None:
+                primary = ctx.targets[0]
+                primary.in_flight = max(0, primary.in_flight - 1)
+                primary.in_flight_tokens = max(0, primary.in_flight_tokens - ctx.in_flight_tokens)
+                info = ctx.response
+                usage = ctx.usage.usage if ctx.usage is not None else None
+                if usage:
+                    info.prompt_tokens = _int(usage.get("prompt_tokens"))
+                    info.completion_tokens = _int(usage.get("completion_tokens"))
+                    details = usage.get("prompt_tokens_details")
+                    if isinstance(details, dict):
+                        info.cached_tokens = _int(details.get("cached_tokens"))
+                info.end_of_stream = True
+                self._record_response(ctx, r)
+                self._hook(self.pipeline.response_complete, ctx, info)
+        finally:
+            release, ctx.release = ctx.release, None
+            if release is not None:
+                release()
+
+    @staticmethod
+    def _hook(hook: Callable[..., None], ctx: RequestContext, info: ResponseInfo) -> None:
+        # A failing plugin must not break a response that is already streaming to the client.
+        try:
+            hook(ctx.request, info, ctx.targets[0])
+        except Exception:  # noqa: BLE001
+            log.exception("request_id=%s: response hook failed", ctx.request_id)
+
+    def _record_response(self, ctx: RequestContext, r: InferenceRequest) -> None:
+        tel = self.telemetry
+        model, target = r.incoming_model, r.target_model
+        tel.running_requests.get(model).dec()
+        info = ctx.response
+        if not info.status:  # client went away before the response
+            return
+        now = self.clock()
+        duration = now - ctx.start
+        tel.request_duration.get(model, target).observe(duration)
+        tel.response_sizes.get(model, target).observe(ctx.response_bytes)
+        if info.status >= 400:
+            tel.request_error(model, target, str(info.status))
+        if info.prompt_tokens:
+            tel.input_tokens.get(model, target).observe(info.prompt_tokens)
+        if info.cached_tokens:
+            tel.cached_tokens.get(model, target).observe(info.cached_tokens)
+        out = info.completion_tokens
+        if out:
+            tel.output_tokens.get(model, target).observe(out)
+            tel.ntpot.get(model, target).observe(duration / out)
+        if ctx.first_chunk_at:
+            ttft = ctx.first_chunk_at - ctx.start
+            tel.ttft.get(model, target).observe(ttft)
+            if out > 1:
+                tel.tpot.get(model, target).observe((now - ctx.first_chunk_at) / (out - 1))
+
+    # ------------------------------------------------------------------ explain (project API)
+    def explain(self, headers: Mapping[str, str], body: bytes) -> ExplainResult:
+        """What the picker would do with this request (parse, rewrite, objective, one
+        scheduling cycle with a trace) without side effects on the pool or the plugins."""
+        from epp.api import ExplainResult  # the project API owns the result type
+        from epp.scheduler import SchedulingTrace
+
+        ctx = self.new_context({k.lower(): v for k, v in headers.items()})
+        request = self.prepare(ctx, body)
+        candidates = self.datastore.endpoints()
+        trace = SchedulingTrace()
+        _, result = self.pipeline.run_cycle(request, candidates, trace=trace, commit=False)
+        return ExplainResult(request=request, candidates=[e.name for e in candidates], trace=trace,
+                             primary_profile=result.primary_profile, targets=[e.name for e in result.targets],
+                             headers=dict(result.headers))
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

@@ -1,0 +1,196 @@
+"""The picker's own Prometheus metrics, named and labelled exactly as the reference's
+(reference operations.md), so existing dashboards and alerts keep working.
+
+Hot-path recording goes through cached label children (a dict lookup, no `.labels()`
+call per request). Pool gauges are computed at scrape time from the datastore by a
+custom collector, so the hot path never touches them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from epp.datastore import Datastore
+
+_LATENCY = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45,
+            60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
+_SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072, 262144, 524288, 1048576,
+          2097152, 4194304, 8388608, 16777216, 33554432, 67108864, 134217728, 268435456, 536870912, 1073741824)
+_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072, 262144,
+           524288, 1048576)
+_TPOT = (0.0005, 0.00205, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6,
+         0.8, 1, 1.5, 2, 3, 4.5, 6, 12, 18, 24, 30, 36, 48, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200,
+         1800, 2700, 3600)
+_SCHEDULER = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+_PLUGIN = (0.00001, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+MODEL_LABELS = ("model_name", "target_model_name")
+
+
+class PoolCollector(Collector):
+    """inference_pool_* gauges computed from the datastore when scraped."""
+
+    def __init__(self, datastore: Datastore, pool_name: str, staleness: float) -> None:
+        self._ds = datastore
+        self._pool = pool_name
+        self._staleness = staleness
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        now = time.monotonic()
+        eps = self._ds.endpoints()
+        fresh = [e for e in eps if e.metrics.ok and e.metrics.age(now) <= self._staleness]
+        n = len(fresh)
+        kv = GaugeMetricFamily("inference_pool_average_kv_cache_utilization",
+                               "The average kv cache utilization for an inference server pool.", labels=["name"])
+        queue = GaugeMetricFamily("inference_pool_average_queue_size",
+                                  "The average number of requests pending in the model server queue.",
+                                  labels=["name"])
+        running = GaugeMetricFamily("inference_pool_average_running_requests",
+                                    "The average number of running requests across the pool.", labels=["name"])
+        ready = GaugeMetricFamily("inference_pool_ready_pods", "The number of ready pods in the inference pool.",
+                                  labels=["name"])
+        per_pod = GaugeMetricFamily("inference_pool_per_pod_queue_size",
+                                    "The total number of requests pending in the model server queue for each "
+                                    "underlying pod.", labels=["name", "model_server_pod"])
+        if n:
+            kv.add_metric([self._pool], sum(e.metrics.kv_cache_usage_percent for e in fresh) / n)
+            queue.add_metric([self._pool], sum(e.metrics.waiting_queue_size for e in fresh) / n)
+            running.add_metric([self._pool], sum(e.metrics.running_requests_size for e in fresh) / n)
+        ready.add_metric([self._pool], len(eps))
+        for e in fresh:
+            per_pod.add_metric([self._pool, e.pod_name], e.metrics.waiting_queue_size)
+        return [kv, queue, running, ready, per_pod]
+
+
+class _PickerCollector(Collector):
+    def __init__(self, admission: Any, prefix_indexes: Callable[[], Iterable[Any]]) -> None:
+        self._admission = admission
+        self._indexes = prefix_indexes
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        size = GaugeMetricFamily("inference_extension_flow_control_queue_size",
+                                 "Requests currently queued by flow control.", labels=["priority"])
+        qbytes = GaugeMetricFamily("inference_extension_flow_control_queue_bytes",
+                                   "Bytes currently queued by flow control.", labels=["priority"])
+        stats = getattr(self._admission, "band_stats", None)
+        for priority, (count, nbytes) in sorted((stats() if stats else {}).items()):
+            size.add_metric([str(priority)], count)
+            qbytes.add_metric([str(priority)], nbytes)
+        saturation = GaugeMetricFamily("inference_extension_flow_control_pool_saturation",
+                                       "Pool saturation last seen by admission.",
+                                       value=float(getattr(self._admission, "last_saturation", 0.0)))
+        indexer = GaugeMetricFamily("inference_extension_prefix_indexer_size", "Size of the prefix indexer.",
+                                    value=sum(len(i) for i in self._indexes()))
+        return [size, qbytes, saturation, indexer]
+
+
+class _Children:
+    """Label children cached by label values: one dict lookup on the hot path."""
+
+    __slots__ = ("_metric", "_cache")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._cache: dict[tuple, Any] = {}
+
+    def get(self, *labels: Any) -> Any:
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._cache[labels] = self._metric.labels(*[str(v) for v in labels])
+        return child
+
+
+class Telemetry:
+    def __init__(self, registry: CollectorRegistry | None = None, *, commit: str = "", build_ref: str = "") -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+
+        def hist(name: str, doc: str, buckets: tuple, labels: tuple = MODEL_LABELS) -> _Children:
+            return _Children(Histogram(name, doc, labels, buckets=buckets, registry=r))
+
+        self.request_total = _Children(Counter(
+            "inference_objective_request_total", "Counter of inference objective requests broken out for each "
+            "model and target model.", [*MODEL_LABELS, "priority"], registry=r))
+        self.request_error_total = _Children(Counter(
+            "inference_objective_request_error_total", "Counter of inference objective requests errors broken out "
+            "for each model and target model.", [*MODEL_LABELS, "error_code"], registry=r))
+        self.request_duration = hist("inference_objective_request_duration_seconds",
+                                     "Inference objective response latency distribution in seconds.", _LATENCY)
+        self.request_sizes = hist("inference_objective_request_sizes",
+                                  "Inference objective requests size distribution in bytes.", _SIZES)
+        self.response_sizes = hist("inference_objective_response_sizes",
+                                   "Inference objective responses size distribution in bytes.", _SIZES)
+        self.input_tokens = hist("inference_objective_input_tokens",
+                                 "Inference objective input token count distribution.", _TOKENS)
+        self.output_tokens = hist("inference_objective_output_tokens",
+                                  "Inference objective output token count distribution.", _TOKENS)
+        self.cached_tokens = hist("inference_objective_prompt_cached_tokens",
+                                  "Inference objective prompt cached token count distribution.", _TOKENS)
+        self.ntpot = hist("inference_objective_normalized_time_per_output_token_seconds",
+                          "Inference objective latency divided by number of output tokens.", _TPOT)
+        self.ttft = hist("inference_objective_request_ttft_seconds",
+                         "Inference objective time to first token in seconds.", _LATENCY)
+        self.tpot = hist("inference_objective_request_tpot_seconds",
+                         "Inference objective time per output token in seconds.", _TPOT)
+        self.running_requests = _Children(Gauge(
+            "inference_objective_running_requests", "Inference objective number of running requests in each "
+            "model.", ["model_name"], registry=r))
+        self.scheduler_e2e = Histogram("inference_extension_scheduler_e2e_duration_seconds",
+                                       "Scheduling latency distribution in seconds.", buckets=_SCHEDULER,
+                                       registry=r)
+        self.scheduler_attempts = _Children(Counter(
+            "inference_extension_scheduler_attempts_total", "Number of scheduling attempts.",
+            ["status", "target_model_name"], registry=r))
+        self.plugin_duration = _Children(Histogram(
+            "inference_extension_plugin_duration_seconds", "Plugin processing latency distribution in seconds.",
+            ["extension_point", "plugin_type", "plugin_name"], buckets=_PLUGIN, registry=r))
+        self.model_rewrite_decisions = _Children(Counter(
+            "inference_extension_model_rewrite_decisions_total", "Number of model rewrite decisions.",
+            ["model_rewrite_name", "model_name", "target_model"], registry=r))
+        self.flow_control_queue_duration = _Children(Histogram(
+            "inference_extension_flow_control_request_queue_duration_seconds",
+            "Time a request spent in the flow-control queue.", ["fairness_id", "priority", "outcome"],
+            buckets=_LATENCY, registry=r))
+        self.prefix_indexer_hit_ratio = Histogram(
+            "inference_extension_prefix_indexer_hit_ratio", "Ratio of prefix length matched to total prefix "
+            "length in the cache lookup.", buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r)
+        self.prefix_indexer_hit_bytes = Histogram(
+            "inference_extension_prefix_indexer_hit_bytes", "Length of the prefix match in number of bytes in "
+            "the cache lookup.", buckets=_SIZES, registry=r)
+        info = Gauge("inference_extension_info", "General information of the current build.",
+                     ["commit", "build_ref"], registry=r)
+        info.labels(commit or "unknown", build_ref or "unknown").set(1)
+
+    # ------------------------------------------------------------------ hooks
+    def add_pool_collector(self, datastore: Datastore, pool_name: str, staleness: float) -> None:
+        self.registry.register(PoolCollector(datastore, pool_name, staleness))
+
+    def add_picker_collector(self, admission: Any, prefix_indexes: Callable[[], Iterable[Any]]) -> None:
+        """Flow-control queue gauges and the prefix index size, read when scraped."""
+        self.registry.register(_PickerCollector(admission, prefix_indexes))
+
+    def prefix_match(self, ratio: float, hit_bytes: int) -> None:
+        self.prefix_indexer_hit_ratio.observe(ratio)
+        self.prefix_indexer_hit_bytes.observe(hit_bytes)
+
+    def plugin_observer(self) -> Callable[[str, str, str, float], None]:
+        """The pipeline's observe(extension_point, plugin_type, plugin_name, seconds) callback."""
+        children = self.plugin_duration
+
+        def observe(point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
+            children.get(point, plugin_type, plugin_name).observe(seconds)
+
+        return observe
+
+    def scheduled(self, target_model: str, seconds: float, ok: bool) -> None:
+        self.scheduler_e2e.observe(seconds)
+        self.scheduler_attempts.get("success" if ok else "failure", target_model).inc()
+
+    def request_error(self, model: str, target_model: str, code: str) -> None:
+        self.request_error_total.get(model, target_model, code).inc()
