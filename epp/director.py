@@ -164,8 +164,11 @@ class RequestContext:
 class Director:
     def __init__(self, datastore: Datastore, pipeline: Any, *, admission: Any = None,
                  telemetry: Telemetry | None = None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, staleness: float | None = None) -> None:
         self.datastore = datastore
+        # An endpoint whose scrapes have failed for longer than this is presumed down
+        # (static endpoints have no readiness probe to take them out); None = never.
+        self.staleness = staleness
         self.pipeline = pipeline
         self.admission = admission if admission is not None else AdmissionController(pipeline, clock)
         self.telemetry = telemetry if telemetry is not None else Telemetry()
@@ -200,15 +203,24 @@ class Director:
 
     def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
         endpoints = self.datastore.endpoints()
-        if subset is None:
+        if subset is not None:
+            if not subset:
+                raise service_unavailable("endpoint subset hint is empty")
+            ips = subset_ips(subset)
+            endpoints = [e for e in endpoints if e.address in ips]
+            if not endpoints:
+                raise service_unavailable("no pool endpoint matches the endpoint subset hint")
+        return self.reachable(endpoints)
+
+    def reachable(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        """Drop endpoints whose metrics scrapes have been failing for longer than the
+        staleness threshold, unless that leaves none (then metrics, not servers, are
+        the likelier problem)."""
+        if self.staleness is None:
             return endpoints
-        if not subset:
-            raise service_unavailable("endpoint subset hint is empty")
-        ips = subset_ips(subset)
-        narrowed = [e for e in endpoints if e.address in ips]
-        if not narrowed:
-            raise service_unavailable("no pool endpoint matches the endpoint subset hint")
-        return narrowed
+        cutoff = self.clock() - self.staleness
+        live = [e for e in endpoints if e.metrics.ok or e.metrics.update_time > cutoff]
+        return live if live and len(live) < len(endpoints) else endpoints
 
     async def route(self, ctx: RequestContext, body: bytes, subset: Sequence[str] | None) -> None:
         """Schedule the request; on return ctx.destination is set. Raises InferenceError.
@@ -366,9 +378,13 @@ class Director:
 
         ctx = self.new_context({k.lower(): v for k, v in headers.items()})
         request = self.prepare(ctx, body)
-        candidates = self.datastore.endpoints()
+        candidates = self.reachable(self.datastore.endpoints())
         trace = SchedulingTrace()
-        _, result = self.pipeline.run_cycle(request, candidates, trace=trace, commit=False)
+        try:
+            _, result = self.pipeline.run_cycle(request, candidates, trace=trace, commit=False)
+        except InferenceError as err:  # keep the trace: it shows which filter emptied the set
+            return ExplainResult(request=request, candidates=[e.name for e in candidates], trace=trace,
+                                 error_code=err.code, error_message=err.message)
         return ExplainResult(request=request, candidates=[e.name for e in candidates], trace=trace,
                              primary_profile=result.primary_profile, targets=[e.name for e in result.targets],
                              headers=dict(result.headers))

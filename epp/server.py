@@ -75,7 +75,8 @@ class Picker:
         self.datastore.on_endpoints_removed(self.pipeline.endpoints_removed)
         self.admission = AdmissionController(self.pipeline)
         self.admission.observe_queue_duration = self._observe_queue
-        self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry)
+        self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
+                                 staleness=options.metrics_staleness_threshold)
         self.ext_proc = ExtProcServer(self.director, disable_subset_filter=options.disable_endpoint_subset_filter,
                                       serving=self.is_leader)
         self.telemetry.add_pool_collector(self.datastore, options.pool_name or "static",

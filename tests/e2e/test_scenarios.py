@@ -388,13 +388,9 @@ def test_sheddable_request_gets_429_while_saturated(overloaded_pool, picker, env
 STALENESS = 1.0  # --metrics-staleness-threshold given to the picker (seconds)
 
 
-# Known gap (reported to the lead): candidates are every datastore endpoint whatever the age of
-# its metrics (epp/director.py Director.candidates, as the reference's AllPodsPredicate), and the
-# default scorers read the dead server's last snapshot (queue 0, kv 0), so it keeps winning
-# ties: about a third of the requests go to it and Envoy answers 503. Strict: once fixed, this
-# test passes and the marker must go.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="stale endpoints are still candidates (Director.candidates has no staleness filter)")
+# Static endpoints have no readiness probe: the director drops an endpoint whose scrapes have
+# failed for longer than --metrics-staleness-threshold (Director.reachable). Without that, the
+# default scorers read the dead server's last snapshot (queue 0, kv 0) and it keeps winning ties.
 def test_dead_server_is_not_picked_once_its_metrics_are_stale(sim_servers, picker, envoy):
     sims = sim_servers(3, time_scale=20)
     p = picker(endpoints=sims.hostports, extra_flags=[f"--metrics-staleness-threshold={STALENESS}s"])
