@@ -55,7 +55,10 @@ def plugin_class(type_name: str, where: str = "type") -> type:
         return _registry[type_name]
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == type_name:
-            cls = ep.load()
+            try:
+                cls = ep.load()
+            except Exception as e:  # noqa: BLE001 - a broken third-party package must not crash start-up
+                raise PluginError(f"{where}: cannot load plugin {type_name!r} from entry point {ep.value!r}: {e}") from None
             _registry[type_name] = cls
             return cls
     if ":" in type_name:
