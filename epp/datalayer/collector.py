@@ -16,9 +16,8 @@ import random
 import time
 from collections.abc import Mapping
 
-import aiohttp
-
 from epp.datalayer.extract import parse_metrics
+from epp.datalayer.httpget import HttpGetClient
 from epp.datalayer.specs import DEFAULT_ENGINE, DEFAULT_SPECS, EngineMetricSpec
 from epp.datastore import Datastore
 from epp.framework import ENGINE_TYPE_LABEL, Endpoint, Metrics
@@ -43,17 +42,9 @@ class ScrapeStats:
     last_error: str = ""
 
 
-async def _read_page(resp: aiohttp.ClientResponse) -> bytes:
-    if resp.content_length is not None:
-        if resp.content_length > MAX_PAGE_BYTES:
-            raise ValueError(f"page of {resp.content_length} bytes exceeds {MAX_PAGE_BYTES}")
-        return await resp.read()
-    buf = bytearray()  # chunked: bound it while reading
-    async for chunk in resp.content.iter_any():
-        buf += chunk
-        if len(buf) > MAX_PAGE_BYTES:
-            raise ValueError(f"page exceeds {MAX_PAGE_BYTES} bytes")
-    return bytes(buf)
+# Plain text costs the model server no gzip and us no inflate (HttpGetClient always asks for
+# identity); it is loopback or in-cluster traffic.
+_REQUEST_HEADERS = {"Accept": "text/plain"}
 
 
 class MetricsCollector:
@@ -81,7 +72,6 @@ class MetricsCollector:
         self.engine_label = engine_label
         self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
         self._stats: dict[Endpoint, ScrapeStats] = {}
-        self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._listening = False
@@ -91,15 +81,6 @@ class MetricsCollector:
     async def start(self) -> None:
         if self._running:
             return
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            # Plain text costs the model server no gzip and us no inflate; it is loopback
-            # or in-cluster traffic.
-            headers={"Accept-Encoding": "identity", "Accept": "text/plain"},
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
         self._loop = asyncio.get_running_loop()
         self._running = True
         if not self._listening:
@@ -113,10 +94,7 @@ class MetricsCollector:
         self._tasks.clear()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await asyncio.gather(*tasks, return_exceptions=True)  # each closes its connection
 
     def stats(self, endpoint: Endpoint) -> ScrapeStats:
         return self._stats.get(endpoint) or ScrapeStats()
@@ -154,46 +132,52 @@ class MetricsCollector:
             spec = self.specs[DEFAULT_ENGINE]
         return spec
 
-    def _url(self, ep: Endpoint) -> str:
-        host = f"[{ep.address}]" if ":" in ep.address else ep.address
-        return f"http://{host}:{self.port_override or ep.port}{self.path}"
+    def _client(self, ep: Endpoint) -> HttpGetClient:
+        """One keep-alive connection per endpoint, owned by its scrape task."""
+        return HttpGetClient(ep.address, self.port_override or ep.port, timeout=self.timeout,
+                             max_body=MAX_PAGE_BYTES, headers=_REQUEST_HEADERS)
 
     # ------------------------------------------------------------------ scraping
     async def _run(self, ep: Endpoint) -> None:
-        url = self._url(ep)
         stats = self._stats[ep]
-        # Spread endpoints over the interval so scrapes do not arrive in bursts.
-        await asyncio.sleep(random.random() * self.interval)
-        next_tick = time.monotonic()
-        while True:
-            await self._scrape_once(ep, url, stats)
-            next_tick += self.interval
-            delay = next_tick - time.monotonic()
-            if delay < 0:  # fell behind (slow server, busy loop): skip ticks, do not burst
-                next_tick = time.monotonic()
-                delay = 0
-            await asyncio.sleep(delay)
-
-    async def _scrape_once(self, ep: Endpoint, url: str, stats: ScrapeStats) -> None:
-        assert self._session is not None
         try:
-            async with self._session.get(url) as resp:
-                if resp.status != 200:
-                    raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status,
-                                                      message=resp.reason or "")
-                page = await _read_page(resp)
-            metrics = parse_metrics(page, self._spec(ep), time.monotonic())
+            client = self._client(ep)
+        except ValueError as e:  # e.g. a port out of range: never scrapable, so it stays stale
+            stats.failed, stats.last_error = 1, f"ValueError: {e}"
+            log.error("endpoint %s: cannot scrape it: %s", ep.name, e)
+            return
+        try:
+            # Spread endpoints over the interval so scrapes do not arrive in bursts.
+            await asyncio.sleep(random.random() * self.interval)
+            next_tick = time.monotonic()
+            while True:
+                await self._scrape_once(ep, client, stats)
+                next_tick += self.interval
+                delay = next_tick - time.monotonic()
+                if delay < 0:  # fell behind (slow server, busy loop): skip ticks, do not burst
+                    next_tick = time.monotonic()
+                    delay = 0
+                await asyncio.sleep(delay)
+        finally:  # cancelled (endpoint gone or stop()): never leave the socket open
+            await client.close()
+
+    async def _scrape_once(self, ep: Endpoint, client: HttpGetClient, stats: ScrapeStats) -> None:
+        try:
+            # The cap is read per scrape so it can be lowered at run time (tests do).
+            resp = await client.get(self.path, max_body=MAX_PAGE_BYTES)
+            resp.raise_for_status(200)
+            metrics = parse_metrics(resp.body, self._spec(ep), time.monotonic())
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure only marks the snapshot stale
             stats.failed += 1
             stats.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             if ep.metrics.ok or stats.failed == 1:
-                log.warning("scrape of %s (%s) failed: %s", ep.name, url, stats.last_error)
+                log.warning("scrape of %s (%s) failed: %s", ep.name, client.url(self.path), stats.last_error)
             if ep.metrics.ok:
                 self.datastore.set_metrics(ep, dataclasses.replace(ep.metrics, ok=False))
             return
         if not ep.metrics.ok and stats.failed:
-            log.info("scrape of %s (%s) recovered", ep.name, url)
+            log.info("scrape of %s (%s) recovered", ep.name, client.url(self.path))
         stats.ok += 1
         self.datastore.set_metrics(ep, metrics)
