@@ -1,0 +1,291 @@
+"""`epp bench <routing|cluster|agree|sim|scheduler|scrape|picker> [flags]`.
+
+routing   one workload and rate sweep through the real Envoy per routing strategy
+cluster   the virtual-time cluster simulation (engine model + the picker's real scheduler)
+agree     the real stack and the cluster simulation agree within 15%
+sim, scheduler, scrape, picker: the component cost benchmarks (bench.<name>_cost)
+
+Results (markdown with the exact command and machine, and PNG plots) go to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import shlex
+import sys
+from pathlib import Path
+
+from bench.report import (
+    RESULTS_DIR,
+    SUMMARY_HEADERS,
+    Row,
+    command_line,
+    ms,
+    num,
+    pct,
+    plot_latency_vs_rate,
+    plot_per_server,
+    plot_ttft_cdf,
+    summary_rows,
+    table,
+    write_markdown,
+)
+from bench.workloads import (
+    DEFAULT_MODEL,
+    LoadSpec,
+    SharedPrefix,
+    WorkloadError,
+    WorkloadSpec,
+    load_workload_file,
+)
+
+PASS_THROUGH = {"sim": "bench.sim_cost", "scheduler": "bench.scheduler_cost", "scrape": "bench.scrape_cost",
+                "picker": "bench.picker_cost"}
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _workload_args(ap: argparse.ArgumentParser, *, groups: int, system: int, output: int, requests: int,
+                   prompts_per_group: int = 16) -> None:
+    g = ap.add_argument_group("workload (ignored parts come from --workload FILE when given)")
+    g.add_argument("--workload", help="workload YAML file (bench.workloads)")
+    g.add_argument("--requests", type=int, default=None, help=f"requests per run (default {requests})")
+    g.add_argument("--groups", type=int, default=groups, help="shared-prefix groups (default workload)")
+    g.add_argument("--prompts-per-group", type=int, default=prompts_per_group)
+    g.add_argument("--system-prompt-len", type=int, default=system)
+    g.add_argument("--question-len", type=int, default=50)
+    g.add_argument("--output-len", type=int, default=output)
+    g.add_argument("--concurrency", type=int, default=0, help="closed loop at this concurrency instead of Poisson")
+    g.add_argument("--seed", type=int, default=1)
+    ap.set_defaults(_requests_default=requests)
+
+
+def _workload(a: argparse.Namespace) -> WorkloadSpec:
+    if a.workload:
+        spec = load_workload_file(a.workload)
+        if a.requests:
+            spec.num_requests = a.requests
+    else:
+        spec = WorkloadSpec("shared_prefix", SharedPrefix(a.groups, a.prompts_per_group, a.system_prompt_len,
+                                                          a.question_len, a.output_len),
+                            num_requests=a.requests or a._requests_default, seed=a.seed, model=DEFAULT_MODEL)
+    if a.concurrency:
+        spec.load = LoadSpec(type="concurrency", concurrency=a.concurrency)
+    return spec
+
+
+def _describe(spec: WorkloadSpec) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(spec.params).items())
+    load = (f"closed loop, concurrency {spec.load.concurrency}" if spec.load.type == "concurrency"
+            else "open-loop Poisson arrivals")
+    return f"workload: {spec.type} ({params}); {spec.num_requests} requests, seed {spec.seed}; {load}"
+
+
+def _strategies(text: str, configs: list[str]) -> list[str]:
+    out = [s.strip() for s in text.split(",") if s.strip()]
+    return out + [f"picker:{c}" for c in configs]
+
+
+# --------------------------------------------------------------------------- cluster
+def cmd_cluster(argv: list[str]) -> int:
+    from bench.cluster import BASE_STRATEGIES, ClusterConfig, run_strategies, scaled
+    from simulator.engine import EngineConfig
+
+    ap = argparse.ArgumentParser(prog="epp bench cluster", description="virtual-time cluster simulation")
+    ap.add_argument("--servers", type=int, default=8)
+    ap.add_argument("--rates", type=_floats, default=[100.0, 150.0, 200.0, 250.0], help="requests/s, comma-separated")
+    ap.add_argument("--strategies", default=",".join(BASE_STRATEGIES))
+    ap.add_argument("--config", action="append", default=[], help="EndpointPickerConfig file (adds picker:<file>)")
+    ap.add_argument("--num-gpu-blocks", type=int, default=EngineConfig.num_gpu_blocks)
+    ap.add_argument("--time-scale", type=float, default=1.0,
+                    help="report as a real-stack run at this `epp sim --time-scale` would see it: rates are per "
+                         "wall second and times wall seconds (1 = the simulated H100's own time)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    ap.add_argument("--name", default="cluster", help="file name stem of the results")
+    ap.add_argument("--no-plots", dest="plots", action="store_false")
+    _workload_args(ap, groups=64, system=2000, output=64, requests=2000)
+    a = ap.parse_args(argv)
+    try:
+        spec = _workload(a)
+    except WorkloadError as e:
+        ap.error(str(e))
+    strategies = _strategies(a.strategies, a.config)
+    cfg = ClusterConfig(servers=a.servers, engine=EngineConfig(num_gpu_blocks=a.num_gpu_blocks), seed=a.seed,
+                        model=spec.model)
+    from bench.workloads import generate
+
+    items = generate(spec)
+    print(_describe(spec), flush=True)
+    rows: list[Row] = []
+    timing: list[list[str]] = []
+    rates = [None] if spec.load.type == "concurrency" else a.rates
+    for rate in rates:
+        load = spec.load if rate is None else LoadSpec(type="poisson", rate=rate)
+        try:
+            results = run_strategies(strategies, items, load, cfg, time_scale=a.time_scale)
+        except ValueError as e:
+            print(f"epp bench cluster: {e}", file=sys.stderr)
+            return 2
+        for raw in results:
+            r = scaled(raw, a.time_scale)
+            rows.append(Row(r.strategy, rate, r.summary(), r.hit_rate, r.per_server, r.results))
+            timing.append([r.strategy, "-" if rate is None else num(rate, 0), num(r.wall_seconds, 2),
+                           num(r.routing_seconds, 2), num(raw.duration, 1)])
+    text = table(SUMMARY_HEADERS, summary_rows(rows))
+    print("\n" + text)
+    print("\n" + table(["strategy", "rate/s", "wall s", "routing s", "simulated s"], timing))
+    body = (f"{_describe(spec)}; {a.servers} simulated servers (H100, Llama-3.1-8B timing, "
+            f"{a.num_gpu_blocks} KV blocks each).\n"
+            + ("Times are virtual seconds.\n\n" if a.time_scale == 1 else
+               f"Rates and times as a real-stack run at --time-scale {a.time_scale:g} sees them (wall seconds; "
+               "simulated time = wall x time scale).\n\n")
+            + table(SUMMARY_HEADERS, summary_rows(rows), markdown=True)
+            + "\n\nWall time of each simulation:\n\n"
+            + table(["strategy", "rate/s", "wall s", "routing s", "simulated s"], timing, markdown=True))
+    md = a.out / f"{a.name}.md"
+    write_markdown(md, "Cluster simulation (virtual time)", command_line(["bench", "cluster", *argv]), body)
+    print(f"\nresults: {md}")
+    if a.plots:
+        if len(rates) > 1:
+            plot_latency_vs_rate(rows, a.out / f"{a.name}_latency_vs_rate.png",
+                                 f"Cluster simulation, {a.servers} servers")
+        top = [r for r in rows if r.rate == rates[-1]]
+        plot_ttft_cdf(top, a.out / f"{a.name}_ttft_cdf.png", f"TTFT at {rates[-1] or 'closed loop'} req/s")
+        plot_per_server(top, a.out / f"{a.name}_per_server.png", "Requests per server")
+    return 0
+
+
+# --------------------------------------------------------------------------- routing
+def cmd_routing(argv: list[str]) -> int:
+    from bench.routing import run_routing
+    from bench.stack import ROUTING_STRATEGIES
+
+    ap = argparse.ArgumentParser(prog="epp bench routing", description="routing strategies through the real Envoy")
+    ap.add_argument("--servers", type=int, default=4)
+    ap.add_argument("--rates", type=_floats, default=[4.0, 6.0], help="requests per wall second")
+    ap.add_argument("--time-scale", type=float, default=0.1, help="simulator seconds per wall second")
+    ap.add_argument("--strategies", default=",".join(ROUTING_STRATEGIES))
+    ap.add_argument("--config", action="append", default=[], help="EndpointPickerConfig file (adds picker:<file>)")
+    ap.add_argument("--sim-flags", type=shlex.split, default=[],
+                    help="extra `epp sim` flags, e.g. '--lora-modules sql-lora,chat-lora --max-loras 2'")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--name", default="routing")
+    ap.add_argument("--no-plots", dest="plots", action="store_false")
+    _workload_args(ap, groups=16, system=3000, output=24, requests=200, prompts_per_group=8)
+    a = ap.parse_args(argv)
+    try:
+        spec = _workload(a)
+    except WorkloadError as e:
+        ap.error(str(e))
+    strategies = _strategies(a.strategies, a.config)
+    print(_describe(spec), flush=True)
+    try:
+        rows = run_routing(spec, strategies, a.rates, servers=a.servers, time_scale=a.time_scale,
+                           sim_flags=a.sim_flags)
+    except (ValueError, RuntimeError, TimeoutError) as e:
+        print(f"epp bench routing: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    text = table(SUMMARY_HEADERS, summary_rows(rows))
+    print("\n" + text)
+    body = (f"{_describe(spec)}; {a.servers} `epp sim` servers at --time-scale {a.time_scale:g} behind the real "
+            f"Envoy; every run on fresh servers. Times are wall-clock.\n\n"
+            + table(SUMMARY_HEADERS, summary_rows(rows), markdown=True))
+    md = a.out / f"{a.name}.md"
+    write_markdown(md, "Routing through the real stack", command_line(["bench", "routing", *argv]), body)
+    print(f"\nresults: {md}")
+    if a.plots:
+        plot_latency_vs_rate(rows, a.out / f"{a.name}_latency_vs_rate.png", "Real stack (Envoy + picker + epp sim)")
+        top = [r for r in rows if r.rate == max(a.rates)]
+        plot_ttft_cdf(top, a.out / f"{a.name}_ttft_cdf.png", f"TTFT at {max(a.rates):g} req/s")
+    return 0
+
+
+# --------------------------------------------------------------------------- agree
+def cmd_agree(argv: list[str]) -> int:
+    from bench.agree import EQUIVALENT, run_agree
+
+    ap = argparse.ArgumentParser(prog="epp bench agree", description="real stack vs. cluster simulation")
+    ap.add_argument("--servers", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=4.0, help="requests per wall second (Poisson)")
+    ap.add_argument("--time-scale", type=float, default=0.1)
+    ap.add_argument("--strategy", default="picker", choices=sorted(EQUIVALENT))
+    ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--sim-flags", type=shlex.split, default=[], help="extra `epp sim` flags (timing flags would "
+                    "make the two sides differ: the simulation uses the engine defaults)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--name", default="agree")
+    _workload_args(ap, groups=8, system=2000, output=32, requests=120, prompts_per_group=8)
+    a = ap.parse_args(argv)
+    try:
+        spec = _workload(a)
+    except WorkloadError as e:
+        ap.error(str(e))
+    if spec.load.type == "poisson":
+        spec.load = LoadSpec(type="poisson", rate=a.rate)
+    print(_describe(spec), flush=True)
+    try:
+        ag = run_agree(spec, servers=a.servers, time_scale=a.time_scale, strategy=a.strategy, tolerance=a.tolerance,
+                       sim_flags=tuple(a.sim_flags))
+    except (ValueError, RuntimeError, TimeoutError) as e:
+        print(f"epp bench agree: {e}", file=sys.stderr)
+        return 1
+    headers = ["", "real stack", "cluster simulation", "difference"]
+    rows = [
+        ["output tokens/s", num(ag.real.output_tokens_per_s, 1), num(ag.sim.output_tokens_per_s, 1),
+         pct(ag.throughput_diff)],
+        ["TTFT p50 (ms)", ms(ag.real.ttft_p50), ms(ag.sim.ttft_p50), pct(ag.ttft_diff)],
+        ["TTFT p50 without gateway latency (ms)", "-", ms(ag.uncalibrated.ttft_p50),
+         pct(ag.diff(ag.real.ttft_p50, ag.uncalibrated.ttft_p50))],
+        ["TTFT p90 (ms)", ms(ag.real.ttft_p90), ms(ag.sim.ttft_p90), "-"],
+        ["ITL p50 (ms)", ms(ag.real.itl_p50), ms(ag.sim.itl_p50), "-"],
+        ["hit rate", pct(ag.real_hit_rate), pct(ag.sim_hit_rate), "-"],
+        ["errors", str(ag.real.errors), str(ag.sim.errors), "-"],
+    ]
+    verdict = (f"gateway latency measured on the same stack: {ag.gateway_latency * 1000:.1f} ms per request "
+               f"(wall)\n{'AGREE' if ag.ok else 'DISAGREE'}: throughput and median TTFT within "
+               f"{ag.tolerance:.0%}" + ("" if ag.ok else " failed"))
+    print("\n" + table(headers, rows) + "\n\n" + verdict)
+    body = (f"{_describe(spec)}; strategy {a.strategy}; {a.servers} servers; real stack at --time-scale "
+            f"{a.time_scale:g} (wall seconds); the simulation's virtual seconds divided by the time scale.\n\n"
+            + table(headers, rows, markdown=True) + f"\n\n{verdict}")
+    md = a.out / f"{a.name}.md"
+    write_markdown(md, "Agreement: real stack vs. cluster simulation", command_line(["bench", "agree", *argv]), body)
+    print(f"results: {md}")
+    return 0 if ag.ok else 1
+
+
+COMMANDS = {"routing": cmd_routing, "cluster": cmd_cluster, "agree": cmd_agree}
+
+
+def usage() -> str:
+    return __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in COMMANDS:
+        return COMMANDS[command](rest)
+    if command in PASS_THROUGH:
+        return int(importlib.import_module(PASS_THROUGH[command]).main(rest) or 0)
+    print(f"epp bench: unknown benchmark {command!r}\n\n{usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

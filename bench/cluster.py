@@ -1,0 +1,477 @@
+"""A virtual-time cluster simulation: N simulator engines and a router in one process.
+
+No sockets and no real time: one VirtualClock drives every engine (simulator.engine), the
+workload's arrivals, and a metrics refresh every 50 ms of virtual time that publishes
+`Metrics` snapshots on the endpoints exactly as the picker's scraper would. The picker
+strategies run the real pipeline (config, scheduler, plugins, prefix index) on those
+endpoints with the virtual clock, and maintain in-flight counts like the director.
+
+Strategies:
+  round-robin      Envoy's ROUND_ROBIN
+  random           uniform choice
+  least-queue      fewest outstanding requests sent by this router (Envoy's LEAST_REQUEST
+                   idea, full scan, random tie-break)
+  picker           the picker's default configuration
+  picker-random    the picker with a random-picker configuration
+  picker:<path>    the picker with that EndpointPickerConfig file
+  oracle           knows every engine's true cache contents (plus the blocks of requests
+                   already routed there and not yet prefilled) and pending prefill work;
+                   picks the least estimated time to first token = queue wait + uncached
+                   prefill time, with the uncached prefill charged once more for the
+                   requests it delays (a bound on what routing can achieve, not a proof).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from bench.loadgen import Progress, RequestResult, Summary
+from bench.workloads import LoadSpec, WorkItem, arrival_times
+from epp.errors import InferenceError
+from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
+from epp.request import parse_request
+from simulator.clock import VirtualClock
+from simulator.engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong, block_hashes
+from simulator.tokenizer import apply_chat_template, encode
+
+RANDOM_PICKER_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: random-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: random-picker
+"""
+
+BASE_STRATEGIES = ("round-robin", "random", "least-queue", "picker", "picker-random", "oracle")
+
+
+@dataclass(slots=True)
+class ClusterConfig:
+    servers: int = 8
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    scrape_interval: float = 0.05  # virtual seconds between metrics refreshes (the picker's default)
+    seed: int = 1
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    # Wall seconds a real request spends outside the engine before its first token can
+    # start (client, Envoy, the picker's ext_proc round trip, HTTP front); measured by
+    # `epp bench agree`, 0 for a pure engine + routing model.
+    gateway_latency: float = 0.0
+
+
+@dataclass(slots=True)
+class ClusterResult:
+    strategy: str
+    results: list[RequestResult]
+    duration: float  # virtual seconds, first arrival to last completion
+    per_server: list[int]  # requests served per server
+    hit_rate: float  # prefix-cache hits / queries in tokens, summed over engines
+    wall_seconds: float
+    routing_seconds: float  # wall time spent in routing decisions
+
+    def summary(self) -> Summary:
+        return Summary.of(self.results, self.duration)
+
+
+@dataclass(slots=True)
+class _Prompt:
+    """A prompt tokenised and hashed once, shared by every request that sends it."""
+
+    token_ids: list[int]
+    hashes: list[int]
+    body: bytes
+
+
+class _Prompts:
+    def __init__(self, block_size: int, base_model: str) -> None:
+        self.block_size = block_size
+        self.base_model = base_model  # requests naming another model use it as a LoRA adapter
+        self._cache: dict[tuple, _Prompt] = {}
+        self._segments: dict[tuple[str, str], list[int]] = {}
+        self._head = encode(apply_chat_template([], add_generation_prompt=False))
+        self._tail = encode(apply_chat_template([], add_generation_prompt=True))[len(self._head):]
+
+    def token_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """encode(apply_chat_template(messages)), with each message's tokens computed once:
+        every templated message starts and ends with a special token, so the encoding of
+        the whole prompt is the concatenation of the messages' encodings."""
+        ids = list(self._head)
+        segs = self._segments
+        for m in messages:
+            key = (m["role"], m["content"])
+            seg = segs.get(key)
+            if seg is None:
+                seg = segs[key] = encode(apply_chat_template([m], add_generation_prompt=False))[len(self._head):]
+            ids += seg
+        ids += self._tail
+        return ids
+
+    def get(self, item: WorkItem) -> _Prompt:
+        key = (item.model, item.max_tokens, *(m["content"] for m in item.messages))
+        p = self._cache.get(key)
+        if p is None:
+            ids = self.token_ids(item.messages)
+            lora = None if item.model == self.base_model else item.model
+            p = _Prompt(ids, block_hashes(ids, self.block_size, lora), orjson.dumps(item.body(stream=True)))
+            self._cache[key] = p
+        return p
+
+
+# --------------------------------------------------------------------------- routers
+class Router:
+    """Chooses a server index for a request; told when it completes."""
+
+    name = "router"
+
+    def route(self, item: WorkItem, prompt: _Prompt, request: InferenceRequest | None) -> int:
+        raise NotImplementedError
+
+    def complete(self, server: int, item: WorkItem, prompt: _Prompt, request: InferenceRequest | None,
+                 info: ResponseInfo) -> None:
+        pass
+
+    needs_request = False  # whether route() wants the parsed InferenceRequest
+
+
+class RoundRobin(Router):
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.next = 0
+
+    def route(self, item, prompt, request) -> int:
+        i = self.next
+        self.next = (i + 1) % self.n
+        return i
+
+
+class RandomRouter(Router):
+    def __init__(self, n: int, rng: random.Random) -> None:
+        self.n = n
+        self.rng = rng
+
+    def route(self, item, prompt, request) -> int:
+        return self.rng.randrange(self.n)
+
+
+class LeastQueue(Router):
+    def __init__(self, n: int, rng: random.Random) -> None:
+        self.outstanding = [0] * n
+        self.rng = rng
+
+    def route(self, item, prompt, request) -> int:
+        out = self.outstanding
+        low = min(out)
+        ties = [i for i, c in enumerate(out) if c == low]
+        i = ties[0] if len(ties) == 1 else ties[self.rng.randrange(len(ties))]
+        out[i] += 1
+        return i
+
+    def complete(self, server, item, prompt, request, info) -> None:
+        self.outstanding[server] -= 1
+
+
+class PickerRouter(Router):
+    """The real pipeline on the simulated endpoints, with the director's bookkeeping."""
+
+    needs_request = True
+
+    def __init__(self, endpoints: list[Endpoint], config_text: str | None, clock: VirtualClock,
+                 rng: random.Random) -> None:
+        from epp.pipeline import load_pipeline
+
+        self.endpoints = endpoints
+        self.index = {id(e): i for i, e in enumerate(endpoints)}
+        self.pipeline = load_pipeline(config_text, PluginHandle(clock=clock.now, rng=rng))
+
+    def route(self, item, prompt, request) -> int:
+        _, result = self.pipeline.run_cycle(request, self.endpoints)
+        target = result.targets[0]
+        target.in_flight += 1
+        target.in_flight_tokens += len(prompt.token_ids) + item.max_tokens
+        return self.index[id(target)]
+
+    def complete(self, server, item, prompt, request, info) -> None:
+        target = self.endpoints[server]
+        target.in_flight -= 1
+        target.in_flight_tokens -= len(prompt.token_ids) + item.max_tokens
+        self.pipeline.response_complete(request, info, target)
+
+
+class Oracle(Router):
+    """Least estimated TTFT from the engines' true state (see module docstring)."""
+
+    prefill_weight = 2.0
+
+    def __init__(self, engines: list[Engine], rng: random.Random) -> None:
+        self.engines = engines
+        self.rng = rng
+        n = len(engines)
+        self.pending_tokens = [0] * n  # uncached prompt tokens routed and not yet prefilled
+        self.pending_blocks: list[dict[int, int]] = [{} for _ in range(n)]  # hash -> routed requests holding it
+        self.routed: dict[int, tuple[int, int, list[int]]] = {}
+
+    def estimate(self, i: int, prompt: _Prompt) -> tuple[float, int]:
+        e = self.engines[i]
+        cfg = e.config
+        refs = e._refs  # the engine's true cache contents (read only)
+        pend = self.pending_blocks[i]
+        hit = 0
+        limit = (len(prompt.token_ids) - 1) // cfg.block_size
+        for h in prompt.hashes:
+            if hit >= limit or (h not in refs and h not in pend):
+                break
+            hit += 1
+        uncached = len(prompt.token_ids) - hit * cfg.block_size
+        work = self.pending_tokens[i] + uncached
+        steps = math.ceil(work / cfg.max_num_batched_tokens)
+        running = len(e.running) + len(e.waiting)
+        step_time = cfg.step_overhead + min(running, cfg.max_num_seqs) * cfg.decode_time_per_seq
+        wait = work * cfg.prefill_time_per_token + steps * step_time
+        # The request's own uncached prefill also delays everything queued behind it on
+        # that server: charging it once more keeps prefixes together (pure greedy TTFT
+        # scatters them onto idle servers and loses to the picker).
+        wait += self.prefill_weight * uncached * cfg.prefill_time_per_token
+        if running >= cfg.max_num_seqs:  # no sequence slot: wait for the shortest remaining request
+            wait += 64 * step_time
+        return wait, uncached
+
+    def route(self, item, prompt, request) -> int:
+        best = math.inf
+        choice: list[int] = []
+        for i in range(len(self.engines)):
+            est, _ = self.estimate(i, prompt)
+            if est < best - 1e-12:
+                best = est
+                choice = [i]
+            elif abs(est - best) <= 1e-12:
+                choice.append(i)
+        i = choice[0] if len(choice) == 1 else choice[self.rng.randrange(len(choice))]
+        _, uncached = self.estimate(i, prompt)
+        self.pending_tokens[i] += uncached
+        pend = self.pending_blocks[i]
+        for h in prompt.hashes:
+            pend[h] = pend.get(h, 0) + 1
+        self.routed[item.index] = (i, uncached, prompt.hashes)
+        return i
+
+    def prefilled(self, index: int) -> None:
+        i, uncached, hashes = self.routed.pop(index)
+        self.pending_tokens[i] -= uncached
+        pend = self.pending_blocks[i]
+        for h in hashes:
+            c = pend[h] - 1
+            if c:
+                pend[h] = c
+            else:
+                del pend[h]
+
+
+# --------------------------------------------------------------------------- the simulation
+def _metrics(engine: Engine, now: float, with_lora: bool) -> Metrics:
+    cfg = engine.config
+    if with_lora:
+        s = engine.stats()
+        return Metrics(s.num_requests_waiting, s.num_requests_running, s.kv_cache_usage_perc,
+                       frozenset(s.running_lora_adapters), frozenset(s.waiting_lora_adapters), cfg.max_loras,
+                       cfg.block_size, cfg.num_gpu_blocks, now, True)
+    return Metrics(len(engine.waiting), len(engine.running), engine.kv_cache_usage(), frozenset(), frozenset(),
+                   cfg.max_loras, cfg.block_size, cfg.num_gpu_blocks, now, True)
+
+
+def make_router(strategy: str, clock: VirtualClock, engines: list[Engine], endpoints: list[Endpoint],
+                rng: random.Random) -> Router:
+    n = len(engines)
+    if strategy == "round-robin":
+        return RoundRobin(n)
+    if strategy == "random":
+        return RandomRouter(n, rng)
+    if strategy == "least-queue":
+        return LeastQueue(n, rng)
+    if strategy == "oracle":
+        return Oracle(engines, rng)
+    if strategy == "picker":
+        return PickerRouter(endpoints, None, clock, rng)
+    if strategy == "picker-random":
+        return PickerRouter(endpoints, RANDOM_PICKER_CONFIG, clock, rng)
+    if strategy.startswith("picker:"):
+        path = strategy.partition(":")[2]
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"strategy {strategy}: cannot read config: {e}") from None
+        return PickerRouter(endpoints, text, clock, rng)
+    raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(BASE_STRATEGIES)}, picker:<config file>)")
+
+
+def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: ClusterConfig, *,
+             time_scale: float = 1.0, progress: Progress | None = None) -> ClusterResult:
+    """Run `items` through cfg.servers engines with `strategy`. `load.rate` is in requests per
+    wall second of a real run at `time_scale` (virtual rate = rate / time_scale); results are
+    in virtual seconds (divide by time_scale for the wall-clock equivalent)."""
+    wall0 = time.perf_counter()
+    clock = VirtualClock()
+    # The picker scrapes every scrape_interval of wall time, i.e. scrape_interval * time_scale
+    # of the servers' simulated time.
+    scrape_interval = cfg.scrape_interval * time_scale
+    rng = random.Random(cfg.seed)
+    engines = [Engine(cfg.engine) for _ in range(cfg.servers)]
+    loops = [EngineLoop(e, clock) for e in engines]
+    endpoints = [Endpoint(name=f"sim-{i}", address="10.0.0.1", port=8000 + i) for i in range(cfg.servers)]
+    router = make_router(strategy, clock, engines, endpoints, rng)
+    oracle = router if isinstance(router, Oracle) else None
+    prompts = _Prompts(cfg.engine.block_size, cfg.model)
+    with_lora = any(it.model != cfg.model for it in items)
+    results: list[RequestResult] = []
+    per_server = [0] * cfg.servers
+    state = {"outstanding": 0, "arrived": 0, "routing": 0.0, "errors": 0}
+    total = len(items)
+    # Turns of a session wait for the previous turn (as the load generator does).
+    next_turn: dict[tuple[int, int], WorkItem] = {(it.session, it.turn): it for it in items if it.session >= 0}
+    done_turns: set[tuple[int, int]] = set()
+    deferred: dict[tuple[int, int], float] = {}
+    # Closed loop: each finished request releases the next one at once.
+    closed_queue = list(reversed(items)) if load.type == "concurrency" else []
+
+    def scrape() -> None:
+        now = clock.now()
+        for e, ep in zip(engines, endpoints, strict=True):
+            ep.metrics = _metrics(e, now, with_lora)
+        if state["outstanding"] or state["arrived"] < total:
+            clock.call_at(now + scrape_interval, scrape)
+
+    def finish_item(item: WorkItem) -> None:
+        if item.session >= 0:
+            key = (item.session, item.turn)
+            done_turns.add(key)
+            nxt = (item.session, item.turn + 1)
+            if nxt in deferred:
+                deferred.pop(nxt)
+                follow = next_turn[nxt]
+                clock.call_at(clock.now() + follow.think_time, lambda f=follow: arrive(f))
+        if closed_queue:
+            nxt = closed_queue.pop()
+            clock.call_at(clock.now(), lambda n=nxt: arrive(n))
+
+    latency = cfg.gateway_latency * time_scale
+
+    def arrive(item: WorkItem) -> None:
+        if item.session >= 0 and item.turn > 0 and (item.session, item.turn - 1) not in done_turns:
+            deferred[(item.session, item.turn)] = clock.now()
+            return
+        if latency > 0:
+            sent = clock.now()
+            clock.call_at(sent + latency, lambda: dispatch(item, sent))
+        else:
+            dispatch(item, clock.now())
+
+    def dispatch(item: WorkItem, now: float) -> None:
+        """Route and submit `item`, sent by the client at `now`."""
+        state["arrived"] += 1
+        prompt = prompts.get(item)
+        res = RequestResult(index=item.index, start=now, group=item.group)
+        request = None
+        t0 = time.perf_counter()
+        try:
+            if router.needs_request:
+                request = parse_request(prompt.body, {}, f"req-{item.index}", "/v1/chat/completions")
+            server = router.route(item, prompt, request)
+        except InferenceError as e:
+            state["routing"] += time.perf_counter() - t0
+            res.status, res.error = e.http_status, str(e)
+            results.append(res)
+            state["errors"] += 1
+            finish_item(item)
+            return
+        state["routing"] += time.perf_counter() - t0
+        per_server[server] += 1
+        state["outstanding"] += 1
+        first = [0.0]
+
+        def on_first(t: float, cached: int) -> None:
+            res.ttft = t - now
+            res.cached_tokens = cached
+            first[0] = t
+            if oracle is not None:
+                oracle.prefilled(item.index)
+
+        def on_finish(t: float, reason: str) -> None:
+            res.e2e = t - now
+            res.status = 200
+            res.output_tokens = item.max_tokens
+            res.prompt_tokens = len(prompt.token_ids)
+            if item.max_tokens > 1:
+                res.itl = [(t - first[0]) / (item.max_tokens - 1)]
+            results.append(res)
+            state["outstanding"] -= 1
+            info = ResponseInfo(status=200, prompt_tokens=res.prompt_tokens, completion_tokens=res.output_tokens,
+                                cached_tokens=res.cached_tokens, end_of_stream=True)
+            router.complete(server, item, prompt, request, info)
+            finish_item(item)
+            if progress is not None:
+                progress.update(len(results), state["errors"])
+
+        lora = None if item.model == cfg.model else item.model
+        req = EngineRequest(f"req-{item.index}", prompt.token_ids, item.max_tokens, lora=lora,
+                            on_first_token=on_first, on_finish=on_finish, block_hashes=prompt.hashes)
+        try:
+            loops[server].submit(req)
+        except PromptTooLong as e:
+            state["outstanding"] -= 1
+            res.status, res.error = 400, str(e)
+            results.append(res)
+            router.complete(server, item, prompt, request, ResponseInfo(status=400, end_of_stream=True))
+            finish_item(item)
+
+    if load.type == "concurrency":
+        for _ in range(min(load.concurrency, len(closed_queue))):
+            it = closed_queue.pop()
+            clock.call_at(0.0, lambda i=it: arrive(i))
+    else:
+        for it, at in zip(items, arrival_times(len(items), load.rate / time_scale, cfg.seed), strict=True):
+            clock.call_at(at, lambda i=it: arrive(i))
+    clock.call_at(0.0, scrape)
+    clock.run_until_idle()
+    if progress is not None:
+        progress.close()
+    results.sort(key=lambda r: r.index)
+    first_arrival = min((r.start for r in results), default=0.0)
+    last_done = max((r.start + r.e2e for r in results if r.ok), default=0.0)
+    hits = sum(e.prefix_cache_hits_total for e in engines)
+    queries = sum(e.prefix_cache_queries_total for e in engines)
+    return ClusterResult(strategy, results, last_done - first_arrival, per_server,
+                         hits / queries if queries else math.nan, time.perf_counter() - wall0, state["routing"])
+
+
+def scaled(result: ClusterResult, time_scale: float) -> ClusterResult:
+    """The result in wall-clock seconds of a real run at `time_scale`."""
+    if time_scale == 1.0:
+        return result
+    rs = []
+    for r in result.results:
+        rs.append(RequestResult(r.index, r.start / time_scale, None if r.ttft is None else r.ttft / time_scale,
+                                r.e2e / time_scale, [x / time_scale for x in r.itl], r.output_tokens,
+                                r.prompt_tokens, r.cached_tokens, r.status, r.error, r.group))
+    return ClusterResult(result.strategy, rs, result.duration / time_scale, result.per_server, result.hit_rate,
+                         result.wall_seconds, result.routing_seconds)
+
+
+def run_strategies(strategies: Sequence[str], items: Sequence[WorkItem], load: LoadSpec, cfg: ClusterConfig, *,
+                   time_scale: float = 1.0, show_progress: bool = True,
+                   on_result: Callable[[ClusterResult], None] | None = None) -> list[ClusterResult]:
+    out = []
+    for s in strategies:
+        progress = Progress(f"cluster {s:<14}", len(items)) if show_progress else None
+        r = simulate(s, items, load, cfg, time_scale=time_scale, progress=progress)
+        out.append(r)
+        if on_result:
+            on_result(r)
+    return out

@@ -1,0 +1,188 @@
+"""Tables, plots and the machine description for benchmark results."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.loadgen import RequestResult, Summary
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"nproc {os.cpu_count()}, CPU {cpu or 'unknown'}, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    return "epp " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+
+def ms(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x * 1000:.0f}"
+
+
+def num(x: float, digits: int = 1) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def pct(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x * 100:.1f}%"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    """A plain-text (aligned) or markdown table."""
+    rows = [[str(c) for c in r] for r in rows]
+    if markdown:
+        out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class Row:
+    """One line of a comparison: a strategy (at a rate) and what it achieved."""
+
+    strategy: str
+    rate: float | None
+    summary: Summary
+    hit_rate: float
+    per_server: list[float]
+    results: list[RequestResult]
+
+
+SUMMARY_HEADERS = ["strategy", "rate/s", "TTFT p50 ms", "TTFT p90 ms", "ITL p50 ms", "E2E p90 ms", "output tok/s",
+                   "req/s", "hit rate", "errors", "requests per server"]
+
+
+def summary_rows(rows: Sequence[Row]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        s = r.summary
+        out.append([r.strategy, "-" if r.rate is None else num(r.rate, 1), ms(s.ttft_p50), ms(s.ttft_p90),
+                    ms(s.itl_p50), ms(s.e2e_p90), num(s.output_tokens_per_s, 0), num(s.requests_per_s, 2),
+                    pct(r.hit_rate), str(s.errors), " ".join(str(int(c)) for c in r.per_server)])
+    return out
+
+
+def write_markdown(path: Path, title: str, command: str, body: str, notes: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = (f"# {title}\n\nCommand: `{command}`\n\nMachine: {machine()}\n\n"
+            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{body}\n")
+    if notes:
+        text += f"\n{notes}\n"
+    path.write_text(text)
+
+
+# --------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ttft_cdf(rows: Sequence[Row], path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        xs = sorted(x.ttft * 1000 for x in r.results if x.ok and x.ttft is not None)
+        if xs:
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=r.strategy)
+    ax.set_xscale("log")
+    ax.set_xlabel("time to first token (ms, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_server(rows: Sequence[Row], path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    n = max(len(r.per_server) for r in rows)
+    width = 0.8 / max(1, len(rows))
+    for k, r in enumerate(rows):
+        ax.bar([i + k * width for i in range(len(r.per_server))], r.per_server, width, label=r.strategy)
+    ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(n)], [f"s{i}" for i in range(n)])
+    ax.set_xlabel("server")
+    ax.set_ylabel("requests served")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency_vs_rate(rows: Sequence[Row], path: Path, title: str) -> None:
+    """TTFT p50/p90 against the offered rate, one line per strategy."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    by: dict[str, list[Row]] = {}
+    for r in rows:
+        by.setdefault(r.strategy, []).append(r)
+    for name, rs in by.items():
+        rs = sorted(rs, key=lambda r: r.rate or 0)
+        rates = [r.rate for r in rs]
+        axes[0].plot(rates, [r.summary.ttft_p90 * 1000 for r in rs], marker="o", label=name)
+        axes[1].plot(rates, [r.summary.output_tokens_per_s for r in rs], marker="o", label=name)
+    axes[0].set_ylabel("TTFT p90 (ms)")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("output tokens/s")
+    for ax in axes:
+        ax.set_xlabel("offered rate (requests/s)")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small", loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ttft_over_time(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Each request's TTFT against when it was sent: warm-up and queue build-up show."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        ok = [x for x in r.results if x.ok and x.ttft is not None]
+        ax.scatter([x.start for x in ok], [x.ttft * 1000 for x in ok], s=6, label=r.strategy, alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xlabel("request sent at (s)")
+    ax.set_ylabel("time to first token (ms, log scale)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
