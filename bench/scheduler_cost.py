@@ -75,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rng = random.Random(7)
     for shared_half in (True, False):
-        # 1000 unique prompts outnumber the hash memo (8192 groups of 16 blocks), so repeats miss it.
+        # 1000 unique prompts, each repeated every 1000 requests: at 32k chars (16 groups of 16
+        # blocks each) they outnumber the hash memo (8192 groups), so repeats miss it; at 8k
+        # (7 groups each) they fit, so repeats hit it.
         prompts = {c: make_prompts(c, rng, 64 if shared_half else 1000, shared_half) for c in PROMPT_CHARS}
         kind = "first half shared by 1/8 of requests" if shared_half else "all unique (no shared prefix)"
         print(f"scheduling CPU time per request (us), default config, run_cycle(commit=True), best of 3 rounds; "

@@ -4,19 +4,24 @@ sent to which endpoint and prefers endpoints likely to hold the request's prefix
 Blocks are cut from the UTF-8 bytes of the prompt text (blockSizeTokens x 4 bytes; for
 ASCII that is the reference's 4 characters per token) and chained with xxhash64:
 h0 = xxh64(model + cache_salt), h_i = xxh64(block_i || le_uint64(h_{i-1})), so a block's
-hash stands for the whole prefix up to it.
+hash stands for the whole prefix up to it. The index (hash -> holders, per-endpoint LRUs)
+is scorers/prefix_index.py.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import islice
+from struct import Struct
 
 from xxhash import xxh64_intdigest
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
 from epp.registry import register
+from scorers.prefix_index import PrefixIndex
 
 CHARS_PER_TOKEN = 4
 # Cycle-state keys: the generic key is read by plugins that compose with "the" prefix scorer
@@ -32,21 +37,39 @@ def prefix_state_key(plugin_name: str = "") -> str:
 # memoised per group of blocks, keyed by one xxh64 of the group's bytes seeded with the
 # chain hash entering it: a hit costs one hash call instead of GROUP_BLOCKS. (A 64-bit key
 # collision would only mislead this approximate index, like any hash collision in it.)
-# Pure function memo, so one bounded table serves every scorer instance.
+# Pure function memo, so one bounded table serves every scorer instance. A dict in
+# insertion order is the LRU: a hit is re-inserted at the end, eviction takes the front.
 GROUP_BLOCKS = 16
 _MEMO_CAPACITY = 8192
-_memo: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+_memo: dict[int, tuple[int, ...]] = {}
+
+
+@lru_cache(maxsize=512)  # a block size's counts 1..maxPrefixBlocksToMatch, plus the groups'
+def _splitter(size: int, count: int) -> Callable[[bytes, int], tuple[bytes, ...]]:
+    """unpack_from(data, offset) -> `count` consecutive `size`-byte pieces, in one C call."""
+    return Struct(f"{size}s" * count).unpack_from
+
+
+@lru_cache(maxsize=32)
+def _block_and_parent(block_bytes: int) -> Callable[[bytes, int], bytes]:
+    """pack(block, h) -> block || le_uint64(h), one allocation per block."""
+    return Struct(f"<{block_bytes}sQ").pack
 
 
 def _chain(data: bytes, start: int, count: int, block_bytes: int, h: int) -> list[int]:
     x = xxh64_intdigest
-    out = [0] * count
-    i = 0
-    for block in [data[off:off + block_bytes] for off in range(start, start + count * block_bytes, block_bytes)]:
-        h = x(block + h.to_bytes(8, "little"))
-        out[i] = h
-        i += 1
-    return out
+    pack = _block_and_parent(block_bytes)
+    return [h := x(pack(block, h)) for block in _splitter(block_bytes, count)(data, start)]
+
+
+def _remember(data: bytes, start: int, groups: int, group_bytes: int, h: int, hashes: list[int]) -> None:
+    """Memoise the `groups` whole groups of `hashes` (chained from `h`, starting at `start`)."""
+    seeds = [h, *hashes[GROUP_BLOCKS - 1:(groups - 1) * GROUP_BLOCKS:GROUP_BLOCKS]]
+    keys = map(xxh64_intdigest, _splitter(group_bytes, groups)(data, start), seeds)
+    memo = _memo
+    memo.update(zip(keys, zip(*[iter(hashes[:groups * GROUP_BLOCKS])] * GROUP_BLOCKS, strict=True), strict=True))
+    if len(memo) > _MEMO_CAPACITY:  # drop the older half at once: one scan of the dict's front
+        deque(map(memo.__delitem__, list(islice(memo, len(memo) - _MEMO_CAPACITY // 2))), 0)
 
 
 def block_hashes(text: str, model: str, salt: str, block_bytes: int, max_blocks: int) -> list[int]:
@@ -68,20 +91,15 @@ def block_hashes(text: str, model: str, salt: str, block_bytes: int, max_blocks:
     groups = n // GROUP_BLOCKS
     for g in range(groups):
         key = xxh64_intdigest(mv[pos:pos + group], h)
-        hs = memo.get(key)
+        hs = memo.pop(key, None)
         if hs is None:
             # Past the first unseen group the chain is new: hash the rest in one pass and
             # remember each whole group for the next request that shares this prefix.
             rest = _chain(data, pos, n - g * GROUP_BLOCKS, block_bytes, h)
-            for j in range(groups - g):
-                start = pos + j * group
-                k = key if j == 0 else xxh64_intdigest(mv[start:start + group], rest[j * GROUP_BLOCKS - 1])
-                memo[k] = tuple(rest[j * GROUP_BLOCKS:(j + 1) * GROUP_BLOCKS])
-            while len(memo) > _MEMO_CAPACITY:
-                memo.popitem(last=False)
+            _remember(data, pos, groups - g, group, h, rest)
             out += rest
             return out
-        memo.move_to_end(key)
+        memo[key] = hs
         out += hs
         h = hs[-1]
         pos += group
@@ -89,137 +107,6 @@ def block_hashes(text: str, model: str, salt: str, block_bytes: int, max_blocks:
     if rest_n:
         out += _chain(data, pos, rest_n, block_bytes, h)
     return out
-
-
-class PrefixIndex:
-    """hash -> endpoints holding it, plus one LRU of hashes per endpoint. Evicting a hash
-    from an endpoint's LRU removes the endpoint from that hash's holders.
-
-    A hash held by one endpoint (the usual case) maps to that Endpoint itself, by several
-    to a set: at steady state every recorded block evicts one, and allocating a set per
-    block would dominate the cost of recording a long prompt."""
-
-    def __init__(self) -> None:
-        self._holders: dict[int, Endpoint | set[Endpoint]] = {}
-        self._lrus: dict[Endpoint, OrderedDict[int, None]] = {}
-
-    def __len__(self) -> int:
-        return len(self._holders)
-
-    def holders(self, h: int) -> frozenset[Endpoint]:
-        v = self._holders.get(h)
-        if v is None:
-            return frozenset()
-        return frozenset(v) if type(v) is set else frozenset((v,))
-
-    def endpoint_size(self, endpoint: Endpoint) -> int:
-        lru = self._lrus.get(endpoint)
-        return len(lru) if lru is not None else 0
-
-    def match(self, hashes: Sequence[int]) -> tuple[dict[Endpoint, int], int]:
-        """Each endpoint's number of leading hashes held, and the depth: how many leading
-        hashes some endpoint holds (a walk would stop at the first hash nobody holds).
-
-        `record` keeps holders(h_i) a subset of holders(h_i-1) (see there), so holder sets
-        only shrink along the chain: the depth is found by bisection, and so are the few
-        places where the holder set shrinks; cost O(changes * log(blocks)), not O(blocks)."""
-        get = self._holders.get
-        n = len(hashes)
-        if not n or get(hashes[0]) is None:
-            return {}, 0
-        # depth: holders(h[depth-1]) non-empty, holders(h[depth]) empty (or depth == n)
-        if get(hashes[n - 1]) is not None:
-            depth = n
-        else:
-            lo, hi = 0, n - 1  # holders(h[lo]) non-empty, holders(h[hi]) empty
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if get(hashes[mid]) is not None:
-                    lo = mid
-                else:
-                    hi = mid
-            depth = hi
-
-        def size(i: int) -> int:
-            v = get(hashes[i])
-            return len(v) if type(v) is set else 1
-
-        # indices c where |holders(h_c)| < |holders(h_c-1)|, in order
-        changes: list[int] = []
-        stack = [(0, size(0), depth - 1, size(depth - 1))]
-        while stack:
-            a, sa, b, sb = stack.pop()
-            if sa == sb:
-                continue
-            if b - a == 1:
-                changes.append(b)
-                continue
-            m = (a + b) // 2
-            sm = size(m)
-            stack.append((m, sm, b, sb))  # popped after the left half: changes stay ordered
-            stack.append((a, sa, m, sm))
-        counts: dict[Endpoint, int] = {}
-        prev = self.holders(hashes[0])
-        for c in changes:
-            cur = self.holders(hashes[c])
-            for ep in prev - cur:
-                counts[ep] = c
-            prev = cur
-        for ep in prev:
-            counts[ep] = depth
-        return counts, depth
-
-    def record(self, endpoint: Endpoint, hashes: Sequence[int], capacity: int) -> None:
-        lru = self._lrus.get(endpoint)
-        if lru is None:
-            lru = self._lrus[endpoint] = OrderedDict()
-        holders_map = self._holders
-        get = holders_map.get
-        move = lru.move_to_end
-        # Newest last: walking the chain backwards leaves a request's leading blocks the most
-        # recently used, so eviction drops trailing blocks first (as vLLM does) and an endpoint
-        # holding block i always holds block i-1, which keeps `match` cheap.
-        for h in reversed(hashes):
-            if h in lru:
-                move(h)
-                continue
-            lru[h] = None
-            v = get(h)
-            if v is None:
-                holders_map[h] = endpoint
-            elif type(v) is set:
-                v.add(endpoint)
-            elif v is not endpoint:
-                holders_map[h] = {v, endpoint}
-        excess = len(lru) - capacity
-        if excess > 0:
-            pop = lru.popitem
-            for _ in range(excess):
-                h = pop(last=False)[0]
-                v = get(h)
-                if v is endpoint:  # inlined _drop: the common case at steady state
-                    del holders_map[h]
-                else:
-                    self._drop(h, endpoint)
-
-    def _drop(self, h: int, endpoint: Endpoint) -> None:
-        holders_map = self._holders
-        v = holders_map.get(h)
-        if v is endpoint:
-            del holders_map[h]
-        elif type(v) is set:
-            v.discard(endpoint)
-            if len(v) == 1:
-                holders_map[h] = next(iter(v))
-            elif not v:
-                del holders_map[h]
-
-    def purge(self, endpoint: Endpoint) -> None:
-        lru = self._lrus.pop(endpoint, None)
-        if lru is None:
-            return
-        for h in lru:
-            self._drop(h, endpoint)
 
 
 @dataclass(slots=True)

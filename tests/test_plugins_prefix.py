@@ -1,6 +1,7 @@
 """Approximate prefix-cache matching: hashing, index LRU/purge, autoTune, scoring."""
 
 import random
+from collections import OrderedDict
 
 import pytest
 import xxhash
@@ -76,6 +77,22 @@ def test_memoised_hashing_matches_the_formula_on_shared_prefixes():
         for t in texts:
             for block in (64, 128, 7):
                 assert block_hashes(t, "m", "", block, 256) == _reference_hashes(t, "m", block, 256)
+
+
+def test_hash_memo_stays_bounded_and_exact_when_it_overflows(monkeypatch):
+    import scorers.prefix as prefix
+
+    monkeypatch.setattr(prefix, "_MEMO_CAPACITY", 8)
+    monkeypatch.setattr(prefix, "_memo", {})
+    rng = random.Random(9)
+    texts = ["".join(rng.choice("abcd ") for _ in range(64 * 16 * 3 + 50)) for _ in range(6)]
+    for _ in range(3):  # 6 texts x 3 groups overflow 8 entries: evictions between rounds
+        for t in texts:
+            assert block_hashes(t, "m", "", 64, 256) == _reference_hashes(t, "m", 64, 256)
+            assert len(prefix._memo) <= 8
+    # a memoised prefix followed by new text: part from the memo, the rest chained
+    t = texts[-1][:64 * 16] + "zz" * 64 * 8
+    assert block_hashes(t, "m", "", 64, 256) == _reference_hashes(t, "m", 64, 256)
 
 
 def test_index_match_leading_blocks():
@@ -162,3 +179,184 @@ def test_cached_tokens_for_pd_decider():
     cycle = CycleState()
     p.prepare_request_data(cycle, req("w" * 64 * 5), [e])
     assert cycle["prefix-cache"].cached_tokens(e) == 3 * 16
+
+
+# --------------------------------------------------------------------------- the index's LRU structure
+class _ReferenceIndex:
+    """The specification: one OrderedDict LRU per endpoint, touched walking the hashes from
+    last to first, oldest popped over capacity; holders and matches derived by brute force."""
+
+    def __init__(self):
+        self.lrus = {}
+
+    def record(self, endpoint, hashes, capacity):
+        lru = self.lrus.setdefault(endpoint, OrderedDict())
+        for h in reversed(hashes):
+            lru[h] = None
+            lru.move_to_end(h)
+        while len(lru) > capacity:
+            lru.popitem(last=False)
+
+    def purge(self, endpoint):
+        self.lrus.pop(endpoint, None)
+
+    def holders(self, h):
+        return frozenset(e for e, lru in self.lrus.items() if h in lru)
+
+    def match(self, hashes):
+        counts, depth = {}, 0
+        for h in hashes:
+            held = self.holders(h)
+            if not held:
+                break
+            depth += 1
+            for e in held:
+                if counts.get(e, 0) == depth - 1:
+                    counts[e] = depth
+        return counts, depth
+
+
+def _assert_same(idx, ref, endpoints, universe):
+    for e in endpoints:
+        lru = ref.lrus.get(e, {})
+        assert idx.blocks(e) == list(lru), e  # same blocks in the same LRU order
+        assert idx.endpoint_size(e) == len(lru)
+    assert len(idx) == len(set().union(*ref.lrus.values()))
+    for h in universe:
+        assert idx.holders(h) == ref.holders(h), h
+
+
+def test_index_lru_order_after_retouching_a_block():
+    idx, ref = PrefixIndex(), _ReferenceIndex()
+    a = ep(1)
+    for hs in ([1, 2, 3], [4, 5], [1, 2], [4]):  # [1, 2] and then [4] move back to the end
+        idx.record(a, hs, 10)
+        ref.record(a, hs, 10)
+    assert idx.blocks(a) == list(ref.lrus[a]) == [3, 5, 2, 1, 4]
+    idx.record(a, [6, 7], 5)  # two over capacity: the oldest (3, 5) go, not the re-touched 1, 2
+    ref.record(a, [6, 7], 5)
+    assert idx.blocks(a) == list(ref.lrus[a]) == [2, 1, 4, 7, 6]
+    assert idx.holders(3) == idx.holders(5) == frozenset() and len(idx) == 5
+
+
+def test_index_eviction_of_blocks_shared_by_two_endpoints():
+    idx = PrefixIndex()
+    a, b = ep(1), ep(2)
+    idx.record(a, [1, 2, 3], 3)
+    idx.record(b, [1, 2, 9], 3)
+    assert idx.holders(1) == idx.holders(2) == {a, b}
+    idx.record(a, [20, 21], 3)  # a evicts 3 and 2: b keeps holding 2
+    assert idx.blocks(a) == [1, 21, 20]
+    assert idx.holders(2) == {b} and idx.holders(1) == {a, b} and idx.holders(3) == frozenset()
+    assert idx.match([1, 2, 9]) == ({a: 1, b: 3}, 3)
+    idx.record(b, [30, 31, 32], 3)  # b evicts everything it had
+    assert idx.holders(1) == {a} and idx.holders(2) == idx.holders(9) == frozenset()
+    assert idx.match([1, 2]) == ({a: 1}, 1)
+    assert len(idx) == 6  # 1, 20, 21 on a; 30, 31, 32 on b
+
+
+def test_index_purge_keeps_other_endpoints_and_forgets_the_endpoint():
+    idx = PrefixIndex()
+    a, b = ep(1), ep(2)
+    idx.record(a, [1, 2, 3], 100)
+    idx.record(b, [1, 2], 100)
+    idx.record(a, [1, 5], 100)  # re-touch 1 on a: a hole in a's first run
+    idx.purge(a)
+    assert idx.blocks(a) == [] and idx.endpoint_size(a) == 0
+    assert idx.holders(1) == idx.holders(2) == {b} and idx.holders(3) == idx.holders(5) == frozenset()
+    assert idx.match([1, 2, 3]) == ({b: 2}, 2)
+    idx.purge(a)  # unknown endpoint: nothing to do
+    idx.record(a, [1], 100)  # a returns with an empty LRU
+    assert idx.blocks(a) == [1] and idx.holders(1) == {a, b}
+
+
+def test_index_repeated_prompt_keeps_one_run_and_repeated_hash_keeps_first_position():
+    idx, ref = PrefixIndex(), _ReferenceIndex()
+    a = ep(1)
+    for _ in range(100):
+        idx.record(a, [1, 2, 3], 10)
+        ref.record(a, [1, 2, 3], 10)
+    assert idx.blocks(a) == [3, 2, 1] and len(list(idx._lrus[a])) == 1  # no pile-up of emptied runs
+    for hs in ([7, 8, 7, 9], [9, 1, 9]):  # only a 64-bit collision repeats a chain hash
+        idx.record(a, hs, 10)
+        ref.record(a, hs, 10)
+    assert idx.blocks(a) == list(ref.lrus[a]) == [3, 2, 8, 7, 1, 9]
+    assert idx.endpoint_size(a) == 6
+
+
+def _chain_requests(rng, count):
+    """Chains with shared prefixes (ints stand in for chained hashes: a hash fixes its prefix)."""
+    bases = [[rng.getrandbits(64) for _ in range(12)] for _ in range(5)]
+    out = []
+    for _ in range(count):
+        base = rng.choice(bases)
+        keep = rng.randint(0, len(base))
+        tail = [rng.getrandbits(64) for _ in range(rng.randint(0, 4))] if keep < len(base) or rng.random() < 0.3 else []
+        out.append(base[:keep] + tail)
+        if rng.random() < 0.2:  # a longer chain that later requests can share
+            bases.append(base[:keep] + [rng.getrandbits(64) for _ in range(8)])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_index_matches_the_ordereddict_specification(seed):
+    rng = random.Random(seed)
+    endpoints = [ep(i) for i in range(4)]
+    idx, ref = PrefixIndex(), _ReferenceIndex()
+    reqs = _chain_requests(rng, 300)
+    universe = {h for r in reqs for h in r}
+    for i, hs in enumerate(reqs):
+        e = rng.choice(endpoints)
+        cap = rng.choice((5, 12, 30))
+        if rng.random() < 0.05:
+            idx.purge(e)
+            ref.purge(e)
+        else:
+            idx.record(e, hs, cap)
+            ref.record(e, hs, cap)
+        probe = rng.choice(reqs)
+        assert idx.match(probe) == ref.match(probe)
+        if i % 10 == 0:
+            _assert_same(idx, ref, endpoints, universe)
+    _assert_same(idx, ref, endpoints, universe)
+    for e in endpoints:
+        idx.purge(e)
+    assert len(idx) == 0
+
+
+def test_index_lru_contents_match_the_specification_for_arbitrary_hashes():
+    rng = random.Random(11)
+    endpoints = [ep(i) for i in range(3)]
+    idx, ref = PrefixIndex(), _ReferenceIndex()
+    for _ in range(400):  # small alphabet: overlaps, re-touches, repeats within a request
+        e = rng.choice(endpoints)
+        hs = [rng.randrange(40) for _ in range(rng.randint(0, 10))]
+        cap = rng.choice((3, 8, 20))
+        idx.record(e, hs, cap)
+        ref.record(e, hs, cap)
+        _assert_same(idx, ref, endpoints, range(40))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_index_moving_whole_runs_matches_the_specification(seed):
+    """Requests spliced from earlier ones (repeats, shared heads, several earlier runs in a
+    row, repeated hashes): the paths that move and split runs instead of touching blocks."""
+    rng = random.Random(100 + seed)
+    endpoints = [ep(i) for i in range(2)]
+    idx, ref = PrefixIndex(), _ReferenceIndex()
+    past = [[rng.getrandbits(64) for _ in range(6)]]
+    universe = set(past[0])
+    for _ in range(500):
+        hs = []
+        for _ in range(rng.randint(1, 3)):
+            src = rng.choice(past)
+            a = rng.choice((0, 0, rng.randrange(len(src) + 1)))
+            hs += src[a:rng.randint(a, len(src))]
+        hs += [rng.getrandbits(64) for _ in range(rng.choice((0, 0, 1, 3)))]
+        past.append(hs)
+        universe.update(hs)
+        e = rng.choice(endpoints)
+        cap = rng.choice((6, 15, 40, 40))
+        idx.record(e, hs, cap)
+        ref.record(e, hs, cap)
+        _assert_same(idx, ref, endpoints, universe)
