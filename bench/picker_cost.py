@@ -7,7 +7,11 @@ sends the same requests through each, and reports:
     before/after the run, raw and minus its idle rate (scraping) over the same wall time;
   - req/s, and client latency p50/p99 with the latency added over "direct".
 
-    python -m bench.picker_cost --requests 2000 --concurrency 8 --endpoints 8 [--tls]
+    python -m bench.picker_cost --requests 2000 --concurrency 8 --endpoints 8 [--tls] \
+        [--transports grpcio,native]
+
+--transports runs the picker once per ext_proc transport (`epp serve --ext-proc-transport`),
+one after the other in the same run, and labels the rows mode/transport.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="direct,full-duplex,buffered")
     ap.add_argument("--envoy-concurrency", type=int, default=1)
     ap.add_argument("--tls", action="store_true", help="picker serves TLS (self-signed), as by default in production")
+    ap.add_argument("--transports", default="grpcio", help="comma-separated: grpcio, native")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="epp-picker-cost-"))
@@ -105,50 +110,69 @@ def main(argv: list[str] | None = None) -> int:
     sim = Process([sys.executable, "-m", "epp.cli", "sim", "--host", "127.0.0.1", "--port", str(base),
                    "--model", "m1", "--replicas", str(args.endpoints), "--time-scale", "1000"],
                   "sim", tmp / "sim.log")
-    ports = [free_port() for _ in range(3)]
     endpoints = ",".join(f"127.0.0.1:{base + i}" for i in range(args.endpoints))
-    picker = Process([sys.executable, "-m", "epp.cli", "serve", "--bind-address", "127.0.0.1",
-                      f"--grpc-port={ports[0]}", f"--grpc-health-port={ports[1]}", f"--metrics-port={ports[2]}",
-                      f"--secure-serving={str(args.tls).lower()}", f"--endpoints={endpoints}"], "picker",
-                     tmp / "picker.log")
+
+    def start_picker(transport: str) -> tuple[Process, int, Path]:
+        ports = [free_port() for _ in range(3)]
+        log = tmp / f"picker-{transport}.log"
+        proc = Process([sys.executable, "-m", "epp.cli", "serve", "--bind-address", "127.0.0.1",
+                        f"--grpc-port={ports[0]}", f"--grpc-health-port={ports[1]}", f"--metrics-port={ports[2]}",
+                        f"--secure-serving={str(args.tls).lower()}", f"--endpoints={endpoints}",
+                        f"--ext-proc-transport={transport}", "--api-port=0"], "picker", log)
+        try:
+            wait_until(lambda: "epp: ready" in log.read_text(), 60, f"picker ({transport})")
+        except BaseException:
+            proc.stop()
+            raise
+        return proc, ports[0], log
+
+    def measure(label: str, env, pid: int | None) -> None:
+        with env:
+            run_load(env.port, min(200, args.requests), args.concurrency, body)  # warm up
+            idle_rate = 0.0
+            if pid is not None:
+                idle0, t_idle = cpu_seconds(pid), time.perf_counter()
+                time.sleep(2.0)
+                idle_rate = (cpu_seconds(pid) - idle0) / (time.perf_counter() - t_idle)
+            c0 = cpu_seconds(pid) if pid is not None else 0.0
+            seconds, lat = run_load(env.port, args.requests, args.concurrency, body)
+            cpu = cpu_seconds(pid) - c0 if pid is not None else 0.0
+            results.append(Result(label, args.requests, seconds, lat, cpu, idle_rate * seconds))
     prompt = ("The quick brown fox jumps over the lazy dog. " * (args.prompt_chars // 45 + 1))[:args.prompt_chars]
     body = json.dumps({"model": "m1", "prompt": prompt, "max_tokens": 1}).encode()
     results: list[Result] = []
     try:
         wait_until(lambda: all(http_ok(f"http://127.0.0.1:{base + i}/health") for i in range(args.endpoints)),
                    60, "simulators")
-        wait_until(lambda: "epp: ready" in (tmp / "picker.log").read_text(), 60, "picker")
-        for mode in args.modes.split(","):
-            if mode == "direct":
-                env = start_envoy("direct", backends=[f"127.0.0.1:{base}"], log_dir=tmp,
-                                  concurrency=args.envoy_concurrency)
-            else:
-                env = start_envoy(mode, epp_port=ports[0], epp_tls=args.tls, log_dir=tmp,
-                                  concurrency=args.envoy_concurrency)
-            with env:
-                run_load(env.port, min(200, args.requests), args.concurrency, body)  # warm up
-                idle0, t_idle = cpu_seconds(picker.pid), time.perf_counter()
-                time.sleep(2.0)
-                idle_rate = (cpu_seconds(picker.pid) - idle0) / (time.perf_counter() - t_idle)
-                c0 = cpu_seconds(picker.pid)
-                seconds, lat = run_load(env.port, args.requests, args.concurrency, body)
-                cpu = cpu_seconds(picker.pid) - c0
-                results.append(Result(mode, args.requests, seconds, lat, cpu, idle_rate * seconds))
+        modes = args.modes.split(",")
+        if "direct" in modes:
+            measure("direct", start_envoy("direct", backends=[f"127.0.0.1:{base}"], log_dir=tmp,
+                                          concurrency=args.envoy_concurrency), None)
+        transports = args.transports.split(",")
+        for transport in transports:
+            picker, port, _ = start_picker(transport)
+            try:
+                for mode in modes:
+                    if mode != "direct":
+                        label = mode if len(transports) == 1 else f"{mode}/{transport}"
+                        measure(label, start_envoy(mode, epp_port=port, epp_tls=args.tls, log_dir=tmp,
+                                                   concurrency=args.envoy_concurrency), picker.pid)
+            finally:
+                picker.stop()
     finally:
-        picker.stop()
         sim.stop()
     direct = next((r for r in results if r.mode == "direct"), None)
     print(f"endpoints={args.endpoints} requests={args.requests} concurrency={args.concurrency} "
           f"prompt_chars={args.prompt_chars} tls={args.tls} cores={os.cpu_count()} "
           f"loadavg={os.getloadavg()[0]:.1f}")
-    print(f"{'mode':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
+    print(f"{'mode':<21} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
           f"{'picker us/req':>14} {'minus idle':>11}")
     for r in results:
         add50 = (r.pct(0.5) - direct.pct(0.5)) * 1e3 if direct else float("nan")
         add99 = (r.pct(0.99) - direct.pct(0.99)) * 1e3 if direct else float("nan")
         per = r.picker_cpu / r.requests * 1e6 if r.mode != "direct" else 0.0
         net = (r.picker_cpu - r.picker_idle_cpu) / r.requests * 1e6 if r.mode != "direct" else 0.0
-        print(f"{r.mode:<12} {r.rps:8.0f} {r.pct(0.5) * 1e3:8.2f} {r.pct(0.99) * 1e3:8.2f} {add50:8.2f} "
+        print(f"{r.mode:<21} {r.rps:8.0f} {r.pct(0.5) * 1e3:8.2f} {r.pct(0.99) * 1e3:8.2f} {add50:8.2f} "
               f"{add99:8.2f} {per:14.0f} {net:11.0f}")
     print(f"median latency {statistics.median(results[0].latencies) * 1e3:.2f} ms ({results[0].mode}); logs in {tmp}")
     return 0

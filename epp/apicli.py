@@ -7,6 +7,10 @@
 The picker serves TLS by default with a self-signed certificate. grpcio cannot skip
 verification, so --tls (the default) fetches the server's own certificate and trusts
 exactly that one; --insecure speaks plaintext.
+
+The API is served on the picker's --grpc-port, except with `epp serve
+--ext-proc-transport=native`: there ext_proc has that port to itself and the API is on
+--api-port (default --grpc-port + 10, e.g. --addr 127.0.0.1:9012; --api-port=0 turns it off).
 """
 
 from __future__ import annotations
@@ -194,7 +198,8 @@ def explain_request(args: argparse.Namespace) -> pb.ExplainRequest:
 
 # ---------------------------------------------------------------------------- main
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--addr", default="127.0.0.1:9002", help="picker gRPC address host:port")
+    p.add_argument("--addr", default="127.0.0.1:9002", help="picker gRPC address host:port (its --api-port, default grpc port + 10, when it runs "
+                        "--ext-proc-transport=native)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--tls", dest="tls", action="store_true", default=True,
                       help="TLS, trusting the certificate the server presents (default)")

@@ -15,7 +15,8 @@ are framed by hand around the original bytes instead of being copied through a m
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -40,6 +41,8 @@ from epp.errors import InferenceError
 log = logging.getLogger("epp.extproc")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+METHOD_PATH = f"/{SERVICE_NAME}/Process"
+NOT_LEADER_MESSAGE = "not the leader endpoint picker"
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
@@ -164,6 +167,25 @@ class _Stream:
         self.subset: list[str] | None = None
         self.routed = False
         self.finished = False
+
+    def handle(self, msg: ProcessingRequest) -> list[bytes] | Coroutine[Any, Any, list[bytes]] | None:
+        """Dispatch one message (every transport drives the stream through this): the replies,
+        a coroutine for the request-phase handlers (they may wait for admission), or None for
+        a message kind this picker does not handle."""
+        kind = msg.WhichOneof("request")
+        if kind == "request_body":
+            return self.request_body(msg)
+        if kind == "response_body":
+            return self.response_body(msg)
+        if kind == "request_headers":
+            return self.request_headers(msg)
+        if kind == "response_headers":
+            return self.response_headers(msg)
+        if kind == "request_trailers":
+            return self.request_trailers(msg)
+        if kind == "response_trailers":
+            return self.response_trailers(msg)
+        return None
 
     # ------------------------------------------------------------------ request phase
     async def request_headers(self, msg: ProcessingRequest) -> list[bytes]:
@@ -343,35 +365,29 @@ class ExtProcServer:
     async def process(self, requests: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext) -> None:
         # context.read()/write() rather than an async generator: measurably less overhead per message.
         if not self.serving():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "not the leader endpoint picker")
-        st = _Stream(self)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_LEADER_MESSAGE)
+        st = self.new_stream()
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
             while True:
                 msg = await read()
                 if msg is eof:
                     return
-                kind = msg.WhichOneof("request")
-                if kind == "request_body":
-                    replies = await st.request_body(msg)
-                elif kind == "response_body":
-                    replies = st.response_body(msg)
-                elif kind == "request_headers":
-                    replies = await st.request_headers(msg)
-                elif kind == "response_headers":
-                    replies = st.response_headers(msg)
-                elif kind == "request_trailers":
-                    replies = await st.request_trailers(msg)
-                elif kind == "response_trailers":
-                    replies = st.response_trailers(msg)
-                else:
+                r = st.handle(msg)
+                if r is None:
                     continue
+                replies = r if r.__class__ is list else await r
                 for reply in replies:
                     await write(reply)
                 if st.finished:
                     return
         finally:
             st.close()
+
+    def new_stream(self) -> _Stream:
+        """The state machine of one ext_proc stream; its close() must run exactly once when
+        the stream ends in any way (normally, by error or cancellation)."""
+        return _Stream(self)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
@@ -385,4 +401,4 @@ def add_ext_proc_server(server: grpc.aio.Server, ext_proc: ExtProcServer) -> Non
 
 
 __all__: Sequence[str] = ["ExtProcServer", "add_ext_proc_server", "immediate_reply", "streamed_body_reply",
-                          "MAX_CHUNK", "SERVICE_NAME"]
+                          "MAX_CHUNK", "SERVICE_NAME", "METHOD_PATH", "NOT_LEADER_MESSAGE"]

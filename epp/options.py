@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+API_PORT_OFFSET = 10  # native transport: the project API's default port is --grpc-port + 10
 _UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -88,6 +89,8 @@ class Options:
     log_level: str
     kubeconfig: str
     ignored: list[str]
+    ext_proc_transport: str = "grpcio"
+    api_port: int = -1  # native transport only: -1 = grpc_port + 10 (API_PORT_OFFSET), 0 = off
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cert-path", default="", help="directory with tls.crt and tls.key (else self-signed)")
     a("--ha-enable-leader-election", action=_BoolFlag, default=False, help="Lease-based leader election")
     a("--disable-endpoint-subset-filter", action=_BoolFlag, default=False, help="ignore Envoy's subset hint")
+    a("--ext-proc-transport", choices=["grpcio", "native"], default="grpcio",
+      help="ext_proc server: grpcio (grpc.aio), or native (asyncio HTTP/2, less CPU per request; "
+           "the project API then moves to --api-port)")
+    a("--api-port", type=int, default=-1,
+      help="project API gRPC port with --ext-proc-transport=native (default --grpc-port + 10; 0 = off)")
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a("--kubeconfig", default="", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     for name in IGNORED_REFERENCE_FLAGS:
@@ -176,4 +184,6 @@ def parse_args(argv: Sequence[str]) -> Options:
         log_level=ns.log_level,
         kubeconfig=ns.kubeconfig,
         ignored=ignored,
+        ext_proc_transport=ns.ext_proc_transport,
+        api_port=ns.api_port,
     )

@@ -1,6 +1,8 @@
 """`epp serve`: assembles the picker.
 
-gRPC (ext_proc + the project API) on --grpc-port, TLS by default; gRPC health on
+gRPC (ext_proc + the project API) on --grpc-port, TLS by default; with
+--ext-proc-transport=native, ext_proc is served by epp.h2grpc on --grpc-port and the project
+API by grpc.aio on --api-port (default --grpc-port + 10; 0 = off); gRPC health on
 --grpc-health-port; Prometheus metrics over HTTP on --metrics-port; the endpoint source
 (static flags/file or Kubernetes), the metrics scraper and, optionally, leader election
 as background producers.
@@ -29,7 +31,7 @@ from epp.datastore import Datastore
 from epp.director import Director
 from epp.extproc import SERVICE_NAME, ExtProcServer, add_ext_proc_server
 from epp.framework import PluginHandle
-from epp.options import Options, parse_args
+from epp.options import API_PORT_OFFSET, Options, parse_args
 from epp.pipeline import load_pipeline
 from epp.telemetry import Telemetry
 
@@ -85,7 +87,9 @@ class Picker:
         self.elector: Any = None
         self.discovery: Any = None
         self.collector: Any = None
-        self.grpc_server: grpc.aio.Server | None = None
+        self.grpc_server: grpc.aio.Server | None = None  # ext_proc + API (grpcio), or the API alone (native)
+        self.native: Any = None  # epp.h2grpc.H2GrpcServer with --ext-proc-transport=native
+        self.api_port = 0
         self.health_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.metrics_runner: web.AppRunner | None = None
@@ -147,22 +151,50 @@ class Picker:
 
     async def _start_grpc(self) -> None:
         o = self.options
+        cert: tuple[bytes, bytes] | None = None
+        if o.secure_serving:
+            from epp.tls import cert_material
+
+            try:
+                cert = cert_material(o.cert_path)
+            except ValueError as e:
+                raise StartupError(str(e)) from None
+        if o.ext_proc_transport == "native":
+            await self._start_native(cert)
+            return
         server = self.grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
         add_ext_proc_server(server, self.ext_proc)
         self._add_api(server)
-        address = f"{_host(o.bind_address)}:{o.grpc_port}"
-        if o.secure_serving:
-            from epp.tls import server_credentials
+        self.grpc_port = self._add_port(server, o.grpc_port, cert, "--grpc-port")
+        await server.start()
 
-            try:
-                creds = server_credentials(o.cert_path)
-            except ValueError as e:
-                raise StartupError(str(e)) from None
-            self.grpc_port = server.add_secure_port(address, creds)
+    def _add_port(self, server: grpc.aio.Server, port: int, cert: tuple[bytes, bytes] | None, flag: str) -> int:
+        address = f"{_host(self.options.bind_address)}:{port}"
+        if cert is not None:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(cert[1], cert[0])]))
         else:
-            self.grpc_port = server.add_insecure_port(address)
-        if not self.grpc_port:
-            raise StartupError(f"--grpc-port: cannot listen on {address}")
+            bound = server.add_insecure_port(address)
+        if not bound:
+            raise StartupError(f"{flag}: cannot listen on {address}")
+        return bound
+
+    async def _start_native(self, cert: tuple[bytes, bytes] | None) -> None:
+        """ext_proc on epp.h2grpc; the project API (grpc.aio) cannot share that port."""
+        from epp.h2grpc import H2GrpcServer, ssl_context
+
+        o = self.options
+        self.native = H2GrpcServer(self.ext_proc, ssl_context=ssl_context(*cert) if cert else None)
+        try:
+            self.grpc_port = await self.native.start(o.bind_address, o.grpc_port)
+        except OSError as e:
+            raise StartupError(f"--grpc-port: cannot listen on {o.bind_address}:{o.grpc_port}: {e.strerror}") \
+                from None
+        api_port = o.api_port if o.api_port >= 0 else (o.grpc_port + API_PORT_OFFSET if o.grpc_port else 0)
+        if o.api_port == 0:
+            return
+        server = self.grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
+        self._add_api(server)
+        self.api_port = self._add_port(server, api_port, cert, "--api-port")
         await server.start()
 
     def _add_api(self, server: grpc.aio.Server) -> None:
@@ -226,6 +258,8 @@ class Picker:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        if self.native is not None:
+            await self.native.stop(grace)
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
         if self.health_server is not None:
@@ -241,8 +275,10 @@ class Picker:
 
     def ready_line(self) -> str:
         o = self.options
+        native = f" ext_proc=native api={self.api_port or 'off'}" if self.native is not None else ""
         return (f"epp: ready grpc={o.bind_address}:{self.grpc_port} ({'tls' if o.secure_serving else 'plaintext'})"
-                f" health={self.health_port} metrics={self.metrics_port} endpoints={len(self.datastore.endpoints())}")
+                f" health={self.health_port} metrics={self.metrics_port} endpoints={len(self.datastore.endpoints())}"
+                f"{native}")
 
 
 def _host(address: str) -> str:

@@ -41,6 +41,12 @@ def self_signed(common_name: str = "epp", days: int = 3650) -> tuple[bytes, byte
 
 def server_credentials(cert_path: str = "") -> grpc.ServerCredentials:
     """TLS credentials from `cert_path`/tls.crt + tls.key, else a self-signed pair."""
+    cert_pem, key_pem = cert_material(cert_path)
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+
+
+def cert_material(cert_path: str = "") -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) from `cert_path`/tls.crt + tls.key, else a self-signed pair."""
     if cert_path:
         d = Path(cert_path)
         crt, key = d / "tls.crt", d / "tls.key"
@@ -50,4 +56,4 @@ def server_credentials(cert_path: str = "") -> grpc.ServerCredentials:
         cert_pem, key_pem = crt.read_bytes(), key.read_bytes()
     else:
         cert_pem, key_pem = self_signed()
-    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+    return cert_pem, key_pem

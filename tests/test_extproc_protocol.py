@@ -26,6 +26,7 @@ from epp.admission import AdmissionController
 from epp.datastore import Datastore, EndpointSpec, ModelRewrite, RewriteRule, RewriteTarget
 from epp.director import Director
 from epp.extproc import MAX_CHUNK, ExtProcServer, add_ext_proc_server, streamed_body_reply
+from epp.h2grpc import H2GrpcServer
 from epp.pipeline import load_pipeline
 from epp.server import GRPC_OPTIONS
 from epp.telemetry import Telemetry
@@ -46,7 +47,16 @@ flowControl: {defaultRequestTTL: 30s}
 """
 
 
+@pytest.fixture(autouse=True, params=["grpcio", "native"])
+def transport(request):
+    """Every replay runs against both ext_proc transports (`--ext-proc-transport`)."""
+    Harness.transport = request.param
+    return request.param
+
+
 class Harness:
+    transport = "grpcio"
+
     def __init__(self, config: str | None = None, disable_subset: bool = False) -> None:
         self.datastore = Datastore()
         for i, ip in enumerate(IPS):
@@ -58,10 +68,14 @@ class Harness:
         self.ext_proc = ExtProcServer(self.director, disable_subset_filter=disable_subset)
 
     async def __aenter__(self) -> Harness:
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
-        add_ext_proc_server(self.server, self.ext_proc)
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
+        if self.transport == "native":
+            self.server = H2GrpcServer(self.ext_proc)
+            port = await self.server.start("127.0.0.1", 0)
+        else:
+            self.server = grpc.aio.server(options=GRPC_OPTIONS)
+            add_ext_proc_server(self.server, self.ext_proc)
+            port = self.server.add_insecure_port("127.0.0.1:0")
+            await self.server.start()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS[1:])
         self.stub = ExternalProcessorStub(self.channel)
         return self

@@ -1,0 +1,259 @@
+"""HPACK (RFC 7541) for the native gRPC transport: a full decoder (static + dynamic table,
+Huffman) so every header block keeps the connection's table in sync and the :path can be
+checked, and a literal-only encoder (never indexes, so the peer's table is never touched).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class HpackError(Exception):
+    """A malformed header block: a connection error (COMPRESSION_ERROR) in HTTP/2."""
+
+
+STATIC_TABLE: tuple[tuple[str, str], ...] = (
+    (":authority", ""), (":method", "GET"), (":method", "POST"), (":path", "/"), (":path", "/index.html"),
+    (":scheme", "http"), (":scheme", "https"), (":status", "200"), (":status", "204"), (":status", "206"),
+    (":status", "304"), (":status", "400"), (":status", "404"), (":status", "500"), ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"), ("accept-language", ""), ("accept-ranges", ""), ("accept", ""),
+    ("access-control-allow-origin", ""), ("age", ""), ("allow", ""), ("authorization", ""),
+    ("cache-control", ""), ("content-disposition", ""), ("content-encoding", ""), ("content-language", ""),
+    ("content-length", ""), ("content-location", ""), ("content-range", ""), ("content-type", ""),
+    ("cookie", ""), ("date", ""), ("etag", ""), ("expect", ""), ("expires", ""), ("from", ""), ("host", ""),
+    ("if-match", ""), ("if-modified-since", ""), ("if-none-match", ""), ("if-range", ""),
+    ("if-unmodified-since", ""), ("last-modified", ""), ("link", ""), ("location", ""), ("max-forwards", ""),
+    ("proxy-authenticate", ""), ("proxy-authorization", ""), ("range", ""), ("referer", ""), ("refresh", ""),
+    ("retry-after", ""), ("server", ""), ("set-cookie", ""), ("strict-transport-security", ""),
+    ("transfer-encoding", ""), ("user-agent", ""), ("vary", ""), ("via", ""), ("www-authenticate", ""),
+)
+_STATIC_NAME_INDEX = {}
+for _i, (_name, _) in enumerate(STATIC_TABLE, 1):
+    _STATIC_NAME_INDEX.setdefault(_name, _i)
+
+# RFC 7541 Appendix B: the code and bit length of each symbol (256 = EOS). Canonical.
+HUFFMAN_CODES = (
+    0x1ff8, 0x7fffd8, 0xfffffe2, 0xfffffe3, 0xfffffe4, 0xfffffe5, 0xfffffe6, 0xfffffe7, 0xfffffe8, 0xffffea,
+    0x3ffffffc, 0xfffffe9, 0xfffffea, 0x3ffffffd, 0xfffffeb, 0xfffffec, 0xfffffed, 0xfffffee, 0xfffffef,
+    0xffffff0, 0xffffff1, 0xffffff2, 0x3ffffffe, 0xffffff3, 0xffffff4, 0xffffff5, 0xffffff6, 0xffffff7,
+    0xffffff8, 0xffffff9, 0xffffffa, 0xffffffb, 0x14, 0x3f8, 0x3f9, 0xffa, 0x1ff9, 0x15, 0xf8, 0x7fa, 0x3fa,
+    0x3fb, 0xf9, 0x7fb, 0xfa, 0x16, 0x17, 0x18, 0x0, 0x1, 0x2, 0x19, 0x1a, 0x1b, 0x1c, 0x1d, 0x1e, 0x1f, 0x5c,
+    0xfb, 0x7ffc, 0x20, 0xffb, 0x3fc, 0x1ffa, 0x21, 0x5d, 0x5e, 0x5f, 0x60, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66,
+    0x67, 0x68, 0x69, 0x6a, 0x6b, 0x6c, 0x6d, 0x6e, 0x6f, 0x70, 0x71, 0x72, 0xfc, 0x73, 0xfd, 0x1ffb, 0x7fff0,
+    0x1ffc, 0x3ffc, 0x22, 0x7ffd, 0x3, 0x23, 0x4, 0x24, 0x5, 0x25, 0x26, 0x27, 0x6, 0x74, 0x75, 0x28, 0x29,
+    0x2a, 0x7, 0x2b, 0x76, 0x2c, 0x8, 0x9, 0x2d, 0x77, 0x78, 0x79, 0x7a, 0x7b, 0x7ffe, 0x7fc, 0x3ffd, 0x1ffd,
+    0xffffffc, 0xfffe6, 0x3fffd2, 0xfffe7, 0xfffe8, 0x3fffd3, 0x3fffd4, 0x3fffd5, 0x7fffd9, 0x3fffd6, 0x7fffda,
+    0x7fffdb, 0x7fffdc, 0x7fffdd, 0x7fffde, 0xffffeb, 0x7fffdf, 0xffffec, 0xffffed, 0x3fffd7, 0x7fffe0,
+    0xffffee, 0x7fffe1, 0x7fffe2, 0x7fffe3, 0x7fffe4, 0x1fffdc, 0x3fffd8, 0x7fffe5, 0x3fffd9, 0x7fffe6,
+    0x7fffe7, 0xffffef, 0x3fffda, 0x1fffdd, 0xfffe9, 0x3fffdb, 0x3fffdc, 0x7fffe8, 0x7fffe9, 0x1fffde,
+    0x7fffea, 0x3fffdd, 0x3fffde, 0xfffff0, 0x1fffdf, 0x3fffdf, 0x7fffeb, 0x7fffec, 0x1fffe0, 0x1fffe1,
+    0x3fffe0, 0x1fffe2, 0x7fffed, 0x3fffe1, 0x7fffee, 0x7fffef, 0xfffea, 0x3fffe2, 0x3fffe3, 0x3fffe4,
+    0x7ffff0, 0x3fffe5, 0x3fffe6, 0x7ffff1, 0x3ffffe0, 0x3ffffe1, 0xfffeb, 0x7fff1, 0x3fffe7, 0x7ffff2,
+    0x3fffe8, 0x1ffffec, 0x3ffffe2, 0x3ffffe3, 0x3ffffe4, 0x7ffffde, 0x7ffffdf, 0x3ffffe5, 0xfffff1,
+    0x1ffffed, 0x7fff2, 0x1fffe3, 0x3ffffe6, 0x7ffffe0, 0x7ffffe1, 0x3ffffe7, 0x7ffffe2, 0xfffff2, 0x1fffe4,
+    0x1fffe5, 0x3ffffe8, 0x3ffffe9, 0xffffffd, 0x7ffffe3, 0x7ffffe4, 0x7ffffe5, 0xfffec, 0xfffff3, 0xfffed,
+    0x1fffe6, 0x3fffe9, 0x1fffe7, 0x1fffe8, 0x7ffff3, 0x3fffea, 0x3fffeb, 0x1ffffee, 0x1ffffef, 0xfffff4,
+    0xfffff5, 0x3ffffea, 0x7ffff4, 0x3ffffeb, 0x7ffffe6, 0x3ffffec, 0x3ffffed, 0x7ffffe7, 0x7ffffe8,
+    0x7ffffe9, 0x7ffffea, 0x7ffffeb, 0xffffffe, 0x7ffffec, 0x7ffffed, 0x7ffffee, 0x7ffffef, 0x7fffff0,
+    0x3ffffee, 0x3fffffff,
+)
+HUFFMAN_LENGTHS = (
+    13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 30, 28, 28, 28, 28,
+    28, 28, 28, 28, 28, 6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6,
+    7, 8, 15, 6, 12, 10, 13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13,
+    19, 13, 14, 6, 15, 5, 6, 5, 6, 5, 6, 6, 6, 5, 7, 7, 6, 6, 6, 5, 6, 7, 6, 5, 5, 6, 7, 7, 7, 7, 7, 15, 11,
+    14, 13, 28, 20, 22, 20, 20, 22, 22, 22, 23, 22, 23, 23, 23, 23, 23, 24, 23, 24, 24, 22, 23, 24, 23, 23,
+    23, 23, 21, 22, 23, 22, 23, 23, 24, 22, 21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, 21,
+    21, 22, 21, 23, 22, 23, 23, 20, 22, 22, 22, 23, 22, 22, 23, 26, 26, 20, 19, 22, 23, 22, 25, 26, 26, 26,
+    27, 27, 26, 24, 25, 19, 21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26, 28, 27, 27, 27, 20, 24, 20, 21, 22,
+    21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23, 26, 27, 26, 26, 27, 27, 27, 27, 27, 28, 27, 27, 27, 27, 27,
+    26, 30,
+)
+
+# Canonical decoding: per bit length, the first code and the symbols in code order.
+_BY_LENGTH: dict[int, tuple[int, tuple[int, ...]]] = {}
+for _length in sorted(set(HUFFMAN_LENGTHS)):
+    _syms = sorted((c, s) for s, (c, n) in enumerate(zip(HUFFMAN_CODES, HUFFMAN_LENGTHS, strict=True))
+                   if n == _length)
+    _BY_LENGTH[_length] = (_syms[0][0], tuple(s for _, s in _syms))
+_LENGTHS = tuple(sorted(_BY_LENGTH))
+
+
+def huffman_decode(data: bytes) -> bytes:
+    total = len(data) * 8
+    n = int.from_bytes(data, "big")
+    out = bytearray()
+    pos = 0  # bits consumed
+    by_length = _BY_LENGTH
+    while True:
+        left = total - pos
+        for length in _LENGTHS:
+            if length > left:
+                # Padding: fewer than 8 bits, all ones (a prefix of EOS).
+                if left > 7 or (n & ((1 << left) - 1)) != (1 << left) - 1:
+                    raise HpackError("invalid Huffman padding")
+                return bytes(out)
+            code = (n >> (left - length)) & ((1 << length) - 1)
+            first, syms = by_length[length]
+            if 0 <= code - first < len(syms):
+                sym = syms[code - first]
+                if sym == 256:
+                    raise HpackError("EOS symbol in a Huffman string")
+                out.append(sym)
+                pos += length
+                break
+        else:  # pragma: no cover - the code is complete (Kraft equality)
+            raise HpackError("invalid Huffman code")
+
+
+def huffman_encode(data: bytes) -> bytes:
+    bits, nbits = 0, 0
+    for b in data:
+        bits = (bits << HUFFMAN_LENGTHS[b]) | HUFFMAN_CODES[b]
+        nbits += HUFFMAN_LENGTHS[b]
+    pad = -nbits % 8
+    bits = (bits << pad) | ((1 << pad) - 1)
+    return bits.to_bytes((nbits + pad) // 8, "big")
+
+
+def _integer(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
+    mask = (1 << prefix) - 1
+    value = block[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    shift = 0
+    while True:
+        if pos >= len(block):
+            raise HpackError("truncated integer")
+        b = block[pos]
+        pos += 1
+        value += (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+        if shift > 28:
+            raise HpackError("integer too large")
+
+
+class Decoder:
+    """One connection's request-header decoder. Strings are latin-1 (bytes 1:1)."""
+
+    def __init__(self, max_table_size: int = 4096) -> None:
+        self.limit = max_table_size  # our SETTINGS_HEADER_TABLE_SIZE
+        self.max_size = max_table_size
+        self.size = 0
+        self.table: deque[tuple[str, str]] = deque()
+        self._huffman_cache: dict[bytes, str] = {}
+        # Whole blocks that left the table untouched decode the same until the table changes:
+        # a client's repeated request headers (all indexed) cost one lookup.
+        self._block_cache: dict[bytes, tuple[tuple[str, str], ...]] = {}
+
+    def _add(self, name: str, value: str) -> None:
+        self._block_cache.clear()
+        size = len(name) + len(value) + 32
+        table = self.table
+        while table and self.size + size > self.max_size:
+            n, v = table.pop()
+            self.size -= len(n) + len(v) + 32
+        if size <= self.max_size:
+            table.appendleft((name, value))
+            self.size += size
+
+    def _entry(self, index: int) -> tuple[str, str]:
+        if 0 < index <= 61:
+            return STATIC_TABLE[index - 1]
+        i = index - 62
+        if index <= 0 or i >= len(self.table):
+            raise HpackError(f"header index {index} out of range")
+        return self.table[i]
+
+    def _string(self, block: bytes, pos: int) -> tuple[str, int]:
+        if pos >= len(block):
+            raise HpackError("truncated string")
+        huffman = block[pos] & 0x80
+        length, pos = _integer(block, pos, 7)
+        end = pos + length
+        if end > len(block):
+            raise HpackError("truncated string")
+        raw = block[pos:end]
+        if not huffman:
+            return raw.decode("latin-1"), end
+        cache = self._huffman_cache
+        s = cache.get(raw)
+        if s is None:
+            s = huffman_decode(raw).decode("latin-1")
+            if len(cache) > 1024:
+                cache.clear()
+            cache[raw] = s
+        return s, end
+
+    def decode(self, block: bytes) -> list[tuple[str, str]]:
+        cached = self._block_cache.get(block)
+        if cached is not None:
+            return list(cached)
+        out: list[tuple[str, str]] = []
+        pos, n = 0, len(block)
+        mutated = False
+        while pos < n:
+            b = block[pos]
+            if b & 0x80:  # indexed field
+                index, pos = _integer(block, pos, 7)
+                out.append(self._entry(index))
+                continue
+            if b & 0xC0 == 0x40:  # literal with incremental indexing
+                index, pos = _integer(block, pos, 6)
+                indexing = mutated = True
+            elif b & 0xE0 == 0x20:  # dynamic table size update
+                size, pos = _integer(block, pos, 5)
+                if size > self.limit:
+                    raise HpackError(f"table size update {size} over the limit {self.limit}")
+                self.max_size = size
+                mutated = True
+                self._block_cache.clear()
+                while self.table and self.size > size:
+                    name, value = self.table.pop()
+                    self.size -= len(name) + len(value) + 32
+                continue
+            else:  # literal without indexing (0000) / never indexed (0001)
+                index, pos = _integer(block, pos, 4)
+                indexing = False
+            if index:
+                name = self._entry(index)[0]
+            else:
+                name, pos = self._string(block, pos)
+            value, pos = self._string(block, pos)
+            if indexing:
+                self._add(name, value)
+            out.append((name, value))
+        if not mutated:
+            cache = self._block_cache
+            if len(cache) > 256:
+                cache.clear()
+            cache[bytes(block)] = tuple(out)
+        return out
+
+
+def _encode_integer(value: int, prefix: int, first: int) -> bytes:
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return bytes((first | value,))
+    out = bytearray((first | mask,))
+    value -= mask
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_literal(name: str, value: str | bytes) -> bytes:
+    """A literal header field without indexing (name from the static table when it is there)."""
+    v = value.encode("latin-1") if isinstance(value, str) else value
+    index = _STATIC_NAME_INDEX.get(name, 0)
+    if index:
+        head = _encode_integer(index, 4, 0x00)
+    else:
+        n = name.encode("latin-1")
+        head = b"\x00" + _encode_integer(len(n), 7, 0x00) + n
+    return head + _encode_integer(len(v), 7, 0x00) + v
