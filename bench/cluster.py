@@ -52,6 +52,9 @@ schedulingProfiles:
   - pluginRef: random-picker
 """
 
+_SSE_HEADERS = {"content-type": "text/event-stream"}
+_JSON_HEADERS = {"content-type": "application/json"}
+
 BASE_STRATEGIES = ("round-robin", "random", "least-queue", "picker", "picker-random", "oracle")
 
 
@@ -135,6 +138,9 @@ class Router:
     def route(self, item: WorkItem, prompt: _Prompt, request: InferenceRequest | None) -> int:
         raise NotImplementedError
 
+    def received(self, server: int, request: InferenceRequest | None, info: ResponseInfo) -> None:
+        """The server's response headers arrived (a streaming server sends them on accepting)."""
+
     def complete(self, server: int, item: WorkItem, prompt: _Prompt, request: InferenceRequest | None,
                  info: ResponseInfo) -> None:
         pass
@@ -180,7 +186,8 @@ class LeastQueue(Router):
 
 
 class PickerRouter(Router):
-    """The real pipeline on the simulated endpoints, with the director's bookkeeping."""
+    """The real pipeline on the simulated endpoints, with the director's bookkeeping
+    (epp/director.py): in-flight counts and token estimates, and the response hooks."""
 
     needs_request = True
 
@@ -192,17 +199,30 @@ class PickerRouter(Router):
         self.index = {id(e): i for i, e in enumerate(endpoints)}
         self.pipeline = load_pipeline(config_text, PluginHandle(clock=clock.now, rng=rng))
 
+    @staticmethod
+    def _tokens(request: InferenceRequest) -> int:
+        # The director's estimate (it has no tokenizer), not the engine's true count, so
+        # token-load-scorer sees here what it sees in the real picker.
+        return request.estimated_prompt_tokens + (request.max_tokens or 0)
+
     def route(self, item, prompt, request) -> int:
         _, result = self.pipeline.run_cycle(request, self.endpoints)
         target = result.targets[0]
         target.in_flight += 1
-        target.in_flight_tokens += len(prompt.token_ids) + item.max_tokens
+        target.in_flight_tokens += self._tokens(request)
         return self.index[id(target)]
+
+    def received(self, server, request, info) -> None:
+        info.served_endpoint = self.endpoints[server].hostport
+        self.pipeline.response_received(request, info, self.endpoints[server])
 
     def complete(self, server, item, prompt, request, info) -> None:
         target = self.endpoints[server]
-        target.in_flight -= 1
-        target.in_flight_tokens -= len(prompt.token_ids) + item.max_tokens
+        target.in_flight = max(0, target.in_flight - 1)
+        target.in_flight_tokens = max(0, target.in_flight_tokens - self._tokens(request))
+        info.served_endpoint = target.hostport
+        if self.pipeline.wants_response_body:  # the director runs these per chunk; the last one here
+            self.pipeline.response_streaming(request, info, target)
         self.pipeline.response_complete(request, info, target)
 
 
@@ -313,10 +333,14 @@ def make_router(strategy: str, clock: VirtualClock, engines: list[Engine], endpo
 
 
 def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: ClusterConfig, *,
-             time_scale: float = 1.0, progress: Progress | None = None) -> ClusterResult:
+             time_scale: float = 1.0, progress: Progress | None = None,
+             on_scrape: Callable[[float, Sequence[Engine]], None] | None = None,
+             on_route: Callable[[float, WorkItem, int], None] | None = None) -> ClusterResult:
     """Run `items` through cfg.servers engines with `strategy`. `load.rate` is in requests per
     wall second of a real run at `time_scale` (virtual rate = rate / time_scale); results are
-    in virtual seconds (divide by time_scale for the wall-clock equivalent)."""
+    in virtual seconds (divide by time_scale for the wall-clock equivalent). `on_scrape(now,
+    engines)` is called at each metrics refresh (e.g. to record queues over time),
+    `on_route(now, item, server)` after each routing decision."""
     wall0 = time.perf_counter()
     clock = VirtualClock()
     # The picker scrapes every scrape_interval of wall time, i.e. scrape_interval * time_scale
@@ -345,6 +369,8 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
         now = clock.now()
         for e, ep in zip(engines, endpoints, strict=True):
             ep.metrics = _metrics(e, now, with_lora)
+        if on_scrape is not None:
+            on_scrape(now, engines)
         if state["outstanding"] or state["arrived"] < total:
             clock.call_at(now + scrape_interval, scrape)
 
@@ -392,6 +418,8 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
             finish_item(item)
             return
         state["routing"] += time.perf_counter() - t0
+        if on_route is not None:
+            on_route(clock.now(), item, server)
         per_server[server] += 1
         state["outstanding"] += 1
         first = [0.0]
@@ -428,8 +456,11 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
             state["outstanding"] -= 1
             res.status, res.error = 400, str(e)
             results.append(res)
+            router.received(server, request, ResponseInfo(status=400, headers=_JSON_HEADERS))
             router.complete(server, item, prompt, request, ResponseInfo(status=400, end_of_stream=True))
             finish_item(item)
+            return
+        router.received(server, request, ResponseInfo(status=200, headers=_SSE_HEADERS))
 
     if load.type == "concurrency":
         for _ in range(min(load.concurrency, len(closed_queue))):
