@@ -80,6 +80,7 @@ class ClusterResult:
     hit_rate: float  # prefix-cache hits / queries in tokens, summed over engines
     wall_seconds: float
     routing_seconds: float  # wall time spent in routing decisions
+    in_flight_at_end: int = 0  # requests the router still counts in flight after the run (must be 0)
 
     def summary(self) -> Summary:
         return Summary.of(self.results, self.duration)
@@ -479,7 +480,8 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
     hits = sum(e.prefix_cache_hits_total for e in engines)
     queries = sum(e.prefix_cache_queries_total for e in engines)
     return ClusterResult(strategy, results, last_done - first_arrival, per_server,
-                         hits / queries if queries else math.nan, time.perf_counter() - wall0, state["routing"])
+                         hits / queries if queries else math.nan, time.perf_counter() - wall0, state["routing"],
+                         sum(ep.in_flight for ep in endpoints))
 
 
 def scaled(result: ClusterResult, time_scale: float) -> ClusterResult:
@@ -492,7 +494,7 @@ def scaled(result: ClusterResult, time_scale: float) -> ClusterResult:
                                 r.e2e / time_scale, [x / time_scale for x in r.itl], r.output_tokens,
                                 r.prompt_tokens, r.cached_tokens, r.status, r.error, r.group))
     return ClusterResult(result.strategy, rs, result.duration / time_scale, result.per_server, result.hit_rate,
-                         result.wall_seconds, result.routing_seconds)
+                         result.wall_seconds, result.routing_seconds, result.in_flight_at_end)
 
 
 def run_strategies(strategies: Sequence[str], items: Sequence[WorkItem], load: LoadSpec, cfg: ClusterConfig, *,

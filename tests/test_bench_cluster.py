@@ -79,3 +79,13 @@ def test_prompt_cache_matches_the_tokenizer():
     prompts = _Prompts(16, spec.model)
     for it in generate(spec):
         assert prompts.token_ids(it.messages) == encode(apply_chat_template(it.messages))
+
+
+def test_recommended_config_releases_every_in_flight_request():
+    """The simulation keeps in-flight counts as the director does: after the run, every
+    request routed has been released again."""
+    spec, items = shared_prefix(n=150, groups=6, rate=80.0)
+    result = simulate("picker:bench/examples/recommended-config.yaml", items, spec.load, ClusterConfig(servers=4))
+    assert all(x.ok for x in result.results)
+    assert result.in_flight_at_end == 0
+    assert max(result.per_server) < len(items)  # it did route (not everything on one server)
