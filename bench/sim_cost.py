@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
-from epp.launch import Process, free_port_range, http_ok, wait_until
+from epp.localstack import start_sims
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -83,14 +83,11 @@ async def _scrape(urls: list[str], seconds: float, interval: float) -> int:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    port = free_port_range(args.replicas)
-    urls = [f"http://127.0.0.1:{port + i}" for i in range(args.replicas)]
-    log = Path(tempfile.mkdtemp(prefix="sim_cost_")) / "sim.log"
-    argv = [sys.executable, "-m", "epp.cli", "sim", "--port", str(port), "--replicas", str(args.replicas),
-            "--model", MODEL, "--time-scale", str(args.time_scale)]
-    with Process(argv, "sim", log_path=log) as proc:
-        wait_until(lambda: all(http_ok(u + "/health") for u in urls), 30, "sim replicas healthy")
-        pid = proc.pid
+    sims = start_sims(args.replicas, model=MODEL, time_scale=args.time_scale,
+                      log_dir=Path(tempfile.mkdtemp(prefix="sim_cost_")), timeout=30)
+    urls = [sims.url(i) for i in range(args.replicas)]
+    try:
+        pid = sims.process.pid
 
         def run(name: str, fn, requests: int = 0) -> Phase:
             c0, t0 = cpu_seconds(pid), time.monotonic()
@@ -116,6 +113,8 @@ def measure(args: argparse.Namespace) -> dict:
         per_request = one.net_cpu_s / one.requests
         per_token = (many.net_cpu_s - per_request * many.requests) / max(1, many.tokens - many.requests)
         page = asyncio.run(_page_size(urls[0]))
+    finally:
+        sims.stop()
     return {
         "replicas": args.replicas, "concurrency": args.concurrency, "time_scale": args.time_scale,
         "idle_cpu_per_wall_s": idle_rate,

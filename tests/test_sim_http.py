@@ -8,8 +8,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 import msgpack
 import openai
@@ -17,7 +15,8 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp.launch import Process, free_port, free_port_range, http_ok, wait_until
+from epp.launch import Process, free_port, wait_until
+from epp.localstack import SimServers, start_sims
 from simulator.tokenizer import apply_chat_template, encode
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -37,47 +36,15 @@ REFERENCE_NAMES = {
 }
 
 
-@dataclass
-class Sim:
-    proc: Process
-    port: int
-    kv_port: int | None
-
-    def url(self, replica: int = 0) -> str:
-        return f"http://127.0.0.1:{self.port + replica}"
-
-
-def start_sim(tmp: Path, name: str, replicas: int, *flags: str, kv: bool = False, healthy: bool = True) -> Sim:
-    port = free_port_range(replicas)
-    kv_port = free_port_range(replicas) if kv else None
-    argv = [sys.executable, "-m", "epp.cli", "sim", "--port", str(port), "--replicas", str(replicas),
-            "--model", MODEL, *flags]
-    if kv_port:
-        argv += ["--kv-events-endpoint", f"tcp://127.0.0.1:{kv_port}"]
-    log = tmp / f"{name}.log"
-    proc = Process(argv, name, log_path=log)
-    try:
-        wait_until(lambda: log.read_text().count("sim ready:") == replicas or not proc.alive(), 20,
-                   f"{name} ready lines")
-        assert proc.alive(), proc.log_tail()
-        if healthy:
-            wait_until(lambda: all(http_ok(f"http://127.0.0.1:{port + i}/health") for i in range(replicas)), 20,
-                       f"{name} health")
-    except BaseException:
-        proc.stop()
-        raise
-    return Sim(proc, port, kv_port)
-
-
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    s = start_sim(tmp_path_factory.mktemp("sim"), "sim", 2, "--pod-names", "alpha,beta", "--labels", "tier=gold",
-                  "--replica-labels", "1:zone=b", "--lora-modules", "sql-lora", "--max-loras", "2",
-                  "--max-model-len", "4096", "--time-scale", "5", kv=True)
+    s = start_sims(2, model=MODEL, time_scale=5, log_dir=tmp_path_factory.mktemp("sim"), kv_events=True,
+                   flags=["--pod-names", "alpha,beta", "--labels", "tier=gold", "--replica-labels", "1:zone=b",
+                          "--lora-modules", "sql-lora", "--max-loras", "2", "--max-model-len", "4096"])
     try:
         yield s
     finally:
-        s.proc.stop()
+        s.stop()
 
 
 def post(url: str, body: dict | bytes, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -111,7 +78,7 @@ def sample(families: dict, name: str, sample_name: str | None = None, **labels) 
     raise KeyError(f"{sample_name or name} {labels}")
 
 
-def client(sim: Sim, replica: int = 0) -> openai.OpenAI:
+def client(sim: SimServers, replica: int = 0) -> openai.OpenAI:
     return openai.OpenAI(base_url=sim.url(replica) + "/v1", api_key="unused", max_retries=0, timeout=20)
 
 
@@ -254,7 +221,7 @@ def test_tokenize_and_replica_identity(sim):
     infos = [json.loads(get(sim.url(i) + "/sim/info")[1]) for i in (0, 1)]
     assert [i["pod"] for i in infos] == ["alpha", "beta"]
     assert infos[0]["labels"] == {"tier": "gold"} and infos[1]["labels"] == {"tier": "gold", "zone": "b"}
-    log = sim.proc.log_path.read_text()
+    log = sim.process.log_path.read_text()
     assert f"pod=alpha model={MODEL} url={sim.url(0)}" in log and f"pod=beta model={MODEL} url={sim.url(1)}" in log
 
 
@@ -270,7 +237,7 @@ def test_kv_events_over_zmq_are_the_blocks_the_server_stored(sim):
                 return None
             frames = sub.recv_multipart()
             assert len(frames) == 3 and len(frames[1]) == 8
-            assert frames[0] == f"kv@127.0.0.1:{sim.port}@{MODEL}".encode()
+            assert frames[0] == f"kv@127.0.0.1:{sim.base_port}@{MODEL}".encode()
             return msgpack.unpackb(frames[2])
 
         # PUB/SUB joins asynchronously: send until a first event arrives
@@ -302,12 +269,13 @@ def test_kv_events_over_zmq_are_the_blocks_the_server_stored(sim):
 
 @pytest.fixture(scope="module")
 def flaky(tmp_path_factory):
-    s = start_sim(tmp_path_factory.mktemp("flaky"), "flaky", 2, "--failure-injection-rate", "1",
-                  "--failure-types", "rate_limit,server_error", "--startup-delay", "3", healthy=False)
+    s = start_sims(2, model=MODEL, log_dir=tmp_path_factory.mktemp("flaky"), name="flaky", healthy=False,
+                   flags=["--failure-injection-rate", "1", "--failure-types", "rate_limit,server_error",
+                          "--startup-delay", "3"])
     try:
         yield s
     finally:
-        s.proc.stop()
+        s.stop()
 
 
 def test_startup_delay_then_injected_failures(flaky):
@@ -341,7 +309,7 @@ def test_hang_then_die_one_replica(flaky):
     assert get(url + "/health")[0] == 200
     assert post(url + "/sim/die", {})[0] == 200
     wait_until(lambda: _refused(url + "/health"), 10, "replica 1 to close its port")
-    assert get(flaky.url(0) + "/health")[0] == 200 and flaky.proc.alive()
+    assert get(flaky.url(0) + "/health")[0] == 200 and flaky.process.alive()
 
 
 def _refused(url: str) -> bool:
@@ -368,7 +336,7 @@ def test_client_disconnect_aborts_the_request_and_frees_its_slot(sim):
     import socket
     url = sim.url(1)
     body = json.dumps({"model": MODEL, "prompt": "a long story " * 30, "max_tokens": 3000, "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", sim.port + 1), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", sim.base_port + 1), timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         got = b""

@@ -12,59 +12,32 @@ failure the tail of every log is printed):
 
 from __future__ import annotations
 
-import re
 import shutil
-import sys
 import tempfile
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from epp.envoy import Envoy, start_envoy
-from epp.launch import Process, free_port, free_port_range, http_ok, port_open, wait_until
+from epp.localstack import PickerProcess, SimServers, metric_sum, start_picker, start_sims
 
-EPP = [sys.executable, "-m", "epp.cli"]
-STARTUP_TIMEOUT = 60.0  # two busy cores, several helpers: be patient, but never sleep blindly
-
-
-def _scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback
-        return r.read().decode()
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels` (Prometheus text)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        m = re.match(r"^([^{ ]+)(\{[^}]*\})? (\S+)", line)
-        if not m or m.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
+Picker = PickerProcess
+__all__ = ["Logs", "Picker", "SimServers", "_failed", "_start_sims", "metric_sum"]  # imported by the tests
 
 
 # --------------------------------------------------------------------------- logs
 class Logs:
-    """Every process log of a test, shown when the test fails."""
+    """A directory for every process log of a test; their tails are shown when it fails."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="epp-e2e-"))
-        self.processes: list[tuple[str, Callable[[], str]]] = []
-
-    def add(self, name: str, tail: Callable[[], str]) -> None:
-        self.processes.append((name, tail))
 
     def dump(self) -> None:
-        for name, tail in self.processes:
-            print(f"----- {name} (last lines) -----\n{tail()}")
+        for path in sorted(self.dir.glob("*.log"), key=lambda p: p.stat().st_mtime):
+            tail = "\n".join(path.read_text(errors="replace").splitlines()[-40:])
+            print(f"----- {path.name} (last lines) -----\n{tail}")
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -95,54 +68,8 @@ def e2e_logs(request: pytest.FixtureRequest) -> Iterator[Logs]:
 
 
 # --------------------------------------------------------------------------- simulator
-@dataclass
-class SimServers:
-    process: Process
-    base_port: int
-    n: int
-    model: str
-
-    @property
-    def ports(self) -> list[int]:
-        return [self.base_port + i for i in range(self.n)]
-
-    @property
-    def hostports(self) -> list[str]:
-        return [f"127.0.0.1:{p}" for p in self.ports]
-
-    def metrics(self, i: int) -> str:
-        return _scrape(f"http://127.0.0.1:{self.base_port + i}/metrics")
-
-    def served(self, model: str | None = None) -> list[float]:
-        """Requests each server completed (its own vllm:request_success_total)."""
-        labels = {"model_name": model} if model else {}
-        return [metric_sum(self.metrics(i), "vllm:request_success_total", **labels) for i in range(self.n)]
-
-    def stop(self) -> None:
-        self.process.stop()
-
-
 def _start_sims(logs: Logs, n: int, model: str, time_scale: float, flags: dict[str, Any]) -> SimServers:
-    base = free_port_range(n)
-    argv = [*EPP, "sim", "--host", "127.0.0.1", "--port", str(base), "--model", model, "--replicas", str(n),
-            "--time-scale", str(time_scale)]
-    for key, value in flags.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    proc = Process(argv, name="sim", log_path=logs.dir / f"sim-{base}.log")
-    logs.add(f"sim :{base}", proc.log_tail)
-    sims = SimServers(proc, base, n, model)
-
-    def up() -> bool:
-        if not proc.alive():
-            raise RuntimeError(f"epp sim exited: {proc.log_tail()}")
-        return all(http_ok(f"http://127.0.0.1:{p}/health") for p in sims.ports)
-
-    try:
-        wait_until(up, STARTUP_TIMEOUT, f"{n} simulator servers")
-    except BaseException:
-        proc.stop()
-        raise
-    return sims
+    return start_sims(n, model=model, time_scale=time_scale, flags=flags, log_dir=logs.dir)
 
 
 @pytest.fixture
@@ -176,79 +103,17 @@ def module_sim_servers(request: pytest.FixtureRequest) -> Iterator[SimServers]:
 
 
 # --------------------------------------------------------------------------- picker
-@dataclass
-class Picker:
-    argv: list[str]
-    grpc_port: int
-    health_port: int
-    metrics_port: int
-    tls: bool
-    logs: Logs
-    process: Process | None = None
-    starts: int = 0
-    files: list[Path] = field(default_factory=list)
-
-    def start(self, timeout: float = STARTUP_TIMEOUT) -> Picker:
-        self.starts += 1
-        log_path = self.logs.dir / f"picker-{self.grpc_port}-{self.starts}.log"
-        proc = self.process = Process(self.argv, name="epp serve", log_path=log_path)
-        self.logs.add(f"picker :{self.grpc_port} #{self.starts}", proc.log_tail)
-
-        def ready() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"epp serve exited ({proc.proc.returncode}): {proc.log_tail()}")
-            return "epp: ready" in log_path.read_text(errors="replace")
-
-        try:
-            wait_until(ready, timeout, f"picker on port {self.grpc_port}")
-        except BaseException:
-            proc.stop()
-            raise
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.process is not None:
-            self.process.kill()
-            wait_until(lambda: not port_open(self.grpc_port), 10, "picker port to close")
-
-    def restart(self) -> Picker:
-        self.kill()
-        return self.start()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def metrics(self) -> str:
-        return _scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
-
-    def log(self) -> str:
-        return self.process.log_tail(400) if self.process else ""
-
-
 @pytest.fixture
 def picker(e2e_logs: Logs) -> Iterator[Callable[..., Picker]]:
     started: list[Picker] = []
 
     def factory(*, endpoints: Sequence[str] = (), endpoints_file: str = "", config_text: str = "",
                 extra_flags: Sequence[str] = (), tls: bool = False) -> Picker:
-        ports = [free_port() for _ in range(3)]
-        argv = [*EPP, "serve", "--bind-address", "127.0.0.1", f"--grpc-port={ports[0]}",
-                f"--grpc-health-port={ports[1]}", f"--metrics-port={ports[2]}", f"--secure-serving={str(tls).lower()}",
-                "--refresh-metrics-interval=50ms"]
-        if endpoints:
-            argv.append("--endpoints=" + ",".join(endpoints))
-        if endpoints_file:
-            argv.append(f"--endpoints-file={endpoints_file}")
-        if config_text:
-            path = e2e_logs.dir / f"config-{ports[0]}.yaml"
-            path.write_text(config_text)
-            argv.append(f"--config-file={path}")
-        argv += list(extra_flags)
-        p = Picker(argv, *ports, tls=tls, logs=e2e_logs)
+        p = start_picker(endpoints=endpoints, endpoints_file=endpoints_file, config_text=config_text,
+                         extra_flags=["--refresh-metrics-interval=50ms", *extra_flags], tls=tls,
+                         log_dir=e2e_logs.dir)
         started.append(p)
-        return p.start()
+        return p
 
     try:
         yield factory
@@ -265,7 +130,6 @@ def envoy(e2e_logs: Logs) -> Iterator[Callable[..., Envoy]]:
     def factory(mode: str, picker: Picker, **kw: Any) -> Envoy:
         env = start_envoy(mode, epp_port=picker.grpc_port, epp_tls=picker.tls, log_dir=e2e_logs.dir, **kw)
         started.append(env)
-        e2e_logs.add(f"envoy {mode} :{env.port}", env.process.log_tail)
         return env
 
     try:
