@@ -169,3 +169,23 @@ def test_restarted_picker_is_used_again_without_restarting_envoy(module_sim_serv
         assert post(url, body)[0] == 200
     assert sum(sims.served()) - before == 5
     assert 'inference_objective_request_total{model_name="m1",priority="0",target_model_name="m1"}' in p.metrics()
+
+
+def test_logs_name_request_model_and_endpoint_never_the_prompt(module_sim_servers, picker, envoy):
+    """At debug level every routed request is logged with its id, model and endpoint; no log
+    line carries prompt text, also when the request fails."""
+    p = picker(endpoints=module_sim_servers.hostports, extra_flags=["--log-level=debug"])
+    env = envoy("full-duplex", p)
+    secret = "zebra-quartz-umbrella " * 20
+    status, _, _ = post(f"{env.url}/v1/completions", {"model": "m1", "prompt": secret, "max_tokens": 2},
+                        {"x-request-id": "req-log-1"})
+    assert status == 200
+    status, _, _ = post(f"{env.url}/v1/completions", b'{"model": "m1", "prompt": "' + secret.encode() + b'"',
+                        {"x-request-id": "req-log-2"})
+    assert status == 400
+    wait_until(lambda: "req-log-2" in p.log(), 10, "the failed request's log line")
+    log = p.log()
+    routed = [line for line in log.splitlines() if "req-log-1" in line]
+    assert routed and "model=m1" in routed[0]
+    assert any(hp in routed[0] for hp in module_sim_servers.hostports)
+    assert "zebra" not in log
