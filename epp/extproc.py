@@ -122,7 +122,11 @@ _RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse()).Se
 
 
 def _headers(msg) -> dict[str, str]:
-    return {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in msg.headers.headers}
+    out = {}
+    for h in msg.headers.headers:
+        raw = h.raw_value  # one field read per header: each read builds a new Python object
+        out[h.key] = raw.decode("utf-8", "replace") if raw else h.value
+    return out
 
 
 def _subset_hint(msg: ProcessingRequest) -> list[str] | None:

@@ -67,12 +67,13 @@ OUR_MAX_FRAME = 1 << 20  # fewer frames (and Python iterations) for large bodies
 MAX_HEADER_BLOCK = 256 * 1024
 _U32 = struct.Struct(">I")
 _SETTING = struct.Struct(">HI")
+_FRAME_HEAD = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id: the 9-byte frame header
+_MESSAGE_HEAD = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
 _SHUTDOWN_PING = b"epp-stop"
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return bytes((n >> 16, (n >> 8) & 0xFF, n & 0xFF, ftype, flags)) + _U32.pack(sid) + payload
+    return _FRAME_HEAD.pack(len(payload) << 8 | ftype, flags, sid) + payload
 
 
 def _grpc_message(text: str) -> str:
@@ -155,7 +156,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.preface = False
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []
         self.calls: dict[int, _Call] = {}
         self.blocked: dict[int, _Call] = {}  # calls with DATA waiting for send window, in order
         self.decoder = Decoder()
@@ -539,11 +540,16 @@ class _Connection(asyncio.Protocol):
             if not call.headers_sent:
                 call.headers_sent = True
                 self.out.append(frame(HEADERS, END_HEADERS, call.sid, _RESPONSE_HEADERS))
-            parts = []
-            for r in replies:
-                parts.append(b"\x00" + _U32.pack(len(r)))
-                parts.append(r)
-            call.outq.append(b"".join(parts))
+            head = _MESSAGE_HEAD.pack
+            if len(replies) == 1:
+                r = replies[0]
+                call.outq.append(head(0, len(r)) + r)
+            else:
+                parts = []
+                for r in replies:
+                    parts.append(head(0, len(r)))
+                    parts.append(r)
+                call.outq.append(b"".join(parts))
             self._flush(call)
         if call.st.finished:  # the state machine is done: end the RPC with OK
             self._finish(call, OK, "")
@@ -562,13 +568,17 @@ class _Connection(asyncio.Protocol):
                 return
             data = q[0]
             n = len(data)
+            # The frame header and the payload go out as separate pieces of one write
+            # (_drain joins them once): no copy of the payload per frame.
             if n <= room and n <= max_frame:
-                out.append(frame(DATA, 0, sid, data))  # type: ignore[arg-type]
+                out.append(_FRAME_HEAD.pack(n << 8 | DATA, 0, sid))
+                out.append(data)  # type: ignore[arg-type]
                 q.pop(0)
             else:
                 n = min(room, max_frame)
                 view = data if isinstance(data, memoryview) else memoryview(data)
-                out.append(frame(DATA, 0, sid, view[:n]))  # type: ignore[arg-type]
+                out.append(_FRAME_HEAD.pack(n << 8 | DATA, 0, sid))
+                out.append(view[:n])  # type: ignore[arg-type]
                 q[0] = view[n:]
             self.send_window -= n
             call.send_window -= n

@@ -141,10 +141,11 @@ class Scheduler:
             if len(scores) != n:
                 raise ValueError(f"scorer {scorer.name!r} returned {len(scores)} scores for {n} endpoints")
             # Fast path: scores already in [0, 1] (a NaN makes the sum NaN and fails the check).
-            if n and 0.0 <= min(scores) and max(scores) <= 1.0 and sum(scores) == sum(scores):
-                totals = [t + weight * s for t, s in zip(totals, scores, strict=True)]
+            # Lengths were checked above, so zip needs no strict=True (measurable here).
+            if n and 0.0 <= min(scores) and max(scores) <= 1.0 and (total := sum(scores)) == total:
+                totals = [t + weight * s for t, s in zip(totals, scores)]  # noqa: B905
             else:
-                totals = [t + weight * _clamp(s) for t, s in zip(totals, scores, strict=True)]
+                totals = [t + weight * _clamp(s) for t, s in zip(totals, scores)]  # noqa: B905
 
         picker = profile.picker
         t0 = perf_counter() if obs is not None else 0.0

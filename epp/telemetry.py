@@ -2,13 +2,17 @@
 (reference operations.md), so existing dashboards and alerts keep working.
 
 Hot-path recording goes through cached label children (a dict lookup, no `.labels()`
-call per request). Pool gauges are computed at scrape time from the datastore by a
-custom collector, so the hot path never touches them.
+call per request) that only add to plain Python numbers; those are folded into the
+prometheus_client metrics when the registry is collected (a scrape), so a request takes
+no lock and walks no bucket list, and the exposition is prometheus_client's own. Pool
+gauges are computed at scrape time from the datastore by a custom collector, so the hot
+path never touches them.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -90,35 +94,128 @@ class _PickerCollector(Collector):
         return [size, qbytes, saturation, indexer]
 
 
+class _PendingHistogram:
+    """Observations of one histogram child, held until the next collection. Same bucket
+    rule as prometheus_client: the first bucket whose upper bound is >= the value (a NaN
+    goes into no bucket but into the sum)."""
+
+    __slots__ = ("_child", "_bounds", "_counts", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._bounds = tuple(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        if amount == amount:
+            self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def flush(self) -> None:
+        counts, total = self._counts, self._sum
+        if total == 0 and not any(counts):
+            return
+        self._counts, self._sum = [0] * len(counts), 0.0
+        child = self._child
+        child._sum.inc(total)
+        for value, n in zip(child._buckets, counts, strict=True):
+            if n:
+                value.inc(n)
+
+
+class _PendingCounter:
+    __slots__ = ("_child", "_n")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._n = 0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:  # as prometheus_client
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self._n += amount
+
+    def flush(self) -> None:
+        if self._n:
+            n, self._n = self._n, 0
+            self._child.inc(n)
+
+
+class _PendingGauge:
+    __slots__ = ("_child", "_delta")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._delta = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self._delta += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self._delta -= amount
+
+    def flush(self) -> None:
+        if self._delta:
+            d, self._delta = self._delta, 0
+            self._child.inc(d)
+
+
+_PENDING: dict[str, Any] = {"histogram": _PendingHistogram, "counter": _PendingCounter, "gauge": _PendingGauge}
+
+
+class _Flusher(Collector):
+    """Registered before the picker's metrics, so a collection folds everything pending
+    into them before they are read. Exports nothing itself."""
+
+    def __init__(self) -> None:
+        self.pending: list[Any] = []
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for p in self.pending:
+            p.flush()
+        return []
+
+    def wrap(self, child: Any, kind: str) -> Any:
+        pending = _PENDING[kind](child)
+        self.pending.append(pending)
+        return pending
+
+
 class _Children:
     """Label children cached by label values: one dict lookup on the hot path."""
 
-    __slots__ = ("_metric", "_cache")
+    __slots__ = ("_metric", "_cache", "_flusher")
 
-    def __init__(self, metric: Any) -> None:
+    def __init__(self, metric: Any, flusher: _Flusher) -> None:
         self._metric = metric
         self._cache: dict[tuple, Any] = {}
+        self._flusher = flusher
 
     def get(self, *labels: Any) -> Any:
         child = self._cache.get(labels)
         if child is None:
-            child = self._cache[labels] = self._metric.labels(*[str(v) for v in labels])
+            metric = self._metric
+            child = self._cache[labels] = self._flusher.wrap(metric.labels(*[str(v) for v in labels]),
+                                                             metric._type)
         return child
 
 
 class Telemetry:
     def __init__(self, registry: CollectorRegistry | None = None, *, commit: str = "", build_ref: str = "") -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
+        flusher = self._flusher = _Flusher()
+        r.register(flusher)  # first: collection order is registration order
 
         def hist(name: str, doc: str, buckets: tuple, labels: tuple = MODEL_LABELS) -> _Children:
-            return _Children(Histogram(name, doc, labels, buckets=buckets, registry=r))
+            return _Children(Histogram(name, doc, labels, buckets=buckets, registry=r), flusher)
 
         self.request_total = _Children(Counter(
             "inference_objective_request_total", "Counter of inference objective requests broken out for each "
-            "model and target model.", [*MODEL_LABELS, "priority"], registry=r))
+            "model and target model.", [*MODEL_LABELS, "priority"], registry=r), flusher)
         self.request_error_total = _Children(Counter(
             "inference_objective_request_error_total", "Counter of inference objective requests errors broken out "
-            "for each model and target model.", [*MODEL_LABELS, "error_code"], registry=r))
+            "for each model and target model.", [*MODEL_LABELS, "error_code"], registry=r), flusher)
         self.request_duration = hist("inference_objective_request_duration_seconds",
                                      "Inference objective response latency distribution in seconds.", _LATENCY)
         self.request_sizes = hist("inference_objective_request_sizes",
@@ -139,30 +236,30 @@ class Telemetry:
                          "Inference objective time per output token in seconds.", _TPOT)
         self.running_requests = _Children(Gauge(
             "inference_objective_running_requests", "Inference objective number of running requests in each "
-            "model.", ["model_name"], registry=r))
-        self.scheduler_e2e = Histogram("inference_extension_scheduler_e2e_duration_seconds",
-                                       "Scheduling latency distribution in seconds.", buckets=_SCHEDULER,
-                                       registry=r)
+            "model.", ["model_name"], registry=r), flusher)
+        self.scheduler_e2e = flusher.wrap(Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds", "Scheduling latency distribution in seconds.",
+            buckets=_SCHEDULER, registry=r), "histogram")
         self.scheduler_attempts = _Children(Counter(
             "inference_extension_scheduler_attempts_total", "Number of scheduling attempts.",
-            ["status", "target_model_name"], registry=r))
+            ["status", "target_model_name"], registry=r), flusher)
         self.plugin_duration = _Children(Histogram(
             "inference_extension_plugin_duration_seconds", "Plugin processing latency distribution in seconds.",
-            ["extension_point", "plugin_type", "plugin_name"], buckets=_PLUGIN, registry=r))
+            ["extension_point", "plugin_type", "plugin_name"], buckets=_PLUGIN, registry=r), flusher)
         self.model_rewrite_decisions = _Children(Counter(
             "inference_extension_model_rewrite_decisions_total", "Number of model rewrite decisions.",
-            ["model_rewrite_name", "model_name", "target_model"], registry=r))
+            ["model_rewrite_name", "model_name", "target_model"], registry=r), flusher)
         self.flow_control_queue_duration = _Children(Histogram(
             "inference_extension_flow_control_request_queue_duration_seconds",
             "Time a request spent in the flow-control queue.", ["fairness_id", "priority", "outcome"],
-            buckets=_LATENCY, registry=r))
-        self.prefix_indexer_hit_ratio = Histogram(
+            buckets=_LATENCY, registry=r), flusher)
+        self.prefix_indexer_hit_ratio = flusher.wrap(Histogram(
             "inference_extension_prefix_indexer_hit_ratio", "Ratio of prefix length matched to total prefix "
             "length in the cache lookup.", buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-            registry=r)
-        self.prefix_indexer_hit_bytes = Histogram(
+            registry=r), "histogram")
+        self.prefix_indexer_hit_bytes = flusher.wrap(Histogram(
             "inference_extension_prefix_indexer_hit_bytes", "Length of the prefix match in number of bytes in "
-            "the cache lookup.", buckets=_SIZES, registry=r)
+            "the cache lookup.", buckets=_SIZES, registry=r), "histogram")
         info = Gauge("inference_extension_info", "General information of the current build.",
                      ["commit", "build_ref"], registry=r)
         info.labels(commit or "unknown", build_ref or "unknown").set(1)
@@ -182,9 +279,14 @@ class Telemetry:
     def plugin_observer(self) -> Callable[[str, str, str, float], None]:
         """The pipeline's observe(extension_point, plugin_type, plugin_name, seconds) callback."""
         children = self.plugin_duration
+        cache: dict[tuple[str, str, str], Any] = {}  # the pending child's bound observe, per label set
 
         def observe(point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
-            children.get(point, plugin_type, plugin_name).observe(seconds)
+            key = (point, plugin_type, plugin_name)
+            fn = cache.get(key)
+            if fn is None:
+                fn = cache[key] = children.get(*key).observe
+            fn(seconds)
 
         return observe
 

@@ -1,0 +1,54 @@
+"""The picker's metrics: deferred hot-path recording exports exactly what prometheus_client
+itself would have, with the reference's names."""
+
+import math
+import random
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from epp.telemetry import Telemetry
+
+
+def samples(registry, name):
+    text = generate_latest(registry).decode()
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) if f.name == name for s in f.samples
+            if not s.name.endswith("_created")}
+
+
+def test_deferred_histogram_matches_prometheus_client():
+    tel = Telemetry()
+    ref_registry = CollectorRegistry()
+    child = tel.request_duration.get("m", "t")
+    bounds = child._bounds  # same buckets as the real metric
+    ref = Histogram("inference_objective_request_duration_seconds", "ref", ["model_name", "target_model_name"],
+                    buckets=bounds, registry=ref_registry).labels("m", "t")
+    rng = random.Random(7)
+    values = [rng.uniform(0, 2 * bounds[-2]) for _ in range(500)] + [b for b in bounds if b != math.inf]
+    values += [0.0, -1.0, math.inf]
+    for i, v in enumerate(values):
+        child.observe(v)
+        ref.observe(v)
+        if i == 250:  # a scrape in the middle must not lose or double anything
+            generate_latest(tel.registry)
+    name = "inference_objective_request_duration_seconds"
+    assert samples(tel.registry, name) == samples(ref_registry, name)
+
+
+def test_counters_and_gauges_are_exported_on_scrape():
+    tel = Telemetry()
+    tel.request_total.get("m", "t", 0).inc()
+    tel.request_total.get("m", "t", 0).inc(2)
+    gauge = tel.running_requests.get("m")
+    gauge.inc()
+    gauge.inc()
+    gauge.dec()
+    total = samples(tel.registry, "inference_objective_request")
+    assert total[("inference_objective_request_total",
+                  (("model_name", "m"), ("priority", "0"), ("target_model_name", "t")))] == 3
+    running = samples(tel.registry, "inference_objective_running_requests")
+    assert running[("inference_objective_running_requests", (("model_name", "m"),))] == 1
+    gauge.dec()
+    running = samples(tel.registry, "inference_objective_running_requests")
+    assert running[("inference_objective_running_requests", (("model_name", "m"),))] == 0
