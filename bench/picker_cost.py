@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from epp.envoy import start_envoy
-from epp.launch import Process, free_port, free_port_range, http_ok, wait_until
+from epp.localstack import start_picker, start_sims
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -106,25 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="epp-picker-cost-"))
-    base = free_port_range(args.endpoints)
-    sim = Process([sys.executable, "-m", "epp.cli", "sim", "--host", "127.0.0.1", "--port", str(base),
-                   "--model", "m1", "--replicas", str(args.endpoints), "--time-scale", "1000"],
-                  "sim", tmp / "sim.log")
-    endpoints = ",".join(f"127.0.0.1:{base + i}" for i in range(args.endpoints))
-
-    def start_picker(transport: str) -> tuple[Process, int, Path]:
-        ports = [free_port() for _ in range(3)]
-        log = tmp / f"picker-{transport}.log"
-        proc = Process([sys.executable, "-m", "epp.cli", "serve", "--bind-address", "127.0.0.1",
-                        f"--grpc-port={ports[0]}", f"--grpc-health-port={ports[1]}", f"--metrics-port={ports[2]}",
-                        f"--secure-serving={str(args.tls).lower()}", f"--endpoints={endpoints}",
-                        f"--ext-proc-transport={transport}", "--api-port=0"], "picker", log)
-        try:
-            wait_until(lambda: "epp: ready" in log.read_text(), 60, f"picker ({transport})")
-        except BaseException:
-            proc.stop()
-            raise
-        return proc, ports[0], log
 
     def measure(label: str, env, pid: int | None) -> None:
         with env:
@@ -141,26 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     prompt = ("The quick brown fox jumps over the lazy dog. " * (args.prompt_chars // 45 + 1))[:args.prompt_chars]
     body = json.dumps({"model": "m1", "prompt": prompt, "max_tokens": 1}).encode()
     results: list[Result] = []
+    sims = start_sims(args.endpoints, model="m1", log_dir=tmp, time_scale=1000)  # stops itself if it fails
     try:
-        wait_until(lambda: all(http_ok(f"http://127.0.0.1:{base + i}/health") for i in range(args.endpoints)),
-                   60, "simulators")
         modes = args.modes.split(",")
         if "direct" in modes:
-            measure("direct", start_envoy("direct", backends=[f"127.0.0.1:{base}"], log_dir=tmp,
+            measure("direct", start_envoy("direct", backends=sims.hostports[:1], log_dir=tmp,
                                           concurrency=args.envoy_concurrency), None)
         transports = args.transports.split(",")
         for transport in transports:
-            picker, port, _ = start_picker(transport)
+            picker = start_picker(log_dir=tmp, endpoints=sims.hostports, tls=args.tls,
+                                  extra_flags=[f"--ext-proc-transport={transport}", "--api-port=0"])
             try:
                 for mode in modes:
                     if mode != "direct":
                         label = mode if len(transports) == 1 else f"{mode}/{transport}"
-                        measure(label, start_envoy(mode, epp_port=port, epp_tls=args.tls, log_dir=tmp,
-                                                   concurrency=args.envoy_concurrency), picker.pid)
+                        measure(label, start_envoy(mode, epp_port=picker.grpc_port, epp_tls=args.tls, log_dir=tmp,
+                                                   concurrency=args.envoy_concurrency), picker.process.pid)
             finally:
                 picker.stop()
     finally:
-        sim.stop()
+        sims.stop()
     direct = next((r for r in results if r.mode == "direct"), None)
     print(f"endpoints={args.endpoints} requests={args.requests} concurrency={args.concurrency} "
           f"prompt_chars={args.prompt_chars} tls={args.tls} cores={os.cpu_count()} "
