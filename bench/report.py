@@ -106,6 +106,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_ttft_cdf(rows: Sequence[Row], path: Path, title: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -119,10 +126,7 @@ def plot_ttft_cdf(rows: Sequence[Row], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_per_server(rows: Sequence[Row], path: Path, title: str) -> None:
@@ -137,10 +141,7 @@ def plot_per_server(rows: Sequence[Row], path: Path, title: str) -> None:
     ax.set_ylabel("requests served")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_latency_vs_rate(rows: Sequence[Row], path: Path, title: str) -> None:
@@ -163,10 +164,7 @@ def plot_latency_vs_rate(rows: Sequence[Row], path: Path, title: str) -> None:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize="small", loc="upper left")
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_ttft_over_time(rows: Sequence[Row], path: Path, title: str) -> None:
@@ -182,7 +180,4 @@ def plot_ttft_over_time(rows: Sequence[Row], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
