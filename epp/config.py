@@ -8,6 +8,7 @@ mistake is a `ConfigError` whose message starts with the offending key path, e.g
 from __future__ import annotations
 
 import re
+from argparse import ArgumentTypeError
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from epp.framework import PluginError, params_from_mapping
+from epp.options import parse_duration as go_duration
 from epp.registry import plugin_class
 
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
@@ -101,8 +103,6 @@ _QUANTITY_UNITS = {
     None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
 }
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_quantity(value: Any, where: str) -> int:
@@ -123,20 +123,19 @@ def parse_quantity(value: Any, where: str) -> int:
 def parse_duration(value: Any, where: str) -> float:
     """Go duration ("60s", "1m30s", "200ms") or a number of seconds -> seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ConfigError(f"{where}: must not be negative, got {value!r}")
-        return float(value)
-    if isinstance(value, str) and value.strip():
-        text = value.strip()
-        pos, total = 0, 0.0
-        for m in _DURATION.finditer(text):
-            if m.start() != pos:
-                break
-            total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-            pos = m.end()
-        if pos == len(text):
-            return total
-    raise ConfigError(f"{where}: expected a duration like 60s, got {value!r}")
+        seconds: float | None = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = go_duration(value)
+        except ArgumentTypeError:
+            seconds = None
+    else:
+        seconds = None
+    if seconds is None:
+        raise ConfigError(f"{where}: expected a duration like 60s, got {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"{where}: must not be negative, got {value!r}")
+    return seconds
 
 
 # --------------------------------------------------------------------------- structural checks
