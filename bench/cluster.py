@@ -243,12 +243,12 @@ class Oracle(Router):
     def estimate(self, i: int, prompt: _Prompt) -> tuple[float, int]:
         e = self.engines[i]
         cfg = e.config
-        refs = e._refs  # the engine's true cache contents (read only)
+        cached = e.is_cached  # the engine's true cache contents
         pend = self.pending_blocks[i]
         hit = 0
         limit = (len(prompt.token_ids) - 1) // cfg.block_size
         for h in prompt.hashes:
-            if hit >= limit or (h not in refs and h not in pend):
+            if hit >= limit or (h not in pend and not cached(h)):
                 break
             hit += 1
         uncached = len(prompt.token_ids) - hit * cfg.block_size
