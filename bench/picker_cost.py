@@ -29,15 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from epp.envoy import start_envoy
+from epp.launch import cpu_seconds
 from epp.localstack import start_picker, start_sims
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (and its reaped children are not counted)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -22,17 +21,10 @@ from pathlib import Path
 
 import aiohttp
 
+from epp.launch import cpu_seconds
 from epp.localstack import start_sims
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
-
-
 @dataclass
 class Phase:
     name: str

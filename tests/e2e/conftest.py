@@ -12,8 +12,11 @@ failure the tail of every log is printed):
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,3 +140,18 @@ def envoy(e2e_logs: Logs) -> Iterator[Callable[..., Envoy]]:
     finally:
         for env in started:
             env.stop()
+
+
+def post(url: str, body: bytes | dict, headers: dict[str, str] | None = None,
+         timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """POST JSON (or raw bytes); (status, lowercased headers, body). A connection error or
+    timeout is reported as status 0 so concurrent callers can count it."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+    except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
+        return 0, {}, repr(e).encode()

@@ -8,28 +8,18 @@ import json
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import metric_sum
 
 from epp.launch import free_port, wait_until
+from epp.localstack import metric_sum
+from tests.e2e.conftest import post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 RUNNING = "inference_objective_running_requests"
-
-
-def post(url: str, body: dict, timeout: float = 30) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def round_trip(env) -> None:
@@ -48,7 +38,7 @@ def round_trip(env) -> None:
 def large_body(env) -> None:
     """A >200 KB body: many DATA frames and gRPC messages each way."""
     prompt = "".join(chr(97 + i % 26) for i in range(250_000))
-    status, body = post(f"{env.url}/v1/completions", {"model": "m1", "prompt": prompt, "max_tokens": 2})
+    status, _, body = post(f"{env.url}/v1/completions", {"model": "m1", "prompt": prompt, "max_tokens": 2})
     assert status == 200, body[:300]
     usage = json.loads(body)["usage"]
     assert usage["completion_tokens"] == 2 and usage["prompt_tokens"] > 40_000  # the whole body arrived
@@ -83,7 +73,7 @@ def test_native_full_duplex_plaintext(sim_servers, picker, envoy):
         results = list(pool.map(lambda i: post(f"{env.url}/v1/completions",
                                                {"model": "m1", "prompt": f"request {i}", "max_tokens": 3}),
                                 range(50)))
-    assert [s for s, _ in results] == [200] * 50
+    assert [r[0] for r in results] == [200] * 50
     assert sum(sims.served()) - before == 3 + 1 + 50
     disconnect_mid_response_releases(env, p)
 
@@ -94,7 +84,7 @@ def test_native_full_duplex_plaintext(sim_servers, picker, envoy):
     assert all(str(port) in out.stdout for port in sims.ports), out.stdout
 
     p.restart()  # same ports; Envoy is not restarted
-    status, body = post(f"{env.url}/v1/completions", {"model": "m1", "prompt": "after restart", "max_tokens": 2})
+    status, _, body = post(f"{env.url}/v1/completions", {"model": "m1", "prompt": "after restart", "max_tokens": 2})
     assert status == 200, body[:300]
     assert metric_sum(p.metrics(), "inference_objective_request_total") == 1  # served by the new picker
 
@@ -110,7 +100,7 @@ def test_native_buffered_tls(sim_servers, picker, envoy):
     assert sum(sims.served()) - before == 4
     disconnect_mid_response_releases(env, p)
     bad = post(f"{env.url}/v1/completions", {"prompt": "no model"})
-    assert bad[0] == 400 and bad[1].startswith(b"inference error: BadRequest - ")
+    assert bad[0] == 400 and bad[2].startswith(b"inference error: BadRequest - ")
     # SIGINT with Envoy's connection open: GOAWAY handshake, then a clean exit
     p.process.proc.send_signal(2)
     assert p.process.proc.wait(20) == 0

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import random
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from epp.launch import wait_until
+from tests.e2e.conftest import post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -32,17 +31,6 @@ schedulingProfiles:
   - pluginRef: header-based-testing-filter
   - pluginRef: random-picker
 """
-
-
-def post(url: str, body: bytes | dict, headers: dict[str, str] | None = None,
-         timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
 def client(env) -> openai.OpenAI:

@@ -18,8 +18,6 @@ import json
 import os
 import random
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import pytest
 from epp.launch import port_open, wait_until
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
-from tests.e2e.conftest import Logs, Picker, SimServers, _failed, _start_sims, metric_sum
+from tests.e2e.conftest import Logs, Picker, SimServers, _failed, _start_sims, metric_sum, post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -40,19 +38,6 @@ POLL = 0.05  # seconds between polls of the picker's API (each poll opens a chan
 
 
 # --------------------------------------------------------------------------- helpers
-def post(url: str, body: dict, headers: dict[str, str] | None = None,
-         timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
-    except (TimeoutError, urllib.error.URLError, ConnectionError) as e:  # reported as status 0
-        return 0, {}, repr(e).encode()
-
-
 def run_concurrently(fn: Callable[[int], tuple[int, dict[str, str], bytes]], n: int,
                      concurrency: int) -> list[tuple[int, dict[str, str], bytes]]:
     with ThreadPoolExecutor(concurrency) as pool:
