@@ -36,7 +36,7 @@ from bench.loadgen import Progress, RequestResult, Summary
 from bench.workloads import LoadSpec, WorkItem, arrival_times
 from epp.errors import InferenceError
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
-from epp.request import parse_request
+from epp.requestcontrol.parsers.openai import parse_request
 from simulator.clock import VirtualClock
 from simulator.engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong, block_hashes
 from simulator.tokenizer import apply_chat_template, encode
@@ -194,7 +194,7 @@ class PickerRouter(Router):
 
     def __init__(self, endpoints: list[Endpoint], config_text: str | None, clock: VirtualClock,
                  rng: random.Random) -> None:
-        from epp.pipeline import load_pipeline
+        from epp.requestcontrol.pipeline import load_pipeline
 
         self.endpoints = endpoints
         self.index = {id(e): i for i, e in enumerate(endpoints)}

@@ -36,7 +36,7 @@ from bench.report import (
 )
 from bench.stack import hit_rate, stack
 from bench.workloads import DEFAULT_MODEL, LoadSpec, SharedPrefix, WorkloadSpec, generate
-from epp.launch import envoy_binary, stop_all
+from devstack.launch import envoy_binary, stop_all
 
 OUT_DIR = Path("bench/out/demo")
 

@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from epp.envoy import start_envoy
-from epp.launch import cpu_seconds
-from epp.localstack import start_picker, start_sims
+from devstack.envoy import start_envoy
+from devstack.launch import cpu_seconds
+from devstack.localstack import start_picker, start_sims
 
 
 @dataclass

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
-from epp.pipeline import load_pipeline
+from epp.requestcontrol.pipeline import load_pipeline
 
 ENDPOINT_COUNTS = (8, 64, 256)
 PROMPT_CHARS = (1_000, 8_000, 32_000)

@@ -23,8 +23,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from devstack.launch import Process, free_ports, port_open, python_module_argv, wait_until
 from epp.datalayer.collector import ScrapeStats
-from epp.launch import Process, free_ports, port_open, python_module_argv, wait_until
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                  10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -196,7 +196,7 @@ async def _aiohttp_scrapers(port: int, path: str) -> tuple[Callable[[], Awaitabl
 
     from epp.datalayer import DEFAULT_SPECS, parse_metrics
     from epp.datalayer.collector import MAX_PAGE_BYTES
-    from epp.datastore import Datastore, EndpointSpec
+    from epp.datalayer.datastore import Datastore, EndpointSpec
 
     ds = Datastore()
     ep = ds.upsert(EndpointSpec(name="bench-aiohttp", address="127.0.0.1", port=port))
@@ -226,7 +226,7 @@ async def _aiohttp_scrapers(port: int, path: str) -> tuple[Callable[[], Awaitabl
 async def _httpget_scrapers(port: int, path: str) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
     """The collector's own scrape routine (HttpGetClient + extraction + publishing)."""
     from epp.datalayer import MetricsCollector
-    from epp.datastore import Datastore, EndpointSpec
+    from epp.datalayer.datastore import Datastore, EndpointSpec
 
     ds = Datastore()
     ep = ds.upsert(EndpointSpec(name="bench-httpget", address="127.0.0.1", port=port))
@@ -379,7 +379,7 @@ async def _steady_state(ports: list[int], seconds: float, rounds: int) -> dict[s
     its sleeps and timers. Per client kind: (share of one core, scrapes per second), as the
     median over rounds that alternate between the two kinds."""
     from epp.datalayer import MetricsCollector
-    from epp.datastore import Datastore, EndpointSpec
+    from epp.datalayer.datastore import Datastore, EndpointSpec
 
     results: dict[str, list[tuple[float, float]]] = {"aiohttp": [], "httpget": []}
     for _ in range(rounds):

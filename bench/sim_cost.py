@@ -21,8 +21,8 @@ from pathlib import Path
 
 import aiohttp
 
-from epp.launch import cpu_seconds
-from epp.localstack import start_sims
+from devstack.launch import cpu_seconds
+from devstack.localstack import start_sims
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 @dataclass

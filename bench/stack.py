@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.cluster import RANDOM_PICKER_CONFIG
-from epp.envoy import Envoy, start_envoy
-from epp.localstack import PickerProcess, ServerCounts, SimServers, start_picker, start_sims
+from devstack.envoy import Envoy, start_envoy
+from devstack.localstack import PickerProcess, ServerCounts, SimServers, start_picker, start_sims
 
 ENVOY_STRATEGIES = {"envoy-round-robin": "round-robin", "envoy-least-request": "least-request",
                     "envoy-random": "random"}

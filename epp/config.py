@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from epp.framework import PluginError, params_from_mapping
+from epp.framework.registry import plugin_class
 from epp.options import parse_duration as go_duration
-from epp.registry import plugin_class
 
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
 KIND = "EndpointPickerConfig"

@@ -1,7 +1,7 @@
 """`epp serve`: assembles the picker.
 
 gRPC (ext_proc + the project API) on --grpc-port, TLS by default; with
---ext-proc-transport=native, ext_proc is served by epp.h2grpc on --grpc-port and the project
+--ext-proc-transport=native, ext_proc is served by epp.handlers.h2.server on --grpc-port and the project
 API by grpc.aio on --api-port (default --grpc-port + 10; 0 = off); gRPC health on
 --grpc-health-port; Prometheus metrics over HTTP on --metrics-port; the endpoint source
 (static flags/file or Kubernetes), the metrics scraper and, optionally, leader election
@@ -25,14 +25,14 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from epp.admission import AdmissionController
 from epp.config import ConfigError
-from epp.datastore import Datastore
-from epp.director import Director
-from epp.extproc import SERVICE_NAME, ExtProcServer, add_ext_proc_server
+from epp.datalayer.datastore import Datastore
+from epp.flowcontrol.admission import AdmissionController
 from epp.framework import PluginHandle
+from epp.handlers.extproc import SERVICE_NAME, ExtProcServer, add_ext_proc_server
 from epp.options import API_PORT_OFFSET, Options, parse_args
-from epp.pipeline import load_pipeline
+from epp.requestcontrol.director import Director
+from epp.requestcontrol.pipeline import load_pipeline
 from epp.telemetry import Telemetry
 
 log = logging.getLogger("epp.server")
@@ -88,7 +88,7 @@ class Picker:
         self.discovery: Any = None
         self.collector: Any = None
         self.grpc_server: grpc.aio.Server | None = None  # ext_proc + API (grpcio), or the API alone (native)
-        self.native: Any = None  # epp.h2grpc.H2GrpcServer with --ext-proc-transport=native
+        self.native: Any = None  # epp.handlers.h2.server.H2GrpcServer with --ext-proc-transport=native
         self.api_port = 0
         self.health_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -179,8 +179,8 @@ class Picker:
         return bound
 
     async def _start_native(self, cert: tuple[bytes, bytes] | None) -> None:
-        """ext_proc on epp.h2grpc; the project API (grpc.aio) cannot share that port."""
-        from epp.h2grpc import H2GrpcServer, ssl_context
+        """ext_proc on epp.handlers.h2.server; the project API (grpc.aio) cannot share that port."""
+        from epp.handlers.h2.server import H2GrpcServer, ssl_context
 
         o = self.options
         self.native = H2GrpcServer(self.ext_proc, ssl_context=ssl_context(*cert) if cert else None)
@@ -199,9 +199,9 @@ class Picker:
 
     def _add_api(self, server: grpc.aio.Server) -> None:
         try:
-            from epp.api import ApiServicer, add_api_servicer
+            from epp.handlers.api import ApiServicer, add_api_servicer
         except ImportError:  # the project API is optional for ext_proc
-            log.warning("project API (epp.api) not available; serving ext_proc only")
+            log.warning("project API (epp.handlers.api) not available; serving ext_proc only")
             return
         add_api_servicer(server, ApiServicer(self.datastore, self.director.explain))
 

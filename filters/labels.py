@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from epp.framework import ROLE_LABEL, CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.registry import register
+from epp.framework.registry import register
 
 _OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 

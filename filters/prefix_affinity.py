@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.registry import register
+from epp.framework.registry import register
 from scorers.prefix import PrefixMatch, prefix_state_key
 
 

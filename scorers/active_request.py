@@ -16,7 +16,7 @@ from epp.framework import (
     ResponseInfo,
     SchedulingResult,
 )
-from epp.registry import register
+from epp.framework.registry import register
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CONTEXT_LENGTH_RANGE_LABEL, CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.registry import register
+from epp.framework.registry import register
 
 
 def parse_range(text: str | None) -> tuple[int, int] | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.registry import register
+from epp.framework.registry import register
 
 _waiting = attrgetter("metrics.waiting_queue_size")
 _running = attrgetter("metrics.running_requests_size")

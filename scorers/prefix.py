@@ -20,7 +20,7 @@ from struct import Struct
 from xxhash import xxh64_intdigest
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
-from epp.registry import register
+from epp.framework.registry import register
 from scorers.prefix_index import PrefixIndex
 
 CHARS_PER_TOKEN = 4

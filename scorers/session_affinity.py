@@ -9,7 +9,7 @@ import binascii
 from collections.abc import Sequence
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
-from epp.registry import register
+from epp.framework.registry import register
 
 SESSION_TOKEN_HEADER = "x-session-token"
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from epp.launch import free_port
+from devstack.launch import free_port
 
 TOKEN = "stand-in-token"
 LEASE_GROUP = "coordination.k8s.io"

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from epp.admission import AdmissionController
 from epp.errors import InferenceError
+from epp.flowcontrol.admission import AdmissionController
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
-from epp.pipeline import load_pipeline
+from epp.requestcontrol.pipeline import load_pipeline
 
 DETECTOR = """
 plugins:

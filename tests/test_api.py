@@ -9,13 +9,13 @@ import time
 import grpc
 import pytest
 
+from devstack.launch import free_port
 from epp import apicli
-from epp.api import ApiServicer, ExplainResult, add_api_servicer
-from epp.datastore import Datastore, EndpointSpec
+from epp.datalayer.datastore import Datastore, EndpointSpec
 from epp.errors import InferenceError
 from epp.framework import ENGINE_TYPE_LABEL, InferenceRequest, Metrics
-from epp.launch import free_port
-from epp.scheduler import FilterTrace, ProfileTrace, SchedulingTrace, ScorerTrace
+from epp.handlers.api import ApiServicer, ExplainResult, add_api_servicer
+from epp.scheduling.scheduler import FilterTrace, ProfileTrace, SchedulingTrace, ScorerTrace
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
 
@@ -129,8 +129,8 @@ async def test_explain_converts_the_trace_and_errors(now):
 
 
 async def test_explain_with_the_real_director_has_no_side_effects(now):
-    from epp.director import Director
-    from epp.pipeline import load_pipeline
+    from epp.requestcontrol.director import Director
+    from epp.requestcontrol.pipeline import load_pipeline
 
     ds = make_datastore(now)
     ds.set_metrics(ds.get("vllm-b"), Metrics(waiting_queue_size=0, kv_cache_usage_percent=0.1, update_time=now, ok=True))

@@ -9,7 +9,7 @@ import pytest
 from bench import cli
 from bench.report import machine, table
 from bench.stack import hit_rate, picker_config
-from epp.localstack import ServerCounts, metric_sum
+from devstack.localstack import ServerCounts, metric_sum
 
 
 def test_unknown_benchmark_and_help(capsys):

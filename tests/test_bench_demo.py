@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from epp.launch import wait_until
+from devstack.launch import wait_until
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,10 @@ import pytest
 from aiohttp import web
 
 from bench.scrape_cost import realistic_vllm_page
+from devstack.launch import free_port
 from epp.datalayer import MetricsCollector, is_stale
-from epp.datastore import Datastore, EndpointSpec
+from epp.datalayer.datastore import Datastore, EndpointSpec
 from epp.framework import ENGINE_TYPE_LABEL, Metrics
-from epp.launch import free_port
 
 
 class FakeServer:

@@ -11,7 +11,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from bench.scrape_cost import realistic_vllm_page
+from devstack.launch import free_port
 from epp.datalayer import MetricsCollector
+from epp.datalayer.datastore import Datastore, EndpointSpec
 from epp.datalayer.httpget import (
     BodyTooLarge,
     ConnectionClosed,
@@ -20,8 +22,6 @@ from epp.datalayer.httpget import (
     ResponseParser,
     StatusError,
 )
-from epp.datastore import Datastore, EndpointSpec
-from epp.launch import free_port
 
 PAGE = realistic_vllm_page()
 

@@ -22,12 +22,12 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from google.protobuf.struct_pb2 import Struct
 
-from epp.admission import AdmissionController
-from epp.datastore import Datastore, EndpointSpec, ModelRewrite, RewriteRule, RewriteTarget
-from epp.director import Director
-from epp.extproc import MAX_CHUNK, ExtProcServer, add_ext_proc_server, streamed_body_reply
-from epp.h2grpc import H2GrpcServer
-from epp.pipeline import load_pipeline
+from epp.datalayer.datastore import Datastore, EndpointSpec, ModelRewrite, RewriteRule, RewriteTarget
+from epp.flowcontrol.admission import AdmissionController
+from epp.handlers.extproc import MAX_CHUNK, ExtProcServer, add_ext_proc_server, streamed_body_reply
+from epp.handlers.h2.server import H2GrpcServer
+from epp.requestcontrol.director import Director
+from epp.requestcontrol.pipeline import load_pipeline
 from epp.server import GRPC_OPTIONS
 from epp.telemetry import Telemetry
 

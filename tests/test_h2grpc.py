@@ -1,4 +1,4 @@
-"""The native ext_proc transport (epp.h2grpc) at the HTTP/2 frame level, over real
+"""The native ext_proc transport (epp.handlers.h2.server) at the HTTP/2 frame level, over real
 sockets: HPACK (RFC 7541 vectors), SETTINGS/PING, HEADERS + CONTINUATION with PADDED and
 PRIORITY flags and a dynamic-table :path, send-side flow control, gRPC framing errors,
 RST_STREAM / connection loss (nothing leaks), graceful GOAWAY, TLS with ALPN h2.
@@ -24,9 +24,9 @@ from test_extproc_protocol import (
     streamed,
 )
 
-from epp.extproc import METHOD_PATH
-from epp.h2grpc import PREFACE, H2GrpcServer, ssl_context
-from epp.hpack import Decoder, HpackError, encode_literal, huffman_decode, huffman_encode
+from epp.handlers.extproc import METHOD_PATH
+from epp.handlers.h2.hpack import Decoder, HpackError, encode_literal, huffman_decode, huffman_encode
+from epp.handlers.h2.server import PREFACE, H2GrpcServer, ssl_context
 from epp.tls import self_signed
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from epp.datastore import Datastore
+from epp.datalayer.datastore import Datastore
 from epp.discovery.kubernetes import KubernetesDiscovery, LeaderElector, required_rbac
 from epp.options import Options, parse_args
 from tests.kubeapi import KubeApiStandIn, eventually, inference_pool, model_rewrite, objective

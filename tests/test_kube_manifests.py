@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from devstack.launch import envoy_binary
 from epp.discovery.kubernetes import required_rbac
-from epp.launch import envoy_binary
 from epp.options import parse_args
 
 ROOT = Path(__file__).resolve().parent.parent

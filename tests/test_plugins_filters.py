@@ -5,8 +5,8 @@ import random
 import pytest
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
-from epp.registry import build_plugin
-from filters.testing import parse_selection
+from epp.framework.registry import build_plugin
+from filters.conformance import parse_selection
 from scorers.prefix import PREFIX_STATE_KEY, PrefixMatch
 
 

@@ -4,7 +4,7 @@ import random
 from collections import Counter
 
 from epp.framework import CycleState, Endpoint, PluginHandle, ScoredEndpoint
-from epp.registry import build_plugin
+from epp.framework.registry import build_plugin
 
 
 def eps(n):

@@ -15,7 +15,7 @@ from epp.framework import (
     ResponseInfo,
     SchedulingResult,
 )
-from epp.registry import build_plugin
+from epp.framework.registry import build_plugin
 from scorers.prefix import PREFIX_STATE_KEY, PrefixMatch
 
 

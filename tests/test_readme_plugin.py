@@ -10,7 +10,7 @@ import pytest
 
 from epp.config import ConfigError, load_config
 from epp.framework import Endpoint, InferenceRequest
-from epp.pipeline import load_pipeline
+from epp.requestcontrol.pipeline import load_pipeline
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -1,13 +1,13 @@
-"""OpenAI body parsing (epp.request) and the response parsers of the director."""
+"""OpenAI body parsing (epp.requestcontrol.parsers.openai) and the response parsers of the director."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from epp.director import ModelNameRestorer, UsageParser, subset_ips
 from epp.errors import InferenceError
-from epp.request import kind_from_path, parse_request, rewritten_body
+from epp.requestcontrol.director import ModelNameRestorer, UsageParser, subset_ips
+from epp.requestcontrol.parsers.openai import kind_from_path, parse_request, rewritten_body
 
 
 def parse(body: dict | bytes, path: str = "/v1/completions", **headers: str):

@@ -7,8 +7,8 @@ import pytest
 
 from epp.errors import InferenceError
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
-from epp.pipeline import load_pipeline
-from epp.scheduler import SchedulingTrace
+from epp.requestcontrol.pipeline import load_pipeline
+from epp.scheduling.scheduler import SchedulingTrace
 from scorers.prefix import PREFIX_STATE_KEY
 
 
@@ -103,7 +103,7 @@ plugins:
 
 
 def test_scores_are_clamped():
-    from epp.registry import register
+    from epp.framework.registry import register
 
     @register
     class Wild:

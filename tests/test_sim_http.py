@@ -15,8 +15,8 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp.launch import Process, free_port, wait_until
-from epp.localstack import SimServers, start_sims
+from devstack.launch import Process, free_port, wait_until
+from devstack.localstack import SimServers, start_sims
 from simulator.tokenizer import apply_chat_template, encode
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

@@ -8,7 +8,7 @@ import time
 import msgpack
 import zmq
 
-from epp.launch import free_port
+from devstack.launch import free_port
 from simulator import (
     AllBlocksCleared,
     Engine,

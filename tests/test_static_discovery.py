@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from epp.datastore import Datastore
+from epp.datalayer.datastore import Datastore
 from epp.discovery.static import (
     StaticDiscovery,
     endpoints_from_flag,

@@ -16,10 +16,10 @@ import random
 import time
 from collections.abc import Mapping
 
+from epp.datalayer.datastore import Datastore
 from epp.datalayer.extract import parse_metrics
 from epp.datalayer.httpget import HttpGetClient
 from epp.datalayer.specs import DEFAULT_ENGINE, DEFAULT_SPECS, EngineMetricSpec
-from epp.datastore import Datastore
 from epp.framework import ENGINE_TYPE_LABEL, Endpoint, Metrics
 
 log = logging.getLogger("epp.datalayer")

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from epp.datastore import EndpointSpec, ModelRewrite, Objective, RewriteRule, RewriteTarget
+from epp.datalayer.datastore import EndpointSpec, ModelRewrite, Objective, RewriteRule, RewriteTarget
 
 POOL_GROUP = "inference.networking.k8s.io"
 LEGACY_GROUP = "inference.networking.x-k8s.io"

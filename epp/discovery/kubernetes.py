@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from epp.datastore import Datastore, EndpointSpec, ModelRewrite, Objective
+from epp.datalayer.datastore import Datastore, EndpointSpec, ModelRewrite, Objective
 from epp.discovery.kubeclient import Backoff, Reflector, Resource, load_api_client
 from epp.discovery.kubeobjects import (
     LEGACY_GROUP,

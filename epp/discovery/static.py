@@ -32,7 +32,14 @@ from typing import Any
 
 import yaml
 
-from epp.datastore import Datastore, EndpointSpec, ModelRewrite, Objective, RewriteRule, RewriteTarget
+from epp.datalayer.datastore import (
+    Datastore,
+    EndpointSpec,
+    ModelRewrite,
+    Objective,
+    RewriteRule,
+    RewriteTarget,
+)
 
 log = logging.getLogger("epp.discovery.static")
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from epp.envoy import Envoy, start_envoy
-from epp.localstack import PickerProcess, SimServers, metric_sum, start_picker, start_sims
+from devstack.envoy import Envoy, start_envoy
+from devstack.localstack import PickerProcess, SimServers, metric_sum, start_picker, start_sims
 
 Picker = PickerProcess
 __all__ = ["Logs", "Picker", "SimServers", "_failed", "_start_sims", "metric_sum"]  # imported by the tests

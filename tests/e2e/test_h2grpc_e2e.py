@@ -1,4 +1,4 @@
-"""`epp serve --ext-proc-transport=native` (epp.h2grpc) behind the real Envoy 1.40 binary
+"""`epp serve --ext-proc-transport=native` (epp.handlers.h2.server) behind the real Envoy 1.40 binary
 with `epp sim` servers: both body modes, TLS, large bodies, concurrency, client
 disconnects (no leak) and a picker restart without restarting Envoy."""
 
@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from epp.launch import free_port, wait_until
-from epp.localstack import metric_sum
+from devstack.launch import free_port, wait_until
+from devstack.localstack import metric_sum
 from tests.e2e.conftest import post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

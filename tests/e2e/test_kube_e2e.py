@@ -10,7 +10,7 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epp.launch import wait_until
+from devstack.launch import wait_until
 from tests.kubeapi import KubeApiStandIn, inference_pool, model_rewrite
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from epp.launch import port_open, wait_until
+from devstack.launch import port_open, wait_until
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
 from tests.e2e.conftest import Logs, Picker, SimServers, _failed, _start_sims, metric_sum, post

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epp.launch import free_port
+from devstack.launch import free_port
 
 pytestmark = pytest.mark.e2e
 

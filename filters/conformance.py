@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
-from epp.registry import register
+from epp.framework.registry import register
 
 SELECTION_HEADER = "test-epp-endpoint-selection"
 SERVED_HEADER = "x-conformance-test-served-endpoint"

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from epp.datastore import Datastore
+from epp.datalayer.datastore import Datastore
 from epp.errors import HTTP_STATUS, InferenceError
 from epp.framework import Endpoint, InferenceRequest
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from epp.scheduler import ProfileTrace, SchedulingTrace
+    from epp.scheduling.scheduler import ProfileTrace, SchedulingTrace
 
-log = logging.getLogger("epp.api")
+log = logging.getLogger("epp.handlers.api")
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """A local stack on 127.0.0.1 for tests, benchmarks and the demo: `epp sim` servers and the
 picker (`epp serve`) as child processes on free ports, each stopped by pid on every exit path
-(epp.launch.Process). A start that fails (the process exits, or is not up in time) stops the
+(devstack.launch.Process). A start that fails (the process exits, or is not up in time) stops the
 process and raises with the tail of its log."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from epp.launch import Process, free_port_range, free_ports, http_ok, port_open, wait_until
+from devstack.launch import Process, free_port_range, free_ports, http_ok, port_open, wait_until
 
 EPP = [sys.executable, "-m", "epp.cli"]
 STARTUP_TIMEOUT = 60.0  # two busy cores shared with other jobs: be patient, never sleep blindly

@@ -22,9 +22,9 @@ ENTRY_POINT_GROUP = "epp.plugins"
 _BUILTIN_MODULES = (
     "filters",
     "scorers",
-    "epp.pickers",
-    "epp.profiles",
-    "epp.admission",
+    "epp.scheduling.pickers",
+    "epp.scheduling.profiles",
+    "epp.flowcontrol.admission",
 )
 _registry: dict[str, type] = {}
 _loaded = False

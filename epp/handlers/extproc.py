@@ -35,10 +35,10 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
-from epp.director import Director, RequestContext
 from epp.errors import InferenceError
+from epp.requestcontrol.director import Director, RequestContext
 
-log = logging.getLogger("epp.extproc")
+log = logging.getLogger("epp.handlers.extproc")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE_NAME}/Process"

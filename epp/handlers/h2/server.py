@@ -1,7 +1,7 @@
 """The native ext_proc transport (`epp serve --ext-proc-transport=native`): a minimal HTTP/2
 server for gRPC bidi streams on asyncio, serving only
 /envoy.service.ext_proc.v3.ExternalProcessor/Process with the same state machine as the
-grpcio path (epp.extproc: `ExtProcServer.new_stream()` / `_Stream.handle()` / `close()`).
+grpcio path (epp.handlers.extproc: `ExtProcServer.new_stream()` / `_Stream.handle()` / `close()`).
 
 Why: through the real Envoy a grpc.aio ext_proc server that does nothing costs ~1.6 ms of
 CPU per request, five times the picker's own work; speaking HTTP/2 + gRPC framing directly
@@ -15,7 +15,7 @@ What it implements (RFC 9113 server side, gRPC over HTTP/2):
   waiting for admission gets no stream credit until it runs again: backpressure), and the
   peer's connection/stream send windows honoured, DATA queued until WINDOW_UPDATE;
   SETTINGS_MAX_FRAME_SIZE for our DATA frames;
-- HEADERS + CONTINUATION, PADDED/PRIORITY flags, a full HPACK decoder (epp.hpack) so the
+- HEADERS + CONTINUATION, PADDED/PRIORITY flags, a full HPACK decoder (epp.handlers.h2.hpack) so the
   dynamic table stays in sync and :path is checked (unknown: grpc-status 12);
 - gRPC length-prefixed messages across DATA frames; a compressed message gets
   grpc-status 12; messages over `max_message` get 8 (RESOURCE_EXHAUSTED);
@@ -40,10 +40,10 @@ from urllib.parse import quote
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 from google.protobuf.message import DecodeError
 
-from epp.extproc import METHOD_PATH, NOT_LEADER_MESSAGE, ExtProcServer
-from epp.hpack import Decoder, HpackError, encode_literal
+from epp.handlers.extproc import METHOD_PATH, NOT_LEADER_MESSAGE, ExtProcServer
+from epp.handlers.h2.hpack import Decoder, HpackError, encode_literal
 
-log = logging.getLogger("epp.h2grpc")
+log = logging.getLogger("epp.handlers.h2.server")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -133,7 +133,7 @@ class _Call:
 
     def __init__(self, sid: int, st: Any, send_window: int) -> None:
         self.sid = sid
-        self.st = st  # epp.extproc._Stream
+        self.st = st  # epp.handlers.extproc._Stream
         self.inbuf = bytearray()
         self.send_window = send_window
         self.outq: list[bytes | memoryview] = []  # framed gRPC bytes waiting for send window

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, PluginHandle, ProfileRunResult, ScoredEndpoint
-from epp.registry import register
+from epp.framework.registry import register
 
 
 @dataclass(slots=True)

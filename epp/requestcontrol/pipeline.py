@@ -20,8 +20,8 @@ from epp.framework import (
     SchedulerProfile,
     SchedulingResult,
 )
-from epp.registry import build_plugin
-from epp.scheduler import Observer, Scheduler, SchedulingTrace
+from epp.framework.registry import build_plugin
+from epp.scheduling.scheduler import Observer, Scheduler, SchedulingTrace
 
 __all__ = ["PickerPipeline", "build_pipeline", "load_pipeline"]
 

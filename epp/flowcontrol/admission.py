@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 from epp.errors import resource_exhausted, service_unavailable
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.registry import register
+from epp.framework.registry import register
 
 if TYPE_CHECKING:
     from epp.config import FlowControlConfig, PriorityBandConfig
-    from epp.pipeline import PickerPipeline
+    from epp.requestcontrol.pipeline import PickerPipeline
 
 
 # --------------------------------------------------------------------------- saturation

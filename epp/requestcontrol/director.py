@@ -20,18 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from epp.admission import AdmissionController
-from epp.datastore import Datastore
+from epp.datalayer.datastore import Datastore
 from epp.errors import InferenceError, service_unavailable
+from epp.flowcontrol.admission import AdmissionController
 from epp.framework import Endpoint, InferenceRequest, ResponseInfo, SchedulingResult
-from epp.request import MODEL_REWRITE_HEADER, parse_request, rewritten_body
+from epp.requestcontrol.parsers.openai import MODEL_REWRITE_HEADER, parse_request, rewritten_body
 from epp.telemetry import Telemetry
 from scorers.prefix import CHARS_PER_TOKEN, PREFIX_STATE_KEY
 
 if TYPE_CHECKING:
-    from epp.api import ExplainResult
+    from epp.handlers.api import ExplainResult
 
-log = logging.getLogger("epp.director")
+log = logging.getLogger("epp.requestcontrol.director")
 
 REQUEST_ID_HEADER = "x-request-id"
 # Largest response kept in memory to read `usage` from (or restore the model name in).
@@ -373,8 +373,8 @@ class Director:
     def explain(self, headers: Mapping[str, str], body: bytes) -> ExplainResult:
         """What the picker would do with this request (parse, rewrite, objective, one
         scheduling cycle with a trace) without side effects on the pool or the plugins."""
-        from epp.api import ExplainResult  # the project API owns the result type
-        from epp.scheduler import SchedulingTrace
+        from epp.handlers.api import ExplainResult  # the project API owns the result type
+        from epp.scheduling.scheduler import SchedulingTrace
 
         ctx = self.new_context({k.lower(): v for k, v in headers.items()})
         request = self.prepare(ctx, body)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from epp.launch import Process, envoy_binary, free_port, wait_until
+from devstack.launch import Process, envoy_binary, free_port, wait_until
 
 EXT_PROC_MODES = ("full-duplex", "buffered", "override-host")
 LB_MODES = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST", "random": "RANDOM", "direct": "ROUND_ROBIN"}

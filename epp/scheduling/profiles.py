@@ -14,7 +14,7 @@ from epp.framework import (
     SchedulerProfile,
     SchedulingResult,
 )
-from epp.registry import register
+from epp.framework.registry import register
 
 
 @register

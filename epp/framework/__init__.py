@@ -1,0 +1,81 @@
+"""The plugin contracts: what every extension point hands a plugin, and what it returns.
+
+Modelled on the Kubernetes scheduler framework and the reference picker's
+`framework` package: a scheduling cycle runs profiles; each profile runs its filters
+in sequence, then its weighted scorers, then its picker. Plugins see only the request,
+the candidate endpoints and the per-cycle state; they never reach into the server, the
+gRPC stream or the datastore.
+
+Built-in plugins use exactly these contracts. A platform team's plugin is a class with
+a `type_name`, a `Params` dataclass (its YAML `parameters`) and one or more of the
+extension-point methods below, registered by entry point `epp.plugins` or named as
+`module:Class` in the config.
+"""
+
+from __future__ import annotations
+
+from epp.framework.params import (
+    NoParams,
+    PluginError,
+    params_from_mapping,
+)
+from epp.framework.plugins import (
+    EndpointsChanged,
+    Filter,
+    Picker,
+    Plugin,
+    PluginHandle,
+    PrepareData,
+    PreRequest,
+    ProfileHandler,
+    ResponseComplete,
+    ResponseReceived,
+    ResponseStreaming,
+    SaturationDetector,
+    SchedulerProfile,
+    Scorer,
+)
+from epp.framework.types import (
+    CONTEXT_LENGTH_RANGE_LABEL,
+    ENGINE_TYPE_LABEL,
+    ROLE_LABEL,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Metrics,
+    ProfileRunResult,
+    ResponseInfo,
+    SchedulingResult,
+    ScoredEndpoint,
+)
+
+__all__ = [
+    "CONTEXT_LENGTH_RANGE_LABEL",
+    "ENGINE_TYPE_LABEL",
+    "ROLE_LABEL",
+    "CycleState",
+    "Endpoint",
+    "EndpointsChanged",
+    "Filter",
+    "InferenceRequest",
+    "Metrics",
+    "NoParams",
+    "Picker",
+    "Plugin",
+    "PluginError",
+    "PluginHandle",
+    "PreRequest",
+    "PrepareData",
+    "ProfileHandler",
+    "ProfileRunResult",
+    "ResponseComplete",
+    "ResponseInfo",
+    "ResponseReceived",
+    "ResponseStreaming",
+    "SaturationDetector",
+    "SchedulerProfile",
+    "SchedulingResult",
+    "ScoredEndpoint",
+    "Scorer",
+    "params_from_mapping",
+]

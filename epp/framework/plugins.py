@@ -1,0 +1,139 @@
+"""Extension-point protocols and the handle a plugin is constructed with."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
+
+from epp.framework.types import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    ProfileRunResult,
+    ResponseInfo,
+    SchedulingResult,
+    ScoredEndpoint,
+)
+
+
+# --------------------------------------------------------------------------- plugins
+@runtime_checkable
+class Plugin(Protocol):
+    """Every plugin has a registered type name and an instance name (defaults to the type)."""
+
+    type_name: ClassVar[str]
+    name: str
+
+
+@runtime_checkable
+class Filter(Plugin, Protocol):
+    def filter(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> Sequence[Endpoint]: ...
+
+
+@runtime_checkable
+class Scorer(Plugin, Protocol):
+    def score(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> Sequence[float]:
+        """One score in [0, 1] per endpoint, in the order given (clamped by the scheduler)."""
+        ...
+
+
+@runtime_checkable
+class Picker(Plugin, Protocol):
+    def pick(self, cycle: CycleState, scored: Sequence[ScoredEndpoint]) -> ProfileRunResult: ...
+
+
+@runtime_checkable
+class PrepareData(Plugin, Protocol):
+    """Runs once per request before the profiles (e.g. compute prefix matches)."""
+
+    def prepare_request_data(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> None: ...
+
+
+@runtime_checkable
+class PreRequest(Plugin, Protocol):
+    """Runs after the pick, before Envoy is told (e.g. record the prefix on the target)."""
+
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None: ...
+
+
+@runtime_checkable
+class ResponseReceived(Plugin, Protocol):
+    def response_received(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None: ...
+
+
+@runtime_checkable
+class ResponseStreaming(Plugin, Protocol):
+    def response_streaming(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None: ...
+
+
+@runtime_checkable
+class ResponseComplete(Plugin, Protocol):
+    """Always called once per routed request, also when the client went away (status 0)."""
+
+    def response_complete(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None: ...
+
+
+@runtime_checkable
+class EndpointsChanged(Plugin, Protocol):
+    """Told when endpoints leave the pool, so indexes can purge them."""
+
+    def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None: ...
+
+
+@runtime_checkable
+class SaturationDetector(Plugin, Protocol):
+    def saturation(self, endpoints: Sequence[Endpoint]) -> float:
+        """Pool saturation: >= 1.0 means saturated."""
+        ...
+
+
+@dataclass(slots=True)
+class SchedulerProfile:
+    name: str
+    filters: list[Filter]
+    scorers: list[tuple[Scorer, float]]  # (scorer, weight)
+    picker: Picker
+
+
+@runtime_checkable
+class ProfileHandler(Plugin, Protocol):
+    def pick_profiles(
+        self,
+        cycle: CycleState,
+        request: InferenceRequest,
+        profiles: Mapping[str, SchedulerProfile],
+        results: Mapping[str, ProfileRunResult | None],
+    ) -> Mapping[str, SchedulerProfile]:
+        """Profiles to run next; empty when done. Called repeatedly with results so far."""
+        ...
+
+    def process_results(
+        self, cycle: CycleState, request: InferenceRequest, results: Mapping[str, ProfileRunResult | None]
+    ) -> SchedulingResult: ...
+
+
+# --------------------------------------------------------------------------- handle
+@dataclass(slots=True)
+class PluginHandle:
+    """What a plugin's constructor may use besides its parameters: other plugin
+    instances by name (for plugins that compose, e.g. a filter reading a scorer's
+    cycle state) and a monotonic clock (virtual in the cluster simulation)."""
+
+    plugins: Mapping[str, Plugin] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
+    # Randomness for pickers and exploration; seed it for reproducible runs (simulation, tests).
+    rng: random.Random = field(default_factory=lambda: random.Random())
+
+    def plugin(self, name: str) -> Plugin:
+        return self.plugins[name]
+
+
