@@ -24,6 +24,7 @@ from epp.datalayer.datastore import Datastore
 from epp.errors import InferenceError, service_unavailable
 from epp.flowcontrol.admission import AdmissionController
 from epp.framework import Endpoint, InferenceRequest, ResponseInfo, SchedulingResult
+from epp.requestcontrol.inflight import InFlightCharge
 from epp.requestcontrol.parsers.openai import MODEL_REWRITE_HEADER, parse_request, rewritten_body
 from epp.telemetry import Telemetry
 from scorers.prefix import CHARS_PER_TOKEN, PREFIX_STATE_KEY
@@ -148,7 +149,7 @@ class RequestContext:
     upstream_headers: dict[str, str] = field(default_factory=dict)  # to set on the upstream request
     new_body: bytes | None = None  # set when a model rewrite changed the body
     release: Release | None = None
-    in_flight_tokens: int = 0
+    charge: InFlightCharge | None = None  # what this request counts on its primary endpoint
     response: ResponseInfo = field(default_factory=ResponseInfo)
     response_bytes: int = 0
     first_chunk_at: float = 0.0
@@ -251,10 +252,7 @@ class Director:
         ctx.destination = targets[0].hostport if len(targets) == 1 else ",".join(t.hostport for t in targets)
         if result.headers:
             ctx.upstream_headers.update(result.headers)
-        primary = targets[0]
-        primary.in_flight += 1
-        ctx.in_flight_tokens = request.estimated_prompt_tokens + (request.max_tokens or 0)
-        primary.in_flight_tokens += ctx.in_flight_tokens
+        ctx.charge = InFlightCharge.add(targets[0], request)
         model, target = request.incoming_model, request.target_model
         tel.request_total.get(model, target, request.priority).inc()
         tel.request_sizes.get(model, target).observe(request.size_bytes)
@@ -315,9 +313,8 @@ class Director:
         r = ctx.request
         try:
             if ctx.targets and r is not None:
-                primary = ctx.targets[0]
-                primary.in_flight = max(0, primary.in_flight - 1)
-                primary.in_flight_tokens = max(0, primary.in_flight_tokens - ctx.in_flight_tokens)
+                if ctx.charge is not None:
+                    ctx.charge.release()
                 info = ctx.response
                 usage = ctx.usage.usage if ctx.usage is not None else None
                 if usage:
