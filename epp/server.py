@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.config import ConfigError
 from epp.datalayer.datastore import Datastore
-from epp.flowcontrol.admission import AdmissionController
+from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.framework import PluginHandle
 from epp.handlers.extproc import SERVICE_NAME, ExtProcServer, add_ext_proc_server
 from epp.options import API_PORT_OFFSET, Options, parse_args
@@ -62,7 +62,7 @@ def read_config_text(options: Options) -> str | None:
     return None
 
 
-class Picker:
+class PickerServer:
     """Everything `epp serve` runs, startable in-process (tests) or from main()."""
 
     def __init__(self, options: Options, *, registry: Any = None) -> None:
@@ -75,7 +75,8 @@ class Picker:
         except ConfigError as e:
             raise StartupError(f"config error: {e}") from None
         self.datastore.on_endpoints_removed(self.pipeline.endpoints_removed)
-        self.admission = AdmissionController(self.pipeline)
+        p = self.pipeline
+        self.admission = AdmissionController(p, flow_control=gated_flow_control(p.feature_gates, p.flow_control))
         self.admission.observe_queue_duration = self._observe_queue
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
                                  staleness=options.metrics_staleness_threshold)
@@ -286,7 +287,7 @@ def _host(address: str) -> str:
 
 
 async def serve(options: Options) -> int:
-    picker = Picker(options)
+    picker = PickerServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from epp.errors import InferenceError
-from epp.flowcontrol.admission import AdmissionController
+from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
 from epp.requestcontrol.pipeline import load_pipeline
 
@@ -42,7 +42,9 @@ def req(rid, priority=0, flow="default-flow", size=100):
 
 
 def controller(text):
-    return AdmissionController(load_pipeline(text, PluginHandle(rng=random.Random(1))), poll_interval=0.005)
+    p = load_pipeline(text, PluginHandle(rng=random.Random(1)))
+    return AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
+                               poll_interval=0.005)
 
 
 async def until(pred, timeout=5.0):
@@ -169,7 +171,7 @@ async def test_cancelled_waiter_leaves_no_trace():
     release = await asyncio.wait_for(keeper, 5)
     release()
     assert ac.queue_size == 0 and ac.in_flight == 0
-    assert not any(b.flows for b in ac._bands.values())  # empty flows are dropped
+    assert not any(b.flows for b in ac.queues.bands.values())  # empty flows are dropped
 
 
 async def test_close_fails_queued_requests_with_503():

@@ -23,7 +23,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from google.protobuf.struct_pb2 import Struct
 
 from epp.datalayer.datastore import Datastore, EndpointSpec, ModelRewrite, RewriteRule, RewriteTarget
-from epp.flowcontrol.admission import AdmissionController
+from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.handlers.extproc import MAX_CHUNK, ExtProcServer, add_ext_proc_server, streamed_body_reply
 from epp.handlers.h2.server import H2GrpcServer
 from epp.requestcontrol.director import Director
@@ -63,7 +63,8 @@ class Harness:
             self.datastore.upsert(EndpointSpec(name=f"ep{i}", address=ip, port=8000))
         self.telemetry = Telemetry()
         self.pipeline = load_pipeline(config)
-        self.admission = AdmissionController(self.pipeline)
+        self.admission = AdmissionController(self.pipeline, flow_control=gated_flow_control(
+            self.pipeline.feature_gates, self.pipeline.flow_control))
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry)
         self.ext_proc = ExtProcServer(self.director, disable_subset_filter=disable_subset)
 

@@ -322,7 +322,7 @@ def picker_metric_names() -> set[str]:
     from prometheus_client import generate_latest
 
     server = pytest.importorskip("epp.server")
-    page = generate_latest(server.Picker(parse_args(["--endpoints=127.0.0.1:1"])).telemetry.registry).decode()
+    page = generate_latest(server.PickerServer(parse_args(["--endpoints=127.0.0.1:1"])).telemetry.registry).decode()
     names = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", page, re.M):
         names |= {name + s for s in ("_bucket", "_sum", "_count")} if kind == "histogram" else {name}

@@ -24,7 +24,7 @@ _BUILTIN_MODULES = (
     "scorers",
     "epp.scheduling.pickers",
     "epp.scheduling.profiles",
-    "epp.flowcontrol.admission",
+    "epp.flowcontrol.saturation",
 )
 _registry: dict[str, type] = {}
 _loaded = False
