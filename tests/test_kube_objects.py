@@ -3,7 +3,6 @@
 import pytest
 
 from epp.discovery.kubeobjects import (
-    LabelSelector,
     parse_active_ports,
     parse_inference_model,
     parse_pod,
@@ -12,26 +11,6 @@ from epp.discovery.kubeobjects import (
     pod_endpoints,
 )
 from tests.kubeapi import inference_pool
-
-
-@pytest.mark.parametrize("text,labels,match", [
-    ("app=a", {"app": "a"}, True),
-    ("app==a,role!=prefill", {"app": "a", "role": "decode"}, True),
-    ("app=a,role!=prefill", {"app": "a", "role": "prefill"}, False),
-    ("role in (decode, both)", {"role": "both"}, True),
-    ("role notin (decode,both)", {"role": "decode"}, False),
-    ("role notin (decode)", {}, True),
-    ("gpu,!canary", {"gpu": ""}, True),
-    ("gpu,!canary", {"gpu": "", "canary": "1"}, False),
-    ("", {"x": "y"}, True),
-])
-def test_label_selector(text, labels, match):
-    assert LabelSelector.parse(text).matches(labels) is match
-
-
-def test_label_selector_rejects_garbage():
-    with pytest.raises(ValueError, match="cannot parse 'app=a=b'"):
-        LabelSelector.parse("app=a=b")
 
 
 def test_pool_v1_and_legacy_shapes():

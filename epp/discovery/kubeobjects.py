@@ -6,85 +6,17 @@ Malformed objects raise ValueError naming the bad field; callers log and skip th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from epp.datalayer.datastore import EndpointSpec, ModelRewrite, Objective, RewriteRule, RewriteTarget
+from epp.labelselector import LabelSelector
 
 POOL_GROUP = "inference.networking.k8s.io"
 LEGACY_GROUP = "inference.networking.x-k8s.io"
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
 CRITICALITY_PRIORITY = {"Critical": 1, "Standard": 0, "Sheddable": -1}
-
-
-# --------------------------------------------------------------------------- selectors
-@dataclass(frozen=True, slots=True)
-class Requirement:
-    key: str
-    op: str  # "in" | "notin" | "exists" | "!exists"
-    values: frozenset[str] = frozenset()
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        if self.op == "exists":
-            return self.key in labels
-        if self.op == "!exists":
-            return self.key not in labels
-        if self.op == "in":
-            return labels.get(self.key) in self.values
-        return labels.get(self.key) not in self.values  # notin (absent key matches, as in Kubernetes)
-
-
-@dataclass(frozen=True, slots=True)
-class LabelSelector:
-    requirements: tuple[Requirement, ...]
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(r.matches(labels) for r in self.requirements)
-
-    @classmethod
-    def from_match_labels(cls, match_labels: Mapping[str, str]) -> LabelSelector:
-        return cls(tuple(Requirement(k, "in", frozenset([v])) for k, v in sorted(match_labels.items())))
-
-    @classmethod
-    def parse(cls, text: str) -> LabelSelector:
-        """Kubernetes label-selector syntax: `a=b,c!=d,e in (x,y),f notin (z),g,!h`."""
-        reqs: list[Requirement] = []
-        for part in _split_top_level(text):
-            part = part.strip()
-            if not part:
-                continue
-            m = re.fullmatch(r"([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)", part)
-            if m:
-                values = frozenset(v.strip() for v in m.group(3).split(",") if v.strip())
-                reqs.append(Requirement(m.group(1), m.group(2), values))
-                continue
-            m = re.fullmatch(r"([\w./-]+)\s*(==|=|!=)\s*([\w./-]*)", part)
-            if m:
-                op = "notin" if m.group(2) == "!=" else "in"
-                reqs.append(Requirement(m.group(1), op, frozenset([m.group(3)])))
-                continue
-            m = re.fullmatch(r"(!?)([\w./-]+)", part)
-            if m:
-                reqs.append(Requirement(m.group(2), "!exists" if m.group(1) else "exists"))
-                continue
-            raise ValueError(f"invalid label selector {text!r}: cannot parse {part!r}")
-        return cls(tuple(reqs))
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
 
 
 # --------------------------------------------------------------------------- pools

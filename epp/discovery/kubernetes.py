@@ -23,7 +23,6 @@ from epp.datalayer.datastore import Datastore, EndpointSpec, ModelRewrite, Objec
 from epp.discovery.kubeclient import Backoff, Reflector, Resource, load_api_client
 from epp.discovery.kubeobjects import (
     LEGACY_GROUP,
-    LabelSelector,
     PodInfo,
     PoolSpec,
     parse_inference_model,
@@ -35,6 +34,7 @@ from epp.discovery.kubeobjects import (
     pool_ref_matches,
 )
 from epp.discovery.leader import LEASE_VERBS, LEASES, LeaderElector
+from epp.labelselector import LabelSelector
 from epp.options import Options, parse_args
 
 __all__ = ["KubernetesDiscovery", "LeaderElector", "REQUIRED_RBAC", "RbacRule", "required_rbac",
