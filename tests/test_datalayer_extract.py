@@ -6,6 +6,7 @@ import pytest
 
 from bench.scrape_cost import realistic_vllm_page
 from epp.datalayer import DEFAULT_SPECS, find_samples, parse_labels, parse_metrics, specs_from_config
+from epp.datalayer.extract import MAX_GPU_BLOCKS, MAX_LABEL_VALUE, LabelCache
 
 VLLM = DEFAULT_SPECS["vllm"]
 
@@ -141,3 +142,68 @@ def test_counter_samples_interleaved_with_created_series():
 def test_pages_without_comment_lines_are_searched_to_the_end():
     page = b"vllm:num_requests_waiting 1\nfoo 2\nvllm:num_requests_waiting{x=\"1\"} 2\nbar 3\n"
     assert parse_metrics(page, VLLM, 1.0).waiting_queue_size == 3
+
+
+# ---------------------------------------------------------------------------- hostile values
+@pytest.mark.parametrize("blocks", ["-1", "0", "NaN", "inf", "-inf", "1e30", "12abc", str(MAX_GPU_BLOCKS + 1)])
+def test_a_bad_block_count_is_missing_never_a_capacity(blocks):
+    problems: list = []
+    page = b'vllm:cache_config_info{block_size="16",num_gpu_blocks="%s"} 1\n' % blocks.encode()
+    m = parse_metrics(page, VLLM, 1.0, problems)
+    assert m.ok and m.num_gpu_blocks is None and m.block_size == 16
+    assert problems and problems[0][0] == "vllm:cache_config_info{num_gpu_blocks}"
+    assert "treated as missing" in problems[0][1]
+
+
+def test_bad_counts_kv_and_lora_are_missing_and_reported():
+    page = (b'vllm:num_requests_waiting{model_name="a"} 1e308\n'
+            b'vllm:num_requests_waiting{model_name="b"} 1e308\n'  # each finite, the sum is not
+            b'vllm:num_requests_running{model_name="a"} -4\n'
+            b'vllm:kv_cache_usage_perc{model_name="a"} 7.5\n'
+            b'vllm:cache_config_info{block_size="-16",num_gpu_blocks="100"} 1\n'
+            b'vllm:lora_requests_info{running_lora_adapters="x",waiting_lora_adapters="",max_lora="-2"} 5\n')
+    problems: list = []
+    m = parse_metrics(page, VLLM, 1.0, problems)
+    assert (m.waiting_queue_size, m.running_requests_size, m.kv_cache_usage_percent) == (0, 0, 0.0)
+    assert (m.block_size, m.num_gpu_blocks, m.max_active_models) == (None, 100, 0)
+    assert m.running_lora_adapters == {"x"}
+    assert sorted(s for s, _ in problems) == sorted([
+        "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+        "vllm:cache_config_info{block_size}", "vllm:lora_requests_info{max_lora}"])
+    for inf in (b"+Inf", b"-Inf", b"1e400"):
+        assert parse_metrics(b"vllm:num_requests_waiting " + inf, VLLM, 1.0).waiting_queue_size == 0
+    assert parse_metrics(b"vllm:num_requests_waiting 3\nvllm:num_requests_waiting{x=\"y\"} 4", VLLM,
+                         1.0).waiting_queue_size == 7  # sane sums still add up
+
+
+def test_trtllm_gauges_out_of_range_are_missing():
+    trt = b"trtllm_kv_cache_tokens_per_block -32\ntrtllm_kv_cache_max_blocks 1e300\n"
+    m = parse_metrics(trt, DEFAULT_SPECS["trtllm-serve"], 1.0)
+    assert (m.block_size, m.num_gpu_blocks) == (None, None)
+
+
+def test_label_values_over_the_cap_are_dropped():
+    huge = b"a," * (MAX_LABEL_VALUE // 2 + 1)
+    labels = parse_labels(b'running_lora_adapters="%s",max_lora="4"' % huge)
+    assert labels == {"max_lora": "4"}
+    page = b'vllm:lora_requests_info{running_lora_adapters="%s",waiting_lora_adapters="w",max_lora="4"} 1\n' % huge
+    m = parse_metrics(page, VLLM, 1.0)
+    assert m.running_lora_adapters == frozenset() and m.waiting_lora_adapters == {"w"} and m.max_active_models == 4
+
+
+def test_label_cache_is_bounded_in_bytes():
+    cache = LabelCache(max_bytes=64 << 10, max_text=4 << 10)
+    for i in range(2000):  # 2,000 distinct ~3 KB label texts, as a page that changes every scrape
+        text = b'max_lora="%d",pad="%s"' % (i, b"x" * 3000)
+        assert cache.labels(text)["max_lora"] == str(i)
+        assert cache.bytes <= 64 << 10
+    assert 0 < len(cache) <= (64 << 10) // 3000
+    big = b'max_lora="1",pad="%s"' % (b"y" * (8 << 10))
+    before = cache.bytes
+    assert cache.labels(big)["max_lora"] == "1" and cache.bytes == before  # over max_text: not cached
+    first = b'max_lora="7"'
+    cache.labels(first)
+    for i in range(10):
+        cache.labels(b'pad="%d%s"' % (i, b"z" * 3000))
+        cache.labels(first)  # recently used: kept
+    assert first in cache._entries

@@ -40,6 +40,8 @@ class ScrapeStats:
     ok: int = 0
     failed: int = 0
     last_error: str = ""
+    rejected: int = 0  # scrapes with values out of range (treated as missing)
+    rejected_series: set[str] = dataclasses.field(default_factory=set)  # logged once each; bounded by the spec
 
 
 # Plain text costs the model server no gzip and us no inflate (HttpGetClient always asks for
@@ -166,7 +168,8 @@ class MetricsCollector:
             # The cap is read per scrape so it can be lowered at run time (tests do).
             resp = await client.get(self.path, max_body=MAX_PAGE_BYTES)
             resp.raise_for_status(200)
-            metrics = parse_metrics(resp.body, self._spec(ep), time.monotonic())
+            problems: list[tuple[str, str]] = []
+            metrics = parse_metrics(resp.body, self._spec(ep), time.monotonic(), problems)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure only marks the snapshot stale
@@ -180,4 +183,14 @@ class MetricsCollector:
         if not ep.metrics.ok and stats.failed:
             log.info("scrape of %s (%s) recovered", ep.name, client.url(self.path))
         stats.ok += 1
+        if problems:
+            self._report(ep, stats, problems)
         self.datastore.set_metrics(ep, metrics)
+
+    def _report(self, ep: Endpoint, stats: ScrapeStats, problems: list[tuple[str, str]]) -> None:
+        """Log a rejected series once per endpoint, not once per scrape."""
+        stats.rejected += 1
+        for series, problem in problems:
+            if series not in stats.rejected_series:
+                stats.rejected_series.add(series)
+                log.warning("endpoint %s: %s: %s", ep.name, series, problem)

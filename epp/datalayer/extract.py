@@ -7,17 +7,22 @@ the metric family's group, and only those lines' labels and values are parsed.
 Tolerated: any label order, escaped quotes and `}` in label values, `_created`/`_total`
 siblings and HELP/TYPE lines (they never match "\\n<name>{" or "\\n<name> "), several
 series per name (e.g. one per model_name or engine rank), trailing timestamps, CRLF,
-NaN and missing series.
+NaN and missing series. Hostile values (negative, infinite, absurdly large, huge labels)
+count as missing: see "sanity" below.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
+from collections import OrderedDict
 
 from epp.datalayer.specs import EngineMetricSpec
 from epp.framework import Metrics
+
+MAX_LABEL_VALUE = 16 << 10  # bytes; a longer label value is dropped (LoRA lists are a few KB at most)
+LABEL_CACHE_BYTES = 256 << 10  # raw label text held by the label cache
+MAX_CACHED_LABEL_TEXT = 4 << 10  # longer label texts are parsed each time, never cached
 
 _LABEL = re.compile(rb'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 _ESCAPE = re.compile(rb"\\(.)")
@@ -77,52 +82,135 @@ def _sample(line: bytes, has_labels: bool) -> tuple[bytes, float] | None:
 
 
 def parse_labels(text: bytes) -> dict[str, str]:
-    """Label text between the braces -> {name: unescaped value}."""
+    """Label text between the braces -> {name: unescaped value}. A value longer than
+    MAX_LABEL_VALUE bytes is dropped (as if the label were absent)."""
     labels: dict[str, str] = {}
     for key, value in _LABEL.findall(text):
+        if len(value) > MAX_LABEL_VALUE:
+            continue
         if b"\\" in value:
             value = _ESCAPE.sub(lambda m: b"\n" if m.group(1) == b"n" else m.group(1), value)
         labels[key.decode()] = value.decode("utf-8", "replace")
     return labels
 
 
-# Info series (cache config, LoRA state) repeat the same label text scrape after scrape.
-_labels_of = functools.lru_cache(maxsize=1024)(parse_labels)
+class LabelCache:
+    """Parsed label text of info series (cache config, LoRA state), which repeat scrape
+    after scrape. Least recently used first out; bounded by the bytes of the raw texts it
+    holds, and texts over `max_text` are parsed every time instead of cached (a page can
+    carry a huge label value that changes every scrape)."""
+
+    def __init__(self, max_bytes: int = LABEL_CACHE_BYTES, max_text: int = MAX_CACHED_LABEL_TEXT) -> None:
+        self.max_bytes = max_bytes
+        self.max_text = max_text
+        self.bytes = 0
+        self._entries: OrderedDict[bytes, dict[str, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def labels(self, text: bytes) -> dict[str, str]:
+        entries = self._entries
+        hit = entries.get(text)
+        if hit is not None:
+            entries.move_to_end(text)
+            return hit
+        labels = parse_labels(text)
+        if len(text) <= self.max_text:
+            entries[text] = labels
+            self.bytes += len(text)
+            while self.bytes > self.max_bytes:
+                old, _ = entries.popitem(last=False)
+                self.bytes -= len(old)
+        return labels
 
 
-def _finite(samples: list[tuple[bytes, float]]) -> list[float]:
-    return [v for _, v in samples if not math.isnan(v)]
+_label_cache = LabelCache()
 
 
-def _sum_int(page: bytes, name: str) -> int:
-    values = [v for v in _finite(find_samples(page, name)) if not math.isinf(v)] if name else []
-    return int(sum(values))
+# --------------------------------------------------------------------------- sanity
+# A value outside these ranges is not a real engine's: it is treated as missing, never
+# trusted as a capacity or a count (a negative block count once made the prefix index's
+# eviction loop forever).
+MAX_COUNT = 1 << 20  # waiting or running requests of one endpoint
+MAX_BLOCK_SIZE = 1 << 16  # tokens per KV block
+MAX_GPU_BLOCKS = 1 << 24  # KV blocks of one endpoint (16 tokens each: 268M tokens)
+MAX_LORA = 1 << 10  # LoRA adapter slots
 
 
-def _max_int(page: bytes, name: str) -> int | None:
-    values = [v for v in _finite(find_samples(page, name)) if not math.isinf(v)] if name else []
-    return int(max(values)) if values else None
+def _in_range(value: float, low: float, high: float) -> bool:
+    return low <= value <= high  # False for NaN; inf is above any bound
 
 
-def _label_int(labels: dict[str, str], key: str) -> int | None:
-    try:
-        return int(float(labels[key]))
-    except (KeyError, ValueError, OverflowError):
+class _Report:
+    """Collects the series whose values were rejected, for the caller to log."""
+
+    __slots__ = ("problems",)
+
+    def __init__(self, problems: list[tuple[str, str]] | None) -> None:
+        self.problems = problems
+
+    def bad(self, series: str, what: str, value: object) -> None:
+        if self.problems is not None:
+            self.problems.append((series, f"{what} {value!r} out of range, treated as missing"))
+
+
+def _values(page: bytes, name: str) -> list[float]:
+    return [v for _, v in find_samples(page, name) if not math.isnan(v)] if name else []
+
+
+def _count(page: bytes, name: str, report: _Report) -> int:
+    """Sum of a count series' samples (e.g. one per model name); 0 when missing or bad."""
+    values = _values(page, name)
+    total = math.fsum(values) if all(_in_range(v, 0, MAX_COUNT) for v in values) else -1.0
+    if not _in_range(total, 0, MAX_COUNT):
+        report.bad(name, "sum of", values[:4])
+        return 0
+    return int(total)
+
+
+def _gauge_int(page: bytes, name: str, low: int, high: int, report: _Report) -> int | None:
+    values = _values(page, name)
+    sane = [v for v in values if _in_range(v, low, high)]
+    if values and not sane:
+        report.bad(name, "value", values[0])
+    return int(max(sane)) if sane else None
+
+
+def _label_int(labels: dict[str, str], key: str, low: int, high: int, series: str, report: _Report) -> int | None:
+    text = labels.get(key)
+    if text is None:
         return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not _in_range(value, low, high):
+        report.bad(f"{series}{{{key}}}", "value", text[:40])
+        return None
+    return int(value)
 
 
 def _adapters(text: str) -> frozenset[str]:
     return frozenset(a.strip() for a in text.split(",") if a.strip())
 
 
-def parse_metrics(page: bytes, spec: EngineMetricSpec, update_time: float) -> Metrics:
+def parse_metrics(page: bytes, spec: EngineMetricSpec, update_time: float,
+                  problems: list[tuple[str, str]] | None = None) -> Metrics:
     """One scrape -> an immutable Metrics snapshot (ok=True). Missing series leave
-    their field at the default: an engine that omits LoRA info is still healthy."""
+    their field at the default: an engine that omits LoRA info is still healthy.
+    Values out of range (negative, NaN, infinite, absurdly large) count as missing and
+    are listed in `problems` as (series, description) when it is given."""
+    report = _Report(problems)
     kv = 0.0
     for name in spec.kv_cache_usage:
-        values = _finite(find_samples(page, name))
+        values = _values(page, name)
         if values:
-            kv = max(values)
+            sane = [v for v in values if _in_range(v, 0.0, 1.0)]
+            if sane:
+                kv = max(sane)
+            else:
+                report.bad(name, "value", values[0])
             break
 
     running_lora: frozenset[str] = frozenset()
@@ -130,30 +218,30 @@ def parse_metrics(page: bytes, spec: EngineMetricSpec, update_time: float) -> Me
     max_lora = 0
     if spec.lora_info:
         # The value is a timestamp: the series with the largest one is current.
-        latest = max(((v, raw) for raw, v in find_samples(page, spec.lora_info) if not math.isnan(v)),
+        latest = max(((v, raw) for raw, v in find_samples(page, spec.lora_info) if math.isfinite(v)),
                      key=lambda s: s[0], default=None)
         if latest is not None:
-            labels = _labels_of(latest[1])
+            labels = _label_cache.labels(latest[1])
             running_lora = _adapters(labels.get("running_lora_adapters", ""))
             waiting_lora = _adapters(labels.get("waiting_lora_adapters", ""))
-            max_lora = _label_int(labels, "max_lora") or 0
+            max_lora = _label_int(labels, "max_lora", 0, MAX_LORA, spec.lora_info, report) or 0
 
     block_size = num_blocks = None
     if spec.cache_info:
         for raw, _ in find_samples(page, spec.cache_info):
-            labels = _labels_of(raw)
-            block_size = _label_int(labels, spec.block_size_label)
-            num_blocks = _label_int(labels, spec.num_blocks_label)
+            labels = _label_cache.labels(raw)
+            block_size = _label_int(labels, spec.block_size_label, 1, MAX_BLOCK_SIZE, spec.cache_info, report)
+            num_blocks = _label_int(labels, spec.num_blocks_label, 1, MAX_GPU_BLOCKS, spec.cache_info, report)
             if block_size is not None or num_blocks is not None:
                 break
     if spec.block_size_gauge:
-        block_size = _max_int(page, spec.block_size_gauge)
+        block_size = _gauge_int(page, spec.block_size_gauge, 1, MAX_BLOCK_SIZE, report)
     if spec.num_blocks_gauge:
-        num_blocks = _max_int(page, spec.num_blocks_gauge)
+        num_blocks = _gauge_int(page, spec.num_blocks_gauge, 1, MAX_GPU_BLOCKS, report)
 
     return Metrics(
-        waiting_queue_size=_sum_int(page, spec.waiting_queue),
-        running_requests_size=_sum_int(page, spec.running_requests),
+        waiting_queue_size=_count(page, spec.waiting_queue, report),
+        running_requests_size=_count(page, spec.running_requests, report),
         kv_cache_usage_percent=kv,
         running_lora_adapters=running_lora,
         waiting_lora_adapters=waiting_lora,

@@ -21,6 +21,7 @@ import re
 MAX_BODY = 16 << 20  # default body cap; a /metrics page is tens of KB
 MAX_HEAD = 64 << 10  # status line + headers
 _MAX_LINE = 4096  # chunk-size and trailer lines
+_MAX_LENGTH_DIGITS = 18  # a longer Content-Length is over any cap (and int() refuses 4,300+ digits)
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
 _NO_CRLF = re.compile(r"[^\r\n]*")
 
@@ -190,7 +191,7 @@ class ResponseParser:
         lines = head.decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code, _, reason = rest.partition(" ")
-        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not (code.isascii() and code.isdigit()):
             raise ProtocolError(f"bad status line {lines[0][:100]!r}")
         headers: dict[str, str] = {}
         for line in lines[1:]:
@@ -229,6 +230,8 @@ class ResponseParser:
             return False
         if not length.isdigit() or not length.isascii():
             raise ProtocolError(f"bad Content-Length {length[:40]!r}")
+        if len(length) > _MAX_LENGTH_DIGITS:
+            raise BodyTooLarge(f"body of a {len(length)}-digit length exceeds {self.max_body} bytes")
         size = int(length)
         if size > self.max_body:
             raise BodyTooLarge(f"body of {size} bytes exceeds {self.max_body}")
@@ -276,9 +279,10 @@ class _Connection(asyncio.Protocol):
             return
         try:
             response = parser.feed(data)
-        except HttpError as e:
+        except Exception as e:  # noqa: BLE001 - an exception must never escape an asyncio callback
             self.parser = None
-            waiter.set_exception(e)
+            waiter.set_exception(e if isinstance(e, HttpError) else
+                                 ProtocolError(f"unparsable response ({type(e).__name__}: {str(e)[:100]})"))
             return
         if response is not None:
             self.parser = self.waiter = None
