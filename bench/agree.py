@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 from bench.cluster import ClusterConfig, scaled, simulate
 from bench.loadgen import Progress, Summary, percentile, run_load
-from bench.stack import hit_rate, stack
+from bench.strategies import stack
 from bench.workloads import LoadSpec, SharedPrefix, WorkloadSpec, generate
+from devstack.localstack import hit_rate
 from simulator.engine import EngineConfig
 
 # Real-stack strategy -> the cluster simulation's equivalent.

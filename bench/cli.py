@@ -168,7 +168,7 @@ def cmd_cluster(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- routing
 def cmd_routing(argv: list[str]) -> int:
     from bench.routing import run_routing
-    from bench.stack import ROUTING_STRATEGIES
+    from bench.strategies import ROUTING_STRATEGIES
 
     ap = argparse.ArgumentParser(prog="epp bench routing", description="routing strategies through the real Envoy")
     ap.add_argument("--servers", type=int, default=4)

@@ -28,29 +28,19 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import orjson
 
 from bench.loadgen import Progress, RequestResult, Summary
+from bench.strategies import picker_config
 from bench.workloads import LoadSpec, WorkItem, arrival_times
 from epp.errors import InferenceError
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
+from epp.requestcontrol.inflight import InFlightCharge
 from epp.requestcontrol.parsers.openai import parse_request
 from simulator.clock import VirtualClock
 from simulator.engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong, block_hashes
 from simulator.tokenizer import apply_chat_template, encode
-
-RANDOM_PICKER_CONFIG = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: random-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: random-picker
-"""
 
 _SSE_HEADERS = {"content-type": "text/event-stream"}
 _JSON_HEADERS = {"content-type": "application/json"}
@@ -187,8 +177,9 @@ class LeastQueue(Router):
 
 
 class PickerRouter(Router):
-    """The real pipeline on the simulated endpoints, with the director's bookkeeping
-    (epp/director.py): in-flight counts and token estimates, and the response hooks."""
+    """The real pipeline on the simulated endpoints, with the director's in-flight
+    bookkeeping (epp.requestcontrol.inflight, the piece the director itself uses) and the
+    response hooks."""
 
     needs_request = True
 
@@ -199,18 +190,12 @@ class PickerRouter(Router):
         self.endpoints = endpoints
         self.index = {id(e): i for i, e in enumerate(endpoints)}
         self.pipeline = load_pipeline(config_text, PluginHandle(clock=clock.now, rng=rng))
-
-    @staticmethod
-    def _tokens(request: InferenceRequest) -> int:
-        # The director's estimate (it has no tokenizer), not the engine's true count, so
-        # token-load-scorer sees here what it sees in the real picker.
-        return request.estimated_prompt_tokens + (request.max_tokens or 0)
+        self.charges: dict[int, InFlightCharge] = {}  # WorkItem.index -> its charge; at most the items in flight
 
     def route(self, item, prompt, request) -> int:
         _, result = self.pipeline.run_cycle(request, self.endpoints)
         target = result.targets[0]
-        target.in_flight += 1
-        target.in_flight_tokens += self._tokens(request)
+        self.charges[item.index] = InFlightCharge.add(target, request)
         return self.index[id(target)]
 
     def received(self, server, request, info) -> None:
@@ -219,8 +204,7 @@ class PickerRouter(Router):
 
     def complete(self, server, item, prompt, request, info) -> None:
         target = self.endpoints[server]
-        target.in_flight = max(0, target.in_flight - 1)
-        target.in_flight_tokens = max(0, target.in_flight_tokens - self._tokens(request))
+        self.charges.pop(item.index).release()
         info.served_endpoint = target.hostport
         if self.pipeline.wants_response_body:  # the director runs these per chunk; the last one here
             self.pipeline.response_streaming(request, info, target)
@@ -319,17 +303,8 @@ def make_router(strategy: str, clock: VirtualClock, engines: list[Engine], endpo
         return LeastQueue(n, rng)
     if strategy == "oracle":
         return Oracle(engines, rng)
-    if strategy == "picker":
-        return PickerRouter(endpoints, None, clock, rng)
-    if strategy == "picker-random":
-        return PickerRouter(endpoints, RANDOM_PICKER_CONFIG, clock, rng)
-    if strategy.startswith("picker:"):
-        path = strategy.partition(":")[2]
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ValueError(f"strategy {strategy}: cannot read config: {e}") from None
-        return PickerRouter(endpoints, text, clock, rng)
+    if strategy.startswith("picker"):
+        return PickerRouter(endpoints, picker_config(strategy, BASE_STRATEGIES), clock, rng)
     raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(BASE_STRATEGIES)}, picker:<config file>)")
 
 

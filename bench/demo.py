@@ -34,9 +34,10 @@ from bench.report import (
     plot_ttft_over_time,
     table,
 )
-from bench.stack import hit_rate, stack
+from bench.strategies import stack
 from bench.workloads import DEFAULT_MODEL, LoadSpec, SharedPrefix, WorkloadSpec, generate
 from devstack.launch import envoy_binary, stop_all
+from devstack.localstack import hit_rate
 
 OUT_DIR = Path("bench/out/demo")
 

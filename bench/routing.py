@@ -1,5 +1,5 @@
 """`epp bench routing`: one workload and rate sweep through the real Envoy with each
-routing strategy (bench.stack), every run on fresh simulator servers."""
+routing strategy (bench.strategies), every run on fresh simulator servers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections.abc import Callable, Sequence
 
 from bench.loadgen import Progress, run_load
 from bench.report import Row
-from bench.stack import hit_rate, stack
+from bench.strategies import stack
 from bench.workloads import WorkloadSpec, generate
+from devstack.localstack import hit_rate
 
 
 def run_routing(spec: WorkloadSpec, strategies: Sequence[str], rates: Sequence[float], *, servers: int,

@@ -1,17 +1,25 @@
-"""A local stack on 127.0.0.1 for tests, benchmarks and the demo: `epp sim` servers and the
-picker (`epp serve`) as child processes on free ports, each stopped by pid on every exit path
-(devstack.launch.Process). A start that fails (the process exits, or is not up in time) stops the
-process and raises with the tail of its log."""
+"""A local stack on 127.0.0.1 for tests, benchmarks and the demo: `epp sim` servers, the
+picker (`epp serve`) and the real Envoy as child processes on free ports, each stopped by pid
+on every exit path (devstack.launch.Process). A start that fails (the process exits, or is not
+up in time) stops the process and raises with the tail of its log.
+
+    with local_stack(4, model="m", time_scale=0.1) as st:          # sims + picker + Envoy
+        ... st.url ...
+    with local_stack(4, model="m", envoy_mode="round-robin") as st: # sims + Envoy, no picker
+"""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+import tempfile
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from devstack.envoy import LB_MODES, Envoy, start_envoy
 from devstack.launch import Process, free_port_range, free_ports, http_ok, port_open, wait_until
 
 EPP = [sys.executable, "-m", "epp.cli"]
@@ -64,6 +72,12 @@ class ServerCounts:
     def __sub__(self, other: ServerCounts) -> ServerCounts:
         return ServerCounts(self.requests - other.requests, self.prefix_hits - other.prefix_hits,
                             self.prefix_queries - other.prefix_queries)
+
+
+def hit_rate(counts: Sequence[ServerCounts]) -> float:
+    """Prefix-cache hit rate in tokens over the servers (NaN if nothing was queried)."""
+    q = sum(c.prefix_queries for c in counts)
+    return sum(c.prefix_hits for c in counts) / q if q else float("nan")
 
 
 @dataclass
@@ -204,3 +218,42 @@ def start_picker(*, log_dir: Path, endpoints: Sequence[str] = (), endpoints_file
         argv.append(f"--config-file={path}")
     argv += extra_flags
     return PickerProcess(argv, grpc, health, metrics, tls, log_dir).start(timeout)
+
+
+# --------------------------------------------------------------------------- the whole stack
+@dataclass
+class LocalStack:
+    url: str  # Envoy's listener
+    sims: SimServers
+    envoy: Envoy
+    picker: PickerProcess | None  # None when Envoy balances by itself (an LB mode)
+
+
+@contextlib.contextmanager
+def local_stack(n: int, *, model: str, time_scale: float = 1.0, envoy_mode: str = "full-duplex",
+                config_text: str | None = None, picker_flags: Sequence[str] = (),
+                sim_flags: Sequence[str] | Mapping[str, object] = (),
+                log_dir: Path | None = None) -> Iterator[LocalStack]:
+    """Fresh simulator servers (cold caches), the picker unless `envoy_mode` is one of Envoy's
+    own load balancers (devstack.envoy.LB_MODES), and Envoy in front; everything stopped
+    when the block exits, however it exits."""
+    tmp = None
+    if log_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="epp-stack-")
+        log_dir = Path(tmp.name)
+    sims = picker = env = None
+    try:
+        sims = start_sims(n, model=model, time_scale=time_scale, log_dir=log_dir, flags=sim_flags)
+        if envoy_mode in LB_MODES:
+            env = start_envoy(envoy_mode, backends=sims.hostports, log_dir=log_dir)
+        else:
+            picker = start_picker(endpoints=sims.hostports, config_text=config_text, extra_flags=picker_flags,
+                                  log_dir=log_dir)
+            env = start_envoy(envoy_mode, epp_port=picker.grpc_port, log_dir=log_dir)
+        yield LocalStack(env.url, sims, env, picker)
+    finally:
+        for part in (env, picker, sims):
+            if part is not None:
+                part.stop()
+        if tmp is not None:
+            tmp.cleanup()

@@ -8,8 +8,8 @@ import pytest
 
 from bench import cli
 from bench.report import machine, table
-from bench.stack import hit_rate, picker_config
-from devstack.localstack import ServerCounts, metric_sum
+from bench.strategies import picker_config
+from devstack.localstack import ServerCounts, hit_rate, metric_sum
 
 
 def test_unknown_benchmark_and_help(capsys):
