@@ -5,6 +5,7 @@ from __future__ import annotations
 HTTP_STATUS = {
     "BadRequest": 400,
     "NotFound": 404,
+    "PayloadTooLarge": 413,
     "ResourceExhausted": 429,
     "ServiceUnavailable": 503,
     "Internal": 500,

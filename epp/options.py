@@ -10,6 +10,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from epp.handlers.protocol import DEFAULT_MAX_REQUEST_BODY_BYTES
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 API_PORT_OFFSET = 10  # native transport: the project API's default port is --grpc-port + 10
 _UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -91,6 +93,7 @@ class Options:
     ignored: list[str]
     ext_proc_transport: str = "grpcio"
     api_port: int = -1  # native transport only: -1 = grpc_port + 10 (API_PORT_OFFSET), 0 = off
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
            "the project API then moves to --api-port)")
     a("--api-port", type=int, default=-1,
       help="project API gRPC port with --ext-proc-transport=native (default --grpc-port + 10; 0 = off)")
+    a("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+      help="largest request body the picker reads, in bytes (default 64 MiB, room for multimodal "
+           "bodies); a larger one is answered 413 through Envoy")
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a("--kubeconfig", default="", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     for name in IGNORED_REFERENCE_FLAGS:
@@ -157,6 +163,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         ports = [int(p) for p in ns.endpoint_target_ports.split(",") if p.strip()]
     except ValueError:
         parser.error(f"--endpoint-target-ports: not a list of ports: {ns.endpoint_target_ports!r}")
+    if ns.max_request_body_bytes <= 0:
+        parser.error(f"--max-request-body-bytes: must be positive, got {ns.max_request_body_bytes}")
     if ns.endpoint_selector and not ports:
         parser.error("--endpoint-selector needs --endpoint-target-ports")
     return Options(
@@ -186,4 +194,5 @@ def parse_args(argv: Sequence[str]) -> Options:
         ignored=ignored,
         ext_proc_transport=ns.ext_proc_transport,
         api_port=ns.api_port,
+        max_request_body_bytes=ns.max_request_body_bytes,
     )

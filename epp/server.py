@@ -29,7 +29,9 @@ from epp.config import ConfigError
 from epp.datalayer.datastore import Datastore
 from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.framework import PluginHandle
-from epp.handlers.extproc import SERVICE_NAME, ExtProcServer, add_ext_proc_server
+from epp.handlers.grpcio import add_ext_proc_server
+from epp.handlers.protocol import SERVICE_NAME
+from epp.handlers.stream import ExtProcHandler
 from epp.options import API_PORT_OFFSET, Options, parse_args
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.pipeline import load_pipeline
@@ -80,8 +82,8 @@ class PickerServer:
         self.admission.observe_queue_duration = self._observe_queue
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
                                  staleness=options.metrics_staleness_threshold)
-        self.ext_proc = ExtProcServer(self.director, disable_subset_filter=options.disable_endpoint_subset_filter,
-                                      serving=self.is_leader)
+        self.ext_proc = ExtProcHandler(self.director, disable_subset_filter=options.disable_endpoint_subset_filter,
+                                       serving=self.is_leader, max_request_body_bytes=options.max_request_body_bytes)
         self.telemetry.add_pool_collector(self.datastore, options.pool_name or "static",
                                           options.metrics_staleness_threshold)
         self.telemetry.add_picker_collector(self.admission, self._prefix_indexes)

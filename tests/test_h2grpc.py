@@ -24,9 +24,10 @@ from test_extproc_protocol import (
     streamed,
 )
 
-from epp.handlers.extproc import METHOD_PATH
+from epp.handlers.h2.frames import PREFACE
 from epp.handlers.h2.hpack import Decoder, HpackError, encode_literal, huffman_decode, huffman_encode
-from epp.handlers.h2.server import PREFACE, H2GrpcServer, ssl_context
+from epp.handlers.h2.server import H2GrpcServer, ssl_context
+from epp.handlers.protocol import METHOD_PATH
 from epp.tls import self_signed
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)

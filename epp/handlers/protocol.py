@@ -1,0 +1,27 @@
+"""ext_proc protocol names, defined once (reference protocol.md): the gRPC method, the
+headers and metadata keys the picker reads and writes, and the body chunk limit."""
+
+from __future__ import annotations
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+METHOD_PATH = f"/{SERVICE_NAME}/Process"
+NOT_LEADER_MESSAGE = "not the leader endpoint picker"
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+DESTINATION_SERVED_HEADER = "x-gateway-destination-endpoint-served"
+PREFILLER_HEADER = "x-prefiller-host-port"
+# Headers the picker owns upstream: a client's copies are removed (the destination is overwritten).
+SYSTEM_HEADERS = (DESTINATION_HEADER, DESTINATION_SERVED_HEADER, PREFILLER_HEADER)
+
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"  # filter metadata Envoy sends: the endpoints allowed
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+LB_NAMESPACE = "envoy.lb"  # dynamic metadata the picker returns: the destination
+EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+UPSTREAM_ADDRESS = "upstream.address"  # the attribute naming the endpoint that served
+
+MAX_CHUNK = 62_000  # streamed_response body chunks are cut at this size, as the reference picker does
+DEFAULT_MAX_REQUEST_BODY_BYTES = 64 * 1024 * 1024  # --max-request-body-bytes: room for multimodal bodies
+
+__all__ = ["SERVICE_NAME", "METHOD_PATH", "NOT_LEADER_MESSAGE", "DESTINATION_HEADER", "DESTINATION_SERVED_HEADER",
+           "PREFILLER_HEADER", "SYSTEM_HEADERS", "SUBSET_NAMESPACE", "SUBSET_KEY", "LB_NAMESPACE",
+           "EXT_PROC_ATTRIBUTES", "UPSTREAM_ADDRESS", "MAX_CHUNK", "DEFAULT_MAX_REQUEST_BODY_BYTES"]
