@@ -22,7 +22,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +34,6 @@ from devstack.launch import free_port
 
 TOKEN = "stand-in-token"
 LEASE_GROUP = "coordination.k8s.io"
-
-
-async def eventually(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    """Poll (without blocking the loop) until predicate() is truthy, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _now_rfc3339() -> str:

@@ -2,7 +2,6 @@
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 from aiohttp import web
@@ -12,6 +11,7 @@ from devstack.launch import free_port
 from epp.datalayer import MetricsCollector, is_stale
 from epp.datalayer.datastore import Datastore, EndpointSpec
 from epp.framework import ENGINE_TYPE_LABEL, Metrics
+from tests.servers import eventually
 
 
 class FakeServer:
@@ -53,14 +53,6 @@ class FakeServer:
             await self._runner.cleanup()
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 SGLANG_PAGE = (b"# TYPE sglang:num_queue_reqs gauge\nsglang:num_queue_reqs{model_name=\"m\"} 11\n"
                b"sglang:num_running_reqs{model_name=\"m\"} 4\nsglang:token_usage{model_name=\"m\"} 0.5\n"
                b"sglang:cache_config_info{page_size=\"64\",num_pages=\"100\"} 1\n")
@@ -89,19 +81,19 @@ async def test_scrapes_fresh_and_marks_a_slow_or_failing_endpoint_stale(servers)
     await collector.start()
     try:
         ep = {e.name: e for e in ds.endpoints()}
-        await until(lambda: all(e.metrics.ok for e in ep.values()), "first scrape of every endpoint")
+        await eventually(lambda: all(e.metrics.ok for e in ep.values()), "first scrape of every endpoint")
         assert ep["a"].metrics.num_gpu_blocks == 27400 and ep["a"].metrics.waiting_queue_size == 1
         assert (ep["sg"].metrics.waiting_queue_size, ep["sg"].metrics.block_size) == (11, 64)
 
         a.page = realistic_vllm_page(waiting=9)
-        await until(lambda: ep["a"].metrics.waiting_queue_size == 9, "a's new queue size")
+        await eventually(lambda: ep["a"].metrics.waiting_queue_size == 9, "a's new queue size")
 
         c.mode = "slow"
-        await until(lambda: not ep["c"].metrics.ok, "c stale after a timeout", timeout=15)
+        await eventually(lambda: not ep["c"].metrics.ok, "c stale after a timeout", timeout=15)
         stale = ep["c"].metrics
         assert stale.num_gpu_blocks == 27400  # last snapshot kept, only marked not ok
         fresh_since = time.monotonic()
-        await until(lambda: ep["a"].metrics.update_time > fresh_since and ep["b"].metrics.update_time > fresh_since,
+        await eventually(lambda: ep["a"].metrics.update_time > fresh_since and ep["b"].metrics.update_time > fresh_since,
                     "the others keep updating while c hangs")
         assert ep["c"].metrics.update_time == stale.update_time  # its age grows
         assert is_stale(ep["c"].metrics, stale.update_time + 2.5, 2.0)
@@ -109,9 +101,9 @@ async def test_scrapes_fresh_and_marks_a_slow_or_failing_endpoint_stale(servers)
         assert collector.stats(ep["c"]).failed >= 1 and "Timeout" in collector.stats(ep["c"]).last_error
 
         c.mode = "ok"
-        await until(lambda: ep["c"].metrics.ok, "c recovered", timeout=15)
+        await eventually(lambda: ep["c"].metrics.ok, "c recovered", timeout=15)
         c.mode = "fail"
-        await until(lambda: not ep["c"].metrics.ok, "c stale after HTTP 500")
+        await eventually(lambda: not ep["c"].metrics.ok, "c stale after HTTP 500")
         assert "500" in collector.stats(ep["c"]).last_error
     finally:
         await collector.stop()
@@ -124,14 +116,14 @@ async def test_follows_endpoint_set_changes_and_stops(servers):
     collector = MetricsCollector(ds, interval=0.02, timeout=0.5)
     await collector.start()
     try:
-        await until(lambda: all(e.metrics.ok for e in ds.endpoints()), "a and b scraped")
+        await eventually(lambda: all(e.metrics.ok for e in ds.endpoints()), "a and b scraped")
         removed = ds.get("b")
         ds.remove("b")
         assert removed not in collector.scraping()
         await asyncio.sleep(0)  # let the cancellation land
         hits = b.hits
         ds.upsert(spec("c", c))
-        await until(lambda: ds.get("c").metrics.ok, "c scraped after it was added")
+        await eventually(lambda: ds.get("c").metrics.ok, "c scraped after it was added")
         assert b.hits <= hits + 1  # at most the request that was in flight when b left
         assert {e.name for e in collector.scraping()} == {"a", "c"}
     finally:
@@ -149,7 +141,7 @@ async def test_port_override_path_and_unknown_engine(servers):
     collector = MetricsCollector(ds, interval=0.02, port_override=a.port, path="metrics")
     await collector.start()
     try:
-        await until(lambda: ep.metrics.ok, "scrape on the override port")
+        await eventually(lambda: ep.metrics.ok, "scrape on the override port")
         assert ep.metrics.num_gpu_blocks == 27400  # unknown engine scraped as vLLM
     finally:
         await collector.stop()
@@ -161,7 +153,7 @@ async def test_unreachable_endpoint_never_ok_and_never_raises():
     collector = MetricsCollector(ds, interval=0.02, timeout=0.2)
     await collector.start()
     try:
-        await until(lambda: collector.stats(ep).failed >= 3, "repeated failed scrapes")
+        await eventually(lambda: collector.stats(ep).failed >= 3, "repeated failed scrapes")
         assert ep.metrics == Metrics() and is_stale(ep.metrics, time.monotonic(), 2.0)
     finally:
         await collector.stop()
@@ -176,12 +168,12 @@ async def test_chunked_pages_and_the_page_size_bound(servers, monkeypatch):
     collector = MetricsCollector(ds, interval=0.02)
     await collector.start()
     try:
-        await until(lambda: ep.metrics.ok and ep.metrics.waiting_queue_size == 4, "a chunked page parsed")
+        await eventually(lambda: ep.metrics.ok and ep.metrics.waiting_queue_size == 4, "a chunked page parsed")
         monkeypatch.setattr("epp.datalayer.collector.MAX_PAGE_BYTES", 10_000)
-        await until(lambda: not ep.metrics.ok, "an oversized chunked page rejected")
+        await eventually(lambda: not ep.metrics.ok, "an oversized chunked page rejected")
         assert "exceeds" in collector.stats(ep).last_error
         a.mode = "ok"
         collector.stats(ep).last_error = ""
-        await until(lambda: "bytes exceeds 10000" in collector.stats(ep).last_error, "an oversized page rejected by length")
+        await eventually(lambda: "bytes exceeds 10000" in collector.stats(ep).last_error, "an oversized page rejected by length")
     finally:
         await collector.stop()

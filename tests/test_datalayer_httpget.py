@@ -4,7 +4,6 @@ response parser fed at every split point."""
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -22,71 +21,9 @@ from epp.datalayer.httpget import (
     ResponseParser,
     StatusError,
 )
+from tests.servers import RawServer, eventually, length_response
 
 PAGE = realistic_vllm_page()
-
-# respond(reader, writer, connection index, request index on that connection, request head)
-# -> keep the connection open for another request?
-Respond = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int, int, bytes], Awaitable[bool]]
-
-
-class RawServer:
-    """An asyncio TCP server speaking whatever `respond` writes; counts connections so tests
-    can see the client's sockets open and close."""
-
-    def __init__(self, respond: Respond) -> None:
-        self.respond = respond
-        self.accepted = 0
-        self.open = 0
-        self.requests: list[bytes] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> "RawServer":
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for w in list(self._writers):
-            w.close()
-        await self._server.wait_closed()
-        await until(lambda: self.open == 0, "the server's handlers to finish")
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        index, self.accepted, self.open = self.accepted, self.accepted + 1, self.open + 1
-        self._writers.add(writer)
-        try:
-            n = 0
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                    break
-                self.requests.append(head)
-                if not await self.respond(reader, writer, index, n, head):
-                    break
-                n += 1
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-            self.open -= 1
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
-def length_response(body: bytes, status: str = "200 OK", extra: bytes = b"") -> bytes:
-    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n%s\r\n" % (status.encode(), len(body), extra) + body
-
 
 def chunked_response(body: bytes, sizes: tuple[int, ...] = (1, 7, 300, 4096, 2, 65)) -> bytes:
     """Chunks of varied sizes, upper- and lower-case hex, extensions, and a trailer."""
@@ -178,7 +115,7 @@ async def test_chunked_split_at_awkward_boundaries_then_keep_alive():
             assert resp.body == bodies[i] and resp.headers["transfer-encoding"] == "chunked"
         assert client.connects == 1 and server.accepted == 1
         await client.close()
-        await until(lambda: server.open == 0, "the client's close seen by the server")
+        await eventually(lambda: server.open == 0, "the client's close seen by the server")
     finally:
         await client.close()
         await server.stop()
@@ -212,7 +149,7 @@ async def test_byte_at_a_time_head_and_connection_close_bodies():
         resp = await client.get("/c")
         assert (resp.body, resp.keep_alive) == (PAGE, False)
         assert client.connects == 3
-        await until(lambda: server.open == 0, "every connection closed")
+        await eventually(lambda: server.open == 0, "every connection closed")
     finally:
         await client.close()
         await server.stop()
@@ -243,7 +180,7 @@ async def test_reconnects_when_the_server_closed_an_idle_connection():
 
         server.respond = close_idle
         assert (await client.get("/metrics")).body == b"ok"  # answered, then closed by the server
-        await until(lambda: server.open == 0, "server closed the connection")
+        await eventually(lambda: server.open == 0, "server closed the connection")
         assert (await client.get("/metrics")).body == b"ok"
         assert client.connects == 3
     finally:
@@ -269,7 +206,7 @@ async def test_retries_only_once():
         with pytest.raises(ConnectionClosed):
             await client.get("/")  # a fresh connection failing is not retried
         assert server.accepted == 3
-        await until(lambda: server.open == 0, "no connection left open")
+        await eventually(lambda: server.open == 0, "no connection left open")
     finally:
         await client.close()
         await server.stop()
@@ -301,13 +238,13 @@ async def test_timeouts_drop_the_connection_and_use_each_requests_own_deadline()
             await client.get("/", timeout=0.3)  # shorter than the armed timer: must not wait 5 s
         took = time.monotonic() - t0
         assert 0.29 <= took < 3.0, took
-        await until(lambda: server.open == 0, "the timed-out connection closed by the client")
+        await eventually(lambda: server.open == 0, "the timed-out connection closed by the client")
 
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
             await client.get("/partial", timeout=0.3)
         assert 0.29 <= time.monotonic() - t0 < 3.0
-        await until(lambda: server.open == 0, "the half-read connection closed by the client")
+        await eventually(lambda: server.open == 0, "the half-read connection closed by the client")
 
         stall["on"] = False
         assert (await client.get("/")).body == b"fast"  # and it recovers on a new connection
@@ -343,7 +280,7 @@ async def test_oversize_bodies_are_refused_and_the_connection_dropped(aiohttp_se
             await client.get("/chunked")
         with pytest.raises(BodyTooLarge, match="exceeds 10000 bytes"):
             await client.get("/until-close")
-        await until(lambda: server.open == 0, "both refused connections closed")
+        await eventually(lambda: server.open == 0, "both refused connections closed")
     finally:
         await client.close()
         await server.stop()
@@ -365,7 +302,7 @@ async def test_protocol_errors_and_refused_connections():
         for expected in ("bad status line 'SSH-2.0", "bad chunk size line b'zz'", "Content-Encoding 'gzip'"):
             with pytest.raises(ProtocolError, match=expected):
                 await client.get("/")
-        await until(lambda: server.open == 0, "every broken connection closed")
+        await eventually(lambda: server.open == 0, "every broken connection closed")
     finally:
         await client.close()
         await server.stop()
@@ -423,11 +360,11 @@ async def test_close_during_a_request_fails_it_without_a_retry():
     try:
         assert (await client.get("/")).body == b"first"
         pending = asyncio.ensure_future(client.get("/"))
-        await until(lambda: len(server.requests) == 2, "the second request at the server")
+        await eventually(lambda: len(server.requests) == 2, "the second request at the server")
         await client.close()
         with pytest.raises(ConnectionClosed):
             await pending
-        await until(lambda: server.open == 0, "no connection left open")
+        await eventually(lambda: server.open == 0, "no connection left open")
         assert server.accepted == 1  # the cut request was not retried on a new connection
 
         pending = asyncio.ensure_future(client.get("/"))
@@ -435,7 +372,7 @@ async def test_close_during_a_request_fails_it_without_a_retry():
         await client.close()
         with pytest.raises(ConnectionClosed, match="closed while connecting"):
             await pending
-        await until(lambda: server.open == 0, "the connection made after close() closed as well")
+        await eventually(lambda: server.open == 0, "the connection made after close() closed as well")
     finally:
         await client.close()
         await server.stop()
@@ -453,15 +390,15 @@ async def test_collector_keeps_one_connection_per_endpoint_and_closes_it():
     collector = MetricsCollector(ds, interval=0.01, timeout=1.0)
     await collector.start()
     try:
-        await until(lambda: all(len(s.requests) >= 5 for s in servers), "several scrapes of each")
+        await eventually(lambda: all(len(s.requests) >= 5 for s in servers), "several scrapes of each")
         assert all(e.metrics.ok and e.metrics.num_gpu_blocks == 27400 for e in ds.endpoints())
         assert [s.accepted for s in servers] == [1, 1]  # keep-alive: one connection each
         assert b"Accept-Encoding: identity" in servers[0].requests[0]
         ds.remove("s1")
-        await until(lambda: servers[1].open == 0, "the removed endpoint's connection closed")
+        await eventually(lambda: servers[1].open == 0, "the removed endpoint's connection closed")
         assert servers[0].open == 1
         await collector.stop()
-        await until(lambda: servers[0].open == 0, "the last connection closed on stop")
+        await eventually(lambda: servers[0].open == 0, "the last connection closed on stop")
     finally:
         await collector.stop()
         for s in servers:

@@ -11,7 +11,8 @@ import pytest
 from epp.datalayer.datastore import Datastore
 from epp.discovery.kubernetes import KubernetesDiscovery, LeaderElector, required_rbac
 from epp.options import Options, parse_args
-from tests.kubeapi import KubeApiStandIn, eventually, inference_pool, model_rewrite, objective
+from tests.kubeapi import KubeApiStandIn, inference_pool, model_rewrite, objective
+from tests.servers import eventually
 
 LEGACY = "inference.networking.x-k8s.io"
 

@@ -10,7 +10,8 @@ import pytest
 
 from epp.discovery.kubernetes import LeaderElector
 from epp.options import parse_args
-from tests.kubeapi import KubeApiStandIn, eventually
+from tests.kubeapi import KubeApiStandIn
+from tests.servers import eventually
 
 TIMING = {"lease_duration": 4.0, "renew_deadline": 3.0, "retry_period": 0.25}
 
