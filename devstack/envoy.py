@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from devstack.launch import Process, envoy_binary, free_port, wait_until
+from epp.handlers.protocol import DESTINATION_HEADER
 
 EXT_PROC_MODES = ("full-duplex", "buffered", "override-host")
 LB_MODES = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST", "random": "RANDOM", "direct": "ROUND_ROBIN"}
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
 
 
 def _addr(hostport: str) -> dict[str, Any]:
