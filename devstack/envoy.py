@@ -19,14 +19,15 @@ from typing import Any
 
 from devstack.launch import Process, envoy_binary, free_port, wait_until
 from epp.handlers.protocol import DESTINATION_HEADER
+from epp.netaddr import parse_hostport
 
 EXT_PROC_MODES = ("full-duplex", "buffered", "override-host")
 LB_MODES = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST", "random": "RANDOM", "direct": "ROUND_ROBIN"}
 
 
 def _addr(hostport: str) -> dict[str, Any]:
-    host, _, port = hostport.rpartition(":")
-    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+    host, port = parse_hostport(hostport, "envoy address", ip=False)
+    return {"socket_address": {"address": host, "port_value": port}}
 
 
 def _static_cluster(name: str, backends: list[str], **extra: Any) -> dict[str, Any]:

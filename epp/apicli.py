@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import json_format
 
+from epp.netaddr import join_hostport, parse_hostport
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
 
@@ -35,13 +36,6 @@ MULTI_COMMAND = True
 
 
 # ---------------------------------------------------------------------------- connection
-def split_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--addr: expected host:port, got {addr!r}")
-    return host.strip("[]"), int(port)
-
-
 def fetch_server_certificate(host: str, port: int, timeout: float) -> bytes:
     """The PEM certificate the server presents (unverified: it is what we will trust)."""
     ctx = ssl.create_default_context()
@@ -83,8 +77,8 @@ def certificate_names(pem: bytes) -> tuple[list[str], list[str]]:
 
 
 def open_channel(addr: str, tls: bool, timeout: float) -> grpc.Channel:
-    host, port = split_addr(addr)
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    host, port = parse_hostport(addr, "--addr", ip=False)
+    target = join_hostport(host, port)
     if not tls:
         return grpc.insecure_channel(target)
     pem = fetch_server_certificate(host, port, timeout)

@@ -35,6 +35,87 @@ _SCHEDULER = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1
 _PLUGIN = (0.00001, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 MODEL_LABELS = ("model_name", "target_model_name")
+# Model-labelled histograms of a request's life: attribute, name, help, buckets.
+_REQUEST_HISTOGRAMS = (
+    ("request_duration", "inference_objective_request_duration_seconds",
+     "Inference objective response latency distribution in seconds.", _LATENCY),
+    ("request_sizes", "inference_objective_request_sizes",
+     "Inference objective requests size distribution in bytes.", _SIZES),
+    ("response_sizes", "inference_objective_response_sizes",
+     "Inference objective responses size distribution in bytes.", _SIZES),
+    ("input_tokens", "inference_objective_input_tokens", "Inference objective input token count distribution.",
+     _TOKENS),
+    ("output_tokens", "inference_objective_output_tokens", "Inference objective output token count distribution.",
+     _TOKENS),
+    ("cached_tokens", "inference_objective_prompt_cached_tokens",
+     "Inference objective prompt cached token count distribution.", _TOKENS),
+    ("ntpot", "inference_objective_normalized_time_per_output_token_seconds",
+     "Inference objective latency divided by number of output tokens.", _TPOT),
+    ("ttft", "inference_objective_request_ttft_seconds", "Inference objective time to first token in seconds.",
+     _LATENCY),
+    ("tpot", "inference_objective_request_tpot_seconds", "Inference objective time per output token in seconds.",
+     _TPOT),
+)
+
+# Distinct model names that get their own label value, besides the ones the pool knows
+# (`--metrics-max-model-labels`); every other name is counted under OVERFLOW_MODEL_LABEL,
+# as the reference picker does, so made-up names in request bodies cannot grow /metrics.
+DEFAULT_MAX_MODEL_LABELS = 256
+OVERFLOW_MODEL_LABEL = "other"
+KNOWN_MODELS_REFRESH = 1.0  # seconds between re-reads of the models the pool knows
+
+
+def pool_models(datastore: Datastore) -> set[str]:
+    """Model names the pool knows: rewrite sources and targets, objective names, and the
+    LoRA adapters endpoints report running or waiting."""
+    known: set[str] = set(datastore.objectives)
+    for rewrite in datastore.rewrites():
+        for rule in rewrite.rules:
+            known.update(rule.matches)
+            known.update(t.model_rewrite for t in rule.targets)
+    for e in datastore.endpoints():
+        known |= e.metrics.running_lora_adapters
+        known |= e.metrics.waiting_lora_adapters
+    return known
+
+
+class ModelLabels:
+    """Bounds the model label values of the request metrics. A name the pool knows keeps
+    its own label (up to `limit` such names); other names get their own label first come,
+    up to `limit`, then OVERFLOW_MODEL_LABEL. A name once labelled keeps its label, so a
+    gauge's inc and dec always meet the same child."""
+
+    __slots__ = ("limit", "known", "_clock", "_labelled", "_pinned", "_known", "_known_at")
+
+    def __init__(self, limit: int = DEFAULT_MAX_MODEL_LABELS, known: Callable[[], Iterable[str]] = tuple,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.known = known  # the pool's models; read at most every KNOWN_MODELS_REFRESH seconds
+        self._clock = clock
+        self._labelled: set[str] = set()  # first-come names, at most `limit`
+        self._pinned: set[str] = set()  # known names, at most `limit`
+        self._known: frozenset[str] = frozenset()
+        self._known_at = -KNOWN_MODELS_REFRESH
+
+    def __call__(self, model: str) -> str:
+        if not model or model in self._labelled or model in self._pinned:
+            return model
+        if model in self._known_models() and len(self._pinned) < self.limit:
+            self._pinned.add(model)
+            return model
+        if len(self._labelled) < self.limit:
+            self._labelled.add(model)
+            return model
+        return OVERFLOW_MODEL_LABEL
+
+    def _known_models(self) -> frozenset[str]:
+        now = self._clock()
+        if now - self._known_at >= KNOWN_MODELS_REFRESH:
+            self._known, self._known_at = frozenset(self.known()), now
+        return self._known
+
+    def __len__(self) -> int:
+        return len(self._labelled) + len(self._pinned)
 
 
 class PoolCollector(Collector):
@@ -73,9 +154,8 @@ class PoolCollector(Collector):
 
 
 class _PickerCollector(Collector):
-    def __init__(self, admission: Any, prefix_indexes: Callable[[], Iterable[Any]]) -> None:
+    def __init__(self, admission: Any) -> None:
         self._admission = admission
-        self._indexes = prefix_indexes
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         size = GaugeMetricFamily("inference_extension_flow_control_queue_size",
@@ -89,9 +169,7 @@ class _PickerCollector(Collector):
         saturation = GaugeMetricFamily("inference_extension_flow_control_pool_saturation",
                                        "Pool saturation last seen by admission.",
                                        value=float(getattr(self._admission, "last_saturation", 0.0)))
-        indexer = GaugeMetricFamily("inference_extension_prefix_indexer_size", "Size of the prefix indexer.",
-                                    value=sum(len(i) for i in self._indexes()))
-        return [size, qbytes, saturation, indexer]
+        return [size, qbytes, saturation]
 
 
 class _PendingHistogram:
@@ -202,7 +280,21 @@ class _Children:
 
 
 class Telemetry:
-    def __init__(self, registry: CollectorRegistry | None = None, *, commit: str = "", build_ref: str = "") -> None:
+    # model-labelled histograms set from _REQUEST_HISTOGRAMS
+    request_duration: _Children
+    request_sizes: _Children
+    response_sizes: _Children
+    input_tokens: _Children
+    output_tokens: _Children
+    cached_tokens: _Children
+    ntpot: _Children
+    ttft: _Children
+    tpot: _Children
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, commit: str = "", build_ref: str = "",
+                 max_model_labels: int = DEFAULT_MAX_MODEL_LABELS) -> None:
+        # Every model label value goes through this bound (the director applies it once per request).
+        self.model_labels = ModelLabels(max_model_labels)
         r = self.registry = registry if registry is not None else CollectorRegistry()
         flusher = self._flusher = _Flusher()
         r.register(flusher)  # first: collection order is registration order
@@ -216,24 +308,8 @@ class Telemetry:
         self.request_error_total = _Children(Counter(
             "inference_objective_request_error_total", "Counter of inference objective requests errors broken out "
             "for each model and target model.", [*MODEL_LABELS, "error_code"], registry=r), flusher)
-        self.request_duration = hist("inference_objective_request_duration_seconds",
-                                     "Inference objective response latency distribution in seconds.", _LATENCY)
-        self.request_sizes = hist("inference_objective_request_sizes",
-                                  "Inference objective requests size distribution in bytes.", _SIZES)
-        self.response_sizes = hist("inference_objective_response_sizes",
-                                   "Inference objective responses size distribution in bytes.", _SIZES)
-        self.input_tokens = hist("inference_objective_input_tokens",
-                                 "Inference objective input token count distribution.", _TOKENS)
-        self.output_tokens = hist("inference_objective_output_tokens",
-                                  "Inference objective output token count distribution.", _TOKENS)
-        self.cached_tokens = hist("inference_objective_prompt_cached_tokens",
-                                  "Inference objective prompt cached token count distribution.", _TOKENS)
-        self.ntpot = hist("inference_objective_normalized_time_per_output_token_seconds",
-                          "Inference objective latency divided by number of output tokens.", _TPOT)
-        self.ttft = hist("inference_objective_request_ttft_seconds",
-                         "Inference objective time to first token in seconds.", _LATENCY)
-        self.tpot = hist("inference_objective_request_tpot_seconds",
-                         "Inference objective time per output token in seconds.", _TPOT)
+        for attr, name, doc, buckets in _REQUEST_HISTOGRAMS:
+            setattr(self, attr, hist(name, doc, buckets))
         self.running_requests = _Children(Gauge(
             "inference_objective_running_requests", "Inference objective number of running requests in each "
             "model.", ["model_name"], registry=r), flusher)
@@ -253,13 +329,6 @@ class Telemetry:
             "inference_extension_flow_control_request_queue_duration_seconds",
             "Time a request spent in the flow-control queue.", ["fairness_id", "priority", "outcome"],
             buckets=_LATENCY, registry=r), flusher)
-        self.prefix_indexer_hit_ratio = flusher.wrap(Histogram(
-            "inference_extension_prefix_indexer_hit_ratio", "Ratio of prefix length matched to total prefix "
-            "length in the cache lookup.", buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-            registry=r), "histogram")
-        self.prefix_indexer_hit_bytes = flusher.wrap(Histogram(
-            "inference_extension_prefix_indexer_hit_bytes", "Length of the prefix match in number of bytes in "
-            "the cache lookup.", buckets=_SIZES, registry=r), "histogram")
         info = Gauge("inference_extension_info", "General information of the current build.",
                      ["commit", "build_ref"], registry=r)
         info.labels(commit or "unknown", build_ref or "unknown").set(1)
@@ -268,13 +337,9 @@ class Telemetry:
     def add_pool_collector(self, datastore: Datastore, pool_name: str, staleness: float) -> None:
         self.registry.register(PoolCollector(datastore, pool_name, staleness))
 
-    def add_picker_collector(self, admission: Any, prefix_indexes: Callable[[], Iterable[Any]]) -> None:
-        """Flow-control queue gauges and the prefix index size, read when scraped."""
-        self.registry.register(_PickerCollector(admission, prefix_indexes))
-
-    def prefix_match(self, ratio: float, hit_bytes: int) -> None:
-        self.prefix_indexer_hit_ratio.observe(ratio)
-        self.prefix_indexer_hit_bytes.observe(hit_bytes)
+    def add_picker_collector(self, admission: Any) -> None:
+        """Flow-control queue gauges, read when scraped (plugins register their own metrics)."""
+        self.registry.register(_PickerCollector(admission))
 
     def plugin_observer(self) -> Callable[[str, str, str, float], None]:
         """The pipeline's observe(extension_point, plugin_type, plugin_name, seconds) callback."""

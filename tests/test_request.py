@@ -1,4 +1,5 @@
-"""OpenAI body parsing (epp.requestcontrol.parsers.openai) and the response parsers of the director."""
+"""OpenAI body parsing (epp.requestcontrol.parsers.openai) and the response parsers
+(epp.requestcontrol.responses)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import orjson
 import pytest
 
 from epp.errors import InferenceError
-from epp.requestcontrol.director import ModelNameRestorer, UsageParser, subset_ips
+from epp.framework import ResponseInfo
+from epp.requestcontrol.director import subset_ips
 from epp.requestcontrol.parsers.openai import kind_from_path, parse_request, rewritten_body
+from epp.requestcontrol.responses import MAX_SSE_LINE, LineBuffer, ModelNameRestorer, UsageParser
 
 
 def parse(body: dict | bytes, path: str = "/v1/completions", **headers: str):
@@ -108,3 +111,83 @@ def test_model_name_restored_line_by_line():
 def test_subset_ips():
     assert subset_ips(["10.0.0.1:80", "[fd00::1]:80", "10.0.0.2", "fd00::2"]) == {
         "10.0.0.1", "fd00::1", "10.0.0.2", "fd00::2"}
+
+
+# ------------------------------------------------------------------ max_tokens (issue 8 finding 7)
+@pytest.mark.parametrize("value", [-1, -1000000000000000000, 10**18, 2**31, 1.5, "10", True, [], {"n": 1}])
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens"])
+def test_bad_max_tokens_are_bad_request(key, value):
+    with pytest.raises(InferenceError) as e:
+        parse({"model": "m", "prompt": "p", key: value})
+    assert e.value.code == "BadRequest" and e.value.http_status == 400
+    assert e.value.message.startswith(f"{key} must be an integer from 0 to 2147483647, got ")
+
+
+def test_max_tokens_bounds_and_precedence():
+    assert parse({"model": "m", "prompt": "p", "max_tokens": 0}).max_tokens == 0
+    assert parse({"model": "m", "prompt": "p", "max_tokens": 2**31 - 1}).max_tokens == 2**31 - 1
+    assert parse({"model": "m", "prompt": "p", "max_tokens": 100.0}).max_tokens == 100
+    assert parse({"model": "m", "prompt": "p", "max_tokens": None}).max_tokens is None
+    both = {"model": "m", "prompt": "p", "max_tokens": 5, "max_completion_tokens": 9}
+    assert parse(both).max_tokens == 9
+    for literal in (b"-1e18", b"1e18", b"2147483648.0"):  # JSON floats: integral but out of range
+        with pytest.raises(InferenceError, match="max_tokens must be"):
+            parse(b'{"model": "m", "prompt": "p", "max_tokens": ' + literal + b"}")
+
+
+# ------------------------------------------------------------------ bounded response buffers (finding 12)
+def test_line_buffer_joins_pieces_and_holds_the_partial_line():
+    b = LineBuffer(limit=10)
+    assert b.split(b"ab") == b"" and b.split(b"c\nde") == b"abc\n"
+    assert (b.size, b.over) == (2, False)
+    assert b.split(b"f" * 9) == b"" and b.over
+    assert b.take() == b"de" + b"f" * 9 and b.size == 0
+
+
+def test_usage_parser_sse_holds_at_most_one_line_cap_without_newline():
+    p = UsageParser(sse=True)
+    chunk = b"x" * 65536
+    for _ in range(3 * MAX_SSE_LINE // len(chunk)):  # 3 MiB, no newline
+        p.feed(chunk, False)
+        assert p._lines.size <= MAX_SSE_LINE
+    # the tail of the over-long line is skipped; the events after it are still read
+    p.feed(b'x", "usage": {"prompt_tokens": 99}}\ndata: {"usage":{"prompt_tokens":3,"completion_tokens":4}}\n', False)
+    p.feed(b"", True)
+    assert p.usage == {"prompt_tokens": 3, "completion_tokens": 4}
+    info = ResponseInfo()
+    p.fill(info)
+    assert (info.prompt_tokens, info.completion_tokens, info.cached_tokens) == (3, 4, 0)
+
+
+def test_usage_counts_must_be_non_negative_ints():
+    p = UsageParser()
+    p.feed(orjson.dumps({"usage": {"prompt_tokens": -5, "completion_tokens": "7",
+                                   "prompt_tokens_details": {"cached_tokens": True}}}), True)
+    info = ResponseInfo()
+    p.fill(info)
+    assert (info.prompt_tokens, info.completion_tokens, info.cached_tokens) == (0, 0, 0)
+
+
+def test_model_name_restorer_passes_an_over_long_sse_line_through():
+    r = ModelNameRestorer("t", "m", sse=True)
+    out = []
+    chunk = b'data: {"model":"t","x":"' + b"y" * 65536
+    out.append(r.feed(chunk, False))
+    for _ in range(MAX_SSE_LINE // 65536 + 1):
+        out.append(r.feed(b"y" * 65536, False))
+        assert r._lines.size <= MAX_SSE_LINE
+    assert b"".join(out).startswith(b'data: {"model":"t"')  # passed through as written, not held
+    tail = r.feed(b'"}\n\ndata: {"model":"t"}\n\n', False)
+    assert tail.endswith(b'data: {"model":"m"}\n\n')  # rewriting goes on after the long line
+    assert r.feed(b"", True) == b""
+
+
+def test_model_name_restorer_json_over_cap_passes_through(monkeypatch):
+    import epp.requestcontrol.responses as responses
+
+    monkeypatch.setattr(responses, "MAX_JSON_RESPONSE", 100)
+    r = ModelNameRestorer("t", "m", sse=False)
+    assert r.feed(b'{"model":"t",', False) == b""
+    big = b'"pad":"' + b"z" * 200
+    assert r.feed(big, False) == b'{"model":"t",' + big
+    assert r.feed(b'","model":"t"}', True) == b'","model":"t"}'  # the rest of it too, unrewritten

@@ -23,7 +23,6 @@ path's inode as well as its mtime and size.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +39,7 @@ from epp.datalayer.datastore import (
     RewriteRule,
     RewriteTarget,
 )
+from epp.netaddr import parse_hostport, parse_ip
 
 log = logging.getLogger("epp.discovery.static")
 
@@ -58,37 +58,6 @@ class StaticPool:
 # ---------------------------------------------------------------------------- --endpoints
 def endpoint_name(address: str, port: int) -> str:
     return f"ep-{address}-{port}"
-
-
-def parse_hostport(text: str, where: str) -> tuple[str, int]:
-    """"ip:port" or "[v6]:port" -> (ip without brackets, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{where}: {text!r} is not [ipv6]:port")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"{where}: {text!r} is not ip:port (bracket IPv6 as [addr]:port)")
-    return _ip(host, where, text), _port(port_text, where, text)
-
-
-def _ip(host: str, where: str, text: str) -> str:
-    try:
-        return ipaddress.ip_address(host).compressed
-    except ValueError:
-        raise ValueError(f"{where}: {host!r} in {text!r} is not an IP address") from None
-
-
-def _port(port_text: str, where: str, text: str) -> int:
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"{where}: port {port_text!r} in {text!r} is not an integer") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"{where}: port {port} in {text!r} is out of range 1-65535")
-    return port
 
 
 def endpoints_from_flag(items: Iterable[str]) -> list[EndpointSpec]:
@@ -141,7 +110,7 @@ def _int(value: Any, where: str) -> int:
 def _endpoint(raw: Any, where: str) -> EndpointSpec:
     m = _mapping(raw, where, ("name", "address", "port", "labels", "namespace"), ("address", "port"))
     address_text = _str(m["address"], f"{where}.address")
-    address = _ip(address_text.strip("[]"), f"{where}.address", address_text)
+    address = parse_ip(address_text.strip("[]"), f"{where}.address", address_text)
     port = _int(m["port"], f"{where}.port")
     if not 0 < port < 65536:
         raise ValueError(f"{where}.port: {port} is out of range 1-65535")

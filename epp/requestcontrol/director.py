@@ -1,7 +1,7 @@
 """Request control around one scheduling cycle (reference scheduling.md "Request flow").
 
 parse -> model rewrite -> objective & priority -> admission -> candidates (subset hint)
--> pipeline.run_cycle -> in-flight accounting -> response hooks -> release, exactly once.
+-> plugins.run_cycle -> in-flight accounting -> response hooks -> release, exactly once.
 
 The director knows nothing about gRPC or Envoy: the ext_proc layer hands it headers and
 bytes and gets back a `RequestContext` describing where the request goes.
@@ -9,129 +9,35 @@ bytes and gets back a `RequestContext` describing where the request goes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
-import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import orjson
 
 from epp.datalayer.datastore import Datastore
 from epp.errors import InferenceError, service_unavailable
-from epp.flowcontrol.admission import AdmissionController
 from epp.framework import Endpoint, InferenceRequest, ResponseInfo, SchedulingResult
+from epp.logsafe import clean
+from epp.netaddr import split_list
+from epp.requestcontrol.contracts import AdmissionGate, Release, RequestPlugins, ResponseHook
+from epp.requestcontrol.explain import ExplainResult
 from epp.requestcontrol.inflight import InFlightCharge
 from epp.requestcontrol.parsers.openai import MODEL_REWRITE_HEADER, parse_request, rewritten_body
-from epp.telemetry import Telemetry
-from scorers.prefix import CHARS_PER_TOKEN, PREFIX_STATE_KEY
-
-if TYPE_CHECKING:
-    from epp.handlers.api import ExplainResult
+from epp.requestcontrol.responses import ModelNameRestorer, UsageParser
+from epp.scheduling.scheduler import SchedulingTrace
+from epp.telemetry import Telemetry, pool_models
 
 log = logging.getLogger("epp.requestcontrol.director")
 
 REQUEST_ID_HEADER = "x-request-id"
-# Largest response kept in memory to read `usage` from (or restore the model name in).
-MAX_JSON_RESPONSE = 16 * 1024 * 1024
-
-Release = Callable[[], None]
 
 
 def subset_ips(hint: Sequence[str]) -> frozenset[str]:
     """IPs of a subset hint's "ip:port" entries (IPv6 bracketed or bare)."""
-    ips = set()
-    for entry in hint:
-        entry = entry.strip()
-        if entry.startswith("["):
-            ips.add(entry[1:entry.find("]")] if "]" in entry else entry[1:])
-        elif entry.count(":") == 1:
-            ips.add(entry.rsplit(":", 1)[0])
-        else:  # bare IPv4, or bare IPv6 without port
-            ips.add(entry)
-    return frozenset(ips)
-
-
-@dataclass(slots=True)
-class UsageParser:
-    """Reads token usage from a response: SSE `data:` events (split across chunks: the
-    partial line is carried over) or a JSON body (kept until the end, up to a cap)."""
-
-    sse: bool = False
-    _carry: bytes = b""
-    _json: list[bytes] = field(default_factory=list)
-    _json_size: int = 0
-    usage: dict[str, Any] | None = None
-
-    def feed(self, chunk: bytes, eos: bool) -> None:
-        if self.sse:
-            data = self._carry + chunk if self._carry else chunk
-            cut = data.rfind(b"\n")
-            if eos:
-                complete, self._carry = data, b""
-            elif cut < 0:
-                self._carry = data[-MAX_JSON_RESPONSE:]
-                return
-            else:
-                complete, self._carry = data[:cut], data[cut + 1:]
-            if b'"usage"' in complete:
-                for line in complete.split(b"\n"):
-                    if b'"usage"' in line and line.startswith(b"data:"):
-                        self._take(line[5:].strip())
-            return
-        if self._json_size + len(chunk) <= MAX_JSON_RESPONSE:
-            self._json.append(chunk)
-            self._json_size += len(chunk)
-        if eos and self._json:
-            body = b"".join(self._json)
-            self._json = []
-            if b'"usage"' in body:
-                self._take(body)
-
-    def _take(self, payload: bytes) -> None:
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        if isinstance(usage, dict):
-            self.usage = usage
-
-
-class ModelNameRestorer:
-    """Restores the client-facing model name in a response whose request was rewritten.
-    SSE: rewritten line by line (a partial line waits for its end). JSON: rewritten once
-    the whole body is in (intermediate chunks yield nothing)."""
-
-    __slots__ = ("_pattern", "_replacement", "_sse", "_held")
-
-    def __init__(self, target: str, incoming: str, sse: bool) -> None:
-        self._pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(orjson.dumps(target)))
-        self._replacement = rb"\g<1>" + orjson.dumps(incoming).replace(b"\\", b"\\\\")
-        self._sse = sse
-        self._held = b""
-
-    def flush(self) -> bytes:
-        """Whatever is held (the response ended with trailers instead of end_of_stream)."""
-        return self.feed(b"", True)
-
-    def feed(self, chunk: bytes, eos: bool) -> bytes:
-        data = self._held + chunk if self._held else chunk
-        if eos:
-            self._held = b""
-            return self._pattern.sub(self._replacement, data)
-        if not self._sse:
-            if len(data) > MAX_JSON_RESPONSE:  # too big to hold: pass through unrewritten
-                self._held = b""
-                return data
-            self._held = data
-            return b""
-        cut = data.rfind(b"\n") + 1
-        self._held = data[cut:]
-        return self._pattern.sub(self._replacement, data[:cut]) if cut else b""
+    return frozenset(host for host, _ in split_list(hint))
 
 
 @dataclass(slots=True)
@@ -139,8 +45,11 @@ class RequestContext:
     """One request's life in the picker, from headers to the end of the response."""
 
     headers: dict[str, str]
-    request_id: str = ""
+    request_id: str = ""  # the client's x-request-id (or the generated one), escaped for logs
     generated_request_id: bool = False
+    key: str = ""  # the picker's own id for this request: InferenceRequest.request_id, plugins' keys
+    model_label: str = ""  # the request's model and target model as metric labels (bounded)
+    target_label: str = ""
     start: float = 0.0
     request: InferenceRequest | None = None
     result: SchedulingResult | None = None
@@ -163,18 +72,23 @@ class RequestContext:
 
 
 class Director:
-    def __init__(self, datastore: Datastore, pipeline: Any, *, admission: Any = None,
+    """One request's control flow. `plugins` is the configured plugin set (scheduling
+    cycle and response hooks); `admission` is the flow-control gate, built by the caller."""
+
+    def __init__(self, datastore: Datastore, plugins: RequestPlugins, *, admission: AdmissionGate,
                  telemetry: Telemetry | None = None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic, staleness: float | None = None) -> None:
         self.datastore = datastore
         # An endpoint whose scrapes have failed for longer than this is presumed down
         # (static endpoints have no readiness probe to take them out); None = never.
         self.staleness = staleness
-        self.pipeline = pipeline
-        self.admission = admission if admission is not None else AdmissionController(pipeline, clock)
+        self.pipeline = plugins
+        self.admission = admission
         self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.telemetry.model_labels.known = lambda: pool_models(datastore)
         self.rng = rng or random.Random()
         self.clock = clock
+        self._ids = itertools.count(1)
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     # ------------------------------------------------------------------ request phase
@@ -185,13 +99,16 @@ class Director:
             rid = str(uuid.uuid4())
             headers[REQUEST_ID_HEADER] = rid
             ctx.generated_request_id = True
-        ctx.request_id = rid
+        # The client's id is for logs and headers only: two requests may share it, so
+        # accounting keys on an id the picker hands out.
+        ctx.request_id = clean(rid)
+        ctx.key = f"{next(self._ids)}"
         return ctx
 
     def prepare(self, ctx: RequestContext, body: bytes) -> InferenceRequest:
         """Parse, rewrite the model, resolve the objective (no side effects on the pool)."""
         headers = ctx.headers
-        request = parse_request(body, headers, ctx.request_id, headers.get(":path", ""))
+        request = parse_request(body, headers, ctx.key, headers.get(":path", ""))
         if request.incoming_model:
             override = headers.get(MODEL_REWRITE_HEADER)
             target = override or self.datastore.rewrite_model(request.incoming_model, self.rng)
@@ -228,46 +145,43 @@ class Director:
         After a successful admission, `complete(ctx)` must be called exactly once."""
         request = ctx.request = self.prepare(ctx, body)
         tel = self.telemetry
+        labels = tel.model_labels
+        model = ctx.model_label = labels(request.incoming_model)
+        target = ctx.target_label = labels(request.target_model)
         if request.target_model != request.incoming_model:
             ctx.new_body = rewritten_body(request)
-            tel.model_rewrite_decisions.get("", request.incoming_model, request.target_model).inc()
+            tel.model_rewrite_decisions.get("", model, target).inc()
         candidates = self.candidates(subset)
         ctx.release = await self.admission.admit(request, candidates)
         t0 = time.perf_counter()
         try:
-            cycle, result = self.pipeline.run_cycle(request, candidates)
+            _, result = self.pipeline.run_cycle(request, candidates)
         except InferenceError:
-            tel.scheduled(request.target_model, time.perf_counter() - t0, False)
+            tel.scheduled(target, time.perf_counter() - t0, False)
             raise
-        tel.scheduled(request.target_model, time.perf_counter() - t0, True)
+        tel.scheduled(target, time.perf_counter() - t0, True)
         targets = result.targets
         if not targets:
             raise service_unavailable("no endpoint picked for the request")
         ctx.result = result
         ctx.targets = targets
-        match = cycle.get(PREFIX_STATE_KEY)
-        if match is not None and match.hashes:
-            best = max(match.matches.values(), default=0)
-            tel.prefix_match(best / len(match.hashes), best * match.block_size_tokens * CHARS_PER_TOKEN)
         ctx.destination = targets[0].hostport if len(targets) == 1 else ",".join(t.hostport for t in targets)
         if result.headers:
             ctx.upstream_headers.update(result.headers)
         ctx.charge = InFlightCharge.add(targets[0], request)
-        model, target = request.incoming_model, request.target_model
         tel.request_total.get(model, target, request.priority).inc()
         tel.request_sizes.get(model, target).observe(request.size_bytes)
         tel.running_requests.get(model).inc()
         if self._debug:
-            log.debug("routed request_id=%s model=%s target_model=%s endpoint=%s", ctx.request_id, model,
-                      target, ctx.destination)
+            log.debug("routed request_id=%s model=%s target_model=%s endpoint=%s", ctx.request_id,
+                      clean(request.incoming_model), clean(request.target_model), ctx.destination)
 
     def failed(self, ctx: RequestContext, error: InferenceError) -> None:
         """A request ended with an ImmediateResponse: count it and release what it held."""
         r = ctx.request
-        model = r.incoming_model if r else ""
-        self.telemetry.request_error(model, r.target_model if r else "", error.code)
-        log.info("request failed request_id=%s model=%s code=%s: %s", ctx.request_id, model, error.code,
-                 error.message)
+        self.telemetry.request_error(ctx.model_label, ctx.target_label, error.code)
+        log.info("request failed request_id=%s model=%s code=%s: %s", ctx.request_id,
+                 clean(r.incoming_model if r else ""), error.code, clean(error.message))
         self.complete(ctx)
 
     # ------------------------------------------------------------------ response phase
@@ -316,15 +230,10 @@ class Director:
                 if ctx.charge is not None:
                     ctx.charge.release()
                 info = ctx.response
-                usage = ctx.usage.usage if ctx.usage is not None else None
-                if usage:
-                    info.prompt_tokens = _int(usage.get("prompt_tokens"))
-                    info.completion_tokens = _int(usage.get("completion_tokens"))
-                    details = usage.get("prompt_tokens_details")
-                    if isinstance(details, dict):
-                        info.cached_tokens = _int(details.get("cached_tokens"))
+                if ctx.usage is not None:
+                    ctx.usage.fill(info)
                 info.end_of_stream = True
-                self._record_response(ctx, r)
+                self._record_response(ctx)
                 self._hook(self.pipeline.response_complete, ctx, info)
         finally:
             release, ctx.release = ctx.release, None
@@ -332,16 +241,16 @@ class Director:
                 release()
 
     @staticmethod
-    def _hook(hook: Callable[..., None], ctx: RequestContext, info: ResponseInfo) -> None:
+    def _hook(hook: ResponseHook, ctx: RequestContext, info: ResponseInfo) -> None:
         # A failing plugin must not break a response that is already streaming to the client.
         try:
             hook(ctx.request, info, ctx.targets[0])
         except Exception:  # noqa: BLE001
             log.exception("request_id=%s: response hook failed", ctx.request_id)
 
-    def _record_response(self, ctx: RequestContext, r: InferenceRequest) -> None:
+    def _record_response(self, ctx: RequestContext) -> None:
         tel = self.telemetry
-        model, target = r.incoming_model, r.target_model
+        model, target = ctx.model_label, ctx.target_label
         tel.running_requests.get(model).dec()
         info = ctx.response
         if not info.status:  # client went away before the response
@@ -370,9 +279,6 @@ class Director:
     def explain(self, headers: Mapping[str, str], body: bytes) -> ExplainResult:
         """What the picker would do with this request (parse, rewrite, objective, one
         scheduling cycle with a trace) without side effects on the pool or the plugins."""
-        from epp.handlers.api import ExplainResult  # the project API owns the result type
-        from epp.scheduling.scheduler import SchedulingTrace
-
         ctx = self.new_context({k.lower(): v for k, v in headers.items()})
         request = self.prepare(ctx, body)
         candidates = self.reachable(self.datastore.endpoints())
@@ -386,6 +292,3 @@ class Director:
                              primary_profile=result.primary_profile, targets=[e.name for e in result.targets],
                              headers=dict(result.headers))
 
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0

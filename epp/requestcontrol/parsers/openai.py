@@ -19,6 +19,10 @@ FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
 DEFAULT_FAIRNESS_ID = "default-flow"
+# Largest output budget accepted (vLLM's own limit is the model's context length, far
+# below this); anything above, below zero or not an integer is a 400.
+MAX_TOKENS_LIMIT = 2**31 - 1
+_MAX_TOKENS_KEYS = ("max_completion_tokens", "max_tokens")
 
 # Longest path suffix first: /v1/chat/completions also ends with /completions.
 _KIND_BY_PATH = (
@@ -69,6 +73,21 @@ def _prompt_text(kind: str, body: Mapping[str, Any]) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    """The output budget the client asked for (max_completion_tokens wins), validated."""
+    for key in _MAX_TOKENS_KEYS:
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, float) and value.is_integer():  # JSON 100.0: an integer, as vLLM reads it
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS_LIMIT:
+            shown = repr(value) if isinstance(value, (int, float)) else type(value).__name__
+            raise bad_request(f"{key} must be an integer from 0 to {MAX_TOKENS_LIMIT}, got {shown[:32]}")
+        return value
+    return None
+
+
 def parse_request(body: bytes, headers: Mapping[str, str], request_id: str, path: str = "") -> InferenceRequest:
     """Parse an OpenAI body. `headers` has lowercased keys. An empty body (a bodiless
     request such as GET /v1/models) gives kind "none" and model ""."""
@@ -89,7 +108,6 @@ def parse_request(body: bytes, headers: Mapping[str, str], request_id: str, path
     kind = kind_from_path(path) or _kind_from_body(data)
     if not kind:
         raise bad_request("prompt not found in request body (no messages, prompt or input)")
-    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
     salt = data.get("cache_salt")
     return InferenceRequest(
         request_id=request_id,
@@ -103,7 +121,7 @@ def parse_request(body: bytes, headers: Mapping[str, str], request_id: str, path
         objective=objective,
         fairness_id=fairness,
         cache_salt=salt if isinstance(salt, str) else "",
-        max_tokens=max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
+        max_tokens=_max_tokens(data),
         size_bytes=len(body),
     )
 
