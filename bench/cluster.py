@@ -185,11 +185,11 @@ class PickerRouter(Router):
 
     def __init__(self, endpoints: list[Endpoint], config_text: str | None, clock: VirtualClock,
                  rng: random.Random) -> None:
-        from epp.requestcontrol.pipeline import load_pipeline
+        from epp.assembly import load_plugin_set
 
         self.endpoints = endpoints
         self.index = {id(e): i for i, e in enumerate(endpoints)}
-        self.pipeline = load_pipeline(config_text, PluginHandle(clock=clock.now, rng=rng))
+        self.pipeline = load_plugin_set(config_text, PluginHandle(clock=clock.now, rng=rng))
         self.charges: dict[int, InFlightCharge] = {}  # WorkItem.index -> its charge; at most the items in flight
 
     def route(self, item, prompt, request) -> int:

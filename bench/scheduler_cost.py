@@ -14,8 +14,8 @@ import random
 import time
 from collections.abc import Sequence
 
+from epp.assembly import load_plugin_set
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
-from epp.requestcontrol.pipeline import load_pipeline
 
 ENDPOINT_COUNTS = (8, 64, 256)
 PROMPT_CHARS = (1_000, 8_000, 32_000)
@@ -53,7 +53,7 @@ def make_prompts(chars: int, rng: random.Random, count: int, shared_half: bool =
 
 def measure(endpoints: Sequence[Endpoint], prompts: Sequence[str], requests: int, seed: int = 1) -> float:
     """CPU seconds per run_cycle(commit=True) (mean over a round; best round of three)."""
-    pipeline = load_pipeline(None, PluginHandle(rng=random.Random(seed)))
+    pipeline = load_plugin_set(None, PluginHandle(rng=random.Random(seed)))
     reqs = [InferenceRequest(request_id=f"r{i}", target_model="llama", incoming_model="llama", kind="completions",
                              prompt_text=prompts[i % len(prompts)], headers={}) for i in range(requests)]
     for r in reqs[: min(50, requests)]:  # warm the index

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from epp.framework import PluginError, params_from_mapping
+from epp.framework.datakeys import ProducerParam
 from epp.framework.registry import plugin_class
 from epp.options import parse_duration as go_duration
 
@@ -326,9 +327,60 @@ def _kind_of(cls: type) -> set[str]:
     return kinds
 
 
+def _consumes(spec: PluginSpec) -> tuple[ProducerParam, ...]:
+    return getattr(plugin_class(spec.type), "consumes", ())
+
+
+def _wire_producers(plugins: list[PluginSpec]) -> None:
+    """Point every consumer at the producer it reads (see ProducerParam). A consumer that
+    older configs used as the producer (it carries `moved_params`) and whose producer is
+    not configured gets an implicit one, placed just before it and carrying the moved
+    parameters; consumers with the same moved parameters share one."""
+    by_name = {p.name: p for p in plugins}
+    given: dict[str, str] = {}  # consumer that used to publish -> the producer publishing for it now
+    for spec in list(plugins):
+        for ref in _consumes(spec):
+            if not ref.moved_params:
+                continue
+            moved = {k: spec.parameters.pop(k) for k in ref.moved_params if k in spec.parameters}
+            named = spec.parameters.get(ref.param)
+            target = by_name.get(named or ref.producer_type)
+            if target is not None and not target.implicit:
+                if moved:
+                    raise ConfigError(f"{spec.where}.parameters.{next(iter(moved))}: set it on the producer "
+                                      f"{target.name!r}, which {spec.type} reads")
+                given[spec.name] = target.name
+                continue
+            if named and target is None:
+                raise ConfigError(f"{spec.where}.parameters.{ref.param}: no plugin named {named!r} in plugins")
+            if target is None or target.parameters != moved:
+                name, n = ref.producer_type, 1
+                while name in by_name:
+                    n += 1
+                    name = f"{ref.producer_type}-{n}"
+                target = PluginSpec(type=ref.producer_type, name=name, parameters=moved, implicit=True,
+                                    where=spec.where)
+                _check_plugin(target)
+                plugins.insert(plugins.index(spec), target)
+                by_name[name] = target
+            spec.parameters[ref.param] = given[spec.name] = target.name
+    for spec in plugins:
+        for ref in _consumes(spec):
+            old = spec.parameters.pop(ref.legacy_ref, None) if ref.legacy_ref else None
+            if old:
+                if ref.param in spec.parameters:
+                    raise ConfigError(f"{spec.where}.parameters.{ref.legacy_ref}: not allowed together with "
+                                      f"{ref.param}")
+                spec.parameters[ref.param] = given.get(old, old)
+            named = spec.parameters.get(ref.param)
+            if named and named not in by_name:
+                raise ConfigError(f"{spec.where}.parameters.{ref.param}: no plugin named {named!r} in plugins")
+
+
 def _resolve(api_version: str, gates: frozenset[str], plugins: list[PluginSpec],
              profiles: list[ProfileSpec] | None, saturation: Any, flow: FlowControlConfig | None,
              engine_metrics: dict[str, Any]) -> EndpointPickerConfig:
+    _wire_producers(plugins)
     kinds = {p.name: _kind_of(plugin_class(p.type)) for p in plugins}
     by_name = {p.name: p for p in plugins}
 

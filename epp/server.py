@@ -25,16 +25,17 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from epp.assembly import load_plugin_set
 from epp.config import ConfigError
 from epp.datalayer.datastore import Datastore
 from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.framework import PluginHandle
+from epp.framework.metrics import PluginMetrics
 from epp.handlers.grpcio import add_ext_proc_server
 from epp.handlers.protocol import SERVICE_NAME
 from epp.handlers.stream import ExtProcHandler
 from epp.options import API_PORT_OFFSET, Options, parse_args
 from epp.requestcontrol.director import Director
-from epp.requestcontrol.pipeline import load_pipeline
 from epp.telemetry import Telemetry
 
 log = logging.getLogger("epp.server")
@@ -72,8 +73,9 @@ class PickerServer:
         self.datastore = Datastore()
         self.telemetry = Telemetry(registry)
         try:
-            self.pipeline = load_pipeline(read_config_text(options), PluginHandle(),
-                                          observe=self.telemetry.plugin_observer())
+            self.pipeline = load_plugin_set(read_config_text(options),
+                                            PluginHandle(metrics=PluginMetrics(self.telemetry.registry)),
+                                            observe=self.telemetry.plugin_observer())
         except ConfigError as e:
             raise StartupError(f"config error: {e}") from None
         self.datastore.on_endpoints_removed(self.pipeline.endpoints_removed)
@@ -86,7 +88,7 @@ class PickerServer:
                                        serving=self.is_leader, max_request_body_bytes=options.max_request_body_bytes)
         self.telemetry.add_pool_collector(self.datastore, options.pool_name or "static",
                                           options.metrics_staleness_threshold)
-        self.telemetry.add_picker_collector(self.admission, self._prefix_indexes)
+        self.telemetry.add_picker_collector(self.admission)
         self.elector: Any = None
         self.discovery: Any = None
         self.collector: Any = None
@@ -101,9 +103,6 @@ class PickerServer:
         self.metrics_port = 0
         self._health_task: asyncio.Task | None = None
         self._health_state: tuple[bool, bool] | None = None
-
-    def _prefix_indexes(self) -> list[Any]:
-        return [p.index for p in self.pipeline.plugins.values() if getattr(p, "type_name", "") == "prefix-cache-scorer"]
 
     def is_leader(self) -> bool:
         return self.elector is None or self.elector.is_leader

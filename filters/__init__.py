@@ -1,7 +1,2 @@
-"""Built-in filters, one module per theme; importing the package registers them."""
-
-from filters import (  # noqa: F401  (imported to register the plugins)
-    conformance,
-    labels,
-    prefix_affinity,
-)
+"""Built-in filters, one module per theme. Registered by type name in
+epp/framework/registry.py (BUILTINS); nothing imports them but that table."""

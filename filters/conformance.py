@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
-from epp.framework.registry import register
 
 SELECTION_HEADER = "test-epp-endpoint-selection"
 SERVED_HEADER = "x-conformance-test-served-endpoint"
@@ -34,7 +33,6 @@ def parse_selection(value: str) -> tuple[set[str], set[tuple[str, int]]]:
     return ips, pairs
 
 
-@register
 class HeaderBasedTestingFilter:
     """Keeps only the endpoints named in `test-epp-endpoint-selection`; header missing: none."""
 
@@ -51,7 +49,6 @@ class HeaderBasedTestingFilter:
         return [e for e in endpoints if e.address in ips or (e.address, e.port) in pairs]
 
 
-@register
 class DestinationEndpointServedVerifier:
     """Copies the endpoint that actually served into `x-conformance-test-served-endpoint`."""
 

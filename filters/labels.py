@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from epp.framework import ROLE_LABEL, CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.framework.registry import register
 
 _OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
@@ -42,7 +41,6 @@ class LabelSelectorParams:
     matchExpressions: list[LabelSelectorRequirement] = field(default_factory=list)
 
 
-@register
 class LabelSelectorFilter:
     type_name = "label-selector-filter"
     Params = LabelSelectorParams
@@ -80,14 +78,12 @@ class _RoleFilter:
         return out
 
 
-@register
 class DecodeFilter(_RoleFilter):
     type_name = "decode-filter"
     roles = frozenset({"decode", "prefill-decode", "both"})
     keep_unlabeled = True
 
 
-@register
 class PrefillFilter(_RoleFilter):
     type_name = "prefill-filter"
     roles = frozenset({"prefill", "prefill-decode", "both"})

@@ -1,5 +1,5 @@
-"""prefix-cache-affinity-filter: keep the endpoints whose prefix score (from the prefix
-scorer's match in CycleState) is at least affinityThreshold, unless none is; with
+"""prefix-cache-affinity-filter: keep the endpoints whose prefix score (from the match a
+prefix producer published) is at least affinityThreshold, unless none is; with
 probability explorationProbability keep all, so cold endpoints still get warmed."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.framework.registry import register
-from scorers.prefix import PrefixMatch, prefix_state_key
+from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_INFO, PREFIX_MATCH_PRODUCER
 
 
 @dataclass(slots=True)
 class PrefixAffinityParams:
     affinityThreshold: float = 0.80
     explorationProbability: float = 0.01
-    prefixPluginName: str = ""  # which prefix-cache-scorer's match to read; "" = the first one
+    prefixMatchInfoProducerName: str = APPROX_PREFIX_PRODUCER  # whose prefix match to read
+    prefixPluginName: str = ""  # v1.5 name; the config loader turns it into prefixMatchInfoProducerName
 
     def validate(self) -> None:
         if not 0.0 <= self.affinityThreshold <= 1.0:
@@ -25,10 +25,10 @@ class PrefixAffinityParams:
             raise ValueError(f"explorationProbability: must be in [0, 1], got {self.explorationProbability}")
 
 
-@register
 class PrefixCacheAffinityFilter:
     type_name = "prefix-cache-affinity-filter"
     Params = PrefixAffinityParams
+    consumes = (PREFIX_MATCH_PRODUCER,)
 
     def __init__(self, name: str, params: PrefixAffinityParams | None, handle: PluginHandle) -> None:
         p = params or PrefixAffinityParams()
@@ -36,10 +36,10 @@ class PrefixCacheAffinityFilter:
         self.threshold = p.affinityThreshold
         self.exploration = p.explorationProbability
         self.rng = handle.rng
-        self._key = prefix_state_key(p.prefixPluginName)
+        self._key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName)
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
-        m: PrefixMatch | None = cycle.get(self._key)
+        m = cycle.read(self._key)
         if m is None or not m.any_hit:
             return endpoints
         if self.exploration and self.rng.random() < self.exploration:

@@ -1,10 +1,5 @@
-"""Built-in scorers, one module per theme; importing the package registers them."""
+"""Built-in scorers, one module per theme. Registered by type name in
+epp/framework/registry.py (BUILTINS); nothing imports them but that table.
 
-from scorers import (  # noqa: F401  (imported to register the plugins)
-    active_request,
-    context_length,
-    load,
-    no_hit_lru,
-    prefix,
-    session_affinity,
-)
+context-length-aware lives here although it can also filter: scoring is what it always
+does, filtering is opt-in (enableFiltering), and the reference lists it as a scorer."""

@@ -16,7 +16,6 @@ from epp.framework import (
     ResponseInfo,
     SchedulingResult,
 )
-from epp.framework.registry import register
 
 
 @dataclass(slots=True)
@@ -38,7 +37,6 @@ class ActiveRequestParams:
             raise ValueError(str(e)) from None
 
 
-@register
 class ActiveRequestScorer:
     """c <= idleThreshold: 1.0; else (maxCount - c) / maxCount * maxBusyScore, where maxCount
     is the largest count among the candidates."""

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CONTEXT_LENGTH_RANGE_LABEL, CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.framework.registry import register
 
 
 def parse_range(text: str | None) -> tuple[int, int] | None:
@@ -40,7 +39,6 @@ class ContextLengthParams:
     label: str = CONTEXT_LENGTH_RANGE_LABEL
 
 
-@register
 class ContextLengthAware:
     type_name = "context-length-aware"
     Params = ContextLengthParams

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.framework.registry import register
 
 _waiting = attrgetter("metrics.waiting_queue_size")
 _running = attrgetter("metrics.running_requests_size")
@@ -25,7 +24,6 @@ def min_max_inverse(values: Sequence[float]) -> list[float]:
     return [(hi - v) / span for v in values]
 
 
-@register
 class QueueScorer:
     type_name = "queue-scorer"
 
@@ -36,7 +34,6 @@ class QueueScorer:
         return min_max_inverse(list(map(_waiting, endpoints)))
 
 
-@register
 class RunningRequestsSizeScorer:
     type_name = "running-requests-size-scorer"
 
@@ -47,7 +44,6 @@ class RunningRequestsSizeScorer:
         return min_max_inverse(list(map(_running, endpoints)))
 
 
-@register
 class KVCacheUtilizationScorer:
     type_name = "kv-cache-utilization-scorer"
 
@@ -67,7 +63,6 @@ class TokenLoadParams:
             raise ValueError(f"queueThresholdTokens: must be > 0, got {self.queueThresholdTokens}")
 
 
-@register
 class TokenLoadScorer:
     """1 - min(tokens, T)/T on the tokens in flight to each endpoint (kept by the director)."""
 
@@ -92,7 +87,6 @@ class LoadAwareParams:
             raise ValueError(f"threshold: must be > 0, got {self.threshold}")
 
 
-@register
 class LoadAwareScorer:
     """Empty queue: 0.5; else 0.5 * (1 - min(w, T)/T), so any queue scores below an idle server."""
 
@@ -112,7 +106,6 @@ class LoadAwareScorer:
         return out
 
 
-@register
 class LoraAffinityScorer:
     """1.0 adapter running; 0.8 room to load one more; 0.6 adapter waiting; else 0."""
 

@@ -10,34 +10,34 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
-from epp.framework.registry import register
-from scorers.prefix import PrefixMatch, prefix_state_key
+from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_INFO, PREFIX_MATCH_PRODUCER
 
 
 @dataclass(slots=True)
 class NoHitLRUParams:
     lruSize: int = 1024
-    prefixPluginName: str = ""  # which prefix-cache-scorer's match to read; "" = the first one
+    prefixMatchInfoProducerName: str = APPROX_PREFIX_PRODUCER  # whose prefix match to read
+    prefixPluginName: str = ""  # v1.5 name; the config loader turns it into prefixMatchInfoProducerName
 
     def validate(self) -> None:
         if self.lruSize <= 0:
             raise ValueError(f"lruSize: must be > 0, got {self.lruSize}")
 
 
-@register
 class NoHitLRUScorer:
     type_name = "no-hit-lru-scorer"
     Params = NoHitLRUParams
+    consumes = (PREFIX_MATCH_PRODUCER,)
 
     def __init__(self, name: str, params: NoHitLRUParams | None, handle: PluginHandle) -> None:
         p = params or NoHitLRUParams()
         self.name = name
         self.size = p.lruSize
-        self._key = prefix_state_key(p.prefixPluginName)
+        self._key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName)
         self._lru: OrderedDict[Endpoint, None] = OrderedDict()  # oldest cold assignment first
 
     def _cold(self, cycle: CycleState) -> bool:
-        m: PrefixMatch | None = cycle.get(self._key)
+        m = cycle.read(self._key)
         return m is None or not m.any_hit
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:

@@ -9,7 +9,6 @@ import binascii
 from collections.abc import Sequence
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
-from epp.framework.registry import register
 
 SESSION_TOKEN_HEADER = "x-session-token"
 
@@ -18,7 +17,6 @@ def session_token(endpoint: Endpoint) -> str:
     return base64.standard_b64encode(f"{endpoint.namespace}/{endpoint.name}".encode()).decode()
 
 
-@register
 class SessionAffinityScorer:
     type_name = "session-affinity-scorer"
 

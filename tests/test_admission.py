@@ -9,7 +9,7 @@ import pytest
 from epp.errors import InferenceError
 from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
-from epp.requestcontrol.pipeline import load_pipeline
+from epp.assembly import load_plugin_set
 
 DETECTOR = """
 plugins:
@@ -42,7 +42,7 @@ def req(rid, priority=0, flow="default-flow", size=100):
 
 
 def controller(text):
-    p = load_pipeline(text, PluginHandle(rng=random.Random(1)))
+    p = load_plugin_set(text, PluginHandle(rng=random.Random(1)))
     return AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
                                poll_interval=0.005)
 

@@ -130,11 +130,11 @@ async def test_explain_converts_the_trace_and_errors(now):
 
 async def test_explain_with_the_real_director_has_no_side_effects(now):
     from epp.requestcontrol.director import Director
-    from epp.requestcontrol.pipeline import load_pipeline
+    from epp.assembly import load_plugin_set
 
     ds = make_datastore(now)
     ds.set_metrics(ds.get("vllm-b"), Metrics(waiting_queue_size=0, kv_cache_usage_percent=0.1, update_time=now, ok=True))
-    director = Director(ds, load_pipeline(None))  # default profile: queue 2, kv 2, prefix 3, max-score
+    director = Director(ds, load_plugin_set(None))  # default profile: queue 2, kv 2, prefix 3, max-score
     body = json.dumps({"model": "m", "prompt": "the same long shared prefix " * 40}).encode()
     async with Server(ApiServicer(ds, director.explain)) as srv:
         async with grpc.aio.insecure_channel(srv.addr) as channel:

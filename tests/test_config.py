@@ -40,7 +40,11 @@ def test_reference_example_parses_exactly():
     assert cfg.feature_gates == {"flowControl"}
     assert [p.name for p in cfg.plugins if not p.implicit] == [
         "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "picker", "utilization-detector"]
-    assert cfg.plugin("prefix-cache-scorer").parameters["lruCapacityPerServer"] == 31250
+    # v1.5 format: the matching parameters move to an implicit producer the scorer reads
+    producer = cfg.plugin("approx-prefix-cache-producer")
+    assert producer.implicit and producer.type == "approx-prefix-cache-producer"
+    assert producer.parameters == {"blockSizeTokens": 16, "maxPrefixBlocksToMatch": 256, "lruCapacityPerServer": 31250}
+    assert cfg.plugin("prefix-cache-scorer").parameters == {"prefixMatchInfoProducerName": "approx-prefix-cache-producer"}
     (prof,) = cfg.scheduling_profiles
     assert [(r.plugin_ref, r.weight) for r in prof.plugins] == [
         ("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0), ("picker", 1.0)]
@@ -194,3 +198,52 @@ def test_quantities_and_durations():
         parse_quantity("-1", "k")
     with pytest.raises(ConfigError, match="^k: "):
         parse_duration("5 s", "k")
+
+
+def test_prefix_producer_wiring_old_and_new_formats():
+    # new format: the producer is configured; the scorer only names it; nothing implicit added
+    cfg = load_config("""
+plugins:
+- {type: approx-prefix-cache-producer, name: pp, parameters: {blockSizeTokens: 32}}
+- {type: prefix-cache-scorer, parameters: {prefixMatchInfoProducerName: pp}}
+- {type: no-hit-lru-scorer, parameters: {prefixMatchInfoProducerName: pp}}
+""")
+    assert [p.type for p in cfg.plugins if p.type.startswith("approx")] == ["approx-prefix-cache-producer"]
+    assert cfg.plugin("prefix-cache-scorer").parameters == {"prefixMatchInfoProducerName": "pp"}
+    # v1.5: two scorers with different matching parameters get one producer each, placed before
+    # them; the v1.5 consumer parameter prefixPluginName (a scorer's name) now names its producer
+    cfg = load_config("""
+plugins:
+- {type: prefix-cache-affinity-filter, parameters: {prefixPluginName: p2}}
+- {type: prefix-cache-scorer, name: p1}
+- {type: prefix-cache-scorer, name: p2, parameters: {blockSize: 64, autoTune: false}}
+- {type: prefix-cache-scorer, name: p3}
+- {type: prefix-based-pd-decider, parameters: {nonCachedTokens: 10, prefixPluginName: p1}}
+""")
+    names = [p.name for p in cfg.plugins]
+    assert names[:6] == ["prefix-cache-affinity-filter", "approx-prefix-cache-producer", "p1",
+                         "approx-prefix-cache-producer-2", "p2", "p3"]
+    assert cfg.plugin("approx-prefix-cache-producer").parameters == {}
+    assert cfg.plugin("approx-prefix-cache-producer-2").parameters == {"blockSize": 64, "autoTune": False}
+    assert cfg.plugin("p3").parameters == {"prefixMatchInfoProducerName": "approx-prefix-cache-producer"}
+    assert cfg.plugin("prefix-cache-affinity-filter").parameters == {
+        "prefixMatchInfoProducerName": "approx-prefix-cache-producer-2"}
+    assert cfg.plugin("prefix-based-pd-decider").parameters == {
+        "nonCachedTokens": 10, "prefixMatchInfoProducerName": "approx-prefix-cache-producer"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("plugins: [{type: approx-prefix-cache-producer}, {type: prefix-cache-scorer, parameters: {blockSizeTokens: 8}}]",
+     "plugins[1].parameters.blockSizeTokens: set it on the producer 'approx-prefix-cache-producer'"),
+    ("plugins: [{type: prefix-cache-scorer, parameters: {prefixMatchInfoProducerName: nope}}]",
+     "plugins[0].parameters.prefixMatchInfoProducerName: no plugin named 'nope'"),
+    ("plugins: [{type: no-hit-lru-scorer, parameters: {prefixMatchInfoProducerName: nope}}]",
+     "plugins[0].parameters.prefixMatchInfoProducerName: no plugin named 'nope'"),
+    ("plugins: [{type: prefix-cache-scorer, parameters: {blockSizeTokens: 0}}]",
+     "plugins[0].parameters.blockSizeTokens: must be > 0, got 0"),
+    ("plugins: [{type: prefix-cache-scorer}, {type: no-hit-lru-scorer, parameters: "
+     "{prefixPluginName: prefix-cache-scorer, prefixMatchInfoProducerName: approx-prefix-cache-producer}}]",
+     "plugins[1].parameters.prefixPluginName: not allowed together with prefixMatchInfoProducerName"),
+])
+def test_prefix_producer_wiring_errors(text, expected):
+    assert expected in errmsg(text)

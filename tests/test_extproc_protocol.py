@@ -29,7 +29,7 @@ from epp.handlers.h2.server import H2GrpcServer
 from epp.handlers.replies import streamed_body_reply
 from epp.handlers.stream import ExtProcHandler
 from epp.requestcontrol.director import Director
-from epp.requestcontrol.pipeline import load_pipeline
+from epp.assembly import load_plugin_set
 from epp.server import GRPC_OPTIONS
 from epp.telemetry import Telemetry
 
@@ -64,7 +64,7 @@ class Harness:
         for i, ip in enumerate(IPS):
             self.datastore.upsert(EndpointSpec(name=f"ep{i}", address=ip, port=8000))
         self.telemetry = Telemetry()
-        self.pipeline = load_pipeline(config)
+        self.pipeline = load_plugin_set(config)
         self.admission = AdmissionController(self.pipeline, flow_control=gated_flow_control(
             self.pipeline.feature_gates, self.pipeline.flow_control))
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry)

@@ -4,10 +4,10 @@ import random
 
 import pytest
 
+from epp.assembly import build_plugin
 from epp.framework import CycleState, Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
-from epp.framework.registry import build_plugin
 from filters.conformance import parse_selection
-from scorers.prefix import PREFIX_STATE_KEY, PrefixMatch
+from epp.framework.datakeys import PREFIX_MATCH_INFO, PrefixCacheMatchInfo
 
 
 def ep(i, labels=None, addr=None, port=8000, **metrics):
@@ -81,8 +81,9 @@ def test_role_filters():
 
 def test_prefix_cache_affinity_filter():
     eps = [ep(1), ep(2), ep(3)]
-    m = PrefixMatch(list(range(10)), 16, {eps[0]: 9, eps[1]: 8, eps[2]: 2}, any_hit=True)
-    cycle = CycleState({PREFIX_STATE_KEY: m})
+    m = PrefixCacheMatchInfo({eps[0]: 9, eps[1]: 8, eps[2]: 2}, total_blocks=10, block_size_tokens=16, any_hit=True)
+    cycle = CycleState()
+    cycle.write(PREFIX_MATCH_INFO, m)
     f = plugin("prefix-cache-affinity-filter", {"explorationProbability": 0.0})
     assert run(f, eps, cycle=cycle) == [eps[0], eps[1]]  # 0.9, 0.8 >= 0.80
     f = plugin("prefix-cache-affinity-filter", {"explorationProbability": 0.0, "affinityThreshold": 0.95})
@@ -93,6 +94,11 @@ def test_prefix_cache_affinity_filter():
     kept_all = sum(len(run(f, eps, cycle=cycle)) == 3 for _ in range(1000))
     assert 400 < kept_all < 600
     assert run(plugin("prefix-cache-affinity-filter"), eps) == eps  # no prefix state
+    other = plugin("prefix-cache-affinity-filter", {"explorationProbability": 0.0,
+                                                    "prefixMatchInfoProducerName": "other-producer"})
+    assert run(other, eps, cycle=cycle) == eps  # reads only the producer it names
+    cycle.write(PREFIX_MATCH_INFO.of("other-producer"), m)
+    assert run(other, eps, cycle=cycle) == [eps[0], eps[1]]
 
 
 def test_utilization_detector_filter_and_saturation():

@@ -3,8 +3,8 @@
 import random
 from collections import Counter
 
+from epp.assembly import build_plugin
 from epp.framework import CycleState, Endpoint, PluginHandle, ScoredEndpoint
-from epp.framework.registry import build_plugin
 
 
 def eps(n):

@@ -1,4 +1,5 @@
-"""Approximate prefix-cache matching: hashing, index LRU/purge, autoTune, scoring."""
+"""Approximate prefix-cache matching: hashing, index LRU/purge, autoTune (the producer), and
+scoring from the published match (prefix-cache-scorer)."""
 
 import random
 from collections import OrderedDict
@@ -6,6 +7,7 @@ from collections import OrderedDict
 import pytest
 import xxhash
 
+from epp.assembly import build_plugin
 from epp.framework import (
     CycleState,
     Endpoint,
@@ -15,8 +17,9 @@ from epp.framework import (
     ProfileRunResult,
     SchedulingResult,
 )
-from epp.framework.registry import build_plugin
-from scorers.prefix import PrefixIndex, block_hashes
+from epp.framework.datakeys import PREFIX_MATCH_INFO
+from epp.requestcontrol.producers.prefix_blocks import block_hashes
+from epp.requestcontrol.producers.prefix_index import PrefixIndex
 
 
 def ep(i, **metrics):
@@ -27,8 +30,11 @@ def req(prompt, model="m", salt=""):
     return InferenceRequest("r", model, model, "completions", prompt, {}, cache_salt=salt)
 
 
-def scorer(params=None):
-    return build_plugin("prefix-cache-scorer", None, params, PluginHandle(rng=random.Random(1)), "t")
+def producer(params=None):
+    return build_plugin("approx-prefix-cache-producer", None, params, PluginHandle(rng=random.Random(1)), "t")
+
+
+SCORER = build_plugin("prefix-cache-scorer", None, None, PluginHandle(), "t")
 
 
 def commit(p, request, *targets, decode=None):
@@ -43,7 +49,7 @@ def commit(p, request, *targets, decode=None):
 def scores(p, request, endpoints):
     cycle = CycleState()
     p.prepare_request_data(cycle, request, endpoints)
-    return p.score(cycle, request, endpoints)
+    return SCORER.score(cycle, request, endpoints)
 
 
 def test_block_hashes_chain_formula():
@@ -80,7 +86,7 @@ def test_memoised_hashing_matches_the_formula_on_shared_prefixes():
 
 
 def test_hash_memo_stays_bounded_and_exact_when_it_overflows(monkeypatch):
-    import scorers.prefix as prefix
+    import epp.requestcontrol.producers.prefix_blocks as prefix
 
     monkeypatch.setattr(prefix, "_MEMO_CAPACITY", 8)
     monkeypatch.setattr(prefix, "_memo", {})
@@ -124,7 +130,7 @@ def test_index_lru_evicts_trailing_blocks_first_and_purges():
 
 
 def test_scorer_scores_fraction_and_records_on_targets():
-    p = scorer()
+    p = producer()
     e1, e2, e3 = ep(1), ep(2), ep(3)
     base = "s" * 64 * 4  # 4 blocks of 16 tokens x 4 chars
     commit(p, req(base + "t" * 64 * 4), e1)
@@ -137,7 +143,7 @@ def test_scorer_scores_fraction_and_records_on_targets():
 
 
 def test_scorer_records_on_prefill_endpoint_too_and_purges():
-    p = scorer()
+    p = producer()
     d, pf = ep(1), ep(2)
     prompt = "q" * 64 * 3
     commit(p, req(prompt), d, decode=pf)
@@ -147,38 +153,38 @@ def test_scorer_records_on_prefill_endpoint_too_and_purges():
 
 
 def test_fallback_targets_are_not_recorded():
-    p = scorer()
+    p = producer()
     a, b = ep(1), ep(2)
     commit(p, req("z" * 128), a, b)
     assert scores(p, req("z" * 128), [a, b]) == [1.0, 0.0]
 
 
 def test_autotune_uses_endpoint_block_size_and_capacity():
-    p = scorer()
+    p = producer()
     e = ep(1, block_size=32, num_gpu_blocks=3)
     cycle = CycleState()
     p.prepare_request_data(cycle, req("k" * 128 * 5), [e])
-    m = cycle["prefix-cache"]
+    m = cycle.read(PREFIX_MATCH_INFO)
     assert m.block_size_tokens == 32 and m.total == 5  # 32 tokens x 4 chars = 128 per block
     p.pre_request(cycle, req("k" * 128 * 5), SchedulingResult({"d": ProfileRunResult([e])}, "d"))
     assert p.index.endpoint_size(e) == 3  # LRU capacity = num_gpu_blocks
     assert scores(p, req("k" * 128 * 5), [e]) == [pytest.approx(3 / 5)]  # leading 3 blocks kept
 
-    fixed = scorer({"autoTune": False, "blockSizeTokens": 8, "lruCapacityPerServer": 2})
+    fixed = producer({"autoTune": False, "blockSizeTokens": 8, "lruCapacityPerServer": 2})
     c2 = CycleState()
     fixed.prepare_request_data(c2, req("k" * 32 * 5), [e])
-    assert c2["prefix-cache"].total == 5 and c2["prefix-cache"].block_size_tokens == 8
+    assert c2.read(PREFIX_MATCH_INFO).total == 5 and c2.read(PREFIX_MATCH_INFO).block_size_tokens == 8
     fixed.pre_request(c2, req("k"), SchedulingResult({"d": ProfileRunResult([e])}, "d"))
     assert fixed.index.endpoint_size(e) == 2
 
 
 def test_cached_tokens_for_pd_decider():
-    p = scorer({"autoTune": False})
+    p = producer({"autoTune": False})
     e = ep(1)
     commit(p, req("w" * 64 * 3), e)
     cycle = CycleState()
     p.prepare_request_data(cycle, req("w" * 64 * 5), [e])
-    assert cycle["prefix-cache"].cached_tokens(e) == 3 * 16
+    assert cycle.read(PREFIX_MATCH_INFO).cached_tokens(e) == 3 * 16
 
 
 # --------------------------------------------------------------------------- the index's LRU structure

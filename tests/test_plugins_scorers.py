@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from epp.assembly import build_plugin
 from epp.framework import (
     CycleState,
     Endpoint,
@@ -15,8 +16,7 @@ from epp.framework import (
     ResponseInfo,
     SchedulingResult,
 )
-from epp.framework.registry import build_plugin
-from scorers.prefix import PREFIX_STATE_KEY, PrefixMatch
+from epp.framework.datakeys import PREFIX_MATCH_INFO, PrefixCacheMatchInfo
 
 
 def ep(i, labels=None, **metrics):
@@ -124,8 +124,10 @@ def test_session_affinity():
 def test_no_hit_lru_spreads_cold_requests():
     p = plugin("no-hit-lru-scorer")
     eps = [ep(1), ep(2), ep(3)]
-    cold = CycleState({PREFIX_STATE_KEY: PrefixMatch([1, 2], 16, {}, any_hit=False)})
-    warm = CycleState({PREFIX_STATE_KEY: PrefixMatch([1, 2], 16, {eps[0]: 1}, any_hit=True)})
+    cold, warm = CycleState(), CycleState()
+    cold.write(PREFIX_MATCH_INFO, PrefixCacheMatchInfo({}, total_blocks=2, block_size_tokens=16, any_hit=False))
+    warm.write(PREFIX_MATCH_INFO, PrefixCacheMatchInfo({eps[0]: 1}, total_blocks=2, block_size_tokens=16,
+                                                       any_hit=True))
     assert score(p, eps, cycle=cold) == [1.0, 1.0, 1.0]
     p.pre_request(cold, req(), result_for(eps[0]))
     p.pre_request(cold, req(), result_for(eps[1]))

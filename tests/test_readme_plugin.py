@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from epp.assembly import load_plugin_set
 from epp.config import ConfigError, load_config
 from epp.framework import Endpoint, InferenceRequest
-from epp.requestcontrol.pipeline import load_pipeline
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -56,7 +56,7 @@ def test_readme_scorer_routes_to_preferred_hardware(acme, type_name):
         - name: default
           plugins: [{{pluginRef: accelerator-scorer, weight: 1}}, {{pluginRef: max-score-picker}}]
         """)
-    pipeline = load_pipeline(config)
+    pipeline = load_plugin_set(config)
     eps = _endpoints()
     for _ in range(5):
         _, result = pipeline.run_cycle(_request(), eps)

@@ -5,11 +5,11 @@ import time
 
 import pytest
 
+from epp.assembly import load_plugin_set
 from epp.errors import InferenceError
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
-from epp.requestcontrol.pipeline import load_pipeline
 from epp.scheduling.scheduler import SchedulingTrace
-from scorers.prefix import PREFIX_STATE_KEY
+from epp.framework.datakeys import PREFIX_MATCH_INFO
 
 
 def ep(name, queue=0, kv=0.0, **labels):
@@ -27,7 +27,7 @@ def handle(seed=1):
 
 
 def test_default_pipeline_picks_least_loaded_and_weights_sum():
-    p = load_pipeline(None, handle())
+    p = load_plugin_set(None, handle())
     eps = [ep("e1", queue=4, kv=0.5), ep("e2", queue=0, kv=0.1), ep("e3", queue=2, kv=0.9)]
     trace = SchedulingTrace()
     _, result = p.run_cycle(req(), eps, trace=trace)
@@ -43,7 +43,7 @@ def test_default_pipeline_picks_least_loaded_and_weights_sum():
 
 
 def test_prefix_recorded_on_commit_and_wins_next_time():
-    p = load_pipeline(None, handle())
+    p = load_plugin_set(None, handle())
     eps = [ep("e1"), ep("e2"), ep("e3")]
     _, first = p.run_cycle(req(rid="a"), eps)
     chosen = first.targets[0]
@@ -51,11 +51,11 @@ def test_prefix_recorded_on_commit_and_wins_next_time():
     chosen.metrics = Metrics(waiting_queue_size=1, kv_cache_usage_percent=0.2, update_time=time.monotonic(), ok=True)
     cycle, second = p.run_cycle(req(rid="b"), eps)
     assert second.targets == [chosen]
-    assert cycle[PREFIX_STATE_KEY].score(chosen) == 1.0
+    assert cycle.read(PREFIX_MATCH_INFO).score(chosen) == 1.0
 
 
 def test_commit_false_has_no_side_effects():
-    p = load_pipeline("""
+    p = load_plugin_set("""
 plugins:
 - type: prefix-cache-scorer
 - type: active-request-scorer
@@ -64,16 +64,16 @@ plugins:
     eps = [ep("e1"), ep("e2")]
     for i in range(5):
         p.run_cycle(req(rid=f"x{i}"), eps, commit=False)
-    assert len(p.plugins["prefix-cache-scorer"].index) == 0
+    assert len(p.plugins["approx-prefix-cache-producer"].index) == 0
     assert p.plugins["active-request-scorer"].counts == {}
     assert not p.plugins["no-hit-lru-scorer"]._lru
     p.run_cycle(req(rid="y"), eps)
-    assert len(p.plugins["prefix-cache-scorer"].index) > 0
+    assert len(p.plugins["approx-prefix-cache-producer"].index) > 0
     assert sum(p.plugins["active-request-scorer"].counts.values()) == 1
 
 
 def test_no_candidates_is_503_and_all_filtered_is_429():
-    p = load_pipeline("plugins: [{type: header-based-testing-filter}, {type: queue-scorer}]", handle())
+    p = load_plugin_set("plugins: [{type: header-based-testing-filter}, {type: queue-scorer}]", handle())
     with pytest.raises(InferenceError) as e:
         p.run_cycle(req(), [])
     assert e.value.http_status == 503
@@ -83,7 +83,7 @@ def test_no_candidates_is_503_and_all_filtered_is_429():
 
 
 def test_filter_chain_trace_and_failed_profile():
-    p = load_pipeline("""
+    p = load_plugin_set("""
 plugins:
 - type: decode-filter
 - type: header-based-testing-filter
@@ -102,20 +102,18 @@ plugins:
     assert trace.profiles[0].failed
 
 
+class Wild:
+    type_name = "test-wild-scorer"
+
+    def __init__(self, name, params, handle):
+        self.name = name
+
+    def score(self, cycle, request, endpoints):
+        return [5.0, -3.0, float("nan")][: len(endpoints)]
+
+
 def test_scores_are_clamped():
-    from epp.framework.registry import register
-
-    @register
-    class Wild:
-        type_name = "test-wild-scorer"
-
-        def __init__(self, name, params, handle):
-            self.name = name
-
-        def score(self, cycle, request, endpoints):
-            return [5.0, -3.0, float("nan")][: len(endpoints)]
-
-    p = load_pipeline("plugins: [{type: test-wild-scorer}]", handle())
+    p = load_plugin_set(f"plugins: [{{type: '{__name__}:Wild'}}]", handle())
     trace = SchedulingTrace()
     _, result = p.run_cycle(req(), [ep("e1"), ep("e2"), ep("e3")], trace=trace)
     assert trace.profiles[0].totals == {"e1": 1.0, "e2": 0.0, "e3": 0.0}
@@ -124,7 +122,7 @@ def test_scores_are_clamped():
 
 def test_observe_gets_every_extension_point():
     seen = []
-    p = load_pipeline("""
+    p = load_plugin_set("""
 plugins:
 - type: prefix-cache-scorer
 - type: decode-filter
@@ -135,26 +133,26 @@ plugins:
     info = ResponseInfo(status=200)
     p.response_received(req(), info, result.targets[0])
     points = {(s[0], s[2]) for s in seen}
-    assert {("PrepareData", "prefix-cache-scorer"), ("Filter", "decode-filter"),
+    assert {("PrepareData", "approx-prefix-cache-producer"), ("Filter", "decode-filter"),
             ("Scorer", "prefix-cache-scorer"), ("Scorer", "session-affinity-scorer"),
-            ("Picker", "max-score-picker"), ("PreRequest", "prefix-cache-scorer"),
+            ("Picker", "max-score-picker"), ("PreRequest", "approx-prefix-cache-producer"),
             ("ResponseReceived", "session-affinity-scorer")} <= points
     assert all(s[3] for s in seen)
     assert "x-session-token" in info.set_headers
 
 
 def test_endpoints_removed_purges_prefix_index():
-    p = load_pipeline(None, handle())
+    p = load_plugin_set(None, handle())
     eps = [ep("e1"), ep("e2")]
     _, r = p.run_cycle(req(), eps)
-    idx = p.plugins["prefix-cache-scorer"].index
+    idx = p.plugins["approx-prefix-cache-producer"].index
     assert idx.endpoint_size(r.targets[0]) > 0
     p.endpoints_removed([r.targets[0]])
     assert len(idx) == 0 and idx.endpoint_size(r.targets[0]) == 0
 
 
 def test_saturation_uses_detector():
-    p = load_pipeline(None, handle())
+    p = load_plugin_set(None, handle())
     assert p.saturation([ep("e1", queue=10), ep("e2", queue=0)]) == pytest.approx((2.0 + 0.0) / 2)
 
 
@@ -180,7 +178,7 @@ def pd_pool():
 
 
 def test_disagg_long_uncached_prompt_gets_prefill_endpoint():
-    p = load_pipeline(PD_CONFIG, handle())
+    p = load_plugin_set(PD_CONFIG, handle())
     eps = pd_pool()
     trace = SchedulingTrace()
     _, result = p.run_cycle(req(prompt="p" * 4000), eps, trace=trace)  # 1000 tokens, none cached
@@ -197,7 +195,7 @@ def test_disagg_long_uncached_prompt_gets_prefill_endpoint():
 def test_disagg_always_decider_and_prefill_failure_falls_back():
     text = PD_CONFIG.replace("{type: prefix-based-pd-decider, parameters: {nonCachedTokens: 100}}",
                              "{type: always-disagg-pd-decider}")
-    p = load_pipeline(text, handle())
+    p = load_plugin_set(text, handle())
     _, result = p.run_cycle(req(prompt="s" * 10), pd_pool())
     assert result.headers["x-prefiller-host-port"] == "10.0.0.1:8000"
     _, only_decode = p.run_cycle(req(prompt="s" * 10), [pd_pool()[1]])  # no prefill endpoint
@@ -208,12 +206,12 @@ def test_disagg_handler_needs_its_profiles():
     from epp.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"plugins\[1\]\.parameters\.prefillProfile: no scheduling profile"):
-        load_pipeline("plugins: [{type: queue-scorer}, {type: disagg-profile-handler}]\n"
+        load_plugin_set("plugins: [{type: queue-scorer}, {type: disagg-profile-handler}]\n"
                       "schedulingProfiles: [{name: decode, plugins: [{pluginRef: queue-scorer}]}]", handle())
 
 
 def test_conformance_config_routes_only_to_selected_endpoints():
-    p = load_pipeline("""
+    p = load_plugin_set("""
 plugins:
 - type: header-based-testing-filter
 - type: destination-endpoint-served-verifier

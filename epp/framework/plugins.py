@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
+from epp.framework.metrics import PluginMetrics
 from epp.framework.types import (
     CycleState,
     Endpoint,
@@ -125,13 +126,15 @@ class ProfileHandler(Plugin, Protocol):
 @dataclass(slots=True)
 class PluginHandle:
     """What a plugin's constructor may use besides its parameters: other plugin
-    instances by name (for plugins that compose, e.g. a filter reading a scorer's
-    cycle state) and a monotonic clock (virtual in the cluster simulation)."""
+    instances by name (for plugins that compose, e.g. a profile handler finding its
+    decider), a monotonic clock (virtual in the cluster simulation), a random source
+    and the metrics facility a plugin registers its own Prometheus metrics through."""
 
     plugins: Mapping[str, Plugin] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
     # Randomness for pickers and exploration; seed it for reproducible runs (simulation, tests).
     rng: random.Random = field(default_factory=lambda: random.Random())
+    metrics: PluginMetrics = field(default_factory=PluginMetrics)  # default: a private registry
 
     def plugin(self, name: str) -> Plugin:
         return self.plugins[name]

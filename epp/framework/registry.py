@@ -1,8 +1,10 @@
 """Plugin type name -> plugin class.
 
-Built-ins register themselves with `@register`; third-party plugins come from the
-`epp.plugins` entry-point group (name = type name, value = "module:Class") or are
-named directly in the config as "module:Class".
+BUILTINS is the one table of every built-in plugin, by extension point; a module is
+imported the first time one of its types is used, so `epp serve` imports only the
+plugins its config names. Third-party plugins come from the `epp.plugins` entry-point
+group (name = type name, value = "module:Class") or are named directly in the config as
+"module:Class". Nothing else in epp/ imports a plugin module.
 
 A plugin class has:
   type_name: ClassVar[str]
@@ -14,77 +16,79 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Any
 
-from epp.framework import Plugin, PluginError, PluginHandle, params_from_mapping
+from epp.framework.params import PluginError
 
 ENTRY_POINT_GROUP = "epp.plugins"
-_BUILTIN_MODULES = (
-    "filters",
-    "scorers",
-    "epp.scheduling.pickers",
-    "epp.scheduling.profiles",
-    "epp.flowcontrol.saturation",
-)
-_registry: dict[str, type] = {}
-_loaded = False
+
+BUILTINS: dict[str, str] = {
+    # filters
+    "decode-filter": "filters.labels:DecodeFilter",
+    "prefill-filter": "filters.labels:PrefillFilter",
+    "label-selector-filter": "filters.labels:LabelSelectorFilter",
+    "prefix-cache-affinity-filter": "filters.prefix_affinity:PrefixCacheAffinityFilter",
+    "header-based-testing-filter": "filters.conformance:HeaderBasedTestingFilter",
+    "destination-endpoint-served-verifier": "filters.conformance:DestinationEndpointServedVerifier",
+    # scorers
+    "queue-scorer": "scorers.load:QueueScorer",
+    "running-requests-size-scorer": "scorers.load:RunningRequestsSizeScorer",
+    "kv-cache-utilization-scorer": "scorers.load:KVCacheUtilizationScorer",
+    "token-load-scorer": "scorers.load:TokenLoadScorer",
+    "load-aware-scorer": "scorers.load:LoadAwareScorer",
+    "lora-affinity-scorer": "scorers.load:LoraAffinityScorer",
+    "active-request-scorer": "scorers.active_request:ActiveRequestScorer",
+    "session-affinity-scorer": "scorers.session_affinity:SessionAffinityScorer",
+    "prefix-cache-scorer": "scorers.prefix:PrefixCacheScorer",
+    "no-hit-lru-scorer": "scorers.no_hit_lru:NoHitLRUScorer",
+    "context-length-aware": "scorers.context_length:ContextLengthAware",  # a scorer that can also filter
+    # pickers
+    "max-score-picker": "epp.scheduling.pickers:MaxScorePicker",
+    "random-picker": "epp.scheduling.pickers:RandomPicker",
+    "weighted-random-picker": "epp.scheduling.pickers:WeightedRandomPicker",
+    # profile handlers and their prefill/decode deciders
+    "single-profile-handler": "epp.scheduling.profiles.single:SingleProfileHandler",
+    "disagg-profile-handler": "epp.scheduling.profiles.disaggregated:DisaggProfileHandler",
+    "prefix-based-pd-decider": "epp.scheduling.profiles.disaggregated:PrefixBasedPDDecider",
+    "always-disagg-pd-decider": "epp.scheduling.profiles.disaggregated:AlwaysDisaggPDDecider",
+    # data producers (requestcontrol)
+    "approx-prefix-cache-producer": "epp.requestcontrol.producers.prefix:ApproxPrefixCacheProducer",
+    # saturation detectors (flowcontrol)
+    "utilization-detector": "epp.flowcontrol.saturation:UtilizationDetector",
+}
+
+_loaded: dict[str, type] = {}
 
 
-def register(cls: type) -> type:
-    """Class decorator for built-in plugins."""
-    name = getattr(cls, "type_name", None)
-    if not name:
-        raise TypeError(f"{cls.__name__} has no type_name")
-    _registry[name] = cls
+def _import(type_name: str, target: str, where: str) -> type:
+    module, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise PluginError(f"{where}: cannot load plugin {type_name!r}: {e}") from None
+    _loaded[type_name] = cls
     return cls
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
 
 
 def plugin_class(type_name: str, where: str = "type") -> type:
     """Resolve a type name: built-in, entry point, or "module:Class"."""
-    _load_builtins()
-    if type_name in _registry:
-        return _registry[type_name]
+    cls = _loaded.get(type_name)
+    if cls is not None:
+        return cls
+    target = BUILTINS.get(type_name)
+    if target is not None:
+        return _import(type_name, target, where)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == type_name:
             try:
                 cls = ep.load()
             except Exception as e:  # noqa: BLE001 - a broken third-party package must not crash start-up
                 raise PluginError(f"{where}: cannot load plugin {type_name!r} from entry point {ep.value!r}: {e}") from None
-            _registry[type_name] = cls
+            _loaded[type_name] = cls
             return cls
     if ":" in type_name:
-        module, _, attr = type_name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise PluginError(f"{where}: cannot load plugin {type_name!r}: {e}") from None
-        _registry[type_name] = cls
-        return cls
-    raise PluginError(f"{where}: unknown plugin type {type_name!r} (known: {', '.join(sorted(_registry))})")
-
-
-def build_plugin(type_name: str, name: str | None, parameters: dict[str, Any] | None,
-                 handle: PluginHandle, where: str) -> Plugin:
-    cls = plugin_class(type_name, f"{where}.type")
-    params_cls = getattr(cls, "Params", None)
-    if params_cls is None:
-        if parameters:
-            raise PluginError(f"{where}.parameters: plugin {type_name!r} takes no parameters")
-        params = None
-    else:
-        params = params_from_mapping(params_cls, parameters, f"{where}.parameters")
-    return cls(name or type_name, params, handle)
+        return _import(type_name, type_name, where)
+    raise PluginError(f"{where}: unknown plugin type {type_name!r} (known: {', '.join(known_types())})")
 
 
 def known_types() -> list[str]:
-    _load_builtins()
-    return sorted(_registry)
+    return sorted(BUILTINS)

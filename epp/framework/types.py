@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from epp.framework.datakeys import DataKey
+
+T = TypeVar("T")
 
 # Endpoint label keys read by built-in plugins.
 ENGINE_TYPE_LABEL = "inference.networking.k8s.io/engine-type"
@@ -88,9 +92,17 @@ class InferenceRequest:
 
 # --------------------------------------------------------------------------- cycle
 class CycleState(dict[str, Any]):
-    """Per-request scratch space shared by the plugins of one scheduling cycle
-    (e.g. the prefix matcher stores its match result here for the scorer, the
-    affinity filter and the pre-request hook). Keys are namespaced by plugin type."""
+    """Per-request data shared by the plugins of one cycle: a producer writes under a
+    typed key in PrepareData (e.g. the prefix match), consumers read it by the same key.
+    A dict underneath, so a read costs one lookup."""
+
+    __slots__ = ()
+
+    def read(self, key: DataKey[T]) -> T | None:
+        return self.get(key.name)
+
+    def write(self, key: DataKey[T], value: T) -> None:
+        self[key.name] = value
 
 
 @dataclass(slots=True)

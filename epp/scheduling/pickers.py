@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, PluginHandle, ProfileRunResult, ScoredEndpoint
-from epp.framework.registry import register
 
 
 @dataclass(slots=True)
@@ -37,7 +36,6 @@ class _Picker:
         raise NotImplementedError
 
 
-@register
 class MaxScorePicker(_Picker):
     """Shuffle, stable sort by score descending, take maxNumOfEndpoints: ties broken at random."""
 
@@ -62,7 +60,6 @@ class MaxScorePicker(_Picker):
         return ProfileRunResult([endpoints[i] for i in order[: self.max_endpoints]])
 
 
-@register
 class RandomPicker(_Picker):
     type_name = "random-picker"
     Params = PickerParams
@@ -73,7 +70,6 @@ class RandomPicker(_Picker):
         return ProfileRunResult(self.rng.sample(list(endpoints), k))
 
 
-@register
 class WeightedRandomPicker(_Picker):
     """Weighted sampling without replacement (Efraimidis-Spirakis A-Res): key = U^(1/score),
     take the largest keys. Zero scores only fill in after every positive one; all zero: uniform."""

@@ -6,22 +6,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from time import perf_counter
 
 from epp.errors import resource_exhausted, service_unavailable
 from epp.framework import (
     CycleState,
     Endpoint,
+    Filter,
     InferenceRequest,
+    Picker,
     ProfileHandler,
     ProfileRunResult,
     SchedulerProfile,
     SchedulingResult,
     ScoredEndpoint,
+    Scorer,
 )
+from epp.timing import Observer, timed, type_name
 
-# observe(extension_point, plugin_type, plugin_name, seconds)
-Observer = Callable[[str, str, str, float], None]
+__all__ = ["FilterTrace", "Observer", "ProfileTrace", "Scheduler", "SchedulingTrace", "ScorerTrace"]
 
 
 # --------------------------------------------------------------------------- trace (for `epp explain`)
@@ -60,10 +62,6 @@ class SchedulingTrace:
     primary_profile: str = ""
 
 
-def _type(plugin: object) -> str:
-    return getattr(plugin, "type_name", type(plugin).__name__)
-
-
 def _clamp(s: float) -> float:
     # NaN fails both comparisons and would poison the total: treat as 0.
     if s >= 1.0:
@@ -73,12 +71,51 @@ def _clamp(s: float) -> float:
     return 0.0
 
 
+@dataclass(slots=True)
+class _ProfileRun:
+    """A profile's plugins with the calls that run them (timed when observed)."""
+
+    profile: SchedulerProfile
+    filters: list[tuple[Filter, Callable[..., Sequence[Endpoint]]]]
+    scorers: list[tuple[Scorer, float, Callable[..., Sequence[float]]]]
+    pick: Callable[[CycleState, Sequence[Endpoint], list[float]], ProfileRunResult]
+
+
+def _pick_scores(picker: Picker) -> Callable[[CycleState, Sequence[Endpoint], list[float]], ProfileRunResult]:
+    fast = getattr(picker, "pick_scores", None)
+    if fast is not None:  # built-in pickers: no ScoredEndpoint per endpoint
+        return fast
+
+    def pick(cycle: CycleState, endpoints: Sequence[Endpoint], totals: list[float]) -> ProfileRunResult:
+        return picker.pick(cycle, list(map(ScoredEndpoint, endpoints, totals)))
+
+    return pick
+
+
+def _compile(profile: SchedulerProfile, observe: Observer | None) -> _ProfileRun:
+    return _ProfileRun(
+        profile,
+        [(f, timed("Filter", f, f.filter, observe)) for f in profile.filters],
+        [(s, w, timed("Scorer", s, s.score, observe)) for s, w in profile.scorers],
+        timed("Picker", profile.picker, _pick_scores(profile.picker), observe),
+    )
+
+
 class Scheduler:
     def __init__(self, profiles: Mapping[str, SchedulerProfile], handler: ProfileHandler,
                  observe: Observer | None = None) -> None:
         self.profiles = dict(profiles)
         self.handler = handler
         self.observe = observe
+
+    @property
+    def observe(self) -> Observer | None:
+        return self._observe
+
+    @observe.setter
+    def observe(self, fn: Observer | None) -> None:
+        self._observe = fn
+        self._runs = {name: _compile(p, fn) for name, p in self.profiles.items()}
 
     def schedule(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint],
                  trace: SchedulingTrace | None = None) -> SchedulingResult:
@@ -106,21 +143,18 @@ class Scheduler:
 
     def run_profile(self, profile: SchedulerProfile, cycle: CycleState, request: InferenceRequest,
                     candidates: Sequence[Endpoint], trace: SchedulingTrace | None = None) -> ProfileRunResult | None:
-        obs = self.observe
+        run = self._runs.get(profile.name)
+        if run is None or run.profile is not profile:  # a profile the handler made up
+            run = _compile(profile, self._observe)
         pt: ProfileTrace | None = None
         if trace is not None:
             pt = ProfileTrace(profile.name, [e.name for e in candidates], picker=profile.picker.name)
             trace.profiles.append(pt)
         endpoints = candidates
-        for f in profile.filters:
-            if obs is None:
-                endpoints = f.filter(cycle, request, endpoints)
-            else:
-                t0 = perf_counter()
-                endpoints = f.filter(cycle, request, endpoints)
-                obs("Filter", _type(f), f.name, perf_counter() - t0)
+        for f, call in run.filters:
+            endpoints = call(cycle, request, endpoints)
             if pt is not None:
-                pt.filters.append(FilterTrace(f.name, _type(f), [e.name for e in endpoints]))
+                pt.filters.append(FilterTrace(f.name, type_name(f), [e.name for e in endpoints]))
             if not endpoints:
                 if pt is not None:
                     pt.failed = True
@@ -128,15 +162,10 @@ class Scheduler:
 
         n = len(endpoints)
         totals = [0.0] * n
-        for scorer, weight in profile.scorers:
-            if obs is None:
-                scores = scorer.score(cycle, request, endpoints)
-            else:
-                t0 = perf_counter()
-                scores = scorer.score(cycle, request, endpoints)
-                obs("Scorer", _type(scorer), scorer.name, perf_counter() - t0)
+        for scorer, weight, call in run.scorers:
+            scores = call(cycle, request, endpoints)
             if pt is not None:
-                pt.scorers.append(ScorerTrace(scorer.name, _type(scorer), weight,
+                pt.scorers.append(ScorerTrace(scorer.name, type_name(scorer), weight,
                                               {e.name: float(s) for e, s in zip(endpoints, scores, strict=False)}))
             if len(scores) != n:
                 raise ValueError(f"scorer {scorer.name!r} returned {len(scores)} scores for {n} endpoints")
@@ -147,15 +176,7 @@ class Scheduler:
             else:
                 totals = [t + weight * _clamp(s) for t, s in zip(totals, scores)]  # noqa: B905
 
-        picker = profile.picker
-        t0 = perf_counter() if obs is not None else 0.0
-        fast = getattr(picker, "pick_scores", None)
-        if fast is not None:  # built-in pickers: no ScoredEndpoint per endpoint
-            result = fast(cycle, endpoints, totals)
-        else:
-            result = picker.pick(cycle, list(map(ScoredEndpoint, endpoints, totals)))
-        if obs is not None:
-            obs("Picker", _type(picker), picker.name, perf_counter() - t0)
+        result = run.pick(cycle, endpoints, totals)
         if pt is not None:
             pt.totals = {e.name: t for e, t in zip(endpoints, totals, strict=True)}
             pt.picked = [e.name for e in result.targets]

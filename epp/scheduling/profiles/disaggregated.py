@@ -1,4 +1,5 @@
-"""Profile handlers: which scheduling profiles run for a request, and which result is primary."""
+"""disagg-profile-handler: prefill/decode disaggregation, and the P/D deciders it asks
+whether a request's prefill should run on a separate endpoint."""
 
 from __future__ import annotations
 
@@ -14,31 +15,8 @@ from epp.framework import (
     SchedulerProfile,
     SchedulingResult,
 )
-from epp.framework.registry import register
+from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_INFO, PREFIX_MATCH_PRODUCER
 
-
-@register
-class SingleProfileHandler:
-    """Runs the one profile once; its result is the primary result."""
-
-    type_name = "single-profile-handler"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
-
-    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
-                      results: Mapping[str, ProfileRunResult | None]) -> Mapping[str, SchedulerProfile]:
-        if results:
-            return {}
-        return profiles
-
-    def process_results(self, cycle: CycleState, request: InferenceRequest,
-                        results: Mapping[str, ProfileRunResult | None]) -> SchedulingResult:
-        primary = next(iter(results), "")
-        return SchedulingResult(profile_results=dict(results), primary_profile=primary)
-
-
-# --------------------------------------------------------------------------- prefill/decode disaggregation
 PREFILLER_HEADER = "x-prefiller-host-port"
 
 
@@ -49,7 +27,6 @@ class DisaggParams:
     deciderPluginName: str = ""  # a *-pd-decider instance; "" = the first one configured (none: never split)
 
 
-@register
 class DisaggProfileHandler:
     """Runs the decode profile first; if the decider approves, the prefill profile picks a
     prefill endpoint, announced upstream in `x-prefiller-host-port`. The decode endpoint
@@ -111,28 +88,27 @@ class DisaggProfileHandler:
 @dataclass(slots=True)
 class PrefixDeciderParams:
     nonCachedTokens: int = 0  # 0 = never disaggregate
-    prefixPluginName: str = ""  # which prefix-cache-scorer's match to read; "" = the first one
+    prefixMatchInfoProducerName: str = APPROX_PREFIX_PRODUCER  # whose prefix match to read
+    prefixPluginName: str = ""  # v1.5 name; the config loader turns it into prefixMatchInfoProducerName
 
     def validate(self) -> None:
         if self.nonCachedTokens < 0:
             raise ValueError(f"nonCachedTokens: must be >= 0, got {self.nonCachedTokens}")
 
 
-@register
 class PrefixBasedPDDecider:
     """Disaggregate iff inputTokens >= N and inputTokens - cachedTokens(decode endpoint) >= N:
     a long prompt that is mostly cached on the decode endpoint is cheaper to prefill there."""
 
     type_name = "prefix-based-pd-decider"
     Params = PrefixDeciderParams
+    consumes = (PREFIX_MATCH_PRODUCER,)
 
     def __init__(self, name: str, params: PrefixDeciderParams | None, handle: PluginHandle) -> None:
-        from scorers.prefix import prefix_state_key
-
         p = params or PrefixDeciderParams()
         self.name = name
         self.threshold = p.nonCachedTokens
-        self._key = prefix_state_key(p.prefixPluginName)
+        self._key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName)
 
     def disaggregate(self, cycle: CycleState, request: InferenceRequest, decode_endpoint: Endpoint) -> bool:
         n = self.threshold
@@ -141,12 +117,11 @@ class PrefixBasedPDDecider:
         tokens = request.estimated_prompt_tokens
         if tokens < n:
             return False
-        match = cycle.get(self._key)
+        match = cycle.read(self._key)
         cached = match.cached_tokens(decode_endpoint) if match is not None else 0
         return tokens - cached >= n
 
 
-@register
 class AlwaysDisaggPDDecider:
     type_name = "always-disagg-pd-decider"
 

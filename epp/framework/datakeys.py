@@ -1,0 +1,95 @@
+"""Typed keys for data a producer publishes and consumers read, so neither imports the
+other (the reference's data keys): a producer writes `cycle.write(key, value)` in
+PrepareData; a filter, scorer or decider reads `cycle.read(key)` and gets a value of
+the key's type, or None when no producer ran.
+
+A key names its producer instance: `PREFIX_MATCH_INFO.of(name)`, so two producers of
+the same kind can run side by side and a consumer says which one it reads (its
+`...ProducerName` parameter, defaulting to the producer type's name, which is also the
+default instance name)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from epp.framework.types import Endpoint
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey(Generic[T]):
+    """`name` is the cycle-state slot (a plain string: a read is one dict lookup);
+    `type` is the value's class, for readers and for error messages."""
+
+    name: str
+    type: type[T]
+
+    def of(self, producer: str) -> DataKey[T]:
+        """The same kind of data, as published by the producer instance `producer`."""
+        base = self.name.partition("/")[0]
+        return DataKey(f"{base}/{producer}", self.type)
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerParam:
+    """A consumer's parameter that names the producer instance it reads from, declared
+    on the plugin class as `consumes = (ProducerParam(...),)` so the config loader can
+    resolve it without knowing the plugin:
+    - `legacy_ref`: an older parameter naming the plugin that used to publish the data;
+      the loader rewrites it to the producer that publishes it now;
+    - `moved_params`: parameters older configs set on this consumer that now belong to
+      the producer; when they are given and no producer is configured, the loader adds
+      an implicit producer carrying them."""
+
+    param: str
+    producer_type: str  # also the default producer instance name
+    legacy_ref: str = ""
+    moved_params: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- prefix match
+APPROX_PREFIX_PRODUCER = "approx-prefix-cache-producer"
+
+
+@dataclass(slots=True)
+class PrefixCacheMatchInfo:
+    """How much of the request's prefix each endpoint likely holds (the reference's
+    PrefixCacheMatchInfo): `matches` maps an endpoint to the number of leading blocks it
+    holds (endpoints with none are absent); `total_blocks` is the request's whole blocks
+    of `block_size_tokens` tokens each."""
+
+    matches: dict[Endpoint, int] = field(default_factory=dict)
+    total_blocks: int = 0
+    block_size_tokens: int = 0
+    any_hit: bool = False  # some endpoint holds at least the first block
+
+    @property
+    def total(self) -> int:
+        return self.total_blocks
+
+    def score(self, endpoint: Endpoint) -> float:
+        """Fraction of the request's blocks the endpoint holds, in [0, 1]."""
+        return self.matches.get(endpoint, 0) / self.total_blocks if self.total_blocks else 0.0
+
+    def scores(self, endpoints: Sequence[Endpoint]) -> list[float]:
+        total = self.total_blocks
+        if not total or not self.matches:
+            return [0.0] * len(endpoints)
+        get = self.matches.get
+        return [get(e, 0) / total for e in endpoints]
+
+    def cached_tokens(self, endpoint: Endpoint) -> int:
+        return self.matches.get(endpoint, 0) * self.block_size_tokens
+
+    def best_blocks(self) -> int:
+        return max(self.matches.values(), default=0)
+
+
+PREFIX_MATCH_PRODUCER = ProducerParam("prefixMatchInfoProducerName", APPROX_PREFIX_PRODUCER,
+                                      legacy_ref="prefixPluginName")
+PREFIX_MATCH_INFO: DataKey[PrefixCacheMatchInfo] = DataKey("prefix-cache-match-info", PrefixCacheMatchInfo).of(
+    APPROX_PREFIX_PRODUCER)

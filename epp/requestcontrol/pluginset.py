@@ -1,0 +1,113 @@
+"""The configured plugins, wired by extension point: what the director runs one request
+through. run_cycle = PrepareData hooks -> the scheduler (profiles: filters -> weighted
+scorers -> picker) -> PreRequest hooks; then the response hooks; EndpointsChanged when
+the pool shrinks; the saturation detector for admission. Built from a config by
+epp.assembly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from epp.config import EndpointPickerConfig, FlowControlConfig
+from epp.errors import service_unavailable
+from epp.framework import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Plugin,
+    ResponseInfo,
+    SchedulingResult,
+)
+from epp.scheduling.scheduler import Scheduler, SchedulingTrace
+from epp.timing import Observer, timed
+
+__all__ = ["PluginSet"]
+
+# extension point -> the method a plugin implements to take part in it
+HOOKS = {
+    "PrepareData": "prepare_request_data",
+    "PreRequest": "pre_request",
+    "ResponseReceived": "response_received",
+    "ResponseStreaming": "response_streaming",
+    "ResponseComplete": "response_complete",
+    "EndpointsChanged": "endpoints_removed",
+}
+
+
+class PluginSet:
+    def __init__(self, config: EndpointPickerConfig, plugins: dict[str, Plugin], scheduler: Scheduler,
+                 observe: Observer | None = None) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.scheduler = scheduler
+        self.saturation_detector = plugins.get(config.saturation_detector)
+        self.feature_gates: frozenset[str] = config.feature_gates
+        self.flow_control: FlowControlConfig | None = config.flow_control
+        self.engine_metrics: dict[str, Any] = config.engine_metrics
+        # Config order is kept so hooks run in a predictable order.
+        self._members = {point: [p for p in plugins.values() if callable(getattr(p, method, None))]
+                         for point, method in HOOKS.items()}
+        self.observe = observe
+
+    @property
+    def observe(self) -> Observer | None:
+        return self._observe
+
+    @observe.setter
+    def observe(self, fn: Observer | None) -> None:
+        self._observe = fn
+        self.scheduler.observe = fn
+        calls: dict[str, list[Callable[..., Any]]] = {
+            point: [timed(point, p, getattr(p, HOOKS[point]), fn) for p in members]
+            for point, members in self._members.items()}
+        self._prepare = calls["PrepareData"]
+        self._pre_request = calls["PreRequest"]
+        self._response_received = calls["ResponseReceived"]
+        self._response_streaming = calls["ResponseStreaming"]
+        self._response_complete = calls["ResponseComplete"]
+        self._endpoints_changed = [getattr(p, HOOKS["EndpointsChanged"]) for p in self._members["EndpointsChanged"]]
+
+    @property
+    def wants_response_body(self) -> bool:
+        """Whether any plugin needs per-chunk response hooks (else the server may skip body chunks)."""
+        return bool(self._response_streaming)
+
+    # ------------------------------------------------------------------ the cycle
+    def run_cycle(self, request: InferenceRequest, candidates: Sequence[Endpoint], *,
+                  trace: SchedulingTrace | None = None, commit: bool = True) -> tuple[CycleState, SchedulingResult]:
+        """Schedule one request. commit=False (explain) leaves every plugin's state untouched."""
+        if not candidates:
+            raise service_unavailable("no candidate endpoints for the request")
+        cycle = CycleState()
+        for prepare in self._prepare:
+            prepare(cycle, request, candidates)
+        result = self.scheduler.schedule(cycle, request, candidates, trace)
+        if commit:
+            for pre_request in self._pre_request:
+                pre_request(cycle, request, result)
+        return cycle, result
+
+    # ------------------------------------------------------------------ response hooks
+    def response_received(self, request: InferenceRequest, info: ResponseInfo, target: Endpoint | None) -> None:
+        for hook in self._response_received:
+            hook(request, info, target)
+
+    def response_streaming(self, request: InferenceRequest, info: ResponseInfo, target: Endpoint | None) -> None:
+        for hook in self._response_streaming:
+            hook(request, info, target)
+
+    def response_complete(self, request: InferenceRequest, info: ResponseInfo, target: Endpoint | None) -> None:
+        for hook in self._response_complete:
+            hook(request, info, target)
+
+    # ------------------------------------------------------------------ pool
+    def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None:
+        for hook in self._endpoints_changed:
+            hook(endpoints)
+
+    def saturation(self, endpoints: Sequence[Endpoint]) -> float:
+        det = self.saturation_detector
+        if det is None:
+            return 0.0
+        return det.saturation(endpoints)

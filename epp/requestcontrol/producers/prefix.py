@@ -1,0 +1,122 @@
+"""approx-prefix-cache-producer: the picker remembers which prompt-prefix blocks it sent
+to which endpoint and publishes, per request, how many leading blocks each candidate
+likely holds (PrefixCacheMatchInfo under PREFIX_MATCH_INFO.of(<its name>)).
+
+PrepareData hashes the prompt's blocks (prefix_blocks.py) and matches them against the
+index (prefix_index.py); PreRequest records the blocks on each profile's chosen endpoint
+and observes the hit metrics; EndpointsChanged purges endpoints that left the pool.
+prefix-cache-scorer, prefix-cache-affinity-filter, no-hit-lru-scorer and
+prefix-based-pd-decider read the published match."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
+from epp.framework.datakeys import PREFIX_MATCH_INFO, DataKey, PrefixCacheMatchInfo
+from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
+from epp.requestcontrol.producers.prefix_index import PrefixIndex
+
+# The reference's prefix indexer metrics: names, help and buckets unchanged.
+INDEXER_SIZE = "inference_extension_prefix_indexer_size"
+HIT_RATIO = "inference_extension_prefix_indexer_hit_ratio"
+HIT_BYTES = "inference_extension_prefix_indexer_hit_bytes"
+_RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+_BYTES_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072, 262144, 524288, 1048576,
+                  2097152, 4194304, 8388608, 16777216, 33554432, 67108864, 134217728, 268435456, 536870912,
+                  1073741824)
+
+
+@dataclass(slots=True)
+class PrefixProducerParams:
+    blockSizeTokens: int = 16
+    maxPrefixBlocksToMatch: int = 256
+    lruCapacityPerServer: int = 31250
+    autoTune: bool = True
+    blockSize: int | None = None  # older configs: block size in characters (overrides blockSizeTokens)
+
+    def validate(self) -> None:
+        for key in ("blockSizeTokens", "maxPrefixBlocksToMatch", "lruCapacityPerServer"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.blockSize is not None and self.blockSize <= 0:
+            raise ValueError(f"blockSize: must be > 0, got {self.blockSize}")
+
+
+class ApproxPrefixCacheProducer:
+    type_name = "approx-prefix-cache-producer"
+    Params = PrefixProducerParams
+
+    def __init__(self, name: str, params: PrefixProducerParams | None, handle: PluginHandle) -> None:
+        p = params or PrefixProducerParams()
+        self.name = name
+        self.params = p
+        self.index = PrefixIndex()
+        self.key = PREFIX_MATCH_INFO.of(name)
+        self._hashes: DataKey[list[int]] = DataKey(f"{type(self).type_name}-hashes/{name}", list)
+        m = handle.metrics
+        m.gauge(INDEXER_SIZE, "Size of the prefix indexer.", self.index.__len__)
+        self._hit_ratio = m.histogram(HIT_RATIO, "Ratio of prefix length matched to total prefix length in the "
+                                      "cache lookup.", _RATIO_BUCKETS).observe
+        self._hit_bytes = m.histogram(HIT_BYTES, "Length of the prefix match in number of bytes in the cache "
+                                      "lookup.", _BYTES_BUCKETS).observe
+
+    def _block_size_tokens(self, endpoints: Sequence[Endpoint]) -> int:
+        if self.params.autoTune:
+            for e in endpoints:
+                bs = e.metrics.block_size
+                if bs:
+                    return bs
+        return self.params.blockSizeTokens
+
+    def _capacity(self, endpoint: Endpoint) -> int:
+        if self.params.autoTune and endpoint.metrics.num_gpu_blocks:
+            return endpoint.metrics.num_gpu_blocks
+        return self.params.lruCapacityPerServer
+
+    def match(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> tuple[list[int], PrefixCacheMatchInfo]:
+        """The request's block hashes and how many leading blocks each endpoint holds."""
+        p = self.params
+        if p.blockSize is not None and not (p.autoTune and any(e.metrics.block_size for e in endpoints)):
+            block_bytes = p.blockSize
+            tokens = max(1, p.blockSize // CHARS_PER_TOKEN)
+        else:
+            tokens = self._block_size_tokens(endpoints)
+            block_bytes = tokens * CHARS_PER_TOKEN
+        hashes = block_hashes(request.prompt_text, request.target_model, request.cache_salt, block_bytes,
+                              p.maxPrefixBlocksToMatch)
+        matches, depth = self.index.match(hashes) if hashes else ({}, 0)
+        return hashes, PrefixCacheMatchInfo(matches, len(hashes), tokens, depth > 0)
+
+    # PrepareData
+    def prepare_request_data(self, cycle: CycleState, request: InferenceRequest,
+                             endpoints: Sequence[Endpoint]) -> None:
+        hashes, info = self.match(request, endpoints)
+        cycle.write(self.key, info)
+        cycle.write(self._hashes, hashes)
+
+    # PreRequest
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        hashes = cycle.read(self._hashes)
+        if not hashes:
+            return
+        recorded: set[int] = set()
+        for r in result.profile_results.values():
+            if r is None or not r.targets:
+                continue
+            ep = r.targets[0]  # fallbacks are not where the prefix will be cached
+            if id(ep) in recorded:
+                continue
+            recorded.add(id(ep))
+            self.index.record(ep, hashes, self._capacity(ep))
+        info = cycle.read(self.key)
+        if info is not None:
+            best = info.best_blocks()
+            self._hit_ratio(best / len(hashes))
+            self._hit_bytes(best * info.block_size_tokens * CHARS_PER_TOKEN)
+
+    # EndpointsChanged
+    def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None:
+        for e in endpoints:
+            self.index.purge(e)

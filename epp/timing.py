@@ -1,0 +1,36 @@
+"""The one timing helper every extension point runs its plugins through.
+
+`timed(point, plugin, method, observe)` is what the runners call in place of `method`:
+the method itself when nothing observes (zero overhead), else a wrapper that reports
+observe(extension_point, plugin_type, plugin_name, seconds) after each call (telemetry's
+inference_extension_plugin_duration_seconds). Runners build their call lists once and
+again when the observer changes, never per request."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any, TypeVar
+
+# observe(extension_point, plugin_type, plugin_name, seconds)
+Observer = Callable[[str, str, str, float], None]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def type_name(plugin: object) -> str:
+    return getattr(plugin, "type_name", type(plugin).__name__)
+
+
+def timed(point: str, plugin: Any, method: F, observe: Observer | None) -> F:
+    if observe is None:
+        return method
+    ptype, name = type_name(plugin), plugin.name
+
+    def call(*args: Any) -> Any:
+        t0 = perf_counter()
+        out = method(*args)
+        observe(point, ptype, name, perf_counter() - t0)
+        return out
+
+    return call  # type: ignore[return-value]
