@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.framework.registry import register
 
 
 def _duration_param(value: str | float, key: str) -> float:
@@ -40,7 +39,6 @@ class UtilizationParams:
         _duration_param(self.metricsStalenessThreshold, "metricsStalenessThreshold")
 
 
-@register
 class UtilizationDetector:
     """Filter: keep endpoints under both thresholds (times 1+headroom), unless none pass.
     Saturation: mean over endpoints of max(queue/queueDepthThreshold, kv/kvCacheUtilThreshold);
