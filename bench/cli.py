@@ -1,8 +1,9 @@
-"""`epp bench <routing|cluster|agree|sim|scheduler|scrape|picker> [flags]`.
+"""`epp bench <routing|cluster|agree|soak|sim|scheduler|scrape|picker> [flags]`.
 
 routing   one workload and rate sweep through the real Envoy per routing strategy
 cluster   the virtual-time cluster simulation (engine model + the picker's real scheduler)
 agree     the real stack and the cluster simulation agree within 15%
+soak      mixed and hostile requests through the real stack per ext_proc transport; nothing left in flight
 sim, scheduler, scrape, picker: the component cost benchmarks (bench.<name>_cost)
 
 Results (markdown with the exact command and machine, and PNG plots) go to bench/results/.
@@ -42,7 +43,7 @@ from bench.workloads import (
 )
 
 PASS_THROUGH = {"sim": "bench.sim_cost", "scheduler": "bench.scheduler_cost", "scrape": "bench.scrape_cost",
-                "picker": "bench.picker_cost"}
+                "picker": "bench.picker_cost", "soak": "bench.soak"}
 
 
 def _floats(text: str) -> list[float]:
