@@ -60,7 +60,8 @@ _REQUEST_HISTOGRAMS = (
 # Distinct model names that get their own label value, besides the ones the pool knows
 # (`--metrics-max-model-labels`); every other name is counted under OVERFLOW_MODEL_LABEL,
 # as the reference picker does, so made-up names in request bodies cannot grow /metrics.
-DEFAULT_MAX_MODEL_LABELS = 256
+# Each label value costs about 32 KB of /metrics (and its memory): 100 -> ~3 MB at most.
+DEFAULT_MAX_MODEL_LABELS = 100
 OVERFLOW_MODEL_LABEL = "other"
 KNOWN_MODELS_REFRESH = 1.0  # seconds between re-reads of the models the pool knows
 
@@ -220,23 +221,16 @@ class _PendingCounter:
             self._child.inc(n)
 
 
-class _PendingGauge:
-    __slots__ = ("_child", "_delta")
+class _PendingGauge(_PendingCounter):
+    """A gauge's pending delta, which may go either way."""
 
-    def __init__(self, child: Any) -> None:
-        self._child = child
-        self._delta = 0
+    __slots__ = ()
 
     def inc(self, amount: float = 1) -> None:
-        self._delta += amount
+        self._n += amount
 
     def dec(self, amount: float = 1) -> None:
-        self._delta -= amount
-
-    def flush(self) -> None:
-        if self._delta:
-            d, self._delta = self._delta, 0
-            self._child.inc(d)
+        self._n -= amount
 
 
 _PENDING: dict[str, Any] = {"histogram": _PendingHistogram, "counter": _PendingCounter, "gauge": _PendingGauge}

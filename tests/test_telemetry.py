@@ -4,10 +4,18 @@ itself would have, with the reference's names."""
 import math
 import random
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp.telemetry import Telemetry
+from epp.options import build_parser, parse_args
+from epp.telemetry import (
+    DEFAULT_MAX_MODEL_LABELS,
+    KNOWN_MODELS_REFRESH,
+    OVERFLOW_MODEL_LABEL,
+    ModelLabels,
+    Telemetry,
+)
 
 
 def samples(registry, name):
@@ -52,3 +60,33 @@ def test_counters_and_gauges_are_exported_on_scrape():
     gauge.dec()
     running = samples(tel.registry, "inference_objective_running_requests")
     assert running[("inference_objective_running_requests", (("model_name", "m"),))] == 0
+
+
+def test_model_labels_first_come_then_other_and_known_names_pinned():
+    known: set[str] = set()
+    now = [0.0]
+    labels = ModelLabels(limit=2, known=lambda: known, clock=lambda: now[0])
+    assert [labels(m) for m in ("a", "b", "c", "a", "")] == ["a", "b", OVERFLOW_MODEL_LABEL, "a", ""]
+    known.add("lora-x")
+    assert labels("lora-x") == OVERFLOW_MODEL_LABEL  # the known set is re-read at most once a refresh period
+    now[0] += KNOWN_MODELS_REFRESH
+    assert labels("lora-x") == "lora-x"  # known: its own label, though the first-come budget is spent
+    known.clear()
+    now[0] += KNOWN_MODELS_REFRESH
+    assert labels("lora-x") == "lora-x" and labels("b") == "b"  # a label once given stays (inc/dec pairs meet)
+    assert len(labels) == 3
+
+
+def test_known_names_are_bounded_too():
+    labels = ModelLabels(limit=3, known=lambda: {f"adapter-{i}" for i in range(100)})
+    given = [labels(f"adapter-{i}") for i in range(100)]
+    assert len(set(given) - {OVERFLOW_MODEL_LABEL}) == 6  # 3 known, then 3 first come
+    assert given[-1] == OVERFLOW_MODEL_LABEL
+
+
+def test_the_bound_is_a_flag():
+    assert parse_args(["--endpoints=10.0.0.1:80"]).metrics_max_model_labels == DEFAULT_MAX_MODEL_LABELS == 100
+    assert parse_args(["--endpoints=10.0.0.1:80", "--metrics-max-model-labels=7"]).metrics_max_model_labels == 7
+    with pytest.raises(SystemExit):
+        parse_args(["--endpoints=10.0.0.1:80", "--metrics-max-model-labels=-1"])
+    assert "--metrics-max-model-labels" in build_parser().format_help()
