@@ -366,3 +366,42 @@ def test_index_moving_whole_runs_matches_the_specification(seed):
         idx.record(e, hs, cap)
         ref.record(e, hs, cap)
         _assert_same(idx, ref, endpoints, universe)
+
+
+def test_producer_registers_the_prefix_metrics_through_the_handle():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from epp.framework.metrics import PluginMetrics
+
+    reg = CollectorRegistry()
+    handle = PluginHandle(metrics=PluginMetrics(reg))
+    p = build_plugin("approx-prefix-cache-producer", None, None, handle, "t")
+    p2 = build_plugin("approx-prefix-cache-producer", "second", {"autoTune": False}, handle, "t")
+    e1, e2 = ep(1), ep(2)
+    commit(p, req("a" * 64 * 4), e1)  # nothing held yet: ratio 0, 0 bytes
+    commit(p, req("a" * 64 * 2 + "b" * 64 * 2), e2)  # e1 holds 2 of 4 blocks: ratio 0.5, 2 x 16 x 4 bytes
+    commit(p2, req("c" * 64), e1)  # the second producer adds to the same families
+    samples = {(s.name, s.labels.get("le")): s.value
+               for f in text_string_to_metric_families(generate_latest(reg).decode()) for s in f.samples}
+    assert samples[("inference_extension_prefix_indexer_size", None)] == len(p.index) + len(p2.index) == 7
+    ratio = "inference_extension_prefix_indexer_hit_ratio"
+    assert (samples[(f"{ratio}_bucket", "0.0")], samples[(f"{ratio}_bucket", "0.4")],
+            samples[(f"{ratio}_bucket", "0.5")], samples[(f"{ratio}_bucket", "+Inf")]) == (2, 2, 3, 3)
+    assert samples[(f"{ratio}_count", None)] == 3 and samples[(f"{ratio}_sum", None)] == 0.5
+    hit_bytes = "inference_extension_prefix_indexer_hit_bytes"
+    assert (samples[(f"{hit_bytes}_bucket", "64.0")], samples[(f"{hit_bytes}_bucket", "128.0")]) == (2, 3)
+    assert samples[(f"{hit_bytes}_sum", None)] == 128
+
+
+def test_scorer_reads_only_the_producer_it_names():
+    a, b = producer(), build_plugin("approx-prefix-cache-producer", "b", None, PluginHandle(), "t")
+    e = ep(1)
+    commit(a, req("x" * 64 * 2), e)
+    named_b = build_plugin("prefix-cache-scorer", None, {"prefixMatchInfoProducerName": "b"}, PluginHandle(), "t")
+    cycle = CycleState()
+    a.prepare_request_data(cycle, req("x" * 64 * 2), [e])
+    assert SCORER.score(cycle, req("x"), [e]) == [1.0]
+    assert named_b.score(cycle, req("x"), [e]) == [0.0]  # b published nothing: no match, score 0
+    b.prepare_request_data(cycle, req("x" * 64 * 2), [e])
+    assert named_b.score(cycle, req("x"), [e]) == [0.0] and cycle.read(PREFIX_MATCH_INFO.of("b")).total == 2
