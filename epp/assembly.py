@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from epp.config import ConfigError, EndpointPickerConfig, load_config
-from epp.framework import Plugin, PluginError, PluginHandle, SchedulerProfile, params_from_mapping
+from epp.framework import Plugin, PluginError, PluginHandle, SchedulerProfile, plugin_params
 from epp.framework.registry import plugin_class
 from epp.requestcontrol.pluginset import PluginSet
 from epp.scheduling.scheduler import Scheduler
@@ -19,14 +19,7 @@ __all__ = ["build_plugin", "build_plugin_set", "load_plugin_set"]
 def build_plugin(type_name: str, name: str | None, parameters: dict[str, Any] | None,
                  handle: PluginHandle, where: str) -> Plugin:
     cls = plugin_class(type_name, f"{where}.type")
-    params_cls = getattr(cls, "Params", None)
-    if params_cls is None:
-        if parameters:
-            raise PluginError(f"{where}.parameters: plugin {type_name!r} takes no parameters")
-        params = None
-    else:
-        params = params_from_mapping(params_cls, parameters, f"{where}.parameters")
-    return cls(name or type_name, params, handle)
+    return cls(name or type_name, plugin_params(cls, type_name, parameters, f"{where}.parameters"), handle)
 
 
 def _profile(plugins: dict[str, Plugin], spec: Any) -> SchedulerProfile:

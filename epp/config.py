@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from epp.framework import PluginError, params_from_mapping
+from epp.framework import PluginError, params_from_mapping, plugin_params
 from epp.framework.datakeys import ProducerParam
 from epp.framework.registry import plugin_class
 from epp.options import parse_duration as go_duration
@@ -249,12 +249,7 @@ def _check_plugin(spec: PluginSpec) -> type:
     """Resolve the type and validate the parameters now, so start-up fails early."""
     try:
         cls = plugin_class(spec.type, f"{spec.where}.type")
-        params_cls = getattr(cls, "Params", None)
-        if params_cls is None:
-            if spec.parameters:
-                raise PluginError(f"{spec.where}.parameters: plugin {spec.type!r} takes no parameters")
-        else:
-            params_from_mapping(params_cls, spec.parameters, f"{spec.where}.parameters")
+        plugin_params(cls, spec.type, spec.parameters, f"{spec.where}.parameters")
     except PluginError as e:
         raise ConfigError(str(e)) from None
     return cls

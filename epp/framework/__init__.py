@@ -6,7 +6,9 @@ in sequence, then its weighted scorers, then its picker. Plugins see only the re
 the candidate endpoints and the per-cycle state; they never reach into the server, the
 gRPC stream or the datastore.
 
-Built-in plugins use exactly these contracts. A platform team's plugin is a class with
+Data between plugins goes by typed key (datakeys.py): a producer writes the cycle
+state in PrepareData, consumers read it by the same key. Built-in plugins use exactly
+these contracts. A platform team's plugin is a class with
 a `type_name`, a `Params` dataclass (its YAML `parameters`) and one or more of the
 extension-point methods below, registered by entry point `epp.plugins` or named as
 `module:Class` in the config.
@@ -14,10 +16,13 @@ extension-point methods below, registered by entry point `epp.plugins` or named 
 
 from __future__ import annotations
 
+from epp.framework.datakeys import DataKey, PrefixCacheMatchInfo, ProducerParam
+from epp.framework.metrics import PluginMetrics
 from epp.framework.params import (
     NoParams,
     PluginError,
     params_from_mapping,
+    plugin_params,
 )
 from epp.framework.plugins import (
     EndpointsChanged,
@@ -54,6 +59,7 @@ __all__ = [
     "ENGINE_TYPE_LABEL",
     "ROLE_LABEL",
     "CycleState",
+    "DataKey",
     "Endpoint",
     "EndpointsChanged",
     "Filter",
@@ -64,6 +70,9 @@ __all__ = [
     "Plugin",
     "PluginError",
     "PluginHandle",
+    "PluginMetrics",
+    "PrefixCacheMatchInfo",
+    "ProducerParam",
     "PreRequest",
     "PrepareData",
     "ProfileHandler",
@@ -78,4 +87,5 @@ __all__ = [
     "ScoredEndpoint",
     "Scorer",
     "params_from_mapping",
+    "plugin_params",
 ]

@@ -37,6 +37,16 @@ def params_from_mapping(cls: type, values: Mapping[str, Any] | None, where: str)
     return params
 
 
+def plugin_params(cls: type, type_name: str, values: Mapping[str, Any] | None, where: str) -> Any:
+    """A plugin class's parsed `Params` (None for a plugin that has none), strictly checked."""
+    params_cls = getattr(cls, "Params", None)
+    if params_cls is None:
+        if values:
+            raise PluginError(f"{where}: plugin {type_name!r} takes no parameters")
+        return None
+    return params_from_mapping(params_cls, values, where)
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
     import typing
 
