@@ -171,18 +171,17 @@ del _TREE
 
 def huffman_decode(data: bytes) -> bytes:
     nxt, emit = _NEXT, _EMIT
-    out: list[bytes] = []
-    append = out.append
+    out = bytearray()  # not a list of parts: that costs 8 octets per input octet, and cache misses
     state = 0
     for octet in data:
         i = state | octet
         state = nxt[i]
-        append(emit[i])
+        out += emit[i]
     if state not in _ACCEPT:
         if state == _FAIL << 8:
             raise HpackError("EOS symbol in a Huffman string")
         raise HpackError("invalid Huffman padding (over 7 bits, or not all ones)")
-    return b"".join(out)
+    return bytes(out)
 
 
 def huffman_encode(data: bytes) -> bytes:
