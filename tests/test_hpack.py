@@ -79,6 +79,14 @@ def test_rfc7541_request_examples(huffman: bool):
         assert table(d) == entries and d.size == size
 
 
+def test_blocks_may_be_views_of_a_receive_buffer():
+    d = Decoder()
+    buf = bytearray(h("ff" + C3_C4_REQUESTS[0][1] + "00"))
+    assert d.decode(memoryview(buf)[1:-1]) == C3_C4_REQUESTS[0][2]
+    assert d.decode(bytearray(h("be"))) == [(":authority", "www.example.com")]
+    assert d.decode(memoryview(bytearray(h("be")))) == [(":authority", "www.example.com")]  # cached
+
+
 @pytest.mark.parametrize("huffman", [False, True], ids=["C.5", "C.6"])
 def test_rfc7541_response_examples_evict_the_oldest_entries(huffman: bool):
     d = Decoder(256)
