@@ -9,6 +9,8 @@ import time
 
 import hpack
 import pytest
+from hpack.huffman import HuffmanEncoder
+from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import decode_huffman
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,6 +25,7 @@ from epp.handlers.h2.hpack import (
 )
 
 h = bytes.fromhex
+_HPACK_HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 DATE1, DATE2 = "Mon, 21 Oct 2013 20:13:21 GMT", "Mon, 21 Oct 2013 20:13:22 GMT"
 COOKIE = "foo=ASDJKHQKBZXOQWEOPIUAXQWEOIU; max-age=3600; version=1"
 LOCATION = "https://www.example.com"
@@ -123,8 +126,6 @@ def literal_indexed(name: str, value: str) -> bytes:
 
 
 # ------------------------------------------------------------------ dynamic table
-
-
 def test_a_full_4096_octet_table_evicts_the_oldest_entries_first():
     d = Decoder()
     added = [(f"k{i:03d}", "v" * 64) for i in range(100)]  # 100 octets each: 40 fit in 4096
@@ -235,6 +236,14 @@ def test_huffman_agrees_with_the_hpack_library_on_every_one_and_two_octet_string
             assert ours == outcome(decode_huffman, data), data.hex()
             refused += ours is None
     assert refused > 1000  # the comparison saw both outcomes
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2000))
+def test_huffman_matches_the_hpack_library_encoder(data: bytes):
+    coded = _HPACK_HUFFMAN.encode(data)
+    assert huffman_encode(data) == coded
+    assert huffman_decode(coded) == data
 
 
 def test_huffman_padding_and_eos_rules():
