@@ -85,6 +85,22 @@ def _workload(a: argparse.Namespace) -> WorkloadSpec:
     return spec
 
 
+def _results_args(ap: argparse.ArgumentParser, name: str, plots: bool = True) -> None:
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    ap.add_argument("--name", default=name, help="file name stem of the results")
+    if plots:
+        ap.add_argument("--no-plots", dest="plots", action="store_false")
+
+
+def _parse(ap: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, WorkloadSpec]:
+    """Flags and the workload they describe; a bad workload exits 2 naming the key."""
+    a = ap.parse_args(argv)
+    try:
+        return a, _workload(a)
+    except WorkloadError as e:
+        ap.error(str(e))
+
+
 def _describe(spec: WorkloadSpec) -> str:
     params = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(spec.params).items())
     load = (f"closed loop, concurrency {spec.load.concurrency}" if spec.load.type == "concurrency"
@@ -111,15 +127,9 @@ def cmd_cluster(argv: list[str]) -> int:
     ap.add_argument("--time-scale", type=float, default=1.0,
                     help="report as a real-stack run at this `epp sim --time-scale` would see it: rates are per "
                          "wall second and times wall seconds (1 = the simulated H100's own time)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
-    ap.add_argument("--name", default="cluster", help="file name stem of the results")
-    ap.add_argument("--no-plots", dest="plots", action="store_false")
+    _results_args(ap, "cluster")
     _workload_args(ap, groups=64, system=2000, output=64, requests=2000)
-    a = ap.parse_args(argv)
-    try:
-        spec = _workload(a)
-    except WorkloadError as e:
-        ap.error(str(e))
+    a, spec = _parse(ap, argv)
     strategies = _strategies(a.strategies, a.config)
     cfg = ClusterConfig(servers=a.servers, engine=EngineConfig(num_gpu_blocks=a.num_gpu_blocks), seed=a.seed,
                         model=spec.model)
@@ -179,15 +189,9 @@ def cmd_routing(argv: list[str]) -> int:
     ap.add_argument("--config", action="append", default=[], help="EndpointPickerConfig file (adds picker:<file>)")
     ap.add_argument("--sim-flags", type=shlex.split, default=[],
                     help="extra `epp sim` flags, e.g. '--lora-modules sql-lora,chat-lora --max-loras 2'")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--name", default="routing")
-    ap.add_argument("--no-plots", dest="plots", action="store_false")
+    _results_args(ap, "routing")
     _workload_args(ap, groups=16, system=3000, output=24, requests=200, prompts_per_group=8)
-    a = ap.parse_args(argv)
-    try:
-        spec = _workload(a)
-    except WorkloadError as e:
-        ap.error(str(e))
+    a, spec = _parse(ap, argv)
     strategies = _strategies(a.strategies, a.config)
     print(_describe(spec), flush=True)
     try:
@@ -225,14 +229,9 @@ def cmd_agree(argv: list[str]) -> int:
     ap.add_argument("--tolerance", type=float, default=0.15)
     ap.add_argument("--sim-flags", type=shlex.split, default=[], help="extra `epp sim` flags (timing flags would "
                     "make the two sides differ: the simulation uses the engine defaults)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--name", default="agree")
+    _results_args(ap, "agree", plots=False)
     _workload_args(ap, groups=8, system=2000, output=32, requests=120, prompts_per_group=8)
-    a = ap.parse_args(argv)
-    try:
-        spec = _workload(a)
-    except WorkloadError as e:
-        ap.error(str(e))
+    a, spec = _parse(ap, argv)
     if spec.load.type == "poisson":
         spec.load = LoadSpec(type="poisson", rate=a.rate)
     print(_describe(spec), flush=True)

@@ -106,6 +106,15 @@ def _plt():
     return plt
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, *, grid: bool = True) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if grid:
+        ax.grid(True, alpha=0.3)
+    ax.legend()
+
+
 def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,11 +130,7 @@ def plot_ttft_cdf(rows: Sequence[Row], path: Path, title: str) -> None:
         if xs:
             ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=r.strategy)
     ax.set_xscale("log")
-    ax.set_xlabel("time to first token (ms, log scale)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    _label(ax, "time to first token (ms, log scale)", "fraction of requests", title)
     _save(plt, fig, path)
 
 
@@ -137,10 +142,7 @@ def plot_per_server(rows: Sequence[Row], path: Path, title: str) -> None:
     for k, r in enumerate(rows):
         ax.bar([i + k * width for i in range(len(r.per_server))], r.per_server, width, label=r.strategy)
     ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(n)], [f"s{i}" for i in range(n)])
-    ax.set_xlabel("server")
-    ax.set_ylabel("requests served")
-    ax.set_title(title)
-    ax.legend()
+    _label(ax, "server", "requests served", title, grid=False)
     _save(plt, fig, path)
 
 
@@ -175,9 +177,5 @@ def plot_ttft_over_time(rows: Sequence[Row], path: Path, title: str) -> None:
         ok = [x for x in r.results if x.ok and x.ttft is not None]
         ax.scatter([x.start for x in ok], [x.ttft * 1000 for x in ok], s=6, label=r.strategy, alpha=0.7)
     ax.set_yscale("log")
-    ax.set_xlabel("request sent at (s)")
-    ax.set_ylabel("time to first token (ms, log scale)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    _label(ax, "request sent at (s)", "time to first token (ms, log scale)", title)
     _save(plt, fig, path)

@@ -4,18 +4,14 @@ leave nothing in flight, and Ctrl-C stopping every process."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from bench import soak
-from devstack.launch import wait_until
-from tests.test_bench_demo import alive, children
+from tests.processes import interrupt_when
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,30 +65,8 @@ def test_short_soak_leaves_nothing_in_flight():
 
 @pytest.mark.e2e
 def test_ctrl_c_stops_every_process(tmp_path):
-    log = tmp_path / "soak.log"
-    with open(log, "wb") as f:
-        run = subprocess.Popen([sys.executable, "-m", "epp.cli", "bench", "soak", "--requests", "1000000",
-                                "--concurrency", "2", "--transports", "grpcio", "--out", str(tmp_path)],
-                               stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    seen: set[int] = set()
-    try:
-        def sending() -> bool:
-            seen.update(children(run.pid))
-            if run.poll() is not None:
-                raise RuntimeError(f"soak exited early: {log.read_text()}")
-            return "soak grpcio" in log.read_text()  # the progress line: the stack is up
-
-        wait_until(sending, 90, "the soak to start sending", interval=0.1)
-        seen.update(children(run.pid))
-        assert len(seen) >= 3, f"expected sim, picker and envoy children, saw {seen}"
-        run.send_signal(signal.SIGINT)
-        assert run.wait(timeout=30) == 130, log.read_text()
-        wait_until(lambda: not any(alive(p) for p in seen), 10, "every child of the soak to exit")
-        assert "interrupted" in log.read_text()
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-        for p in seen:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
+    # The progress line ("soak grpcio  [...] n/1000000"): the stack is up and requests are going out.
+    out = interrupt_when([sys.executable, "-m", "epp.cli", "bench", "soak", "--requests", "1000000",
+                          "--concurrency", "2", "--transports", "grpcio", "--out", str(tmp_path)],
+                         "/1000000 ", tmp_path / "soak.log", ROOT)
+    assert "interrupted; every process stopped" in out

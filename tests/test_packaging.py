@@ -4,6 +4,7 @@ their extra instead of failing with a traceback."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -70,6 +71,24 @@ def stage_chain(stages: list[tuple[str, list[str]]], index: int) -> list[str]:
 def copied_sources(instructions: list[str]) -> set[str]:
     return {src for ins in instructions if ins.startswith("COPY ") and "--from=" not in ins
             for src in ins.split()[1:-1]}
+
+
+def test_no_runtime_module_imports_dev_tooling_or_matplotlib():
+    """Anywhere in epp/, filters/, scorers/ (inside functions too): `epp sim|bench|demo` are
+    dispatched by module-name strings in epp/cli.py, never imported."""
+    bad = []
+    for pkg in ("epp", "filters", "scorers"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                        if n.partition(".")[0] in NEVER_IN_SERVE]
+    assert bad == []
 
 
 def test_pyproject_extras_keep_plots_out_of_the_runtime():
