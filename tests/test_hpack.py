@@ -302,7 +302,7 @@ BLOCK_SPEC = st.tuples(
     st.booleans(),  # Huffman
     st.lists(st.integers(0, 4096), max_size=2),  # table size changes before the block
 )
-PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def as_bytes(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
