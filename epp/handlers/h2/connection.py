@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from epp.handlers.h2.calls import Call, drive
 from epp.handlers.h2.frames import (
     ACK,
+    CLOSE_LINGER,
     COMPRESSION_ERROR,
     CONNECTION_WINDOW,
     CONTINUATION,
@@ -116,6 +117,7 @@ class H2Connection(asyncio.Protocol):
         self.peer_goaway = False
         self.closing = False  # a connection error: GOAWAY sent, closing
         self.lost = False
+        self.eof_sent = False  # after a connection error: nothing more is written
         self.idle_since: float | None = None  # loop time the last stream ended (None: streams open)
         self.timer: asyncio.TimerHandle | None = None  # handshake, then idle timeout
 
@@ -212,20 +214,36 @@ class H2Connection(asyncio.Protocol):
         return pos
 
     def _drain(self) -> None:
-        if self.out and self.transport is not None and not self.lost:
+        if self.out and self.transport is not None and not self.lost and not self.eof_sent:
             out = self.out
             self.out = []
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def _fail(self, code: int, message: str) -> None:
+        """GOAWAY, then a lingering close: our side ends with FIN while the peer's remaining
+        bytes are read and dropped (closing with them unread would send a TCP RST, which can
+        destroy the GOAWAY before the peer reads it); aborted after CLOSE_LINGER."""
         self.closing = True
         self.buf = bytearray()
         self.out.append(goaway(self.last_sid, code, message))
         self._drain()
         for call in list(self.calls.values()):
             self._cancel(call)
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.eof_sent = True
+            transport.resume_reading()
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_later(CLOSE_LINGER, transport.abort)
+        else:
+            transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done sending: close (after what we wrote is flushed)
 
     # ------------------------------------------------------------------ timeouts
     def _handshake_expired(self) -> None:
@@ -699,6 +717,9 @@ class H2Connection(asyncio.Protocol):
         """Graceful: GOAWAY(max id) + PING; the final GOAWAY names the last stream once the
         PING comes back (streams the client opened meanwhile are still served)."""
         if self.lost or self.draining:
+            return
+        if self.closing:  # failed and lingering: nothing left to finish
+            self.abort()
             return
         self.draining = True
         if not self.preface:

@@ -35,6 +35,7 @@ WRITE_HIGH_WATER = 1 << 20  # stop reading while more than this waits in the soc
 WRITE_LOW_WATER = 256 * 1024  # ... and read again below this
 HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to the client's preface and SETTINGS
 IDLE_TIMEOUT = 300.0  # seconds without an open stream before a graceful GOAWAY and close
+CLOSE_LINGER = 2.0  # seconds a failed connection drains the peer's bytes after GOAWAY before it is aborted
 GOAWAY_DEBUG_MAX = 256  # bytes of debug text in a GOAWAY
 
 U32 = struct.Struct(">I")
