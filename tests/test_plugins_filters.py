@@ -6,8 +6,8 @@ import pytest
 
 from epp.assembly import build_plugin
 from epp.framework import CycleState, Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
-from filters.conformance import parse_selection
 from epp.framework.datakeys import PREFIX_MATCH_INFO, PrefixCacheMatchInfo
+from filters.conformance import parse_selection
 
 
 def ep(i, labels=None, addr=None, port=8000, **metrics):
@@ -81,7 +81,7 @@ def test_role_filters():
 
 def test_prefix_cache_affinity_filter():
     eps = [ep(1), ep(2), ep(3)]
-    m = PrefixCacheMatchInfo({eps[0]: 9, eps[1]: 8, eps[2]: 2}, total_blocks=10, block_size_tokens=16, any_hit=True)
+    m = PrefixCacheMatchInfo({eps[0]: 9, eps[1]: 8, eps[2]: 2}, total_blocks=10, block_size_tokens=16, longest=9)
     cycle = CycleState()
     cycle.write(PREFIX_MATCH_INFO, m)
     f = plugin("prefix-cache-affinity-filter", {"explorationProbability": 0.0})

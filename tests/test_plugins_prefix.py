@@ -137,6 +137,9 @@ def test_scorer_scores_fraction_and_records_on_targets():
     commit(p, req(base), e2)
     s = scores(p, req(base + "t" * 64 * 4), [e1, e2, e3])
     assert s == [1.0, 0.5, 0.0]
+    for prompt in (base + "t" * 64 * 4, base, base + "u" * 64, "v" * 64):
+        _, info = p.match(req(prompt), [e1, e2, e3])
+        assert info.longest == max(info.matches.values(), default=0)  # what the hit metrics report
     assert scores(p, req("short"), [e1, e2]) == [0.0, 0.0]  # no whole block: no hashes
     assert scores(p, req(base, model="other"), [e1, e2]) == [0.0, 0.0]
     assert scores(p, req(base, salt="tenant-b"), [e1, e2]) == [0.0, 0.0]

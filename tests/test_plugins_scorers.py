@@ -125,9 +125,9 @@ def test_no_hit_lru_spreads_cold_requests():
     p = plugin("no-hit-lru-scorer")
     eps = [ep(1), ep(2), ep(3)]
     cold, warm = CycleState(), CycleState()
-    cold.write(PREFIX_MATCH_INFO, PrefixCacheMatchInfo({}, total_blocks=2, block_size_tokens=16, any_hit=False))
+    cold.write(PREFIX_MATCH_INFO, PrefixCacheMatchInfo({}, total_blocks=2, block_size_tokens=16, longest=0))
     warm.write(PREFIX_MATCH_INFO, PrefixCacheMatchInfo({eps[0]: 1}, total_blocks=2, block_size_tokens=16,
-                                                       any_hit=True))
+                                                       longest=1))
     assert score(p, eps, cycle=cold) == [1.0, 1.0, 1.0]
     p.pre_request(cold, req(), result_for(eps[0]))
     p.pre_request(cold, req(), result_for(eps[1]))

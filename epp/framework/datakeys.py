@@ -20,18 +20,23 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class DataKey(Generic[T]):
-    """`name` is the cycle-state slot (a plain string: a read is one dict lookup);
-    `type` is the value's class, for readers and for error messages."""
+class DataKey(str, Generic[T]):
+    """A cycle-state slot name that carries its value's type. A string itself, so reading
+    the cycle state by key is one dict lookup in C (the hot path)."""
 
-    name: str
     type: type[T]
+
+    def __new__(cls, name: str, value_type: type[T]) -> DataKey[T]:
+        key = super().__new__(cls, name)
+        key.type = value_type
+        return key
+
+    def __repr__(self) -> str:
+        return f"DataKey({str(self)!r}, {self.type.__name__})"
 
     def of(self, producer: str) -> DataKey[T]:
         """The same kind of data, as published by the producer instance `producer`."""
-        base = self.name.partition("/")[0]
-        return DataKey(f"{base}/{producer}", self.type)
+        return DataKey(f"{self.partition('/')[0]}/{producer}", self.type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +65,17 @@ class PrefixCacheMatchInfo:
     """How much of the request's prefix each endpoint likely holds (the reference's
     PrefixCacheMatchInfo): `matches` maps an endpoint to the number of leading blocks it
     holds (endpoints with none are absent); `total_blocks` is the request's whole blocks
-    of `block_size_tokens` tokens each."""
+    of `block_size_tokens` tokens each; `longest` is the largest count in `matches`."""
 
     matches: dict[Endpoint, int] = field(default_factory=dict)
     total_blocks: int = 0
     block_size_tokens: int = 0
-    any_hit: bool = False  # some endpoint holds at least the first block
+    longest: int = 0
+
+    @property
+    def any_hit(self) -> bool:
+        """Some endpoint holds at least the first block."""
+        return self.longest > 0
 
     @property
     def total(self) -> int:
@@ -84,9 +94,6 @@ class PrefixCacheMatchInfo:
 
     def cached_tokens(self, endpoint: Endpoint) -> int:
         return self.matches.get(endpoint, 0) * self.block_size_tokens
-
-    def best_blocks(self) -> int:
-        return max(self.matches.values(), default=0)
 
 
 PREFIX_MATCH_PRODUCER = ProducerParam("prefixMatchInfoProducerName", APPROX_PREFIX_PRODUCER,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from epp.framework.datakeys import DataKey
 
@@ -98,11 +98,13 @@ class CycleState(dict[str, Any]):
 
     __slots__ = ()
 
-    def read(self, key: DataKey[T]) -> T | None:
-        return self.get(key.name)
+    if TYPE_CHECKING:
+        def read(self, key: DataKey[T]) -> T | None: ...
 
-    def write(self, key: DataKey[T], value: T) -> None:
-        self[key.name] = value
+        def write(self, key: DataKey[T], value: T) -> None: ...
+    else:  # keys are strings: the dict's own methods, no Python frame per access
+        read = dict.get
+        write = dict.__setitem__
 
 
 @dataclass(slots=True)

@@ -87,7 +87,8 @@ class ApproxPrefixCacheProducer:
         hashes = block_hashes(request.prompt_text, request.target_model, request.cache_salt, block_bytes,
                               p.maxPrefixBlocksToMatch)
         matches, depth = self.index.match(hashes) if hashes else ({}, 0)
-        return hashes, PrefixCacheMatchInfo(matches, len(hashes), tokens, depth > 0)
+        # The index's holder sets shrink along the chain, so the deepest match is some endpoint's count.
+        return hashes, PrefixCacheMatchInfo(matches, len(hashes), tokens, depth)
 
     # PrepareData
     def prepare_request_data(self, cycle: CycleState, request: InferenceRequest,
@@ -112,9 +113,8 @@ class ApproxPrefixCacheProducer:
             self.index.record(ep, hashes, self._capacity(ep))
         info = cycle.read(self.key)
         if info is not None:
-            best = info.best_blocks()
-            self._hit_ratio(best / len(hashes))
-            self._hit_bytes(best * info.block_size_tokens * CHARS_PER_TOKEN)
+            self._hit_ratio(info.longest / len(hashes))
+            self._hit_bytes(info.longest * info.block_size_tokens * CHARS_PER_TOKEN)
 
     # EndpointsChanged
     def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None:
