@@ -1,6 +1,6 @@
 """Request control around one scheduling cycle (reference scheduling.md "Request flow").
 
-parse -> model rewrite -> objective & priority -> admission -> candidates (subset hint)
+parse -> model rewrite -> objective & priority -> candidates (subset hint) -> admission
 -> plugins.run_cycle -> in-flight accounting -> response hooks -> release, exactly once.
 
 The director knows nothing about gRPC or Envoy: the ext_proc layer hands it headers and
@@ -82,7 +82,7 @@ class Director:
         # An endpoint whose scrapes have failed for longer than this is presumed down
         # (static endpoints have no readiness probe to take them out); None = never.
         self.staleness = staleness
-        self.pipeline = plugins
+        self.plugins = plugins
         self.admission = admission
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.telemetry.model_labels.known = lambda: pool_models(datastore)
@@ -155,7 +155,7 @@ class Director:
         ctx.release = await self.admission.admit(request, candidates)
         t0 = time.perf_counter()
         try:
-            _, result = self.pipeline.run_cycle(request, candidates)
+            _, result = self.plugins.run_cycle(request, candidates)
         except InferenceError:
             tel.scheduled(target, time.perf_counter() - t0, False)
             raise
@@ -198,7 +198,7 @@ class Director:
         if r is not None and r.target_model != r.incoming_model and r.incoming_model:
             ctx.restorer = ModelNameRestorer(r.target_model, r.incoming_model, sse)
         if ctx.targets and r is not None:
-            self._hook(self.pipeline.response_received, ctx, info)
+            self._hook(self.plugins.response_received, ctx, info)
         return info.set_headers
 
     def response_body(self, ctx: RequestContext, chunk: bytes, eos: bool) -> bytes | None:
@@ -213,7 +213,7 @@ class Director:
         if r is not None and ctx.targets:
             info = ctx.response
             info.end_of_stream = eos
-            self._hook(self.pipeline.response_streaming, ctx, info)
+            self._hook(self.plugins.response_streaming, ctx, info)
         if ctx.restorer is not None:
             return ctx.restorer.feed(chunk, eos)
         return None
@@ -234,7 +234,7 @@ class Director:
                     ctx.usage.fill(info)
                 info.end_of_stream = True
                 self._record_response(ctx)
-                self._hook(self.pipeline.response_complete, ctx, info)
+                self._hook(self.plugins.response_complete, ctx, info)
         finally:
             release, ctx.release = ctx.release, None
             if release is not None:
@@ -284,7 +284,7 @@ class Director:
         candidates = self.reachable(self.datastore.endpoints())
         trace = SchedulingTrace()
         try:
-            _, result = self.pipeline.run_cycle(request, candidates, trace=trace, commit=False)
+            _, result = self.plugins.run_cycle(request, candidates, trace=trace, commit=False)
         except InferenceError as err:  # keep the trace: it shows which filter emptied the set
             return ExplainResult(request=request, candidates=[e.name for e in candidates], trace=trace,
                                  error_code=err.code, error_message=err.message)
