@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epp.netaddr import bracket, join_hostport, parse_hostport, parse_ip, split_hostport, split_list
@@ -33,13 +33,7 @@ def test_host_names_parse_back_when_ip_is_not_required(host, port):
         parse_hostport(f"{host}:{port}", "--addr")
 
 
-@settings(max_examples=300, deadline=None)
-@given(text=st.text(max_size=40))
-@example("[")
-@example("[::1")
-@example(":")
-@example("]:80")
-def test_any_text_splits_or_fails_cleanly(text):
+def splits_or_fails_cleanly(text: str) -> None:
     host, port = split_hostport(text)  # never raises
     assert isinstance(host, str) and isinstance(port, str)
     try:
@@ -48,6 +42,17 @@ def test_any_text_splits_or_fails_cleanly(text):
         assert str(e).startswith("where: ")
     else:
         assert 0 < p < 65536 and ipaddress.ip_address(h).compressed == h
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=40))
+def test_any_text_splits_or_fails_cleanly(text):
+    splits_or_fails_cleanly(text)
+
+
+@pytest.mark.parametrize("text", ["", "[", "[::1", ":", "]:80", "[::1]:", "1.2.3.4:0", "1.2.3.4:-1", "[x]:80"])
+def test_edge_texts_split_or_fail_cleanly(text):
+    splits_or_fails_cleanly(text)
 
 
 @settings(max_examples=100, deadline=None)
