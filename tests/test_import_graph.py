@@ -101,3 +101,13 @@ def test_the_walk_sees_imports_inside_functions_and_type_checking(tmp_path):
 @pytest.mark.parametrize("type_name", sorted(BUILTINS))
 def test_every_table_entry_loads_its_plugin(type_name):
     assert plugin_class(type_name).type_name == type_name
+
+
+def test_a_config_imports_only_the_plugins_it_names():
+    import subprocess
+    import sys
+
+    code = ("import sys; from epp.assembly import load_plugin_set; load_plugin_set(None); "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('filters', 'scorers'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["scorers", "scorers.load", "scorers.prefix"]  # the default profile's scorers
