@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from epp.config import ConfigError, EndpointPickerConfig, load_config
-from epp.framework import Plugin, PluginError, PluginHandle, SchedulerProfile, plugin_params
+from epp.framework import Plugin, PluginError, PluginHandle, SchedulerProfile, extension_points, plugin_params
 from epp.framework.registry import plugin_class
 from epp.requestcontrol.pluginset import PluginSet
 from epp.scheduling.scheduler import Scheduler
@@ -26,11 +26,12 @@ def _profile(plugins: dict[str, Plugin], spec: Any) -> SchedulerProfile:
     filters, scorers, picker = [], [], None
     for ref in spec.plugins:
         p = plugins[ref.plugin_ref]
-        if callable(getattr(p, "filter", None)):
+        points = extension_points(p)
+        if "Filter" in points:
             filters.append(p)
-        if callable(getattr(p, "score", None)):
+        if "Scorer" in points:
             scorers.append((p, ref.weight))
-        if callable(getattr(p, "pick", None)):
+        if "Picker" in points:
             picker = p
     assert picker is not None  # config resolution guarantees one
     return SchedulerProfile(spec.name, filters, scorers, picker)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from epp.framework import PluginError, params_from_mapping, plugin_params
+from epp.framework import PluginError, extension_points, params_from_mapping, plugin_params
 from epp.framework.datakeys import ProducerParam
 from epp.framework.registry import plugin_class
 from epp.options import parse_duration as go_duration
@@ -313,13 +313,12 @@ def _parse_flow_control(raw: Any) -> FlowControlConfig:
 
 
 # --------------------------------------------------------------------------- default rules
+_KINDS = {"Filter": "filter", "Scorer": "scorer", "Picker": "picker", "ProfileHandler": "handler",
+          "SaturationDetector": "saturation"}
+
+
 def _kind_of(cls: type) -> set[str]:
-    kinds = set()
-    for kind, method in (("filter", "filter"), ("scorer", "score"), ("picker", "pick"),
-                         ("handler", "pick_profiles"), ("saturation", "saturation")):
-        if callable(getattr(cls, method, None)):
-            kinds.add(kind)
-    return kinds
+    return {_KINDS[point] for point in extension_points(cls) if point in _KINDS}
 
 
 def _consumes(spec: PluginSpec) -> tuple[ProducerParam, ...]:

@@ -25,6 +25,7 @@ from epp.framework.params import (
     plugin_params,
 )
 from epp.framework.plugins import (
+    EXTENSION_POINTS,
     EndpointsChanged,
     Filter,
     Picker,
@@ -39,6 +40,7 @@ from epp.framework.plugins import (
     SaturationDetector,
     SchedulerProfile,
     Scorer,
+    extension_points,
 )
 from epp.framework.types import (
     CONTEXT_LENGTH_RANGE_LABEL,
@@ -55,6 +57,7 @@ from epp.framework.types import (
 )
 
 __all__ = [
+    "EXTENSION_POINTS",
     "CONTEXT_LENGTH_RANGE_LABEL",
     "ENGINE_TYPE_LABEL",
     "ROLE_LABEL",
@@ -86,6 +89,7 @@ __all__ = [
     "SchedulingResult",
     "ScoredEndpoint",
     "Scorer",
+    "extension_points",
     "params_from_mapping",
     "plugin_params",
 ]

@@ -122,6 +122,27 @@ class ProfileHandler(Plugin, Protocol):
     ) -> SchedulingResult: ...
 
 
+# extension point -> the method a plugin implements to take part in it
+EXTENSION_POINTS: dict[str, str] = {
+    "PrepareData": "prepare_request_data",
+    "Filter": "filter",
+    "Scorer": "score",
+    "Picker": "pick",
+    "ProfileHandler": "pick_profiles",
+    "PreRequest": "pre_request",
+    "ResponseReceived": "response_received",
+    "ResponseStreaming": "response_streaming",
+    "ResponseComplete": "response_complete",
+    "EndpointsChanged": "endpoints_removed",
+    "SaturationDetector": "saturation",
+}
+
+
+def extension_points(plugin: object) -> frozenset[str]:
+    """The extension points a plugin (or plugin class) takes part in."""
+    return frozenset(point for point, method in EXTENSION_POINTS.items() if callable(getattr(plugin, method, None)))
+
+
 # --------------------------------------------------------------------------- handle
 @dataclass(slots=True)
 class PluginHandle:

@@ -12,27 +12,23 @@ from typing import Any
 from epp.config import EndpointPickerConfig, FlowControlConfig
 from epp.errors import service_unavailable
 from epp.framework import (
+    EXTENSION_POINTS,
     CycleState,
     Endpoint,
     InferenceRequest,
     Plugin,
     ResponseInfo,
     SchedulingResult,
+    extension_points,
 )
 from epp.scheduling.scheduler import Scheduler, SchedulingTrace
 from epp.timing import Observer, timed
 
 __all__ = ["PluginSet"]
 
-# extension point -> the method a plugin implements to take part in it
-HOOKS = {
-    "PrepareData": "prepare_request_data",
-    "PreRequest": "pre_request",
-    "ResponseReceived": "response_received",
-    "ResponseStreaming": "response_streaming",
-    "ResponseComplete": "response_complete",
-    "EndpointsChanged": "endpoints_removed",
-}
+# the extension points run here (the scheduler runs Filter, Scorer, Picker)
+HOOKS = {point: EXTENSION_POINTS[point] for point in (
+    "PrepareData", "PreRequest", "ResponseReceived", "ResponseStreaming", "ResponseComplete", "EndpointsChanged")}
 
 
 class PluginSet:
@@ -46,8 +42,8 @@ class PluginSet:
         self.flow_control: FlowControlConfig | None = config.flow_control
         self.engine_metrics: dict[str, Any] = config.engine_metrics
         # Config order is kept so hooks run in a predictable order.
-        self._members = {point: [p for p in plugins.values() if callable(getattr(p, method, None))]
-                         for point, method in HOOKS.items()}
+        points = {name: extension_points(p) for name, p in plugins.items()}
+        self._members = {point: [p for name, p in plugins.items() if point in points[name]] for point in HOOKS}
         self.observe = observe
 
     @property
