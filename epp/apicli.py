@@ -1,16 +1,19 @@
 """`epp endpoints` and `epp explain`: clients of a running picker's project API.
 
-    epp endpoints --addr 127.0.0.1:9002 [--tls|--insecure] [--json]
+    epp endpoints --addr 127.0.0.1:9002 [--tls [--ca-file F]|--insecure-skip-verify|--insecure] [--json]
     epp explain --addr 127.0.0.1:9002 --model m --prompt "..." [--chat] [--header k=v ...]
     epp explain --addr 127.0.0.1:9002 --body-file request.json [--path /v1/chat/completions]
 
-The picker serves TLS by default with a self-signed certificate. grpcio cannot skip
-verification, so --tls (the default) fetches the server's own certificate and trusts
-exactly that one; --insecure speaks plaintext.
+TLS is the default and the server's certificate is verified: against --ca-file (the
+picker's tls.crt, or the CA that signed it) or else the system's roots, for the --addr
+host or --server-name. The certificate a picker generates for itself is known to no
+one, so against it either give the picker a --cert-path and the client that tls.crt,
+or ask explicitly for --insecure-skip-verify (encrypted, not authenticated). --insecure
+speaks plaintext.
 
-The API is served on the picker's --grpc-port, except with `epp serve
---ext-proc-transport=native`: there ext_proc has that port to itself and the API is on
---api-port (default --grpc-port + 10, e.g. --addr 127.0.0.1:9012; --api-port=0 turns it off).
+The API is on the picker's --api-port when it has one; else on --grpc-port with the
+grpcio transport, and on --grpc-port + 10 with --ext-proc-transport=native (e.g.
+--addr 127.0.0.1:9012).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import ssl
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -76,19 +80,50 @@ def certificate_names(pem: bytes) -> tuple[list[str], list[str]]:
     return dns, ips
 
 
-def open_channel(addr: str, tls: bool, timeout: float) -> grpc.Channel:
+def open_channel(addr: str, tls: bool, timeout: float, *, ca_file: str = "", skip_verify: bool = False,
+                 server_name: str = "") -> grpc.Channel:
+    """A channel to the picker: plaintext, TLS verified against `ca_file` (else the system's
+    roots), or, only when `skip_verify` is asked for, TLS trusting whatever certificate the
+    server presents."""
     host, port = parse_hostport(addr, "--addr", ip=False)
     target = join_hostport(host, port)
     if not tls:
         return grpc.insecure_channel(target)
-    pem = fetch_server_certificate(host, port, timeout)
-    dns, ips = certificate_names(pem)
     options: list[tuple[str, str]] = []
-    covered = host in dns or any(_same_ip(host, ip) for ip in ips)
-    if not covered and dns:
-        # The self-signed cert names the picker's service, not the address we dialled.
-        options.append(("grpc.ssl_target_name_override", dns[0]))
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=pem), options=options)
+    if skip_verify:
+        # grpcio cannot skip verification: trust exactly the certificate the server presents.
+        roots: bytes | None = fetch_server_certificate(host, port, timeout)
+        dns, ips = certificate_names(roots)
+        covered = host in dns or any(_same_ip(host, ip) for ip in ips)
+        if not covered and dns:
+            options.append(("grpc.ssl_target_name_override", dns[0]))
+    else:
+        try:
+            roots = Path(ca_file).read_bytes() if ca_file else None
+        except OSError as e:
+            raise ValueError(f"--ca-file: cannot read {ca_file}: {e.strerror}") from None
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+
+
+MAX_PAGES = 10_000  # ListEndpoints pages followed before giving up (a server that never ends)
+
+
+def list_all_endpoints(stub: pb_grpc.EndpointPickerStub, timeout: float) -> pb.ListEndpointsResponse:
+    """Every page of ListEndpoints, as one response."""
+    out = pb.ListEndpointsResponse()
+    token = ""
+    for _ in range(MAX_PAGES):
+        page = stub.ListEndpoints(pb.ListEndpointsRequest(page_token=token), timeout=timeout)
+        out.endpoints.extend(page.endpoints)
+        out.synced = page.synced
+        if not page.next_page_token:
+            return out
+        if page.next_page_token == token:
+            raise ValueError(f"the server repeated page token {token[:40]!r}")
+        token = page.next_page_token
+    raise ValueError(f"more than {MAX_PAGES} pages of endpoints")
 
 
 def _same_ip(a: str, b: str) -> bool:
@@ -109,7 +144,7 @@ def format_endpoints(resp: pb.ListEndpointsResponse) -> str:
         lora = f"{','.join(m.running_lora_adapters) or '-'}/{','.join(m.waiting_lora_adapters) or '-'}/{m.max_lora}"
         blocks = f"{m.num_gpu_blocks}x{m.block_size}" if m.block_size or m.num_gpu_blocks else "-"
         age = "never" if m.age_seconds < 0 else f"{m.age_seconds:.2f}s"
-        labels = ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-"
+        labels = (",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-") + (" (cut)" if e.truncated else "")
         rows.append((e.name, f"{host}:{e.port}", str(m.waiting_queue_size), str(m.running_requests_size),
                      f"{m.kv_cache_usage * 100:.1f}", lora, blocks, age, "yes" if m.ok else "no",
                      str(e.in_flight_requests), str(e.in_flight_tokens), labels))
@@ -149,6 +184,8 @@ def format_explain(resp: pb.ExplainResponse) -> str:
             lines.append(f"  failed: {p.error}")
         elif p.picked:
             lines.append(f"  picker {p.picker or '-'} picked {', '.join(p.picked)}")
+    if resp.truncated:
+        lines.append("(per-endpoint lists cut to fit the response)")
     if resp.error_code:
         lines.append(f"error: {resp.error_code} (HTTP {resp.http_status}) - {resp.error_message}")
     elif resp.targets:
@@ -196,8 +233,13 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "--ext-proc-transport=native)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--tls", dest="tls", action="store_true", default=True,
-                      help="TLS, trusting the certificate the server presents (default)")
+                      help="TLS, verifying the server's certificate (default)")
     mode.add_argument("--insecure", dest="tls", action="store_false", help="plaintext gRPC")
+    mode.add_argument("--insecure-skip-verify", action="store_true",
+                      help="TLS without verifying the certificate: trusts whatever the server presents")
+    p.add_argument("--ca-file", default="", help="PEM certificates to verify the server with (the picker's "
+                                                 "tls.crt, or its CA); default: the system's roots")
+    p.add_argument("--server-name", default="", help="name the certificate must carry (default: the --addr host)")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds")
 
@@ -230,15 +272,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"epp {command}: {e}", file=sys.stderr)
         return 2
+    if not args.tls and (args.ca_file or args.server_name):
+        print(f"epp {command}: --ca-file and --server-name need TLS (not --insecure)", file=sys.stderr)
+        return 2
     try:
-        with open_channel(args.addr, args.tls, args.timeout) as channel:
+        with open_channel(args.addr, args.tls, args.timeout, ca_file=args.ca_file,
+                          skip_verify=args.insecure_skip_verify, server_name=args.server_name) as channel:
             stub = pb_grpc.EndpointPickerStub(channel)
             if command == "endpoints":
-                resp = stub.ListEndpoints(request, timeout=args.timeout)
+                resp = list_all_endpoints(stub, args.timeout)
             else:
                 resp = stub.Explain(request, timeout=args.timeout)
     except grpc.RpcError as e:
-        print(f"epp {command}: {args.addr}: {e.code().name}: {e.details()}", file=sys.stderr)
+        details = e.details() or ""
+        hint = ""
+        if args.tls and not args.insecure_skip_verify and any(w in details.lower() for w in ("handshake", "certif")):
+            hint = " (verify the picker's certificate with --ca-file, or --insecure-skip-verify)"
+        print(f"epp {command}: {args.addr}: {e.code().name}: {details}{hint}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:
         print(f"epp {command}: {args.addr}: {e}", file=sys.stderr)

@@ -11,28 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.handlers.protocol import DEFAULT_MAX_REQUEST_BODY_BYTES
+from epp.telemetry import DEFAULT_MAX_MODEL_LABELS
+from epp.units import parse_duration  # flags' type for durations; also imported from here
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 API_PORT_OFFSET = 10  # native transport: the project API's default port is --grpc-port + 10
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Go duration ("50ms", "1m30s", "2s") or plain seconds -> seconds."""
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 50ms, 2s, 1m)")
-    return total
 
 
 def parse_bool(text: str) -> bool:
@@ -92,8 +74,9 @@ class Options:
     kubeconfig: str
     ignored: list[str]
     ext_proc_transport: str = "grpcio"
-    api_port: int = -1  # native transport only: -1 = grpc_port + 10 (API_PORT_OFFSET), 0 = off
+    api_port: int = -1  # -1 = the transport's default (grpcio: the ext_proc port; native: + API_PORT_OFFSET), 0 = off
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    metrics_max_model_labels: int = DEFAULT_MAX_MODEL_LABELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config-text", default="", help="EndpointPickerConfig YAML text")
     a("--refresh-metrics-interval", type=parse_duration, default=0.05, help="model-server scrape interval")
     a("--metrics-staleness-threshold", type=parse_duration, default=2.0, help="metrics older than this are stale")
+    a("--metrics-max-model-labels", type=int, default=DEFAULT_MAX_MODEL_LABELS,
+      help="distinct model names the picker's own metrics label, besides the models the pool knows "
+           f"(default {DEFAULT_MAX_MODEL_LABELS}); other names are counted under model_name=\"other\"")
     a("--model-server-metrics-port", type=int, default=0, help="scrape this port instead of the endpoint's")
     a("--model-server-metrics-path", default="/metrics", help="model-server metrics path")
     a("--secure-serving", action=_BoolFlag, default=True, help="serve gRPC over TLS")
@@ -124,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="ext_proc server: grpcio (grpc.aio), or native (asyncio HTTP/2, less CPU per request; "
            "the project API then moves to --api-port)")
     a("--api-port", type=int, default=-1,
-      help="project API gRPC port with --ext-proc-transport=native (default --grpc-port + 10; 0 = off)")
+      help="project API gRPC port (ListEndpoints, Explain). It has no authentication: expose it only "
+           "inside the cluster, never through the gateway. Default: shares --grpc-port with grpcio, "
+           "--grpc-port + 10 with native; 0 = off")
     a("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
       help="largest request body the picker reads, in bytes (default 64 MiB, room for multimodal "
            "bodies); a larger one is answered 413 through Envoy")
@@ -165,6 +153,10 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error(f"--endpoint-target-ports: not a list of ports: {ns.endpoint_target_ports!r}")
     if ns.max_request_body_bytes <= 0:
         parser.error(f"--max-request-body-bytes: must be positive, got {ns.max_request_body_bytes}")
+    if ns.metrics_max_model_labels < 0:
+        parser.error(f"--metrics-max-model-labels: must be >= 0, got {ns.metrics_max_model_labels}")
+    if not -1 <= ns.api_port <= 65535:
+        parser.error(f"--api-port: expected a port (0 = off), got {ns.api_port}")
     if ns.endpoint_selector and not ports:
         parser.error("--endpoint-selector needs --endpoint-target-ports")
     return Options(
@@ -183,6 +175,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         config_text=ns.config_text,
         refresh_metrics_interval=ns.refresh_metrics_interval,
         metrics_staleness_threshold=ns.metrics_staleness_threshold,
+        metrics_max_model_labels=ns.metrics_max_model_labels,
         model_server_metrics_port=ns.model_server_metrics_port,
         model_server_metrics_path=ns.model_server_metrics_path,
         secure_serving=ns.secure_serving,

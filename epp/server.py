@@ -1,8 +1,9 @@
 """`epp serve`: assembles the picker.
 
-gRPC (ext_proc + the project API) on --grpc-port, TLS by default; with
---ext-proc-transport=native, ext_proc is served by epp.handlers.h2.server on --grpc-port and the project
-API by grpc.aio on --api-port (default --grpc-port + 10; 0 = off); gRPC health on
+ext_proc on --grpc-port, TLS by default, served by grpc.aio or, with
+--ext-proc-transport=native, by epp.handlers.h2.server; the project API (unauthenticated)
+by grpc.aio on its own --api-port when one is given (0 = off), else on --grpc-port with
+grpcio and on --grpc-port + 10 with native; gRPC health on
 --grpc-health-port; Prometheus metrics over HTTP on --metrics-port; the endpoint source
 (static flags/file or Kubernetes), the metrics scraper and, optionally, leader election
 as background producers.
@@ -34,6 +35,7 @@ from epp.framework.metrics import PluginMetrics
 from epp.handlers.grpcio import add_ext_proc_server
 from epp.handlers.protocol import SERVICE_NAME
 from epp.handlers.stream import ExtProcHandler
+from epp.netaddr import join_hostport
 from epp.options import API_PORT_OFFSET, Options, parse_args
 from epp.requestcontrol.director import Director
 from epp.telemetry import Telemetry
@@ -71,7 +73,7 @@ class PickerServer:
     def __init__(self, options: Options, *, registry: Any = None) -> None:
         self.options = options
         self.datastore = Datastore()
-        self.telemetry = Telemetry(registry)
+        self.telemetry = Telemetry(registry, max_model_labels=options.metrics_max_model_labels)
         try:
             self.pipeline = load_plugin_set(read_config_text(options),
                                             PluginHandle(metrics=PluginMetrics(self.telemetry.registry)),
@@ -92,7 +94,8 @@ class PickerServer:
         self.elector: Any = None
         self.discovery: Any = None
         self.collector: Any = None
-        self.grpc_server: grpc.aio.Server | None = None  # ext_proc + API (grpcio), or the API alone (native)
+        self.grpc_server: grpc.aio.Server | None = None  # grpcio ext_proc (and the API when it shares the port)
+        self.api_server: grpc.aio.Server | None = None  # the API on its own --api-port
         self.native: Any = None  # epp.handlers.h2.server.H2GrpcServer with --ext-proc-transport=native
         self.api_port = 0
         self.health_server: grpc.aio.Server | None = None
@@ -163,15 +166,32 @@ class PickerServer:
                 raise StartupError(str(e)) from None
         if o.ext_proc_transport == "native":
             await self._start_native(cert)
-            return
-        server = self.grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
-        add_ext_proc_server(server, self.ext_proc)
-        self._add_api(server)
-        self.grpc_port = self._add_port(server, o.grpc_port, cert, "--grpc-port")
-        await server.start()
+        else:
+            server = self.grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
+            add_ext_proc_server(server, self.ext_proc)
+            if o.api_port < 0:  # grpcio's default: the API shares the ext_proc port
+                self._add_api(server)
+            self.grpc_port = self._add_port(server, o.grpc_port, cert, "--grpc-port")
+            await server.start()
+        api_port = self._own_api_port()
+        if api_port is not None:
+            server = self.api_server = grpc.aio.server(options=GRPC_OPTIONS)
+            self._add_api(server)
+            self.api_port = self._add_port(server, api_port, cert, "--api-port")
+            await server.start()
+
+    def _own_api_port(self) -> int | None:
+        """The project API's own port (0 = any free one), or None when it has none: off
+        (--api-port=0), or sharing the ext_proc port (grpcio's default)."""
+        o = self.options
+        if o.api_port > 0:
+            return o.api_port
+        if o.api_port == 0 or o.ext_proc_transport != "native":
+            return None
+        return o.grpc_port + API_PORT_OFFSET if o.grpc_port else 0
 
     def _add_port(self, server: grpc.aio.Server, port: int, cert: tuple[bytes, bytes] | None, flag: str) -> int:
-        address = f"{_host(self.options.bind_address)}:{port}"
+        address = join_hostport(self.options.bind_address, port)
         if cert is not None:
             bound = server.add_secure_port(address, grpc.ssl_server_credentials([(cert[1], cert[0])]))
         else:
@@ -191,13 +211,6 @@ class PickerServer:
         except OSError as e:
             raise StartupError(f"--grpc-port: cannot listen on {o.bind_address}:{o.grpc_port}: {e.strerror}") \
                 from None
-        api_port = o.api_port if o.api_port >= 0 else (o.grpc_port + API_PORT_OFFSET if o.grpc_port else 0)
-        if o.api_port == 0:
-            return
-        server = self.grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
-        self._add_api(server)
-        self.api_port = self._add_port(server, api_port, cert, "--api-port")
-        await server.start()
 
     def _add_api(self, server: grpc.aio.Server) -> None:
         try:
@@ -211,7 +224,7 @@ class PickerServer:
         o = self.options
         server = self.health_server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        address = f"{_host(o.bind_address)}:{o.grpc_health_port}"
+        address = join_hostport(o.bind_address, o.grpc_health_port)
         self.health_port = server.add_insecure_port(address)
         if not self.health_port:
             raise StartupError(f"--grpc-health-port: cannot listen on {address}")
@@ -262,8 +275,9 @@ class PickerServer:
             await asyncio.gather(self._health_task, return_exceptions=True)
         if self.native is not None:
             await self.native.stop(grace)
-        if self.grpc_server is not None:
-            await self.grpc_server.stop(grace)
+        for server in (self.grpc_server, self.api_server):
+            if server is not None:
+                await server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
         for part in (self.collector, self.discovery):
@@ -277,14 +291,13 @@ class PickerServer:
 
     def ready_line(self) -> str:
         o = self.options
-        native = f" ext_proc=native api={self.api_port or 'off'}" if self.native is not None else ""
+        if self.native is not None:
+            native = f" ext_proc=native api={self.api_port or 'off'}"
+        else:
+            native = f" api={self.api_port}" if self.api_port else (" api=off" if o.api_port == 0 else "")
         return (f"epp: ready grpc={o.bind_address}:{self.grpc_port} ({'tls' if o.secure_serving else 'plaintext'})"
                 f" health={self.health_port} metrics={self.metrics_port} endpoints={len(self.datastore.endpoints())}"
                 f"{native}")
-
-
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
 async def serve(options: Options) -> int:

@@ -7,19 +7,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ListEndpointsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListEndpointsResponse(_message.Message):
-    __slots__ = ("endpoints", "synced")
+    __slots__ = ("endpoints", "synced", "next_page_token")
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     SYNCED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     endpoints: _containers.RepeatedCompositeFieldContainer[EndpointInfo]
     synced: bool
-    def __init__(self, endpoints: _Optional[_Iterable[_Union[EndpointInfo, _Mapping]]] = ..., synced: _Optional[bool] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, endpoints: _Optional[_Iterable[_Union[EndpointInfo, _Mapping]]] = ..., synced: _Optional[bool] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class EndpointInfo(_message.Message):
-    __slots__ = ("name", "address", "port", "labels", "namespace", "pod_name", "metrics", "in_flight_requests", "in_flight_tokens")
+    __slots__ = ("name", "address", "port", "labels", "namespace", "pod_name", "metrics", "in_flight_requests", "in_flight_tokens", "truncated")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +42,7 @@ class EndpointInfo(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     port: int
@@ -45,7 +52,8 @@ class EndpointInfo(_message.Message):
     metrics: EndpointMetrics
     in_flight_requests: int
     in_flight_tokens: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., namespace: _Optional[str] = ..., pod_name: _Optional[str] = ..., metrics: _Optional[_Union[EndpointMetrics, _Mapping]] = ..., in_flight_requests: _Optional[int] = ..., in_flight_tokens: _Optional[int] = ...) -> None: ...
+    truncated: bool
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., namespace: _Optional[str] = ..., pod_name: _Optional[str] = ..., metrics: _Optional[_Union[EndpointMetrics, _Mapping]] = ..., in_flight_requests: _Optional[int] = ..., in_flight_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class EndpointMetrics(_message.Message):
     __slots__ = ("waiting_queue_size", "running_requests_size", "kv_cache_usage", "running_lora_adapters", "waiting_lora_adapters", "max_lora", "block_size", "num_gpu_blocks", "age_seconds", "ok")
@@ -87,7 +95,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request", "candidates", "profiles", "primary_profile", "targets", "headers", "error_code", "error_message", "http_status")
+    __slots__ = ("request", "candidates", "profiles", "primary_profile", "targets", "headers", "error_code", "error_message", "http_status", "truncated")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +112,7 @@ class ExplainResponse(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     request: ParsedRequest
     candidates: _containers.RepeatedScalarFieldContainer[str]
     profiles: _containers.RepeatedCompositeFieldContainer[ProfileTrace]
@@ -113,7 +122,8 @@ class ExplainResponse(_message.Message):
     error_code: str
     error_message: str
     http_status: int
-    def __init__(self, request: _Optional[_Union[ParsedRequest, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[ProfileTrace, _Mapping]]] = ..., primary_profile: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., http_status: _Optional[int] = ...) -> None: ...
+    truncated: bool
+    def __init__(self, request: _Optional[_Union[ParsedRequest, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[ProfileTrace, _Mapping]]] = ..., primary_profile: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., http_status: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class ParsedRequest(_message.Message):
     __slots__ = ("incoming_model", "target_model", "kind", "objective", "priority", "stream", "prompt_chars")

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+from epp.assembly import load_plugin_set
 from epp.errors import InferenceError
 from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
-from epp.assembly import load_plugin_set
 
 DETECTOR = """
 plugins:

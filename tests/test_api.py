@@ -14,7 +14,15 @@ from epp import apicli
 from epp.datalayer.datastore import Datastore, EndpointSpec
 from epp.errors import InferenceError
 from epp.framework import ENGINE_TYPE_LABEL, InferenceRequest, Metrics
-from epp.handlers.api import ApiServicer, ExplainResult, add_api_servicer
+from epp.handlers.api import (
+    MAX_ADAPTERS,
+    MAX_PAGE_SIZE,
+    MAX_RESPONSE_BYTES,
+    MAX_VALUE_CHARS,
+    ApiServicer,
+    ExplainResult,
+    add_api_servicer,
+)
 from epp.scheduling.scheduler import FilterTrace, ProfileTrace, SchedulingTrace, ScorerTrace
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
@@ -129,12 +137,14 @@ async def test_explain_converts_the_trace_and_errors(now):
 
 
 async def test_explain_with_the_real_director_has_no_side_effects(now):
-    from epp.requestcontrol.director import Director
     from epp.assembly import load_plugin_set
+    from epp.flowcontrol.admission import AdmissionController
+    from epp.requestcontrol.director import Director
 
     ds = make_datastore(now)
     ds.set_metrics(ds.get("vllm-b"), Metrics(waiting_queue_size=0, kv_cache_usage_percent=0.1, update_time=now, ok=True))
-    director = Director(ds, load_plugin_set(None))  # default profile: queue 2, kv 2, prefix 3, max-score
+    plugins = load_plugin_set(None)  # default profile: queue 2, kv 2, prefix 3, max-score
+    director = Director(ds, plugins, admission=AdmissionController(plugins.saturation_detector))
     body = json.dumps({"model": "m", "prompt": "the same long shared prefix " * 40}).encode()
     async with Server(ApiServicer(ds, director.explain)) as srv:
         async with grpc.aio.insecure_channel(srv.addr) as channel:
@@ -217,17 +227,113 @@ def self_signed(tmp_path):
     return key.read_bytes(), cert.read_bytes()
 
 
-async def test_cli_tls_trusts_the_servers_own_certificate(now, capsys, tmp_path):
+async def test_cli_tls_verifies_the_servers_certificate(now, capsys, tmp_path):
     key, cert = self_signed(tmp_path)
+    ca = tmp_path / "tls.crt"
+    (tmp_path / "other").mkdir()
+    other = tmp_path / "other" / "tls.crt"
+    self_signed(tmp_path / "other")
     creds = grpc.ssl_server_credentials([(key, cert)])
     async with Server(ApiServicer(make_datastore(now), canned_explain), credentials=creds) as srv:
-        code, out, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--tls")
+        # TLS is the default and verifies: an unknown self-signed certificate is refused
+        code, _, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--timeout", "3")
+        assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in err and "--ca-file" in err
+        code, _, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--ca-file", str(other), "--timeout", "3")
+        assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in err  # signed by someone else
+        code, _, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--ca-file", str(ca), "--timeout", "3")
+        assert code == 1  # the right certificate, but it does not name 127.0.0.1
+        code, out, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--tls", "--ca-file", str(ca),
+                                       "--server-name", "epp-picker.default.svc")
         assert code == 0, err
         assert out.splitlines()[1].startswith("vllm-a")
-        code, out, err = await run_cli(capsys, "explain", "--addr", srv.addr, "--model", "m", "--prompt", "x")
-        assert code == 0 and "picked vllm-b" in out, err  # TLS is the default
+        code, out, err = await run_cli(capsys, "explain", "--addr", srv.addr, "--ca-file", str(ca),
+                                       "--server-name", "epp-picker.default.svc", "--model", "m", "--prompt", "x")
+        assert code == 0 and "picked vllm-b" in out, err
+        # only when asked for explicitly: trust whatever the server presents
+        code, out, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--insecure-skip-verify")
+        assert code == 0 and out.splitlines()[1].startswith("vllm-a"), err
         code, _, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--insecure", "--timeout", "2")
         assert code == 1  # plaintext against a TLS server fails cleanly
+        code, _, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--insecure", "--ca-file", str(ca))
+        assert code == 2 and "need TLS" in err
+        code, _, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--ca-file", str(tmp_path / "none"))
+        assert code == 1 and "--ca-file: cannot read" in err
+
+
+async def test_cli_verifies_the_pickers_generated_certificate(now, capsys, tmp_path):
+    from epp.tls import self_signed as generated
+
+    cert, key = generated()
+    (tmp_path / "picker.crt").write_bytes(cert)
+    creds = grpc.ssl_server_credentials([(key, cert)])
+    async with Server(ApiServicer(make_datastore(now), canned_explain), credentials=creds) as srv:
+        for host in ("127.0.0.1", "localhost"):  # both named by the certificate
+            code, out, err = await run_cli(capsys, "endpoints", "--addr", f"{host}:{srv.port}",
+                                           "--ca-file", str(tmp_path / "picker.crt"))
+            assert code == 0 and out.splitlines()[-1] == "2 endpoints", err
+
+
+async def test_many_endpoints_with_huge_labels_are_paged_and_cut(now, capsys):
+    """120 MB of labels over 2,000 endpoints and one 5 MB label value: every page stays under
+    MAX_RESPONSE_BYTES (a gRPC client refuses more than 4 MiB) and `epp endpoints` lists all."""
+    ds = Datastore()
+    labels = {f"pad-{k}": "v" * 3000 for k in range(20)}  # 10 MB even when each value is cut
+    for i in range(2000):
+        ds.upsert(EndpointSpec(name=f"ep-{i:05d}", address="10.1.0.1", port=1000 + i, labels=labels))
+    ds.upsert(EndpointSpec(name="ep-huge", address="10.1.0.2", port=80, labels={"huge": "h" * (5 << 20)}))
+    many = ds.get("ep-00007")
+    ds.set_metrics(many, Metrics(running_lora_adapters=frozenset(f"adapter-{i}" for i in range(500)),
+                                 waiting_lora_adapters=frozenset({"w" * 100_000}), ok=True, update_time=now))
+    ds.synced = True
+    async with Server(ApiServicer(ds, canned_explain, clock=lambda: now)) as srv:
+        async with grpc.aio.insecure_channel(srv.addr) as channel:
+            stub = pb_grpc.EndpointPickerStub(channel)
+            token, names, sizes = "", [], []
+            while True:
+                page = await stub.ListEndpoints(pb.ListEndpointsRequest(page_token=token), timeout=10)
+                assert page.ByteSize() <= MAX_RESPONSE_BYTES and page.synced
+                names += [e.name for e in page.endpoints]
+                sizes.append(len(page.endpoints))
+                token = page.next_page_token
+                if not token:
+                    break
+            small = await stub.ListEndpoints(pb.ListEndpointsRequest(page_size=3, page_token="ep-00005"), timeout=10)
+        code, out, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--insecure")
+        assert code == 0, err
+        code, js, err = await run_cli(capsys, "endpoints", "--addr", srv.addr, "--insecure", "--json")
+        assert code == 0, err
+    assert names == sorted(e.name for e in ds.endpoints()) and len(sizes) >= 10
+    assert max(sizes) < MAX_PAGE_SIZE  # cut by bytes, not by count
+    assert [e.name for e in small.endpoints] == ["ep-00006", "ep-00007", "ep-00008"]
+    assert small.next_page_token == "ep-00008"
+    m = small.endpoints[1]
+    assert small.endpoints[1].truncated and len(m.metrics.running_lora_adapters) == MAX_ADAPTERS
+    assert len(m.metrics.waiting_lora_adapters[0]) <= MAX_VALUE_CHARS + 3
+    lines = out.splitlines()
+    assert lines[-1] == "2001 endpoints" and len(lines) == 1 + 2001 + 1  # header, rows, count
+    huge_row = next(line for line in lines if line.startswith("ep-huge"))
+    assert huge_row.endswith("(cut)") and len(huge_row) < 4000  # not 5 MB
+    assert len(json.loads(js)["endpoints"]) == 2001
+
+
+async def test_explain_is_cut_to_fit_the_message_limit(now):
+    names = [f"endpoint-with-a-long-name-{i:06d}-" + "x" * 60 for i in range(40_000)]  # ~4 MB of names
+
+    def explain(headers, body):
+        profile = ProfileTrace(name="default", candidates=names,
+                               filters=[FilterTrace(name="f", type="f", kept=names)],
+                               scorers=[ScorerTrace(name="s", type="s", weight=1.0, scores=dict.fromkeys(names, 1.0))],
+                               totals=dict.fromkeys(names, 1.0), picker="p", picked=[names[-1]])
+        return ExplainResult(candidates=names, trace=SchedulingTrace(profiles=[profile], primary_profile="default"),
+                             targets=[names[-1]], error_message="e" * 100_000)
+
+    async with Server(ApiServicer(make_datastore(now), explain)) as srv:
+        async with grpc.aio.insecure_channel(srv.addr) as channel:
+            resp = await pb_grpc.EndpointPickerStub(channel).Explain(pb.ExplainRequest(body=b"{}"), timeout=20)
+    assert resp.truncated and resp.ByteSize() <= MAX_RESPONSE_BYTES
+    assert list(resp.targets) == [names[-1]] and list(resp.profiles[0].picked) == [names[-1]]  # picks kept whole
+    assert 0 < len(resp.candidates) < len(names) and len(resp.error_message) <= 4096 + 3
+    assert "(per-endpoint lists cut to fit the response)" in apicli.format_explain(resp)
 
 
 async def test_explain_accepts_an_async_callable(now):

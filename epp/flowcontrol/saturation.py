@@ -11,15 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-
-
-def _duration_param(value: str | float, key: str) -> float:
-    from epp.config import ConfigError, parse_duration
-
-    try:
-        return parse_duration(value, key)
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
+from epp.units import duration_value
 
 
 @dataclass(slots=True)
@@ -36,7 +28,7 @@ class UtilizationParams:
             raise ValueError(f"kvCacheUtilThreshold: must be in (0, 1], got {self.kvCacheUtilThreshold}")
         if self.headroom < 0:
             raise ValueError(f"headroom: must be >= 0, got {self.headroom}")
-        _duration_param(self.metricsStalenessThreshold, "metricsStalenessThreshold")
+        duration_value(self.metricsStalenessThreshold, "metricsStalenessThreshold")
 
 
 class UtilizationDetector:
@@ -52,7 +44,7 @@ class UtilizationDetector:
         self.name = name
         self.queue_threshold = p.queueDepthThreshold
         self.kv_threshold = p.kvCacheUtilThreshold
-        self.staleness = _duration_param(p.metricsStalenessThreshold, "metricsStalenessThreshold")
+        self.staleness = duration_value(p.metricsStalenessThreshold, "metricsStalenessThreshold")
         self.headroom = p.headroom
         self.clock = handle.clock
 

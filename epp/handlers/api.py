@@ -1,18 +1,18 @@
 """The project's own gRPC API (proto/epp_api.proto, service epp.api.v1.EndpointPicker).
 
 `ListEndpoints` reads the datastore; `Explain` calls the director's side-effect-free
-explain and converts its ExplainResult (defined here; the director fills it) to the
+explain and converts its ExplainResult (epp.requestcontrol.explain) to the
 wire message. Both are async handlers for the picker's grpc.aio server.
 """
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
@@ -20,28 +20,14 @@ import grpc
 from epp.datalayer.datastore import Datastore
 from epp.errors import HTTP_STATUS, InferenceError
 from epp.framework import Endpoint, InferenceRequest
+from epp.requestcontrol.explain import ExplainResult
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from epp.scheduling.scheduler import ProfileTrace, SchedulingTrace
+    from epp.scheduling.scheduler import ProfileTrace
 
 log = logging.getLogger("epp.handlers.api")
-
-
-@dataclass(slots=True)
-class ExplainResult:
-    """What the director's explain returns. Endpoint references are endpoint names;
-    "ip:port" strings are accepted too and shown as the endpoint's name."""
-
-    request: InferenceRequest | None = None  # as parsed, after rewrite and objective lookup
-    candidates: list[str] = field(default_factory=list)
-    trace: SchedulingTrace | None = None
-    primary_profile: str = ""
-    targets: list[str] = field(default_factory=list)  # primary profile's picks, primary first
-    headers: dict[str, str] = field(default_factory=dict)  # headers the picker would set upstream
-    error_code: str = ""  # an epp.errors code when the request would fail
-    error_message: str = ""
 
 
 ExplainFn = Callable[[Mapping[str, str], bytes], "ExplainResult | Awaitable[ExplainResult]"]
@@ -55,9 +41,8 @@ class ApiServicer(pb_grpc.EndpointPickerServicer):
 
     async def ListEndpoints(self, request: pb.ListEndpointsRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListEndpointsResponse:
-        now = self.clock()
-        return pb.ListEndpointsResponse(endpoints=[endpoint_info(e, now) for e in self.datastore.endpoints()],
-                                        synced=self.datastore.synced)
+        return list_endpoints(self.datastore.endpoints(), self.datastore.synced, self.clock(),
+                              request.page_size, request.page_token)
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -70,7 +55,7 @@ class ApiServicer(pb_grpc.EndpointPickerServicer):
         except Exception as e:  # a bug must not kill the server; the caller sees it
             log.exception("explain failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"explain failed: {type(e).__name__}: {e}")
-        return self.explain_response(result)
+        return fit_explain(self.explain_response(result))
 
     # ------------------------------------------------------------------ conversion
     def _name(self, ref: str) -> str:
@@ -86,7 +71,7 @@ class ApiServicer(pb_grpc.EndpointPickerServicer):
             targets=[self._name(t) for t in result.targets],
             headers=result.headers,
             error_code=result.error_code,
-            error_message=result.error_message,
+            error_message=_cut(result.error_message, MAX_MESSAGE_CHARS),
             http_status=HTTP_STATUS.get(result.error_code, 500) if result.error_code else 0,
         )
         if result.request is not None:
@@ -100,23 +85,92 @@ def add_api_servicer(server: grpc.aio.Server | grpc.Server, servicer: ApiService
     pb_grpc.add_EndpointPickerServicer_to_server(servicer, server)
 
 
+# ---------------------------------------------------------------------------- bounds
+# Every response stays well under a gRPC client's default 4 MiB receive limit, however
+# many endpoints the pool has and whatever a model server or an endpoints file put in
+# their labels: lists are paged, long values cut.
+MAX_RESPONSE_BYTES = 1 << 20
+MAX_PAGE_SIZE = 500  # endpoints per ListEndpoints page
+MAX_VALUE_CHARS = 256  # label values, adapter names, model names in a response
+MAX_LABELS = 64  # labels shown per endpoint
+MAX_ADAPTERS = 64  # adapter names shown per list
+MAX_MESSAGE_CHARS = 4096  # an explain error message
+_CUT_STEPS = (256, 64, 16, 4, 1)  # explain: per-endpoint list lengths tried until the response fits
+
+
+def _cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def list_endpoints(endpoints: Sequence[Endpoint], synced: bool, now: float, page_size: int = 0,
+                   page_token: str = "") -> pb.ListEndpointsResponse:
+    """One page of `endpoints` (sorted by name, as the datastore keeps them): those after
+    `page_token` (the last name of the previous page), at most `page_size` and
+    MAX_RESPONSE_BYTES of them."""
+    limit = min(page_size, MAX_PAGE_SIZE) if page_size > 0 else MAX_PAGE_SIZE
+    start = bisect.bisect_right(endpoints, page_token, key=lambda e: e.name) if page_token else 0
+    out = pb.ListEndpointsResponse(synced=synced)
+    size = 0
+    for i in range(start, len(endpoints)):
+        info = endpoint_info(endpoints[i], now)
+        grown = size + info.ByteSize() + 8  # + field tag and length
+        if len(out.endpoints) == limit or (out.endpoints and grown > MAX_RESPONSE_BYTES):
+            out.next_page_token = out.endpoints[-1].name
+            break
+        out.endpoints.append(info)
+        size = grown
+    return out
+
+
+def fit_explain(out: pb.ExplainResponse) -> pb.ExplainResponse:
+    """Cut the per-endpoint lists (candidates, kept, scores, totals) until the response fits
+    MAX_RESPONSE_BYTES; the picks and targets are always kept whole."""
+    if out.ByteSize() <= MAX_RESPONSE_BYTES:
+        return out
+    for keep in _CUT_STEPS:
+        del out.candidates[keep:]
+        for p in out.profiles:
+            del p.candidates[keep:]
+            del p.totals[keep:]
+            for f in p.filters:
+                del f.kept[keep:]
+            for s in p.scorers:
+                del s.scores[keep:]
+        if out.ByteSize() <= MAX_RESPONSE_BYTES:
+            break
+    out.truncated = True
+    return out
+
+
 # ---------------------------------------------------------------------------- messages
+def _adapters(names: frozenset[str]) -> tuple[list[str], bool]:
+    shown = sorted(names)[:MAX_ADAPTERS]
+    cut = [_cut(n) for n in shown]
+    return cut, len(names) > MAX_ADAPTERS or cut != shown
+
+
 def endpoint_info(ep: Endpoint, now: float) -> pb.EndpointInfo:
     m = ep.metrics
     age = m.age(now)
+    labels = {_cut(k): _cut(v) for k, v in sorted(ep.labels.items())[:MAX_LABELS]}
+    running, running_cut = _adapters(m.running_lora_adapters)
+    waiting, waiting_cut = _adapters(m.waiting_lora_adapters)
+    truncated = (len(ep.labels) > MAX_LABELS or running_cut or waiting_cut
+                 or any(len(k) > MAX_VALUE_CHARS or len(v) > MAX_VALUE_CHARS for k, v in ep.labels.items()))
     return pb.EndpointInfo(
         name=ep.name,
         address=ep.address,
         port=ep.port,
-        labels=dict(ep.labels),
+        labels=labels,
         namespace=ep.namespace,
         pod_name=ep.pod_name,
+        truncated=truncated,
         metrics=pb.EndpointMetrics(
             waiting_queue_size=m.waiting_queue_size,
             running_requests_size=m.running_requests_size,
             kv_cache_usage=m.kv_cache_usage_percent,
-            running_lora_adapters=sorted(m.running_lora_adapters),
-            waiting_lora_adapters=sorted(m.waiting_lora_adapters),
+            running_lora_adapters=running,
+            waiting_lora_adapters=waiting,
             max_lora=m.max_active_models,
             block_size=m.block_size or 0,
             num_gpu_blocks=m.num_gpu_blocks or 0,
@@ -129,13 +183,14 @@ def endpoint_info(ep: Endpoint, now: float) -> pb.EndpointInfo:
 
 
 def parsed_request(r: InferenceRequest) -> pb.ParsedRequest:
-    return pb.ParsedRequest(incoming_model=r.incoming_model, target_model=r.target_model, kind=r.kind,
-                            objective=r.objective, priority=r.priority, stream=r.stream,
+    return pb.ParsedRequest(incoming_model=_cut(r.incoming_model), target_model=_cut(r.target_model), kind=r.kind,
+                            objective=_cut(r.objective), priority=r.priority, stream=r.stream,
                             prompt_chars=len(r.prompt_text))
 
 
 def _scores(scores: Mapping[str, float], order: Sequence[str]) -> list[pb.EndpointScore]:
-    names = [n for n in order if n in scores] + [n for n in scores if n not in set(order)]
+    known = set(order)
+    names = [n for n in order if n in scores] + [n for n in scores if n not in known]
     return [pb.EndpointScore(endpoint=n, score=float(scores[n])) for n in names]
 
 
