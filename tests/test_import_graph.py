@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = "epp.framework.registry"
 DEV_TOOLING = ("devstack", "bench", "simulator")
 PLUGIN_PACKAGES = ("filters", "scorers")
+# What a plugin module may import from epp: the contracts and small utilities, never a runtime layer.
+PLUGIN_MAY_USE = ("epp.framework", "epp.units", "epp.netaddr", "epp.labelselector", "epp.errors")
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -71,6 +73,9 @@ def violations(root: Path) -> list[str]:
                     if target != me and (target in plugins or within(target, PLUGIN_PACKAGES) and target not in
                                          PLUGIN_PACKAGES):
                         found.append(f"plugin {me} imports plugin {target}")
+                    elif (within(target, ("epp",)) and target != "epp" and not within(target, PLUGIN_MAY_USE)
+                          and target.rpartition(".")[0] != me.rpartition(".")[0]):
+                        found.append(f"plugin {me} imports runtime {target}")
                 elif me.startswith("epp") and me != REGISTRY and (target in plugins or within(target, PLUGIN_PACKAGES)):
                     found.append(f"core {me} imports plugin {target}")
                 if within(target, DEV_TOOLING) and me.startswith("epp"):
@@ -91,10 +96,13 @@ def test_the_walk_sees_imports_inside_functions_and_type_checking(tmp_path):
     (tmp_path / "epp" / "x.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                            "    from filters.labels import DecodeFilter\n")
     (tmp_path / "epp" / "y.py").write_text("def g():\n    import bench.cluster\n    from . import z\n")
+    (tmp_path / "scorers" / "c.py").write_text("from epp.framework import Endpoint\nfrom epp import units\n"
+                                               "from epp.datalayer.datastore import Datastore\n")
     assert violations(tmp_path) == [
         "core epp.x imports plugin filters.labels",
         "runtime epp.y imports dev tooling bench.cluster",
         "plugin scorers.a imports plugin scorers.b",
+        "plugin scorers.c imports runtime epp.datalayer.datastore",
     ]
 
 
