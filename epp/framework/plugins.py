@@ -97,6 +97,14 @@ class SaturationDetector(Plugin, Protocol):
         ...
 
 
+@runtime_checkable
+class PDDecider(Plugin, Protocol):
+    """Asked by a prefill/decode profile handler, once the decode endpoint is picked,
+    whether the request's prefill should run on a separate prefill endpoint."""
+
+    def disaggregate(self, cycle: CycleState, request: InferenceRequest, decode_endpoint: Endpoint) -> bool: ...
+
+
 @dataclass(slots=True)
 class SchedulerProfile:
     name: str
@@ -135,6 +143,7 @@ EXTENSION_POINTS: dict[str, str] = {
     "ResponseComplete": "response_complete",
     "EndpointsChanged": "endpoints_removed",
     "SaturationDetector": "saturation",
+    "PDDecider": "disaggregate",  # called by the P/D profile handler, not by a runner
 }
 
 

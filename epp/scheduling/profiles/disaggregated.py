@@ -10,10 +10,12 @@ from epp.framework import (
     CycleState,
     Endpoint,
     InferenceRequest,
+    PDDecider,
     PluginHandle,
     ProfileRunResult,
     SchedulerProfile,
     SchedulingResult,
+    extension_points,
 )
 from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_INFO, PREFIX_MATCH_PRODUCER
 
@@ -42,7 +44,7 @@ class DisaggProfileHandler:
         self.prefill = p.prefillProfile
         self._decider_name = p.deciderPluginName
         self._handle = handle
-        self._decider: object | None = None
+        self._decider: PDDecider | None = None
         self._decider_resolved = False
 
     def check_profiles(self, names: Sequence[str]) -> None:
@@ -51,17 +53,17 @@ class DisaggProfileHandler:
                 raise ValueError(f"parameters.{key}: no scheduling profile named {profile!r}")
         if self._decider_name:
             plugin = self._handle.plugins.get(self._decider_name)
-            if plugin is None or not callable(getattr(plugin, "disaggregate", None)):
+            if plugin is None or "PDDecider" not in extension_points(plugin):
                 raise ValueError(f"parameters.deciderPluginName: no pd-decider plugin named {self._decider_name!r}")
 
-    def _get_decider(self):
+    def _get_decider(self) -> PDDecider | None:
         if not self._decider_resolved:
             self._decider_resolved = True
             plugins = self._handle.plugins
             if self._decider_name:
-                self._decider = plugins.get(self._decider_name)
+                self._decider = plugins.get(self._decider_name)  # type: ignore[assignment]
             else:
-                self._decider = next((p for p in plugins.values() if callable(getattr(p, "disaggregate", None))), None)
+                self._decider = next((p for p in plugins.values() if "PDDecider" in extension_points(p)), None)  # type: ignore[misc]
         return self._decider
 
     def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
