@@ -1,9 +1,7 @@
 """Static discovery: --endpoints parsing, the endpoints file, and live reload."""
 
-import asyncio
 import os
 import textwrap
-import time
 
 import pytest
 
@@ -15,6 +13,7 @@ from epp.discovery.static import (
     parse_hostport,
 )
 from epp.framework import ENGINE_TYPE_LABEL, ROLE_LABEL
+from tests.servers import eventually
 
 FILE = textwrap.dedent("""\
     endpoints:
@@ -101,14 +100,6 @@ def test_file_errors_name_the_key(text, key):
     assert key in str(e.value)
 
 
-async def until(predicate, what, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def replace_file(path, text):
     """Write as editors do: a new file renamed over the old one (new inode)."""
     tmp = f"{path}.tmp"
@@ -157,7 +148,7 @@ async def test_file_edits_apply_live_and_bad_edits_keep_state(tmp_path):
               rules: [{targets: [{modelRewrite: base}]}]
             objectives: [{name: batch, priority: 5}]
             """))
-        await until(lambda: ds.get("vllm-2") is not None, "the added endpoint")
+        await eventually(lambda: ds.get("vllm-2") is not None, "the added endpoint")
         assert [e.name for e in ds.endpoints()] == ["vllm-0", "vllm-2"]
         assert ds.get("vllm-0") is kept and kept.labels == {ROLE_LABEL: "prefill"}  # same object, new labels
         assert ds.rewrite_model("anything") == "base" and ds.objectives["batch"].priority == 5
@@ -166,16 +157,42 @@ async def test_file_edits_apply_live_and_bad_edits_keep_state(tmp_path):
         # In-place edit with a bad key: logged, previous state kept.
         reloads = d.reloads
         path.write_text("endpoints:\n- {name: vllm-9, address: 10.0.0.9, port: 80, colour: red}\n")
-        await until(lambda: d.last_error != "", "the bad edit to be rejected")
+        await eventually(lambda: d.last_error != "", "the bad edit to be rejected")
         assert "endpoints[0].colour: unknown key" in d.last_error
         assert [e.name for e in ds.endpoints()] == ["vllm-0", "vllm-2"] and d.reloads == reloads
 
         # Deleted, then restored: still the previous state meanwhile; the fix applies.
         path.unlink()
-        await until(lambda: "gone" in d.last_error, "the missing file to be noticed")
+        await eventually(lambda: "gone" in d.last_error, "the missing file to be noticed")
         assert len(ds.endpoints()) == 2
         replace_file(path, "endpoints:\n- {name: vllm-9, address: 10.0.0.9, port: 80}\n")
-        await until(lambda: [e.name for e in ds.endpoints()] == ["vllm-9"], "the fixed file")
+        await eventually(lambda: [e.name for e in ds.endpoints()] == ["vllm-9"], "the fixed file")
         assert d.last_error == "" and ds.rewrites() == () and ds.objectives == {}
+    finally:
+        await d.stop()
+
+
+async def test_rename_replace_keeping_size_and_mtime_is_noticed(tmp_path):
+    """Only the inode tells this edit apart: same size, same mtime (os.utime), new file."""
+    path = tmp_path / "eps.yaml"
+    old = "endpoints:\n- {name: vllm-a, address: 10.0.0.1, port: 8000}\n"
+    new = "endpoints:\n- {name: vllm-b, address: 10.0.0.2, port: 8000}\n"
+    assert len(old) == len(new)
+    path.write_text(old)
+    ds = Datastore()
+    d = StaticDiscovery(ds, file=str(path), poll_interval=0.02)
+    await d.start()
+    try:
+        assert [e.name for e in ds.endpoints()] == ["vllm-a"]
+        before = os.stat(path)
+        tmp = tmp_path / "eps.yaml.tmp"
+        tmp.write_text(new)
+        os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(tmp, path)
+        after = os.stat(path)
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        assert after.st_ino != before.st_ino
+        await eventually(lambda: [e.name for e in ds.endpoints()] == ["vllm-b"], "the replaced file", timeout=5)
+        assert d.reloads == 2
     finally:
         await d.stop()
