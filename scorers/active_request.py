@@ -16,6 +16,7 @@ from epp.framework import (
     ResponseInfo,
     SchedulingResult,
 )
+from epp.units import duration_value
 
 
 @dataclass(slots=True)
@@ -25,16 +26,11 @@ class ActiveRequestParams:
     requestTimeout: str | float = "2m"
 
     def validate(self) -> None:
-        from epp.config import ConfigError, parse_duration
-
         if self.idleThreshold < 0:
             raise ValueError(f"idleThreshold: must be >= 0, got {self.idleThreshold}")
         if not 0.0 <= self.maxBusyScore <= 1.0:
             raise ValueError(f"maxBusyScore: must be in [0, 1], got {self.maxBusyScore}")
-        try:
-            parse_duration(self.requestTimeout, "requestTimeout")
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
+        duration_value(self.requestTimeout, "requestTimeout")
 
 
 class ActiveRequestScorer:
@@ -45,13 +41,11 @@ class ActiveRequestScorer:
     Params = ActiveRequestParams
 
     def __init__(self, name: str, params: ActiveRequestParams | None, handle: PluginHandle) -> None:
-        from epp.config import parse_duration
-
         p = params or ActiveRequestParams()
         self.name = name
         self.idle = p.idleThreshold
         self.max_busy = p.maxBusyScore
-        self.timeout = parse_duration(p.requestTimeout, "requestTimeout")
+        self.timeout = duration_value(p.requestTimeout, "requestTimeout")
         self.clock = handle.clock
         self.counts: dict[Endpoint, int] = {}
         # request id -> (deadline, endpoints counted for it); insertion order = deadline order
