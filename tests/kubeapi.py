@@ -281,8 +281,10 @@ class KubeApiStandIn:
             self.allow(verb, resource)
 
     # ------------------------------------------------------------------ HTTP handlers
-    def _gate(self, request: web.Request, verb: str, group: str, plural: str) -> web.Response | None:
-        ns = request.match_info["ns"]
+    def _gate(self, request: web.Request, verb: str) -> web.Response | None:
+        """Audit the request; refuse it when unauthenticated, forbidden or failing on purpose."""
+        ns, plural = request.match_info["ns"], request.match_info["plural"]
+        group = request.match_info.get("group", "")
         with self._lock:
             self.audit.append((verb, group, plural))
             if request.headers.get("Authorization") != f"Bearer {self.token}":
@@ -303,8 +305,7 @@ class KubeApiStandIn:
         ns = request.match_info["ns"]
         q = request.query
         watching = q.get("watch") in ("true", "1")
-        denied = self._gate(request, "watch" if watching else "list", group, plural)
-        if denied:
+        if denied := self._gate(request, "watch" if watching else "list"):
             return denied
         if q.get("labelSelector"):
             return _status(400, "BadRequest", "the stand-in does not implement labelSelector")
@@ -392,20 +393,18 @@ class KubeApiStandIn:
         return resp
 
     async def _h_get(self, request: web.Request) -> web.Response:
-        group, plural = request.match_info["group"], request.match_info["plural"]
-        denied = self._gate(request, "get", group, plural)
-        if denied:
+        if denied := self._gate(request, "get"):
             return denied
+        group, plural = request.match_info["group"], request.match_info["plural"]
         obj = self.get(plural, request.match_info["name"], request.match_info["ns"], group)
         if obj is None:
             return _status(404, "NotFound", f'{plural} "{request.match_info["name"]}" not found')
         return web.json_response(obj)
 
     async def _h_create(self, request: web.Request) -> web.Response:
-        group, plural = request.match_info["group"], request.match_info["plural"]
-        denied = self._gate(request, "create", group, plural)
-        if denied:
+        if denied := self._gate(request, "create"):
             return denied
+        group, plural = request.match_info["group"], request.match_info["plural"]
         body = await request.json()
         meta = body.setdefault("metadata", {})
         meta["namespace"] = request.match_info["ns"]
@@ -418,10 +417,9 @@ class KubeApiStandIn:
         return web.json_response(obj, status=201)
 
     async def _h_update(self, request: web.Request) -> web.Response:
-        group, plural = request.match_info["group"], request.match_info["plural"]
-        denied = self._gate(request, "update", group, plural)
-        if denied:
+        if denied := self._gate(request, "update"):
             return denied
+        group, plural = request.match_info["group"], request.match_info["plural"]
         body = await request.json()
         ns, name = request.match_info["ns"], request.match_info["name"]
         with self._lock:

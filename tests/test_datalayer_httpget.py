@@ -3,7 +3,9 @@ servers (chunked at awkward splits, idle closes, stalls, read-until-close), plus
 response parser fed at every split point."""
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -24,6 +26,17 @@ from epp.datalayer.httpget import (
 from tests.servers import RawServer, eventually, length_response
 
 PAGE = realistic_vllm_page()
+
+@contextlib.asynccontextmanager
+async def serving(respond, **client_options) -> AsyncIterator[tuple[RawServer, HttpGetClient]]:
+    """A RawServer and a client of it, both closed on the way out."""
+    async with RawServer(respond) as server:
+        client = HttpGetClient("127.0.0.1", server.port, **client_options)
+        try:
+            yield server, client
+        finally:
+            await client.close()
+
 
 def chunked_response(body: bytes, sizes: tuple[int, ...] = (1, 7, 300, 4096, 2, 65)) -> bytes:
     """Chunks of varied sizes, upper- and lower-case hex, extensions, and a trailer."""
@@ -107,18 +120,13 @@ async def test_chunked_split_at_awkward_boundaries_then_keep_alive():
         await write_in_pieces(writer, wire, awkward_cuts(wire))
         return True
 
-    server = await RawServer(respond).start()
-    client = HttpGetClient("127.0.0.1", server.port)
-    try:
+    async with serving(respond) as (server, client):
         for i in range(len(bodies)):
             resp = await client.get("/metrics")
             assert resp.body == bodies[i] and resp.headers["transfer-encoding"] == "chunked"
         assert client.connects == 1 and server.accepted == 1
         await client.close()
         await eventually(lambda: server.open == 0, "the client's close seen by the server")
-    finally:
-        await client.close()
-        await server.stop()
 
 
 async def test_byte_at_a_time_head_and_connection_close_bodies():
@@ -138,9 +146,7 @@ async def test_byte_at_a_time_head_and_connection_close_bodies():
         await writer.drain()
         return False
 
-    server = await RawServer(respond).start()
-    client = HttpGetClient("127.0.0.1", server.port)
-    try:
+    async with serving(respond) as (server, client):
         resp = await client.get("/a")
         assert (resp.body, resp.headers["x-slow"], resp.keep_alive) == (b"hello", "yes", True)
         await client.close()  # next request on a new connection: conn 1
@@ -150,9 +156,6 @@ async def test_byte_at_a_time_head_and_connection_close_bodies():
         assert (resp.body, resp.keep_alive) == (PAGE, False)
         assert client.connects == 3
         await eventually(lambda: server.open == 0, "every connection closed")
-    finally:
-        await client.close()
-        await server.stop()
 
 
 async def test_reconnects_when_the_server_closed_an_idle_connection():
@@ -166,9 +169,7 @@ async def test_reconnects_when_the_server_closed_an_idle_connection():
         await writer.drain()
         return True
 
-    server = await RawServer(respond).start()
-    client = HttpGetClient("127.0.0.1", server.port)
-    try:
+    async with serving(respond) as (server, client):
         assert (await client.get("/metrics")).body == PAGE
         resp = await client.get("/metrics")  # reused connection dies unanswered: retried fresh
         assert resp.body == PAGE and client.connects == 2
@@ -183,9 +184,6 @@ async def test_reconnects_when_the_server_closed_an_idle_connection():
         await eventually(lambda: server.open == 0, "server closed the connection")
         assert (await client.get("/metrics")).body == b"ok"
         assert client.connects == 3
-    finally:
-        await client.close()
-        await server.stop()
 
 
 async def test_retries_only_once():
@@ -196,9 +194,7 @@ async def test_retries_only_once():
             return True
         return False  # every later request: closed unanswered
 
-    server = await RawServer(respond).start()
-    client = HttpGetClient("127.0.0.1", server.port)
-    try:
+    async with serving(respond) as (server, client):
         assert (await client.get("/")).body == b"first"
         with pytest.raises(ConnectionClosed, match="without a response"):
             await client.get("/")  # reused fails, one fresh retry fails, then it gives up
@@ -207,9 +203,6 @@ async def test_retries_only_once():
             await client.get("/")  # a fresh connection failing is not retried
         assert server.accepted == 3
         await eventually(lambda: server.open == 0, "no connection left open")
-    finally:
-        await client.close()
-        await server.stop()
 
 
 async def test_timeouts_drop_the_connection_and_use_each_requests_own_deadline():
@@ -227,9 +220,7 @@ async def test_timeouts_drop_the_connection_and_use_each_requests_own_deadline()
         await writer.drain()
         return True
 
-    server = await RawServer(respond).start()
-    client = HttpGetClient("127.0.0.1", server.port, timeout=5.0)
-    try:
+    async with serving(respond, timeout=5.0) as (server, client):
         for _ in range(3):  # arms the client's timer for ~5 s from now
             assert (await client.get("/")).body == b"fast"
         stall["on"] = True
@@ -249,9 +240,6 @@ async def test_timeouts_drop_the_connection_and_use_each_requests_own_deadline()
         stall["on"] = False
         assert (await client.get("/")).body == b"fast"  # and it recovers on a new connection
         assert client.connects == 3
-    finally:
-        await client.close()
-        await server.stop()
 
 
 async def test_oversize_bodies_are_refused_and_the_connection_dropped(aiohttp_server):
@@ -273,17 +261,12 @@ async def test_oversize_bodies_are_refused_and_the_connection_dropped(aiohttp_se
         await writer.drain()
         return True
 
-    server = await RawServer(respond).start()
-    client = HttpGetClient("127.0.0.1", server.port, max_body=10_000)
-    try:
+    async with serving(respond, max_body=10_000) as (server, client):
         with pytest.raises(BodyTooLarge, match="exceeds 10000 bytes"):
             await client.get("/chunked")
         with pytest.raises(BodyTooLarge, match="exceeds 10000 bytes"):
             await client.get("/until-close")
         await eventually(lambda: server.open == 0, "both refused connections closed")
-    finally:
-        await client.close()
-        await server.stop()
 
 
 async def test_protocol_errors_and_refused_connections():
@@ -296,16 +279,11 @@ async def test_protocol_errors_and_refused_connections():
         await writer.drain()
         return True
 
-    server = await RawServer(respond).start()
-    client = HttpGetClient("127.0.0.1", server.port)
-    try:
+    async with serving(respond) as (server, client):
         for expected in ("bad status line 'SSH-2.0", "bad chunk size line b'zz'", "Content-Encoding 'gzip'"):
             with pytest.raises(ProtocolError, match=expected):
                 await client.get("/")
         await eventually(lambda: server.open == 0, "every broken connection closed")
-    finally:
-        await client.close()
-        await server.stop()
     with pytest.raises(OSError):
         await HttpGetClient("127.0.0.1", free_port()).get("/")
     with pytest.raises(ValueError, match="port"):
@@ -355,9 +333,7 @@ async def test_close_during_a_request_fails_it_without_a_retry():
         await reader.read()  # stall until the client hangs up
         return False
 
-    server = await RawServer(respond).start()
-    client = HttpGetClient("127.0.0.1", server.port)
-    try:
+    async with serving(respond) as (server, client):
         assert (await client.get("/")).body == b"first"
         pending = asyncio.ensure_future(client.get("/"))
         await eventually(lambda: len(server.requests) == 2, "the second request at the server")
@@ -373,9 +349,6 @@ async def test_close_during_a_request_fails_it_without_a_retry():
         with pytest.raises(ConnectionClosed, match="closed while connecting"):
             await pending
         await eventually(lambda: server.open == 0, "the connection made after close() closed as well")
-    finally:
-        await client.close()
-        await server.stop()
 
 
 async def test_collector_keeps_one_connection_per_endpoint_and_closes_it():

@@ -19,11 +19,8 @@ LEGACY = "inference.networking.x-k8s.io"
 
 @pytest.fixture
 def kube() -> Iterator[KubeApiStandIn]:
-    api = KubeApiStandIn().start()
-    try:
+    with KubeApiStandIn() as api:
         yield api
-    finally:
-        api.stop()
 
 
 @pytest.fixture

@@ -18,11 +18,8 @@ TIMING = {"lease_duration": 4.0, "renew_deadline": 3.0, "retry_period": 0.25}
 
 @pytest.fixture
 def kube() -> Iterator[KubeApiStandIn]:
-    api = KubeApiStandIn().start()
-    try:
+    with KubeApiStandIn() as api:
         yield api
-    finally:
-        api.stop()
 
 
 def electors(kube: KubeApiStandIn, tmp_path) -> tuple[LeaderElector, LeaderElector, dict[str, list[bool]]]:
