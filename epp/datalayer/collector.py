@@ -25,6 +25,7 @@ from epp.framework import ENGINE_TYPE_LABEL, Endpoint, Metrics
 log = logging.getLogger("epp.datalayer")
 
 MAX_PAGE_BYTES = 16 << 20  # a /metrics page is tens of KB; anything near this is not one
+MAX_WARNED_ENGINES = 64  # unknown engine-type labels remembered so each is logged once
 
 
 def is_stale(metrics: Metrics, now: float, threshold: float) -> bool:
@@ -127,7 +128,7 @@ class MetricsCollector:
         engine = ep.labels.get(self.engine_label) or DEFAULT_ENGINE
         spec = self.specs.get(engine)
         if spec is None:
-            if engine not in self._warned_engines:
+            if engine not in self._warned_engines and len(self._warned_engines) < MAX_WARNED_ENGINES:
                 self._warned_engines.add(engine)
                 log.warning("endpoint %s: unknown engine type %r, scraping it as %s", ep.name, engine,
                             DEFAULT_ENGINE)
