@@ -261,10 +261,11 @@ async def _good_requests(port: int, n: int, model: str) -> int:
 
 
 def soak_one(transport: str, n: int, *, servers: int, concurrency: int, seed: int, time_limit: float,
-             warmup: int, time_scale: float, show_progress: bool) -> Outcomes:
+             warmup: int, time_scale: float, show_progress: bool,
+             kinds: Sequence[str] = tuple(REQUEST_MIX)) -> Outcomes:
     out = Outcomes(transport)
     help_text = serve_flags()
-    kinds = list(REQUEST_MIX)
+    kinds = list(kinds)
     api_port = free_port()
     picker_flags = [f"--ext-proc-transport={transport}", f"--api-port={api_port}"]
     body_limit = None
@@ -272,7 +273,8 @@ def soak_one(transport: str, n: int, *, servers: int, concurrency: int, seed: in
         body_limit = BODY_LIMIT
         picker_flags.append(f"--max-request-body-bytes={BODY_LIMIT}")
     else:
-        kinds.remove("oversized-body")
+        if "oversized-body" in kinds:
+            kinds.remove("oversized-body")
         out.notes.append("oversized-body skipped: this `epp serve` has no --max-request-body-bytes")
     model = DEFAULT_MODEL
     with local_stack(servers, model=model, time_scale=time_scale, picker_flags=picker_flags) as st:
@@ -291,7 +293,11 @@ def soak_one(transport: str, n: int, *, servers: int, concurrency: int, seed: in
         out.seconds = time.monotonic() - t0
         _read_after(out, st, addrs, port, model)
         out.rss_end_kib = rss_kib(pid)
-        out.tracebacks = st.picker.log(1_000_000).count("Traceback")
+        log = st.picker.log(1_000_000)
+        out.tracebacks = log.count("Traceback")
+        if out.tracebacks:
+            first = log[log.index("Traceback"):].splitlines()[:40]
+            out.notes.append("first traceback in the picker's log:\n    " + "\n    ".join(first))
     return out
 
 
@@ -347,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--name", default="soak")
+    ap.add_argument("--kinds", default=",".join(REQUEST_MIX),
+                    help="comma-separated request kinds of the mix (default all), e.g. to see what grows RSS")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -358,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     transports = [t.strip() for t in a.transports.split(",") if t.strip()]
     if not transports or set(transports) - set(TRANSPORTS):
         ap.error(f"--transports: choose from {', '.join(TRANSPORTS)}")
+    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(REQUEST_MIX):
+        ap.error(f"--kinds: choose from {', '.join(REQUEST_MIX)}")
     if a.requests < 1 or a.concurrency < 1 or a.servers < 1 or a.requests > 1_000_000:
         ap.error("--requests (1..1000000), --concurrency and --servers must be positive")
     results: list[Outcomes] = []
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             results.append(soak_one(t, a.requests, servers=a.servers, concurrency=a.concurrency, seed=a.seed,
                                     time_limit=a.time_limit, warmup=a.warmup, time_scale=a.time_scale,
-                                    show_progress=a.progress))
+                                    show_progress=a.progress, kinds=kinds))
     except KeyboardInterrupt:
         print("\nepp bench soak: interrupted; every process stopped", file=sys.stderr)
         return 130
