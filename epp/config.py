@@ -7,18 +7,16 @@ mistake is a `ConfigError` whose message starts with the offending key path, e.g
 
 from __future__ import annotations
 
-import re
-from argparse import ArgumentTypeError
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from epp import units
 from epp.framework import PluginError, extension_points, params_from_mapping, plugin_params
 from epp.framework.datakeys import ProducerParam
 from epp.framework.registry import plugin_class
-from epp.options import parse_duration as go_duration
 
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
 KIND = "EndpointPickerConfig"
@@ -99,44 +97,14 @@ class EndpointPickerConfig:
 
 
 # --------------------------------------------------------------------------- value parsers
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?$")
-_QUANTITY_UNITS = {
-    None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}
-
-
 def parse_quantity(value: Any, where: str) -> int:
     """Kubernetes quantity ("10Gi", "500M", 1e9, 1024) -> an integer count of bytes."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a quantity like 10Gi, got {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ConfigError(f"{where}: must not be negative, got {value!r}")
-        return int(value)
-    if isinstance(value, str):
-        m = _QUANTITY.match(value.strip())
-        if m:
-            return int(float(m.group(1)) * _QUANTITY_UNITS[m.group(2)])
-    raise ConfigError(f"{where}: expected a quantity like 10Gi, got {value!r}")
+    return units.parse_quantity(value, where, ConfigError)
 
 
 def parse_duration(value: Any, where: str) -> float:
     """Go duration ("60s", "1m30s", "200ms") or a number of seconds -> seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds: float | None = float(value)
-    elif isinstance(value, str):
-        try:
-            seconds = go_duration(value)
-        except ArgumentTypeError:
-            seconds = None
-    else:
-        seconds = None
-    if seconds is None:
-        raise ConfigError(f"{where}: expected a duration like 60s, got {value!r}")
-    if seconds < 0:
-        raise ConfigError(f"{where}: must not be negative, got {value!r}")
-    return seconds
+    return units.duration_value(value, where, ConfigError)
 
 
 # --------------------------------------------------------------------------- structural checks

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
+from epp.netaddr import split_list
 
 SELECTION_HEADER = "test-epp-endpoint-selection"
 SERVED_HEADER = "x-conformance-test-served-endpoint"
@@ -15,17 +16,7 @@ def parse_selection(value: str) -> tuple[set[str], set[tuple[str, int]]]:
     (addresses matched on IP only, (address, port) pairs)."""
     ips: set[str] = set()
     pairs: set[tuple[str, int]] = set()
-    for item in value.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else ""
-        elif item.count(":") == 1:
-            host, _, port = item.partition(":")
-        else:  # IPv4 without port, or bare IPv6
-            host, port = item, ""
+    for host, port in split_list(value):
         if port.isdigit():
             pairs.add((host, int(port)))
         else:

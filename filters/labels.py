@@ -6,8 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from epp.framework import ROLE_LABEL, CycleState, Endpoint, InferenceRequest, PluginHandle
-
-_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+from epp.labelselector import LabelSelector, Requirement
 
 
 @dataclass(slots=True)
@@ -17,22 +16,7 @@ class LabelSelectorRequirement:
     values: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        if self.operator not in _OPERATORS:
-            raise ValueError(f"operator: expected one of {', '.join(_OPERATORS)}, got {self.operator!r}")
-        if self.operator in ("In", "NotIn") and not self.values:
-            raise ValueError(f"values: operator {self.operator} needs at least one value")
-        if self.operator in ("Exists", "DoesNotExist") and self.values:
-            raise ValueError(f"values: operator {self.operator} takes no values")
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        op = self.operator
-        if op == "In":
-            return labels.get(self.key) in self.values
-        if op == "NotIn":
-            return labels.get(self.key) not in self.values  # absent key matches, as in Kubernetes
-        if op == "Exists":
-            return self.key in labels
-        return self.key not in labels
+        Requirement(self.key, self.operator, frozenset(self.values))  # raises naming the bad field
 
 
 @dataclass(slots=True)
@@ -48,14 +32,11 @@ class LabelSelectorFilter:
     def __init__(self, name: str, params: LabelSelectorParams | None, handle: PluginHandle) -> None:
         p = params or LabelSelectorParams()
         self.name = name
-        self.match_labels = tuple(p.matchLabels.items())
-        self.expressions = tuple(p.matchExpressions)
+        self.selector = LabelSelector.from_spec(p.matchLabels, [(x.key, x.operator, x.values)
+                                                                for x in p.matchExpressions])
 
     def matches(self, labels: Mapping[str, str]) -> bool:
-        for k, v in self.match_labels:
-            if labels.get(k) != v:
-                return False
-        return all(x.matches(labels) for x in self.expressions)
+        return self.selector.matches(labels)
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         return [e for e in endpoints if self.matches(e.labels)]
