@@ -124,7 +124,14 @@ class ExtProcStream:
         (they may wait for admission), or None for a message kind this picker does not
         handle. Raises StreamProtocolError for a message out of order."""
         kind = msg.WhichOneof("request")
-        if kind not in _ORDER:
+        # the body messages (most of a stream) take a short path while they are in order
+        if kind == "response_body":
+            if self.response_started and not self.response_ended and not self.finished:
+                return self.response_body(msg)
+        elif kind == "request_body":
+            if self.ctx is not None and not self.request_ended and not self.finished:
+                return self.request_body(msg)
+        elif kind not in _ORDER:
             return None
         problem = self._out_of_order(kind)
         if problem:
