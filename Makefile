@@ -7,7 +7,7 @@ ENVOY   := $(ENVOY_DIR)/envoy/_bin/envoy
 ENVOY_VERSION ?= 1.40.0
 export EPP_ENVOY_BIN := $(abspath $(ENVOY))
 
-.PHONY: setup test lint demo bench proto clean
+.PHONY: setup test lint demo bench soak image proto clean
 
 setup: $(BIN)/epp $(ENVOY)
 
@@ -35,6 +35,15 @@ demo: setup
 bench: setup
 	$(BIN)/epp bench routing
 	$(BIN)/epp bench cluster
+
+# 20,000 mixed and hostile requests per ext_proc transport; fails if any stay in flight.
+soak: setup
+	$(BIN)/epp bench soak
+
+# The picker image (runtime only) and the simulator image (manifests/simulator).
+image:
+	docker build -t epp:0.1.0 .
+	docker build --target sim -t epp-sim:0.1.0 .
 
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/epp_api.proto
