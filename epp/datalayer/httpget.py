@@ -21,6 +21,7 @@ import re
 MAX_BODY = 16 << 20  # default body cap; a /metrics page is tens of KB
 MAX_HEAD = 64 << 10  # status line + headers
 _MAX_LINE = 4096  # chunk-size and trailer lines
+_MAX_CACHED_REQUESTS = 16  # request bytes kept per path (the scraper asks for one path)
 _MAX_LENGTH_DIGITS = 18  # a longer Content-Length is over any cap (and int() refuses 4,300+ digits)
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
 _NO_CRLF = re.compile(r"[^\r\n]*")
@@ -418,7 +419,7 @@ class HttpGetClient:
         if not path.startswith("/") or not (path.isascii() and path.isprintable()) or " " in path:
             raise ValueError(f"bad request path {path!r}")
         request = f"GET {path} HTTP/1.1\r\n{self._head_tail}".encode("latin-1")
-        if len(self._requests) < 16:
+        if len(self._requests) < _MAX_CACHED_REQUESTS:
             self._requests[path] = request
         return request
 
