@@ -1,0 +1,43 @@
+"""Precise prefix-cache data: model servers' KV-cache events and the block index they build.
+
+- wire: decoding of vLLM's event batches (`decode_batch`, `parse_frames`, `WireError`)
+- keys: the picker's block keys from token ids (`BlockKeyer`), shared by prompts and events
+- index: block key -> endpoints holding it, by medium; longest-prefix match; speculation
+- intake: one ZMQ SUB per endpoint, sequence checks, replay/resync, health
+
+Not wired into configuration or scheduling yet: a producer plugin composes these.
+"""
+
+from epp.datalayer.kvevents.index import BlockIndex, IndexStats, PrefixMatch
+from epp.datalayer.kvevents.intake import EndpointStream, KVEventIntake
+from epp.datalayer.kvevents.keys import ALGORITHMS, BlockKeyer
+from epp.datalayer.kvevents.wire import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    KVEvent,
+    Limits,
+    WireError,
+    decode_batch,
+    parse_frames,
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "AllBlocksCleared",
+    "BlockIndex",
+    "BlockKeyer",
+    "BlockRemoved",
+    "BlockStored",
+    "EndpointStream",
+    "EventBatch",
+    "IndexStats",
+    "KVEvent",
+    "KVEventIntake",
+    "Limits",
+    "PrefixMatch",
+    "WireError",
+    "decode_batch",
+    "parse_frames",
+]
