@@ -4,20 +4,26 @@
         --pod-names a,b,c,d --labels tier=gold --replica-labels 0:zone=x --lora-modules sql,chat
 
 Each server prints one line `sim ready: pod=... url=http://host:port ...` once listening.
-With --kv-events-endpoint tcp://*:5557, replica i publishes on port 5557+i."""
+With --kv-events-endpoint tcp://*:5557, replica i publishes on port 5557+i.
+
+A mixed pool from one process (one value: every replica; else one per replica):
+    epp sim --replicas 3 --roles prefill,decode,decode --hardware h100,a100,a100
+An explicit --role/--roles labels each replica llm-d.ai/role=<role>; --hardware labels it
+llm-d.ai/accelerator-vendor, llm-d.ai/accelerator-variant and nvidia.com/gpu.product, and
+sets its timings (explicit timing flags still win)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import re
 import signal
 import sys
 
 from .engine import EngineConfig
-from .server import FAILURES, SimConfig, SimServer
+from .hardware import HARDWARE, engine_config
+from .server import FAILURES, ROLE_LABEL, ROLES, SimConfig, SimServer
 
 
 def _csv(value: str) -> list[str]:
@@ -52,12 +58,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-load-time", type=float, default=d.lora_load_time, help="seconds to load an adapter")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
-    p.add_argument("--num-gpu-blocks", "--kv-cache-size", type=int, default=d.num_gpu_blocks)
+    p.add_argument("--num-gpu-blocks", "--kv-cache-size", type=int, default=None,
+                   help=f"KV cache blocks (default: the hardware's, else {d.num_gpu_blocks})")
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
-    p.add_argument("--step-overhead", type=float, default=d.step_overhead, help="seconds per engine step")
-    p.add_argument("--prefill-time-per-token", type=float, default=d.prefill_time_per_token)
-    p.add_argument("--decode-time-per-seq", type=float, default=d.decode_time_per_seq)
+    p.add_argument("--step-overhead", type=float, default=None,
+                   help=f"seconds per engine step (default: the hardware's, else {d.step_overhead})")
+    p.add_argument("--prefill-time-per-token", type=float, default=None,
+                   help=f"default: the hardware's, else {d.prefill_time_per_token}")
+    p.add_argument("--decode-time-per-seq", type=float, default=None,
+                   help=f"default: the hardware's, else {d.decode_time_per_seq}")
+    p.add_argument("--hardware", type=_csv, default=None,
+                   help="hardware class(es), one or one per replica: " + ",".join(HARDWARE))
+    p.add_argument("--role", "--roles", dest="roles", type=_csv, default=None,
+                   help="P/D role(s), one or one per replica: prefill, decode or both (default both)")
+    p.add_argument("--kv-transfer-bandwidth", type=float, default=None,
+                   help=f"bytes/s of prompt KV pulled from a prefiller (default: the hardware's, "
+                        f"else {d.kv_transfer_bandwidth:.0f})")
+    p.add_argument("--kv-hold-time", type=float, default=d.kv_hold_time,
+                   help="simulated seconds a prefill keeps its blocks for a decoder that never reads them")
+    p.add_argument("--prefill-timeout", type=float, default=SimConfig.prefill_timeout,
+                   help="wall seconds a decode server waits for its prefiller before prefilling locally")
     p.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per wall second")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=("random", "echo"), default="random")
@@ -97,19 +118,50 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         if not idx.isdigit() or int(idx) >= args.replicas:
             raise ValueError(f"--replica-labels {spec!r}: expected I:k=v with 0 <= I < {args.replicas}")
         per_replica.setdefault(int(idx), {}).update(_labels(rest))
-    engine = EngineConfig(
+    roles = _per_replica(args.roles, args.replicas, "--role")
+    hardware = _per_replica(args.hardware, args.replicas, "--hardware")
+    for r in roles or ():
+        if r not in ROLES:
+            raise ValueError(f"--role {r!r}: expected one of {', '.join(ROLES)}")
+    for h in hardware or ():
+        if h not in HARDWARE:
+            raise ValueError(f"--hardware {h!r}: expected one of {', '.join(HARDWARE)}")
+    engines = [engine_config(
+        hardware[i] if hardware else None,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         num_gpu_blocks=args.num_gpu_blocks, block_size=args.block_size, max_model_len=args.max_model_len,
         max_loras=args.max_loras, lora_load_time=args.lora_load_time, step_overhead=args.step_overhead,
-        prefill_time_per_token=args.prefill_time_per_token, decode_time_per_seq=args.decode_time_per_seq)
+        prefill_time_per_token=args.prefill_time_per_token, decode_time_per_seq=args.decode_time_per_seq,
+        kv_transfer_bandwidth=args.kv_transfer_bandwidth, kv_hold_time=args.kv_hold_time)
+        for i in range(args.replicas)]
+
+    def labels(i: int) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if roles:
+            out[ROLE_LABEL] = roles[i]
+        if hardware:
+            out.update(HARDWARE[hardware[i]].labels())
+        return {**out, **args.labels, **per_replica.get(i, {})}
+
     return [SimConfig(
         model=args.model, host=args.host, port=args.port + i, pod=names[i],
-        labels={**args.labels, **per_replica.get(i, {})}, engine=dataclasses.replace(engine),
+        labels=labels(i), engine=engines[i], role=roles[i] if roles else "both",
+        hardware=hardware[i] if hardware else None, prefill_timeout=args.prefill_timeout,
         lora_modules=list(args.lora_modules), time_scale=args.time_scale, seed=args.seed + i, mode=args.mode,
         failure_injection_rate=args.failure_injection_rate, failure_types=list(args.failure_types),
         startup_delay=args.startup_delay, kv_events_endpoint=_replica_endpoint(args.kv_events_endpoint, i),
         advertise_host=args.advertise_host,
     ) for i in range(args.replicas)]
+
+
+def _per_replica(values: list[str] | None, n: int, flag: str) -> list[str] | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{flag} has {len(values)} values for {n} replicas (give 1 or {n})")
+    return values
 
 
 async def serve(configs: list[SimConfig]) -> None:

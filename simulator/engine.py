@@ -42,7 +42,26 @@ Default timing (one H100 80GB serving an 8B bf16 model such as Llama-3.1-8B):
   gpu_memory_utilization 0.9, ~16 GB weights and activations, ~54 GB remain.
 - max_num_seqs 256 and max_num_batched_tokens 8192: vLLM's defaults for online serving
   on an H100; max_model_len 32768; max_loras 1 (vLLM default), lora_load_time 30 ms
-  (copying a rank-16 adapter of ~50 MB from host memory and setting it up)."""
+  (copying a rank-16 adapter of ~50 MB from host memory and setting it up).
+Other accelerators: simulator.hardware (H100, H200, A100 presets).
+
+Prefill/decode disaggregation (vLLM's NixlConnector, as its scheduler sees it):
+- remote_decode (the prefill side, kv_transfer_params.do_remote_decode): the request runs
+  as usual; when it finishes length-capped its blocks stay pinned (not freed, not
+  evictable) until release_transfer(request_id) - the decode side has read them - or
+  until kv_hold_time after the finish (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT, 480 s),
+  then counted as expired.
+- remote_prefill (the decode side, kv_transfer_params.do_remote_prefill): at admission
+  the locally cached prefix is reused, blocks for the whole prompt are allocated and the
+  rest of the prompt's KV is pulled over the link: (prompt - cached) tokens x
+  kv_bytes_per_token / kv_transfer_bandwidth seconds. Transfers into one engine share
+  its link FIFO (one NIC per GPU). The request waits meanwhile (counted as waiting, as
+  vLLM's WAITING_FOR_REMOTE_KVS), holding no sequence slot; once loaded it runs with
+  all but the last prompt token computed (vLLM recomputes that one token to sample the
+  first output token), so its prefill costs one token, not the prompt.
+  kv_bytes_per_token = 2 (K,V) x num_layers x num_kv_heads x head_dim x kv_dtype_bytes
+  = 2 x 32 x 8 x 128 x 2 = 128 KiB for Llama-3.1-8B in bf16. Default link: 40 GB/s, a
+  400 Gb/s NDR InfiniBand / ConnectX-7 NIC per H100 (50 GB/s line rate) at ~80%."""
 
 from __future__ import annotations
 
@@ -75,19 +94,35 @@ class EngineConfig:
     step_overhead: float = 0.006
     prefill_time_per_token: float = 0.000050
     decode_time_per_seq: float = 0.000080
+    # Model shape for the KV size of one token (Llama-3.1-8B, bf16 KV cache).
+    num_layers: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    kv_dtype_bytes: int = 2
+    kv_transfer_bandwidth: float = 40e9  # bytes/s into this engine (NIXL over RDMA)
+    kv_hold_time: float = 480.0  # s a remote-decode prefill keeps its blocks unread
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_loras", "lora_load_time", "step_overhead", "prefill_time_per_token",
-                     "decode_time_per_seq"):
+                     "decode_time_per_seq", "kv_hold_time"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("num_layers", "num_kv_heads", "head_dim", "kv_dtype_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.kv_transfer_bandwidth > 0:
+            raise ValueError(f"kv_transfer_bandwidth must be > 0, got {self.kv_transfer_bandwidth}")
 
 
-# Request states
-WAITING, RUNNING, FINISHED, ABORTED = 0, 1, 2, 3
+# Request states (LOADING: waiting for its prompt's KV from a remote prefill)
+WAITING, RUNNING, FINISHED, ABORTED, LOADING = 0, 1, 2, 3, 4
 
 
 @dataclass(eq=False)
@@ -105,6 +140,10 @@ class EngineRequest:
     on_finish: Callable[[float, str], None] | None = None
     # Chained prompt block hashes; computed at submit when not given.
     block_hashes: list[int] | None = None
+    # P/D disaggregation (see the module docstring).
+    remote_decode: bool = False  # prefill side: keep the blocks for a remote decoder
+    remote_prefill: bool = False  # decode side: pull the prompt's KV instead of computing it
+    on_kv_loaded: Callable[[float, int, float], None] | None = None  # (t, bytes, transfer seconds)
 
     # Engine-owned state.
     state: int = field(default=WAITING, init=False)
@@ -116,6 +155,11 @@ class EngineRequest:
     first_token_at: float | None = field(default=None, init=False)
     finished_at: float | None = field(default=None, init=False)
     num_preemptions: int = field(default=0, init=False)
+    external_tokens: int = field(default=0, init=False)  # prompt tokens whose KV was pulled (kept)
+    kv_bytes: int = field(default=0, init=False)  # bytes pulled
+    load_started_at: float | None = field(default=None, init=False)
+    load_done_at: float | None = field(default=None, init=False)
+    kv_block_ids: list[int] | None = field(default=None, init=False)  # set when held for a remote decoder
     _held: list[int] = field(default_factory=list, init=False, repr=False)  # cached block hashes referenced
     _private: int = field(default=0, init=False, repr=False)  # blocks held outside the cache
     _nblocks: int = field(default=0, init=False, repr=False)  # len(_held) + _private
@@ -165,6 +209,14 @@ class EngineStats:
     request_success_total: dict[str, int]
     num_preemptions_total: int
     lora_loads_total: int
+    # P/D disaggregation
+    requests_by_role: dict[str, int] = field(default_factory=dict)  # both | prefill | decode
+    prompt_tokens_by_source: dict[str, int] = field(default_factory=dict)
+    remote_decode_prefills_total: int = 0  # prefills finished and held for a remote decoder
+    remote_prefills_total: int = 0  # prompt KV loads completed from a remote prefill
+    kv_bytes_received_total: int = 0
+    kv_expired_reqs_total: int = 0  # held blocks freed by the timeout, never read
+    num_held_transfers: int = 0
 
 
 def _lora_seed(lora: str | None) -> int:
@@ -215,6 +267,21 @@ class Engine:
         self.request_success_total = {"stop": 0, "length": 0, "abort": 0}
         self.num_preemptions_total = 0
         self.lora_loads_total = 0
+        # P/D disaggregation
+        self._loading: deque[EngineRequest] = deque()  # pulling KV, in completion order (FIFO link)
+        self._loaded: deque[EngineRequest] = deque()  # KV pulled, waiting for a slot
+        self._link_free_at = 0.0
+        # Finished remote-decode prefills keeping their blocks: id -> (request, deadline);
+        # bounded by the KV cache (each holds at least one block) and by kv_hold_time.
+        self._transfers: OrderedDict[str, tuple[EngineRequest, float]] = OrderedDict()
+        self._new_holds: list[tuple[str, float]] = []
+        self._next_block_id = 0
+        self.requests_by_role = {"both": 0, "prefill": 0, "decode": 0}
+        self.prompt_tokens_by_source = {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": 0}
+        self.remote_decode_prefills_total = 0
+        self.remote_prefills_total = 0
+        self.kv_bytes_received_total = 0
+        self.kv_expired_reqs_total = 0
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -232,6 +299,8 @@ class Engine:
         self._requests[req.request_id] = req
         self.waiting.append(req)
         self.num_requests_received += 1
+        role = "prefill" if req.remote_decode else "decode" if req.remote_prefill else "both"
+        self.requests_by_role[role] += 1
 
     def check(self, n_prompt: int, max_tokens: int, lora: str | None = None) -> None:
         """Raise PromptTooLong if such a request could never run here."""
@@ -257,6 +326,9 @@ class Engine:
             return False
         if req.state == WAITING:
             self.waiting.remove(req)
+        elif req.state == LOADING:
+            (self._loaded if req in self._loaded else self._loading).remove(req)
+            self._free(req)
         elif req.state == RUNNING:
             self._free(req)
             self._lora_release(req)
@@ -267,7 +339,42 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        """Something a step can do now (a pending KV load is not: see next_wakeup)."""
+        return bool(self.running or self.waiting or self._loaded)
+
+    def next_wakeup(self) -> float | None:
+        """When the next KV load completes, if any is under way."""
+        return self._loading[0].load_done_at if self._loading else None
+
+    # ---- P/D: blocks held for a remote decoder ------------------------------------------
+
+    def take_new_holds(self) -> list[tuple[str, float]]:
+        """(request id, deadline) of transfers held since the last call (for timers)."""
+        out, self._new_holds = self._new_holds, []
+        return out
+
+    def release_transfer(self, request_id: str, expired: bool = False) -> bool:
+        """Free the blocks a finished remote-decode prefill kept (the decoder read them,
+        or the hold timed out). False if unknown or already released."""
+        entry = self._transfers.pop(request_id, None)
+        if entry is None:
+            return False
+        self._free(entry[0])
+        if expired:
+            self.kv_expired_reqs_total += 1
+        self._flush_events()
+        return True
+
+    def expire_transfers(self, now: float) -> int:
+        """Release every held transfer whose deadline has passed."""
+        due = [rid for rid, (_, deadline) in self._transfers.items() if deadline <= now]
+        for rid in due:
+            self.release_transfer(rid, expired=True)
+        return len(due)
+
+    @property
+    def num_held_transfers(self) -> int:
+        return len(self._transfers)
 
     # ---- one batch step -----------------------------------------------------------------
 
@@ -276,6 +383,10 @@ class Engine:
         Must be followed by finish_step(now + duration) before the next step."""
         if self._batch is not None:
             raise RuntimeError("step() called before finish_step() of the previous step")
+        if self._loading:
+            self._complete_loads(now)
+        if self._transfers:
+            self.expire_transfers(now)
         cfg = self.config
         bs = cfg.block_size
         budget = cfg.max_num_batched_tokens
@@ -316,7 +427,7 @@ class Engine:
                 prefill_tokens += chunk
             i += 1
 
-        if budget > 0 and self.waiting and not preempted:  # as vLLM: no admissions after a preemption
+        if budget > 0 and (self.waiting or self._loaded) and not preempted:  # as vLLM: none after a preemption
             loads, prefill_tokens = self._admit(now, budget, batch, loads, prefill_tokens)
 
         if not batch:
@@ -333,12 +444,31 @@ class Engine:
         cfg = self.config
         bs = cfg.block_size
         waiting = self.waiting
+        loaded = self._loaded
+        while loaded and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = loaded[0]  # blocks already allocated: only the last prompt token to compute
+            lora = req.lora
+            if lora is not None and lora not in self._lora_running and len(self._lora_running) >= cfg.max_loras:
+                break
+            loaded.popleft()
+            if lora is not None:
+                loads += self._lora_acquire(lora)
+            chunk = min(req.num_prompt + req.num_output - req.num_computed, budget)
+            req.state = RUNNING
+            self.running.append(req)
+            batch.append((req, chunk))
+            budget -= chunk
+            prefill_tokens += chunk
         skipped: list[EngineRequest] = []
         while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = waiting[0]
             lora = req.lora
             if lora is not None and lora not in self._lora_running and len(self._lora_running) >= cfg.max_loras:
                 skipped.append(waiting.popleft())  # waits for a LoRA slot; others may go ahead
+                continue
+            if req.remote_prefill and req.load_started_at is None:
+                if not self._start_load(req, now):
+                    break  # FCFS, as below
                 continue
             hit, hit_evictable = self._match(req)
             total = req.num_prompt + req.num_output
@@ -379,6 +509,61 @@ class Engine:
             waiting.extendleft(reversed(skipped))
         return loads, prefill_tokens
 
+    def _start_load(self, req: EngineRequest, now: float) -> bool:
+        """Admit a remote-prefill request: reuse the cached prefix, allocate blocks for the
+        whole prompt and start pulling the rest over the link. False if it does not fit."""
+        cfg = self.config
+        bs = cfg.block_size
+        hit, hit_evictable = self._match(req)
+        need = -(-req.num_prompt // bs) - hit
+        if need > self._num_free + len(self._evictable) - hit_evictable:
+            return False
+        self.waiting.popleft()
+        refs = self._refs
+        for h in req.block_hashes[:hit]:
+            r = refs[h]
+            if r == 0:
+                del self._evictable[h]
+            refs[h] = r + 1
+        req._held = list(req.block_hashes[:hit])
+        req._registered = hit
+        self._allocate(need)
+        req._private = need
+        req._nblocks = hit + need
+        computed = hit * bs
+        req.num_computed = computed
+        req.scheduled_at = now
+        req.cached_tokens = computed
+        self.prefix_cache_queries_total += req.num_prompt
+        self.prefix_cache_hits_total += computed
+        if hit:
+            self.prefix_cache_hit_requests_total += 1
+        req.kv_bytes = (req.num_prompt - computed) * cfg.kv_bytes_per_token
+        start = max(now, self._link_free_at)
+        req.load_started_at = start
+        req.load_done_at = self._link_free_at = start + req.kv_bytes / cfg.kv_transfer_bandwidth
+        req.state = LOADING
+        self._loading.append(req)
+        return True
+
+    def _complete_loads(self, now: float) -> None:
+        emit = self.on_kv_events is not None
+        bs = self.config.block_size
+        while self._loading and self._loading[0].load_done_at <= now:
+            req = self._loading.popleft()
+            # As vLLM: the loaded prompt counts as computed except its last token, which
+            # is recomputed to sample the first output token.
+            req.num_computed = req.num_prompt - 1
+            req.external_tokens = req.num_computed - req.cached_tokens
+            full = min(req.num_computed // bs, len(req.block_hashes))
+            if full > req._registered:
+                self._register(req, full, emit)
+            self.remote_prefills_total += 1
+            self.kv_bytes_received_total += req.kv_bytes
+            self._loaded.append(req)
+            if req.on_kv_loaded is not None:
+                req.on_kv_loaded(req.load_done_at, req.kv_bytes, req.load_done_at - req.load_started_at)
+
     def finish_step(self, now: float) -> None:
         """Apply the scheduled step's effects at its end time `now` and fire callbacks."""
         batch, self._batch = self._batch, None
@@ -404,6 +589,10 @@ class Engine:
             if out == 0 and req.first_token_at is None:
                 req.first_token_at = now
                 self.prompt_tokens_total += req.num_prompt
+                src = self.prompt_tokens_by_source
+                src["local_cache_hit"] += req.cached_tokens
+                src["external_kv_transfer"] += req.external_tokens
+                src["local_compute"] += req.num_prompt - req.cached_tokens - req.external_tokens
                 if req.on_first_token is not None:
                     req.on_first_token(now, req.cached_tokens)
             if req.on_token is not None:
@@ -523,7 +712,18 @@ class Engine:
         req._nblocks = 0
 
     def _finish(self, req: EngineRequest, now: float) -> None:
-        self._free(req)
+        if req.remote_decode and req.finish_reason == "length" and req._nblocks:
+            # vLLM (NixlConnector.request_finished): a length-capped remote-decode prefill
+            # keeps its blocks until the decoder has read them or the timeout expires.
+            n = req._nblocks
+            req.kv_block_ids = [(self._next_block_id + i) % self.config.num_gpu_blocks for i in range(n)]
+            self._next_block_id = (self._next_block_id + n) % self.config.num_gpu_blocks
+            deadline = now + self.config.kv_hold_time
+            self._transfers[req.request_id] = (req, deadline)
+            self._new_holds.append((req.request_id, deadline))
+            self.remote_decode_prefills_total += 1
+        else:
+            self._free(req)
         self._lora_release(req)
         req.state = FINISHED
         req.finished_at = now
@@ -540,6 +740,7 @@ class Engine:
         self._lora_release(req)
         req.num_computed = 0
         req._registered = 0
+        req.external_tokens = 0  # recomputed locally from here on
         req.state = WAITING
         req.num_preemptions += 1
         self.num_preemptions_total += 1
@@ -621,7 +822,7 @@ class Engine:
         waiting_loras = sorted({r.lora for r in self.waiting if r.lora is not None})
         return EngineStats(
             num_requests_running=len(self.running),
-            num_requests_waiting=len(self.waiting),
+            num_requests_waiting=len(self.waiting) + len(self._loading) + len(self._loaded),
             kv_cache_usage_perc=self.kv_cache_usage(),
             running_lora_adapters=sorted(self._lora_running),
             waiting_lora_adapters=waiting_loras,
@@ -637,12 +838,20 @@ class Engine:
             request_success_total=dict(self.request_success_total),
             num_preemptions_total=self.num_preemptions_total,
             lora_loads_total=self.lora_loads_total,
+            requests_by_role=dict(self.requests_by_role),
+            prompt_tokens_by_source=dict(self.prompt_tokens_by_source),
+            remote_decode_prefills_total=self.remote_decode_prefills_total,
+            remote_prefills_total=self.remote_prefills_total,
+            kv_bytes_received_total=self.kv_bytes_received_total,
+            kv_expired_reqs_total=self.kv_expired_reqs_total,
+            num_held_transfers=len(self._transfers),
         )
 
 
 class EngineLoop:
     """Drives an Engine on any Clock: one step at a time, idle when there is no work,
-    woken by submit(). on_step(start, duration, tokens) observes every step."""
+    woken by submit(), by the end of a KV load, or by a released transfer.
+    on_step(start, duration, tokens) observes every step."""
 
     def __init__(self, engine: Engine, clock, on_step: Callable[[float, float, int], None] | None = None) -> None:
         self.engine = engine
@@ -650,6 +859,8 @@ class EngineLoop:
         self.on_step = on_step
         self._busy = False  # a step is scheduled or running
         self._step_end = 0.0
+        self._timer = None  # idle until a KV load completes
+        self._hold_timers: dict[str, object] = {}  # one per held transfer (bounded like them)
 
     def submit(self, req: EngineRequest) -> None:
         """Raises PromptTooLong for a request the engine can never run."""
@@ -660,17 +871,49 @@ class EngineLoop:
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)
 
+    def release_transfer(self, request_id: str) -> bool:
+        """The decoder has read a held transfer: free its blocks now."""
+        handle = self._hold_timers.pop(request_id, None)
+        if handle is not None:
+            handle.cancel()
+        released = self.engine.release_transfer(request_id)
+        if released and self.engine.has_work():
+            self._wake()
+        return released
+
+    def _expire(self, request_id: str) -> None:
+        self._hold_timers.pop(request_id, None)
+        if self.engine.release_transfer(request_id, expired=True) and self.engine.has_work():
+            self._wake()
+
+    def _arm_holds(self) -> None:
+        for rid, deadline in self.engine.take_new_holds():
+            self._hold_timers[rid] = self.clock.call_at(deadline, lambda rid=rid: self._expire(rid))
+
     def _wake(self) -> None:
         if not self._busy:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._busy = True
             # Not inline: the submitter may be inside a callback of the engine.
             self.clock.call_at(self.clock.now(), self._start_step)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._busy:
+            self._busy = True
+            self._start_step()
 
     def _start_step(self) -> None:
         now = max(self.clock.now(), self._step_end)
         duration = self.engine.step(now)
         if duration is None:
             self._busy = False
+            self._arm_holds()
+            wakeup = self.engine.next_wakeup()
+            if wakeup is not None:
+                self._timer = self.clock.call_at(wakeup, self._on_timer)
             return
         if self.on_step is not None:
             self.on_step(now, duration, self.engine.last_step_tokens)
@@ -679,4 +922,5 @@ class EngineLoop:
 
     def _end_step(self) -> None:
         self.engine.finish_step(self._step_end)
+        self._arm_holds()
         self._start_step()

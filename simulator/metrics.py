@@ -25,6 +25,9 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM's NixlPromMetrics (vllm/distributed/kv_transfer/kv_connector/v1/nixl_connector.py)
+NIXL_XFER_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
+NIXL_BYTES_BUCKETS = tuple(2 ** (10 + i) for i in range(1, 25, 2))  # 2 KiB .. 8 GiB
 
 
 def buckets_1_2_5(limit: int) -> tuple[float, ...]:
@@ -85,6 +88,8 @@ _HISTOGRAMS = (
     ("vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens."),
     ("vllm:request_params_n", "Histogram of the n request parameter."),
     ("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter."),
+    ("vllm:nixl_xfer_time_seconds", "Histogram of transfer duration for NIXL KV Cache transfers."),
+    ("vllm:nixl_bytes_transferred", "Histogram of bytes transferred per NIXL KV Cache transfers."),
 )
 
 _runtime_cache: tuple[float, str] = (0.0, "")
@@ -122,6 +127,8 @@ class ServerMetrics:
             "vllm:request_max_num_generation_tokens": Histogram(token_buckets),
             "vllm:request_params_n": Histogram(PARAMS_N_BUCKETS),
             "vllm:request_params_max_tokens": Histogram(token_buckets),
+            "vllm:nixl_xfer_time_seconds": Histogram(NIXL_XFER_TIME_BUCKETS),
+            "vllm:nixl_bytes_transferred": Histogram(NIXL_BYTES_BUCKETS),
         }
         self.created = time.time()
         self.rejected: dict[int, int] = {}  # HTTP status -> count of requests refused
@@ -129,6 +136,11 @@ class ServerMetrics:
         # does; the series with the largest value (a timestamp) is the current one.
         self._lora_series: dict[tuple[str, str], float] = {}
         self.cache_config_labels: list[tuple[str, str]] = []
+        self.role = "both"  # the server's P/D role: its row of sim_requests_total is always shown
+        self.hardware: str | None = None
+        # reason -> requests the sidecar prefilled locally; reasons are a fixed set (server.py)
+        self.pd_fallbacks: dict[str, int] = {}
+        self.failed_notifications = 0
 
     def observe_finished(self, arrival: float, scheduled: float, first_token: float, finished: float,
                          prompt_tokens: int, generation_tokens: int, max_tokens: int) -> None:
@@ -195,17 +207,47 @@ class ServerMetrics:
                 [(ml, s.prefix_cache_hits_total)])
         counter("vllm:request_success", "Count of successfully processed requests.",
                 [(_labels((("finish_reason", r),) + model), v) for r, v in s.request_success_total.items()])
+        src = s.prompt_tokens_by_source
+        counter("vllm:prompt_tokens_by_source", "Number of prompt tokens by source.",
+                [(_labels(model + (("source", k),)), src.get(k, 0))
+                 for k in ("local_compute", "local_cache_hit", "external_kv_transfer")])
+        counter("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).",
+                [(ml, src.get("local_cache_hit", 0) + src.get("external_kv_transfer", 0))])
+        counter("vllm:nixl_num_failed_transfers", "Number of failed NIXL KV Cache transfers.", [(ml, 0)])
+        counter("vllm:nixl_num_failed_notifications", "Number of failed NIXL KV Cache notifications.",
+                [(ml, self.failed_notifications)])
+        counter("vllm:nixl_num_kv_expired_reqs",
+                "Number of requests that had their KV expire. NOTE: This metric is tracked on the P instance.",
+                [(ml, s.kv_expired_reqs_total)])
 
         for name, help_ in _HISTOGRAMS:
             self._histogram(add, name, help_, self.hist[name], model)
 
         # Simulator-only series: what this server served, for tests that check routing.
-        sim = _labels(model + (("pod", self.pod),) + tuple(extra_info))
-        counter("sim_requests", "Requests this simulated server accepted into its engine.",
-                [(sim, s.num_requests_received)])
+        pod = model + (("pod", self.pod),)
+        sim = _labels(pod + tuple(extra_info))
+        by_role = s.requests_by_role or {"both": s.num_requests_received}
+        counter("sim_requests", "Requests this simulated server accepted into its engine, by the role it "
+                "played: prefill (for a remote decoder), decode (prompt KV pulled), both (aggregated).",
+                [(_labels(pod + (("role", r),) + tuple(extra_info)), v) for r, v in sorted(by_role.items())
+                 if v or r == self.role])
         counter("sim_prefix_cache_hit_requests", "Requests that reused at least one cached KV block.",
                 [(sim, s.prefix_cache_hit_requests_total)])
         counter("sim_lora_loads", "LoRA adapter loads into a GPU slot.", [(sim, s.lora_loads_total)])
+        counter("sim_remote_decode_prefills", "Prefills done for a remote decoder (blocks held for it).",
+                [(sim, s.remote_decode_prefills_total)])
+        counter("sim_remote_prefills", "Requests whose prompt KV was pulled from a remote prefill.",
+                [(sim, s.remote_prefills_total)])
+        counter("sim_kv_bytes_transferred", "Bytes of prompt KV pulled from remote prefills.",
+                [(sim, s.kv_bytes_received_total)])
+        gauge("sim_kv_transfers_held", "Finished remote-decode prefills whose blocks wait to be read.",
+              s.num_held_transfers, sim)
+        fb = [(_labels(pod + (("reason", r),)), v) for r, v in sorted(self.pd_fallbacks.items())]
+        if fb:
+            counter("sim_pd_local_fallbacks", "Requests with a prefill endpoint that were prefilled locally.", fb)
+        if self.hardware is not None:
+            gauge("sim_hardware_info", "The hardware class whose timings this server simulates.", 1.0,
+                  _labels(pod + (("hardware", self.hardware),)))
         rows = [(_labels(model + (("pod", self.pod), ("code", str(c)))), v) for c, v in sorted(self.rejected.items())]
         if rows:
             counter("sim_requests_rejected", "Requests refused with an HTTP error.", rows)

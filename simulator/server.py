@@ -6,6 +6,24 @@ Endpoints: POST /v1/completions, /v1/chat/completions (JSON or SSE), GET /v1/mod
 until POST /sim/unhang), POST /sim/die (the server closes its port and stops), GET
 /sim/info (pod, labels, counts).
 
+Prefill/decode disaggregation, as vLLM with the NixlConnector behind llm-d's routing
+sidecar (llm-d/llm-d-router pkg/sidecar/proxy: chat_completions.go, connector_nixlv2.go):
+- any server answers a request whose body has kv_transfer_params.do_remote_decode by
+  prefilling it (the engine keeps its blocks for the decoder) and returning vLLM's
+  `kv_transfer_params` {do_remote_prefill, do_remote_decode, remote_block_ids,
+  remote_engine_id, remote_request_id, remote_host, remote_port, tp_size} in the JSON;
+- any server admits kv_transfer_params.do_remote_prefill by pulling the prompt's KV
+  (engine: bytes / link bandwidth) instead of computing it, then tells the prefiller
+  (POST remote_host:remote_port/sim/nixl/notify, the NIXL notification) to free it;
+- a decode or both server receiving `x-prefiller-host-port` (or the newer
+  `x-llm-d-prefiller-host-port`; a comma list: the first) acts as the sidecar: it sends
+  the prefiller a copy with do_remote_decode, max_tokens 1 (and max_completion_tokens 1
+  for chat), stream false, then serves the original request with the prefiller's
+  kv_transfer_params and reports the prefiller's cached_tokens in usage. If the prefiller
+  cannot be reached, answers an error or omits kv_transfer_params, the request is
+  prefilled locally (counted in sim_pd_local_fallbacks_total{reason}); the reference
+  sidecar would return the prefiller's error instead. A prefill server has no sidecar.
+
 max_tokens (or max_completion_tokens) defaults to 16 when absent. Output text: in
 `random` mode max_tokens one-token words drawn deterministically from the prompt and the
 seed (finish_reason "length"; `ignore_eos` is accepted and changes nothing); in `echo`
@@ -25,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -35,6 +54,13 @@ from .kv_events import ZmqKVPublisher, topic_for
 from .metrics import ServerMetrics
 
 DEFAULT_MAX_TOKENS = 16
+ROLES = ("both", "prefill", "decode")
+ROLE_LABEL = "llm-d.ai/role"  # the reference's P/D role label (prefill-filter / decode-filter)
+# The sidecar's header naming the prefill endpoint: legacy name first (the sidecar trusts it first).
+PREFILLER_HEADERS = ("x-prefiller-host-port", "x-llm-d-prefiller-host-port")
+PREFILL_RESPONSE_LIMIT = 1 << 20  # bytes read from a prefiller's answer (one token)
+MAX_NOTIFICATIONS_IN_FLIGHT = 256  # NIXL notifications being sent; beyond, counted as failed
+NOTIFY_TIMEOUT = 5.0  # wall seconds
 
 # Failure injection: type -> (HTTP status, error type, message), as llm-d-inference-sim.
 FAILURES: dict[str, tuple[int, str, str]] = {
@@ -68,8 +94,15 @@ class SimConfig:
     startup_delay: float = 0.0  # wall seconds during which /health answers 503
     kv_events_endpoint: str | None = None  # ZMQ bind address, e.g. tcp://*:5557
     advertise_host: str | None = None  # host in the KV-events topic (default: host; in a pod, its IP)
+    role: str = "both"  # prefill | decode | both: decode and both act as the routing sidecar
+    hardware: str | None = None  # simulator.hardware class name (timings already in `engine`)
+    prefill_timeout: float = 60.0  # wall seconds the sidecar waits for its prefiller
 
     def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not self.prefill_timeout > 0:
+            raise ValueError(f"prefill_timeout must be > 0, got {self.prefill_timeout}")
         if self.mode not in ("random", "echo"):
             raise ValueError(f"mode must be 'random' or 'echo', got {self.mode!r}")
         if not 0.0 <= self.failure_injection_rate <= 1.0:
@@ -109,7 +142,8 @@ class _Prompt:
 class _Generation:
     """Collects one request's engine callbacks for its HTTP handler."""
 
-    __slots__ = ("texts", "pieces", "wake", "done", "reason", "first_t", "cached", "last_t", "n", "server", "req")
+    __slots__ = ("texts", "pieces", "wake", "done", "reason", "first_t", "cached", "last_t", "n", "server", "req",
+                 "notify")
 
     def __init__(self, server: SimServer, pieces: Sequence[str]) -> None:
         self.server = server
@@ -122,6 +156,14 @@ class _Generation:
         self.last_t = 0.0
         self.n = 0
         self.req: EngineRequest | None = None
+        self.notify: tuple[str, int, str | None, str] | None = None  # prefiller to tell when KV is read
+
+    def on_kv_loaded(self, t: float, nbytes: int, seconds: float) -> None:
+        hist = self.server.metrics.hist
+        hist["vllm:nixl_xfer_time_seconds"].observe(seconds)
+        hist["vllm:nixl_bytes_transferred"].observe(nbytes)
+        if self.notify is not None:
+            self.server._notify(*self.notify)
 
     def on_first_token(self, t: float, cached: int) -> None:
         self.cached = cached
@@ -151,6 +193,11 @@ class SimServer:
         self.metrics = ServerMetrics(config.model, config.pod, config.engine.max_model_len,
                                      config.engine.max_num_batched_tokens)
         self.metrics.cache_config_labels = _cache_config_labels(config.engine)
+        self.metrics.role = config.role
+        self.metrics.hardware = config.hardware
+        self.engine_id = str(uuid.uuid4())  # as vLLM's kv_transfer_config.engine_id
+        self._client: aiohttp.ClientSession | None = None
+        self._notifications: set[asyncio.Task] = set()
         self.loras: dict[str, str] = {name: name for name in config.lora_modules}  # name -> path
         self._rng = random.Random(config.seed)
         self._hang = asyncio.Event()
@@ -175,20 +222,29 @@ class SimServer:
         self._loop_driver = EngineLoop(self.engine, clock, on_step=lambda _s, _d, n: hist.observe(n))
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None, handler_cancellation=True)
         await self._runner.setup()
+        self._client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256), auto_decompress=False)
         site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
         await site.start()
         self._ready_at = time.monotonic() + cfg.startup_delay
         labels = ",".join(f"{k}={v}" for k, v in cfg.labels.items())
         kv = f" kv_events={cfg.kv_events_endpoint}" if cfg.kv_events_endpoint else ""
+        hw = f" hardware={cfg.hardware}" if cfg.hardware else ""
         print(f"sim ready: pod={cfg.pod} model={cfg.model} url=http://{cfg.host}:{cfg.port}"
-              f" labels={labels or '-'} healthy_after={cfg.startup_delay}s{kv}", flush=True)
+              f" labels={labels or '-'} healthy_after={cfg.startup_delay}s{kv} role={cfg.role}{hw}", flush=True)
 
     async def stop(self) -> None:
         for req in list(self.engine._requests):
             self.engine.abort(req)
+        for task in list(self._notifications):
+            task.cancel()
+        if self._notifications:
+            await asyncio.gather(*self._notifications, return_exceptions=True)
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
@@ -213,6 +269,7 @@ class SimServer:
             web.post("/sim/unhang", self.sim_unhang),
             web.post("/sim/die", self.sim_die),
             web.get("/sim/info", self.sim_info),
+            web.post("/sim/nixl/notify", self.sim_nixl_notify),
         ])
         return app
 
@@ -317,6 +374,20 @@ class SimServer:
             self.engine.check(len(prompt.token_ids), max_tokens, lora)
         except PromptTooLong as e:
             raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
+        kv_params = body.get("kv_transfer_params")
+        if kv_params is not None and not isinstance(kv_params, dict):
+            raise ApiError(400, "kv_transfer_params must be an object", param="kv_transfer_params")
+        prefiller_cached: int | None = None
+        if cfg.role != "prefill" and not (kv_params and kv_params.get("do_remote_decode") is True):
+            target = _prefiller_target(request.headers)
+            if target is not None:  # the routing sidecar's P/D protocol (NIXL v2)
+                kv_params, prefiller_cached = await self._remote_prefill(request, body, target, chat)
+        remote_decode = bool(kv_params) and kv_params.get("do_remote_decode") is True
+        notify = None
+        if kv_params and not remote_decode and kv_params.get("do_remote_prefill") is True:
+            notify = _remote_source(kv_params)
+            if notify is None:
+                self._fallback("invalid_kv_transfer_params")
 
         if cfg.mode == "echo":
             pieces = prompt.echo_pieces[:max_tokens] or [" "]
@@ -332,26 +403,32 @@ class SimServer:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         req = EngineRequest(rid, prompt.token_ids, len(pieces), lora=lora, output_token_ids=out_ids,
                             finish_reason=finish, on_first_token=gen.on_first_token, on_token=gen.on_token,
-                            on_finish=gen.on_finish)
+                            on_finish=gen.on_finish, remote_decode=remote_decode,
+                            remote_prefill=notify is not None,
+                            on_kv_loaded=gen.on_kv_loaded if notify is not None else None)
         gen.req = req
+        gen.notify = notify
         try:
             self._loop_driver.submit(req)
         except PromptTooLong as e:
             raise ApiError(400, str(e), param="prompt" if not chat else "messages") from None
         try:
             if stream:
-                return await self._stream(request, gen, rid, model, chat, include_usage)
+                return await self._stream(request, gen, rid, model, chat, include_usage, prefiller_cached)
             while not gen.done:
                 await gen.wake.wait()
                 gen.wake.clear()
-            return _json(_full_response(rid, model, chat, "".join(gen.texts), gen.reason,
-                                        _usage(req, gen.cached)))
+            out = _full_response(rid, model, chat, "".join(gen.texts), gen.reason,
+                                 _usage(req, gen.cached if prefiller_cached is None else prefiller_cached))
+            if kv_params is not None:
+                out["kv_transfer_params"] = self._transfer_params(req) if remote_decode else None
+            return _json(out)
         finally:
             if not gen.done:
                 self._loop_driver.abort(rid)
 
     async def _stream(self, request: web.Request, gen: _Generation, rid: str, model: str, chat: bool,
-                      include_usage: bool) -> web.StreamResponse:
+                      include_usage: bool, prefiller_cached: int | None = None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         created = int(time.time())
@@ -381,13 +458,109 @@ class SimServer:
             sent = end
             if gen.done:
                 if include_usage:
-                    parts.append(_sse({**head, "choices": [], "usage": _usage(gen.req, gen.cached)}))
+                    cached = gen.cached if prefiller_cached is None else prefiller_cached
+                    parts.append(_sse({**head, "choices": [], "usage": _usage(gen.req, cached)}))
                 parts.append(b"data: [DONE]\n\n")
             if parts:
                 await resp.write(b"".join(parts))
             if gen.done:
                 await resp.write_eof()
                 return resp
+
+    # ---- P/D disaggregation --------------------------------------------------------
+
+    async def _remote_prefill(self, request: web.Request, body: dict, target: str,
+                              chat: bool) -> tuple[dict | None, int | None]:
+        """The sidecar's prefill leg: ask `target` (host:port) to prefill a one-token copy.
+        Returns (its kv_transfer_params, its cached_tokens), or (None, None) after counting
+        why the request will be prefilled here instead."""
+        url = _prefiller_url(target, request.path)
+        if url is None:
+            self._fallback("invalid_prefiller")
+            return None, None
+        pbody = dict(body)
+        pbody["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False,
+                                       "remote_engine_id": None, "remote_block_ids": None,
+                                       "remote_host": None, "remote_port": None}
+        pbody["max_tokens"] = 1
+        if chat:
+            pbody["max_completion_tokens"] = 1
+        pbody.pop("min_tokens", None)
+        pbody["stream"] = False
+        pbody.pop("stream_options", None)
+        headers = {"Content-Type": "application/json", "x-request-id": str(uuid.uuid4())}
+        try:
+            async with self._client.post(url, data=orjson.dumps(pbody), headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=self.config.prefill_timeout)) as r:
+                status = r.status
+                raw = await _read_bounded(r.content, PREFILL_RESPONSE_LIMIT)
+        except TimeoutError:
+            self._fallback("prefiller_timeout")
+            return None, None
+        except (aiohttp.ClientError, OSError, ValueError):
+            self._fallback("prefiller_unreachable")
+            return None, None
+        if status != 200 or raw is None:
+            self._fallback("prefiller_error")
+            return None, None
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            answer = None
+        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        if not isinstance(params, dict):
+            self._fallback("prefiller_error")
+            return None, None
+        usage = answer.get("usage")
+        details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        return params, cached if isinstance(cached, int) and not isinstance(cached, bool) else 0
+
+    def _fallback(self, reason: str) -> None:
+        fb = self.metrics.pd_fallbacks
+        fb[reason] = fb.get(reason, 0) + 1
+
+    def _transfer_params(self, req: EngineRequest) -> dict | None:
+        """vLLM's NixlConnector.request_finished answer for a held prefill."""
+        if req.kv_block_ids is None:
+            return None
+        cfg = self.config
+        return {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": req.kv_block_ids,
+                "remote_engine_id": self.engine_id, "remote_request_id": req.request_id,
+                "remote_host": cfg.advertise_host or cfg.host, "remote_port": cfg.port, "tp_size": 1}
+
+    def _notify(self, host: str, port: int, request_id: str | None, engine_id: str) -> None:
+        """Tell the prefiller its blocks were read (fire and forget, bounded)."""
+        if request_id is None:
+            return  # it frees them when its hold expires
+        if len(self._notifications) >= MAX_NOTIFICATIONS_IN_FLIGHT or self._client is None:
+            self.metrics.failed_notifications += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._send_notify(host, port, request_id, engine_id))
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
+
+    async def _send_notify(self, host: str, port: int, request_id: str, engine_id: str) -> None:
+        url = f"http://{_url_host(host)}:{port}/sim/nixl/notify"
+        try:
+            async with self._client.post(url, data=orjson.dumps({"remote_request_id": request_id,
+                                                                  "remote_engine_id": engine_id}),
+                                         headers={"Content-Type": "application/json"},
+                                         timeout=aiohttp.ClientTimeout(total=NOTIFY_TIMEOUT)) as r:
+                await r.read()
+                ok = r.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            ok = False
+        if not ok:
+            self.metrics.failed_notifications += 1
+
+    async def sim_nixl_notify(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        rid, engine_id = body.get("remote_request_id"), body.get("remote_engine_id")
+        if not isinstance(rid, str) or (engine_id is not None and engine_id != self.engine_id):
+            return _json({"released": False})
+        released = self._loop_driver.release_transfer(rid) if self._loop_driver is not None else False
+        return _json({"released": released})
 
     async def models(self, request: web.Request) -> web.Response:
         cfg = self.config
@@ -466,7 +639,8 @@ class SimServer:
         s = self.engine.stats()
         return _json({"pod": cfg.pod, "labels": cfg.labels, "host": cfg.host, "port": cfg.port, "model": cfg.model,
                       "loras": list(self.loras), "stats": dataclasses.asdict(s),
-                      "hanging": not self._hang.is_set()})
+                      "hanging": not self._hang.is_set(), "role": cfg.role, "hardware": cfg.hardware,
+                      "engine_id": self.engine_id, "pd_local_fallbacks": dict(self.metrics.pd_fallbacks)})
 
 
 async def _read_json(request: web.Request) -> dict:
@@ -478,6 +652,56 @@ async def _read_json(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
+
+
+def _prefiller_target(headers) -> str | None:
+    """The prefill endpoint a routing sidecar would use: the legacy header first, a
+    comma list's first entry."""
+    for name in PREFILLER_HEADERS:
+        values = headers.getall(name, [])
+        if values:
+            if len(values) == 1:
+                values = values[0].split(",")
+            return values[0].strip() or None
+    return None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _prefiller_url(target: str, path: str) -> str | None:
+    """http://host:port<path> for a `host:port` (IPv6 in brackets), or None if malformed."""
+    target = target.removeprefix("http://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not bare or len(bare) > 253 or not all(c.isalnum() or c in ".-:_" for c in bare):
+        return None
+    return f"http://{_url_host(bare)}:{int(port)}{path}"
+
+
+def _remote_source(params: dict) -> tuple[str, int, str | None, str] | None:
+    """(host, port, request id, engine id) of a do_remote_prefill request's KV source, or
+    None if the fields vLLM's NixlConnector needs are missing (it then prefills locally)."""
+    host, port, engine = params.get("remote_host"), params.get("remote_port"), params.get("remote_engine_id")
+    blocks, rid = params.get("remote_block_ids"), params.get("remote_request_id")
+    if not (isinstance(host, str) and host and isinstance(engine, str) and isinstance(blocks, list) and blocks
+            and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
+        return None
+    return host, port, rid if isinstance(rid, str) else None, engine
+
+
+async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The body, or None if it is longer than limit."""
+    parts, size = [], 0
+    async for chunk in content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _sse(obj: dict) -> bytes:
