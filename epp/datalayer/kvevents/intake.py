@@ -1,0 +1,335 @@
+"""KV-event intake: one ZMQ SUB socket per endpoint feeding the block index.
+
+For each subscribed endpoint (e.g. tcp://<pod ip>:5557, the reference's
+kvEventsConfig.podDiscoveryConfig.socketPort) a reader task receives multipart
+messages into a bounded queue and a processor task applies them in order: frames and
+payload decoded (wire.py), the sequence number checked, events applied to the index.
+
+Sequence numbers (vLLM's publisher counts batches from 0, one per message):
+- the first message of a subscription is accepted whatever its number (joined late);
+- a repeated number is ignored (replayed or duplicated);
+- a lower number means the publisher restarted: its cache is new, so the endpoint's
+  entries are cleared (`restarts`);
+- a gap (batches lost by ZMQ's high-water mark, our queue bound, or a malformed
+  payload) is recovered by asking the publisher's replay socket (vLLM's
+  `replay_endpoint`, a ROUTER: send [b"", start seq], receive [b"", seq, payload] per
+  buffered batch and [b"", -1, b""] at the end) when one is configured; otherwise,
+  or when replay fails, the endpoint is resynchronised: its entries are cleared, so
+  the index never claims blocks it may have missed the removal of, and it is `stale`
+  (not precise) for `resync_grace` seconds while the entries refill.
+
+An endpoint is `precise` (its index view can be trusted for scoring) once it has
+delivered a batch, while it is not stale, not broken (`max_consecutive_errors`
+malformed messages in a row) and not silent (a request was routed to it, see
+`note_routed`, and no event followed within `silence_timeout`: vLLM publishes only on
+cache changes, so an idle server is not silent). Otherwise scoring should fall back to
+the approximate index for it.
+
+Counters are plain attributes of `EndpointStream` (metrics are wired elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from epp.datalayer.kvevents.index import BlockIndex
+from epp.datalayer.kvevents.wire import DEFAULT_LIMITS, Limits, WireError, decode_batch, parse_frames
+
+__all__ = ["EndpointStream", "KVEventIntake", "REPLAY_END"]
+
+log = logging.getLogger(__name__)
+
+REPLAY_END = (-1).to_bytes(8, "big", signed=True)
+
+
+@dataclass(slots=True)
+class EndpointStream:
+    """One endpoint's event stream: where it comes from and how it is doing."""
+
+    endpoint: str
+    address: str
+    model: str = ""  # model name for block keys; "" = taken from the topic kv@<id>@<model>
+    replay_address: str | None = None
+    batches: int = 0  # applied
+    events: int = 0  # applied
+    dropped: int = 0  # messages dropped by the queue bound
+    gaps: int = 0  # sequence gaps seen
+    missed: int = 0  # batches lost for good (not recovered by replay)
+    replayed: int = 0  # batches recovered by replay
+    replay_failures: int = 0
+    resyncs: int = 0
+    restarts: int = 0  # sequence went backwards
+    duplicates: int = 0
+    decode_errors: int = 0
+    index_errors: int = 0
+    last_seq: int | None = None
+    lag: float | None = None  # seconds from the batch's timestamp to its application
+    last_batch_at: float | None = None  # intake clock
+    routed_at: float | None = None  # first routing since the last batch (intake clock)
+    stale_until: float = 0.0
+    broken: bool = False
+    consecutive_errors: int = 0
+    queued: int = 0
+    queued_bytes: int = 0
+    topic: str = ""
+    _queue: deque[tuple[list[bytes], int]] = field(default_factory=deque, repr=False)
+
+
+class KVEventIntake:
+    def __init__(self, index: BlockIndex, *, topic_filter: str = "kv@", queue_size: int = 1024,
+                 max_queue_bytes: int = 64 << 20, rcv_hwm: int = 10_000, replay_timeout: float = 1.0,
+                 max_replay: int = 10_000, resync_grace: float = 10.0, silence_timeout: float = 10.0,
+                 max_consecutive_errors: int = 3, limits: Limits = DEFAULT_LIMITS,
+                 context: zmq.asyncio.Context | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time,
+                 listener: Callable[[EndpointStream], None] | None = None) -> None:
+        self.index = index
+        self.topic_filter = topic_filter
+        self.queue_size = queue_size  # bound: messages waiting per endpoint
+        self.max_queue_bytes = max_queue_bytes  # bound: payload bytes waiting per endpoint
+        self.rcv_hwm = rcv_hwm  # bound: ZMQ's own receive queue per socket
+        self.replay_timeout = replay_timeout
+        self.max_replay = max_replay  # bound: batches asked of a replay socket (vLLM buffers 10,000)
+        self.resync_grace = resync_grace
+        self.silence_timeout = silence_timeout
+        self.max_consecutive_errors = max_consecutive_errors
+        self.limits = limits
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.listener = listener
+        self.streams: dict[str, EndpointStream] = {}
+        self._own_context = context is None
+        self._ctx = context or zmq.asyncio.Context()
+        self._subs: dict[str, tuple[zmq.asyncio.Socket, asyncio.Event, list[asyncio.Task]]] = {}
+
+    # --- endpoints come and go -------------------------------------------------------
+
+    def subscribe(self, endpoint: str, address: str, *, model: str = "",
+                  replay_address: str | None = None) -> EndpointStream:
+        """Start receiving `endpoint`'s events from `address` (call inside the event loop).
+        Subscribing again with the same address keeps the stream; a new address
+        replaces it."""
+        old = self.streams.get(endpoint)
+        if old is not None:
+            if old.address == address and old.replay_address == replay_address and old.model == model:
+                return old
+            self._stop(endpoint)
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self.rcv_hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_payload_bytes + 2 * self.limits.max_topic)
+        sock.setsockopt(zmq.SUBSCRIBE, self.topic_filter.encode())
+        try:
+            sock.connect(address)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        stream = self.streams[endpoint] = EndpointStream(endpoint, address, model, replay_address)
+        wake = asyncio.Event()
+        tasks = [asyncio.create_task(self._read(stream, sock, wake), name=f"kv-events-read {endpoint}"),
+                 asyncio.create_task(self._process(stream, wake), name=f"kv-events-apply {endpoint}")]
+        self._subs[endpoint] = (sock, wake, tasks)
+        return stream
+
+    def unsubscribe(self, endpoint: str) -> None:
+        """Stop the endpoint's stream and forget its blocks."""
+        self._stop(endpoint)
+        self.index.remove_endpoint(endpoint)
+
+    def _stop(self, endpoint: str) -> None:
+        self.streams.pop(endpoint, None)
+        sub = self._subs.pop(endpoint, None)
+        if sub is None:
+            return
+        sock, _, tasks = sub
+        for t in tasks:
+            t.cancel()
+        sock.close(linger=0)
+
+    async def close(self) -> None:
+        tasks = [t for _, _, ts in self._subs.values() for t in ts]
+        for endpoint in list(self._subs):
+            self._stop(endpoint)
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._own_context:
+            self._ctx.term()
+
+    # --- health ----------------------------------------------------------------------
+
+    def note_routed(self, endpoint: str) -> None:
+        """A request was routed to the endpoint: events should follow (silence detection)."""
+        s = self.streams.get(endpoint)
+        if s is not None and s.routed_at is None:
+            s.routed_at = self.clock()
+
+    def is_precise(self, endpoint: str, now: float | None = None) -> bool:
+        s = self.streams.get(endpoint)
+        if s is None or s.batches == 0 or s.broken:
+            return False
+        now = self.clock() if now is None else now
+        if now < s.stale_until:
+            return False
+        return s.routed_at is None or now - s.routed_at <= self.silence_timeout
+
+    # --- the two tasks ---------------------------------------------------------------
+
+    async def _read(self, s: EndpointStream, sock: zmq.asyncio.Socket, wake: asyncio.Event) -> None:
+        n = 0
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except zmq.ZMQError as e:
+                log.warning("kv-events %s: receive failed: %s", s.endpoint, e)
+                s.broken = True
+                await asyncio.sleep(0.1)
+                continue
+            size = sum(len(f) for f in frames)
+            if len(s._queue) >= self.queue_size or s.queued_bytes + size > self.max_queue_bytes:
+                s.dropped += 1  # shows as a sequence gap when the next message is applied
+            else:
+                s._queue.append((frames, size))
+                s.queued, s.queued_bytes = len(s._queue), s.queued_bytes + size
+                wake.set()
+            n += 1
+            if n % 64 == 0:
+                await asyncio.sleep(0)  # a ready socket never suspends: let others run
+
+    async def _process(self, s: EndpointStream, wake: asyncio.Event) -> None:
+        n = 0
+        while True:
+            while not s._queue:
+                wake.clear()
+                await wake.wait()
+            frames, size = s._queue.popleft()
+            s.queued, s.queued_bytes = len(s._queue), s.queued_bytes - size
+            try:
+                await self._handle(s, frames)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one endpoint's stream end the task
+                log.exception("kv-events %s: message not applied", s.endpoint)
+                s.index_errors += 1
+                self._resync(s, 1)
+            if self.listener is not None:
+                self.listener(s)
+            n += 1
+            if n % 64 == 0:
+                await asyncio.sleep(0)
+
+    async def _handle(self, s: EndpointStream, frames: list[bytes]) -> None:
+        try:
+            topic, seq, payload = parse_frames(frames, self.limits)
+        except WireError as e:
+            self._error(s, e)
+            return
+        s.topic = topic.decode("utf-8", "replace")
+        last = s.last_seq
+        if last is not None:
+            if seq == last:
+                s.duplicates += 1
+                return
+            if seq < last:
+                s.restarts += 1
+                self.index.clear_endpoint(s.endpoint)
+            elif seq > last + 1:
+                s.gaps += 1
+                await self._recover(s, last + 1, seq)
+        s.last_seq = seq
+        self._apply(s, payload)
+
+    def _apply(self, s: EndpointStream, payload: bytes) -> bool:
+        try:
+            batch = decode_batch(payload, self.limits)
+        except WireError as e:
+            self._error(s, e)
+            self._resync(s, 1)  # the batch is lost: what it stored or removed is unknown
+            return False
+        try:
+            self.index.apply(s.endpoint, batch.events, s.model or _topic_model(s.topic))
+        except ValueError as e:  # e.g. the index's endpoint bound
+            log.warning("kv-events %s: %s", s.endpoint, e)
+            s.index_errors += 1
+            return False
+        s.batches += 1
+        s.events += len(batch.events)
+        s.consecutive_errors = 0
+        s.broken = False
+        s.lag = max(0.0, self.wall_clock() - batch.ts)
+        s.last_batch_at = self.clock()
+        s.routed_at = None
+        return True
+
+    async def _recover(self, s: EndpointStream, start: int, end: int) -> None:
+        """Batches start..end-1 were lost: replay them if the publisher can, else resync."""
+        missing = end - start
+        if s.replay_address and missing <= self.max_replay:
+            got = await self._replay(s, start, end)
+            if got is not None:
+                for _, payload in got:
+                    if not self._apply(s, payload):
+                        return  # a bad replayed batch already resynchronised the endpoint
+                s.replayed += len(got)
+                return
+            s.replay_failures += 1
+        self._resync(s, missing)
+
+    async def _replay(self, s: EndpointStream, start: int, end: int) -> list[tuple[int, bytes]] | None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_payload_bytes + 64)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.replay_timeout
+        got: dict[int, bytes] = {}
+        try:
+            sock.connect(s.replay_address)
+            await sock.send_multipart([b"", start.to_bytes(8, "big")])
+            while len(got) < end - start:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await sock.poll(remaining * 1000):
+                    return None
+                frames = await sock.recv_multipart()
+                if len(frames) != 3 or frames[0] or len(frames[1]) != 8:
+                    return None
+                if frames[1] == REPLAY_END:
+                    break
+                seq = int.from_bytes(frames[1], "big")
+                if start <= seq < end:
+                    got[seq] = frames[2]
+        except zmq.ZMQError as e:
+            log.warning("kv-events %s: replay failed: %s", s.endpoint, e)
+            return None
+        finally:
+            sock.close(linger=0)
+        if len(got) != end - start:
+            return None  # the publisher's buffer no longer holds them all
+        return sorted(got.items())
+
+    def _resync(self, s: EndpointStream, missed: int) -> None:
+        s.missed += missed
+        s.resyncs += 1
+        self.index.clear_endpoint(s.endpoint)
+        s.stale_until = self.clock() + self.resync_grace
+
+    def _error(self, s: EndpointStream, e: WireError) -> None:
+        s.decode_errors += 1
+        s.consecutive_errors += 1
+        if s.consecutive_errors >= self.max_consecutive_errors:
+            s.broken = True
+        log.debug("kv-events %s: %s", s.endpoint, e)
+
+
+def _topic_model(topic: str) -> str:
+    """The model of vLLM's conventional topic kv@<pod>@<model> (llm-d's guides), else ""."""
+    parts = topic.split("@")
+    return parts[2] if len(parts) == 3 else ""
