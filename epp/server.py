@@ -82,7 +82,8 @@ class PickerServer:
             raise StartupError(f"config error: {e}") from None
         self.datastore.on_endpoints_removed(self.pipeline.endpoints_removed)
         p = self.pipeline
-        self.admission = AdmissionController(p, flow_control=gated_flow_control(p.feature_gates, p.flow_control))
+        self.admission = AdmissionController(p.saturation_detector,
+                                             flow_control=gated_flow_control(p.feature_gates, p.flow_control))
         self.admission.observe_queue_duration = self._observe_queue
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
                                  staleness=options.metrics_staleness_threshold)

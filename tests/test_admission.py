@@ -182,3 +182,20 @@ async def test_close_fails_queued_requests_with_503():
     with pytest.raises(InferenceError) as e:
         await t
     assert e.value.http_status == 503 and ac.queue_size == 0
+
+
+async def test_only_the_saturation_protocol_is_needed():
+    """The controller asks its detector for saturation(endpoints) and nothing else."""
+    class Fixed:
+        def __init__(self, value):
+            self.value, self.seen = value, []
+
+        def saturation(self, endpoints):
+            self.seen.append(list(endpoints))
+            return self.value
+
+    busy = Fixed(1.5)
+    with pytest.raises(InferenceError):
+        await AdmissionController(busy).admit(req("a", priority=-1), pool(False))
+    assert len(busy.seen) == 1 and [e.name for e in busy.seen[0]] == ["e1"]
+    (await AdmissionController(None).admit(req("b", priority=-1), pool(True)))()  # no detector: never saturated

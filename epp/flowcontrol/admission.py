@@ -45,7 +45,7 @@ class AdmissionController:
     callback to call once when the request is finished (idempotent), or raises
     InferenceError (429 shed / over capacity, 503 queue TTL expired)."""
 
-    def __init__(self, detector: Saturation, clock: Callable[[], float] | None = None, *,
+    def __init__(self, detector: Saturation | None, clock: Callable[[], float] | None = None, *,
                  flow_control: FlowControlConfig | None = None, poll_interval: float = 0.015) -> None:
         self.detector = detector
         self.clock = clock or time.monotonic
@@ -80,7 +80,8 @@ class AdmissionController:
         return self.queues.band_stats() if self.queues is not None else {}
 
     def _saturation(self, endpoints: Sequence[Endpoint]) -> float:
-        sat = self.last_saturation = self.detector.saturation(endpoints)
+        detector = self.detector  # None: no detector configured, never saturated
+        sat = self.last_saturation = detector.saturation(endpoints) if detector is not None else 0.0
         return sat
 
     # ------------------------------------------------------------------ admit
