@@ -7,22 +7,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
+from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, bounded
 from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_INFO, PREFIX_MATCH_PRODUCER
 
 
 @dataclass(slots=True)
 class PrefixAffinityParams:
-    affinityThreshold: float = 0.80
-    explorationProbability: float = 0.01
+    affinityThreshold: float = bounded(0.80, ge=0, le=1)
+    explorationProbability: float = bounded(0.01, ge=0, le=1)
     prefixMatchInfoProducerName: str = APPROX_PREFIX_PRODUCER  # whose prefix match to read
     prefixPluginName: str = ""  # v1.5 name; the config loader turns it into prefixMatchInfoProducerName
-
-    def validate(self) -> None:
-        if not 0.0 <= self.affinityThreshold <= 1.0:
-            raise ValueError(f"affinityThreshold: must be in [0, 1], got {self.affinityThreshold}")
-        if not 0.0 <= self.explorationProbability <= 1.0:
-            raise ValueError(f"explorationProbability: must be in [0, 1], got {self.explorationProbability}")
 
 
 class PrefixCacheAffinityFilter:

@@ -15,21 +15,18 @@ from epp.framework import (
     PluginHandle,
     ResponseInfo,
     SchedulingResult,
+    bounded,
 )
 from epp.units import duration_value
 
 
 @dataclass(slots=True)
 class ActiveRequestParams:
-    idleThreshold: int = 0
-    maxBusyScore: float = 1.0
+    idleThreshold: int = bounded(0, ge=0)
+    maxBusyScore: float = bounded(1.0, ge=0, le=1)
     requestTimeout: str | float = "2m"
 
     def validate(self) -> None:
-        if self.idleThreshold < 0:
-            raise ValueError(f"idleThreshold: must be >= 0, got {self.idleThreshold}")
-        if not 0.0 <= self.maxBusyScore <= 1.0:
-            raise ValueError(f"maxBusyScore: must be in [0, 1], got {self.maxBusyScore}")
         duration_value(self.requestTimeout, "requestTimeout")
 
 

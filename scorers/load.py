@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
+from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, bounded
 
 _waiting = attrgetter("metrics.waiting_queue_size")
 _running = attrgetter("metrics.running_requests_size")
@@ -56,11 +56,7 @@ class KVCacheUtilizationScorer:
 
 @dataclass(slots=True)
 class TokenLoadParams:
-    queueThresholdTokens: int = 4194304
-
-    def validate(self) -> None:
-        if self.queueThresholdTokens <= 0:
-            raise ValueError(f"queueThresholdTokens: must be > 0, got {self.queueThresholdTokens}")
+    queueThresholdTokens: int = bounded(4194304, gt=0)
 
 
 class TokenLoadScorer:
@@ -80,11 +76,7 @@ class TokenLoadScorer:
 
 @dataclass(slots=True)
 class LoadAwareParams:
-    threshold: int = 128
-
-    def validate(self) -> None:
-        if self.threshold <= 0:
-            raise ValueError(f"threshold: must be > 0, got {self.threshold}")
+    threshold: int = bounded(128, gt=0)
 
 
 class LoadAwareScorer:

@@ -9,19 +9,15 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
+from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult, bounded
 from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_INFO, PREFIX_MATCH_PRODUCER
 
 
 @dataclass(slots=True)
 class NoHitLRUParams:
-    lruSize: int = 1024
+    lruSize: int = bounded(1024, gt=0)
     prefixMatchInfoProducerName: str = APPROX_PREFIX_PRODUCER  # whose prefix match to read
     prefixPluginName: str = ""  # v1.5 name; the config loader turns it into prefixMatchInfoProducerName
-
-    def validate(self) -> None:
-        if self.lruSize <= 0:
-            raise ValueError(f"lruSize: must be > 0, got {self.lruSize}")
 
 
 class NoHitLRUScorer:

@@ -247,3 +247,17 @@ plugins:
 ])
 def test_prefix_producer_wiring_errors(text, expected):
     assert expected in errmsg(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("plugins: [{type: prefix-cache-affinity-filter, parameters: {affinityThreshold: 1.5}}]",
+     "plugins[0].parameters.affinityThreshold: must be in [0, 1], got 1.5"),
+    ("plugins: [{type: active-request-scorer, parameters: {idleThreshold: -1}}]",
+     "plugins[0].parameters.idleThreshold: must be >= 0, got -1"),
+    ("plugins: [{type: no-hit-lru-scorer, parameters: {lruSize: 0}}]",
+     "plugins[0].parameters.lruSize: must be > 0, got 0"),
+    ("plugins: [{type: approx-prefix-cache-producer, parameters: {blockSize: -4}}]",
+     "plugins[0].parameters.blockSize: must be > 0, got -4"),
+])
+def test_parameter_bounds_name_the_key(text, expected):
+    assert errmsg(text) == expected

@@ -21,6 +21,7 @@ from epp.framework.metrics import PluginMetrics
 from epp.framework.params import (
     NoParams,
     PluginError,
+    bounded,
     params_from_mapping,
     plugin_params,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "SchedulingResult",
     "ScoredEndpoint",
     "Scorer",
+    "bounded",
     "extension_points",
     "params_from_mapping",
     "plugin_params",

@@ -28,6 +28,10 @@ def params_from_mapping(cls: type, values: Mapping[str, Any] | None, where: str)
         params = cls(**kwargs)
     except TypeError as e:
         raise PluginError(f"{where}: {e}") from None
+    for f in fields.values():
+        bounds = f.metadata.get(_BOUNDS)
+        if bounds is not None:
+            _check_bounds(getattr(params, f.name), *bounds, f"{where}.{f.name}")
     check = getattr(params, "validate", None)
     if check is not None:
         try:
@@ -35,6 +39,30 @@ def params_from_mapping(cls: type, values: Mapping[str, Any] | None, where: str)
         except ValueError as e:
             raise PluginError(f"{where}.{e}") from None
     return params
+
+
+_BOUNDS = "epp.bounds"
+
+
+def bounded(default: Any, *, gt: float | None = None, ge: float | None = None, le: float | None = None) -> Any:
+    """A `Params` field whose value params_from_mapping checks against bounds, e.g.
+    `lruSize: int = bounded(1024, gt=0)` -> "parameters.lruSize: must be > 0, got 0".
+    None (an optional parameter left out) is not checked."""
+    return dataclasses.field(default=default, metadata={_BOUNDS: (gt, ge, le)})
+
+
+def _check_bounds(value: Any, gt: float | None, ge: float | None, le: float | None, where: str) -> None:
+    if value is None:
+        return
+    if gt is not None and not value > gt:
+        raise PluginError(f"{where}: must be > {gt}, got {value}")
+    if ge is not None and le is not None:
+        if not ge <= value <= le:
+            raise PluginError(f"{where}: must be in [{ge}, {le}], got {value}")
+    elif ge is not None and not value >= ge:
+        raise PluginError(f"{where}: must be >= {ge}, got {value}")
+    elif le is not None and not value <= le:
+        raise PluginError(f"{where}: must be <= {le}, got {value}")
 
 
 def plugin_params(cls: type, type_name: str, values: Mapping[str, Any] | None, where: str) -> Any:

@@ -10,16 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epp.framework import CycleState, Endpoint, PluginHandle, ProfileRunResult, ScoredEndpoint
+from epp.framework import CycleState, Endpoint, PluginHandle, ProfileRunResult, ScoredEndpoint, bounded
 
 
 @dataclass(slots=True)
 class PickerParams:
-    maxNumOfEndpoints: int = 1
-
-    def validate(self) -> None:
-        if self.maxNumOfEndpoints < 1:
-            raise ValueError(f"maxNumOfEndpoints: must be >= 1, got {self.maxNumOfEndpoints}")
+    maxNumOfEndpoints: int = bounded(1, ge=1)
 
 
 class _Picker:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
+from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult, bounded
 from epp.framework.datakeys import PREFIX_MATCH_INFO, DataKey, PrefixCacheMatchInfo
 from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
 from epp.requestcontrol.producers.prefix_index import PrefixIndex
@@ -30,18 +30,11 @@ _BYTES_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536
 
 @dataclass(slots=True)
 class PrefixProducerParams:
-    blockSizeTokens: int = 16
-    maxPrefixBlocksToMatch: int = 256
-    lruCapacityPerServer: int = 31250
+    blockSizeTokens: int = bounded(16, gt=0)
+    maxPrefixBlocksToMatch: int = bounded(256, gt=0)
+    lruCapacityPerServer: int = bounded(31250, gt=0)
     autoTune: bool = True
-    blockSize: int | None = None  # older configs: block size in characters (overrides blockSizeTokens)
-
-    def validate(self) -> None:
-        for key in ("blockSizeTokens", "maxPrefixBlocksToMatch", "lruCapacityPerServer"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
-        if self.blockSize is not None and self.blockSize <= 0:
-            raise ValueError(f"blockSize: must be > 0, got {self.blockSize}")
+    blockSize: int | None = bounded(None, gt=0)  # older configs: block size in characters (overrides blockSizeTokens)
 
 
 class ApproxPrefixCacheProducer:

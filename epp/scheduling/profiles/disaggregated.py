@@ -15,6 +15,7 @@ from epp.framework import (
     ProfileRunResult,
     SchedulerProfile,
     SchedulingResult,
+    bounded,
     extension_points,
 )
 from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_INFO, PREFIX_MATCH_PRODUCER
@@ -89,13 +90,9 @@ class DisaggProfileHandler:
 
 @dataclass(slots=True)
 class PrefixDeciderParams:
-    nonCachedTokens: int = 0  # 0 = never disaggregate
+    nonCachedTokens: int = bounded(0, ge=0)  # 0 = never disaggregate
     prefixMatchInfoProducerName: str = APPROX_PREFIX_PRODUCER  # whose prefix match to read
     prefixPluginName: str = ""  # v1.5 name; the config loader turns it into prefixMatchInfoProducerName
-
-    def validate(self) -> None:
-        if self.nonCachedTokens < 0:
-            raise ValueError(f"nonCachedTokens: must be >= 0, got {self.nonCachedTokens}")
 
 
 class PrefixBasedPDDecider:
