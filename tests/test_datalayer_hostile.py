@@ -74,7 +74,8 @@ async def test_collector_survives_a_hostile_pool_and_keeps_the_good_endpoint_on_
         before, t0 = collector.stats(ep["good"]).ok, time.monotonic()
         await asyncio.sleep(1.0)
         done = collector.stats(ep["good"]).ok - before
-        assert done >= 0.5 * (time.monotonic() - t0) / interval, done
+        # (a collector that waited out the hostile endpoints one by one would get about 0.15 of them)
+        assert done >= 0.3 * (time.monotonic() - t0) / interval, done
     finally:
         await collector.stop()
         for s in servers:
