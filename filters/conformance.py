@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
+from epp.framework import CycleState, Endpoint, InferenceRequest, NamedPlugin, ResponseInfo
 from epp.netaddr import split_list
 
 SELECTION_HEADER = "test-epp-endpoint-selection"
@@ -24,13 +24,10 @@ def parse_selection(value: str) -> tuple[set[str], set[tuple[str, int]]]:
     return ips, pairs
 
 
-class HeaderBasedTestingFilter:
+class HeaderBasedTestingFilter(NamedPlugin):
     """Keeps only the endpoints named in `test-epp-endpoint-selection`; header missing: none."""
 
     type_name = "header-based-testing-filter"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         value = request.headers.get(SELECTION_HEADER)
@@ -40,13 +37,10 @@ class HeaderBasedTestingFilter:
         return [e for e in endpoints if e.address in ips or (e.address, e.port) in pairs]
 
 
-class DestinationEndpointServedVerifier:
+class DestinationEndpointServedVerifier(NamedPlugin):
     """Copies the endpoint that actually served into `x-conformance-test-served-endpoint`."""
 
     type_name = "destination-endpoint-served-verifier"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def response_received(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
         served = response.served_endpoint or (target.hostport if target is not None else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from epp.framework import ROLE_LABEL, CycleState, Endpoint, InferenceRequest, PluginHandle
+from epp.framework import ROLE_LABEL, CycleState, Endpoint, InferenceRequest, NamedPlugin, PluginHandle
 from epp.labelselector import LabelSelector, Requirement
 
 
@@ -42,12 +42,9 @@ class LabelSelectorFilter:
         return [e for e in endpoints if self.matches(e.labels)]
 
 
-class _RoleFilter:
+class _RoleFilter(NamedPlugin):
     roles: frozenset[str]
     keep_unlabeled: bool
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         roles, unlabeled = self.roles, self.keep_unlabeled

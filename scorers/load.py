@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, bounded
+from epp.framework import CycleState, Endpoint, InferenceRequest, NamedPlugin, PluginHandle, bounded
 
 _waiting = attrgetter("metrics.waiting_queue_size")
 _running = attrgetter("metrics.running_requests_size")
@@ -24,31 +24,22 @@ def min_max_inverse(values: Sequence[float]) -> list[float]:
     return [(hi - v) / span for v in values]
 
 
-class QueueScorer:
+class QueueScorer(NamedPlugin):
     type_name = "queue-scorer"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         return min_max_inverse(list(map(_waiting, endpoints)))
 
 
-class RunningRequestsSizeScorer:
+class RunningRequestsSizeScorer(NamedPlugin):
     type_name = "running-requests-size-scorer"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         return min_max_inverse(list(map(_running, endpoints)))
 
 
-class KVCacheUtilizationScorer:
+class KVCacheUtilizationScorer(NamedPlugin):
     type_name = "kv-cache-utilization-scorer"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         return [1.0 - u for u in map(_kv, endpoints)]
@@ -98,13 +89,10 @@ class LoadAwareScorer:
         return out
 
 
-class LoraAffinityScorer:
+class LoraAffinityScorer(NamedPlugin):
     """1.0 adapter running; 0.8 room to load one more; 0.6 adapter waiting; else 0."""
 
     type_name = "lora-affinity-scorer"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         model = request.target_model

@@ -8,7 +8,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
+from epp.framework import CycleState, Endpoint, InferenceRequest, NamedPlugin, ResponseInfo
 
 SESSION_TOKEN_HEADER = "x-session-token"
 
@@ -17,11 +17,8 @@ def session_token(endpoint: Endpoint) -> str:
     return base64.standard_b64encode(f"{endpoint.namespace}/{endpoint.name}".encode()).decode()
 
 
-class SessionAffinityScorer:
+class SessionAffinityScorer(NamedPlugin):
     type_name = "session-affinity-scorer"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         token = request.headers.get(SESSION_TOKEN_HEADER)

@@ -152,6 +152,15 @@ def extension_points(plugin: object) -> frozenset[str]:
     return frozenset(point for point, method in EXTENSION_POINTS.items() if callable(getattr(plugin, method, None)))
 
 
+class NamedPlugin:
+    """Base for plugins that take no parameters and need nothing from the handle."""
+
+    type_name: ClassVar[str]
+
+    def __init__(self, name: str, params: None = None, handle: PluginHandle | None = None) -> None:
+        self.name = name
+
+
 # --------------------------------------------------------------------------- handle
 @dataclass(slots=True)
 class PluginHandle:

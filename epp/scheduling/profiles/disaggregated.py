@@ -10,6 +10,7 @@ from epp.framework import (
     CycleState,
     Endpoint,
     InferenceRequest,
+    NamedPlugin,
     PDDecider,
     PluginHandle,
     ProfileRunResult,
@@ -121,11 +122,8 @@ class PrefixBasedPDDecider:
         return tokens - cached >= n
 
 
-class AlwaysDisaggPDDecider:
+class AlwaysDisaggPDDecider(NamedPlugin):
     type_name = "always-disagg-pd-decider"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def disaggregate(self, cycle: CycleState, request: InferenceRequest, decode_endpoint: Endpoint) -> bool:
         return True

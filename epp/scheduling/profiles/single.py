@@ -7,18 +7,15 @@ from collections.abc import Mapping
 from epp.framework import (
     CycleState,
     InferenceRequest,
-    PluginHandle,
+    NamedPlugin,
     ProfileRunResult,
     SchedulerProfile,
     SchedulingResult,
 )
 
 
-class SingleProfileHandler:
+class SingleProfileHandler(NamedPlugin):
     type_name = "single-profile-handler"
-
-    def __init__(self, name: str, params: None, handle: PluginHandle) -> None:
-        self.name = name
 
     def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
                       results: Mapping[str, ProfileRunResult | None]) -> Mapping[str, SchedulerProfile]:
