@@ -90,3 +90,11 @@ def test_the_bound_is_a_flag():
     with pytest.raises(SystemExit):
         parse_args(["--endpoints=10.0.0.1:80", "--metrics-max-model-labels=-1"])
     assert "--metrics-max-model-labels" in build_parser().format_help()
+
+
+def test_the_server_applies_the_flag_to_its_metrics():
+    from epp.server import PickerServer
+
+    picker = PickerServer(parse_args(["--endpoints=10.0.0.1:80", "--metrics-max-model-labels=3"]))
+    assert picker.telemetry.model_labels.limit == 3
+    assert picker.director.telemetry is picker.telemetry
