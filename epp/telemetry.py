@@ -63,6 +63,7 @@ _REQUEST_HISTOGRAMS = (
 # Each label value costs about 32 KB of /metrics (and its memory): 100 -> ~3 MB at most.
 DEFAULT_MAX_MODEL_LABELS = 100
 OVERFLOW_MODEL_LABEL = "other"
+MAX_MODEL_LABEL_CHARS = 256  # a longer model name is counted under OVERFLOW_MODEL_LABEL, never printed
 KNOWN_MODELS_REFRESH = 1.0  # seconds between re-reads of the models the pool knows
 
 
@@ -83,7 +84,7 @@ def pool_models(datastore: Datastore) -> set[str]:
 class ModelLabels:
     """Bounds the model label values of the request metrics. A name the pool knows keeps
     its own label (up to `limit` such names); other names get their own label first come,
-    up to `limit`, then OVERFLOW_MODEL_LABEL. A name once labelled keeps its label, so a
+    up to `limit`, then OVERFLOW_MODEL_LABEL, as does any name over MAX_MODEL_LABEL_CHARS. A name once labelled keeps its label, so a
     gauge's inc and dec always meet the same child."""
 
     __slots__ = ("limit", "known", "_clock", "_labelled", "_pinned", "_known", "_known_at")
@@ -101,6 +102,8 @@ class ModelLabels:
     def __call__(self, model: str) -> str:
         if not model or model in self._labelled or model in self._pinned:
             return model
+        if len(model) > MAX_MODEL_LABEL_CHARS:
+            return OVERFLOW_MODEL_LABEL
         if model in self._known_models() and len(self._pinned) < self.limit:
             self._pinned.add(model)
             return model

@@ -12,6 +12,7 @@ from epp.options import build_parser, parse_args
 from epp.telemetry import (
     DEFAULT_MAX_MODEL_LABELS,
     KNOWN_MODELS_REFRESH,
+    MAX_MODEL_LABEL_CHARS,
     OVERFLOW_MODEL_LABEL,
     ModelLabels,
     Telemetry,
@@ -75,6 +76,13 @@ def test_model_labels_first_come_then_other_and_known_names_pinned():
     now[0] += KNOWN_MODELS_REFRESH
     assert labels("lora-x") == "lora-x" and labels("b") == "b"  # a label once given stays (inc/dec pairs meet)
     assert len(labels) == 3
+
+
+def test_long_model_names_are_never_label_values():
+    labels = ModelLabels(limit=5, known=lambda: {"k" * (MAX_MODEL_LABEL_CHARS + 1)})
+    assert labels("x" * MAX_MODEL_LABEL_CHARS) == "x" * MAX_MODEL_LABEL_CHARS
+    assert labels("y" * 1_000_000) == labels("k" * (MAX_MODEL_LABEL_CHARS + 1)) == OVERFLOW_MODEL_LABEL
+    assert len(labels) == 1
 
 
 def test_known_names_are_bounded_too():
