@@ -8,8 +8,8 @@ import pytest
 from epp.assembly import load_plugin_set
 from epp.errors import InferenceError
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
-from epp.scheduling.scheduler import SchedulingTrace
 from epp.framework.datakeys import PREFIX_MATCH_INFO
+from epp.scheduling.scheduler import SchedulingTrace
 
 
 def ep(name, queue=0, kv=0.0, **labels):
@@ -229,3 +229,23 @@ schedulingProfiles:
         info = ResponseInfo(status=200, served_endpoint=result.targets[0].hostport)
         p.response_received(req(), info, result.targets[0])
         assert info.set_headers["x-conformance-test-served-endpoint"] == result.targets[0].hostport
+
+
+def test_timing_helper_is_free_unobserved_and_reports_observed():
+    from epp.timing import timed
+
+    p = load_plugin_set(None, handle())
+    scorer = p.plugins["queue-scorer"]
+    assert timed("Scorer", scorer, scorer.score, None) == scorer.score  # the bound method itself: no wrapper
+    seen = []
+    call = timed("Scorer", scorer, scorer.score, lambda *a: seen.append(a))
+    assert call(None, req(), [ep("e1", queue=1), ep("e2")]) == [0.0, 1.0]
+    assert [s[:3] for s in seen] == [("Scorer", "queue-scorer", "queue-scorer")] and seen[0][3] >= 0
+    # an observer set after assembly reaches every runner; unset, nothing is reported
+    p.observe = lambda *a: seen.append(a)
+    p.run_cycle(req(), [ep("e1"), ep("e2")])
+    assert {s[0] for s in seen[1:]} == {"PrepareData", "Scorer", "Picker", "PreRequest"}
+    p.observe = None
+    n = len(seen)
+    p.run_cycle(req(), [ep("e1"), ep("e2")])
+    assert len(seen) == n
