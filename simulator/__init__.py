@@ -17,7 +17,9 @@ hundreds of engines in one process without sockets:
     loops[3].engine.stats().num_requests_running        # 0
     loops[3].engine.cached_prefix_blocks(encode("..."))  # oracle: leading blocks cached now
 
-See simulator.engine's docstring for the scheduling model and the default timings."""
+See simulator.engine's docstring for the scheduling model, the default timings and P/D
+disaggregation (remote_decode / remote_prefill requests), simulator.hardware for the
+H100/H200/A100 presets."""
 
 from .clock import AsyncioClock, Clock, VirtualClock
 from .engine import (
