@@ -116,13 +116,9 @@ class ResponseParser:
                 del buf[:need]
                 return self._done(body)
             if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise ProtocolError(f"response head exceeds {MAX_HEAD} bytes")
+                head = self._take(b"\r\n\r\n", MAX_HEAD, "response head")
+                if head is None:
                     return None
-                head = bytes(buf[:end])
-                del buf[:end + 4]
                 if self._head(head):
                     return self._done(b"")
             elif state == _CHUNK_SIZE:
@@ -174,15 +170,19 @@ class ResponseParser:
         raise ConnectionClosed("connection closed before the response was complete")
 
     def _line(self) -> bytes | None:
+        return self._take(b"\r\n", _MAX_LINE, "chunked framing line")
+
+    def _take(self, end_mark: bytes, limit: int, what: str) -> bytes | None:
+        """The buffered bytes before `end_mark` (consumed with it), or None until it arrives."""
         buf = self.buf
-        end = buf.find(b"\r\n")
+        end = buf.find(end_mark)
         if end < 0:
-            if len(buf) > _MAX_LINE:
-                raise ProtocolError(f"chunked framing line exceeds {_MAX_LINE} bytes")
+            if len(buf) > limit:
+                raise ProtocolError(f"{what} exceeds {limit} bytes")
             return None
-        line = bytes(buf[:end])
-        del buf[:end + 2]
-        return line
+        taken = bytes(buf[:end])
+        del buf[:end + len(end_mark)]
+        return taken
 
     def _head(self, head: bytes) -> bool:
         """Parse status line and headers and choose the body framing; True if the
