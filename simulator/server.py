@@ -163,7 +163,8 @@ class _Generation:
         hist["vllm:nixl_xfer_time_seconds"].observe(seconds)
         hist["vllm:nixl_bytes_transferred"].observe(nbytes)
         if self.notify is not None:
-            self.server._notify(*self.notify)
+            notify, self.notify = self.notify, None
+            self.server._notify(*notify)
 
     def on_first_token(self, t: float, cached: int) -> None:
         self.cached = cached
@@ -426,6 +427,9 @@ class SimServer:
         finally:
             if not gen.done:
                 self._loop_driver.abort(rid)
+            if gen.notify is not None:  # aborted before its KV was read: as vLLM, free the prefiller's now
+                notify, gen.notify = gen.notify, None
+                self._notify(*notify)
 
     async def _stream(self, request: web.Request, gen: _Generation, rid: str, model: str, chat: bool,
                       include_usage: bool, prefiller_cached: int | None = None) -> web.StreamResponse:

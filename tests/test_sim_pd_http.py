@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack.launch import free_port
 from devstack.localstack import start_sims
 from simulator.cli import build_parser, configs_from_args
+from simulator.engine import EngineConfig
 from simulator.server import SimConfig, SimServer
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -290,3 +291,23 @@ def test_epp_sim_process_serves_a_mixed_pd_pool(tmp_path):
         assert total(fams[1], "vllm:prompt_tokens_by_source", source="local_compute") == 1
     finally:
         sims.stop()
+
+
+async def test_a_decode_request_dropped_while_pulling_kv_frees_the_prefillers_blocks(pd):
+    p, _, s = pd
+    slow = await start(pod="slow", role="decode",
+                       engine=EngineConfig(kv_transfer_bandwidth=1e6))  # ~400 simulated s for the prompt
+    try:
+        url = f"http://127.0.0.1:{slow.config.port}/v1/completions"
+        with pytest.raises(asyncio.TimeoutError):
+            async with s.post(url, json={"prompt": ids(N), "max_tokens": 4}, headers=header(p),
+                              timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+                await r.read()
+        # The prefill server held the blocks, then the dropped decoder told it to free them.
+        assert total(await metrics(s, p.config.port), "sim_remote_decode_prefills") == 1
+        await eventually(lambda: _zero(held(s, p)))
+        fs = await metrics(s, slow.config.port)
+        assert total(fs, "sim_remote_prefills") == 0 and value(fs, "vllm:kv_cache_usage_perc") == 0
+        assert total(await metrics(s, p.config.port), "vllm:nixl_num_kv_expired_reqs") == 0
+    finally:
+        await slow.stop()
