@@ -1,0 +1,328 @@
+"""The KV-event intake against real ZMQ sockets on 127.0.0.1: the project's simulator
+publisher, and a raw PUB (plus a replay ROUTER speaking vLLM's protocol) that sends gaps,
+garbage, restarts and AllBlocksCleared."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from devstack.launch import free_port
+from epp.datalayer.kvevents import BlockIndex, BlockKeyer, EndpointStream, KVEventIntake
+from epp.datalayer.kvevents.intake import REPLAY_END
+
+BS = 4
+
+
+def prompt(n_blocks: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(50_000) for _ in range(n_blocks * BS)]
+
+
+def server_hashes(tokens: list[int], salt: int = 7) -> list[int]:
+    out, parent = [], salt
+    for i in range(len(tokens) // BS):
+        parent = hash((parent, tuple(tokens[i * BS:(i + 1) * BS]))) & (2**64 - 1)
+        out.append(parent)
+    return out
+
+
+def stored(tokens: list[int], start: int = 0, medium: str = "GPU") -> list:
+    hs = server_hashes(tokens)
+    return ["BlockStored", hs[start:], hs[start - 1] if start else None, tokens[start * BS:], BS, None, medium, None]
+
+
+def removed(tokens: list[int], blocks: slice) -> list:
+    return ["BlockRemoved", server_hashes(tokens)[blocks], "GPU"]
+
+
+def batch(*events: list, ts: float | None = None) -> bytes:
+    return msgpack.packb([time.time() if ts is None else ts, list(events), 0])
+
+
+class Publisher:
+    """A vLLM-like publisher: PUB socket, sequence numbers, a replay buffer and optionally
+    a ROUTER replay socket answering as vLLM's _service_replay does."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, topic: bytes = b"kv@10.0.0.1:8000@m", replay: bool = False):
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        port = free_port()
+        self.pub.bind(f"tcp://127.0.0.1:{port}")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.topic, self.seq, self.buffer = topic, 0, {}
+        self.replay_address, self._router, self._task = None, None, None
+        if replay:
+            self._router = ctx.socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.LINGER, 0)
+            rport = free_port()
+            self._router.bind(f"tcp://127.0.0.1:{rport}")
+            self.replay_address = f"tcp://127.0.0.1:{rport}"
+            self._task = asyncio.create_task(self._serve_replay())
+
+    async def send(self, payload: bytes, *, publish: bool = True, seq: int | None = None) -> int:
+        """Buffer the batch under the next sequence number; publish it unless told to lose it."""
+        seq = self.seq if seq is None else seq
+        self.buffer[seq] = payload
+        if publish:
+            await self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
+        self.seq = seq + 1
+        return seq
+
+    async def _serve_replay(self) -> None:
+        while True:
+            frames = await self._router.recv_multipart()
+            if len(frames) != 3:
+                continue
+            client, _, start = frames
+            for seq in sorted(self.buffer):
+                if seq >= int.from_bytes(start, "big"):
+                    await self._router.send_multipart([client, b"", seq.to_bytes(8, "big"), self.buffer[seq]])
+            await self._router.send_multipart([client, b"", REPLAY_END, b""])
+
+    def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        if self._router is not None:
+            self._router.close(linger=0)
+        self.pub.close(linger=0)
+
+
+class Harness:
+    def __init__(self, **kwargs) -> None:
+        self.now = 0.0
+        self.changed = asyncio.Event()
+        self.index = BlockIndex(BlockKeyer(block_size=BS))
+        self.ctx = zmq.asyncio.Context()
+        self.intake = KVEventIntake(self.index, context=self.ctx, clock=lambda: self.now,
+                                    listener=lambda s: self.changed.set(), **kwargs)
+
+    async def until(self, cond, timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not cond():
+            remaining = deadline - asyncio.get_running_loop().time()
+            assert remaining > 0, "condition not reached"
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.05))
+            except TimeoutError:
+                pass
+
+    async def join(self, pub: Publisher, endpoint: str = "a", **kwargs) -> EndpointStream:
+        """Subscribe, then publish empty batches until one arrives (ZMQ's slow joiner)."""
+        s = self.intake.subscribe(endpoint, pub.address, replay_address=pub.replay_address, **kwargs)
+        deadline = asyncio.get_running_loop().time() + 10
+        while s.batches == 0:
+            assert asyncio.get_running_loop().time() < deadline, "subscriber never joined"
+            await pub.send(batch())
+            await self._briefly(lambda: s.batches > 0)
+        return s
+
+    async def _briefly(self, cond) -> None:
+        try:
+            await self.until(cond, timeout=0.1)
+        except AssertionError:
+            pass
+
+    async def close(self) -> None:
+        await self.intake.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+async def h():
+    harness = Harness(resync_grace=5.0, silence_timeout=3.0, replay_timeout=0.5)
+    pubs: list[Publisher] = []
+    harness.publisher = lambda **kw: pubs.append(Publisher(harness.ctx, **kw)) or pubs[-1]
+    yield harness
+    for p in pubs:
+        p.close()
+    await harness.close()
+
+
+def held(index: BlockIndex, tokens: list[int], endpoint: str = "a", model: str = "m") -> int:
+    m = index.match(tokens, model).get(endpoint)
+    return 0 if m is None else m.blocks
+
+
+async def test_stores_removes_and_clears_reach_the_index(h):
+    pub = h.publisher()
+    s = await h.join(pub)
+    p = prompt(4, 1)
+    await pub.send(batch(stored(p), ts=time.time() - 0.25))
+    await h.until(lambda: held(h.index, p) == 4)  # model "m" taken from the topic kv@...@m
+    assert 0.25 <= s.lag < 5 and h.intake.is_precise("a")
+    await pub.send(batch(removed(p, slice(2, 4))))
+    await h.until(lambda: held(h.index, p) == 2)
+    await pub.send(batch(["AllBlocksCleared"]))
+    await h.until(lambda: held(h.index, p) == 0)
+    assert s.gaps == s.resyncs == s.decode_errors == 0 and s.events >= 3
+
+
+async def test_topic_filter(h):
+    pub = h.publisher(topic=b"other@x@m")
+    s = h.intake.subscribe("a", pub.address)
+    ok = h.publisher()
+    s_ok = await h.join(ok, "b")
+    p = prompt(2, 2)
+    for _ in range(5):
+        await pub.send(batch(stored(p)))
+    await ok.send(batch(stored(p)))
+    await h.until(lambda: held(h.index, p, "b") == 2)
+    assert s.batches == 0 and s_ok.batches >= 2 and held(h.index, p, "a") == 0
+
+
+async def test_a_gap_without_replay_resyncs_and_marks_the_endpoint_stale(h):
+    pub = h.publisher()
+    s = await h.join(pub)
+    p, q = prompt(3, 3), prompt(3, 4)
+    await pub.send(batch(stored(p)))
+    await h.until(lambda: held(h.index, p) == 3)
+    await pub.send(batch(removed(p, slice(0, 3))), publish=False)  # lost on the way
+    await pub.send(batch(stored(q)))
+    await h.until(lambda: held(h.index, q) == 3)
+    assert (s.gaps, s.missed, s.resyncs) == (1, 1, 1)
+    assert held(h.index, p) == 0  # cleared: the lost batch could have removed it
+    assert not h.intake.is_precise("a")
+    h.now += 5.0
+    assert h.intake.is_precise("a")
+
+
+async def test_a_gap_is_recovered_by_replay(h):
+    pub = h.publisher(replay=True)
+    s = await h.join(pub)
+    p = prompt(4, 5)
+    await pub.send(batch(stored(p[:2 * BS])), publish=False)  # lost; the replay buffer has it
+    await pub.send(batch(stored(p, start=2)))  # its parent is in the lost batch
+    await h.until(lambda: held(h.index, p) == 4)
+    assert (s.gaps, s.replayed, s.resyncs, s.missed) == (1, 1, 0, 0)
+    assert h.intake.is_precise("a")
+
+
+async def test_replay_that_does_not_answer_falls_back_to_resync(h):
+    pub = h.publisher()
+    s = h.intake.subscribe("a", pub.address, replay_address=f"tcp://127.0.0.1:{free_port()}")
+    while s.batches == 0:
+        await pub.send(batch())
+        await h._briefly(lambda: s.batches > 0)
+    await pub.send(batch(), publish=False)
+    await pub.send(batch(stored(prompt(1, 6))))
+    await h.until(lambda: s.resyncs == 1)
+    assert s.replay_failures == 1 and s.replayed == 0 and s.missed == 1
+
+
+async def test_garbage_is_counted_and_a_broken_stream_is_not_precise(h):
+    pub = h.publisher()
+    s = await h.join(pub)
+    await pub.pub.send_multipart([b"kv@x@m", b"short"])  # two frames
+    await pub.pub.send_multipart([b"kv@x@m", b"\x00" * 3, b"payload"])  # bad sequence frame
+    await pub.send(b"\xc1 not msgpack")
+    await h.until(lambda: s.decode_errors == 3)
+    assert s.broken and not h.intake.is_precise("a")
+    p = prompt(2, 7)
+    await pub.send(batch(stored(p)))
+    await h.until(lambda: held(h.index, p) == 2)
+    assert not s.broken and s.resyncs == 1  # the garbage batch's sequence number was lost
+
+
+async def test_restart_and_duplicates(h):
+    pub = h.publisher()
+    s = await h.join(pub)
+    p, q = prompt(2, 8), prompt(2, 9)
+    seq = await pub.send(batch(stored(p)))
+    await h.until(lambda: held(h.index, p) == 2)
+    await pub.send(batch(removed(p, slice(0, 2))), seq=seq)  # a repeat of that number: ignored
+    await pub.send(batch(stored(q)), seq=0)  # the publisher restarted
+    await h.until(lambda: held(h.index, q) == 2)
+    assert s.duplicates == 1 and s.restarts == 1 and held(h.index, p) == 0
+
+
+async def test_silence_after_routing_marks_the_endpoint_not_precise(h):
+    pub = h.publisher()
+    await h.join(pub)
+    h.intake.note_routed("a")
+    h.now += 2.0
+    assert h.intake.is_precise("a")
+    h.now += 2.0
+    assert not h.intake.is_precise("a")
+    await pub.send(batch(stored(prompt(1, 10))))
+    await h.until(lambda: h.intake.is_precise("a"))
+
+
+async def test_the_queue_bound_drops_and_the_gap_is_handled():
+    h = Harness(queue_size=1)
+    pub = Publisher(h.ctx)
+    try:
+        s = await h.join(pub)
+        slow_apply = h.index.apply
+
+        def apply(*args, **kwargs):
+            time.sleep(0.002)  # a slow index lets messages pile up behind it
+            slow_apply(*args, **kwargs)
+        h.index.apply = apply
+        p = prompt(1, 11)
+        for _ in range(100):
+            await pub.send(batch())
+        while held(h.index, p) == 0:  # a dropped last batch shows only when another follows
+            await pub.send(batch(stored(p)))
+            await h._briefly(lambda: held(h.index, p) == 1)
+        assert s.dropped > 0 and s.gaps > 0 and s.queued <= 1
+        assert s.missed == s.dropped  # every dropped batch shows as missed
+    finally:
+        pub.close()
+        await h.close()
+
+
+async def test_endpoints_come_and_go(h):
+    pub = h.publisher()
+    s = await h.join(pub)
+    assert h.intake.subscribe("a", pub.address) is s  # same address: the same stream
+    p = prompt(2, 12)
+    await pub.send(batch(stored(p)))
+    await h.until(lambda: held(h.index, p) == 2)
+    h.intake.unsubscribe("a")
+    assert held(h.index, p) == 0 and "a" not in h.intake.streams and "a" not in h.index.endpoints
+    assert not h.intake.is_precise("a")
+
+
+async def test_the_simulators_publisher_feeds_the_index():
+    """Engine + ZmqKVPublisher from simulator/: stores, LRU evictions and the index agree
+    with what the engine holds, block for block."""
+    from simulator import Engine, EngineConfig, EngineLoop, EngineRequest, VirtualClock
+    from simulator.kv_events import ZmqKVPublisher
+
+    h = Harness()
+    h.index = BlockIndex(BlockKeyer(block_size=16))
+    h.intake.index = h.index
+    port = free_port()
+    pub = ZmqKVPublisher(f"tcp://127.0.0.1:{port}", "kv@127.0.0.1:8000@sim-model")
+    try:
+        s = h.intake.subscribe("sim", f"tcp://127.0.0.1:{port}")
+        engine = Engine(EngineConfig(num_gpu_blocks=24), on_kv_events=pub.publish)
+        clock = VirtualClock()
+        loop = EngineLoop(engine, clock)
+        from simulator import AllBlocksCleared as SimCleared
+        while s.batches == 0:
+            pub.publish([SimCleared()])
+            await h._briefly(lambda: s.batches > 0)
+        rng = random.Random(13)
+        system = [rng.randrange(30_000) for _ in range(64)]
+        prompts = [system + [rng.randrange(30_000) for _ in range(48)] for _ in range(10)]
+        for i, p in enumerate(prompts):
+            loop.submit(EngineRequest(f"r{i}", p, 1))
+            clock.run_until_idle()
+        last = pub.seq - 1
+        await h.until(lambda: s.last_seq == last)
+        for p in prompts:
+            assert held(h.index, p, "sim", "sim-model") == engine.cached_prefix_blocks(p)
+        assert held(h.index, prompts[-1], "sim", "sim-model") == 7 and held(h.index, prompts[0], "sim", "sim-model") < 7
+        assert s.gaps == s.decode_errors == 0
+    finally:
+        pub.close()
+        await h.close()
