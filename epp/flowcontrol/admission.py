@@ -26,6 +26,7 @@ from epp.framework import Endpoint, InferenceRequest
 if TYPE_CHECKING:
     from epp.config import FlowControlConfig
 
+
 class Saturation(Protocol):
     """What admission asks of the configured saturation detector."""
 
