@@ -200,3 +200,28 @@ def test_explicit_timings_override_a_preset_and_unknown_hardware_is_refused():
         engine_config("tpu-v9")
     with pytest.raises(ValueError, match="kv_transfer_bandwidth"):
         EngineConfig(kv_transfer_bandwidth=0)
+
+
+def test_disaggregate_runs_the_sidecar_sequence_in_virtual_time():
+    from simulator.pd import disaggregate
+
+    clock = VirtualClock()
+    p_loop = EngineLoop(Engine(engine_config("h100")), clock)
+    d_loop = EngineLoop(Engine(engine_config("a100", kv_transfer_bandwidth=20e9)), clock)
+    n = 6000
+    first: dict[str, float] = {}
+    req = EngineRequest("r", tokens(n), 10, on_first_token=lambda t, _c: first.setdefault("r", t))
+    state = disaggregate(p_loop, d_loop, req)
+    clock.run_until_idle()
+    p, d = p_loop.engine, d_loop.engine
+    # Prefill on the H100: 6,000 tokens in chunks of 8,192 = one step.
+    prefill_end = p.config.step_overhead + n * p.config.prefill_time_per_token
+    assert state.prefilled_at == pytest.approx(prefill_end)
+    assert state.kv_loaded_at == pytest.approx(prefill_end + n * BPT / 20e9) and state.kv_bytes == n * BPT
+    assert first["r"] == pytest.approx(state.kv_loaded_at + d.config.step_overhead + d.config.prefill_time_per_token)
+    assert p.stats().prompt_tokens_by_source["local_compute"] == n and p.stats().requests_by_role["prefill"] == 1
+    assert d.stats().prompt_tokens_by_source["local_compute"] == 1 and d.stats().requests_by_role["decode"] == 1
+    assert d.stats().generation_tokens_total == 10 and p.stats().generation_tokens_total == 1
+    # The prefill blocks were released by the load, not by the 480 s expiry.
+    assert p.kv_cache_usage() == 0 and p.stats().kv_expired_reqs_total == 0 and clock.now() < 1.0
+    assert not state.local_fallback
