@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from epp.handlers.protocol import DEFAULT_MAX_REQUEST_BODY_BYTES
 from epp.telemetry import DEFAULT_MAX_MODEL_LABELS
@@ -82,7 +82,7 @@ class Options:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="epp serve", description="Endpoint picker for an InferencePool (ext_proc).")
     a = p.add_argument
-    a("--grpc-port", type=int, default=9002, help="ext_proc and project API gRPC port")
+    a("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (and the project API's, see --api-port)")
     a("--grpc-health-port", type=int, default=9003, help="gRPC health port")
     a("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0 = off)")
     a("--bind-address", default="0.0.0.0", help="address every server listens on")
@@ -159,33 +159,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error(f"--api-port: expected a port (0 = off), got {ns.api_port}")
     if ns.endpoint_selector and not ports:
         parser.error("--endpoint-selector needs --endpoint-target-ports")
-    return Options(
-        grpc_port=ns.grpc_port,
-        grpc_health_port=ns.grpc_health_port,
-        metrics_port=ns.metrics_port,
-        bind_address=ns.bind_address,
-        pool_name=ns.pool_name,
-        pool_namespace=ns.pool_namespace,
-        pool_group=ns.pool_group,
-        endpoint_selector=ns.endpoint_selector,
-        endpoint_target_ports=ports,
-        endpoints=[e.strip() for e in ns.endpoints.split(",") if e.strip()],
-        endpoints_file=ns.endpoints_file,
-        config_file=ns.config_file,
-        config_text=ns.config_text,
-        refresh_metrics_interval=ns.refresh_metrics_interval,
-        metrics_staleness_threshold=ns.metrics_staleness_threshold,
-        metrics_max_model_labels=ns.metrics_max_model_labels,
-        model_server_metrics_port=ns.model_server_metrics_port,
-        model_server_metrics_path=ns.model_server_metrics_path,
-        secure_serving=ns.secure_serving,
-        cert_path=ns.cert_path,
-        ha_enable_leader_election=ns.ha_enable_leader_election,
-        disable_endpoint_subset_filter=ns.disable_endpoint_subset_filter,
-        log_level=ns.log_level,
-        kubeconfig=ns.kubeconfig,
-        ignored=ignored,
-        ext_proc_transport=ns.ext_proc_transport,
-        api_port=ns.api_port,
-        max_request_body_bytes=ns.max_request_body_bytes,
-    )
+    computed = {"endpoint_target_ports": ports, "ignored": ignored,
+                "endpoints": [e.strip() for e in ns.endpoints.split(",") if e.strip()]}
+    # every other field is the flag of the same name
+    return Options(**{f.name: computed[f.name] if f.name in computed else getattr(ns, f.name) for f in fields(Options)})
