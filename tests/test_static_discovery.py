@@ -78,6 +78,7 @@ def test_file_parses_endpoints_rewrites_objectives():
     ("endpoints:\n- {address: my-host, port: 80}", "endpoints[0].address:"),
     ("endpoints:\n- {address: 10.0.0.1, port: 0}", "endpoints[0].port: 0 is out of range"),
     ("endpoints:\n- {address: 10.0.0.1, port: 80, labels: {a: 1}}", "endpoints[0].labels.a: expected a string"),
+    ("endpoints:\n- {name: %s, address: 10.0.0.1, port: 80}" % ("n" * 254), "endpoints[0].name: longer than 253"),
     ("endpoints:\n- {name: x, address: 10.0.0.1, port: 80}\n- {name: x, address: 10.0.0.2, port: 80}",
      "endpoints[1].name: duplicate"),
     ("endpoints:\n- {address: 10.0.0.1, port: 80}\n- {name: y, address: 10.0.0.1, port: 80}",

@@ -55,6 +55,9 @@ class StaticPool:
     objectives: tuple[Objective, ...] = ()
 
 
+MAX_NAME = 253  # an endpoint name, as a Kubernetes object name (names travel in API responses and metrics)
+
+
 # ---------------------------------------------------------------------------- --endpoints
 def endpoint_name(address: str, port: int) -> str:
     return f"ep-{address}-{port}"
@@ -121,6 +124,8 @@ def _endpoint(raw: Any, where: str) -> EndpointSpec:
     for key, value in raw_labels.items():
         labels[_str(key, f"{where}.labels")] = _str(value, f"{where}.labels.{key}", empty=True)
     name = _str(m["name"], f"{where}.name") if "name" in m else endpoint_name(address, port)
+    if len(name) > MAX_NAME:
+        raise ValueError(f"{where}.name: longer than {MAX_NAME} characters")
     namespace = _str(m.get("namespace", "default"), f"{where}.namespace")
     return EndpointSpec(name=name, address=address, port=port, labels=labels, namespace=namespace)
 
