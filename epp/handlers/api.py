@@ -162,8 +162,8 @@ def endpoint_info(ep: Endpoint, now: float) -> pb.EndpointInfo:
         address=ep.address,
         port=ep.port,
         labels=labels,
-        namespace=ep.namespace,
-        pod_name=ep.pod_name,
+        namespace=_cut(ep.namespace),
+        pod_name=_cut(ep.pod_name),
         truncated=truncated,
         metrics=pb.EndpointMetrics(
             waiting_queue_size=m.waiting_queue_size,
