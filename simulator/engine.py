@@ -899,8 +899,10 @@ class EngineLoop:
             # Not inline: the submitter may be inside a callback of the engine.
             self.clock.call_at(self.clock.now(), self._start_step)
 
-    def _on_timer(self) -> None:
+    def _on_timer(self, wakeup: float) -> None:
         self._timer = None
+        # A real-time loop may fire a hair early: the load is done at `wakeup` regardless.
+        self._step_end = max(self._step_end, wakeup)
         if not self._busy:
             self._busy = True
             self._start_step()
@@ -913,7 +915,7 @@ class EngineLoop:
             self._arm_holds()
             wakeup = self.engine.next_wakeup()
             if wakeup is not None:
-                self._timer = self.clock.call_at(wakeup, self._on_timer)
+                self._timer = self.clock.call_at(wakeup, lambda: self._on_timer(wakeup))
             return
         if self.on_step is not None:
             self.on_step(now, duration, self.engine.last_step_tokens)
