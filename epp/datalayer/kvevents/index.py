@@ -11,8 +11,9 @@ the server's block hash to the key (or keys, when the server's block is a multip
 blockSizeTokens). Bounded by `max_blocks` keys (least recently stored or matched is
 evicted first) and `max_blocks_per_endpoint` server hashes per endpoint (an endpoint
 reporting more is cleared and counted in `overflows`: its view then refills from new
-events). bench/kvindex_cost.py measures the memory per block; with one holder per
-block it is about 230 bytes (CPython 3.11+, 64-bit).
+events). Memory per block, measured by bench/kvindex_cost.py (tracemalloc, CPython,
+64-bit): about 195 bytes with one endpoint holding it, 280 with two (185 and 270 MiB
+per million blocks), so the default max_blocks of 2 million is about 400-550 MiB.
 
 Lookup walks a prompt's keys in order and keeps, as one integer mask, the endpoints
 still matching: the match of an endpoint is the number of leading blocks it holds in

@@ -48,6 +48,7 @@ _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
 _U64 = (1 << 64) - 1
 _MAX_DEPTH = 16
+_CONVERT_BLOCKS = 16  # blocks of token ids converted to bytes at a time
 
 
 def fnv1a64(data: bytes) -> int:
@@ -153,24 +154,26 @@ class BlockKeyer:
                                + (b"\xf6" if extra is None else cbor(extra)))
                 yield prev
             return
-        data = _u32le(token_ids, n * bs)
         width = 4 * bs
         digest = xxhash.xxh3_64_intdigest
-        for i in range(n):
-            chunk = data[i * width:(i + 1) * width]
-            if extras is not None and extras[i] is not None:
-                chunk = bytes(chunk) + cbor(extras[i])
-            prev = digest(chunk, seed=prev)
-            yield prev
+        for first in range(0, n, _CONVERT_BLOCKS):  # converted piecewise: a miss stops early
+            last = min(n, first + _CONVERT_BLOCKS)
+            data = _u32le(token_ids[first * bs:last * bs])
+            for i in range(first, last):
+                chunk = data[(i - first) * width:(i - first + 1) * width]
+                if extras is not None and extras[i] is not None:
+                    chunk = bytes(chunk) + cbor(extras[i])
+                prev = digest(chunk, seed=prev)
+                yield prev
 
     def keys(self, token_ids: Sequence[int], model: str = "", parent: int | None = None,
              extras: Sequence[Any] | None = None) -> list[int]:
         return list(self.iter_keys(token_ids, model, parent, extras))
 
 
-def _u32le(token_ids: Sequence[int], count: int) -> memoryview:
+def _u32le(token_ids: Sequence[int]) -> memoryview:
     try:
-        arr = array("I", token_ids[:count])  # 4-byte items on every platform CPython supports
+        arr = array("I", token_ids)  # 4-byte items on every platform CPython supports
     except OverflowError:
         raise ValueError("token id outside unsigned 32 bits") from None
     if sys.byteorder == "big":

@@ -227,6 +227,8 @@ def _hashes(raw: object, limits: Limits) -> tuple[int, ...]:
         raise WireError("block_hashes is not an array")
     if len(raw) > limits.max_hashes:
         raise WireError(f"{len(raw)} block hashes exceed {limits.max_hashes}")
+    if raw and set(map(type, raw)) == {int} and min(raw) >= 0 and max(raw) <= _U64:
+        return tuple(raw)  # the common case, checked in C
     return tuple(block_hash(h, limits) for h in raw)
 
 
@@ -235,9 +237,9 @@ def _tokens(raw: object, limits: Limits) -> tuple[int, ...]:
         raise WireError("token_ids is not an array")
     if len(raw) > limits.max_tokens:
         raise WireError(f"{len(raw)} token ids exceed {limits.max_tokens}")
-    for t in raw:
-        if type(t) is not int or not 0 <= t <= 0xFFFFFFFF:
-            raise WireError("token id is not an unsigned 32-bit int")
+    # C-level passes (map, min, max) instead of a Python loop: token lists are the bulk of a batch
+    if raw and (set(map(type, raw)) != {int} or min(raw) < 0 or max(raw) > 0xFFFFFFFF):
+        raise WireError("token id is not an unsigned 32-bit int")
     return tuple(raw)
 
 
