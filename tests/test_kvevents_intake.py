@@ -326,3 +326,40 @@ async def test_the_simulators_publisher_feeds_the_index():
     finally:
         pub.close()
         await h.close()
+
+
+async def test_the_simulator_server_over_http_and_its_cache_reset():
+    """`epp sim`'s server in process, publishing on a ZMQ port: a completion's prompt blocks
+    reach the index under the topic's model name; /reset_prefix_cache clears them."""
+    import aiohttp
+
+    from simulator.server import SimConfig, SimServer
+    from simulator.tokenizer import VOCAB_SIZE
+
+    kv_port = free_port()
+    server = SimServer(SimConfig(model="m", port=free_port(), time_scale=20,
+                                 kv_events_endpoint=f"tcp://127.0.0.1:{kv_port}"))
+    await server.start()
+    h = Harness()
+    h.index = h.intake.index = BlockIndex(BlockKeyer(block_size=16))
+    base = f"http://127.0.0.1:{server.config.port}"
+    try:
+        s = h.intake.subscribe("sim", f"tcp://127.0.0.1:{kv_port}")
+        async with aiohttp.ClientSession() as http:
+            while s.batches == 0:  # each reset publishes AllBlocksCleared: a probe for the slow joiner
+                async with http.post(f"{base}/reset_prefix_cache") as r:
+                    assert r.status == 200
+                await h._briefly(lambda: s.batches > 0)
+            rng = random.Random(14)
+            tokens = [rng.randrange(1, VOCAB_SIZE) for _ in range(5 * 16 + 3)]
+            async with http.post(f"{base}/v1/completions", json={"model": "m", "prompt": tokens, "max_tokens": 1}) as r:
+                assert r.status == 200
+            await h.until(lambda: held(h.index, tokens, "sim") == 5)
+            assert s.topic == f"kv@127.0.0.1:{server.config.port}@m"
+            async with http.post(f"{base}/reset_prefix_cache") as r:
+                assert r.status == 200
+            await h.until(lambda: held(h.index, tokens, "sim") == 0)
+        assert s.gaps == s.decode_errors == 0 and h.intake.is_precise("sim")
+    finally:
+        await h.close()
+        await server.stop()
