@@ -90,6 +90,14 @@ async def assert_still_serving(h: Harness, port: int) -> None:
     await h.assert_released()
 
 
+async def eventually(predicate, timeout: float = 10.0) -> None:
+    """Poll a condition another party makes true (the server, on its own loop turns)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
 async def handshake(port: int) -> Client:
     c = await Client.connect(port)
     await c.until(lambda f: f[0] == SETTINGS and f[1] & 1)  # our SETTINGS acknowledged
@@ -239,10 +247,7 @@ async def test_data_after_end_stream_is_a_stream_error():
     async with Native(FLOW_CONTROL) as h:  # the request waits in the queue: the stream stays open
         c = await handshake(h.server.port)
         c.open_stream(1, headers_msg(), body_msg(completion(), True), end=True)
-        for _ in range(500):
-            if h.admission.queue_size == 1:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: h.admission.queue_size == 1)
         c.send(frame(DATA, 0, 1, b"late"))
         await c.until(lambda f: f[0] == RST_STREAM and f[2] == 1 and U32.unpack(f[3])[0] == STREAM_CLOSED)
         await h.assert_released()
@@ -260,11 +265,7 @@ async def test_max_concurrent_streams_is_enforced_with_refused_stream():
             for sid in (1, 3, 5):
                 c.open_stream(sid, headers_msg(), body_msg(completion(), True))
             await c.until(lambda f: f[0] == RST_STREAM and f[2] == 5 and U32.unpack(f[3])[0] == REFUSED_STREAM)
-            for _ in range(500):
-                if h.admission.queue_size == 2:
-                    break
-                await asyncio.sleep(0.01)
-            assert h.admission.queue_size == 2  # the refused stream never reached the picker
+            await eventually(lambda: h.admission.queue_size == 2)  # the refused stream never reached the picker
             c.send(frame(RST_STREAM, 0, 1, U32.pack(8)))  # one ends: room for a new one
             await c.sync()
             c.open_stream(7, headers_msg(), body_msg(completion(), True))
@@ -286,11 +287,7 @@ async def test_handshake_timeout_closes_a_silent_connection():
             writer.write(b"PRI * HTTP/2.0\r\n")  # half a preface, then nothing
             await asyncio.wait_for(reader.read(), 5)  # returns at EOF: the server gave up
             writer.close()
-            for _ in range(500):
-                if not server.connections:
-                    break
-                await asyncio.sleep(0.01)
-            assert not server.connections
+            await eventually(lambda: not server.connections)
             await assert_still_serving(h, port)
         finally:
             await server.stop(0)
@@ -329,11 +326,7 @@ async def test_a_peer_that_does_not_read_stops_the_server_reading():
             for i in range(streams):
                 c.open_stream(2 * i + 1, headers_msg(), body_msg(body, True))
             (conn,) = server.connections
-            for _ in range(1000):  # the server reads until its write buffer passes the mark
-                if not conn.transport.is_reading():
-                    break
-                await asyncio.sleep(0.01)
-            assert not conn.transport.is_reading()
+            await eventually(lambda: not conn.transport.is_reading())  # it read until its buffer passed the mark
             buffered = conn.transport.get_write_buffer_size()
             assert buffered < high + 2 * (len(body) + 4096) * 2  # at most the mark plus what one read produced
             # a reader appears: everything is delivered and every stream is routed
