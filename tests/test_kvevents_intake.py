@@ -286,8 +286,17 @@ async def test_endpoints_come_and_go(h):
     p = prompt(2, 12)
     await pub.send(batch(stored(p)))
     await h.until(lambda: held(h.index, p) == 2)
+    moved = h.publisher()
+    s2 = h.intake.subscribe("a", moved.address)  # the endpoint's events now come from elsewhere
+    assert s2 is not s and held(h.index, p) == 0
+    await pub.send(batch(stored(p)))  # the old address is no longer listened to
+    q = prompt(2, 13)
+    while held(h.index, q) == 0:
+        await moved.send(batch(stored(q)))
+        await h._briefly(lambda: held(h.index, q) == 2)
+    assert held(h.index, p) == 0
     h.intake.unsubscribe("a")
-    assert held(h.index, p) == 0 and "a" not in h.intake.streams and "a" not in h.index.endpoints
+    assert held(h.index, q) == 0 and "a" not in h.intake.streams and "a" not in h.index.endpoints
     assert not h.intake.is_precise("a")
 
 

@@ -117,12 +117,14 @@ class KVEventIntake:
                   replay_address: str | None = None) -> EndpointStream:
         """Start receiving `endpoint`'s events from `address` (call inside the event loop).
         Subscribing again with the same address keeps the stream; a new address
-        replaces it."""
+        replaces it and forgets what the old one reported (another server, or one whose
+        events in between are unknown)."""
         old = self.streams.get(endpoint)
         if old is not None:
             if old.address == address and old.replay_address == replay_address and old.model == model:
                 return old
             self._stop(endpoint)
+            self.index.clear_endpoint(endpoint)
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.rcv_hwm)
