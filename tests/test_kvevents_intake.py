@@ -168,6 +168,7 @@ async def test_stores_removes_and_clears_reach_the_index(h):
 async def test_topic_filter(h):
     pub = h.publisher(topic=b"other@x@m")
     s = h.intake.subscribe("a", pub.address)
+    assert h.intake.status("a") == "waiting"
     ok = h.publisher()
     s_ok = await h.join(ok, "b")
     p = prompt(2, 2)
@@ -189,7 +190,7 @@ async def test_a_gap_without_replay_resyncs_and_marks_the_endpoint_stale(h):
     await h.until(lambda: held(h.index, q) == 3)
     assert (s.gaps, s.missed, s.resyncs) == (1, 1, 1)
     assert held(h.index, p) == 0  # cleared: the lost batch could have removed it
-    assert not h.intake.is_precise("a")
+    assert h.intake.status("a") == "stale"
     h.now += 5.0
     assert h.intake.is_precise("a")
 
@@ -224,7 +225,7 @@ async def test_garbage_is_counted_and_a_broken_stream_is_not_precise(h):
     await pub.pub.send_multipart([b"kv@x@m", b"\x00" * 3, b"payload"])  # bad sequence frame
     await pub.send(b"\xc1 not msgpack")
     await h.until(lambda: s.decode_errors == 3)
-    assert s.broken and not h.intake.is_precise("a")
+    assert s.broken and h.intake.status("a") == "broken"
     p = prompt(2, 7)
     await pub.send(batch(stored(p)))
     await h.until(lambda: held(h.index, p) == 2)
@@ -250,7 +251,7 @@ async def test_silence_after_routing_marks_the_endpoint_not_precise(h):
     h.now += 2.0
     assert h.intake.is_precise("a")
     h.now += 2.0
-    assert not h.intake.is_precise("a")
+    assert h.intake.status("a") == "silent"
     await pub.send(batch(stored(prompt(1, 10))))
     await h.until(lambda: h.intake.is_precise("a"))
 
@@ -297,7 +298,7 @@ async def test_endpoints_come_and_go(h):
     assert held(h.index, p) == 0
     h.intake.unsubscribe("a")
     assert held(h.index, q) == 0 and "a" not in h.intake.streams and "a" not in h.index.endpoints
-    assert not h.intake.is_precise("a")
+    assert h.intake.status("a") == "unsubscribed"
 
 
 async def test_the_simulators_publisher_feeds_the_index():

@@ -175,14 +175,25 @@ class KVEventIntake:
         if s is not None and s.routed_at is None:
             s.routed_at = self.clock()
 
-    def is_precise(self, endpoint: str, now: float | None = None) -> bool:
+    def status(self, endpoint: str, now: float | None = None) -> str:
+        """"precise", or why not: "unsubscribed", "waiting" (no batch yet), "broken",
+        "stale" (resynchronised recently) or "silent" (routed to, no event since)."""
         s = self.streams.get(endpoint)
-        if s is None or s.batches == 0 or s.broken:
-            return False
+        if s is None:
+            return "unsubscribed"
+        if s.batches == 0:
+            return "waiting"
+        if s.broken:
+            return "broken"
         now = self.clock() if now is None else now
         if now < s.stale_until:
-            return False
-        return s.routed_at is None or now - s.routed_at <= self.silence_timeout
+            return "stale"
+        if s.routed_at is not None and now - s.routed_at > self.silence_timeout:
+            return "silent"
+        return "precise"
+
+    def is_precise(self, endpoint: str, now: float | None = None) -> bool:
+        return self.status(endpoint, now) == "precise"
 
     # --- the two tasks ---------------------------------------------------------------
 
