@@ -165,6 +165,21 @@ def test_newer_fields_in_either_shape_are_ignored():
     assert decode_batch(mp).events == (BlockStored((1,), None, (4, 4), 2),)
 
 
+class MapBatch(msgspec.Struct, omit_defaults=True, gc=False):  # tolerated: a batch without array_like
+    ts: float
+    events: list
+    data_parallel_rank: int | None = None
+
+
+def test_a_map_shaped_batch_and_long_client_chosen_extra_keys():
+    salt = "s" * 100_000  # cache_salt comes from the client's request: any length
+    ev = MapStored(block_hashes=[1], parent_block_hash=None, token_ids=[3, 4], block_size=2, lora_id=None,
+                   medium="GPU", lora_name=None, extra_keys=[(salt, b"\x00" * 300)])
+    got = decode_batch(ENCODER.encode(MapBatch(4.0, [ev, MapCleared()], 1)))
+    assert got == EventBatch(4.0, (BlockStored((1,), None, (3, 4), 2, None, "GPU", None, ((salt, b"\x00" * 300),)),
+                                   AllBlocksCleared()), 1)
+
+
 def test_block_hash_forms_meet():
     digest = bytes(range(32))
     as_int = int.from_bytes(digest, "big") & (2**64 - 1)  # vLLM's maybe_convert_block_hash

@@ -61,7 +61,7 @@ class WireError(ValueError):
 class Limits:
     """Bounds on one message; anything larger is a WireError, never an allocation."""
 
-    max_payload_bytes: int = 32 << 20  # one batch; a 128k-token prompt stored at once is ~700 KB
+    max_payload_bytes: int = 16 << 20  # one batch; a 128k-token prompt stored at once is ~700 KB
     max_events: int = 65_536  # events in one batch
     max_hashes: int = 1 << 17  # block hashes in one event (a 2M-token prompt at block size 16)
     max_tokens: int = 1 << 21  # token ids in one event
@@ -125,11 +125,13 @@ def decode_batch(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> EventBatch:
     if len(payload) > limits.max_payload_bytes:
         raise WireError(f"payload of {len(payload)} bytes exceeds {limits.max_payload_bytes}")
     try:
+        # Strings and bytes are bounded by the payload only: extra_keys carry client-chosen
+        # values (cache_salt), and a long one must not make a whole batch unreadable.
         raw = msgpack.unpackb(
             payload, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=limits.max_str * 4, max_bin_len=limits.max_hash_bytes,
+            max_str_len=len(payload), max_bin_len=len(payload),
             max_array_len=max(limits.max_events, limits.max_hashes, limits.max_tokens),
-            max_map_len=64, max_ext_len=0,
+            max_map_len=1024, max_ext_len=0,
         )
     except Exception as e:  # msgpack raises several types (ExtraData, FormatError, ValueError, ...)
         raise WireError(f"not msgpack: {type(e).__name__}: {e}"[:300]) from None
