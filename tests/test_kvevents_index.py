@@ -123,6 +123,16 @@ def test_cache_salt_in_extra_keys_taints_the_keys(index):
     assert set(index.match(p, "ad", extras=[("salt-1",), None])) == {"salted"}
 
 
+def test_unencodable_extra_keys_skip_the_event(index):
+    p, s = prompt(2), FakeServer(9)
+    ev = s.store(p)
+    deep: object = None
+    for _ in range(40):
+        deep = [deep]
+    index.apply("a", [BlockStored(ev.block_hashes, None, ev.token_ids, BS, extra_keys=((deep,), None))], "m")
+    assert index.stats.mismatched == 1 and index.match(p, "m") == {}
+
+
 def test_server_block_a_multiple_of_the_pickers_block(index):
     p, s = prompt(4), FakeServer(7, block_size=2 * BS)
     index.apply("a", [s.store(p)], "m")

@@ -69,7 +69,7 @@ class IndexStats:
     evictions: int = 0  # keys dropped by the max_blocks bound
     overflows: int = 0  # endpoints cleared by the max_blocks_per_endpoint bound
     unchained: int = 0  # BlockStored whose parent hash the endpoint never reported
-    mismatched: int = 0  # BlockStored not indexable (token count, block size)
+    mismatched: int = 0  # BlockStored not indexable (token count, block size, extras)
     skipped_groups: int = 0  # events of KV-cache groups other than 0
     speculated_blocks: int = 0
     speculative_expired: int = 0
@@ -198,8 +198,12 @@ class BlockIndex:
                 self.stats.unchained += 1
                 return
             parent = value if isinstance(value, int) else value[-1]
-        keys = self.keyer.keys(ev.token_ids, ev.lora_name or model, parent,
-                               _extras(ev.extra_keys, ev.lora_name, len(ev.block_hashes), ratio))
+        try:
+            keys = self.keyer.keys(ev.token_ids, ev.lora_name or model, parent,
+                                   _extras(ev.extra_keys, ev.lora_name, len(ev.block_hashes), ratio))
+        except ValueError:  # extras nested too deeply to encode: a key cannot be made
+            self.stats.mismatched += 1
+            return
         for j, h in enumerate(ev.block_hashes):
             ep.engine[h] = keys[j] if ratio == 1 else tuple(keys[j * ratio:(j + 1) * ratio])
         for key in keys:

@@ -273,6 +273,7 @@ class KVEventIntake:
         except ValueError as e:  # e.g. the index's endpoint bound
             log.warning("kv-events %s: %s", s.endpoint, e)
             s.index_errors += 1
+            self._resync(s, 0)  # the batch may be half applied
             return False
         s.batches += 1
         s.events += len(batch.events)
