@@ -303,10 +303,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=4_000, help="samples learnt before testing")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--knee", type=float, default=VllmLaw.knee, help="KV utilisation where the law's knee starts")
     ap.add_argument("--only", nargs="*", choices=sorted(CANDIDATES), help="candidates to run (default all)")
     args = ap.parse_args(argv)
-    law = VllmLaw()
-    print(f"law: noise floor MAPE TTFT {noise_floor_mape(law.ttft_noise):.1%}, TPOT "
+    law = VllmLaw(knee=args.knee)
+    print(f"law (knee {law.knee}): noise floor MAPE TTFT {noise_floor_mape(law.ttft_noise):.1%}, TPOT "
           f"{noise_floor_mape(law.tpot_noise):.1%}; {args.train} training samples, 2000 test samples, seed {args.seed}")
     print(f"{'candidate':16} {'TTFT MAPE':>9} {'TTFT p90|e|':>11} {'TPOT MAPE':>9} {'TPOT p90|e|':>11} "
           f"{'predict':>10} {'train/1k samples':>17}")
