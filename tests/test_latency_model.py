@@ -139,6 +139,29 @@ def test_forgetting_follows_a_server_that_slows_down():
     assert test_accuracy(frozen, now, random.Random(1))[0] > TTFT_BOUND + 0.1
 
 
+@pytest.mark.parametrize("quantile", [0.5, 0.9])
+def test_a_quantile_objective_covers_that_fraction_of_fresh_latencies(quantile):
+    model, law, rng = LatencyModel(quantile=quantile), VllmLaw(), random.Random(13)
+    feed(model, law, rng, 3_000)
+    test = [law.sample(rng) for _ in range(2_000)]
+    for target, col in (("ttft", 1), ("tpot", 2)):
+        predict = getattr(model, f"predict_{target}")
+        covered = sum(1 for s in test if s[col] <= predict(H100, s[0])) / len(test)
+        assert abs(covered - quantile) < 0.05, (target, covered)
+    # the error it exports reports the same coverage
+    assert abs(model.errors()[(H100, Target.TTFT)].coverage - quantile) < 0.06
+
+
+def test_the_default_objective_is_not_a_high_quantile():
+    model, law, rng = LatencyModel(), VllmLaw(), random.Random(13)
+    feed(model, law, rng, 3_000)
+    test = [law.sample(rng) for _ in range(2_000)]
+    covered = sum(1 for f, ttft, _ in test if ttft <= model.predict_ttft(H100, f)) / len(test)
+    assert 0.3 < covered < 0.7, covered
+    with pytest.raises(ValueError):
+        LatencyModel(quantile=1.0)
+
+
 def test_same_seed_same_model():
     def build():
         model = LatencyModel()

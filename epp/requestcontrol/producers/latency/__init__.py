@@ -2,7 +2,7 @@
 (TPOT) for a request, learnt from the latencies the picker observes. A library for the
 predicted-latency-producer (not a plugin yet: nothing here is registered).
 
-    model = LatencyModel()                      # one per pool
+    model = LatencyModel(quantile=0.9)          # one per pool; quantile None = typical latency
     cls = endpoint_class(endpoint.labels)       # hardware class: accelerator label
     f = LatencyFeatures(kv_cache_usage=..., waiting_requests=..., running_requests=...,
                         input_tokens=..., prefix_match=..., prefill_tokens_in_flight=...,
@@ -10,7 +10,8 @@ predicted-latency-producer (not a plugin yet: nothing here is registered).
     model.predict(cls, f)                       # hot path: LatencyPrediction(ttft_ms, tpot_ms), None until learnt
     model.observe_ttft(cls, f, ttft_ms)         # response path, O(1); f as at dispatch
     model.observe_tpot(cls, f, tpot_ms)
-    Trainer(model).run(stop) / .maybe_train()   # background; model.errors() -> MAPE, p90 |error|
+    Trainer(model).run(stop) / .maybe_train()   # background
+    model.errors()                              # per (class, target): MAPE, p90 |error|, coverage
 
 Method (chosen by `python -m bench.latency_model_cost`, 4,000 samples of a vLLM-like law
 with lognormal noise whose floor is MAPE 9.6 % TTFT / 6.4 % TPOT, 2 shared cores under load):
@@ -62,8 +63,16 @@ Reference facts (kubernetes-sigs/gateway-api-inference-extension v1.5.0), for th
   the end; headroom = SLO - predicted. Parameters: samplingMean 1000,
   maxDecodeTokenSamplesForPrediction 0, sloBufferFactor 1.0, contextTTL 5m, streamingMode
   false, endpointRoleLabel "", predictInPrepareData true.
-Unlike the reference this model predicts the typical latency (relative least squares), not
-p90; a p90 objective can add a quantile of the recent relative errors (ErrorWindow) later."""
+- llm-d/llm-d-router (HEAD of 2026-08): the same producer under
+  pkg/epp/framework/plugins/requestcontrol/dataproducer/predictedlatency (predictInPrepareData
+  renamed predictInProduce; new useEncoderCacheFeatures, encoderCacheMatchInfoProducerName),
+  its client in .../predictedlatency/latencypredictorclient (entries and requests gain
+  encoder_input_size, encoder_matched_size); the Python service moved to
+  llm-d/llm-d-latency-predictor. With bayesian_ridge the client predicts in process from
+  the cached coefficients; xgboost/lightgbm go over HTTP bulk calls.
+Objective: by default this model predicts the typical latency (relative least squares, the
+reference's "mean"); LatencyModel(quantile=0.9) matches the reference's default p90 by
+scaling each fit with the 0.9-quantile of recent actual/fitted ratios."""
 
 from .features import (
     DEFAULT_CLASS,

@@ -49,6 +49,7 @@ MAX_LATENCY_MS = 3_600_000.0   # a latency above an hour is a broken clock, not 
 DEFAULT_FORGETTING = 0.999     # effective memory ~1/(1-f) = 1,000 samples
 DEFAULT_RIDGE = 1e-6           # relative to each feature's own scale (diagonal), so units do not matter
 MIN_SAMPLES = 64               # samples before a regression answers (its basis has ~10 terms)
+QUANTILE_MIN_SAMPLES = 50     # errors in the window before a quantile objective rescales
 LATENCY_FLOOR_MS = 0.1         # relative weighting divides by max(latency, floor)
 POOL = "*"                     # the pool-wide model's key in errors()
 
@@ -70,7 +71,7 @@ class ForgettingRidge:
     `relative` weighs each sample by 1/y^2, so the fit minimises relative error (MAPE's
     cousin) instead of letting the slowest requests dominate."""
 
-    __slots__ = ("size", "forgetting", "ridge", "relative", "samples", "weights", "_a", "_b")
+    __slots__ = ("size", "forgetting", "ridge", "relative", "samples", "weights", "scale", "_a", "_b")
 
     def __init__(self, size: int, *, forgetting: float = DEFAULT_FORGETTING, ridge: float = DEFAULT_RIDGE,
                  relative: bool = True) -> None:
@@ -79,6 +80,7 @@ class ForgettingRidge:
         self.size, self.forgetting, self.ridge, self.relative = size, forgetting, ridge, relative
         self.samples = 0
         self.weights: tuple[float, ...] | None = None
+        self.scale = 1.0  # published predictions are the fit times this (a quantile objective sets it)
         self._a = [[0.0] * (size - i) for i in range(size)]
         self._b = [0.0] * size
 
@@ -87,7 +89,12 @@ class ForgettingRidge:
         if w is None:
             return None
         y = sum(map(operator.mul, w, x))
-        return y if y > 0.0 else 0.0
+        return y * self.scale if y > 0.0 else 0.0
+
+    def fit_value(self, x: Sequence[float]) -> float | None:
+        """The regression's own value, before `scale`."""
+        w = self.weights
+        return None if w is None else sum(map(operator.mul, w, x))
 
     def add(self, x: Sequence[float], y: float) -> None:
         lam = self.forgetting
@@ -143,26 +150,39 @@ class ErrorStats:
     samples: int                # in the window
     mape: float                 # mean |pred - actual| / actual, a fraction (0.1 = 10 %)
     p90_abs_error_ms: float
+    coverage: float             # fraction of actual <= predicted (a p90 objective aims at 0.9)
 
 
 class ErrorWindow:
-    __slots__ = ("_abs", "_rel")
+    __slots__ = ("_err", "_rel", "_ratio")
 
     def __init__(self, size: int = ERROR_WINDOW) -> None:
-        self._abs: deque[float] = deque(maxlen=size)
-        self._rel: deque[float] = deque(maxlen=size)
+        self._err: deque[float] = deque(maxlen=size)     # predicted - actual
+        self._rel: deque[float] = deque(maxlen=size)     # |predicted - actual| / actual
+        self._ratio: deque[float] = deque(maxlen=size)   # actual / the regression's own value
 
-    def add(self, predicted: float, actual: float) -> None:
-        err = abs(predicted - actual)
-        self._abs.append(err)
-        self._rel.append(err / actual)
+    def add(self, predicted: float, actual: float, fit_value: float | None = None) -> None:
+        err = predicted - actual
+        self._err.append(err)
+        self._rel.append(abs(err) / actual)
+        if fit_value is not None and fit_value > 0.0:
+            self._ratio.append(actual / fit_value)
 
     def stats(self) -> ErrorStats | None:
-        if not self._abs:
+        if not self._err:
             return None
-        ordered = sorted(self._abs)
-        p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
-        return ErrorStats(len(ordered), sum(self._rel) / len(self._rel), p90)
+        n = len(self._err)
+        return ErrorStats(n, sum(self._rel) / n, _quantile(sorted(map(abs, self._err)), 0.9),
+                          sum(1 for e in self._err if e >= 0.0) / n)
+
+    def ratio_quantile(self, q: float) -> float | None:
+        """The q-quantile of actual / fit over the window: the scale that makes the fit a q-quantile."""
+        return _quantile(sorted(self._ratio), q) if len(self._ratio) >= QUANTILE_MIN_SAMPLES else None
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Nearest-rank quantile of a sorted, non-empty list."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 class _Regressions:
@@ -194,9 +214,14 @@ class LatencyModel:
 
     def __init__(self, *, forgetting: float = DEFAULT_FORGETTING, ridge: float = DEFAULT_RIDGE,
                  min_samples: int = MIN_SAMPLES, relative: bool = True, max_classes: int = MAX_CLASSES,
-                 pending_max: int = PENDING_MAX) -> None:
-        if not 0.0 < forgetting <= 1.0 or ridge < 0.0 or min_samples < 1 or max_classes < 0 or pending_max < 1:
+                 pending_max: int = PENDING_MAX, quantile: float | None = None) -> None:
+        """`quantile` None predicts the typical latency (the reference's objective "mean"); a
+        fraction such as 0.9 predicts that quantile (its default objective, quantile 0.9) by
+        scaling the fit with the recent ratios of actual to fitted latency."""
+        if not 0.0 < forgetting <= 1.0 or ridge < 0.0 or min_samples < 1 or max_classes < 0 or pending_max < 1 \
+                or not (quantile is None or 0.0 < quantile < 1.0):
             raise ValueError("invalid latency model parameters")
+        self.quantile = quantile
         self._args = (forgetting, ridge, relative)
         self.min_samples, self.max_classes = min_samples, max_classes
         self._pool = _Regressions(*self._args)
@@ -264,7 +289,7 @@ class LatencyModel:
     def train(self) -> TrainReport:
         """Drain the queue into the statistics and publish new weights; off the hot path."""
         with self._lock:
-            touched: set[ForgettingRidge] = set()
+            touched: dict[ForgettingRidge, ErrorWindow] = {}
             n = 0
             while self._pending:
                 cls, target, f, y = self._pending.popleft()
@@ -274,15 +299,17 @@ class LatencyModel:
                         continue
                     reg = regs.ridge[target]
                     if reg.samples >= self.min_samples and reg.weights is not None:
-                        regs.errors[target].add(reg.predict(x) or 0.0, y)
+                        regs.errors[target].add(reg.predict(x) or 0.0, y, reg.fit_value(x))
                     reg.add(x, y)
-                    touched.add(reg)
+                    touched[reg] = regs.errors[target]
                 n += 1
             solved = 0
-            for reg in touched:
+            for reg, window in touched.items():
                 if reg.samples >= min(self.min_samples, reg.size + 1):
                     reg.solve()
                     solved += 1
+                if self.quantile is not None:
+                    reg.scale = window.ratio_quantile(self.quantile) or reg.scale
             return TrainReport(n, solved)
 
     def _class(self, endpoint_class: str) -> _Regressions | None:
