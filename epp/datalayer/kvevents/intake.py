@@ -202,7 +202,7 @@ class KVEventIntake:
         while True:
             try:
                 frames = await sock.recv_multipart()
-            except zmq.ZMQError as e:
+            except Exception as e:  # the socket failed under us: keep trying, marked broken
                 log.warning("kv-events %s: receive failed: %s", s.endpoint, e)
                 s.broken = True
                 await asyncio.sleep(0.1)
@@ -235,7 +235,10 @@ class KVEventIntake:
                 s.index_errors += 1
                 self._resync(s, 1)
             if self.listener is not None:
-                self.listener(s)
+                try:
+                    self.listener(s)
+                except Exception:
+                    log.exception("kv-events listener failed")
             n += 1
             if n % 64 == 0:
                 await asyncio.sleep(0)
