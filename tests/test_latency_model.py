@@ -202,6 +202,17 @@ def test_hostile_latencies_are_ignored(latency):
     assert model.pending == 0 and model.rejected == 2
     assert model.observe_ttft(H100, "not features", 10.0) is False  # type: ignore[arg-type]
     assert model.observe_ttft(None, LatencyFeatures(), 10.0) is False  # type: ignore[arg-type]
+    assert model.observe_ttft(["h100"], LatencyFeatures(), 10.0) is False  # type: ignore[arg-type]
+
+
+def test_a_hostile_class_name_predicts_from_the_pool():
+    model = LatencyModel()
+    feed(model, VllmLaw(), random.Random(2), 300)
+    f = LatencyFeatures(input_tokens=100)
+    pooled = model.predict_ttft("never-seen", f)
+    assert pooled is not None
+    assert model.predict_ttft(["h100"], f) == pooled  # type: ignore[arg-type]
+    assert model.predict({"x": 1}, f).ttft_ms == pooled  # type: ignore[arg-type]
 
 
 def test_degenerate_but_valid_samples_do_not_break_the_solve():

@@ -48,7 +48,7 @@ MAX_LATENCY_MS = 3_600_000.0   # a latency above an hour is a broken clock, not 
 # Defaults, chosen by the benchmark.
 DEFAULT_FORGETTING = 0.999     # effective memory ~1/(1-f) = 1,000 samples
 DEFAULT_RIDGE = 1e-6           # relative to each feature's own scale (diagonal), so units do not matter
-MIN_SAMPLES = 64               # samples before a regression answers (its basis has ~10 terms)
+MIN_SAMPLES = 64               # samples before a regression answers (its basis has 13-16 terms)
 QUANTILE_MIN_SAMPLES = 50     # errors in the window before a quantile objective rescales
 LATENCY_FLOOR_MS = 0.1         # relative weighting divides by max(latency, floor)
 POOL = "*"                     # the pool-wide model's key in errors()
@@ -256,11 +256,12 @@ class LatencyModel:
         return None if reg is None else reg.predict(BASES[target][0](f))
 
     def _regression(self, endpoint_class: str, target: Target) -> ForgettingRidge | None:
-        regs = self._classes.get(endpoint_class)
-        if regs is not None and regs.ridge[target].samples >= self.min_samples:
-            return regs.ridge[target]
-        pool = self._pool.ridge[target]
-        return pool if pool.samples >= self.min_samples else None
+        """The class's regression once it has learnt, else the pool's, else None."""
+        regs = self._classes.get(endpoint_class) if type(endpoint_class) is str else None
+        for reg in (None if regs is None else regs.ridge[target], self._pool.ridge[target]):
+            if reg is not None and reg.samples >= self.min_samples and reg.weights is not None:
+                return reg
+        return None
 
     # -- response path: O(1) ----------------------------------------------------------
 
