@@ -124,13 +124,19 @@ class ExtProcStream:
         (they may wait for admission), or None for a message kind this picker does not
         handle. Raises StreamProtocolError for a message out of order."""
         kind = msg.WhichOneof("request")
-        # the body messages (most of a stream) take a short path while they are in order
+        # messages in order take a short path (these four are nearly every message)
         if kind == "response_body":
             if self.response_started and not self.response_ended and not self.finished:
                 return self.response_body(msg)
         elif kind == "request_body":
             if self.ctx is not None and not self.request_ended and not self.finished:
                 return self.request_body(msg)
+        elif kind == "request_headers":
+            if self.ctx is None:
+                return self.request_headers(msg)
+        elif kind == "response_headers":
+            if self.ctx is not None and not self.response_started and not self.finished:
+                return self.response_headers(msg)
         elif kind not in _ORDER:
             return None
         problem = self._out_of_order(kind)
