@@ -22,6 +22,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from google.protobuf.struct_pb2 import Struct
 
+from epp.assembly import load_plugin_set
 from epp.datalayer.datastore import Datastore, EndpointSpec, ModelRewrite, RewriteRule, RewriteTarget
 from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.handlers.grpcio import GrpcioTransport
@@ -29,7 +30,6 @@ from epp.handlers.h2.server import H2GrpcServer
 from epp.handlers.replies import streamed_body_reply
 from epp.handlers.stream import ExtProcHandler
 from epp.requestcontrol.director import Director
-from epp.assembly import load_plugin_set
 from epp.server import GRPC_OPTIONS
 from epp.telemetry import Telemetry
 
