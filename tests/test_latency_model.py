@@ -23,10 +23,12 @@ from epp.requestcontrol.producers.latency import (
     DEFAULT_CLASS,
     ERROR_WINDOW,
     POOL,
+    ForgettingRidge,
     LatencyFeatures,
     LatencyModel,
     Target,
     endpoint_class,
+    ttft_basis,
 )
 from epp.requestcontrol.producers.latency.trainer import Trainer
 
@@ -160,6 +162,22 @@ def test_the_default_objective_is_not_a_high_quantile():
     assert 0.3 < covered < 0.7, covered
     with pytest.raises(ValueError):
         LatencyModel(quantile=1.0)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_batch_accumulation_equals_one_sample_at_a_time(relative):
+    law, rng = VllmLaw(), random.Random(17)
+    samples = [law.sample(rng) for _ in range(500)]
+    xs, ys = [ttft_basis(f) for f, _, _ in samples], [t for _, t, _ in samples]
+    one, batch = ForgettingRidge(len(xs[0]), relative=relative), ForgettingRidge(len(xs[0]), relative=relative)
+    for x, y in zip(xs, ys, strict=True):
+        one.add(x, y)
+    batch.add_batch(xs[:123], ys[:123])
+    batch.add_batch(xs[123:], ys[123:])
+    one.solve()
+    batch.solve()
+    assert batch.samples == one.samples == 500
+    assert batch.weights == pytest.approx(one.weights, rel=1e-6)
 
 
 def test_same_seed_same_model():

@@ -15,10 +15,10 @@ predicted-latency-producer (not a plugin yet: nothing here is registered).
 
 Method (chosen by `python -m bench.latency_model_cost`, 4,000 samples of a vLLM-like law
 with lognormal noise whose floor is MAPE 9.6 % TTFT / 6.4 % TPOT, 2 shared cores under load):
-  ridge-knee (shipped)  TTFT MAPE 10.0 %, p90 |e| 74 ms; TPOT 6.3 %, 2.0 ms; 2.7-5 us/prediction;
-                        ~100 ms per 1,000 samples trained (pool and class models both)
+  ridge-knee (shipped)  TTFT MAPE 10.0 %, p90 |e| 74 ms; TPOT 6.3 %, 2.0 ms; 2.7-6 us/prediction
+                        per target; 29-68 ms per 1,000 samples trained (pool and class models)
   gbt (numpy refit, 100 depth-3 trees, 4,096-sample reservoir)  TTFT 10.9 %, 80 ms; TPOT 6.6 %;
-                        46-53 us/prediction in Python; ~0.9-1.2 s per 1,000 samples
+                        26-55 us/prediction in Python; 0.55-1.2 s per 1,000 samples
   ridge-raw (the reference's bayesian_ridge columns, no knee)  TTFT 53.5 %; TPOT 16.9 %
 With the law's knee moved to 0.75 / 0.95 the two are level (11.0/11.0 %, 12.1/11.3 %); with
 1,000 samples ridge-knee learns faster (10.0 % vs 12.2 %). Equal accuracy at a tenth of

@@ -106,6 +106,27 @@ class ForgettingRidge:
             b[i] = b[i] * lam + wx * y
         self.samples += 1
 
+    def add_batch(self, xs: Sequence[Sequence[float]], ys: Sequence[float]) -> None:
+        """The same as add() for each pair in order, but one C-level loop per matrix entry
+        over the whole batch instead of one Python loop per sample (~10x faster)."""
+        n = len(ys)
+        if n == 0:
+            return
+        lam = self.forgetting
+        g = [lam ** (n - 1 - k) for k in range(n)]  # the later a sample, the less it has decayed
+        if self.relative:
+            g = [gk / max(y, LATENCY_FLOOR_MS) ** 2 for gk, y in zip(g, ys, strict=True)]
+        cols = list(zip(*xs, strict=True))
+        decay = lam ** n
+        a, b = self._a, self._b
+        for i, col in enumerate(cols):
+            wcol = list(map(operator.mul, g, col))
+            row = a[i]
+            for j in range(i, self.size):
+                row[j - i] = row[j - i] * decay + sum(map(operator.mul, wcol, cols[j]))
+            b[i] = b[i] * decay + sum(map(operator.mul, wcol, ys))
+        self.samples += n
+
     def solve(self) -> None:
         """Jacobi-scaled ridge solve by Cholesky; a term never seen gets weight 0."""
         n, a = self.size, self._a
@@ -290,22 +311,24 @@ class LatencyModel:
     def train(self) -> TrainReport:
         """Drain the queue into the statistics and publish new weights; off the hot path."""
         with self._lock:
-            touched: dict[ForgettingRidge, ErrorWindow] = {}
+            batches: dict[ForgettingRidge, tuple[ErrorWindow, list[tuple[float, ...]], list[float]]] = {}
             n = 0
             while self._pending:
                 cls, target, f, y = self._pending.popleft()
                 x = BASES[target][0](f)
                 for regs in (self._pool, self._class(cls)):
-                    if regs is None:
-                        continue
-                    reg = regs.ridge[target]
-                    if reg.samples >= self.min_samples and reg.weights is not None:
-                        regs.errors[target].add(reg.predict(x) or 0.0, y, reg.fit_value(x))
-                    reg.add(x, y)
-                    touched[reg] = regs.errors[target]
+                    if regs is not None:
+                        reg = regs.ridge[target]
+                        _, xs, ys = batches.setdefault(reg, (regs.errors[target], [], []))
+                        xs.append(x)
+                        ys.append(y)
                 n += 1
             solved = 0
-            for reg, window in touched.items():
+            for reg, (window, xs, ys) in batches.items():
+                if reg.samples >= self.min_samples and reg.weights is not None:
+                    for x, y in zip(xs, ys, strict=True):  # scored by the weights consumers saw
+                        window.add(reg.predict(x) or 0.0, y, reg.fit_value(x))
+                reg.add_batch(xs, ys)
                 if reg.samples >= min(self.min_samples, reg.size + 1):
                     reg.solve()
                     solved += 1
