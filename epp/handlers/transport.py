@@ -10,8 +10,6 @@ from typing import Any, Protocol
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 
-INVALID_ARGUMENT = 3  # gRPC status that ends a stream whose messages break the protocol order
-
 
 class Stream(Protocol):
     """One ext_proc stream's state machine (epp.handlers.stream.ExtProcStream)."""
@@ -20,7 +18,8 @@ class Stream(Protocol):
 
     def handle(self, msg: ProcessingRequest) -> list[bytes] | Coroutine[Any, Any, list[bytes]] | None:
         """Replies (serialised ProcessingResponse), or a coroutine giving them, or None to
-        ignore the message; raises StreamProtocolError for a message out of order."""
+        ignore the message; raises StreamProtocolError for a message out of order (the
+        transport then ends the stream with gRPC status INVALID_ARGUMENT)."""
         ...
 
     def close(self) -> None:
@@ -51,4 +50,4 @@ class Transport(Protocol):
         ...
 
 
-__all__ = ["Stream", "StreamHandler", "Transport", "INVALID_ARGUMENT"]
+__all__ = ["Stream", "StreamHandler", "Transport"]
