@@ -24,6 +24,8 @@ With the law's knee moved to 0.75 / 0.95 the two are level (11.0/11.0 %, 12.1/11
 1,000 samples ridge-knee learns faster (10.0 % vs 12.2 %). Equal accuracy at a tenth of
 the prediction cost, no dependency, bounded O(d^2) state: forgetting ridge on knee bases.
 
+sidecar_json.py converts LatencyFeatures to and from the sidecars' JSON shapes below.
+
 Reference facts (kubernetes-sigs/gateway-api-inference-extension v1.5.0), for the sidecar client:
 - sidecars/latencypredictorasync/types.go: the predictor client. Env TRAINING_SERVER_URL
   (default http://localhost:8000), PREDICTION_SERVER_URL (comma list, http://localhost:8001),
