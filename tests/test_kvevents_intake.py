@@ -12,6 +12,8 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from devstack.launch import free_port
 from epp.datalayer.kvevents import BlockIndex, BlockKeyer, EndpointStream, KVEventIntake
@@ -373,3 +375,41 @@ async def test_the_simulator_server_over_http_and_its_cache_reset():
     finally:
         await h.close()
         await server.stop()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 9), st.booleans(), st.sampled_from(["deliver", "lose", "repeat"])),
+                min_size=1, max_size=40), st.booleans())
+async def test_sequence_handling_never_claims_a_block_the_server_dropped(ops, replay):
+    """A publisher stores and removes single-block prompts; the channel loses or repeats
+    batches (after the first, which starts the subscription: what came before it is
+    unknowable). Without replay the index may miss blocks but never holds one the server
+    removed; with a replay socket answering from the publisher's buffer it is exact."""
+    ops = [(ops[0][0], ops[0][1], "deliver"), *ops[1:]]
+    index = BlockIndex(BlockKeyer(block_size=BS))
+    intake = KVEventIntake(index, context=zmq.asyncio.Context.instance())
+    s = EndpointStream("a", "tcp://unused", model="m", replay_address="tcp://replay" if replay else None)
+    buffer: dict[int, bytes] = {}
+
+    async def fake_replay(_s, start, end):
+        return [(q, buffer[q]) for q in range(start, end)]
+    intake._replay = fake_replay
+    prompts = [prompt(1, 1000 + i) for i in range(10)]
+    truth: set[int] = set()
+    for seq, (i, store, fate) in enumerate(ops):
+        if store:
+            payload, _ = batch(stored(prompts[i])), truth.add(i)
+        else:
+            payload, _ = batch(removed(prompts[i], slice(0, 1))), truth.discard(i)
+        buffer[seq] = payload
+        frames = [b"kv@a@m", seq.to_bytes(8, "big"), payload]
+        for _ in range({"deliver": 1, "lose": 0, "repeat": 2}[fate]):
+            await intake._handle(s, frames)
+    if ops[-1][2] == "lose":  # a loss shows only when a later batch arrives
+        buffer[len(ops)] = batch()
+        await intake._handle(s, [b"kv@a@m", len(ops).to_bytes(8, "big"), buffer[len(ops)]])
+    held_now = {i for i, p in enumerate(prompts) if held(index, p) == 1}
+    if replay:
+        assert held_now == truth and s.resyncs == 0
+    else:
+        assert held_now <= truth
