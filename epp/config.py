@@ -335,8 +335,11 @@ def _wire_producers(plugins: list[PluginSpec]) -> None:
                                       f"{ref.param}")
                 spec.parameters[ref.param] = given.get(old, old)
             named = spec.parameters.get(ref.param)
+            key = f"{spec.where}.parameters.{ref.legacy_ref if old else ref.param}"  # as the user wrote it
             if named and named not in by_name:
-                raise ConfigError(f"{spec.where}.parameters.{ref.param}: no plugin named {named!r} in plugins")
+                raise ConfigError(f"{key}: no plugin named {named!r} in plugins")
+            if named and "PrepareData" not in extension_points(plugin_class(by_name[named].type)):
+                raise ConfigError(f"{key}: {named!r} is not a data producer")
 
 
 def _resolve(api_version: str, gates: frozenset[str], plugins: list[PluginSpec],

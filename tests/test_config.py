@@ -239,6 +239,8 @@ plugins:
      "plugins[0].parameters.prefixMatchInfoProducerName: no plugin named 'nope'"),
     ("plugins: [{type: no-hit-lru-scorer, parameters: {prefixMatchInfoProducerName: nope}}]",
      "plugins[0].parameters.prefixMatchInfoProducerName: no plugin named 'nope'"),
+    ("plugins: [{type: queue-scorer}, {type: no-hit-lru-scorer, parameters: {prefixPluginName: queue-scorer}}]",
+     "plugins[1].parameters.prefixPluginName: 'queue-scorer' is not a data producer"),
     ("plugins: [{type: prefix-cache-scorer, parameters: {blockSizeTokens: 0}}]",
      "plugins[0].parameters.blockSizeTokens: must be > 0, got 0"),
     ("plugins: [{type: prefix-cache-scorer}, {type: no-hit-lru-scorer, parameters: "

@@ -46,9 +46,9 @@ class ProducerParam:
     resolve it without knowing the plugin:
     - `legacy_ref`: an older parameter naming the plugin that used to publish the data;
       the loader rewrites it to the producer that publishes it now;
-    - `moved_params`: parameters older configs set on this consumer that now belong to
-      the producer; when they are given and no producer is configured, the loader adds
-      an implicit producer carrying them."""
+    - `moved_params`: parameters older configs set on this consumer, which used to do
+      the producing itself; when the producer it reads is not configured, the loader
+      adds one (implicit) carrying them."""
 
     param: str
     producer_type: str  # also the default producer instance name
