@@ -5,7 +5,14 @@
 - index: block key -> endpoints holding it, by medium; longest-prefix match; speculation
 - intake: one ZMQ SUB per endpoint, sequence checks, replay/resync, health
 
-Not wired into configuration or scheduling yet: a producer plugin composes these.
+Not wired into configuration or scheduling yet. A precise-prefix-cache producer would own
+one `BlockIndex(BlockKeyer(blockSizeTokens, hashSeed), speculative_ttl=...)` and one
+`KVEventIntake(index, topic_filter=...)`; subscribe each endpoint as it appears
+(`tcp://<address>:<socketPort>`) and unsubscribe it when it goes; per request, compute
+`keyer.keys(token_ids, model)` and call `index.match_keys(keys, candidates)` (or
+`index.match` for lazy keys), using the approximate guess for endpoints where
+`intake.is_precise(name)` is false; after routing, `index.speculate(name, keys)` and
+`intake.note_routed(name)`.
 """
 
 from epp.datalayer.kvevents.index import BlockIndex, IndexStats, PrefixMatch
