@@ -22,6 +22,7 @@ from devstack.launch import Process, free_ports, wait_until
 ROOT = Path(__file__).resolve().parent.parent
 DEV_ONLY = {"simulator", "bench", "devstack"}  # top-level packages kept out of the picker image
 NEVER_IN_SERVE = (*sorted(DEV_ONLY), "matplotlib")
+NOT_IN_RUNTIME = ("numpy",)  # comes only with the [bench] extra: serve must work without it
 
 
 def pyproject() -> dict:
@@ -166,18 +167,20 @@ def test_installed_runtime_names_the_extras_it_lacks(image_install):
 
 def test_installed_epp_serve_imports_no_dev_tooling_nor_matplotlib(image_install, tmp_path):
     """The installed picker serves (ready, /metrics) with a finder that records, and refuses,
-    every import of the dev tooling or matplotlib, even one a try/except would hide."""
+    every import of the dev tooling or matplotlib, even one a try/except would hide; numpy
+    (absent from a runtime install) is refused too."""
     grpc, health, metrics, api = free_ports(4)
     seen = tmp_path / "imports.txt"
     code = f"""
         import importlib.abc
         class Recorder(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name == "epp.server" or name.partition(".")[0] in {NEVER_IN_SERVE!r}:
+                top = name.partition(".")[0]
+                if name == "epp.server" or top in {NEVER_IN_SERVE!r}:
                     with open({str(seen)!r}, "a") as f:
                         f.write(name + "\\n")
-                    if name != "epp.server":
-                        raise ModuleNotFoundError(name, name=name)
+                if top in {NEVER_IN_SERVE + NOT_IN_RUNTIME!r}:
+                    raise ModuleNotFoundError(name, name=name)
         sys.meta_path.insert(0, Recorder())
         from epp.cli import main
         sys.exit(main(["serve", "--bind-address", "127.0.0.1", "--endpoints", "127.0.0.1:1",
