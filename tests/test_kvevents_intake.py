@@ -139,7 +139,7 @@ class Harness:
 
 @pytest.fixture
 async def h():
-    harness = Harness(resync_grace=5.0, silence_timeout=3.0, replay_timeout=0.5)
+    harness = Harness(stale_grace=5.0, silence_timeout=3.0, replay_timeout=0.5)
     pubs: list[Publisher] = []
     harness.publisher = lambda **kw: pubs.append(Publisher(harness.ctx, **kw)) or pubs[-1]
     yield harness
@@ -164,7 +164,7 @@ async def test_stores_removes_and_clears_reach_the_index(h):
     await h.until(lambda: held(h.index, p) == 2)
     await pub.send(batch(["AllBlocksCleared"]))
     await h.until(lambda: held(h.index, p) == 0)
-    assert s.gaps == s.resyncs == s.decode_errors == 0 and s.events >= 3
+    assert s.gaps == s.stale_marks == s.decode_errors == 0 and s.events >= 3
 
 
 async def test_topic_filter(h):
@@ -181,18 +181,19 @@ async def test_topic_filter(h):
     assert s.batches == 0 and s_ok.batches >= 2 and held(h.index, p, "a") == 0
 
 
-async def test_a_gap_without_replay_resyncs_and_marks_the_endpoint_stale(h):
+async def test_a_gap_without_replay_marks_the_endpoint_stale(h):
     pub = h.publisher()
     s = await h.join(pub)
-    p, q = prompt(3, 3), prompt(3, 4)
+    p, q, r = prompt(3, 3), prompt(4, 4), prompt(2, 5)
     await pub.send(batch(stored(p)))
     await h.until(lambda: held(h.index, p) == 3)
-    await pub.send(batch(removed(p, slice(0, 3))), publish=False)  # lost on the way
-    await pub.send(batch(stored(q)))
-    await h.until(lambda: held(h.index, q) == 3)
-    assert (s.gaps, s.missed, s.resyncs) == (1, 1, 1)
-    assert held(h.index, p) == 0  # cleared: the lost batch could have removed it
+    await pub.send(batch(stored(q[:2 * BS])), publish=False)  # lost on the way
+    await pub.send(batch(stored(q, start=2), stored(r)))  # q's rest chains to the lost blocks
+    await h.until(lambda: held(h.index, r) == 2)
+    assert (s.gaps, s.missed, s.stale_marks) == (1, 1, 1)
     assert h.intake.status("a") == "stale"
+    assert held(h.index, p) == 3  # kept: the server still caches it and will not say so again
+    assert held(h.index, q) == 0 and h.index.stats.unchained == 1
     h.now += 5.0
     assert h.intake.is_precise("a")
 
@@ -204,11 +205,11 @@ async def test_a_gap_is_recovered_by_replay(h):
     await pub.send(batch(stored(p[:2 * BS])), publish=False)  # lost; the replay buffer has it
     await pub.send(batch(stored(p, start=2)))  # its parent is in the lost batch
     await h.until(lambda: held(h.index, p) == 4)
-    assert (s.gaps, s.replayed, s.resyncs, s.missed) == (1, 1, 0, 0)
+    assert (s.gaps, s.replayed, s.stale_marks, s.missed) == (1, 1, 0, 0)
     assert h.intake.is_precise("a")
 
 
-async def test_replay_that_does_not_answer_falls_back_to_resync(h):
+async def test_replay_that_does_not_answer_falls_back_to_staleness(h):
     pub = h.publisher()
     s = h.intake.subscribe("a", pub.address, replay_address=f"tcp://127.0.0.1:{free_port()}")
     while s.batches == 0:
@@ -216,7 +217,7 @@ async def test_replay_that_does_not_answer_falls_back_to_resync(h):
         await h._briefly(lambda: s.batches > 0)
     await pub.send(batch(), publish=False)
     await pub.send(batch(stored(prompt(1, 6))))
-    await h.until(lambda: s.resyncs == 1)
+    await h.until(lambda: s.stale_marks == 1)
     assert s.replay_failures == 1 and s.replayed == 0 and s.missed == 1
 
 
@@ -231,7 +232,7 @@ async def test_garbage_is_counted_and_a_broken_stream_is_not_precise(h):
     p = prompt(2, 7)
     await pub.send(batch(stored(p)))
     await h.until(lambda: held(h.index, p) == 2)
-    assert not s.broken and s.resyncs == 1  # the garbage batch's sequence number was lost
+    assert not s.broken and s.stale_marks == 1  # the garbage batch was lost
 
 
 async def test_restart_and_duplicates(h):
@@ -380,11 +381,12 @@ async def test_the_simulator_server_over_http_and_its_cache_reset():
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 9), st.booleans(), st.sampled_from(["deliver", "lose", "repeat"])),
                 min_size=1, max_size=40), st.booleans())
-async def test_sequence_handling_never_claims_a_block_the_server_dropped(ops, replay):
+async def test_sequence_handling_errs_only_where_batches_were_lost(ops, replay):
     """A publisher stores and removes single-block prompts; the channel loses or repeats
     batches (after the first, which starts the subscription: what came before it is
     unknowable). Without replay the index may miss blocks but never holds one the server
-    removed; with a replay socket answering from the publisher's buffer it is exact."""
+    removed, except one whose removal was lost; with a replay socket answering from the
+    publisher's buffer it is exact."""
     ops = [(ops[0][0], ops[0][1], "deliver"), *ops[1:]]
     index = BlockIndex(BlockKeyer(block_size=BS))
     intake = KVEventIntake(index, context=zmq.asyncio.Context.instance())
@@ -396,7 +398,10 @@ async def test_sequence_handling_never_claims_a_block_the_server_dropped(ops, re
     intake._replay = fake_replay
     prompts = [prompt(1, 1000 + i) for i in range(10)]
     truth: set[int] = set()
+    lost: set[int] = set()  # prompts a lost batch touched
     for seq, (i, store, fate) in enumerate(ops):
+        if fate == "lose":
+            lost.add(i)
         if store:
             payload, _ = batch(stored(prompts[i])), truth.add(i)
         else:
@@ -410,6 +415,7 @@ async def test_sequence_handling_never_claims_a_block_the_server_dropped(ops, re
         await intake._handle(s, [b"kv@a@m", len(ops).to_bytes(8, "big"), buffer[len(ops)]])
     held_now = {i for i, p in enumerate(prompts) if held(index, p) == 1}
     if replay:
-        assert held_now == truth and s.resyncs == 0
+        assert held_now == truth and s.stale_marks == 0
     else:
-        assert held_now <= truth
+        assert held_now ^ truth <= lost
+        assert (s.stale_marks > 0) == bool(lost)

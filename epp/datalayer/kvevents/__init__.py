@@ -3,7 +3,7 @@
 - wire: decoding of vLLM's event batches (`decode_batch`, `parse_frames`, `WireError`)
 - keys: the picker's block keys from token ids (`BlockKeyer`), shared by prompts and events
 - index: block key -> endpoints holding it, by medium; longest-prefix match; speculation
-- intake: one ZMQ SUB per endpoint, sequence checks, replay/resync, health
+- intake: one ZMQ SUB per endpoint, sequence checks, replay or staleness, health
 
 Not wired into configuration or scheduling yet. A precise-prefix-cache producer would own
 one `BlockIndex(BlockKeyer(blockSizeTokens, hashSeed), speculative_ttl=...)` and one

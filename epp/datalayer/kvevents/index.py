@@ -138,7 +138,7 @@ class BlockIndex:
         return ep
 
     def clear_endpoint(self, name: str) -> None:
-        """Forget everything the endpoint holds (AllBlocksCleared, a resync, a restart)."""
+        """Forget everything the endpoint holds (AllBlocksCleared, a restart, an overflow)."""
         ep = self._endpoints.get(name)
         if ep is None:
             return

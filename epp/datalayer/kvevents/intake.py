@@ -14,9 +14,12 @@ Sequence numbers (vLLM's publisher counts batches from 0, one per message):
   payload) is recovered by asking the publisher's replay socket (vLLM's
   `replay_endpoint`, a ROUTER: send [b"", start seq], receive [b"", seq, payload] per
   buffered batch and [b"", -1, b""] at the end) when one is configured; otherwise,
-  or when replay fails, the endpoint is resynchronised: its entries are cleared, so
-  the index never claims blocks it may have missed the removal of, and it is `stale`
-  (not precise) for `resync_grace` seconds while the entries refill.
+  or when replay fails, the endpoint is marked `stale` (not precise) for
+  `stale_grace` seconds. Its entries are kept: vLLM has no snapshot to resync from,
+  a server does not re-announce blocks it still holds, and clearing would hide every
+  hot prefix it caches (children of an unknown parent cannot be keyed) for as long as
+  it keeps them. The cost is bounded: at most the blocks the lost batches touched are
+  wrong, a removed one until the server stores it again or the index evicts it.
 
 An endpoint is `precise` (its index view can be trusted for scoring) once it has
 delivered a batch, while it is not stale, not broken (`max_consecutive_errors`
@@ -66,7 +69,7 @@ class EndpointStream:
     missed: int = 0  # batches lost for good (not recovered by replay)
     replayed: int = 0  # batches recovered by replay
     replay_failures: int = 0
-    resyncs: int = 0
+    stale_marks: int = 0  # times marked stale after a loss replay did not recover
     restarts: int = 0  # sequence went backwards
     duplicates: int = 0
     decode_errors: int = 0
@@ -87,7 +90,7 @@ class EndpointStream:
 class KVEventIntake:
     def __init__(self, index: BlockIndex, *, topic_filter: str = "kv@", queue_size: int = 1024,
                  max_queue_bytes: int = 64 << 20, rcv_hwm: int = 10_000, replay_timeout: float = 1.0,
-                 max_replay: int = 10_000, resync_grace: float = 10.0, silence_timeout: float = 10.0,
+                 max_replay: int = 10_000, stale_grace: float = 10.0, silence_timeout: float = 10.0,
                  max_consecutive_errors: int = 3, limits: Limits = DEFAULT_LIMITS,
                  context: zmq.asyncio.Context | None = None, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
@@ -99,7 +102,7 @@ class KVEventIntake:
         self.rcv_hwm = rcv_hwm  # bound: ZMQ's own receive queue per socket
         self.replay_timeout = replay_timeout
         self.max_replay = max_replay  # bound: batches asked of a replay socket (vLLM buffers 10,000)
-        self.resync_grace = resync_grace
+        self.stale_grace = stale_grace
         self.silence_timeout = silence_timeout
         self.max_consecutive_errors = max_consecutive_errors
         self.limits = limits
@@ -177,7 +180,7 @@ class KVEventIntake:
 
     def status(self, endpoint: str, now: float | None = None) -> str:
         """"precise", or why not: "unsubscribed", "waiting" (no batch yet), "broken",
-        "stale" (resynchronised recently) or "silent" (routed to, no event since)."""
+        "stale" (lost batches recently) or "silent" (routed to, no event since)."""
         s = self.streams.get(endpoint)
         if s is None:
             return "unsubscribed"
@@ -233,7 +236,7 @@ class KVEventIntake:
             except Exception:  # never let one endpoint's stream end the task
                 log.exception("kv-events %s: message not applied", s.endpoint)
                 s.index_errors += 1
-                self._resync(s, 1)
+                self._mark_stale(s, 1)
             if self.listener is not None:
                 try:
                     self.listener(s)
@@ -269,14 +272,14 @@ class KVEventIntake:
             batch = decode_batch(payload, self.limits)
         except WireError as e:
             self._error(s, e)
-            self._resync(s, 1)  # the batch is lost: what it stored or removed is unknown
+            self._mark_stale(s, 1)  # the batch is lost: what it stored or removed is unknown
             return False
         try:
             self.index.apply(s.endpoint, batch.events, s.model or _topic_model(s.topic))
         except ValueError as e:  # e.g. the index's endpoint bound
             log.warning("kv-events %s: %s", s.endpoint, e)
             s.index_errors += 1
-            self._resync(s, 0)  # the batch may be half applied
+            self._mark_stale(s, 0)  # the batch may be half applied
             return False
         s.batches += 1
         s.events += len(batch.events)
@@ -288,18 +291,18 @@ class KVEventIntake:
         return True
 
     async def _recover(self, s: EndpointStream, start: int, end: int) -> None:
-        """Batches start..end-1 were lost: replay them if the publisher can, else resync."""
+        """Batches start..end-1 were lost: replay them if the publisher can, else mark stale."""
         missing = end - start
         if s.replay_address and missing <= self.max_replay:
             got = await self._replay(s, start, end)
             if got is not None:
                 for _, payload in got:
                     if not self._apply(s, payload):
-                        return  # a bad replayed batch already resynchronised the endpoint
+                        return  # a bad replayed batch already marked the endpoint stale
                 s.replayed += len(got)
                 return
             s.replay_failures += 1
-        self._resync(s, missing)
+        self._mark_stale(s, missing)
 
     async def _replay(self, s: EndpointStream, start: int, end: int) -> list[tuple[int, bytes]] | None:
         sock = self._ctx.socket(zmq.DEALER)
@@ -332,11 +335,10 @@ class KVEventIntake:
             return None  # the publisher's buffer no longer holds them all
         return sorted(got.items())
 
-    def _resync(self, s: EndpointStream, missed: int) -> None:
+    def _mark_stale(self, s: EndpointStream, missed: int) -> None:
         s.missed += missed
-        s.resyncs += 1
-        self.index.clear_endpoint(s.endpoint)
-        s.stale_until = self.clock() + self.resync_grace
+        s.stale_marks += 1
+        s.stale_until = self.clock() + self.stale_grace
 
     def _error(self, s: EndpointStream, e: WireError) -> None:
         s.decode_errors += 1
