@@ -26,8 +26,11 @@ BlockStored confirms them (then they are simply held); expiry runs lazily at the
 lookup or speculation, so there is no timer task.
 
 Not indexed: events of KV-cache groups other than 0 (hybrid models' secondary groups),
-and BlockStored whose token count is not blocks x block_size or whose server block size
-is not a multiple of blockSizeTokens (counted in `mismatched`).
+BlockStored whose token count is not blocks x block_size or whose server block size is
+not a multiple of blockSizeTokens (counted in `mismatched`), and BlockStored whose parent
+the endpoint never reported (stored before the subscription began, or in a lost batch):
+its key depends on the parent's tokens, so it is counted in `unchained` and that prefix
+stays invisible until the server stores the parent again.
 """
 
 from __future__ import annotations
