@@ -1,4 +1,5 @@
-"""Background scraping of every endpoint's /metrics into Endpoint.metrics.
+"""Background polling of every endpoint: /metrics into Endpoint.metrics (and, through
+the same poller, other HTTP data sources such as /v1/models).
 
 One task per endpoint, started and cancelled as the datastore's endpoint set changes.
 Each task scrapes, publishes an immutable snapshot, and sleeps until its next tick, so
@@ -15,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from ssl import SSLContext
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.extract import parse_metrics
@@ -50,17 +52,25 @@ class ScrapeStats:
 _REQUEST_HEADERS = {"Accept": "text/plain"}
 
 
-class MetricsCollector:
+class EndpointPoller:
+    """One background task per endpoint GETting `path` every `interval` seconds and
+    handing the answer to `_handle` (a data source of the reference's data layer: the
+    metrics page, /v1/models). Scheme and TLS come from the source's parameters; an
+    `ssl` context means https."""
+
+    what = "poll"  # for log lines
+
     def __init__(
         self,
         datastore: Datastore,
         *,
         interval: float = 0.05,
         timeout: float = 1.0,
-        specs: Mapping[str, EngineMetricSpec] | None = None,
         port_override: int = 0,
         path: str = "/metrics",
-        engine_label: str = ENGINE_TYPE_LABEL,
+        ssl: SSLContext | None = None,
+        max_body: int = 0,  # 0 = MAX_PAGE_BYTES, read per poll
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"scrape interval (--refresh-metrics-interval) must be positive, got {interval}")
@@ -69,16 +79,16 @@ class MetricsCollector:
         self.datastore = datastore
         self.interval = interval
         self.timeout = timeout
-        self.specs = dict(specs if specs is not None else DEFAULT_SPECS)
         self.port_override = port_override
         self.path = path if path.startswith("/") else "/" + path
-        self.engine_label = engine_label
+        self.ssl = ssl
+        self.max_body = max_body
+        self.headers = dict(headers or {})
         self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
         self._stats: dict[Endpoint, ScrapeStats] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._listening = False
-        self._warned_engines: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -122,39 +132,29 @@ class MetricsCollector:
         for ep in current:
             if ep not in self._tasks:
                 self._stats[ep] = ScrapeStats()
-                self._tasks[ep] = loop.create_task(self._run(ep), name=f"scrape {ep.name}")
-
-    def _spec(self, ep: Endpoint) -> EngineMetricSpec:
-        engine = ep.labels.get(self.engine_label) or DEFAULT_ENGINE
-        spec = self.specs.get(engine)
-        if spec is None:
-            if engine not in self._warned_engines and len(self._warned_engines) < MAX_WARNED_ENGINES:
-                self._warned_engines.add(engine)
-                log.warning("endpoint %s: unknown engine type %r, scraping it as %s", ep.name, engine,
-                            DEFAULT_ENGINE)
-            spec = self.specs[DEFAULT_ENGINE]
-        return spec
+                self._tasks[ep] = loop.create_task(self._run(ep), name=f"{self.what} {ep.name}")
 
     def _client(self, ep: Endpoint) -> HttpGetClient:
-        """One keep-alive connection per endpoint, owned by its scrape task."""
+        """One keep-alive connection per endpoint, owned by its task."""
         return HttpGetClient(ep.address, self.port_override or ep.port, timeout=self.timeout,
-                             max_body=MAX_PAGE_BYTES, headers=_REQUEST_HEADERS)
+                             max_body=self.max_body or MAX_PAGE_BYTES, headers=self.headers,
+                             ssl=self.ssl)
 
-    # ------------------------------------------------------------------ scraping
+    # ------------------------------------------------------------------ polling
     async def _run(self, ep: Endpoint) -> None:
         stats = self._stats[ep]
         try:
             client = self._client(ep)
-        except ValueError as e:  # e.g. a port out of range: never scrapable, so it stays stale
+        except ValueError as e:  # e.g. a port out of range: never reachable, so it stays stale
             stats.failed, stats.last_error = 1, f"ValueError: {e}"
-            log.error("endpoint %s: cannot scrape it: %s", ep.name, e)
+            log.error("endpoint %s: cannot %s it: %s", ep.name, self.what, e)
             return
         try:
-            # Spread endpoints over the interval so scrapes do not arrive in bursts.
+            # Spread endpoints over the interval so polls do not arrive in bursts.
             await asyncio.sleep(random.random() * self.interval)
             next_tick = time.monotonic()
             while True:
-                await self._scrape_once(ep, client, stats)
+                await self._poll_once(ep, client, stats)
                 next_tick += self.interval
                 delay = next_tick - time.monotonic()
                 if delay < 0:  # fell behind (slow server, busy loop): skip ticks, do not burst
@@ -164,26 +164,92 @@ class MetricsCollector:
         finally:  # cancelled (endpoint gone or stop()): never leave the socket open
             await client.close()
 
-    async def _scrape_once(self, ep: Endpoint, client: HttpGetClient, stats: ScrapeStats) -> None:
+    async def _poll_once(self, ep: Endpoint, client: HttpGetClient, stats: ScrapeStats) -> None:
+        was_ok = self._ok(ep)
         try:
-            # The cap is read per scrape so it can be lowered at run time (tests do).
-            resp = await client.get(self.path, max_body=MAX_PAGE_BYTES)
+            # The cap is read per poll so it can be lowered at run time (tests do).
+            resp = await client.get(self.path, max_body=self.max_body or MAX_PAGE_BYTES)
             resp.raise_for_status(200)
-            problems: list[tuple[str, str]] = []
-            metrics = parse_metrics(resp.body, self._spec(ep), time.monotonic(), problems)
+            self._handle(ep, resp.body, stats)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - any failure only marks the snapshot stale
+        except Exception as e:  # noqa: BLE001 - any failure only marks the endpoint's data stale
             stats.failed += 1
             stats.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            if ep.metrics.ok or stats.failed == 1:
-                log.warning("scrape of %s (%s) failed: %s", ep.name, client.url(self.path), stats.last_error)
-            if ep.metrics.ok:
-                self.datastore.set_metrics(ep, dataclasses.replace(ep.metrics, ok=False))
+            if was_ok or stats.failed == 1:
+                log.warning("%s of %s (%s) failed: %s", self.what, ep.name, client.url(self.path), stats.last_error)
+            self._failed(ep)
             return
-        if not ep.metrics.ok and stats.failed:
-            log.info("scrape of %s (%s) recovered", ep.name, client.url(self.path))
+        if not was_ok and stats.failed:
+            log.info("%s of %s (%s) recovered", self.what, ep.name, client.url(self.path))
         stats.ok += 1
+
+    def _ok(self, ep: Endpoint) -> bool:
+        """The endpoint's data from this source is currently good."""
+        raise NotImplementedError
+
+    def _handle(self, ep: Endpoint, body: bytes, stats: ScrapeStats) -> None:
+        """Extract and publish; raise to count the poll as failed."""
+        raise NotImplementedError
+
+    def _failed(self, ep: Endpoint) -> None:
+        """Mark the endpoint's data from this source not ok (keeping it, so its age grows)."""
+        raise NotImplementedError
+
+
+class MetricsCollector(EndpointPoller):
+    """metrics-data-source + core-metrics-extractor: the model server's Prometheus page
+    into Endpoint.metrics, by the engine spec its engine-type label selects."""
+
+    what = "scrape"
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        *,
+        interval: float = 0.05,
+        timeout: float = 1.0,
+        specs: Mapping[str, EngineMetricSpec] | None = None,
+        port_override: int = 0,
+        path: str = "/metrics",
+        engine_label: str = ENGINE_TYPE_LABEL,
+        legacy_engine_label: str = "",
+        default_engine: str = DEFAULT_ENGINE,
+        ssl: SSLContext | None = None,
+    ) -> None:
+        super().__init__(datastore, interval=interval, timeout=timeout, port_override=port_override, path=path,
+                         ssl=ssl, headers=_REQUEST_HEADERS)
+        self.specs = dict(specs if specs is not None else DEFAULT_SPECS)
+        if default_engine not in self.specs:
+            raise ValueError(f"defaultEngine {default_engine!r} not found in engineConfigs")
+        self.engine_label = engine_label
+        self.legacy_engine_label = legacy_engine_label  # read when the endpoint lacks engine_label
+        self.default_engine = default_engine
+        self._warned_engines: set[str] = set()
+
+    def _spec(self, ep: Endpoint) -> EngineMetricSpec:
+        labels = ep.labels
+        engine = labels.get(self.engine_label) or (labels.get(self.legacy_engine_label)
+                                                   if self.legacy_engine_label else "") or self.default_engine
+        spec = self.specs.get(engine)
+        if spec is None:
+            if engine not in self._warned_engines and len(self._warned_engines) < MAX_WARNED_ENGINES:
+                self._warned_engines.add(engine)
+                log.warning("endpoint %s: unknown engine type %r, scraping it as %s", ep.name, engine,
+                            self.default_engine)
+            spec = self.specs[self.default_engine]
+        return spec
+
+    def _ok(self, ep: Endpoint) -> bool:
+        return ep.metrics.ok
+
+    def _failed(self, ep: Endpoint) -> None:
+        if ep.metrics.ok:
+            self.datastore.set_metrics(ep, dataclasses.replace(ep.metrics, ok=False))
+
+    def _handle(self, ep: Endpoint, body: bytes, stats: ScrapeStats) -> None:
+        problems: list[tuple[str, str]] = []
+        metrics = parse_metrics(body, self._spec(ep), time.monotonic(), problems)
         if problems:
             self._report(ep, stats, problems)
         self.datastore.set_metrics(ep, metrics)

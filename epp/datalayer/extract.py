@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
+from functools import lru_cache
 
-from epp.datalayer.specs import EngineMetricSpec
+from epp.datalayer.specs import EngineMetricSpec, parse_series
 from epp.framework import Metrics
 
 MAX_LABEL_VALUE = 16 << 10  # bytes; a longer label value is dropped (LoRA lists are a few KB at most)
@@ -155,8 +156,32 @@ class _Report:
             self.problems.append((series, f"{what} {value!r} out of range, treated as missing"))
 
 
+MAX_PARSED_SPECS = 256  # metric specs of the configured engines (a handful each)
+
+
+@lru_cache(maxsize=MAX_PARSED_SPECS)
+def _series(spec: str) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    name, labels = parse_series(spec)
+    return name.encode(), labels
+
+
+def select_samples(page: bytes, spec: str) -> list[tuple[bytes, float]]:
+    """The samples of a metric spec: `name`, or `name{label=value,...}` keeping only the
+    samples whose labels carry every listed value (the reference's label matchers)."""
+    name, wanted = _series(spec)
+    samples = find_samples(page, name)
+    if not wanted:
+        return samples
+    out = []
+    for raw, value in samples:
+        labels = _label_cache.labels(raw)
+        if all(labels.get(k) == v for k, v in wanted):
+            out.append((raw, value))
+    return out
+
+
 def _values(page: bytes, name: str) -> list[float]:
-    return [v for _, v in find_samples(page, name) if not math.isnan(v)] if name else []
+    return [v for _, v in select_samples(page, name) if not math.isnan(v)] if name else []
 
 
 def _count(page: bytes, name: str, report: _Report) -> int:
@@ -218,7 +243,7 @@ def parse_metrics(page: bytes, spec: EngineMetricSpec, update_time: float,
     max_lora = 0
     if spec.lora_info:
         # The value is a timestamp: the series with the largest one is current.
-        latest = max(((v, raw) for raw, v in find_samples(page, spec.lora_info) if math.isfinite(v)),
+        latest = max(((v, raw) for raw, v in select_samples(page, spec.lora_info) if math.isfinite(v)),
                      key=lambda s: s[0], default=None)
         if latest is not None:
             labels = _label_cache.labels(latest[1])
@@ -228,7 +253,7 @@ def parse_metrics(page: bytes, spec: EngineMetricSpec, update_time: float,
 
     block_size = num_blocks = None
     if spec.cache_info:
-        for raw, _ in find_samples(page, spec.cache_info):
+        for raw, _ in select_samples(page, spec.cache_info):
             labels = _label_cache.labels(raw)
             block_size = _label_int(labels, spec.block_size_label, 1, MAX_BLOCK_SIZE, spec.cache_info, report)
             num_blocks = _label_int(labels, spec.num_blocks_label, 1, MAX_GPU_BLOCKS, spec.cache_info, report)

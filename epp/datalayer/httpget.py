@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import ssl as _ssl
 
 MAX_BODY = 16 << 20  # default body cap; a /metrics page is tens of KB
 MAX_HEAD = 64 << 10  # status line + headers
@@ -325,6 +326,7 @@ class HttpGetClient:
         timeout: float = 1.0,
         max_body: int = MAX_BODY,
         headers: dict[str, str] | None = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port must be in 1..65535, got {port}")
@@ -334,6 +336,7 @@ class HttpGetClient:
         self.port = port
         self.timeout = timeout
         self.max_body = max_body
+        self.ssl = ssl  # None = plain http; else https with this context (verification is its business)
         self.authority = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
         extra = {"Host": self.authority, "Accept-Encoding": "identity", "Connection": "keep-alive",
                  **(headers or {})}
@@ -355,7 +358,7 @@ class HttpGetClient:
         self.connects = 0  # connections opened so far (reuse shows as few)
 
     def url(self, path: str) -> str:
-        return f"http://{self.authority}{path}"
+        return f"{'https' if self.ssl is not None else 'http'}://{self.authority}{path}"
 
     async def get(self, path: str = "/", *, timeout: float | None = None, max_body: int | None = None) -> Response:
         """One GET. Raises TimeoutError (whole request past `timeout`, connect included),
@@ -428,7 +431,9 @@ class HttpGetClient:
         self._drop()
         try:
             async with asyncio.timeout_at(deadline):
-                _, conn = await loop.create_connection(lambda: _Connection(loop), self.host, self.port)
+                _, conn = await loop.create_connection(lambda: _Connection(loop), self.host, self.port,
+                                                       ssl=self.ssl, ssl_handshake_timeout=self.timeout if self.ssl
+                                                       else None)
         except TimeoutError:
             raise TimeoutError(f"GET {self.url(path)} timed out connecting ({budget:g}s)") from None
         if generation != self._generation:  # close() ran meanwhile: keep nothing open
