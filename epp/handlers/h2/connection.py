@@ -118,7 +118,7 @@ class H2Connection(asyncio.Protocol):
         self.closing = False  # a connection error: GOAWAY sent, closing
         self.lost = False
         self.eof_sent = False  # after a connection error: nothing more is written
-        self.idle_since: float | None = None  # loop time the last stream ended (None: streams open)
+        self.idle_mark = -1  # last_sid at the previous idle check
         self.timer: asyncio.TimerHandle | None = None  # handshake, then idle timeout
 
     # ------------------------------------------------------------------ asyncio protocol
@@ -258,23 +258,24 @@ class H2Connection(asyncio.Protocol):
     def _handshake_done(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.idle_since = self.loop.time()
+        self.idle_mark = self.last_sid
         self.timer = self.loop.call_later(self.server.idle_timeout, self._idle_check)
 
     def _idle_check(self) -> None:
-        """One timer per connection, re-armed from the time it went idle (no per-stream timer)."""
+        """One timer per connection, every idle_timeout (nothing per stream): a connection with
+        no stream open now and none opened since the last check is closed, so after between
+        one and two idle_timeouts without streams."""
         self.timer = None
         if self.lost or self.closing:
             return
-        since = self.idle_since
-        if since is not None and self.loop.time() - since >= self.server.idle_timeout:
+        if not self.calls and self.last_sid == self.idle_mark:
             log.info("HTTP/2 connection idle for %gs: closed", self.server.idle_timeout)
             self.goaway_sid = self.last_sid
             self.out.append(goaway(self.last_sid, NO_ERROR, "idle"))
             self._close_when_idle()
             return
-        start = since if since is not None else self.loop.time()
-        self.timer = self.loop.call_at(start + self.server.idle_timeout, self._idle_check)
+        self.idle_mark = self.last_sid
+        self.timer = self.loop.call_later(self.server.idle_timeout, self._idle_check)
 
     # ------------------------------------------------------------------ frames
     def _idle_stream(self, sid: int) -> bool:
@@ -400,7 +401,6 @@ class H2Connection(asyncio.Protocol):
             call = Call(sid, None, self.peer_window)
             call.reject = (UNAVAILABLE, NOT_LEADER_MESSAGE)
         self.calls[sid] = call
-        self.idle_since = None
         if flags & END_STREAM:
             call.remote_closed = True
             self._pump(call)
@@ -600,6 +600,11 @@ class H2Connection(asyncio.Protocol):
         self._drain()
 
     def _reply(self, call: Call, replies: Sequence[bytes]) -> None:
+        limit = self.server.max_send_message
+        if limit and replies and max(map(len, replies)) > limit:  # as grpc-go's MaxSendMsgSize
+            self._finish(call, RESOURCE_EXHAUSTED, f"trying to send message larger than max "
+                                                   f"({max(map(len, replies))} vs. {limit})")
+            return
         if replies:
             if not call.headers_sent:
                 call.headers_sent = True
@@ -707,10 +712,8 @@ class H2Connection(asyncio.Protocol):
     def _forget(self, call: Call) -> None:
         self.calls.pop(call.sid, None)
         self.blocked.pop(call.sid, None)
-        if not self.calls:
-            self.idle_since = self.loop.time()
-            if self.goaway_sid is not None or self.peer_goaway:
-                self._close_when_idle()
+        if not self.calls and (self.goaway_sid is not None or self.peer_goaway):
+            self._close_when_idle()
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:

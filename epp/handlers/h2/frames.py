@@ -34,7 +34,7 @@ MAX_CONCURRENT_STREAMS = 1024  # per connection (SETTINGS_MAX_CONCURRENT_STREAMS
 WRITE_HIGH_WATER = 1 << 20  # stop reading while more than this waits in the socket's write buffer
 WRITE_LOW_WATER = 256 * 1024  # ... and read again below this
 HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to the client's preface and SETTINGS
-IDLE_TIMEOUT = 300.0  # seconds without an open stream before a graceful GOAWAY and close
+IDLE_TIMEOUT = 300.0  # a connection without streams for this long (up to twice) gets a graceful GOAWAY
 CLOSE_LINGER = 2.0  # seconds a failed connection drains the peer's bytes after GOAWAY before it is aborted
 GOAWAY_DEBUG_MAX = 256  # bytes of debug text in a GOAWAY
 
