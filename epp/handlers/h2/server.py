@@ -76,6 +76,7 @@ class H2GrpcServer:
         self.ssl_context = ssl_context
         self.max_message = max_message if max_message is not None else \
             handler.max_request_body_bytes + MAX_MESSAGE_SLACK
+        self.max_send_message = 0  # largest message sent, 0 = no limit (epp serve --grpc-max-send-msg-size)
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_block = max_header_block
         self.handshake_timeout = handshake_timeout
