@@ -9,9 +9,11 @@ never blocks and every datastore write happens on the loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -253,3 +255,101 @@ class Reflector:
             self._deliver(self._on_event, etype, obj)
         self._last_rv = (obj.get("metadata") or {}).get("resourceVersion") or self._last_rv
 
+
+
+# ---------------------------------------------------------------------- /metrics authentication
+# --metrics-endpoint-auth, as controller-runtime's filters.WithAuthenticationAndAuthorization:
+# the bearer token is checked with a TokenReview, the user with a SubjectAccessReview for
+# verb <method> on the nonResourceURL path; results cached as its delegating authenticator
+# (1 min) and authorizer (allowed 5 min, denied 30 s) cache them.
+TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+ACCESS_REVIEW_PATH = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+REVIEW_TIMEOUT = (CONNECT_TIMEOUT, 10.0)
+AUTHN_CACHE_TTL = 60.0
+AUTHZ_ALLOW_TTL = 300.0
+AUTHZ_DENY_TTL = 30.0
+MAX_CACHED_REVIEWS = 1024  # per cache; the oldest entry goes first
+
+
+def token_review(api: client.ApiClient, token: str) -> dict | None:
+    """The user ({username, uid, groups, extra}) the API server says `token` belongs to,
+    or None when it is not authenticated. API errors raise (the caller answers 500)."""
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
+    resp = api_request(api, "POST", TOKEN_REVIEW_PATH, body=body, timeout=REVIEW_TIMEOUT)
+    try:
+        status = orjson.loads(resp.data).get("status") or {}
+    finally:
+        resp.release_conn()
+    return (status.get("user") or {}) if status.get("authenticated") else None
+
+
+def access_review(api: client.ApiClient, user: dict, verb: str, path: str) -> bool:
+    """Whether `user` may `verb` the non-resource URL `path` (SubjectAccessReview)."""
+    spec = {"user": user.get("username", ""), "uid": user.get("uid", ""), "groups": user.get("groups") or [],
+            "extra": user.get("extra") or {}, "nonResourceAttributes": {"path": path, "verb": verb}}
+    body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}
+    resp = api_request(api, "POST", ACCESS_REVIEW_PATH, body=body, timeout=REVIEW_TIMEOUT)
+    try:
+        status = orjson.loads(resp.data).get("status") or {}
+    finally:
+        resp.release_conn()
+    return bool(status.get("allowed")) and not status.get("denied")
+
+
+class _TTLCache:
+    def __init__(self, bound: int = MAX_CACHED_REVIEWS) -> None:
+        self.bound = bound
+        self._items: dict[object, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: object, now: float) -> tuple[bool, object]:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None or hit[0] <= now:
+                return False, None
+            return True, hit[1]
+
+    def put(self, key: object, value: object, expires: float) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+            if len(self._items) >= self.bound:
+                self._items.pop(next(iter(self._items)))
+            self._items[key] = (expires, value)
+
+
+class MetricsAuthorizer:
+    """Decides a /metrics request from its Authorization header: 200, 401 or 403 (500 when
+    the API server cannot be asked). Blocking: call it from a thread."""
+
+    def __init__(self, api: client.ApiClient, clock: Callable[[], float] | None = None) -> None:
+        self.api = api
+        self.clock = clock or time.monotonic
+        self._authn = _TTLCache()
+        self._authz = _TTLCache()
+
+    def decide(self, authorization: str, verb: str, path: str) -> tuple[int, str]:
+        parts = authorization.strip().split(" ", 2)
+        if len(parts) < 2 or parts[0].lower() != "bearer" or not parts[1]:
+            return 401, "Unauthorized"
+        token = parts[1]
+        now = self.clock()
+        key = hashlib.sha256(token.encode()).digest()
+        hit, user = self._authn.get(key, now)
+        try:
+            if not hit:
+                user = token_review(self.api, token)
+                self._authn.put(key, user, now + AUTHN_CACHE_TTL)
+            if user is None:
+                return 401, "Unauthorized"
+            name = str(user.get("username", ""))  # type: ignore[union-attr]
+            akey = (name, tuple(user.get("groups") or ()), verb, path)  # type: ignore[union-attr]
+            hit, allowed = self._authz.get(akey, now)
+            if not hit:
+                allowed = access_review(self.api, user, verb, path)  # type: ignore[arg-type]
+                self._authz.put(akey, allowed, now + (AUTHZ_ALLOW_TTL if allowed else AUTHZ_DENY_TTL))
+        except Exception as e:  # noqa: BLE001 - API errors, network: the scrape fails, serving goes on
+            log.warning("/metrics authentication: the API server could not be asked: %s", e)
+            return 500, "Authentication failed"
+        if not allowed:
+            return 403, f"Authorization denied for user {name}"
+        return 200, ""
