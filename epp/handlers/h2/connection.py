@@ -189,6 +189,11 @@ class H2Connection(asyncio.Protocol):
     def _frames(self, buf: bytes | bytearray, pos: int) -> int:
         """Handle every complete frame in buf from pos; returns where the rest starts."""
         n = len(buf)
+        if not self.settings_seen and n - pos >= 9:  # the client's preface ends with SETTINGS
+            if buf[pos + 3] != SETTINGS or buf[pos + 4] & ACK:
+                raise ConnectionError_(PROTOCOL_ERROR, "the first frame must be SETTINGS")
+            self.settings_seen = True
+            self._handshake_done()
         handlers = self._handlers
         while n - pos >= 9 and not self.closing:
             length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
@@ -199,13 +204,8 @@ class H2Connection(asyncio.Protocol):
                 break
             ftype, flags = buf[pos + 3], buf[pos + 4]
             sid = U32.unpack_from(buf, pos + 5)[0] & MAX_WINDOW
-            payload = bytes(buf[pos + 9:end])
+            payload = buf[pos + 9:end]  # bytes, or a bytearray when the frame came in pieces
             pos = end
-            if not self.settings_seen:
-                if ftype != SETTINGS or flags & ACK:
-                    raise ConnectionError_(PROTOCOL_ERROR, "the first frame must be SETTINGS")
-                self.settings_seen = True
-                self._handshake_done()
             if self.continuation is not None and ftype != CONTINUATION:
                 raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
             if ftype < 10:
