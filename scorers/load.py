@@ -90,7 +90,9 @@ class LoadAwareScorer:
 
 
 class LoraAffinityScorer(NamedPlugin):
-    """1.0 adapter running; 0.8 room to load one more; 0.6 adapter waiting; else 0."""
+    """1.0 adapter running; 0.9 adapter registered on the server (its /v1/models lists it,
+    from models-data-source) but not in a batch slot yet; 0.8 room to load one more; 0.6
+    adapter waiting; else 0."""
 
     type_name = "lora-affinity-scorer"
 
@@ -101,6 +103,8 @@ class LoraAffinityScorer(NamedPlugin):
             m = e.metrics
             if model in m.running_lora_adapters:
                 out.append(1.0)
+            elif model in e.served.adapters:
+                out.append(0.9)
             elif len(m.running_lora_adapters) + len(m.waiting_lora_adapters) < m.max_active_models:
                 out.append(0.8)
             elif model in m.waiting_lora_adapters:

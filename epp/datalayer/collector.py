@@ -15,14 +15,20 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from ssl import SSLContext
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.extract import parse_metrics
 from epp.datalayer.httpget import HttpGetClient
-from epp.datalayer.specs import DEFAULT_ENGINE, DEFAULT_SPECS, EngineMetricSpec
-from epp.framework import ENGINE_TYPE_LABEL, Endpoint, Metrics
+from epp.datalayer.specs import (
+    DEFAULT_ENGINE,
+    DEFAULT_SPECS,
+    ENGINE_LABEL_KEY,
+    LEGACY_ENGINE_LABEL_KEY,
+    EngineMetricSpec,
+)
+from epp.framework import Endpoint, Metrics
 
 log = logging.getLogger("epp.datalayer")
 
@@ -59,6 +65,8 @@ class EndpointPoller:
     `ssl` context means https."""
 
     what = "poll"  # for log lines
+    source_type = ""  # the reference's plugin type names, for the picker's datalayer error counters
+    extractor_type = ""
 
     def __init__(
         self,
@@ -89,6 +97,9 @@ class EndpointPoller:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._listening = False
+        # Told "poll" (fetch failed: connect, timeout, status, size) or "extract" (the answer
+        # could not be used) on each failure, e.g. to count llm_d_epp_datalayer_*_errors_total.
+        self.on_error: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -166,14 +177,17 @@ class EndpointPoller:
 
     async def _poll_once(self, ep: Endpoint, client: HttpGetClient, stats: ScrapeStats) -> None:
         was_ok = self._ok(ep)
+        kind = "poll"
         try:
             # The cap is read per poll so it can be lowered at run time (tests do).
             resp = await client.get(self.path, max_body=self.max_body or MAX_PAGE_BYTES)
             resp.raise_for_status(200)
+            kind = "extract"
             self._handle(ep, resp.body, stats)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure only marks the endpoint's data stale
+            self._count_error(kind)
             stats.failed += 1
             stats.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             if was_ok or stats.failed == 1:
@@ -183,6 +197,13 @@ class EndpointPoller:
         if not was_ok and stats.failed:
             log.info("%s of %s (%s) recovered", self.what, ep.name, client.url(self.path))
         stats.ok += 1
+
+    def _count_error(self, kind: str) -> None:
+        if self.on_error is not None:
+            try:
+                self.on_error(kind)
+            except Exception:  # noqa: BLE001 - a counter must never stop polling
+                log.exception("%s error hook failed", self.what)
 
     def _ok(self, ep: Endpoint) -> bool:
         """The endpoint's data from this source is currently good."""
@@ -202,6 +223,8 @@ class MetricsCollector(EndpointPoller):
     into Endpoint.metrics, by the engine spec its engine-type label selects."""
 
     what = "scrape"
+    source_type = "metrics-data-source"
+    extractor_type = "core-metrics-extractor"
 
     def __init__(
         self,
@@ -212,8 +235,8 @@ class MetricsCollector(EndpointPoller):
         specs: Mapping[str, EngineMetricSpec] | None = None,
         port_override: int = 0,
         path: str = "/metrics",
-        engine_label: str = ENGINE_TYPE_LABEL,
-        legacy_engine_label: str = "",
+        engine_label: str = ENGINE_LABEL_KEY,
+        legacy_engine_label: str = LEGACY_ENGINE_LABEL_KEY,
         default_engine: str = DEFAULT_ENGINE,
         ssl: SSLContext | None = None,
     ) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from epp.framework import Endpoint, Metrics
+from epp.framework.types import ServedModels
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,9 @@ class Datastore:
 
     def set_metrics(self, endpoint: Endpoint, metrics: Metrics) -> None:
         endpoint.metrics = metrics
+
+    def set_served(self, endpoint: Endpoint, served: ServedModels) -> None:
+        endpoint.served = served
 
     def on_endpoints_removed(self, listener: Callable[[Sequence[Endpoint]], None]) -> None:
         self._removed_listeners.append(listener)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_ENGINE = "vllm"
+ENGINE_LABEL_KEY = "llm-d.ai/engine-type"  # the endpoint label naming its engine (reference default)
+LEGACY_ENGINE_LABEL_KEY = "inference.networking.k8s.io/engine-type"  # read when ENGINE_LABEL_KEY is absent
 RESERVED_ENGINE = "default"  # the reference's name for the fallback mapping; not an engine config name
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")

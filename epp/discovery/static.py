@@ -18,6 +18,12 @@ The file (`--endpoints-file`) holds endpoints, model rewrites and objectives:
 Edits apply live; a bad edit is logged with the offending key and the previous state
 is kept. Editors that save by rename-replace are seen too: the watcher compares the
 path's inode as well as its mtime and size.
+
+The reference's no-Kubernetes mode reads the same shape: its `file-discovery` plugin
+(`dataLayer.discovery.pluginRef`, parameters `path` and `watchFile`) names a YAML or JSON
+file `{endpoints: [{name, namespace, address, port, labels}]}` with ports written as
+strings ("8000"), capped at 1 MiB. epp.discovery.file.FileDiscovery is that plugin, run
+by this same loader and watcher (watching only with `watchFile: true`).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from epp.netaddr import parse_hostport, parse_ip
 log = logging.getLogger("epp.discovery.static")
 
 MAX_REWRITE_WEIGHT = 1_000_000
+MAX_FILE_BYTES = 1 << 20  # an endpoints file (the reference's file-discovery cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +121,10 @@ def _endpoint(raw: Any, where: str) -> EndpointSpec:
     m = _mapping(raw, where, ("name", "address", "port", "labels", "namespace"), ("address", "port"))
     address_text = _str(m["address"], f"{where}.address")
     address = parse_ip(address_text.strip("[]"), f"{where}.address", address_text)
-    port = _int(m["port"], f"{where}.port")
+    raw_port = m["port"]
+    if isinstance(raw_port, str) and raw_port.strip().isdigit() and len(raw_port.strip()) <= 5:
+        raw_port = int(raw_port)  # the reference's file format writes ports as strings
+    port = _int(raw_port, f"{where}.port")
     if not 0 < port < 65536:
         raise ValueError(f"{where}.port: {port} is out of range 1-65535")
     labels: dict[str, str] = {}
@@ -197,10 +207,14 @@ def parse_endpoints_file(text: str) -> StaticPool:
 
 def load_endpoints_file(path: str) -> StaticPool:
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ValueError(f"{path}: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: endpoints file exceeds {MAX_FILE_BYTES} bytes (1 MiB)")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
     try:
@@ -222,13 +236,14 @@ class StaticDiscovery:
     """Fills the datastore from flags or a file; watches the file for edits."""
 
     def __init__(self, datastore: Datastore, *, endpoints: Sequence[str] = (), file: str = "",
-                 poll_interval: float = 0.25) -> None:
+                 poll_interval: float = 0.25, watch: bool = True) -> None:
         if endpoints and file:
             raise ValueError("--endpoints and --endpoints-file are mutually exclusive")
         self.datastore = datastore
         self.endpoints = list(endpoints)
         self.file = file
         self.poll_interval = poll_interval
+        self.watch = watch  # re-read the file on edits
         self.reloads = 0  # successful applies of the file (start-up included)
         self.last_error = ""  # the last rejected edit, "" once a good one applies
         self._file_id: tuple[int, int, int, int] | None = None
@@ -240,7 +255,8 @@ class StaticDiscovery:
         if self.file:
             self._file_id = _file_id(self.file)
             self._apply(load_endpoints_file(self.file))
-            self._task = asyncio.get_running_loop().create_task(self._watch(), name="watch endpoints file")
+            if self.watch:
+                self._task = asyncio.get_running_loop().create_task(self._watch(), name="watch endpoints file")
         else:
             self.datastore.replace_all(endpoints_from_flag(self.endpoints))
         self.datastore.synced = True
@@ -280,3 +296,4 @@ class StaticDiscovery:
     def _reject(self, message: str) -> None:
         self.last_error = message
         log.error("endpoints file edit rejected, keeping the previous state: %s", message)
+

@@ -38,6 +38,20 @@ class Metrics:
         return now - self.update_time if self.update_time else float("inf")
 
 
+@dataclass(frozen=True, slots=True)
+class ServedModels:
+    """An endpoint's /v1/models answer (models-data-source + models-data-extractor):
+    base models, and LoRA adapters (entries with a `parent`) with their base model."""
+
+    models: frozenset[str] = frozenset()
+    adapters: Mapping[str, str] = field(default_factory=dict)  # adapter -> parent (base) model
+    update_time: float = 0.0  # time.monotonic() of the poll; 0.0 = never polled
+    ok: bool = False  # last poll succeeded
+
+    def names(self) -> frozenset[str]:
+        return self.models | frozenset(self.adapters)
+
+
 @dataclass(eq=False, slots=True)
 class Endpoint:
     """One model-server endpoint (a pod's target port). Identity is the object itself:
@@ -51,6 +65,7 @@ class Endpoint:
     namespace: str = "default"
     pod_name: str = ""
     metrics: Metrics = field(default_factory=Metrics)
+    served: ServedModels = field(default_factory=ServedModels)  # replaced wholesale by the models source
     in_flight: int = 0  # requests this picker routed here and that have not completed
     in_flight_tokens: int = 0  # estimated prompt+output tokens of those requests
     hostport: str = ""  # "ip:port", IPv6 bracketed; derived

@@ -1,0 +1,140 @@
+"""Runs the configured data layer: each source with the extractors bound to it
+(`dataLayer.sources[{pluginRef, extractors[{pluginRef}]}]`) becomes a background poller
+or an endpoint-event subscription over the datastore.
+
+The pairing is checked when bound, by payload kind (a source's `output_kind`, an
+extractor's `input_kind`), so a metrics source with a models extractor is a start-up
+error naming both, as in the reference. This module names no plugin type: the kinds are
+what sources and extractors declare.
+
+    layer = DataLayer(datastore, base_interval=options.refresh_metrics_interval)
+    layer.bind(source, [extractor, ...], where="dataLayer.sources[0]")   # ValueError if they do not fit
+    await layer.start() ... await layer.stop()
+
+With no metrics source configured the reference injects metrics-data-source ->
+core-metrics-extractor with their defaults (unless `dataLayer.injectDefaults: false`);
+the config loader does that, or `add_metrics` runs the same scraper from flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from epp.datalayer.collector import EndpointPoller, MetricsCollector
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.kinds import ENDPOINT_EVENTS, OPENAI_MODELS, PROMETHEUS_TEXT
+from epp.datalayer.models import ModelsCollector
+from epp.framework import Endpoint
+
+log = logging.getLogger("epp.datalayer")
+
+DEFAULT_POLL_TIMEOUT = 1.0  # seconds per poll (the reference's per-step timeout)
+UPSERT, DELETE = "upsert", "delete"  # endpoint events
+
+
+class Source(Protocol):
+    name: str
+    output_kind: str
+
+
+class Extractor(Protocol):
+    name: str
+    input_kind: str
+
+
+class DataLayer:
+    def __init__(self, datastore: Datastore, *, base_interval: float = 0.05, timeout: float = DEFAULT_POLL_TIMEOUT,
+                 metrics_port_override: int = 0) -> None:
+        self.datastore = datastore
+        self.base_interval = base_interval
+        self.timeout = timeout
+        self.metrics_port_override = metrics_port_override  # the v1.5 --model-server-metrics-port flag
+        self.pollers: list[EndpointPoller] = []
+        self._event_extractors: list[Any] = []
+        self._known: dict[Endpoint, dict[str, str]] = {}  # endpoint -> labels last told
+        self._listening = False
+        self._bound: set[str] = set()
+
+    # ------------------------------------------------------------------ wiring (start-up)
+    def bind(self, source: Any, extractors: Sequence[Any], where: str = "dataLayer.sources") -> None:
+        """Attach one configured source with its extractors; ValueError naming `where`
+        when they do not fit together."""
+        kind = getattr(source, "output_kind", None)
+        if kind is None:
+            raise ValueError(f"{where}.pluginRef: plugin {source.name!r} is not a data source")
+        if source.name in self._bound:
+            raise ValueError(f"{where}.pluginRef: source {source.name!r} is listed twice")
+        for i, ex in enumerate(extractors):
+            wanted = getattr(ex, "input_kind", None)
+            if kind == ENDPOINT_EVENTS:
+                if not callable(getattr(ex, "extract_endpoint", None)):
+                    raise ValueError(f"{where}.extractors[{i}].pluginRef: {ex.name!r} does not take endpoint "
+                                     f"events, which source {source.name!r} delivers")
+            elif wanted != kind:
+                raise ValueError(f"{where}.extractors[{i}].pluginRef: extractor {ex.name!r} reads "
+                                 f"{wanted or 'no data source payload'}, but source {source.name!r} yields {kind}")
+        if kind in (PROMETHEUS_TEXT, OPENAI_MODELS) and len(extractors) != 1:
+            raise ValueError(f"{where}.extractors: source {source.name!r} needs exactly one extractor "
+                             f"(got {len(extractors)}): each endpoint has one snapshot of what it publishes")
+        self._bound.add(source.name)
+        if kind == PROMETHEUS_TEXT:
+            ex = extractors[0]
+            self.pollers.append(MetricsCollector(
+                self.datastore, interval=source.interval(self.base_interval), timeout=self.timeout,
+                specs=ex.specs, port_override=source.port or self.metrics_port_override, path=source.path,
+                engine_label=ex.engine_label, legacy_engine_label=ex.legacy_engine_label,
+                default_engine=ex.default_engine, ssl=source.ssl_context))
+        elif kind == OPENAI_MODELS:
+            self.pollers.append(ModelsCollector(self.datastore, interval=source.interval(self.base_interval),
+                                                timeout=self.timeout, path=source.path, ssl=source.ssl_context))
+        elif kind == ENDPOINT_EVENTS:
+            self._event_extractors.extend(extractors)
+        else:
+            raise ValueError(f"{where}.pluginRef: source {source.name!r} yields {kind!r}, which nothing runs")
+
+    def add_metrics(self, **collector_args: Any) -> MetricsCollector:
+        """A metrics scraper not configured as plugins (flags, the project's engineMetrics)."""
+        collector = MetricsCollector(self.datastore, interval=self.base_interval, timeout=self.timeout,
+                                     **collector_args)
+        self.pollers.append(collector)
+        return collector
+
+    def has_metrics_source(self) -> bool:
+        return any(isinstance(p, MetricsCollector) for p in self.pollers)
+
+    @property
+    def metrics(self) -> MetricsCollector | None:
+        return next((p for p in self.pollers if isinstance(p, MetricsCollector)), None)
+
+    # ------------------------------------------------------------------ running
+    async def start(self) -> None:
+        for poller in self.pollers:
+            await poller.start()
+        if self._event_extractors and not self._listening:
+            self._listening = True
+            self.datastore.on_endpoints_changed(self._endpoints_changed)
+            self._endpoints_changed()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(p.stop() for p in self.pollers))
+
+    def _endpoints_changed(self) -> None:
+        """Endpoint events from the datastore's changes: delete for the endpoints gone,
+        upsert for the new ones and the ones whose labels changed."""
+        current = {ep: dict(ep.labels) for ep in self.datastore.endpoints()}
+        known, self._known = self._known, current
+        for ep in sorted((e for e in known if e not in current), key=lambda e: e.name):
+            self._notify(DELETE, ep)
+        for ep, labels in current.items():
+            if known.get(ep) != labels:
+                self._notify(UPSERT, ep)
+
+    def _notify(self, event: str, ep: Endpoint) -> None:
+        for ex in self._event_extractors:
+            try:
+                ex.extract_endpoint(event, ep)
+            except Exception:  # noqa: BLE001 - one extractor's failure must not stop discovery
+                log.exception("endpoint-notification extractor %s failed on %s %s", ex.name, event, ep.name)

@@ -1,0 +1,181 @@
+"""Data-layer source plugins of the reference's EndpointPickerConfig (`dataLayer.sources`):
+metrics-data-source and models-data-source poll every endpoint over HTTP(S);
+endpoint-notification-source hands endpoint add/delete events to its extractors;
+k8s-notification-source is refused (see K8sNotificationSource).
+
+A source only says where and how to fetch (scheme, port, path, TLS, interval) and what
+payload it yields (`output_kind`); the extractors bound to it (epp.datalayer.extractors)
+say what to make of it, and epp.datalayer.runtime runs the pair.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import ClassVar
+
+from epp.datalayer.kinds import ENDPOINT_EVENTS, OPENAI_MODELS, PROMETHEUS_TEXT
+from epp.framework import PluginError, PluginHandle
+from epp.units import UnitError, parse_duration
+
+
+@dataclass(slots=True)
+class HttpSourceParams:
+    """Parameters shared by the HTTP polling sources (names and defaults as the reference's)."""
+
+    scheme: str = "http"
+    path: str = "/metrics"
+    insecureSkipVerify: bool = True  # noqa: N815 - the reference's parameter names
+    caCertPath: str = ""  # noqa: N815
+    clientCertPath: str = ""  # noqa: N815
+    clientKeyPath: str = ""  # noqa: N815
+    interval: str = ""  # Go duration; "" = every --refresh-metrics-interval tick
+
+    def validate(self) -> None:
+        if self.scheme not in ("http", "https"):
+            raise ValueError(f"scheme: unsupported scheme {self.scheme!r} (http or https)")
+        if not self.path.startswith("/") or not self.path.isascii() or not self.path.isprintable() \
+                or " " in self.path:
+            raise ValueError(f"path: must be an absolute URL path, got {self.path!r}")
+        if bool(self.clientCertPath) != bool(self.clientKeyPath):
+            raise ValueError("clientCertPath: clientCertPath and clientKeyPath must be set together")
+        if self.interval:
+            try:
+                parse_duration(self.interval)
+            except UnitError as e:
+                raise ValueError(f"interval: {e}") from None
+        client_ssl_context(self)  # certificate files are read at start-up: a bad one names its key
+
+    def interval_seconds(self) -> float:
+        return parse_duration(self.interval) if self.interval else 0.0
+
+
+def client_ssl_context(p: HttpSourceParams) -> ssl.SSLContext | None:
+    """The TLS client context for https (None for http): the target's certificate is
+    verified against caCertPath (else the system CAs) unless insecureSkipVerify; a client
+    certificate is presented for mTLS when clientCertPath/clientKeyPath are set. A file
+    that cannot be used raises ValueError starting with the parameter's name."""
+    if p.scheme != "https":
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if p.insecureSkipVerify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif p.caCertPath:
+        try:
+            ctx.load_verify_locations(cafile=p.caCertPath)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"caCertPath: cannot load CA bundle {p.caCertPath}: {e}") from None
+    else:
+        ctx.load_default_certs()
+    if p.clientCertPath:
+        try:
+            ctx.load_cert_chain(p.clientCertPath, p.clientKeyPath)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"clientCertPath: cannot load client certificate {p.clientCertPath} "
+                             f"with key {p.clientKeyPath}: {e}") from None
+    return ctx
+
+
+class HttpPollingSource:
+    """Base of the HTTP polling sources: parsed parameters and the TLS context."""
+
+    type_name: ClassVar[str]
+    output_kind: ClassVar[str]
+    Params: ClassVar[type] = HttpSourceParams
+
+    def __init__(self, name: str, params: HttpSourceParams | None, handle: PluginHandle | None = None) -> None:
+        self.name = name
+        self.params = params if params is not None else self.Params()
+        try:
+            self.ssl_context = client_ssl_context(self.params)
+        except ValueError as e:
+            raise PluginError(f"{name}.parameters.{e}") from None
+
+    @property
+    def path(self) -> str:
+        return self.params.path
+
+    @property
+    def port(self) -> int:
+        """0 = the endpoint's own port."""
+        return 0
+
+    def interval(self, base: float) -> float:
+        """The poll period: the configured interval rounded to the nearest multiple of
+        the base tick (--refresh-metrics-interval), at least one tick, as the reference does."""
+        wanted = self.params.interval_seconds()
+        return base * max(1, round(wanted / base)) if wanted else base
+
+
+@dataclass(slots=True)
+class MetricsSourceParams(HttpSourceParams):
+    port: int | None = None  # overrides the endpoint's port for every endpoint of the source
+
+    def validate(self) -> None:
+        HttpSourceParams.validate(self)
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise ValueError(f"port: invalid port {self.port}: must be between 1 and 65535")
+
+
+class MetricsDataSource(HttpPollingSource):
+    """Polls each endpoint's Prometheus page (default http://<endpoint>/metrics)."""
+
+    type_name = "metrics-data-source"
+    output_kind = PROMETHEUS_TEXT
+    Params = MetricsSourceParams
+
+    @property
+    def port(self) -> int:
+        return self.params.port or 0
+
+
+@dataclass(slots=True)
+class ModelsSourceParams(HttpSourceParams):
+    path: str = "/v1/models"
+
+
+class ModelsDataSource(HttpPollingSource):
+    """Polls each endpoint's OpenAI model list (default http://<endpoint>/v1/models)."""
+
+    type_name = "models-data-source"
+    output_kind = OPENAI_MODELS
+    Params = ModelsSourceParams
+
+
+class EndpointNotificationSource:
+    """Endpoint lifecycle events (added or updated, deleted) passed to its extractors
+    unchanged; an extractor bound to it implements `extract_endpoint(event, endpoint)`
+    with event "upsert" or "delete"."""
+
+    type_name = "endpoint-notification-source"
+    output_kind = ENDPOINT_EVENTS
+
+    def __init__(self, name: str, params: None = None, handle: PluginHandle | None = None) -> None:
+        self.name = name
+
+
+@dataclass(slots=True)
+class K8sNotificationParams:
+    group: str = ""
+    version: str = ""
+    kind: str = ""
+
+
+class K8sNotificationSource:
+    """The reference's k8s-notification-source watches one Kubernetes kind and hands its
+    events to NotificationExtractors, an interface no built-in plugin implements (the
+    reference ships none either: it exists for out-of-tree Go plugins). Accepting it would
+    watch for nobody, so it is refused at start-up."""
+
+    type_name = "k8s-notification-source"
+    Params = K8sNotificationParams
+
+    def __init__(self, name: str, params: K8sNotificationParams | None, handle: PluginHandle | None = None) -> None:
+        p = params or K8sNotificationParams()
+        if not p.version or not p.kind:
+            raise PluginError(f"plugins[{name}].parameters: version and kind are required for k8s-notification-source")
+        raise PluginError(
+            f"plugins[{name}]: k8s-notification-source (watching {p.group or 'core'}/{p.version} {p.kind}) is not "
+            "supported: it feeds Kubernetes object events to notification extractors, and this picker has no "
+            "extractor that consumes them (remove it, or bind endpoint events with endpoint-notification-source)")
