@@ -37,7 +37,7 @@ from bench.workloads import LoadSpec, WorkItem, arrival_times
 from epp.errors import InferenceError
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
 from epp.requestcontrol.inflight import InFlightCharge
-from epp.requestcontrol.parsers.openai import parse_request
+from epp.requestcontrol.parsers.openai import parse_body
 from simulator.clock import VirtualClock
 from simulator.engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong, block_hashes
 from simulator.tokenizer import apply_chat_template, encode
@@ -384,7 +384,7 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
         t0 = time.perf_counter()
         try:
             if router.needs_request:
-                request = parse_request(prompt.body, {}, f"req-{item.index}", "/v1/chat/completions")
+                request = parse_body(prompt.body, f"req-{item.index}", "/v1/chat/completions")
             server = router.route(item, prompt, request)
         except InferenceError as e:
             state["routing"] += time.perf_counter() - t0

@@ -8,14 +8,15 @@ import pytest
 
 from epp.errors import InferenceError
 from epp.framework import ResponseInfo
-from epp.requestcontrol.director import subset_ips
-from epp.requestcontrol.parsers.openai import kind_from_path, parse_request, rewritten_body
+from epp.requestcontrol import headers as control
+from epp.requestcontrol.director import rewritten_body, subset_ips
+from epp.requestcontrol.parsers.openai import kind_from_path, parse_body
 from epp.requestcontrol.responses import MAX_SSE_LINE, LineBuffer, ModelNameRestorer, UsageParser
 
 
 def parse(body: dict | bytes, path: str = "/v1/completions", **headers: str):
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return parse_request(raw, {k.replace("_", "-"): v for k, v in headers.items()}, "rid", path)
+    return control.apply(parse_body(raw, "rid", path), {k.replace("_", "-"): v for k, v in headers.items()})
 
 
 def test_completions_prompt_string_and_list():
@@ -68,7 +69,7 @@ def test_bad_bodies_are_bad_request(body, path, message):
 
 
 def test_empty_body_is_bodiless():
-    r = parse_request(b"", {}, "rid", "/v1/models")
+    r = parse_body(b"", "rid", "/v1/models")
     assert (r.kind, r.target_model) == ("none", "")
 
 

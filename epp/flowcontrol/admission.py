@@ -19,7 +19,13 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from epp.config import FLOW_CONTROL_GATE
-from epp.errors import resource_exhausted, service_unavailable
+from epp.errors import (
+    REJECTED_SATURATED,
+    REJECTED_SHUTTING_DOWN,
+    REJECTED_TTL_EXPIRED,
+    resource_exhausted,
+    service_unavailable,
+)
 from epp.flowcontrol.queues import FlowQueues, QueueObserver, Waiter
 from epp.framework import Endpoint, InferenceRequest
 
@@ -90,7 +96,7 @@ class AdmissionController:
         queues = self.queues
         if queues is None:
             if request.priority < 0 and self._saturation(candidates) >= 1.0:
-                raise resource_exhausted("system saturated, sheddable request dropped")
+                raise resource_exhausted("system saturated, sheddable request dropped", REJECTED_SATURATED)
             return self._admitted()
         if queues.count == 0 and self._saturation(candidates) < 1.0:
             return self._admitted()
@@ -106,7 +112,8 @@ class AdmissionController:
             if _dispatched(waiter):
                 return self._admitted()  # dispatched in the same instant the timer fired
             queues.remove(waiter, "rejected_ttl")
-            raise service_unavailable(f"request expired in the flow-control queue after {ttl:g}s") from None
+            raise service_unavailable(f"request expired in the flow-control queue after {ttl:g}s",
+                                      REJECTED_TTL_EXPIRED) from None
         except asyncio.CancelledError:
             if not _dispatched(waiter):
                 queues.remove(waiter, "cancelled")
@@ -161,7 +168,7 @@ class AdmissionController:
         if self.queues is not None:
             for w in self.queues.drain():
                 if not w.future.done():
-                    w.future.set_exception(service_unavailable("picker shutting down"))
+                    w.future.set_exception(service_unavailable("picker shutting down", REJECTED_SHUTTING_DOWN))
 
 
 def _dispatched(waiter: Waiter) -> bool:

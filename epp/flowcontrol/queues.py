@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from epp.errors import resource_exhausted
+from epp.errors import REJECTED_SATURATED, resource_exhausted
 from epp.framework import Endpoint, InferenceRequest
 
 if TYPE_CHECKING:
@@ -77,11 +77,12 @@ class FlowQueues:
         cfg = band.config
         if cfg.max_requests and band.count >= cfg.max_requests:
             raise resource_exhausted(f"flow-control queue of priority {cfg.priority} is full "
-                                     f"({cfg.max_requests} requests)")
+                                     f"({cfg.max_requests} requests)", REJECTED_SATURATED)
         if cfg.max_bytes and band.bytes + size > cfg.max_bytes:
-            raise resource_exhausted(f"flow-control queue of priority {cfg.priority} is full ({cfg.max_bytes} bytes)")
+            raise resource_exhausted(f"flow-control queue of priority {cfg.priority} is full ({cfg.max_bytes} bytes)",
+                                     REJECTED_SATURATED)
         if fc.max_bytes and self.bytes + size > fc.max_bytes:
-            raise resource_exhausted(f"flow-control queues are full ({fc.max_bytes} bytes)")
+            raise resource_exhausted(f"flow-control queues are full ({fc.max_bytes} bytes)", REJECTED_SATURATED)
         waiter = Waiter(next(self._seq), request, candidates, size, self.clock(),
                         asyncio.get_running_loop().create_future())
         flow = band.flows.get(request.fairness_id)

@@ -105,6 +105,18 @@ class PDDecider(Plugin, Protocol):
     def disaggregate(self, cycle: CycleState, request: InferenceRequest, decode_endpoint: Endpoint) -> bool: ...
 
 
+@runtime_checkable
+class Parser(Plugin, Protocol):
+    """RequestParsing: a request body -> the InferenceRequest the scheduler sees. `paths`
+    are the path suffixes it claims (the longest claim across parsers wins); none makes it
+    the fallback for unclaimed paths. A body it cannot parse raises InferenceError (400)."""
+
+    paths: ClassVar[tuple[str, ...]]
+
+    def parse_request(self, body: bytes, headers: Mapping[str, str], request_id: str,
+                      path: str) -> InferenceRequest: ...
+
+
 @dataclass(slots=True)
 class SchedulerProfile:
     name: str
@@ -144,6 +156,7 @@ EXTENSION_POINTS: dict[str, str] = {
     "EndpointsChanged": "endpoints_removed",
     "SaturationDetector": "saturation",
     "PDDecider": "disaggregate",  # called by the P/D profile handler, not by a runner
+    "Parser": "parse_request",  # called by the director's parser chain (requestHandler.parsers)
 }
 
 

@@ -54,6 +54,12 @@ BUILTINS: dict[str, str] = {
     "approx-prefix-cache-producer": "epp.requestcontrol.producers.prefix:ApproxPrefixCacheProducer",
     # saturation detectors (flowcontrol)
     "utilization-detector": "epp.flowcontrol.saturation:UtilizationDetector",
+    # request parsers (requestHandler.parsers)
+    "openai-parser": "epp.requestcontrol.parsers.openai:OpenAIParser",
+    "anthropic-parser": "epp.requestcontrol.parsers.anthropic:AnthropicParser",
+    "vllmhttp-parser": "epp.requestcontrol.parsers.vllmhttp:VllmHTTPParser",
+    "sglanghttp-parser": "epp.requestcontrol.parsers.sglanghttp:SGLangHTTPParser",
+    "passthrough-parser": "epp.requestcontrol.parsers.passthrough:PassthroughParser",
 }
 
 _loaded: dict[str, type] = {}

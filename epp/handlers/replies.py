@@ -71,7 +71,8 @@ def header_option(key: str, value: str) -> HeaderValueOption:
 def immediate_reply(error: InferenceError) -> bytes:
     return ProcessingResponse(immediate_response=ImmediateResponse(
         status=HttpStatus(code=error.http_status),
-        headers=HeaderMutation(set_headers=[header_option("content-type", "text/plain")]),
+        headers=HeaderMutation(set_headers=[header_option("content-type", "text/plain"),
+                                            *(header_option(k, v) for k, v in error.headers.items())]),
         body=error.body,
         details=f"inference error: {error.code}",
     )).SerializeToString()

@@ -17,22 +17,34 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import orjson
+
 from epp.datalayer.datastore import Datastore
-from epp.errors import InferenceError, service_unavailable
-from epp.framework import Endpoint, InferenceRequest, ResponseInfo, SchedulingResult
+from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, service_unavailable
+from epp.framework import Endpoint, InferenceRequest, Parser, ResponseInfo, SchedulingResult
 from epp.logsafe import clean
 from epp.netaddr import split_list
+from epp.requestcontrol import headers as control
 from epp.requestcontrol.contracts import AdmissionGate, Release, RequestPlugins, ResponseHook
 from epp.requestcontrol.explain import ExplainResult
 from epp.requestcontrol.inflight import InFlightCharge
-from epp.requestcontrol.parsers.openai import MODEL_REWRITE_HEADER, parse_request, rewritten_body
+from epp.requestcontrol.parsers import ParserChain, default_parsers
 from epp.requestcontrol.responses import ModelNameRestorer, UsageParser
 from epp.scheduling.scheduler import SchedulingTrace
 from epp.telemetry import Telemetry, pool_models
 
 log = logging.getLogger("epp.requestcontrol.director")
 
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = control.REQUEST_ID
+
+
+def rewritten_body(request: InferenceRequest) -> bytes:
+    """The parsed JSON body with `model` set to the request's target model (after a rewrite).
+    Parsers that forward the body unparsed leave `body` None: their bodies are not rewritten,
+    as the reference rewrites only parsed payload maps."""
+    data = dict(request.body or {})
+    data["model"] = request.target_model
+    return orjson.dumps(data)
 
 
 def subset_ips(hint: Sequence[str]) -> frozenset[str]:
@@ -73,12 +85,16 @@ class RequestContext:
 
 class Director:
     """One request's control flow. `plugins` is the configured plugin set (scheduling
-    cycle and response hooks); `admission` is the flow-control gate, built by the caller."""
+    cycle and response hooks); `admission` is the flow-control gate, built by the caller;
+    `parsers` the request parsers in requestHandler order (None: the reference's default
+    list, openai, anthropic, vllmhttp, passthrough)."""
 
     def __init__(self, datastore: Datastore, plugins: RequestPlugins, *, admission: AdmissionGate,
                  telemetry: Telemetry | None = None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic, staleness: float | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, staleness: float | None = None,
+                 parsers: Sequence[Parser] | None = None) -> None:
         self.datastore = datastore
+        self.parsers = ParserChain(default_parsers() if parsers is None else parsers)
         # An endpoint whose scrapes have failed for longer than this is presumed down
         # (static endpoints have no readiness probe to take them out); None = never.
         self.staleness = staleness
@@ -108,9 +124,14 @@ class Director:
     def prepare(self, ctx: RequestContext, body: bytes) -> InferenceRequest:
         """Parse, rewrite the model, resolve the objective (no side effects on the pool)."""
         headers = ctx.headers
-        request = parse_request(body, headers, ctx.key, headers.get(":path", ""))
+        if body:
+            request = self.parsers.parse(body, headers, ctx.key)
+        else:  # bodiless (e.g. GET /v1/models): routed on headers alone
+            request = InferenceRequest(request_id=ctx.key, target_model="", incoming_model="", kind="none",
+                                       prompt_text="", headers=headers)
+        control.apply(request, headers)
         if request.incoming_model:
-            override = headers.get(MODEL_REWRITE_HEADER)
+            override = control.model_name_rewrite(headers)
             target = override or self.datastore.rewrite_model(request.incoming_model, self.rng)
             if target and target != request.incoming_model:
                 request.target_model = target
@@ -123,11 +144,11 @@ class Director:
         endpoints = self.datastore.endpoints()
         if subset is not None:
             if not subset:
-                raise service_unavailable("endpoint subset hint is empty")
+                raise service_unavailable("endpoint subset hint is empty", REJECTED_NO_ENDPOINTS)
             ips = subset_ips(subset)
             endpoints = [e for e in endpoints if e.address in ips]
             if not endpoints:
-                raise service_unavailable("no pool endpoint matches the endpoint subset hint")
+                raise service_unavailable("no pool endpoint matches the endpoint subset hint", REJECTED_NO_ENDPOINTS)
         return self.reachable(endpoints)
 
     def reachable(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from epp.errors import resource_exhausted, service_unavailable
+from epp.errors import REJECTED_NO_ENDPOINTS, REJECTED_SATURATED, resource_exhausted, service_unavailable
 from epp.framework import (
     CycleState,
     Endpoint,
@@ -120,7 +120,7 @@ class Scheduler:
     def schedule(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint],
                  trace: SchedulingTrace | None = None) -> SchedulingResult:
         if not candidates:
-            raise service_unavailable("no candidate endpoints for the request")
+            raise service_unavailable("no candidate endpoints for the request", REJECTED_NO_ENDPOINTS)
         results: dict[str, ProfileRunResult | None] = {}
         while True:
             chosen = self.handler.pick_profiles(cycle, request, self.profiles, results)
@@ -138,7 +138,7 @@ class Scheduler:
         if trace is not None:
             trace.primary_profile = result.primary_profile
         if not result.targets:
-            raise resource_exhausted("failed to find candidate endpoints for serving the request")
+            raise resource_exhausted("failed to find candidate endpoints for serving the request", REJECTED_SATURATED)
         return result
 
     def run_profile(self, profile: SchedulerProfile, cycle: CycleState, request: InferenceRequest,

@@ -1,0 +1,100 @@
+"""Request parsing: the chain of Parser plugins (the reference's requestHandler.parsers and
+its ParserRegistry, pkg/epp/handlers/parsers.go).
+
+Each parser claims path suffixes; a request goes to the parser with the longest claimed
+suffix of its path, whatever the order. A parser claiming no path is the fallback for
+everything unclaimed; parsers listed after it are skipped (with a warning), and a second
+parser of a type already listed is skipped too. Without a fallback an unclaimed path is
+a 400. With no requestHandler configured the chain is DEFAULT_PARSER_TYPES: openai,
+anthropic, vllmhttp, then passthrough as the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from epp.errors import InferenceError, bad_request
+from epp.framework import InferenceRequest, Parser, PluginHandle
+from epp.framework.registry import plugin_class
+
+log = logging.getLogger("epp.requestcontrol.parsers")
+
+DEFAULT_PARSER_TYPES = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
+DEFAULT_PATH = "/v1/completions"  # the path of a request that names none (the reference's default)
+_PATH_HEADERS = (":path", "x-original-path", "x-forwarded-path")
+
+
+def request_path(headers: Mapping[str, str]) -> str:
+    """The request's path, query string cut: :path, then x-original-path, x-forwarded-path;
+    "" when none is given."""
+    for name in _PATH_HEADERS:
+        path = headers.get(name)
+        if path:
+            return path.split("?", 1)[0]
+    return ""
+
+
+def _suffix(claim: str) -> str:
+    return claim.strip().strip("/")
+
+
+def _matches(path: str, suffix: str) -> bool:
+    return path.strip().rstrip("/").endswith(suffix)
+
+
+class ParserChain:
+    """The configured parsers, resolved by path."""
+
+    def __init__(self, parsers: Sequence[Parser]) -> None:
+        self.parsers: list[Parser] = []  # the active ones, in order
+        self.fallback: Parser | None = None
+        self._claims: list[tuple[str, Parser]] = []
+        seen: set[str] = set()
+        for i, parser in enumerate(parsers):
+            kind = parser.type_name
+            if kind in seen:
+                log.warning("parser %r: a parser of type %s is already listed; skipped", parser.name, kind)
+                continue
+            seen.add(kind)
+            self.parsers.append(parser)
+            paths = tuple(_suffix(p) for p in parser.paths)
+            if not paths:
+                self.fallback = parser
+                for skipped in parsers[i + 1:]:
+                    log.warning("parser %r is listed after the fallback parser %r; skipped", skipped.name,
+                                parser.name)
+                break
+            self._claims.extend((p, parser) for p in paths if p)
+        # Longest suffix first, so the first match is the longest (ties: listing order).
+        self._claims.sort(key=lambda c: -len(c[0]))
+
+    def resolve(self, path: str) -> Parser:
+        path = path or DEFAULT_PATH
+        for suffix, parser in self._claims:
+            if _matches(path, suffix):
+                return parser
+        if self.fallback is not None:
+            return self.fallback
+        raise bad_request(f"no parser registered matching path suffix for: {path[:256]}")
+
+    def parse(self, body: bytes, headers: Mapping[str, str], request_id: str) -> InferenceRequest:
+        """The parsed request (headers not yet applied). Any failure is a 400."""
+        path = request_path(headers)
+        parser = self.resolve(path)
+        try:
+            return parser.parse_request(body, headers, request_id, path)
+        except InferenceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a third-party parser's bug is the request's 400, not a crash
+            log.warning("parser %r failed on request %s: %s", parser.name, request_id, type(e).__name__)
+            raise bad_request(f"error parsing request: {type(e).__name__}") from None
+
+
+def default_parsers(handle: PluginHandle | None = None) -> list[Parser]:
+    """The parsers used when no requestHandler is configured (by type name, through the registry)."""
+    handle = handle if handle is not None else PluginHandle()
+    return [plugin_class(t)(t, None, handle) for t in DEFAULT_PARSER_TYPES]
+
+
+__all__ = ["DEFAULT_PARSER_TYPES", "DEFAULT_PATH", "ParserChain", "default_parsers", "request_path"]

@@ -1,36 +1,39 @@
-"""OpenAI request body -> InferenceRequest (reference protocol.md, scheduling.md).
+"""openai-parser: OpenAI request bodies -> InferenceRequest (reference protocol.md,
+scheduling.md; llm-d-router's requesthandling/parsers/openai).
 
 The prompt text is what prefix matching hashes: completions `prompt` (a list of strings
 joined with spaces), chat the JSON-serialised `messages`, responses and embeddings their
-JSON `input`. Bad bodies are BadRequest (HTTP 400) with a message naming the problem.
+JSON `input`, conversations the JSON `items`, image generations the `prompt`. Bad bodies
+are BadRequest (HTTP 400) with a message naming the problem.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import orjson
+from typing import Any, ClassVar
 
 from epp.errors import bad_request
-from epp.framework import InferenceRequest
-
-FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
-MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
-DEFAULT_FAIRNESS_ID = "default-flow"
-# Largest output budget accepted (vLLM's own limit is the model's context length, far
-# below this); anything above, below zero or not an integer is a 400.
-MAX_TOKENS_LIMIT = 2**31 - 1
-_MAX_TOKENS_KEYS = ("max_completion_tokens", "max_tokens")
+from epp.framework import InferenceRequest, NamedPlugin
+from epp.requestcontrol.parsers.common import cache_salt_of, dumps, json_object, max_tokens
 
 # Longest path suffix first: /v1/chat/completions also ends with /completions.
 _KIND_BY_PATH = (
+    ("/chat/completions/render", "chat"),
+    ("/completions/render", "completions"),
     ("/chat/completions", "chat"),
     ("/completions", "completions"),
     ("/responses", "responses"),
+    ("/conversations", "conversations"),
     ("/embeddings", "embeddings"),
+    ("/images/generations", "images"),
 )
+# The output budget's field per API, first wins (the reference's maxOutputTokensForAPI;
+# completions also reads max_completion_tokens, as this picker always has).
+_MAX_TOKENS_KEYS = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "completions": ("max_completion_tokens", "max_tokens"),
+    "responses": ("max_output_tokens",),
+}
 
 
 def kind_from_path(path: str) -> str:
@@ -57,77 +60,64 @@ def _prompt_text(kind: str, body: Mapping[str, Any]) -> str:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("chat completions request without messages")
-        return orjson.dumps(messages).decode()
-    if kind == "completions":
+        return dumps(messages)
+    if kind in ("completions", "images"):
         prompt = body.get("prompt")
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and (prompt or kind == "completions"):
             return prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            return " ".join(prompt)
-        if isinstance(prompt, list) and prompt:  # token ids: still routable, hashed as JSON
-            return orjson.dumps(prompt).decode()
-        raise bad_request("completions request without prompt")
-    if "input" not in body:
+        if kind == "completions" and isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                return " ".join(prompt)
+            return dumps(prompt)  # token ids: still routable, hashed as JSON
+        raise bad_request(f"{'completions' if kind == 'completions' else 'images generations'} request without prompt")
+    if kind == "conversations":
+        items = body.get("items")
+        if not isinstance(items, list) or not items:
+            raise bad_request("conversations request without items")
+        return dumps(items)
+    if body.get("input") is None:
         raise bad_request(f"{kind} request without input")
     value = body["input"]
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+    return value if isinstance(value, str) else dumps(value)
 
 
-def _max_tokens(body: Mapping[str, Any]) -> int | None:
-    """The output budget the client asked for (max_completion_tokens wins), validated."""
-    for key in _MAX_TOKENS_KEYS:
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, float) and value.is_integer():  # JSON 100.0: an integer, as vLLM reads it
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS_LIMIT:
-            shown = repr(value) if isinstance(value, (int, float)) else type(value).__name__
-            raise bad_request(f"{key} must be an integer from 0 to {MAX_TOKENS_LIMIT}, got {shown[:32]}")
-        return value
-    return None
-
-
-def parse_request(body: bytes, headers: Mapping[str, str], request_id: str, path: str = "") -> InferenceRequest:
-    """Parse an OpenAI body. `headers` has lowercased keys. An empty body (a bodiless
-    request such as GET /v1/models) gives kind "none" and model ""."""
-    fairness = headers.get(FAIRNESS_HEADER) or DEFAULT_FAIRNESS_ID
-    objective = headers.get(OBJECTIVE_HEADER, "")
+def parse_body(body: bytes, request_id: str, path: str = "") -> InferenceRequest:
+    """Parse an OpenAI body (the API from the path, else from the body's fields). An
+    empty body (a bodiless request such as GET /v1/models) gives kind "none", model "".
+    The control headers are the director's (epp.requestcontrol.headers.apply)."""
     if not body:
         return InferenceRequest(request_id=request_id, target_model="", incoming_model="", kind="none",
-                                prompt_text="", headers=headers, objective=objective, fairness_id=fairness)
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise bad_request(f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise bad_request("request body is not a JSON object")
+                                prompt_text="", headers={})
+    data = json_object(body)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model not found in request body")
     kind = kind_from_path(path) or _kind_from_body(data)
     if not kind:
         raise bad_request("prompt not found in request body (no messages, prompt or input)")
-    salt = data.get("cache_salt")
     return InferenceRequest(
         request_id=request_id,
         target_model=model,
         incoming_model=model,
         kind=kind,
         prompt_text=_prompt_text(kind, data),
-        headers=headers,
+        headers={},
         body=data,
         stream=data.get("stream") is True,
-        objective=objective,
-        fairness_id=fairness,
-        cache_salt=salt if isinstance(salt, str) else "",
-        max_tokens=_max_tokens(data),
+        cache_salt=cache_salt_of(data),
+        max_tokens=max_tokens(data, *_MAX_TOKENS_KEYS.get(kind, ())),
         size_bytes=len(body),
     )
 
 
-def rewritten_body(request: InferenceRequest) -> bytes:
-    """The body with `model` set to the request's target model (after a rewrite)."""
-    data = dict(request.body or {})
-    data["model"] = request.target_model
-    return orjson.dumps(data)
+class OpenAIParser(NamedPlugin):
+    """The OpenAI API: completions, chat completions (and their /render), responses,
+    conversations, embeddings, image generations. No parameters."""
+
+    type_name = "openai-parser"
+    paths: ClassVar[tuple[str, ...]] = ("chat/completions", "completions", "embeddings", "responses",
+                                         "conversations", "chat/completions/render", "completions/render",
+                                         "images/generations")
+
+    def parse_request(self, body: bytes, headers: Mapping[str, str], request_id: str, path: str) -> InferenceRequest:
+        return parse_body(body, request_id, path)
