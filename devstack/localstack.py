@@ -207,7 +207,7 @@ def start_picker(*, log_dir: Path, endpoints: Sequence[str] = (), endpoints_file
     grpc, health, metrics = free_ports(3)
     log_dir = Path(log_dir)
     argv = [*EPP, "serve", "--bind-address", HOST, f"--grpc-port={grpc}", f"--grpc-health-port={health}",
-            f"--metrics-port={metrics}", f"--secure-serving={str(tls).lower()}"]
+            f"--metrics-port={metrics}", f"--secure-serving={str(tls).lower()}", "--drain-timeout=0"]
     if endpoints:
         argv.append("--endpoints=" + ",".join(endpoints))
     if endpoints_file:

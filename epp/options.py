@@ -9,8 +9,9 @@ A flag is one of:
 - acted on: a field of Options of the same name;
 - ignored: it has no meaning here (another logger's verbosity, pprof, ...); logged once
   at start-up when given, never fatal;
-- refused when set to a value that would change behaviour this picker cannot give, with a
-  message naming the feature (see `refuse` in the table).
+- refused at start-up, naming what is missing, when a value asks for what this picker
+  cannot give (e.g. --health-checking with the native transport, --tls-min-version=
+  VersionTLS13 with grpcio: epp.server).
 The five v1.5 metric-name flags (the reference rejects them since v1.5.0) are a project
 superset: they rename the default engine's series, as they did before v1.5.
 """
@@ -104,8 +105,7 @@ KINDS: dict[str, Callable[[str], Any]] = {"int": int, "str": str, "duration": du
 class Flag:
     """One command-line flag. `kind`: int | bool | str | quoted (str, one pair of quotes
     stripped) | duration | quantity | ints | strs. `ignored`: why a reference flag is accepted
-    but not acted on. `refuse`: (value predicate, feature) — a given value that would need a
-    feature this picker does not have stops start-up naming it."""
+    but not acted on."""
 
     name: str
     kind: str
@@ -114,7 +114,6 @@ class Flag:
     ignored: str = ""
     choices: tuple[str, ...] = ()
     short: str = ""
-    refuse: tuple[Callable[[Any], bool], str] | None = None
 
     @property
     def dest(self) -> str:
@@ -186,12 +185,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("metrics-staleness-threshold", "duration", 2.0, "metrics older than this are stale"),
     Flag("model-server-metrics-port", "int", 0, "scrape this port instead of the endpoint's"),
     Flag("model-server-metrics-path", "quoted", "/metrics", "model-server metrics path"),
-    Flag("model-server-metrics-scheme", "quoted", "http", "", ignored="http is the scraping scheme",
-         choices=("http", "https"),
-         refuse=(lambda v: v == "https", "scraping model-server metrics over HTTPS (metrics-data-source TLS "
-                                         "parameters, issue 10 item 3)")),
-    Flag("model-server-metrics-https-insecure-skip-verify", "bool", True, "",
-         ignored="applies only with --model-server-metrics-scheme=https"),
+    Flag("model-server-metrics-scheme", "quoted", "http", "model-server metrics scheme", choices=("http", "https")),
+    Flag("model-server-metrics-https-insecure-skip-verify", "bool", True,
+         "with https: do not verify the model servers' certificates"),
     *(Flag(name, "quoted", None, "") for name in METRIC_FLAGS),
     # ---- picker metrics
     Flag("metrics-endpoint-auth", "bool", True,
@@ -269,6 +265,8 @@ class Options:
     metrics_cert_dir: str = ""
     metrics_client_ca_file: str = ""
     tracing: bool = True
+    model_server_metrics_scheme: str = "http"
+    model_server_metrics_https_insecure_skip_verify: bool = True
     # engine spec field -> series name, from the v1.5 metric-name flags given (the default engine's)
     engine_metric_flags: dict[str, str] = field(default_factory=dict)
 
@@ -339,10 +337,6 @@ def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
             TLSSettings(ns.tls_min_version, tuple(ns.tls_cipher_suites))
         except ValueError as e:
             parser.error(str(e))
-    for f in FLAGS:
-        value = getattr(ns, f.dest)
-        if f.refuse is not None and value is not None and f.refuse[0](value):
-            parser.error(f"--{f.name}={value}: not supported by this picker: needs {f.refuse[1]}")
 
 
 def parse_args(argv: Sequence[str]) -> Options:

@@ -36,7 +36,7 @@ from epp.handlers.grpcio import add_ext_proc_server
 from epp.handlers.protocol import SERVICE_NAME
 from epp.handlers.stream import ExtProcHandler
 from epp.netaddr import join_hostport
-from epp.options import API_PORT_OFFSET, Options, parse_args
+from epp.options import API_PORT_OFFSET, FLAG_BY_NAME, METRIC_FLAGS, Options, parse_args
 from epp.requestcontrol.director import Director
 from epp.telemetry import Telemetry
 
@@ -50,6 +50,7 @@ GRPC_OPTIONS = (
 )
 HEALTH_SERVICES = ("", "liveness", "readiness", "inference-extension", SERVICE_NAME)
 _LEADER_ONLY = ("readiness", SERVICE_NAME)
+STOP_GRACE = 5.0  # after the drain window: how long in-flight streams still get before they are cut
 
 
 class StartupError(Exception):
@@ -88,7 +89,7 @@ class PickerServer:
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
                                  staleness=options.metrics_staleness_threshold)
         self.ext_proc = ExtProcHandler(self.director, disable_subset_filter=options.disable_endpoint_subset_filter,
-                                       serving=self.is_leader, max_request_body_bytes=options.max_request_body_bytes)
+                                       serving=self._serving, max_request_body_bytes=options.max_request_body_bytes)
         self.telemetry.add_pool_collector(self.datastore, options.pool_name or "static",
                                           options.metrics_staleness_threshold)
         self.telemetry.add_picker_collector(self.admission)
@@ -106,13 +107,24 @@ class PickerServer:
         self.health_port = 0
         self.metrics_port = 0
         self._health_task: asyncio.Task | None = None
-        self._health_state: tuple[bool, bool] | None = None
+        self._health_state: tuple[bool, bool, bool] | None = None
+        self.draining = False  # set at SIGTERM: health NOT_SERVING, ext_proc still served (--drain-timeout)
+        self._led_at_drain = False
+        self.cert_reloader: Any = None  # epp.tls.CertReloader with --enable-cert-reload
+        self.metrics_cert_reloader: Any = None  # the same for --metrics-cert-dir
+        self.tls_settings: Any = None  # epp.tls.TLSSettings with --secure-serving
+        self.metrics_auth: Any = None  # epp.discovery.kubeclient.MetricsAuthorizer with --metrics-endpoint-auth
 
     def is_leader(self) -> bool:
         return self.elector is None or self.elector.is_leader
 
     def _observe_queue(self, seconds: float, priority: int, outcome: str) -> None:
         self.telemetry.flow_control_queue_duration.get("", priority, outcome).observe(seconds)
+
+    def _serving(self) -> bool:
+        """ext_proc streams are served by the leader, and while draining by the pod that led
+        when the drain began (it has released the lease by then)."""
+        return self.is_leader() or (self.draining and self._led_at_drain)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -132,6 +144,7 @@ class PickerServer:
             specs = specs_from_config(self.pipeline.engine_metrics)
         except ValueError as e:
             raise StartupError(f"config error: {e}") from None
+        specs = apply_metric_flags(specs, o.engine_metric_flags)
         if o.pool_name or o.endpoint_selector:
             from epp.discovery.kubernetes import KubernetesDiscovery
 
@@ -152,24 +165,35 @@ class PickerServer:
             raise StartupError(str(e)) from None
         self.collector = MetricsCollector(self.datastore, interval=o.refresh_metrics_interval, specs=specs,
                                           port_override=o.model_server_metrics_port,
-                                          path=o.model_server_metrics_path)
+                                          path=o.model_server_metrics_path, ssl=scrape_tls(o))
         await self.collector.start()
 
     async def _start_grpc(self) -> None:
         o = self.options
         cert: tuple[bytes, bytes] | None = None
         if o.secure_serving:
-            from epp.tls import cert_material
+            from epp.tls import CertReloader, TLSSettings, cert_material
 
             try:
                 cert = cert_material(o.cert_path)
+                self.tls_settings = TLSSettings(o.tls_min_version, tuple(o.tls_cipher_suites))
             except ValueError as e:
                 raise StartupError(str(e)) from None
+            if o.enable_cert_reload and o.cert_path:
+                self.cert_reloader = CertReloader(o.cert_path)
         if o.ext_proc_transport == "native":
+            if o.health_checking:
+                raise StartupError("--health-checking: gRPC health on the ext_proc port needs "
+                                   "--ext-proc-transport=grpcio (the native transport serves only ext_proc; "
+                                   "health is on --grpc-health-port)")
             await self._start_native(cert)
         else:
-            server = self.grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
+            if cert is not None:
+                self._check_grpcio_tls()
+            server = self.grpc_server = grpc.aio.server(options=grpc_options(o))
             add_ext_proc_server(server, self.ext_proc)
+            if o.health_checking:  # the reference's --health-checking: health also on the ext_proc port
+                health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             if o.api_port < 0:  # grpcio's default: the API shares the ext_proc port
                 self._add_api(server)
             self.grpc_port = self._add_port(server, o.grpc_port, cert, "--grpc-port")
@@ -180,6 +204,19 @@ class PickerServer:
             self._add_api(server)
             self.api_port = self._add_port(server, api_port, cert, "--api-port")
             await server.start()
+        if self.cert_reloader is not None:
+            self.cert_reloader.start()
+
+    def _check_grpcio_tls(self) -> None:
+        """grpcio's TLS (BoringSSL) has a fixed floor of TLS 1.2 and no cipher list: what it
+        cannot honour stops start-up rather than being served quietly."""
+        o = self.options
+        if o.tls_min_version == "VersionTLS13":
+            raise StartupError("--tls-min-version=VersionTLS13: the grpcio transport cannot raise its TLS floor "
+                               "above 1.2; use --ext-proc-transport=native")
+        if o.tls_cipher_suites:
+            raise StartupError("--tls-cipher-suites: the grpcio transport cannot restrict its cipher suites; "
+                               "use --ext-proc-transport=native")
 
     def _own_api_port(self) -> int | None:
         """The project API's own port (0 = any free one), or None when it has none: off
@@ -194,7 +231,11 @@ class PickerServer:
     def _add_port(self, server: grpc.aio.Server, port: int, cert: tuple[bytes, bytes] | None, flag: str) -> int:
         address = join_hostport(self.options.bind_address, port)
         if cert is not None:
-            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(cert[1], cert[0])]))
+            if self.cert_reloader is not None:
+                creds = self.cert_reloader.grpc_credentials(cert[0], cert[1])
+            else:
+                creds = grpc.ssl_server_credentials([(cert[1], cert[0])])
+            bound = server.add_secure_port(address, creds)
         else:
             bound = server.add_insecure_port(address)
         if not bound:
@@ -203,10 +244,21 @@ class PickerServer:
 
     async def _start_native(self, cert: tuple[bytes, bytes] | None) -> None:
         """ext_proc on epp.handlers.h2.server; the project API (grpc.aio) cannot share that port."""
-        from epp.handlers.h2.server import H2GrpcServer, ssl_context
+        from epp.handlers.h2.server import H2GrpcServer
+        from epp.tls import server_ssl_context
 
         o = self.options
-        self.native = H2GrpcServer(self.ext_proc, ssl_context=ssl_context(*cert) if cert else None)
+        context = None
+        if cert is not None:
+            try:
+                context = server_ssl_context(*cert, self.tls_settings)
+            except ValueError as e:
+                raise StartupError(str(e)) from None
+            if self.cert_reloader is not None:
+                self.cert_reloader.contexts.append(context)
+        self.native = H2GrpcServer(self.ext_proc, ssl_context=context,
+                                   max_message=o.grpc_max_recv_msg_size or None)
+        self.native.max_send_message = o.grpc_max_send_msg_size
         try:
             self.grpc_port = await self.native.start(o.bind_address, o.grpc_port)
         except OSError as e:
@@ -239,14 +291,14 @@ class PickerServer:
             await self._update_health()
 
     async def _update_health(self) -> None:
-        state = (bool(self.datastore.synced), self.is_leader())
+        state = (bool(self.datastore.synced), self.is_leader(), self.draining)
         if state == self._health_state:
             return
         self._health_state = state
-        synced, leader = state
+        synced, leader, draining = state
         for service in HEALTH_SERVICES:
-            ok = synced and (leader or service not in _LEADER_ONLY)
-            if service == "liveness":
+            ok = synced and (leader or service not in _LEADER_ONLY) and not draining
+            if service == "liveness":  # stays SERVING while draining: no restart mid-drain
                 ok = True
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING if ok
                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -261,19 +313,80 @@ class PickerServer:
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-        app = web.Application()
+        middlewares = []
+        if o.metrics_endpoint_auth and (o.pool_name or o.endpoint_selector):
+            from epp.discovery.kubeclient import MetricsAuthorizer, load_api_client
+
+            try:
+                self.metrics_auth = MetricsAuthorizer(await asyncio.to_thread(load_api_client, o.kubeconfig))
+            except ValueError as e:
+                raise StartupError(f"--metrics-endpoint-auth: {e}") from None
+            middlewares.append(self._metrics_auth_middleware)
+        elif o.metrics_endpoint_auth:
+            log.info("--metrics-endpoint-auth: no Kubernetes API with static endpoints, so /metrics is served "
+                     "without authentication (as the reference's file-discovery mode)")
+        app = web.Application(middlewares=middlewares)
         app.router.add_get("/metrics", metrics)
         runner = self.metrics_runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, o.bind_address, o.metrics_port)
+        site = web.TCPSite(runner, o.bind_address, o.metrics_port, ssl_context=self._metrics_tls())
         await site.start()
         sockets = site._server.sockets if site._server else []  # noqa: SLF001 - the bound port when 0
         self.metrics_port = sockets[0].getsockname()[1] if sockets else o.metrics_port
+
+    def _metrics_tls(self) -> Any:
+        """--metrics-cert-dir: /metrics over TLS (1.2+, the files watched and reloaded as
+        controller-runtime's certwatcher does); --metrics-client-ca-file: client certs required."""
+        o = self.options
+        if not o.metrics_cert_dir:
+            return None
+        from epp.tls import CertReloader, cert_material, server_ssl_context
+
+        try:
+            context = server_ssl_context(*cert_material(o.metrics_cert_dir), alpn=(),
+                                         client_ca_file=o.metrics_client_ca_file)
+        except ValueError as e:
+            raise StartupError(f"--metrics-cert-dir: {e}") from None
+        self.metrics_cert_reloader = CertReloader(o.metrics_cert_dir)
+        self.metrics_cert_reloader.contexts.append(context)
+        self.metrics_cert_reloader.start()
+        return context
+
+    @web.middleware
+    async def _metrics_auth_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        status, message = await asyncio.to_thread(self.metrics_auth.decide, request.headers.get("Authorization", ""),
+                                                  request.method.lower(), request.path)
+        if status != 200:
+            return web.Response(status=status, text=message + "\n")
+        return await handler(request)
+
+    async def drain(self, timeout: float, interrupted: asyncio.Event | None = None) -> None:
+        """--drain-timeout, as the reference's graceful shutdown: health reports NOT_SERVING
+        at once (liveness excepted) and the leader lease is released, while ext_proc keeps
+        serving, new streams included (Envoy routes to the pod until it sees the readiness
+        change), for `timeout` seconds or until `interrupted` is set."""
+        self._led_at_drain = self.is_leader()
+        self.draining = True
+        if self._health_task is not None:
+            await self._update_health()
+        log.info("draining: NOT_SERVING, ext_proc served for up to %gs more", timeout)
+        if self.elector is not None:
+            await self.elector.stop()  # releases the lease: a follower takes over at once
+        if timeout > 0:
+            waiter = interrupted or asyncio.Event()
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout)
+            except TimeoutError:
+                pass
+        log.info("drain window over: stopping")
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        for reloader in (self.cert_reloader, self.metrics_cert_reloader):
+            if reloader is not None:
+                await reloader.stop()
         if self.native is not None:
             await self.native.stop(grace)
         for server in (self.grpc_server, self.api_server):
@@ -303,18 +416,74 @@ class PickerServer:
 
 async def serve(options: Options) -> int:
     picker = PickerServer(options)
-    stop = asyncio.Event()
+    stop, again = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # the first SIGTERM/SIGINT drains; a second one ends the drain
+        (again if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await picker.start()
         print(picker.ready_line(), flush=True)
         await stop.wait()
         log.info("stopping")
+        await picker.drain(options.drain_timeout, again)
     finally:
-        await picker.stop()
+        await picker.stop(STOP_GRACE)
     return 0
+
+
+def grpc_options(options: Options) -> tuple[tuple[str, Any], ...]:
+    """grpcio server options for the ext_proc server: --grpc-max-recv/send-msg-size."""
+    recv = options.grpc_max_recv_msg_size or MAX_MESSAGE
+    send = options.grpc_max_send_msg_size or MAX_MESSAGE
+    return (("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", recv),
+            ("grpc.max_send_message_length", send))
+
+
+def scrape_tls(options: Options) -> Any:
+    """--model-server-metrics-scheme=https (v1.5): the scrape's TLS context, verifying the
+    model servers' certificates unless --model-server-metrics-https-insecure-skip-verify
+    (default true, as the reference)."""
+    if options.model_server_metrics_scheme != "https":
+        return None
+    import ssl
+
+    context = ssl.create_default_context()
+    if options.model_server_metrics_https_insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def apply_metric_flags(specs: dict[str, Any], flags: dict[str, str]) -> dict[str, Any]:
+    """The v1.5 metric-name flags rename the default engine's series (pods without an
+    engine label), as they named every pod's before v1.5; a project superset (the
+    reference refuses them since v1.5.0)."""
+    if not flags:
+        return specs
+    import dataclasses
+
+    from epp.datalayer.specs import DEFAULT_ENGINE, parse_series
+
+    changes: dict[str, Any] = {}
+    for field_name, name in flags.items():
+        flag = next(f for f, v in METRIC_FLAGS.items() if v == field_name)
+        if name:
+            try:
+                parse_series(name)
+            except ValueError as e:
+                raise StartupError(f"--{flag}: {e}") from None
+        if not name and field_name in ("waiting_queue", "running_requests", "kv_cache_usage"):
+            raise StartupError(f"--{flag}: must not be empty")
+        changes[field_name] = (name,) if field_name == "kv_cache_usage" else name
+    specs = dict(specs)
+    specs[DEFAULT_ENGINE] = dataclasses.replace(specs[DEFAULT_ENGINE], **changes)
+    log.info("metric-name flags (%s) rename the %s engine's series", ", ".join(f"--{f}" for f in METRIC_FLAGS
+             if METRIC_FLAGS[f] in flags), DEFAULT_ENGINE)
+    return specs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if options.ignored:
         log.info("ignoring reference flags not used by this picker: %s",
-                 ", ".join(f"--{n}" for n in options.ignored))
+                 "; ".join(f"--{n} ({FLAG_BY_NAME[n].ignored})" for n in options.ignored))
     try:
         return asyncio.run(serve(options))
     except StartupError as e:

@@ -8,7 +8,10 @@ Implements what the picker uses, with the real API server's wire shapes:
 - fault injection: drop every open watch stream, answer 403 for a (verb, resource),
   fail the next N requests with a status, send an in-stream 410 ERROR event;
 - an audit log of (verb, group, resource) for every request, so tests can derive the
-  RBAC the picker really needs.
+  RBAC the picker really needs;
+- API discovery (`GET /apis/<group>/<version>`, an APIResourceList) of the CRDs
+  `installed` (llm-d.ai/v1alpha2 only after install_llmd_crds(), as on a cluster that
+  has not installed them); discovery is a non-resource URL, so it is not audited.
 
 It runs on its own thread and event loop, so sync and async tests can both drive it;
 every mutating method is thread-safe.
@@ -78,6 +81,15 @@ class KubeApiStandIn:
         self._fail_next: list[int] = []
         self.audit: list[tuple[str, str, str]] = []  # (verb, group, resource)
         self.watch_starts: list[tuple[str, str]] = []  # (resource, resourceVersion) of each watch
+        self.review_users: dict[str, dict] = {}  # TokenReview: token -> user {username, uid, groups}
+        self.metrics_readers: set[str] = set()  # SubjectAccessReview: usernames allowed `get` /metrics
+        self.reviews: list[tuple[str, dict]] = []  # (kind, spec) of every TokenReview/SubjectAccessReview
+        # "group/version" -> kinds served there (API discovery)
+        self.installed: dict[str, set[str]] = {
+            "inference.networking.k8s.io/v1": {"InferencePool"},
+            "inference.networking.x-k8s.io/v1alpha2": {"InferencePool", "InferenceObjective",
+                                                       "InferenceModelRewrite", "InferenceModel"},
+        }
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -123,10 +135,13 @@ class KubeApiStandIn:
     async def _serve(self) -> None:
         app = web.Application()
         app.router.add_get("/api/v1/namespaces/{ns}/{plural}", self._h_list)
+        app.router.add_get("/apis/{group}/{version}", self._h_discovery)
         app.router.add_get("/apis/{group}/{version}/namespaces/{ns}/{plural}", self._h_list)
         app.router.add_get("/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}", self._h_get)
         app.router.add_post("/apis/{group}/{version}/namespaces/{ns}/{plural}", self._h_create)
         app.router.add_put("/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}", self._h_update)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._h_review)
+        app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self._h_review)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -201,6 +216,15 @@ class KubeApiStandIn:
         for w in list(self._watchers):
             if w.key == key and w.namespace == event.namespace and w.name in (None, event.obj["metadata"]["name"]):
                 self._loop.call_soon_threadsafe(w.queue.put_nowait, event)
+
+    def install_llmd_crds(self, *, legacy: bool = True) -> None:
+        """Serve InferenceObjective and InferenceModelRewrite in llm-d.ai/v1alpha2; with
+        legacy=False, stop serving them in inference.networking.x-k8s.io/v1alpha2."""
+        with self._lock:
+            self.installed["llm-d.ai/v1alpha2"] = {"InferenceObjective", "InferenceModelRewrite"}
+            if not legacy:
+                self.installed["inference.networking.x-k8s.io/v1alpha2"] -= {"InferenceObjective",
+                                                                            "InferenceModelRewrite"}
 
     # ------------------------------------------------------------------ pods
     def put_pod(self, name: str, ip: str = "10.0.0.1", labels: dict[str, str] | None = None,
@@ -392,6 +416,18 @@ class KubeApiStandIn:
                     self._watchers.remove(watcher)
         return resp
 
+    async def _h_discovery(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return _status(401, "Unauthorized", "Unauthorized")
+        gv = f"{request.match_info['group']}/{request.match_info['version']}"
+        with self._lock:
+            kinds = sorted(self.installed.get(gv, ()))
+        if not kinds:
+            return _status(404, "NotFound", "the server could not find the requested resource")
+        return web.json_response({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                                  "resources": [{"name": _PLURALS[k], "singularName": k.lower(), "namespaced": True,
+                                                 "kind": k, "verbs": ["get", "list", "watch"]} for k in kinds]})
+
     async def _h_get(self, request: web.Request) -> web.Response:
         if denied := self._gate(request, "get"):
             return denied
@@ -434,6 +470,28 @@ class KubeApiStandIn:
             obj = self._write(group, plural, "MODIFIED", body)
         return web.json_response(obj)
 
+    async def _h_review(self, request: web.Request) -> web.Response:
+        """TokenReview (status.authenticated/user) and SubjectAccessReview (status.allowed for
+        nonResourceAttributes) from review_users and metrics_readers."""
+        body = await request.json()
+        kind, spec = body.get("kind", ""), body.get("spec") or {}
+        with self._lock:
+            group = "authentication.k8s.io" if kind == "TokenReview" else "authorization.k8s.io"
+            self.audit.append(("create", group, kind.lower() + "s"))
+            if request.headers.get("Authorization") != f"Bearer {self.token}":
+                return _status(401, "Unauthorized", "Unauthorized")
+            if self._fail_next:
+                return _status(self._fail_next.pop(0), "InternalError", "injected failure")
+            self.reviews.append((kind, spec))
+            if kind == "TokenReview":
+                user = self.review_users.get(spec.get("token", ""))
+                status: dict[str, Any] = {"authenticated": True, "user": user} if user else {"authenticated": False}
+            else:
+                attrs = spec.get("nonResourceAttributes") or {}
+                status = {"allowed": spec.get("user") in self.metrics_readers and attrs.get("verb") == "get"
+                          and attrs.get("path") == "/metrics"}
+        return web.json_response({**body, "status": status}, status=201)
+
 
 def _line(etype: str, obj: dict) -> bytes:
     return json.dumps({"type": etype, "object": obj}).encode() + b"\n"
@@ -473,17 +531,19 @@ def inference_pool(name: str, match_labels: dict[str, str], ports: list[int], na
                      "endpointPickerRef": {"name": f"{name}-epp", "port": {"number": 9002}}}}
 
 
-def model_rewrite(name: str, pool: str, rules: list[dict], namespace: str = "default") -> dict:
-    return {"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceModelRewrite",
+def model_rewrite(name: str, pool: str, rules: list[dict], namespace: str = "default",
+                  group: str = "inference.networking.x-k8s.io") -> dict:
+    return {"apiVersion": f"{group}/v1alpha2", "kind": "InferenceModelRewrite",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"poolRef": {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool},
                      "rules": rules}}
 
 
-def objective(name: str, pool: str, priority: int | None = None, namespace: str = "default") -> dict:
+def objective(name: str, pool: str, priority: int | None = None, namespace: str = "default",
+              group: str = "inference.networking.x-k8s.io") -> dict:
     spec: dict[str, Any] = {"poolRef": {"group": "inference.networking.k8s.io", "kind": "InferencePool",
                                         "name": pool}}
     if priority is not None:
         spec["priority"] = priority
-    return {"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceObjective",
+    return {"apiVersion": f"{group}/v1alpha2", "kind": "InferenceObjective",
             "metadata": {"name": name, "namespace": namespace}, "spec": spec}

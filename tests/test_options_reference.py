@@ -40,7 +40,7 @@ VALUES = {"int": "7", "duration": "45s", "intSlice": "8000,8001", "bool": "false
 SPECIAL = {
     "grpc-max-recv-msg-size": ("10MiB", []), "grpc-max-send-msg-size": ("25MB", []),
     "tls-min-version": ("VersionTLS13", []), "tls-cipher-suites": ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", []),
-    "zap-encoder": ("json", []), "model-server-metrics-scheme": ("http", []),
+    "zap-encoder": ("json", []), "model-server-metrics-scheme": ("https", []),
     "pool-name": ("my-pool", []), "endpoint-selector": ("app=vllm,env in (prod)", ["--endpoint-target-ports=8000"]),
     "endpoint-target-ports": ("8000,8001", ["--endpoint-selector=app=vllm"]),
     "metrics-client-ca-file": ("/etc/ca.pem", ["--metrics-cert-dir=/etc/metrics"]),
@@ -218,17 +218,32 @@ def test_v15_trtllm_chart_path_unquoted_and_empty_lora_metric_means_none():
     assert apply_metric_flags(dict(DEFAULT_SPECS), options.engine_metric_flags)["vllm"].lora_info == ""
 
 
-def test_metric_specs_with_label_matchers_stop_start_up_naming_the_flag():
+def test_v15_triton_chart_metric_specs_with_label_matchers_are_kept():
     ((_, _, argv),) = [r for r in chart_rows() if r[1] == "triton-tensorrt-llm"]
-    options = parse_args(swap_pool_flags(argv))  # parses ...
     from epp.server import StartupError, apply_metric_flags
 
-    with pytest.raises(StartupError, match="--total-queued-requests-metric=.*label matchers"):
-        apply_metric_flags(dict(DEFAULT_SPECS), options.engine_metric_flags)  # ... but cannot be honoured
+    spec = apply_metric_flags(dict(DEFAULT_SPECS), parse_args(swap_pool_flags(argv)).engine_metric_flags)["vllm"]
+    assert spec.waiting_queue == "nv_trt_llm_request_metrics{request_type=waiting}"
+    assert spec.kv_cache_usage == ("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}",)
+    with pytest.raises(StartupError, match="--total-queued-requests-metric: not a metric specification"):
+        apply_metric_flags(dict(DEFAULT_SPECS), {"waiting_queue": "bad name!"})
+
+
+def test_v15_https_scraping_flags():
+    from epp.server import scrape_tls
+
+    assert scrape_tls(parse_args(BASE)) is None
+    import ssl
+
+    insecure = scrape_tls(parse_args([*BASE, "--model-server-metrics-scheme=https"]))
+    assert insecure.verify_mode == ssl.CERT_NONE  # the reference's default: skip verification
+    verified = scrape_tls(parse_args([*BASE, "--model-server-metrics-scheme", "https",
+                                      "--model-server-metrics-https-insecure-skip-verify=false"]))
+    assert verified.verify_mode == ssl.CERT_REQUIRED and verified.check_hostname
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--model-server-metrics-scheme=https"], "over HTTPS"),
+    (["--model-server-metrics-scheme=ftp"], "invalid choice"),
     (["--metrics-client-ca-file=/ca.pem"], "requires --metrics-cert-dir"),
     (["--metrics-cert-dir=/d", "--metrics-endpoint-auth=false"], "without authentication"),
     (["--endpoint-selector=app=a", "--endpoint-target-ports=1,2,3,4,5,6,7,8,9"], "at most 8"),

@@ -52,7 +52,8 @@ def test_pool_mode_routes_through_envoy_and_follows_the_cluster(kube, sim_server
     sims = sim_servers(3, model="m1", time_scale=20)
     register_sim_pods(kube, sims.ports)
     kc = kube.write_kubeconfig(e2e_logs.dir / "kubeconfig")
-    p = picker(tls=True, extra_flags=["--pool-name=pool", "--pool-namespace=default", f"--kubeconfig={kc}"])
+    p = picker(tls=True, extra_flags=["--pool-name=pool", "--pool-namespace=default", f"--kubeconfig={kc}",
+                                      "--metrics-endpoint-auth=false"])  # scraped below without a token
     assert health(p.health_port, "readiness") == health_pb2.HealthCheckResponse.NOT_SERVING  # no pool yet
     kube.apply(inference_pool("pool", {"app": "sim"}, sims.ports))
     wait_until(lambda: health(p.health_port, "readiness") == health_pb2.HealthCheckResponse.SERVING, 30,
