@@ -286,3 +286,36 @@ def test_any_bytes_give_a_400_or_a_route_with_the_default_chain(body, path):
 def test_any_bytes_give_a_400_or_a_route_with_every_parser(body, path):
     _check_clean(ParserChain([make("sglanghttp-parser"), make("vllmhttp-parser"), make("anthropic-parser"),
                               make("openai-parser"), make("passthrough-parser")]), body, path)
+
+
+# --------------------------------------------------------------------------- response usage of these APIs
+def _usage(chunks: list[bytes], sse: bool) -> tuple[int, int, int]:
+    from epp.framework import ResponseInfo
+    from epp.requestcontrol.responses import UsageParser
+
+    p = UsageParser(sse=sse)
+    for i, chunk in enumerate(chunks):
+        p.feed(chunk, i == len(chunks) - 1)
+    info = ResponseInfo()
+    p.fill(info)
+    return info.prompt_tokens, info.completion_tokens, info.cached_tokens
+
+
+def test_anthropic_usage_json_and_streamed_in_two_events():
+    body = orjson.dumps({"type": "message", "usage": {"input_tokens": 25, "output_tokens": 7,
+                                                      "cache_read_input_tokens": 16}})
+    assert _usage([body[:9], body[9:]], sse=False) == (25, 7, 16)
+    events = (b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":25,'
+              b'"cache_read_input_tokens":8,"output_tokens":1}}}\n\n'
+              b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"hi"}}\n\n'
+              b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":15}}\n\n'
+              b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert _usage([events[:70], events[70:]], sse=True) == (25, 15, 8)
+
+
+def test_responses_api_usage_json_and_streamed():
+    body = orjson.dumps({"usage": {"input_tokens": 31, "output_tokens": 4, "input_tokens_details": {"cached_tokens": 3}}})
+    assert _usage([body], sse=False) == (31, 4, 3)
+    event = (b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
+             b'{"input_tokens":31,"output_tokens":9}}}\n\n')
+    assert _usage([event], sse=True) == (31, 9, 0)

@@ -116,20 +116,28 @@ class UsageParser:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        if isinstance(usage, dict):
-            self.usage = usage
+        if not isinstance(obj, dict):
+            return
+        usage = obj.get("usage")
+        if usage is None:  # Anthropic message_start and Responses API events nest it
+            outer = obj.get("message") or obj.get("response")
+            usage = outer.get("usage") if isinstance(outer, dict) else None
+        if isinstance(usage, dict):  # merged: Anthropic sends input and output counts in two events
+            self.usage = {**self.usage, **usage} if self.usage else usage
 
     def fill(self, info: ResponseInfo) -> None:
         """Copy the token counts read so far into the response info."""
         usage = self.usage
         if not usage:
             return
-        info.prompt_tokens = _count(usage.get("prompt_tokens"))
-        info.completion_tokens = _count(usage.get("completion_tokens"))
-        details = usage.get("prompt_tokens_details")
+        # OpenAI chat/completions names, else the Responses API's and Anthropic's
+        info.prompt_tokens = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        info.completion_tokens = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+        details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
         if isinstance(details, dict):
             info.cached_tokens = _count(details.get("cached_tokens"))
+        elif "cache_read_input_tokens" in usage:
+            info.cached_tokens = _count(usage.get("cache_read_input_tokens"))
 
 
 class ModelNameRestorer:
