@@ -15,6 +15,7 @@ from tests.kubeapi import KubeApiStandIn, inference_pool, model_rewrite, objecti
 from tests.servers import eventually
 
 LEGACY = "inference.networking.x-k8s.io"
+LLMD = "llm-d.ai"
 
 
 @pytest.fixture
@@ -228,19 +229,24 @@ async def test_legacy_v1alpha2_pool_and_inference_model(kube, kubeconfig, run_di
 
 
 async def test_role_matches_the_calls_the_code_makes(kube, kubeconfig, run_discovery):
-    """The API calls of a full run (discovery + leader election) are exactly required_rbac()."""
+    """The API calls of full runs (discovery + leader election), on a cluster with only the
+    legacy objective/rewrite CRDs and on one with the llm-d.ai ones, are exactly required_rbac()."""
     kube.apply(inference_pool("pool", {"app": "vllm"}, [8000]))
     options = pool_options(kubeconfig, "--ha-enable-leader-election")
-    _, ds = await run_discovery(options)
-    elector = LeaderElector(options, identity="a", lease_duration=3, renew_deadline=2, retry_period=0.2)
-    await elector.start()
-    try:
-        await eventually(lambda: ds.synced and elector.is_leader, "synced and leading")
-        for plural in ("inferencepools", "pods", "inferenceobjectives", "inferencemodelrewrites"):
-            await eventually(lambda p=plural: kube.open_watches(p), f"{plural} watched")
-        await eventually(lambda: kube.requests("update", "leases") >= 1, "a lease renewal")
-    finally:
-        await elector.stop()
+    for llmd in (False, True):
+        if llmd:
+            kube.install_llmd_crds()
+        disc, ds = await run_discovery(options)
+        elector = LeaderElector(options, identity=f"a{llmd}", lease_duration=3, renew_deadline=2, retry_period=0.2)
+        await elector.start()
+        try:
+            await eventually(lambda d=ds, e=elector: d.synced and e.is_leader, "synced and leading")
+            for plural in ("inferencepools", "pods", "inferenceobjectives", "inferencemodelrewrites"):
+                await eventually(lambda p=plural: kube.open_watches(p), f"{plural} watched")
+            await eventually(lambda: kube.requests("update", "leases") >= 1, "a lease renewal")
+        finally:
+            await elector.stop()
+            await disc.stop()
     used = {(g, r, v) for v, g, r in kube.audit}
     granted = {(rule.group, rule.resource, v) for rule in required_rbac(options) for v in rule.verbs}
     assert used == granted
@@ -253,3 +259,49 @@ async def test_bad_selector_and_missing_configuration_are_start_up_errors(tmp_pa
     options = parse_args(["--pool-name=pool", f"--kubeconfig={tmp_path / 'missing'}"])
     with pytest.raises(ValueError, match="Kubernetes client configuration failed"):
         await KubernetesDiscovery(Datastore(), options).start()
+
+
+async def test_llmd_group_objectives_and_rewrites_are_preferred_when_installed(kube, kubeconfig, run_discovery,
+                                                                              caplog):
+    """With both llm-d.ai/v1alpha2 and the legacy group installed, the picker reads the
+    llm-d.ai objects only and says it ignores the legacy ones; edits of llm-d.ai objects
+    apply at run time."""
+    kube.install_llmd_crds()
+    kube.apply(inference_pool("pool", {"app": "vllm"}, [8000]))
+    kube.apply(objective("new", "pool", priority=7, group=LLMD))
+    kube.apply(objective("old", "pool", priority=3))  # legacy group: ignored
+    kube.apply(model_rewrite("rw", "pool", [{"targets": [{"modelRewrite": "from-llmd"}]}], group=LLMD))
+    kube.apply(model_rewrite("rw-old", "pool", [{"targets": [{"modelRewrite": "from-legacy"}]}]))
+    with caplog.at_level(logging.WARNING, logger="epp.discovery.kubernetes"):
+        disc, ds = await run_discovery(pool_options(kubeconfig))
+        await eventually(lambda: ds.synced and "new" in ds.objectives and ds.rewrite_model("m"), "llm-d.ai objects")
+    assert set(ds.objectives) == {"new"} and ds.objectives["new"].priority == 7
+    assert ds.rewrite_model("m") == "from-llmd"
+    assert {r.group for r in disc.crd_resources.values()} == {LLMD}
+    assert sum("IGNORING legacy resources" in r.getMessage() for r in caplog.records) == 2
+    assert kube.requests("watch", "inferenceobjectives") and not any(
+        g == LEGACY and r in ("inferenceobjectives", "inferencemodelrewrites") for _, g, r in kube.audit)
+    kube.apply(objective("new", "pool", priority=-2, group=LLMD))
+    await eventually(lambda: ds.objectives["new"].priority == -2, "llm-d.ai objective updated")
+    kube.delete("inferenceobjectives", "new", group=LLMD)
+    await eventually(lambda: not ds.objectives, "llm-d.ai objective deleted")
+
+
+async def test_legacy_group_only_logs_the_deprecation(kube, kubeconfig, run_discovery, caplog):
+    kube.apply(inference_pool("pool", {"app": "vllm"}, [8000]))
+    kube.apply(objective("old", "pool", priority=3))
+    with caplog.at_level(logging.WARNING, logger="epp.discovery.kubernetes"):
+        disc, ds = await run_discovery(pool_options(kubeconfig))
+        await eventually(lambda: ds.synced and "old" in ds.objectives, "legacy objective")
+    assert {r.group for r in disc.crd_resources.values()} == {LEGACY}
+    deprecations = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DEPRECATION")]
+    assert len(deprecations) == 2 and all("replacement llm-d.ai/v1alpha2/" in m for m in deprecations)
+
+
+async def test_only_the_llmd_group_installed(kube, kubeconfig, run_discovery):
+    kube.install_llmd_crds(legacy=False)
+    kube.apply(inference_pool("pool", {"app": "vllm"}, [8000]))
+    kube.apply(objective("new", "pool", priority=1, group=LLMD))
+    disc, ds = await run_discovery(pool_options(kubeconfig))
+    await eventually(lambda: ds.synced and "new" in ds.objectives, "llm-d.ai objective")
+    assert {r.group for r in disc.crd_resources.values()} == {LLMD}

@@ -149,6 +149,8 @@ def test_expected_overlays_exist():
 def test_crds_are_structural_and_cover_the_three_kinds():
     schemas = crd_schemas()
     assert set(schemas) == {("inference.networking.k8s.io/v1", "InferencePool"),
+                            ("llm-d.ai/v1alpha2", "InferenceObjective"),
+                            ("llm-d.ai/v1alpha2", "InferenceModelRewrite"),
                             ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective"),
                             ("inference.networking.x-k8s.io/v1alpha2", "InferenceModelRewrite")}
 
@@ -332,11 +334,11 @@ def picker_metric_names() -> set[str]:
 def test_dashboard_uses_only_the_pickers_metric_names():
     dash = json.loads((MANIFESTS / "monitoring/dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    used = {m for e in exprs for m in re.findall(r"\binference_[a-z0-9_]+", e)}
+    used = {m for e in exprs for m in re.findall(r"\b(?:inference|llm_d)_[a-z0-9_]+", e)}
     known = picker_metric_names()
     assert used and used <= known, used - known
     assert len(known) > 40 and {"inference_objective_request_total", "inference_pool_ready_pods",
-            "inference_extension_scheduler_e2e_duration_seconds_bucket"} <= used
+            "llm_d_epp_request_total", "llm_d_epp_scheduler_e2e_duration_seconds_bucket"} <= used
     (sm,) = [d for _, d in raw_documents() if d["kind"] == "ServiceMonitor"]
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
 

@@ -87,6 +87,29 @@ def resource_path(resource: Resource, namespace: str, name: str = "") -> str:
     return f"{base}/namespaces/{namespace}/{resource.plural}" + (f"/{name}" if name else "")
 
 
+def served_kinds(api: client.ApiClient, group: str, version: str) -> frozenset[str] | None:
+    """The kinds the API server serves in group/version (API discovery,
+    GET /apis/<group>/<version>): empty when the group version is not served (404),
+    None when the server could not say (another error)."""
+    try:
+        resp = api_request(api, "GET", f"/apis/{group}/{version}")
+    except ApiException as e:
+        if e.status == 404:
+            return frozenset()
+        log.warning("API discovery of %s/%s failed: HTTP %s %s", group, version, e.status, _api_message(e))
+        return None
+    except Exception as e:  # noqa: BLE001 - network errors: the caller falls back
+        log.warning("API discovery of %s/%s failed: %s: %s", group, version, type(e).__name__, e)
+        return None
+    try:
+        body = orjson.loads(resp.data)
+    except orjson.JSONDecodeError:
+        return None
+    finally:
+        resp.release_conn()
+    return frozenset(r.get("kind", "") for r in body.get("resources") or [] if isinstance(r, dict))
+
+
 def describe_api_error(e: ApiException, verb: str, resource: Resource, namespace: str) -> str:
     """A log line an operator can act on; for 401/403 it names the missing permission."""
     if e.status == 403:

@@ -9,6 +9,13 @@ deleted has no endpoints, so it leaves the candidate set with the event that say
 
 `datastore.synced` turns True once the pool and the pods have both been listed (the
 picker reports SERVING only then), and False again if the pool is deleted.
+
+InferenceObjective and InferenceModelRewrite are served by two API groups: llm-d.ai/v1alpha2
+(current) and inference.networking.x-k8s.io/v1alpha2 (deprecated). As the reference does,
+API discovery at start-up picks, per kind, llm-d.ai when the cluster serves it, else the
+legacy group (logging a deprecation once); with both installed, the legacy objects are
+ignored, with a warning. The Role grants both, since which one a cluster has is only
+known at run time.
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from epp.datalayer.datastore import Datastore, EndpointSpec, ModelRewrite, Objective
-from epp.discovery.kubeclient import Backoff, Reflector, Resource, load_api_client
+from epp.discovery.kubeclient import Backoff, Reflector, Resource, load_api_client, served_kinds
 from epp.discovery.kubeobjects import (
     LEGACY_GROUP,
     PodInfo,
@@ -45,8 +52,16 @@ log = logging.getLogger("epp.discovery.kubernetes")
 PODS = Resource("", "v1", "pods")
 POOLS = Resource("inference.networking.k8s.io", "v1", "inferencepools")
 LEGACY_POOLS = Resource(LEGACY_GROUP, "v1alpha2", "inferencepools")
+LLMD_GROUP = "llm-d.ai"
 OBJECTIVES = Resource(LEGACY_GROUP, "v1alpha2", "inferenceobjectives")
 REWRITES = Resource(LEGACY_GROUP, "v1alpha2", "inferencemodelrewrites")
+LLMD_OBJECTIVES = Resource(LLMD_GROUP, "v1alpha2", "inferenceobjectives")
+LLMD_REWRITES = Resource(LLMD_GROUP, "v1alpha2", "inferencemodelrewrites")
+# kind -> (preferred, legacy) resource
+CRD_CANDIDATES: dict[str, tuple[Resource, Resource]] = {
+    "InferenceObjective": (LLMD_OBJECTIVES, OBJECTIVES),
+    "InferenceModelRewrite": (LLMD_REWRITES, REWRITES),
+}
 INFERENCE_MODELS = Resource(LEGACY_GROUP, "v1alpha2", "inferencemodels")
 WATCH_VERBS = ("list", "watch")  # what a Reflector calls
 
@@ -62,13 +77,41 @@ def pool_resource(pool_group: str) -> Resource:
     return LEGACY_POOLS if pool_group == LEGACY_GROUP else Resource(pool_group, "v1", "inferencepools")
 
 
-def watched_resources(options: Options) -> list[Resource]:
-    """What discovery watches for these flags: the code below starts exactly these."""
+def watched_resources(options: Options, chosen: Mapping[str, Resource] | None = None) -> list[Resource]:
+    """What discovery may watch for these flags: the code below starts these, with one
+    resource per kind of CRD_CANDIDATES as `chosen` at start-up (None: every candidate,
+    what the Role must grant)."""
     if not options.pool_name:
         return [PODS]  # standalone: --endpoint-selector
     if options.pool_group == LEGACY_GROUP:  # pre-v1 clusters: v1alpha2 pool and InferenceModel
         return [pool_resource(options.pool_group), PODS, INFERENCE_MODELS]
-    return [pool_resource(options.pool_group), PODS, OBJECTIVES, REWRITES]
+    crds = [r for kind, pair in CRD_CANDIDATES.items() for r in ((chosen[kind],) if chosen else pair)]
+    return [pool_resource(options.pool_group), PODS, *crds]
+
+
+def choose_crd_groups(served: Mapping[str, frozenset[str] | None]) -> tuple[dict[str, Resource], list[str]]:
+    """Per kind, the preferred group's resource when its group version serves the kind,
+    else the legacy one; with the log lines to write. `served` maps "group/version" to
+    the kinds API discovery found there (None: discovery failed, so unknown)."""
+    chosen: dict[str, Resource] = {}
+    notes: list[str] = []
+    for kind, (new, old) in CRD_CANDIDATES.items():
+        new_kinds = served.get(f"{new.group}/{new.version}")
+        old_kinds = served.get(f"{old.group}/{old.version}")
+        if new_kinds and kind in new_kinds:
+            chosen[kind] = new
+            if old_kinds and kind in old_kinds:
+                notes.append(f"Both legacy ({old.group}) and new ({new.group}) {kind} CRDs are installed; "
+                             f"using the new group and IGNORING legacy resources")
+        else:
+            chosen[kind] = old
+            if old_kinds and kind in old_kinds:
+                notes.append(f"DEPRECATION: apiVersion {old.group}/{old.version}/{kind} is deprecated, "
+                             f"replacement {new.group}/{new.version}/{kind}")
+            elif new_kinds is not None and old_kinds is not None:
+                notes.append(f"{kind} CRD is not installed ({new.group} nor {old.group}); watching "
+                             f"{old.group} until it appears")
+    return chosen, notes
 
 
 def required_rbac(options: Options) -> list[RbacRule]:
@@ -111,6 +154,7 @@ class KubernetesDiscovery:
         self._selector: LabelSelector | None = None
         self._ports: tuple[int, ...] = ()
         self._api = None
+        self.crd_resources: dict[str, Resource] = {}  # kind -> the resource watched (chosen at start-up)
 
     @property
     def pool(self) -> PoolSpec | None:
@@ -131,9 +175,14 @@ class KubernetesDiscovery:
             PODS: (self._on_pods_list, self._on_pod_event),
             OBJECTIVES: (self._on_objectives_list, self._on_objective_event),
             REWRITES: (self._on_rewrites_list, self._on_rewrite_event),
+            LLMD_OBJECTIVES: (self._on_objectives_list, self._on_objective_event),
+            LLMD_REWRITES: (self._on_rewrites_list, self._on_rewrite_event),
             INFERENCE_MODELS: (self._on_models_list, self._on_model_event),
         }
-        for resource in watched_resources(self.options):
+        chosen = None
+        if self.options.pool_name and self.options.pool_group != LEGACY_GROUP:
+            chosen = self.crd_resources = await asyncio.to_thread(self._choose_crds, api)
+        for resource in watched_resources(self.options, chosen):
             if resource.plural == "inferencepools":
                 on_list, on_event = self._on_pools_list, self._on_pool_event
                 field_selector = f"metadata.name={self.options.pool_name}"
@@ -146,6 +195,15 @@ class KubernetesDiscovery:
         where = (f"InferencePool {self.namespace}/{self.options.pool_name}" if self.options.pool_name
                  else f"pods matching {self.options.endpoint_selector!r} in {self.namespace}")
         log.info("Kubernetes discovery started: %s", where)
+
+    @staticmethod
+    def _choose_crds(api: object) -> dict[str, Resource]:
+        versions = {f"{r.group}/{r.version}" for pair in CRD_CANDIDATES.values() for r in pair}
+        served = {gv: served_kinds(api, *gv.split("/")) for gv in sorted(versions)}
+        chosen, notes = choose_crd_groups(served)
+        for note in notes:
+            log.warning("%s", note)
+        return chosen
 
     async def stop(self) -> None:
         for r in self._reflectors:
