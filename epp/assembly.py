@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from epp.config import ConfigError, EndpointPickerConfig, load_config
+from epp.config import ConfigError, EndpointPickerConfig, check_stability, load_config
 from epp.framework import Plugin, PluginError, PluginHandle, SchedulerProfile, extension_points, plugin_params
 from epp.framework.registry import plugin_class
 from epp.requestcontrol.pluginset import PluginSet
@@ -64,5 +64,9 @@ def build_plugin_set(config: EndpointPickerConfig, handle: PluginHandle | None =
 
 
 def load_plugin_set(text: str | None, handle: PluginHandle | None = None, *,
-                    observe: Observer | None = None) -> PluginSet:
-    return build_plugin_set(load_config(text), handle, observe=observe)
+                    observe: Observer | None = None, allow_experimental_plugins: bool = True) -> PluginSet:
+    """The PluginSet of a config text. `epp serve` passes --allow-experimental-plugins
+    (default off there, as in the reference); library and test callers get every stability level."""
+    config = load_config(text)
+    check_stability(config, allow_experimental_plugins)
+    return build_plugin_set(config, handle, observe=observe)

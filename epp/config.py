@@ -1,31 +1,61 @@
 """EndpointPickerConfig YAML -> a validated, typed config with every default resolved.
 
-Accepts the reference picker's format unchanged (see reference scheduling.md). Every
-mistake is a `ConfigError` whose message starts with the offending key path, e.g.
+Accepts the reference picker's format unchanged (llm-d/llm-d-router apix/config/v1alpha1
+and its loader, pkg/epp/config/loader), the GIE v1.5 form included. Every mistake is a
+`ConfigError` whose message starts with the offending key path, e.g.
 ``plugins[2].parameters.blockSizeTokens: expected an integer, got 'x'``.
+
+Defaults added as the reference's loader adds them: a name per plugin (its type), one
+profile of every filter/scorer/picker when none is given, single-profile-handler for one
+profile, max-score-picker for a profile without a picker, utilization-detector as the
+saturation detector, the parser list (openai, anthropic, vllmhttp, passthrough) when
+requestHandler names none, and metrics-data-source -> core-metrics-extractor as a data
+source unless one is configured or `dataLayer.injectDefaults` is false. Deprecated forms
+(the inference.networking.x-k8s.io apiVersion, top-level saturationDetector and parser,
+the aliased plugin types of registry.ALIASES) are mapped, each logged once per load;
+where both the old and the new form are set, the new one wins. What another issue builds
+(flow-control policies, eviction, global maxRequests, the P/D encode stage ...) is refused
+naming that feature unless set to the reference's default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import yaml
 
 from epp import units
-from epp.framework import PluginError, extension_points, params_from_mapping, plugin_params
+from epp.framework import EXTENSION_POINTS, PluginError, extension_points, params_from_mapping, plugin_params
 from epp.framework.datakeys import ProducerParam
-from epp.framework.registry import plugin_class
+from epp.framework.registry import ALIASES, ALPHA, BUILTINS, FUTURE, FUTURE_PARAMS, plugin_class, stability
 
-API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
+log = logging.getLogger("epp.config")
+
+API_VERSION = "llm-d.ai/v1alpha1"
+DEPRECATED_API_VERSION = "inference.networking.x-k8s.io/v1alpha1"
+# llm-d.ai/v1 is not registered by the reference (ebab687) but the llm-d P/D guide uses it.
+API_VERSIONS = (API_VERSION, "llm-d.ai/v1", DEPRECATED_API_VERSION)
 KIND = "EndpointPickerConfig"
 FLOW_CONTROL_GATE = "flowControl"
+HA_POPULATE_GATE = "haPopulateNonLeaderDatastore"
+# the reference's registered feature gates (cmd/epp/runner) and their defaults
+FEATURE_GATES: dict[str, bool] = {FLOW_CONTROL_GATE: False, HA_POPULATE_GATE: True}
 DEFAULT_PICKER = "max-score-picker"
 DEFAULT_PROFILE_HANDLER = "single-profile-handler"
 DEFAULT_SATURATION_DETECTOR = "utilization-detector"
+DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
+METRICS_SOURCE = "metrics-data-source"
+METRICS_EXTRACTOR = "core-metrics-extractor"
 DEFAULT_BAND_MAX_BYTES = 1_000_000_000
 DEFAULT_REQUEST_TTL = 60.0
+# the flow-control plugins the reference adds implicitly; here their behaviour is built in
+DEFAULT_FAIRNESS_POLICY = "global-strict-fairness-policy"
+DEFAULT_ORDERING_POLICY = "fcfs-ordering-policy"
+DEFAULT_USAGE_LIMIT_POLICY = "static-usage-limit-policy"
+_ISSUE_11_FC = "flow control as the reference has it today (issue 11)"
 
 _DEFAULT_SCORERS = (("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0))
 
@@ -42,6 +72,8 @@ class PluginSpec:
     parameters: dict[str, Any] = field(default_factory=dict)
     where: str = ""  # key path for error messages, e.g. "plugins[2]"
     implicit: bool = False  # added by a default rule, not written by the user
+    alias: str = ""  # the deprecated type name written (registry.ALIASES), mapped to `type`
+    alias_refs: dict[str, str] = field(default_factory=dict)  # a deprecated type's cross-references
 
 
 @dataclass(slots=True)
@@ -69,12 +101,36 @@ class FlowControlConfig:
     max_bytes: int = 0  # across all bands; 0 = unlimited
     default_request_ttl: float = DEFAULT_REQUEST_TTL  # seconds
     priority_bands: list[PriorityBandConfig] = field(default_factory=list)
+    # templates for the bands not listed (defaultPriorityBand / defaultNegativePriorityBand)
+    default_band: PriorityBandConfig | None = None
+    default_negative_band: PriorityBandConfig | None = None
 
     def band(self, priority: int) -> PriorityBandConfig:
         for b in self.priority_bands:
             if b.priority == priority:
                 return b
+        template = self.default_negative_band if priority < 0 else self.default_band
+        if template is not None:
+            return PriorityBandConfig(priority, template.max_bytes, template.max_requests, template.fairness_policy)
         return PriorityBandConfig(priority=priority)
+
+
+@dataclass(slots=True)
+class DataSourceSpec:
+    plugin_ref: str  # a data source plugin (e.g. metrics-data-source)
+    extractors: list[str] = field(default_factory=list)  # extractor plugin names, in order
+    implicit: bool = False
+
+
+@dataclass(slots=True)
+class DataLayerConfig:
+    """The reference's `dataLayer`: polled sources with their extractors, and the endpoint
+    discovery plugin (instead of the pool flags). Plugin names, resolved against plugins."""
+
+    inject_defaults: bool = True
+    sources: list[DataSourceSpec] = field(default_factory=list)
+    discovery: str = ""  # an endpoint-discovery plugin name ("" = the pool/endpoint flags)
+    cross_replica_sync_interval: float | None = None  # seconds; only read with a syncer
 
 
 @dataclass(slots=True)
@@ -84,10 +140,13 @@ class EndpointPickerConfig:
     scheduling_profiles: list[ProfileSpec]
     profile_handler: str  # plugin name
     saturation_detector: str  # plugin name
-    feature_gates: frozenset[str] = frozenset()
+    feature_gates: frozenset[str] = frozenset()  # the gates the config turns on
     flow_control: FlowControlConfig | None = None
     engine_metrics: dict[str, Any] = field(default_factory=dict)  # raw; the data layer validates it
-    data: dict[str, Any] = field(default_factory=dict)  # the reference's data-layer section, kept raw
+    data: dict[str, Any] = field(default_factory=dict)  # the GIE v1.5 `data` section, kept raw
+    gates: dict[str, bool] = field(default_factory=lambda: dict(FEATURE_GATES))  # every registered gate
+    parsers: list[str] = field(default_factory=list)  # requestHandler.parsers: parser plugin names, in order
+    data_layer: DataLayerConfig = field(default_factory=DataLayerConfig)
 
     def plugin(self, name: str) -> PluginSpec:
         for p in self.plugins:
@@ -136,6 +195,12 @@ def _int(value: Any, where: str) -> int:
     return value
 
 
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -147,14 +212,35 @@ def _join(where: str, key: str) -> str:
 
 
 # --------------------------------------------------------------------------- loading
-_TOP_KEYS = ("apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "saturationDetector",
-             "flowControl", "engineMetrics", "data")
+_TOP_KEYS = ("apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "dataLayer", "flowControl",
+             "requestHandler", "saturationDetector", "parser", "engineMetrics", "data")
+_BOOL_TEXT = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}  # Go strconv.ParseBool
+
+
+@dataclass(slots=True)
+class _Raw:
+    """The document, each section checked on its own; cross-references are resolved later."""
+
+    api_version: str = API_VERSION
+    gates: dict[str, bool] = field(default_factory=dict)  # as written
+    plugins: list[PluginSpec] = field(default_factory=list)
+    profiles: list[ProfileSpec] | None = None
+    saturation: Any = None  # flowControl.saturationDetector, else the top-level one
+    saturation_where: str = "saturationDetector"
+    flow: FlowControlConfig | None = None
+    flow_settings: bool = False  # flowControl sets more than saturationDetector
+    parsers: list[tuple[str, str]] | None = None  # (pluginRef, key path)
+    data_layer: DataLayerConfig | None = None
+    data_layer_refs: list[tuple[str, str, str]] = field(default_factory=list)  # (key path, plugin, extension point)
+    engine_metrics: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    aliases: dict[str, list[PluginSpec]] = field(default_factory=dict)  # deprecated type -> its specs
 
 
 def load_config(text: str | None) -> EndpointPickerConfig:
     """Parse and validate EndpointPickerConfig YAML; None or blank text gives the defaults."""
     if text is None or not text.strip():
-        return _resolve(API_VERSIONS[0], frozenset(), _default_plugins(), None, None, None, {})
+        return _resolve(_Raw(plugins=_default_plugins()))
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -162,27 +248,40 @@ def load_config(text: str | None) -> EndpointPickerConfig:
     if doc is None:
         doc = {}
     doc = _mapping(doc, "", _TOP_KEYS)
-    api_version = doc.get("apiVersion", API_VERSIONS[0])
-    if api_version not in API_VERSIONS:
-        raise ConfigError(f"apiVersion: expected one of {', '.join(API_VERSIONS)}, got {api_version!r}")
+    raw = _Raw()
+    raw.api_version = doc.get("apiVersion", API_VERSION)
+    if raw.api_version not in API_VERSIONS:
+        raise ConfigError(f"apiVersion: expected one of {', '.join(API_VERSIONS)}, got {raw.api_version!r}")
+    if raw.api_version == DEPRECATED_API_VERSION:
+        log.warning("DEPRECATION: apiVersion %s/%s is deprecated; use %s", DEPRECATED_API_VERSION, KIND, API_VERSION)
     kind = doc.get("kind", KIND)
     if kind != KIND:
         raise ConfigError(f"kind: expected {KIND}, got {kind!r}")
-    gates = frozenset(_str(g, f"featureGates[{i}]")
-                      for i, g in enumerate(_list(doc.get("featureGates") or [], "featureGates")))
-    plugins = _parse_plugins(doc.get("plugins"))
-    profiles = _parse_profiles(doc.get("schedulingProfiles"))
+    raw.gates = _parse_gates(doc.get("featureGates"))
+    raw.plugins = _parse_plugins(doc.get("plugins"), raw.aliases)
+    raw.profiles = _parse_profiles(doc.get("schedulingProfiles"))
     engine_metrics = doc.get("engineMetrics") or {}
     if not isinstance(engine_metrics, Mapping):
         raise ConfigError(f"engineMetrics: expected a mapping of engine -> metric names, got {engine_metrics!r}")
-    flow = _parse_flow_control(doc["flowControl"]) if doc.get("flowControl") is not None else None
-    saturation = doc.get("saturationDetector")
+    raw.engine_metrics = dict(engine_metrics)
+    fc_saturation = None
+    if doc.get("flowControl") is not None:
+        raw.flow, fc_saturation, raw.flow_settings = _parse_flow_control(doc["flowControl"])
+    if doc.get("saturationDetector") is not None:
+        log.warning("DEPRECATION: top-level saturationDetector is deprecated, use flowControl.saturationDetector "
+                    "instead. If both are set, the new field is used.")
+    if fc_saturation is not None:
+        raw.saturation, raw.saturation_where = fc_saturation, "flowControl.saturationDetector"
+    else:
+        raw.saturation = doc.get("saturationDetector")
+    raw.parsers = _parse_request_handler(doc.get("requestHandler"), doc.get("parser"))
+    if doc.get("dataLayer") is not None:
+        raw.data_layer, raw.data_layer_refs = _parse_data_layer(doc["dataLayer"])
     data = doc.get("data") or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"data: expected a mapping, got {data!r}")
-    cfg = _resolve(api_version, gates, plugins, profiles, saturation, flow, dict(engine_metrics))
-    cfg.data = dict(data)
-    return cfg
+    raw.data = dict(data)
+    return _resolve(raw)
 
 
 def _default_plugins() -> list[PluginSpec]:
@@ -191,10 +290,38 @@ def _default_plugins() -> list[PluginSpec]:
     ]
 
 
-def _parse_plugins(raw: Any) -> list[PluginSpec]:
+def _parse_gates(raw: Any) -> dict[str, bool]:
+    """`featureGates: [name, name=bool, ...]` (the reference's list; a bare name turns it on)."""
+    gates: dict[str, bool] = {}
+    for i, item in enumerate(_list(raw if raw is not None else [], "featureGates")):
+        where = f"featureGates[{i}]"
+        name, sep, value = _str(item, where).partition("=")
+        if name not in FEATURE_GATES:
+            raise ConfigError(f"{where}: unknown feature gate {name!r} (registered: {', '.join(FEATURE_GATES)})")
+        on = True
+        if sep:
+            text = value.strip().lower()
+            if text not in _BOOL_TEXT:
+                raise ConfigError(f"{where}: {value!r} is not a valid value for the feature gate {name} "
+                                  "(expected true or false)")
+            on = _BOOL_TEXT[text]
+        if name == HA_POPULATE_GATE and not on:
+            raise ConfigError(f"{where}: {HA_POPULATE_GATE}=false is not supported: every replica here keeps its "
+                              "datastore populated whether it leads or not")
+        gates[name] = on
+    return gates
+
+
+def _parse_plugins(raw: Any, aliases: dict[str, list[PluginSpec]]) -> list[PluginSpec]:
+    items = _list(raw or [], "plugins")
+    # A type whose feature another issue builds is the most useful thing to say about a config.
+    for i, item in enumerate(items):
+        ptype = item.get("type") if isinstance(item, Mapping) else None
+        if isinstance(ptype, str) and ptype in FUTURE and ptype not in BUILTINS:
+            raise ConfigError(f"plugins[{i}].type: plugin type {ptype!r} needs {FUTURE[ptype]}, not built yet")
     specs: list[PluginSpec] = []
     seen: set[str] = set()
-    for i, item in enumerate(_list(raw or [], "plugins")):
+    for i, item in enumerate(items):
         where = f"plugins[{i}]"
         item = _mapping(item, where, ("type", "name", "parameters"))
         if "type" not in item:
@@ -208,6 +335,8 @@ def _parse_plugins(raw: Any) -> list[PluginSpec]:
         if not isinstance(params, Mapping):
             raise ConfigError(f"{where}.parameters: expected a mapping, got {params!r}")
         spec = PluginSpec(type=ptype, name=name, parameters=dict(params), where=where)
+        if ptype in ALIASES and ptype not in BUILTINS:
+            _map_alias(spec, aliases)
         _check_plugin(spec)
         specs.append(spec)
     return specs
@@ -217,10 +346,136 @@ def _check_plugin(spec: PluginSpec) -> type:
     """Resolve the type and validate the parameters now, so start-up fails early."""
     try:
         cls = plugin_class(spec.type, f"{spec.where}.type")
+        _future_params(cls, spec)
         plugin_params(cls, spec.type, spec.parameters, f"{spec.where}.parameters")
     except PluginError as e:
+        if spec.alias and spec.type not in BUILTINS:
+            raise ConfigError(f"{spec.where}.type: {spec.alias!r} is a deprecated alias of {spec.type!r}, "
+                              f"which is not built yet") from None
         raise ConfigError(str(e)) from None
     return cls
+
+
+def _future_params(cls: type, spec: PluginSpec) -> None:
+    """A parameter of the reference that another issue builds: refused naming it, unless
+    its value means what is built here (then it is consumed)."""
+    future = FUTURE_PARAMS.get(spec.type)
+    params_cls = getattr(cls, "Params", None)
+    if not future or not is_dataclass(params_cls):
+        return
+    known = {f.name for f in fields(params_cls)}
+    for key in [k for k in spec.parameters if k in future and k not in known]:
+        feature, same = future[key]
+        if spec.parameters[key] not in same:
+            raise ConfigError(f"{spec.where}.parameters.{key}: needs {feature}, not built yet")
+        del spec.parameters[key]
+
+
+# --------------------------------------------------------------------------- deprecated plugin types
+def _map_alias(spec: PluginSpec, aliases: dict[str, list[PluginSpec]]) -> None:
+    """Rewrite a deprecated type to its replacement, translating the parameters as the
+    reference's deprecated factory reads them; logged once per deprecated type and load."""
+    alias = ALIASES[spec.type]
+    if spec.type not in aliases:
+        log.warning("DEPRECATION: plugin type %r is deprecated since %s (removal planned in %s); use %r",
+                    spec.type, alias.deprecated_in, alias.removal_in, alias.replacement)
+    aliases.setdefault(spec.type, []).append(spec)
+    spec.alias, spec.type = spec.type, alias.replacement
+    translate = _ALIAS_PARAMS.get(spec.alias)
+    if translate is not None:
+        spec.parameters = translate(spec.parameters, f"{spec.where}.parameters")
+        spec.alias_refs = spec.parameters.pop("_refs", {})
+
+
+def _by_label(params: dict[str, Any], where: str) -> dict[str, Any]:
+    p = _mapping(params, where, ("label", "validValues", "allowsNoLabel"))
+    if p.get("label") is None:
+        raise ConfigError(f"{where}.label: required")
+    label = _str(p["label"], f"{where}.label")
+    values = [_str(v, f"{where}.validValues[{i}]")
+              for i, v in enumerate(_list(p.get("validValues") or [], f"{where}.validValues"))]
+    allows = p.get("allowsNoLabel", False)
+    if not isinstance(allows, bool):
+        raise ConfigError(f"{where}.allowsNoLabel: expected true or false, got {allows!r}")
+    if not values and not allows:
+        raise ConfigError(f"{where}: either validValues must be non-empty or allowsNoLabel must be true")
+    if values and allows:
+        # "label absent, or one of the values" is no conjunction of selector requirements
+        raise ConfigError(f"{where}.allowsNoLabel: true together with validValues has no label-selector-filter "
+                          "equivalent; use two profiles or label every endpoint")
+    if values:
+        return {"matchExpressions": [{"key": label, "operator": "In", "values": values}]}
+    return {"matchExpressions": [{"key": label, "operator": "DoesNotExist"}]}
+
+
+_PD_PARAMS = ("decodeProfile", "prefillProfile", "prefixPluginType", "prefixPluginName", "primaryPort",
+              "deciderPluginName", "prefixMatchInfoProducerName")
+
+
+def _pd_profile_handler(params: dict[str, Any], where: str) -> dict[str, Any]:
+    p = _mapping(params, where, _PD_PARAMS)
+    port = p.get("primaryPort") or 0
+    if port:
+        raise ConfigError(f"{where}.primaryPort: the data-parallel primary port needs disaggregated serving as the "
+                          "reference has it today (issue 11)")
+    out = {k: _str(p[k], f"{where}.{k}") for k in ("decodeProfile", "prefillProfile") if p.get(k) is not None}
+    # the reference's pd-profile-handler defaults its decider to prefix-based-pd-decider
+    out["deciderPluginName"] = _str(p["deciderPluginName"], f"{where}.deciderPluginName") \
+        if p.get("deciderPluginName") else "prefix-based-pd-decider"
+    # The prefix plugin names only declare what the decider reads: they must name plugins (checked with
+    # the other references, see _check_alias_refs); the decider carries its own producer name.
+    out["_refs"] = {k: _str(p[k], f"{where}.{k}") for k in ("prefixPluginName", "prefixMatchInfoProducerName")
+                    if p.get(k)}
+    if "prefixPluginName" not in out["_refs"] and p.get("prefixPluginType"):
+        out["_refs"]["prefixPluginType"] = _str(p["prefixPluginType"], f"{where}.prefixPluginType")
+    return out
+
+
+def _headers_handler(params: dict[str, Any], where: str) -> dict[str, Any]:
+    p = _mapping(params, where, ("prefillProfile", "encodeProfile"))
+    out = {k: _str(p[k], f"{where}.{k}") for k in ("prefillProfile",) if p.get(k) is not None}
+    out["_refs"] = {"encodeProfile": _str(p["encodeProfile"], f"{where}.encodeProfile")
+                    if p.get("encodeProfile") is not None else "encode"}
+    return out
+
+
+_ALIAS_PARAMS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "by-label": _by_label,
+    # by-label-selector takes label-selector-filter's parameters; tokenizer takes token-producer's
+    "pd-profile-handler": _pd_profile_handler,
+    "prefill-header-handler": _headers_handler,
+    "disagg-headers-handler": _headers_handler,
+}
+
+
+def _check_alias_refs(plugins: list[PluginSpec], profiles: list[ProfileSpec] | None) -> None:
+    """The cross-references of the deprecated P/D handlers, once every plugin is known.
+    A headers handler only wrote the prefill header, which disagg-profile-handler writes
+    itself: next to another profile handler it is absorbed (same prefill profile)."""
+    names = {p.name for p in plugins}
+    profile_names = {p.name for p in profiles or ()}
+    for spec in list(plugins):
+        refs = spec.alias_refs
+        if spec.alias not in ("pd-profile-handler", "prefill-header-handler", "disagg-headers-handler"):
+            continue
+        if spec.alias == "pd-profile-handler":
+            for key, name in refs.items():
+                if name not in names:
+                    raise ConfigError(f"{spec.where}.parameters.{key}: no plugin named {name!r} in plugins")
+            continue
+        encode = refs["encodeProfile"]
+        if encode in profile_names:
+            raise ConfigError(f"{spec.where}.parameters.encodeProfile: the encode stage (profile {encode!r}) needs "
+                              "disaggregated serving as the reference has it today (issue 11)")
+        others = [p for p in plugins if p is not spec and p.type == "disagg-profile-handler"
+                  and p.alias not in ("prefill-header-handler", "disagg-headers-handler")]
+        if others:
+            mine = spec.parameters.get("prefillProfile", "prefill")
+            theirs = others[0].parameters.get("prefillProfile", "prefill")
+            if mine != theirs:
+                raise ConfigError(f"{spec.where}.parameters.prefillProfile: {mine!r} differs from the prefill "
+                                  f"profile {theirs!r} of {others[0].name!r}, which sets the prefill header")
+            plugins.remove(spec)
 
 
 def _parse_profiles(raw: Any) -> list[ProfileSpec] | None:
@@ -246,38 +501,148 @@ def _parse_profiles(raw: Any) -> list[ProfileSpec] | None:
     return profiles or None
 
 
-def _parse_flow_control(raw: Any) -> FlowControlConfig:
+def _parse_request_handler(handler: Any, parser: Any) -> list[tuple[str, str]] | None:
+    """requestHandler.parsers, else the deprecated top-level parser (one pluginRef)."""
+    refs: list[tuple[str, str]] = []
+    if handler is not None:
+        handler = _mapping(handler, "requestHandler", ("parsers",))
+        for i, item in enumerate(_list(handler.get("parsers") or [], "requestHandler.parsers")):
+            where = f"requestHandler.parsers[{i}]"
+            item = _mapping(item, where, ("pluginRef",))
+            refs.append((_str(item.get("pluginRef"), f"{where}.pluginRef"), f"{where}.pluginRef"))
+    if parser is not None:
+        log.warning("DEPRECATION: top-level parser is deprecated, use requestHandler.parsers instead. "
+                    "If both are set, the new field is used.")
+        parser = _mapping(parser, "parser", ("pluginRef",))
+        ref = _str(parser.get("pluginRef"), "parser.pluginRef")
+        if not refs:
+            refs = [(ref, "parser.pluginRef")]
+    return refs or None
+
+
+def _parse_data_layer(raw: Any) -> tuple[DataLayerConfig, list[tuple[str, str, str]]]:
+    where = "dataLayer"
+    raw = _mapping(raw, where, ("injectDefaults", "sources", "discovery", "peerDiscovery",
+                                "crossReplicaSyncerPluginRef", "crossReplicaSyncInterval"))
+    dl = DataLayerConfig()
+    refs: list[tuple[str, str, str]] = []
+    if raw.get("injectDefaults") is not None:
+        dl.inject_defaults = _bool(raw["injectDefaults"], f"{where}.injectDefaults")
+    for i, src in enumerate(_list(raw.get("sources") or [], f"{where}.sources")):
+        sw = f"{where}.sources[{i}]"
+        src = _mapping(src, sw, ("pluginRef", "extractors"))
+        ref = _str(src.get("pluginRef"), f"{sw}.pluginRef")
+        refs.append((f"{sw}.pluginRef", ref, "DataSource"))
+        extractors = []
+        for j, ext in enumerate(_list(src.get("extractors") or [], f"{sw}.extractors")):
+            ew = f"{sw}.extractors[{j}]"
+            name = _str(_mapping(ext, ew, ("pluginRef",)).get("pluginRef"), f"{ew}.pluginRef")
+            refs.append((f"{ew}.pluginRef", name, "Extractor"))
+            extractors.append(name)
+        dl.sources.append(DataSourceSpec(ref, extractors))
+    if raw.get("discovery") is not None:
+        dw = f"{where}.discovery"
+        dl.discovery = _str(_mapping(raw["discovery"], dw, ("pluginRef",)).get("pluginRef"), f"{dw}.pluginRef")
+        refs.append((f"{dw}.pluginRef", dl.discovery, "EndpointDiscovery"))
+    for key in ("peerDiscovery", "crossReplicaSyncerPluginRef"):
+        if raw.get(key):
+            raise ConfigError(f"{where}.{key}: sharing data-layer state across replicas is not supported here "
+                              "(no plugin type provides it)")
+    if raw.get("crossReplicaSyncInterval") is not None:
+        dl.cross_replica_sync_interval = parse_duration(raw["crossReplicaSyncInterval"],
+                                                        f"{where}.crossReplicaSyncInterval")
+    return dl, refs
+
+
+_FLOW_KEYS = ("maxBytes", "maxRequests", "defaultRequestTTL", "noEndpointRequestTTL", "defaultPriorityBand",
+              "defaultNegativePriorityBand", "priorityBands", "usageLimitPolicyPluginRef", "saturationDetector",
+              "enableEviction")
+_BAND_KEYS = ("priority", "maxBytes", "maxRequests", "fairnessPolicyRef", "orderingPolicyRef",
+              "fairnessPolicy")  # fairnessPolicy: this project's earlier form (global-strict | round-robin)
+
+
+def _parse_flow_control(raw: Any) -> tuple[FlowControlConfig, Any, bool]:
+    """-> (config, the saturationDetector under it, whether settings besides that are set)."""
     where = "flowControl"
-    raw = _mapping(raw, where, ("maxBytes", "defaultRequestTTL", "priorityBands"))
+    raw = _mapping(raw, where, _FLOW_KEYS)
     fc = FlowControlConfig()
     if raw.get("maxBytes") is not None:
         fc.max_bytes = parse_quantity(raw["maxBytes"], f"{where}.maxBytes")
+    if raw.get("maxRequests") is not None and _count(raw["maxRequests"], f"{where}.maxRequests"):
+        raise ConfigError(f"{where}.maxRequests: a limit on all queued requests needs {_ISSUE_11_FC}; "
+                          "priorityBands[].maxRequests limits a band")
     if raw.get("defaultRequestTTL") is not None:
         fc.default_request_ttl = parse_duration(raw["defaultRequestTTL"], f"{where}.defaultRequestTTL")
+    if raw.get("noEndpointRequestTTL") is not None:
+        ttl = parse_duration(raw["noEndpointRequestTTL"], f"{where}.noEndpointRequestTTL")
+        if ttl != fc.default_request_ttl:  # the reference's default: it follows defaultRequestTTL
+            raise ConfigError(f"{where}.noEndpointRequestTTL: a queue budget of its own while the pool has no "
+                              f"endpoints needs {_ISSUE_11_FC}; it may only equal defaultRequestTTL")
+    if raw.get("defaultPriorityBand") is not None:
+        fc.default_band = _parse_band(raw["defaultPriorityBand"], f"{where}.defaultPriorityBand", None)
+    if raw.get("defaultNegativePriorityBand") is not None:
+        fc.default_negative_band = _parse_band(raw["defaultNegativePriorityBand"],
+                                               f"{where}.defaultNegativePriorityBand", None)
     seen: set[int] = set()
     for i, band in enumerate(_list(raw.get("priorityBands") or [], f"{where}.priorityBands")):
-        bw = f"{where}.priorityBands[{i}]"
-        band = _mapping(band, bw, ("priority", "maxBytes", "maxRequests", "fairnessPolicy"))
+        cfg = _parse_band(band, f"{where}.priorityBands[{i}]", seen)
+        fc.priority_bands.append(cfg)
+    ref = raw.get("usageLimitPolicyPluginRef")
+    if ref and _str(ref, f"{where}.usageLimitPolicyPluginRef") != DEFAULT_USAGE_LIMIT_POLICY:
+        raise ConfigError(f"{where}.usageLimitPolicyPluginRef: usage-limit policies need {_ISSUE_11_FC}; "
+                          f"only the default {DEFAULT_USAGE_LIMIT_POLICY} is built in")
+    if raw.get("enableEviction") is not None and _bool(raw["enableEviction"], f"{where}.enableEviction"):
+        raise ConfigError(f"{where}.enableEviction: eviction needs {_ISSUE_11_FC}")
+    settings = any(raw.get(k) is not None for k in _FLOW_KEYS if k != "saturationDetector")
+    saturation = raw.get("saturationDetector")
+    if saturation is not None:
+        saturation = _mapping(saturation, f"{where}.saturationDetector", ("pluginRef",))
+    return fc, saturation, settings
+
+
+def _parse_band(band: Any, bw: str, seen: set[int] | None) -> PriorityBandConfig:
+    """One priority band; `seen` is None for the default band templates (no priority)."""
+    band = _mapping(band, bw, _BAND_KEYS)
+    prio = 0
+    if seen is not None:
         if "priority" not in band:
             raise ConfigError(f"{bw}.priority: required")
         prio = _int(band["priority"], f"{bw}.priority")
         if prio in seen:
             raise ConfigError(f"{bw}.priority: duplicate band priority {prio}")
         seen.add(prio)
-        cfg = PriorityBandConfig(priority=prio)
-        if band.get("maxBytes") is not None:
-            cfg.max_bytes = parse_quantity(band["maxBytes"], f"{bw}.maxBytes")
-        if band.get("maxRequests") is not None:
-            cfg.max_requests = _int(band["maxRequests"], f"{bw}.maxRequests")
-            if cfg.max_requests < 0:
-                raise ConfigError(f"{bw}.maxRequests: must not be negative")
-        if band.get("fairnessPolicy") is not None:
-            policy = _str(band["fairnessPolicy"], f"{bw}.fairnessPolicy")
-            if policy not in ("global-strict", "round-robin"):
-                raise ConfigError(f"{bw}.fairnessPolicy: expected global-strict or round-robin, got {policy!r}")
-            cfg.fairness_policy = policy
-        fc.priority_bands.append(cfg)
-    return fc
+    elif band.get("priority") is not None:
+        _int(band["priority"], f"{bw}.priority")
+    cfg = PriorityBandConfig(priority=prio)
+    if band.get("maxBytes") is not None:
+        cfg.max_bytes = parse_quantity(band["maxBytes"], f"{bw}.maxBytes")
+    if band.get("maxRequests") is not None:
+        cfg.max_requests = _count(band["maxRequests"], f"{bw}.maxRequests")
+    if band.get("fairnessPolicy") is not None:
+        if band.get("fairnessPolicyRef") is not None:
+            raise ConfigError(f"{bw}.fairnessPolicy: not allowed together with fairnessPolicyRef")
+        policy = _str(band["fairnessPolicy"], f"{bw}.fairnessPolicy")
+        if policy not in ("global-strict", "round-robin"):
+            raise ConfigError(f"{bw}.fairnessPolicy: expected global-strict or round-robin, got {policy!r}")
+        cfg.fairness_policy = policy
+    for key, default in (("fairnessPolicyRef", DEFAULT_FAIRNESS_POLICY), ("orderingPolicyRef", DEFAULT_ORDERING_POLICY)):
+        if band.get(key) is not None and _str(band[key], f"{bw}.{key}") != default:
+            raise ConfigError(f"{bw}.{key}: flow-control policy plugins need {_ISSUE_11_FC}; only the default "
+                              f"{default} is built in")
+    return cfg
+
+
+def _count(value: Any, where: str) -> int:
+    """A request count: an integer or a Kubernetes quantity ("1k"), not negative."""
+    if isinstance(value, str):
+        try:
+            value = parse_quantity(value, where)
+        except ConfigError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    n = _int(value, where)
+    if n < 0:
+        raise ConfigError(f"{where}: must not be negative")
+    return n
 
 
 # --------------------------------------------------------------------------- default rules
@@ -342,9 +707,9 @@ def _wire_producers(plugins: list[PluginSpec]) -> None:
                 raise ConfigError(f"{key}: {named!r} is not a data producer")
 
 
-def _resolve(api_version: str, gates: frozenset[str], plugins: list[PluginSpec],
-             profiles: list[ProfileSpec] | None, saturation: Any, flow: FlowControlConfig | None,
-             engine_metrics: dict[str, Any]) -> EndpointPickerConfig:
+def _resolve(raw: _Raw) -> EndpointPickerConfig:
+    plugins, profiles = raw.plugins, raw.profiles
+    _check_alias_refs(plugins, profiles)
     _wire_producers(plugins)
     kinds = {p.name: _kind_of(plugin_class(p.type)) for p in plugins}
     by_name = {p.name: p for p in plugins}
@@ -403,45 +768,126 @@ def _resolve(api_version: str, gates: frozenset[str], plugins: list[PluginSpec],
         raise ConfigError("plugins: several schedulingProfiles need a profile handler plugin "
                           "(e.g. disagg-profile-handler)")
 
-    detector = _resolve_saturation(saturation, plugins, kinds, add_implicit)
+    detector = _resolve_saturation(raw.saturation, raw.saturation_where, by_name, kinds, add_implicit)
+    parsers = _resolve_parsers(raw.parsers, by_name, add_implicit)
+    data_layer = _resolve_data_layer(raw.data_layer or DataLayerConfig(), raw.data_layer_refs, by_name,
+                                     add_implicit)
+
+    gates = {**FEATURE_GATES, **raw.gates}
+    flow = raw.flow
+    if gates[FLOW_CONTROL_GATE]:
+        flow = flow if flow is not None else FlowControlConfig()
+    elif raw.flow_settings:
+        log.warning("the flowControl config section is set but the %s feature gate is off: its settings "
+                    "(other than saturationDetector) are ignored", FLOW_CONTROL_GATE)
     return EndpointPickerConfig(
-        api_version=api_version,
+        api_version=raw.api_version,
         plugins=plugins,
         scheduling_profiles=profiles,
         profile_handler=handler,
         saturation_detector=detector,
-        feature_gates=gates,
-        flow_control=flow if flow is not None else (FlowControlConfig() if FLOW_CONTROL_GATE in gates else None),
-        engine_metrics=engine_metrics,
+        feature_gates=frozenset(g for g, on in raw.gates.items() if on),
+        flow_control=flow,
+        engine_metrics=raw.engine_metrics,
+        data=raw.data,
+        gates=gates,
+        parsers=parsers,
+        data_layer=data_layer,
     )
 
 
 _LEGACY_DETECTOR_KEYS = ("queueDepthThreshold", "kvCacheUtilThreshold", "metricsStalenessThreshold", "headroom")
 
 
-def _resolve_saturation(raw: Any, plugins: list[PluginSpec], kinds: dict[str, set[str]], add_implicit) -> str:
-    """`saturationDetector: {pluginRef}`; older configs put the detector's thresholds inline."""
-    where = "saturationDetector"
-    if raw is None:
-        for p in plugins:
-            if "saturation" in kinds[p.name]:
-                return p.name
+def _resolve_saturation(raw: Any, where: str, by_name: dict[str, PluginSpec], kinds: dict[str, set[str]],
+                        add_implicit: Callable[..., str]) -> str:
+    """`{pluginRef}` (empty or absent: utilization-detector, added when no plugin has that
+    name); older configs put the detector's thresholds inline at the top level."""
+    raw = _mapping(raw if raw is not None else {}, where, ("pluginRef", *_LEGACY_DETECTOR_KEYS))
+    inline = {k: v for k, v in raw.items() if k != "pluginRef"}
+    if inline:
+        if raw.get("pluginRef") is not None:
+            raise ConfigError(f"{where}.{next(iter(inline))}: not allowed together with pluginRef")
+        try:
+            params_from_mapping(plugin_class(DEFAULT_SATURATION_DETECTOR).Params, dict(inline), where)
+        except PluginError as e:
+            raise ConfigError(str(e)) from None
+        return add_implicit(DEFAULT_SATURATION_DETECTOR, dict(inline))
+    ref = _str(raw["pluginRef"], f"{where}.pluginRef") if raw.get("pluginRef") is not None else ""
+    if not ref or (ref == DEFAULT_SATURATION_DETECTOR and ref not in by_name):
         return add_implicit(DEFAULT_SATURATION_DETECTOR)
-    raw = _mapping(raw, where, ("pluginRef", *_LEGACY_DETECTOR_KEYS))
-    if "pluginRef" in raw:
-        if len(raw) > 1:
-            extra = next(k for k in raw if k != "pluginRef")
-            raise ConfigError(f"{where}.{extra}: not allowed together with pluginRef")
-        ref = _str(raw["pluginRef"], f"{where}.pluginRef")
-        if ref not in kinds:
-            raise ConfigError(f"{where}.pluginRef: no plugin named {ref!r} in plugins")
-        if "saturation" not in kinds[ref]:
-            raise ConfigError(f"{where}.pluginRef: {ref!r} is not a saturation detector")
-        return ref
-    params = dict(raw)
+    if ref not in by_name:
+        raise ConfigError(f"{where}.pluginRef: no plugin named {ref!r} in plugins")
+    if "saturation" not in kinds[ref]:
+        raise ConfigError(f"{where}.pluginRef: {ref!r} is not a saturation detector")
+    return ref
+
+
+def _known(type_name: str) -> bool:
     try:
-        cls = plugin_class(DEFAULT_SATURATION_DETECTOR)
-        params_from_mapping(cls.Params, params, where)
-    except PluginError as e:
-        raise ConfigError(str(e)) from None
-    return add_implicit(DEFAULT_SATURATION_DETECTOR, params)
+        plugin_class(type_name)
+    except PluginError:
+        return False
+    return True
+
+
+def _resolve_parsers(refs: list[tuple[str, str]] | None, by_name: dict[str, PluginSpec],
+                     add_implicit: Callable[..., str]) -> list[str]:
+    """The parser chain by plugin name. A pluginRef naming no configured plugin but a
+    parser type gets an instance of that type, as the reference's loader does."""
+    if refs is None:
+        # Until the parser plugins are registered the director parses OpenAI bodies itself.
+        if not all(t in BUILTINS for t in DEFAULT_PARSERS):
+            return []
+        refs = [(t, "(default requestHandler.parsers)") for t in DEFAULT_PARSERS]
+    names: list[str] = []
+    for ref, where in refs:
+        if ref not in by_name:
+            if not _known(ref):
+                raise ConfigError(f"{where}: no plugin named {ref!r} in plugins")
+            add_implicit(ref)
+        if "Parser" not in EXTENSION_POINTS or "Parser" not in extension_points(plugin_class(by_name[ref].type)):
+            raise ConfigError(f"{where}: {ref!r} is not a parser plugin")
+        names.append(ref)
+    return names
+
+
+# What the data layer runtime (epp.datalayer.runtime) binds: a source declares the payload
+# kind it yields, an extractor the kind it reads, a discovery plugin builds the discovery.
+_DATA_ROLES: dict[str, Callable[[type], bool]] = {
+    "DataSource": lambda cls: isinstance(getattr(cls, "output_kind", None), str),
+    "Extractor": lambda cls: isinstance(getattr(cls, "input_kind", None), str),
+    "EndpointDiscovery": lambda cls: callable(getattr(cls, "discovery", None)),
+}
+_DATA_ROLE_NAMES = {"DataSource": "data source", "Extractor": "data extractor",
+                    "EndpointDiscovery": "endpoint discovery plugin"}
+
+
+def _resolve_data_layer(dl: DataLayerConfig, refs: list[tuple[str, str, str]], by_name: dict[str, PluginSpec],
+                        add_implicit: Callable[..., str]) -> DataLayerConfig:
+    for where, name, role in refs:
+        if name not in by_name:
+            raise ConfigError(f"{where}: no plugin named {name!r} in plugins")
+        if not _DATA_ROLES[role](plugin_class(by_name[name].type)):
+            raise ConfigError(f"{where}: {name!r} is not a {_DATA_ROLE_NAMES[role]}")
+    # The reference injects metrics-data-source -> core-metrics-extractor unless a source of
+    # that name is configured or injectDefaults is false. Until both types are registered the
+    # built-in metrics collector (engineMetrics) does this job.
+    if dl.inject_defaults and all(s.plugin_ref != METRICS_SOURCE for s in dl.sources) \
+            and METRICS_SOURCE in BUILTINS and METRICS_EXTRACTOR in BUILTINS:
+        for ptype in (METRICS_SOURCE, METRICS_EXTRACTOR):
+            if ptype not in by_name:
+                add_implicit(ptype)
+        dl.sources.append(DataSourceSpec(METRICS_SOURCE, [METRICS_EXTRACTOR], implicit=True))
+    return dl
+
+
+def check_stability(config: EndpointPickerConfig, allow_experimental_plugins: bool) -> None:
+    """Alpha plugin types need --allow-experimental-plugins (the reference checks every
+    instantiated plugin, implicit ones included, at start-up)."""
+    if allow_experimental_plugins:
+        return
+    for spec in sorted(config.plugins, key=lambda p: p.name):
+        if stability(spec.type) == ALPHA:
+            raise ConfigError(f"{spec.where or 'plugins'}.type: plugin {spec.name!r} (type: {spec.type!r}) has "
+                              "Alpha stability level, but command line flag --allow-experimental-plugins is not set")

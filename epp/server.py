@@ -78,7 +78,8 @@ class PickerServer:
         try:
             self.pipeline = load_plugin_set(read_config_text(options),
                                             PluginHandle(metrics=PluginMetrics(self.telemetry.registry)),
-                                            observe=self.telemetry.plugin_observer())
+                                            observe=self.telemetry.plugin_observer(),
+                                            allow_experimental_plugins=options.allow_experimental_plugins)
         except ConfigError as e:
             raise StartupError(f"config error: {e}") from None
         self.datastore.on_endpoints_removed(self.pipeline.endpoints_removed)

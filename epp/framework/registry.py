@@ -6,6 +6,12 @@ plugins its config names. Third-party plugins come from the `epp.plugins` entry-
 group (name = type name, value = "module:Class") or are named directly in the config as
 "module:Class". Nothing else in epp/ imports a plugin module.
 
+A row's stability is Beta unless the ALPHA_TYPES column names it: Alpha types need
+--allow-experimental-plugins, as in the reference (its registerInTreePlugins).
+ALIASES maps the reference's deprecated type names to their replacements (the config
+loader translates the parameters and warns once); FUTURE names the reference types whose
+feature another issue builds, so refusing them says which.
+
 A plugin class has:
   type_name: ClassVar[str]
   Params: a dataclass of its YAML parameters (camelCase names, as in the reference)
@@ -15,11 +21,14 @@ A plugin class has:
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from epp.framework.params import PluginError
 
 ENTRY_POINT_GROUP = "epp.plugins"
+
+ALPHA, BETA, STABLE = "Alpha", "Beta", "Stable"  # the reference's stability levels
 
 BUILTINS: dict[str, str] = {
     # filters
@@ -37,7 +46,7 @@ BUILTINS: dict[str, str] = {
     "load-aware-scorer": "scorers.load:LoadAwareScorer",
     "lora-affinity-scorer": "scorers.load:LoraAffinityScorer",
     "active-request-scorer": "scorers.active_request:ActiveRequestScorer",
-    "session-affinity-scorer": "scorers.session_affinity:SessionAffinityScorer",
+    "session-affinity-scorer": "scorers.session_affinity:SessionAffinityScorer",  # Alpha
     "prefix-cache-scorer": "scorers.prefix:PrefixCacheScorer",
     "no-hit-lru-scorer": "scorers.no_hit_lru:NoHitLRUScorer",
     "context-length-aware": "scorers.context_length:ContextLengthAware",  # a scorer that can also filter
@@ -62,7 +71,67 @@ BUILTINS: dict[str, str] = {
     "passthrough-parser": "epp.requestcontrol.parsers.passthrough:PassthroughParser",
 }
 
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    """A deprecated type name of the reference and what replaces it."""
+
+    replacement: str
+    deprecated_in: str
+    removal_in: str
+
+
+ALIASES: dict[str, Alias] = {
+    "by-label-selector": Alias("label-selector-filter", "v0.9.0", "v0.11.0"),
+    "by-label": Alias("label-selector-filter", "v0.9.0", "v0.11.0"),
+    "pd-profile-handler": Alias("disagg-profile-handler", "v0.7.0", "v0.9.0"),
+    "prefill-header-handler": Alias("disagg-profile-handler", "v0.9.0", "v0.11.0"),
+    "disagg-headers-handler": Alias("disagg-profile-handler", "v0.9.0", "v0.11.0"),
+    "tokenizer": Alias("token-producer", "v0.9.0", "v0.11.0"),
+}
+
+_PD = "disaggregated serving (issue 11)"
+_FC = "flow-control policies (issue 11)"
+_SCHED = "the remaining scheduling plugins (issue 11)"
+_PRECISE = "precise prefix-cache routing (issue 12)"
+_LATENCY = "latency-aware routing (issue 13)"
+FUTURE: dict[str, str] = {
+    **dict.fromkeys(("encode-filter", "data-parallel-profile-handler", "header-profile-handler",
+                     "always-disagg-multimodal-decider", "disaggregatedset-rollout-screener"), _PD),
+    **dict.fromkeys(("global-strict-fairness-policy", "round-robin-fairness-policy", "program-aware-fairness",
+                     "fcfs-ordering-policy", "edf-ordering-policy", "slo-deadline-ordering-policy",
+                     "static-usage-limit-policy", "sheddable-eviction-filter",
+                     "priority-then-time-eviction-order-policy", "priority-holdback-policy",
+                     "soft-reflective-ceiling-policy", "concurrency-detector", "probabilistic-admitter"), _FC),
+    **dict.fromkeys(("session-affinity-filter", "endpoint-attribute-filter", "endpoint-attribute-scorer",
+                     "utilization-filter", "header-label-affinity-scorer"), _SCHED),
+    **dict.fromkeys(("precise-prefix-cache-scorer", "precise-prefix-cache-producer", "mm-embeddings-cache-scorer",
+                     "mm-embeddings-cache-producer"), _PRECISE),
+    **dict.fromkeys(("predicted-latency-producer", "latency-slo-admitter", "slo-headroom-tier-filter",
+                     "latency-scorer"), _LATENCY),
+}
+
+# Parameters of built-in types whose feature another issue builds: type -> parameter ->
+# (feature, the values that mean what is built here, e.g. a penalty of 0 = off). Used only
+# while the type's Params lacks the parameter.
+FUTURE_PARAMS: dict[str, dict[str, tuple[str, tuple[object, ...]]]] = {
+    "disagg-profile-handler": {"deciders": (_PD, ()), "profiles": (_PD, ()), "stageOrder": (_PD, ())},
+    "prefix-cache-affinity-filter": {"maxTTFTPenaltyMs": (_SCHED, (0,)), "ttftSource": (_SCHED, ()),
+                                     "peakPrefillThroughput": (_SCHED, ())},
+}
+
+# The stability column of BUILTINS: the rows the reference registers as Alpha (the rest are Beta).
+ALPHA_TYPES: frozenset[str] = frozenset({"session-affinity-scorer"})
+
 _loaded: dict[str, type] = {}
+
+
+def stability(type_name: str) -> str:
+    """Alpha, Beta or Stable; a type that is not built in (entry point, module:Class) is
+    Stable, as the reference treats unregistered metadata."""
+    if type_name not in BUILTINS:
+        return STABLE
+    return ALPHA if type_name in ALPHA_TYPES else BETA
 
 
 def _import(type_name: str, target: str, where: str) -> type:
@@ -93,6 +162,11 @@ def plugin_class(type_name: str, where: str = "type") -> type:
             return cls
     if ":" in type_name:
         return _import(type_name, type_name, where)
+    if type_name in FUTURE:
+        raise PluginError(f"{where}: plugin type {type_name!r} needs {FUTURE[type_name]}, not built yet")
+    if type_name in ALIASES:
+        raise PluginError(f"{where}: plugin type {type_name!r} is a deprecated alias of "
+                          f"{ALIASES[type_name].replacement!r}, which is not built yet")
     raise PluginError(f"{where}: unknown plugin type {type_name!r} (known: {', '.join(known_types())})")
 
 

@@ -41,6 +41,12 @@ class PluginSet:
         self.feature_gates: frozenset[str] = config.feature_gates
         self.flow_control: FlowControlConfig | None = config.flow_control
         self.engine_metrics: dict[str, Any] = config.engine_metrics
+        self.parsers: list[Plugin] = [plugins[n] for n in config.parsers]  # requestHandler.parsers, in order
+        # dataLayer: each source with its extractors, and the discovery plugin (None: the pool flags)
+        self.data_sources: list[tuple[Plugin, list[Plugin]]] = [
+            (plugins[s.plugin_ref], [plugins[e] for e in s.extractors]) for s in config.data_layer.sources]
+        self.discovery: Plugin | None = plugins.get(config.data_layer.discovery) if config.data_layer.discovery \
+            else None
         # Config order is kept so hooks run in a predictable order.
         points = {name: extension_points(p) for name, p in plugins.items()}
         self._members = {point: [p for name, p in plugins.items() if point in points[name]] for point in HOOKS}
