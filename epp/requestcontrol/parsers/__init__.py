@@ -39,10 +39,6 @@ def _suffix(claim: str) -> str:
     return claim.strip().strip("/")
 
 
-def _matches(path: str, suffix: str) -> bool:
-    return path.strip().rstrip("/").endswith(suffix)
-
-
 class ParserChain:
     """The configured parsers, resolved by path."""
 
@@ -70,9 +66,9 @@ class ParserChain:
         self._claims.sort(key=lambda c: -len(c[0]))
 
     def resolve(self, path: str) -> Parser:
-        path = path or DEFAULT_PATH
+        path = (path or DEFAULT_PATH).strip().rstrip("/")
         for suffix, parser in self._claims:
-            if _matches(path, suffix):
+            if path.endswith(suffix):
                 return parser
         if self.fallback is not None:
             return self.fallback
