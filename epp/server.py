@@ -88,7 +88,8 @@ class PickerServer:
                                              flow_control=gated_flow_control(p.feature_gates, p.flow_control))
         self.admission.observe_queue_duration = self._observe_queue
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
-                                 staleness=options.metrics_staleness_threshold)
+                                 staleness=options.metrics_staleness_threshold,
+                                 parsers=self.pipeline.parsers or None)  # requestHandler.parsers
         self.ext_proc = ExtProcHandler(self.director, disable_subset_filter=options.disable_endpoint_subset_filter,
                                        serving=self._serving, max_request_body_bytes=options.max_request_body_bytes)
         self.telemetry.add_pool_collector(self.datastore, options.pool_name or "static",
