@@ -1,5 +1,7 @@
-"""gRPC server credentials: a self-signed leaf certificate generated at start (as the
-reference picker does; gateways skip verification), or tls.crt/tls.key from --cert-path."""
+"""Serving TLS: a self-signed leaf certificate generated at start (as the reference picker
+does; gateways skip verification), or tls.crt/tls.key from --cert-path; server contexts
+with the reference's --tls-min-version / --tls-cipher-suites (Go names mapped to OpenSSL);
+CertReloader for --enable-cert-reload (and the metrics server's --metrics-cert-dir)."""
 
 from __future__ import annotations
 

@@ -329,3 +329,32 @@ async def test_metrics_over_tls_with_client_certificates(serve, tmp_path):
     with_cert.check_hostname, with_cert.verify_mode = False, ssl.CERT_NONE
     with_cert.load_cert_chain(tmp_path / "client.crt", tmp_path / "client.key")
     assert await asyncio.to_thread(scrape, url, None, with_cert) == 200
+
+
+async def test_drain_releases_the_lease_and_the_old_leader_keeps_serving(kube, tmp_path, monkeypatch):
+    from tests.kubeapi import inference_pool
+
+    for name, value in (("EPP_LEASE_DURATION", "2s"), ("EPP_LEASE_RENEW_DEADLINE", "1s"),
+                        ("EPP_LEASE_RETRY_PERIOD", "100ms")):
+        monkeypatch.setenv(name, value)
+    kube.put_pod("vllm-0", "127.0.0.1", {"app": "vllm"})
+    kube.apply(inference_pool("pool", {"app": "vllm"}, [8000]))
+    kc = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    server = PickerServer(parse_args(["--grpc-port=0", "--grpc-health-port=0", "--metrics-port=0",
+                                      "--bind-address=127.0.0.1", "--api-port=0", "--secure-serving=false",
+                                      "--pool-name=pool", f"--kubeconfig={kc}", "--ha-enable-leader-election"]))
+    await server.start()
+    try:
+        await eventually(lambda: server.is_leader() and server.datastore.synced, "leading and synced")
+        assert kube.get("leases", "pool-epp-leader", group="coordination.k8s.io")["spec"]["holderIdentity"]
+        interrupted = asyncio.Event()
+        drain = asyncio.create_task(server.drain(30, interrupted))
+        await eventually(lambda: not server.is_leader(), "lease given up")
+        lease = kube.get("leases", "pool-epp-leader", group="coordination.k8s.io")
+        assert lease["spec"]["holderIdentity"] == ""  # released: a follower takes over at once
+        assert await health(server.health_port, "readiness") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await ext_proc_status(server.grpc_port, headers_request()) == grpc.StatusCode.OK
+        interrupted.set()
+        await asyncio.wait_for(drain, 5)
+    finally:
+        await server.stop(0)
