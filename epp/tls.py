@@ -148,12 +148,14 @@ def server_ssl_context(cert_pem: bytes, key_pem: bytes, settings: TLSSettings = 
     cipher suites; `client_ca_file` requires client certificates signed by it."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _SSL_VERSIONS.get(settings.min_version, ssl.TLSVersion.TLSv1_2)
-    if settings.min_version in ("VersionTLS10", "VersionTLS11"):
-        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 refuses TLS < 1.2 at its default security level
+    legacy = settings.min_version in ("VersionTLS10", "VersionTLS11")
+    seclevel = ":@SECLEVEL=0" if legacy else ""  # OpenSSL 3 refuses TLS < 1.2 at its default security level
+    if legacy:
+        ctx.set_ciphers("DEFAULT" + seclevel)
     ciphers = settings.openssl_ciphers()
     if ciphers:
         try:
-            ctx.set_ciphers(ciphers)
+            ctx.set_ciphers(ciphers + seclevel)
         except ssl.SSLError:
             raise ValueError(f"--tls-cipher-suites: none of {', '.join(settings.cipher_suites)} is available "
                              "in this OpenSSL build") from None
