@@ -192,3 +192,12 @@ plugins:
 schedulingProfiles: [{name: default, plugins: [{pluginRef: header-based-testing-filter},
                                                {pluginRef: max-score-picker}]}]
 """
+
+
+async def test_a_rewrite_of_a_body_too_deep_to_write_back_is_400():
+    director, _ = director_with_objectives()
+    ctx = director.new_context({":path": "/v1/completions", "x-llm-d-model-name-rewrite": "other"})
+    raw = b'{"model": "m", "prompt": "p", "extra": ' + b"[" * 600 + b"]" * 600 + b"}"
+    with pytest.raises(InferenceError) as e:
+        await director.route(ctx, raw, None)
+    assert e.value.http_status == 400 and "nests too deeply" in e.value.message

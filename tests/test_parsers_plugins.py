@@ -319,3 +319,10 @@ def test_responses_api_usage_json_and_streamed():
     event = (b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
              b'{"input_tokens":31,"output_tokens":9}}}\n\n')
     assert _usage([event], sse=True) == (31, 9, 0)
+
+
+def test_bodies_nested_deeper_than_json_can_be_written_back_are_400():
+    deep = b"[" * 600 + b"]" * 600
+    assert "nests too deeply" in bad("openai-parser", b'{"model": "m", "input": ' + deep + b"}", "/v1/responses")
+    assert "nests too deeply" in bad("anthropic-parser", b'{"messages": [{"role": "user", "content": [{"type": '
+                                     b'"tool_use", "input": ' + deep + b"}]}]}", "/v1/messages")
