@@ -197,3 +197,72 @@ async def test_rename_replace_keeping_size_and_mtime_is_noticed(tmp_path):
         assert d.reloads == 2
     finally:
         await d.stop()
+
+
+# --------------------------------------------------------------------------- file-discovery
+REFERENCE_FILE = textwrap.dedent("""\
+    endpoints:
+      - name: vllm-0
+        address: "10.0.0.1"
+        port: "8000"
+        labels: {llm-d.ai/engine-type: sglang}
+      - name: vllm-1
+        namespace: serving
+        address: "10.0.0.2"
+        port: "8000"
+    """)
+
+
+def file_discovery(parameters: dict):
+    from epp.framework import plugin_params
+    from epp.framework.registry import plugin_class
+
+    cls = plugin_class("file-discovery")
+    return cls("file-discovery", plugin_params(cls, "file-discovery", parameters, "plugins[0].parameters"), None)
+
+
+async def test_file_discovery_reads_the_references_format_once_without_watch_file(tmp_path):
+    path = tmp_path / "endpoints.yaml"
+    path.write_text(REFERENCE_FILE)
+    ds = Datastore()
+    d = file_discovery({"path": str(path)}).discovery(ds)
+    await d.start()
+    try:
+        assert ds.synced and {e.name: (e.hostport, e.namespace) for e in ds.endpoints()} == {
+            "vllm-0": ("10.0.0.1:8000", "default"), "vllm-1": ("10.0.0.2:8000", "serving")}
+        assert ds.get("vllm-0").labels == {"llm-d.ai/engine-type": "sglang"}
+        assert d._task is None  # noqa: SLF001 - watchFile defaults to false: nothing watches the file
+    finally:
+        await d.stop()
+
+
+async def test_file_discovery_json_and_watch_file(tmp_path):
+    path = tmp_path / "endpoints.json"
+    path.write_text('{"endpoints": [{"name": "a", "address": "10.0.0.1", "port": "8000"}]}')
+    ds = Datastore()
+    d = file_discovery({"path": str(path), "watchFile": True}).discovery(ds)
+    d.poll_interval = 0.02
+    await d.start()
+    try:
+        assert [e.name for e in ds.endpoints()] == ["a"]
+        replace_file(path, '{"endpoints": [{"name": "b", "address": "10.0.0.2", "port": 8001}]}')
+        await eventually(lambda: [e.hostport for e in ds.endpoints()] == ["10.0.0.2:8001"], "the edit")
+    finally:
+        await d.stop()
+
+
+async def test_file_discovery_path_required_and_size_bound(tmp_path):
+    from epp.framework import PluginError
+
+    with pytest.raises(PluginError, match=r"parameters\.path: file-discovery: 'path' parameter is required"):
+        file_discovery({"watchFile": True})
+    with pytest.raises(PluginError, match=r"parameters\.watch: unknown parameter"):
+        file_discovery({"path": "/x", "watch": True})
+    big = tmp_path / "big.yaml"
+    big.write_text("endpoints: []\n" + "#" * (1 << 20))
+    with pytest.raises(ValueError, match=r"big.yaml: endpoints file exceeds 1048576 bytes \(1 MiB\)"):
+        await file_discovery({"path": str(big)}).discovery(Datastore()).start()
+    bad_port = tmp_path / "bad.yaml"
+    bad_port.write_text('endpoints: [{name: a, address: "10.0.0.1", port: "80a"}]\n')
+    with pytest.raises(ValueError, match=r"endpoints\[0\]\.port: expected an integer"):
+        await file_discovery({"path": str(bad_port)}).discovery(Datastore()).start()
