@@ -231,7 +231,7 @@ class _Raw:
     flow_settings: bool = False  # flowControl sets more than saturationDetector
     parsers: list[tuple[str, str]] | None = None  # (pluginRef, key path)
     data_layer: DataLayerConfig | None = None
-    data_layer_refs: list[tuple[str, str, str]] = field(default_factory=list)  # (key path, plugin, extension point)
+    data_layer_refs: list[tuple[str, str, str]] = field(default_factory=list)  # (key path, plugin, role)
     engine_metrics: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     aliases: dict[str, list[PluginSpec]] = field(default_factory=dict)  # deprecated type -> its specs
@@ -813,7 +813,7 @@ def _resolve_saturation(raw: Any, where: str, by_name: dict[str, PluginSpec], ki
         except PluginError as e:
             raise ConfigError(str(e)) from None
         return add_implicit(DEFAULT_SATURATION_DETECTOR, dict(inline))
-    ref = _str(raw["pluginRef"], f"{where}.pluginRef") if raw.get("pluginRef") is not None else ""
+    ref = _str(raw["pluginRef"], f"{where}.pluginRef") if raw.get("pluginRef") not in (None, "") else ""
     if not ref or (ref == DEFAULT_SATURATION_DETECTOR and ref not in by_name):
         return add_implicit(DEFAULT_SATURATION_DETECTOR)
     if ref not in by_name:

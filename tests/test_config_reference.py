@@ -189,6 +189,8 @@ def test_saturation_detector_default_is_the_plugin_named_utilization_detector():
     # reference: pluginRef defaults to "utilization-detector", instantiated when no plugin has that name
     cfg = load_config(DETECTORS)
     assert cfg.saturation_detector == "utilization-detector" and cfg.plugin("utilization-detector").implicit
+    assert load_config("flowControl: {saturationDetector: {pluginRef: ''}}").saturation_detector == \
+        "utilization-detector"  # an empty pluginRef is the default too
     cfg = load_config("plugins: [{type: utilization-detector, parameters: {queueDepthThreshold: 3}}]\n")
     assert cfg.saturation_detector == "utilization-detector"
     assert cfg.plugin("utilization-detector").parameters == {"queueDepthThreshold": 3}
