@@ -74,7 +74,8 @@ class PickerServer:
     def __init__(self, options: Options, *, registry: Any = None) -> None:
         self.options = options
         self.datastore = Datastore()
-        self.telemetry = Telemetry(registry, max_model_labels=options.metrics_max_model_labels)
+        self.telemetry = Telemetry(registry, max_model_labels=options.metrics_max_model_labels,
+                                   grpc_stream_metrics=getattr(options, "enable_grpc_stream_metrics", False))
         try:
             self.pipeline = load_plugin_set(read_config_text(options),
                                             PluginHandle(metrics=PluginMetrics(self.telemetry.registry)),
@@ -86,7 +87,8 @@ class PickerServer:
         p = self.pipeline
         self.admission = AdmissionController(p.saturation_detector,
                                              flow_control=gated_flow_control(p.feature_gates, p.flow_control))
-        self.admission.observe_queue_duration = self._observe_queue
+        self.admission.observe_flow = self.telemetry.flow_control_observer()
+        self.admission.observe_dispatch_cycle = self.telemetry.flow_control_dispatch_cycle.observe
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
                                  staleness=options.metrics_staleness_threshold,
                                  parsers=self.pipeline.parsers or None)  # requestHandler.parsers
@@ -119,9 +121,6 @@ class PickerServer:
 
     def is_leader(self) -> bool:
         return self.elector is None or self.elector.is_leader
-
-    def _observe_queue(self, seconds: float, priority: int, outcome: str) -> None:
-        self.telemetry.flow_control_queue_duration.get("", priority, outcome).observe(seconds)
 
     def _serving(self) -> bool:
         """ext_proc streams are served by the leader, and while draining by the pod that led
@@ -168,6 +167,7 @@ class PickerServer:
         self.collector = MetricsCollector(self.datastore, interval=o.refresh_metrics_interval, specs=specs,
                                           port_override=o.model_server_metrics_port,
                                           path=o.model_server_metrics_path, ssl=scrape_tls(o))
+        self.collector.on_error = self.telemetry.datalayer_error
         await self.collector.start()
 
     async def _start_grpc(self) -> None:

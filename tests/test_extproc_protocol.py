@@ -464,7 +464,7 @@ async def test_local_reply_without_body_phase_completes():
         await h.assert_released()
         assert h.telemetry.registry.get_sample_value(
             "inference_objective_request_error_total",
-            {"model_name": "m1", "target_model_name": "m1", "error_code": "503"}) == 1
+            {"model_name": "m1", "target_model_name": "m1", "error_code": "ModelServerError"}) == 1  # the reference's code
 
 
 async def test_response_trailers_end_the_response_and_flush_held_bytes():

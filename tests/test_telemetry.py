@@ -29,7 +29,7 @@ def samples(registry, name):
 def test_deferred_histogram_matches_prometheus_client():
     tel = Telemetry()
     ref_registry = CollectorRegistry()
-    child = tel.request_duration.get("m", "t")
+    child = tel.request_duration.get("m", "t", "f", 0)  # feeds the legacy and llm_d_epp families
     bounds = child._bounds  # same buckets as the real metric
     ref = Histogram("inference_objective_request_duration_seconds", "ref", ["model_name", "target_model_name"],
                     buckets=bounds, registry=ref_registry).labels("m", "t")
@@ -47,9 +47,9 @@ def test_deferred_histogram_matches_prometheus_client():
 
 def test_counters_and_gauges_are_exported_on_scrape():
     tel = Telemetry()
-    tel.request_total.get("m", "t", 0).inc()
-    tel.request_total.get("m", "t", 0).inc(2)
-    gauge = tel.running_requests.get("m")
+    tel.request_total.get("m", "t", "f", 0).inc()
+    tel.request_total.get("m", "t", "f", 0).inc(2)
+    gauge = tel.running_requests.get("m", "t", "f", 0)
     gauge.inc()
     gauge.inc()
     gauge.dec()

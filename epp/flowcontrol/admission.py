@@ -23,6 +23,7 @@ from epp.errors import (
     REJECTED_SATURATED,
     REJECTED_SHUTTING_DOWN,
     REJECTED_TTL_EXPIRED,
+    InferenceError,
     resource_exhausted,
     service_unavailable,
 )
@@ -62,6 +63,10 @@ class AdmissionController:
         self._dispatcher: asyncio.Task | None = None
         self.in_flight = 0  # admitted and not yet released
         self.last_saturation = 0.0
+        # Flow-control metrics hooks (telemetry): observe(request, event, seconds) with event
+        # "enqueued" or a final outcome, and the duration of each dispatch cycle.
+        self.observe_flow: Callable[[InferenceRequest, str, float], None] | None = None
+        self.observe_dispatch_cycle: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------------ metrics
     @property
@@ -98,9 +103,20 @@ class AdmissionController:
             if request.priority < 0 and self._saturation(candidates) >= 1.0:
                 raise resource_exhausted("system saturated, sheddable request dropped", REJECTED_SATURATED)
             return self._admitted()
+        observe = self.observe_flow
         if queues.count == 0 and self._saturation(candidates) < 1.0:
+            if observe is not None:
+                observe(request, "dispatched", 0.0)
             return self._admitted()
-        waiter = queues.push(request, candidates)
+        t0 = time.perf_counter()
+        try:
+            waiter = queues.push(request, candidates)
+        except InferenceError:
+            if observe is not None:
+                observe(request, "rejected_capacity", time.perf_counter() - t0)
+            raise
+        if observe is not None:
+            observe(request, "enqueued", time.perf_counter() - t0)
         self._ensure_dispatcher()
         ttl = queues.config.default_request_ttl
         try:
@@ -110,15 +126,23 @@ class AdmissionController:
                 await waiter.future
         except TimeoutError:
             if _dispatched(waiter):
+                self._observe_final(waiter, "dispatched")
                 return self._admitted()  # dispatched in the same instant the timer fired
             queues.remove(waiter, "rejected_ttl")
+            self._observe_final(waiter, "rejected_ttl")
             raise service_unavailable(f"request expired in the flow-control queue after {ttl:g}s",
                                       REJECTED_TTL_EXPIRED) from None
         except asyncio.CancelledError:
             if not _dispatched(waiter):
                 queues.remove(waiter, "cancelled")
+            self._observe_final(waiter, "dispatched" if _dispatched(waiter) else "cancelled")
             raise
+        self._observe_final(waiter, "dispatched")
         return self._admitted()
+
+    def _observe_final(self, waiter: Waiter, outcome: str) -> None:
+        if self.observe_flow is not None:
+            self.observe_flow(waiter.request, outcome, self.clock() - waiter.enqueued)
 
     def _admitted(self) -> Callable[[], None]:
         self.in_flight += 1
@@ -148,6 +172,7 @@ class AdmissionController:
         queues = self.queues
         assert queues is not None
         while queues.count:
+            t0 = time.perf_counter()
             sat = self._saturation(queues.newest_candidates())
             while queues.count and sat < 1.0:
                 waiter = queues.pop()
@@ -155,6 +180,8 @@ class AdmissionController:
                     break
                 if not waiter.future.done():
                     waiter.future.set_result(None)
+            if self.observe_dispatch_cycle is not None:
+                self.observe_dispatch_cycle(time.perf_counter() - t0)
             if queues.count:
                 await asyncio.sleep(self.poll_interval)
 

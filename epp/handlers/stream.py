@@ -19,6 +19,7 @@ stream with INVALID_ARGUMENT and close() releases what the request held.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -101,7 +102,7 @@ class ExtProcStream:
 
     __slots__ = ("handler", "director", "request_fds", "response_fds", "ctx", "chunks", "body_bytes", "subset",
                  "routed", "request_ended", "request_trailers_seen", "response_started", "response_ended",
-                 "finished")
+                 "finished", "opened_at")
 
     def __init__(self, handler: ExtProcHandler) -> None:
         self.handler = handler
@@ -118,6 +119,7 @@ class ExtProcStream:
         self.response_started = False  # response headers arrived
         self.response_ended = False
         self.finished = False  # the stream is done: the transport ends the RPC with OK
+        self.opened_at = 0.0  # monotonic, when stream metrics are on (--enable-grpc-stream-metrics)
 
     def handle(self, msg: ProcessingRequest) -> Replies | Coroutine[Any, Any, Replies] | None:
         """Dispatch one message: the replies, a coroutine for the request-phase handlers
@@ -296,6 +298,10 @@ class ExtProcStream:
         The director's complete() releases once, however often it is called."""
         if self.ctx is not None:
             self.director.complete(self.ctx)
+        if self.opened_at:  # an unfinished stream was cancelled (client, Envoy or shutdown)
+            self.director.telemetry.stream_closed("OK" if self.finished else "Canceled",
+                                                  time.monotonic() - self.opened_at)
+            self.opened_at = 0.0
 
 
 _ORDER: dict[str, Callable[[ExtProcStream, ProcessingRequest], Any]] = {
@@ -325,7 +331,11 @@ class ExtProcHandler:
     def new_stream(self) -> ExtProcStream:
         """The state machine of one ext_proc stream; its close() must run exactly once when
         the stream ends in any way (normally, by error or cancellation)."""
-        return ExtProcStream(self)
+        st = ExtProcStream(self)
+        if self.director.telemetry.grpc_stream_metrics:
+            st.opened_at = time.monotonic()
+            self.director.telemetry.stream_opened()
+        return st
 
 
 __all__ = ["ExtProcHandler", "ExtProcStream", "StreamProtocolError", "Replies"]

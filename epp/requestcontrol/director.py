@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from epp.datalayer.datastore import Datastore
-from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, bad_request, service_unavailable
+from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, service_unavailable
 from epp.framework import Endpoint, InferenceRequest, Parser, ResponseInfo, SchedulingResult
 from epp.logsafe import clean
 from epp.netaddr import split_list
@@ -31,7 +31,7 @@ from epp.requestcontrol.inflight import InFlightCharge
 from epp.requestcontrol.parsers import ParserChain, default_parsers
 from epp.requestcontrol.responses import ModelNameRestorer, UsageParser
 from epp.scheduling.scheduler import SchedulingTrace
-from epp.telemetry import Telemetry, pool_models
+from epp.telemetry import RequestSeries, Telemetry, pool_models
 
 log = logging.getLogger("epp.requestcontrol.director")
 
@@ -44,10 +44,7 @@ def rewritten_body(request: InferenceRequest) -> bytes:
     as the reference rewrites only parsed payload maps."""
     data = dict(request.body or {})
     data["model"] = request.target_model
-    try:
-        return orjson.dumps(data)
-    except orjson.JSONEncodeError:  # orjson writes 255 levels of nesting, reads 1024
-        raise bad_request("request body nests too deeply") from None
+    return orjson.dumps(data)
 
 
 def subset_ips(hint: Sequence[str]) -> frozenset[str]:
@@ -77,6 +74,10 @@ class RequestContext:
     response: ResponseInfo = field(default_factory=ResponseInfo)
     response_bytes: int = 0
     first_chunk_at: float = 0.0
+    last_chunk_at: float = 0.0  # streaming: for the inter-chunk latency
+    streaming: bool = False  # the request asked for a stream or the response is SSE (the reference's rule)
+    series: RequestSeries | None = None  # the request's metric recorders
+    response_time: float = 0.0  # picker time on the response path, seconds
     usage: UsageParser | None = None
     restorer: ModelNameRestorer | None = None
     completed: bool = False
@@ -172,6 +173,8 @@ class Director:
         labels = tel.model_labels
         model = ctx.model_label = labels(request.incoming_model)
         target = ctx.target_label = labels(request.target_model)
+        series = ctx.series = tel.series(model, target, request.fairness_id, request.priority)
+        ctx.streaming = request.stream
         if request.target_model != request.incoming_model:
             ctx.new_body = rewritten_body(request)
             tel.model_rewrite_decisions.get("", model, target).inc()
@@ -181,10 +184,10 @@ class Director:
         try:
             _, result = self.plugins.run_cycle(request, candidates)
         except InferenceError:
-            tel.scheduled(target, time.perf_counter() - t0, False)
+            tel.scheduled(target, time.perf_counter() - t0, ok=False)
             raise
-        tel.scheduled(target, time.perf_counter() - t0, True)
         targets = result.targets
+        tel.scheduled(target, time.perf_counter() - t0, targets[0] if targets else None)
         if not targets:
             raise service_unavailable("no endpoint picked for the request")
         ctx.result = result
@@ -193,9 +196,10 @@ class Director:
         if result.headers:
             ctx.upstream_headers.update(result.headers)
         ctx.charge = InFlightCharge.add(targets[0], request)
-        tel.request_total.get(model, target, request.priority).inc()
-        tel.request_sizes.get(model, target).observe(request.size_bytes)
-        tel.running_requests.get(model).inc()
+        series.total.inc()
+        series.size.observe(request.size_bytes)
+        series.running.inc()
+        tel.request_processing.observe(self.clock() - ctx.start)
         if self._debug:
             log.debug("routed request_id=%s model=%s target_model=%s endpoint=%s", ctx.request_id,
                       clean(request.incoming_model), clean(request.target_model), ctx.destination)
@@ -203,7 +207,13 @@ class Director:
     def failed(self, ctx: RequestContext, error: InferenceError) -> None:
         """A request ended with an ImmediateResponse: count it and release what it held."""
         r = ctx.request
-        self.telemetry.request_error(ctx.model_label, ctx.target_label, error.code)
+        tel = self.telemetry
+        if ctx.series is not None:
+            ctx.series.error(error.code)
+        else:  # failed before the request was parsed
+            tel.request_error(ctx.model_label, ctx.target_label, error.code)
+        if not ctx.destination:  # a request-phase failure: its processing time ends here
+            tel.request_processing.observe(self.clock() - ctx.start)
         log.info("request failed request_id=%s model=%s code=%s: %s", ctx.request_id,
                  clean(r.incoming_model if r else ""), error.code, clean(error.message))
         self.complete(ctx)
@@ -212,23 +222,32 @@ class Director:
     def response_headers(self, ctx: RequestContext, status: int, headers: Mapping[str, str],
                          served: str) -> dict[str, str]:
         """Response headers arrived; returns headers plugins want set on the response."""
+        t0 = time.perf_counter()
         info = ctx.response
         info.status = status
         info.headers = headers
         info.served_endpoint = served or (ctx.targets[0].hostport if ctx.targets else "")
         sse = "text/event-stream" in headers.get("content-type", "")
+        ctx.streaming = ctx.streaming or sse
         ctx.usage = UsageParser(sse=sse)
         r = ctx.request
         if r is not None and r.target_model != r.incoming_model and r.incoming_model:
             ctx.restorer = ModelNameRestorer(r.target_model, r.incoming_model, sse)
         if ctx.targets and r is not None:
             self._hook(self.plugins.response_received, ctx, info)
+        ctx.response_time += time.perf_counter() - t0
         return info.set_headers
 
     def response_body(self, ctx: RequestContext, chunk: bytes, eos: bool) -> bytes | None:
         """A response body chunk; returns replacement bytes when the model name is restored."""
+        t0 = time.perf_counter()
         if not ctx.first_chunk_at and chunk:
             ctx.first_chunk_at = self.clock()
+        if chunk and ctx.streaming and ctx.series is not None:
+            now = self.clock()
+            if ctx.last_chunk_at:
+                ctx.series.itl.observe(now - ctx.last_chunk_at)
+            ctx.last_chunk_at = now
         ctx.response_bytes += len(chunk)
         if ctx.usage is None:
             ctx.usage = UsageParser()
@@ -238,9 +257,9 @@ class Director:
             info = ctx.response
             info.end_of_stream = eos
             self._hook(self.plugins.response_streaming, ctx, info)
-        if ctx.restorer is not None:
-            return ctx.restorer.feed(chunk, eos)
-        return None
+        out = ctx.restorer.feed(chunk, eos) if ctx.restorer is not None else None
+        ctx.response_time += time.perf_counter() - t0
+        return out
 
     def complete(self, ctx: RequestContext) -> None:
         """End of the request's life, on every path (success, error, disconnect): runs
@@ -273,31 +292,21 @@ class Director:
             log.exception("request_id=%s: response hook failed", ctx.request_id)
 
     def _record_response(self, ctx: RequestContext) -> None:
-        tel = self.telemetry
-        model, target = ctx.model_label, ctx.target_label
-        tel.running_requests.get(model).dec()
+        series = ctx.series
+        if series is None:
+            return
+        series.running.dec()
         info = ctx.response
         if not info.status:  # client went away before the response
             return
-        now = self.clock()
-        duration = now - ctx.start
-        tel.request_duration.get(model, target).observe(duration)
-        tel.response_sizes.get(model, target).observe(ctx.response_bytes)
-        if info.status >= 400:
-            tel.request_error(model, target, str(info.status))
-        if info.prompt_tokens:
-            tel.input_tokens.get(model, target).observe(info.prompt_tokens)
-        if info.cached_tokens:
-            tel.cached_tokens.get(model, target).observe(info.cached_tokens)
-        out = info.completion_tokens
-        if out:
-            tel.output_tokens.get(model, target).observe(out)
-            tel.ntpot.get(model, target).observe(duration / out)
-        if ctx.first_chunk_at:
-            ttft = ctx.first_chunk_at - ctx.start
-            tel.ttft.get(model, target).observe(ttft)
-            if out > 1:
-                tel.tpot.get(model, target).observe((now - ctx.first_chunk_at) / (out - 1))
+        if ctx.response_time:
+            self.telemetry.response_processing.observe(ctx.response_time)
+        duration = self.clock() - ctx.start
+        self.telemetry.response_done(
+            series, status=info.status, duration=duration, response_bytes=ctx.response_bytes,
+            prompt_tokens=info.prompt_tokens, cached_tokens=info.cached_tokens,
+            completion_tokens=info.completion_tokens,
+            ttft=ctx.first_chunk_at - ctx.start if ctx.first_chunk_at else None, streaming=ctx.streaming)
 
     # ------------------------------------------------------------------ explain (project API)
     def explain(self, headers: Mapping[str, str], body: bytes) -> ExplainResult:

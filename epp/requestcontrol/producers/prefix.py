@@ -23,9 +23,7 @@ INDEXER_SIZE = "inference_extension_prefix_indexer_size"
 HIT_RATIO = "inference_extension_prefix_indexer_hit_ratio"
 HIT_BYTES = "inference_extension_prefix_indexer_hit_bytes"
 _RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-_BYTES_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072, 262144, 524288, 1048576,
-                  2097152, 4194304, 8388608, 16777216, 33554432, 67108864, 134217728, 268435456, 536870912,
-                  1073741824)
+_BYTES_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # the reference's
 
 
 @dataclass(slots=True)
