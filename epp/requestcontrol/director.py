@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from epp.datalayer.datastore import Datastore
-from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, service_unavailable
+from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, bad_request, service_unavailable
 from epp.framework import Endpoint, InferenceRequest, Parser, ResponseInfo, SchedulingResult
 from epp.logsafe import clean
 from epp.netaddr import split_list
@@ -44,7 +44,10 @@ def rewritten_body(request: InferenceRequest) -> bytes:
     as the reference rewrites only parsed payload maps."""
     data = dict(request.body or {})
     data["model"] = request.target_model
-    return orjson.dumps(data)
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:  # orjson writes 255 levels of nesting, reads 1024
+        raise bad_request("request body nests too deeply") from None
 
 
 def subset_ips(hint: Sequence[str]) -> frozenset[str]:
