@@ -326,3 +326,16 @@ def test_bodies_nested_deeper_than_json_can_be_written_back_are_400():
     assert "nests too deeply" in bad("openai-parser", b'{"model": "m", "input": ' + deep + b"}", "/v1/responses")
     assert "nests too deeply" in bad("anthropic-parser", b'{"messages": [{"role": "user", "content": [{"type": '
                                      b'"tool_use", "input": ' + deep + b"}]}]}", "/v1/messages")
+
+
+def test_resolved_paths_are_remembered_within_a_bound():
+    from epp.requestcontrol.parsers import RESOLVE_CACHE_SIZE
+
+    chain = ParserChain(default_parsers())
+    for i in range(2 * RESOLVE_CACHE_SIZE + 5):  # client-chosen paths: the memory stays bounded
+        assert chain.resolve(f"/x/{i}").type_name == "passthrough-parser"
+        assert len(chain._resolved) <= RESOLVE_CACHE_SIZE
+    assert chain.resolve("/v1/messages").type_name == "anthropic-parser"
+    assert chain.resolve("/v1/messages").type_name == "anthropic-parser"  # from the cache, same answer
+    with pytest.raises(InferenceError):  # a refusal is not remembered as a parser
+        ParserChain([make("openai-parser")]).resolve("/nope")

@@ -22,6 +22,7 @@ log = logging.getLogger("epp.requestcontrol.parsers")
 
 DEFAULT_PARSER_TYPES = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
 DEFAULT_PATH = "/v1/completions"  # the path of a request that names none (the reference's default)
+RESOLVE_CACHE_SIZE = 1024  # resolved paths remembered (paths are the client's: cleared when full)
 _PATH_HEADERS = (":path", "x-original-path", "x-forwarded-path")
 
 
@@ -46,6 +47,7 @@ class ParserChain:
         self.parsers: list[Parser] = []  # the active ones, in order
         self.fallback: Parser | None = None
         self._claims: list[tuple[str, Parser]] = []
+        self._resolved: dict[str, Parser] = {}
         seen: set[str] = set()
         for i, parser in enumerate(parsers):
             kind = parser.type_name
@@ -66,13 +68,22 @@ class ParserChain:
         self._claims.sort(key=lambda c: -len(c[0]))
 
     def resolve(self, path: str) -> Parser:
-        path = (path or DEFAULT_PATH).strip().rstrip("/")
+        parser = self._resolved.get(path)
+        if parser is None:
+            parser = self._resolve(path)
+            if len(self._resolved) >= RESOLVE_CACHE_SIZE:
+                self._resolved.clear()
+            self._resolved[path] = parser
+        return parser
+
+    def _resolve(self, path: str) -> Parser:
+        norm = (path or DEFAULT_PATH).strip().rstrip("/")
         for suffix, parser in self._claims:
-            if path.endswith(suffix):
+            if norm.endswith(suffix):
                 return parser
         if self.fallback is not None:
             return self.fallback
-        raise bad_request(f"no parser registered matching path suffix for: {path[:256]}")
+        raise bad_request(f"no parser registered matching path suffix for: {norm[:256]}")
 
     def parse(self, body: bytes, headers: Mapping[str, str], request_id: str) -> InferenceRequest:
         """The parsed request (headers not yet applied). Any failure is a 400."""
@@ -93,4 +104,4 @@ def default_parsers(handle: PluginHandle | None = None) -> list[Parser]:
     return [plugin_class(t)(t, None, handle) for t in DEFAULT_PARSER_TYPES]
 
 
-__all__ = ["DEFAULT_PARSER_TYPES", "DEFAULT_PATH", "ParserChain", "default_parsers", "request_path"]
+__all__ = ["DEFAULT_PARSER_TYPES", "DEFAULT_PATH", "RESOLVE_CACHE_SIZE", "ParserChain", "default_parsers", "request_path"]
