@@ -88,7 +88,9 @@ class InferenceRequest:
     request_id: str
     target_model: str  # after model rewrite: what the model server is asked for
     incoming_model: str  # what the client asked for
-    kind: str  # "completions" | "chat" | "responses" | "embeddings" | "none" (bodiless)
+    # the API, as the parser named it: "completions" | "chat" | "responses" | "embeddings" | "conversations"
+    # | "images" | "messages" | "count_tokens" | "generate" | "passthrough" | "none" (bodiless)
+    kind: str
     prompt_text: str  # text used for prefix matching (see reference scheduling.md)
     headers: Mapping[str, str]  # lowercased keys
     body: Mapping[str, Any] | None = None  # parsed JSON body
