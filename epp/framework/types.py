@@ -95,7 +95,7 @@ class InferenceRequest:
     headers: Mapping[str, str]  # lowercased keys
     body: Mapping[str, Any] | None = None  # parsed JSON body
     stream: bool = False
-    objective: str = ""  # InferenceObjective name from x-gateway-inference-objective
+    objective: str = ""  # InferenceObjective name from x-llm-d-inference-objective (or the old x-gateway-*)
     priority: int = 0  # negative = sheddable
     fairness_id: str = "default-flow"
     cache_salt: str = ""
