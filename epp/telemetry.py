@@ -651,12 +651,14 @@ class Telemetry:
 
         return observe
 
-    def datalayer_error(self, kind: str) -> None:
-        """The metrics collector's on_error hook: kind "poll" or "extract"."""
+    def datalayer_error(self, kind: str, source_type: str = METRICS_SOURCE_TYPE,
+                        extractor_type: str = METRICS_EXTRACTOR_TYPE) -> None:
+        """The data layer's error hook: kind "poll" (the fetch failed) or "extract" (the
+        answer could not be used), with the source's and extractor's plugin types."""
         if kind == "poll":
-            self.poll_error()
+            self.poll_error(source_type)
         else:
-            self.extract_error()
+            self.extract_error(source_type, extractor_type)
 
     def poll_error(self, source_type: str = METRICS_SOURCE_TYPE) -> None:
         self.datalayer_poll_errors.get(source_type).inc()

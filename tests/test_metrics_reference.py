@@ -408,6 +408,8 @@ def test_datalayer_errors_and_info():
     assert value(tel, "llm_d_inference_scheduler_datalayer_extract_errors_total", source_type="metrics-data-source",
                  extractor_type="core-metrics-extractor") == 2
     assert value(tel, "llm_d_epp_info", commit="abc", build_ref="v1") == 1
+    tel.datalayer_error("poll", "models-data-source", "models-data-extractor")  # the data layer's 3-argument hook
+    assert value(tel, "llm_d_epp_datalayer_poll_errors_total", source_type="models-data-source") == 1
 
 
 async def test_the_collector_reports_poll_errors():
