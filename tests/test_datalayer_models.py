@@ -142,6 +142,8 @@ async def test_hostile_answers_fail_per_endpoint_bounded_without_traceback(mode,
     async with ModelsServer() as bad, ModelsServer() as good:
         with caplog.at_level(logging.INFO, logger="epp.datalayer"):
             ds, layer = await run_models([bad, good])
+            errors: set[tuple[str, str, str]] = set()
+            layer.on_error(lambda *e: errors.add(e))
             try:
                 ep_bad, ep_good = ds.endpoints()
                 await eventually(lambda: ep_bad.served.ok and ep_good.served.ok, "both lists")
@@ -165,6 +167,8 @@ async def test_hostile_answers_fail_per_endpoint_bounded_without_traceback(mode,
     expected = {"garbage": "'data' must be a list", "status": "HTTP 500", "huge": "exceeds",
                 "endless": "timed out", "huge-chunked": "exceeds"}[mode]
     assert expected in warnings[0], warnings[0]
+    kind = "extract" if mode == "garbage" else "poll"  # the answer came but was unusable, or it did not come
+    assert errors == {(kind, "models-data-source", "models-data-extractor")}
 
 
 def test_body_cap_applies_to_the_client(monkeypatch):

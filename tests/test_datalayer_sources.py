@@ -344,3 +344,52 @@ async def test_endpoint_notification_source_delivers_add_update_delete():
     assert rec.events == [("upsert", "a"), ("upsert", "b"), ("upsert", "b"), ("upsert", "boom"), ("delete", "a")]
     assert [e.name for e in ds.endpoints()] == ["b", "boom"]
     await layer.stop()
+
+
+async def test_flags_apply_to_a_default_metrics_source_and_config_parameters_win():
+    """The v1.5 flags (path, port; the engineMetrics/metric-name specs) configure a metrics
+    source and extractor left at their defaults, as they configured v1.5's implicit
+    scraper; parameters given in the config win over them."""
+    from epp.datalayer.runtime import ScrapeDefaults
+
+    renamed = {**DEFAULT_SPECS, "vllm": DEFAULT_SPECS["sglang"]}  # the flags rename vllm's series
+    async with page_server({"/flag-path": SGLANG_PAGE, "/metrics": GOOD_PAGE}) as server:
+        ds = Datastore()
+        defaults = ScrapeDefaults(specs=renamed, path="/flag-path", port=server.port)
+        layer = DataLayer(ds, base_interval=0.02, scrape_defaults=defaults)
+        layer.bind(build("metrics-data-source"), [build("core-metrics-extractor")])
+        ep = ds.upsert(EndpointSpec("a", "127.0.0.1", 1))
+        errors: list[tuple[str, str, str]] = []
+        layer.on_error(lambda *e: errors.append(e))
+        await layer.start()
+        try:
+            await eventually(lambda: ep.metrics.ok, "scraped as the flags say")
+            assert ep.metrics.waiting_queue_size == 9  # /flag-path on the flag's port, sglang names
+        finally:
+            await layer.stop()
+        ds = Datastore()
+        layer = DataLayer(ds, base_interval=0.02, scrape_defaults=defaults)
+        layer.bind(build("metrics-data-source", {"port": server.port}),
+                   [build("core-metrics-extractor", {"engineConfigs": [{"name": "vllm",
+                                                                         "queuedRequestsSpec": "vllm:num_requests_running"}]})])
+        layer.on_error(lambda *e: errors.append(e))
+        ep = ds.upsert(EndpointSpec("a", "127.0.0.1", 1))
+        await layer.start()
+        try:
+            await eventually(lambda: ep.metrics.ok, "scraped as the config says")
+            assert ep.metrics.waiting_queue_size == 1  # /metrics, the config's spec for vllm
+        finally:
+            await layer.stop()
+    assert not errors
+    async with page_server({}) as missing:  # 404 on every path: a poll error per attempt
+        ds = Datastore()
+        layer = DataLayer(ds, base_interval=0.02)
+        layer.bind(build("metrics-data-source"), [build("core-metrics-extractor")])
+        layer.on_error(lambda *e: errors.append(e))
+        ds.upsert(EndpointSpec("a", "127.0.0.1", missing.port))
+        await layer.start()
+        try:
+            await eventually(lambda: len(errors) >= 2, "poll errors counted")
+        finally:
+            await layer.stop()
+    assert set(errors) == {("poll", "metrics-data-source", "core-metrics-extractor")}

@@ -58,6 +58,7 @@ class CoreMetricsExtractor:
         self.engine_label = p.engineLabelKey or ENGINE_LABEL_KEY
         self.legacy_engine_label = LEGACY_ENGINE_LABEL_KEY
         self.default_engine = p.defaultEngine or DEFAULT_ENGINE
+        self.configured = bool(p.engineConfigs)  # engine specs set in the config (else flags may set them)
 
 
 class ModelsDataExtractor:

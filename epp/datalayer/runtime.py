@@ -7,26 +7,34 @@ extractor's `input_kind`), so a metrics source with a models extractor is a star
 error naming both, as in the reference. This module names no plugin type: the kinds are
 what sources and extractors declare.
 
-    layer = DataLayer(datastore, base_interval=options.refresh_metrics_interval)
+    layer = DataLayer(datastore, base_interval=options.refresh_metrics_interval,
+                      scrape_defaults=ScrapeDefaults(specs, path, port, ssl))   # from the flags
     layer.bind(source, [extractor, ...], where="dataLayer.sources[0]")   # ValueError if they do not fit
+    layer.on_error(hook)   # hook(kind "poll" | "extract", source type, extractor type)
     await layer.start() ... await layer.stop()
 
 With no metrics source configured the reference injects metrics-data-source ->
 core-metrics-extractor with their defaults (unless `dataLayer.injectDefaults: false`);
-the config loader does that, or `add_metrics` runs the same scraper from flags.
+the config loader does that. What the v1.5 flags (--model-server-metrics-path/-port/
+-scheme, the metric-name flags) and the project's `engineMetrics` say applies to a
+metrics source left at its default parameters and an extractor without engineConfigs,
+as those flags configured the implicit scraper of v1.5; parameters set in the config win.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Any, Protocol
 
 from epp.datalayer.collector import EndpointPoller, MetricsCollector
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.kinds import ENDPOINT_EVENTS, OPENAI_MODELS, PROMETHEUS_TEXT
 from epp.datalayer.models import ModelsCollector
+from epp.datalayer.specs import EngineMetricSpec
 from epp.framework import Endpoint
 
 log = logging.getLogger("epp.datalayer")
@@ -45,13 +53,24 @@ class Extractor(Protocol):
     input_kind: str
 
 
+@dataclass(frozen=True, slots=True)
+class ScrapeDefaults:
+    """How the flags (and the project's engineMetrics) say to scrape, for a metrics source
+    and extractor the config leaves at their defaults."""
+
+    specs: Mapping[str, EngineMetricSpec] | None = None  # None: the extractor's own
+    path: str = "/metrics"
+    port: int = 0  # 0 = the endpoint's port
+    ssl: SSLContext | None = None  # https when set
+
+
 class DataLayer:
     def __init__(self, datastore: Datastore, *, base_interval: float = 0.05, timeout: float = DEFAULT_POLL_TIMEOUT,
-                 metrics_port_override: int = 0) -> None:
+                 scrape_defaults: ScrapeDefaults | None = None) -> None:
         self.datastore = datastore
         self.base_interval = base_interval
         self.timeout = timeout
-        self.metrics_port_override = metrics_port_override  # the v1.5 --model-server-metrics-port flag
+        self.scrape_defaults = scrape_defaults
         self.pollers: list[EndpointPoller] = []
         self._event_extractors: list[Any] = []
         self._known: dict[Endpoint, dict[str, str]] = {}  # endpoint -> labels last told
@@ -82,11 +101,17 @@ class DataLayer:
         self._bound.add(source.name)
         if kind == PROMETHEUS_TEXT:
             ex = extractors[0]
+            d = self.scrape_defaults
+            source_set = d is None or source.params != type(source.params)()  # parameters given in the config
+            extractor_set = d is None or d.specs is None or getattr(ex, "configured", True)
             self.pollers.append(MetricsCollector(
                 self.datastore, interval=source.interval(self.base_interval), timeout=self.timeout,
-                specs=ex.specs, port_override=source.port or self.metrics_port_override, path=source.path,
+                specs=ex.specs if extractor_set else d.specs,
+                port_override=source.port if source_set else d.port,
+                path=source.path if source_set else d.path,
+                ssl=source.ssl_context if source_set else d.ssl,
                 engine_label=ex.engine_label, legacy_engine_label=ex.legacy_engine_label,
-                default_engine=ex.default_engine, ssl=source.ssl_context))
+                default_engine=ex.default_engine))
         elif kind == OPENAI_MODELS:
             self.pollers.append(ModelsCollector(self.datastore, interval=source.interval(self.base_interval),
                                                 timeout=self.timeout, path=source.path, ssl=source.ssl_context))
@@ -94,6 +119,12 @@ class DataLayer:
             self._event_extractors.extend(extractors)
         else:
             raise ValueError(f"{where}.pluginRef: source {source.name!r} yields {kind!r}, which nothing runs")
+
+    def on_error(self, hook: Callable[[str, str, str], None]) -> None:
+        """Tell `hook(kind, source type, extractor type)` of every failed poll ("poll") or
+        extraction ("extract"), e.g. for llm_d_epp_datalayer_*_errors_total."""
+        for poller in self.pollers:
+            poller.on_error = (lambda kind, p=poller: hook(kind, p.source_type, p.extractor_type))
 
     def add_metrics(self, **collector_args: Any) -> MetricsCollector:
         """A metrics scraper not configured as plugins (flags, the project's engineMetrics)."""

@@ -169,6 +169,7 @@ class K8sNotificationSource:
     watch for nobody, so it is refused at start-up."""
 
     type_name = "k8s-notification-source"
+    output_kind = "k8s-notifications"  # a data source by shape, so the config names it; refused when built
     Params = K8sNotificationParams
 
     def __init__(self, name: str, params: K8sNotificationParams | None, handle: PluginHandle | None = None) -> None:
