@@ -469,3 +469,43 @@ def test_the_server_wires_flow_control_and_collector_hooks():
     assert {"llm_d_epp_request_total", "llm_d_epp_ready_endpoints", "llm_d_epp_flow_control_pool_saturation",
             "inference_objective_request_total"} <= names
     assert not math.isnan(value(picker.telemetry, "llm_d_epp_ready_endpoints", name="static"))
+
+
+PREFIX_FAMILIES = {"llm_d_epp_prefix_indexer_size", "llm_d_epp_prefix_indexer_hit_ratio",
+                   "llm_d_epp_prefix_indexer_hit_bytes", "inference_extension_prefix_indexer_size",
+                   "inference_extension_prefix_indexer_hit_ratio", "inference_extension_prefix_indexer_hit_bytes"}
+
+
+def test_prefix_producer_families_per_instance_and_legacy_summed():
+    from prometheus_client import CollectorRegistry
+
+    from epp.assembly import build_plugin
+    from epp.framework import PluginHandle
+    from epp.framework.metrics import PluginMetrics
+    from tests.test_plugins_prefix import commit, ep
+    from tests.test_plugins_prefix import req as prefix_req
+
+    reg = CollectorRegistry()
+    handle = PluginHandle(metrics=PluginMetrics(reg))
+    first = build_plugin("approx-prefix-cache-producer", "first", None, handle, "t")
+    second = build_plugin("approx-prefix-cache-producer", "second", {"autoTune": False}, handle, "t")
+    commit(first, prefix_req("a" * 64 * 4), ep(1))
+    commit(first, prefix_req("a" * 64 * 2 + "b" * 64 * 2), ep(2))  # half the prefix found: ratio 0.5
+    commit(second, prefix_req("c" * 64), ep(1))
+    text = generate_latest(reg).decode()
+    assert set(exposition(text)) == PREFIX_FAMILIES
+    assert_matches_reference(text, PREFIX_FAMILIES)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return reg.get_sample_value(name, labels)
+
+    me = {"plugin_name": "first", "plugin_type": "approx-prefix-cache-producer"}
+    assert sample("llm_d_epp_prefix_indexer_size", **me) == len(first.index)
+    assert sample("llm_d_epp_prefix_indexer_size", plugin_name="second",
+                  plugin_type="approx-prefix-cache-producer") == len(second.index)
+    assert sample("inference_extension_prefix_indexer_size") == len(first.index) + len(second.index)
+    assert sample("llm_d_epp_prefix_indexer_hit_ratio_sum", **me) == 0.5
+    assert sample("llm_d_epp_prefix_indexer_hit_ratio_count", **me) == 2
+    assert sample("inference_extension_prefix_indexer_hit_ratio_count") == 3
+    with pytest.raises(ValueError, match="other labels"):
+        handle.metrics.histogram("llm_d_epp_prefix_indexer_hit_ratio", "x", (1,), {"plugin_name": "x"})

@@ -11,7 +11,8 @@ turned into a metric family only when the registry is collected (a scrape)."""
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -39,13 +40,31 @@ class HistogramRecorder(Collector):
             self._nan += 1
         self._sum += value
 
-    def collect(self) -> Iterable[Metric]:
+    def cumulative(self) -> list[tuple[str, float]]:
         running, buckets = 0, []
         for bound, n in zip(self._bounds, self._counts, strict=True):
             running += n
             buckets.append((floatToGoString(bound), running))
         buckets[-1] = ("+Inf", running + self._nan)
-        return [HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self._sum)]
+        return buckets
+
+    def collect(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, self.doc, buckets=self.cumulative(), sum_value=self._sum)]
+
+
+class _LabelledHistogram(Collector):
+    """One histogram family whose series are told apart by labels (e.g. the plugin's
+    name and type); one series per label set, so as many as configured plugin instances."""
+
+    def __init__(self, name: str, doc: str, buckets: Sequence[float], labelnames: tuple[str, ...]) -> None:
+        self.name, self.doc, self.buckets, self.labelnames = name, doc, tuple(buckets), labelnames
+        self.series: dict[tuple[str, ...], HistogramRecorder] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=list(self.labelnames))
+        for values, h in self.series.items():
+            family.add_metric(list(values), h.cumulative(), h._sum)  # noqa: SLF001 - same module
+        return [family]
 
 
 class _SummedGauge(Collector):
@@ -57,26 +76,63 @@ class _SummedGauge(Collector):
         return [GaugeMetricFamily(self.name, self.doc, value=sum(read() for read in self.reads))]
 
 
+class _LabelledSummedGauge(Collector):
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...]) -> None:
+        self.name, self.doc, self.labelnames = name, doc, labelnames
+        self.reads: dict[tuple[str, ...], list[Callable[[], float]]] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.name, self.doc, labels=list(self.labelnames))
+        for values, reads in self.reads.items():
+            family.add_metric(list(values), sum(read() for read in reads))
+        return [family]
+
+
 class PluginMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._histograms: dict[str, HistogramRecorder] = {}
         self._gauges: dict[str, _SummedGauge] = {}
+        self._labelled: dict[str, _LabelledHistogram | _LabelledSummedGauge] = {}
 
-    def histogram(self, name: str, doc: str, buckets: Sequence[float]) -> HistogramRecorder:
+    def histogram(self, name: str, doc: str, buckets: Sequence[float],
+                  labels: Mapping[str, str] | None = None) -> HistogramRecorder:
+        """The histogram `name`, or with `labels` (e.g. plugin_name, plugin_type) its series
+        for those label values; every user of a name must give the same label names."""
+        if labels:
+            family = self._family(name, _LabelledHistogram, doc, tuple(labels), buckets)
+            values = tuple(labels.values())
+            h = family.series.get(values)
+            if h is None:
+                h = family.series[values] = HistogramRecorder(name, doc, family.buckets)
+            return h
         h = self._histograms.get(name)
         if h is None:
             h = self._histograms[name] = HistogramRecorder(name, doc, buckets)
             self.registry.register(h)
         return h
 
-    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
-        """A gauge read when scraped; several readers of one name are summed."""
+    def gauge(self, name: str, doc: str, read: Callable[[], float], labels: Mapping[str, str] | None = None) -> None:
+        """A gauge read when scraped; several readers of one name (and label values) are summed."""
+        if labels:
+            family = self._family(name, _LabelledSummedGauge, doc, tuple(labels))
+            family.reads.setdefault(tuple(labels.values()), []).append(read)
+            return
         g = self._gauges.get(name)
         if g is None:
             g = self._gauges[name] = _SummedGauge(name, doc)
             self.registry.register(g)
         g.reads.append(read)
+
+    def _family(self, name: str, kind: type, doc: str, labelnames: tuple[str, ...], *args: Any) -> Any:
+        family = self._labelled.get(name)
+        if family is None:
+            family = self._labelled[name] = kind(name, doc, *args, labelnames) if args else kind(name, doc,
+                                                                                                 labelnames)
+            self.registry.register(family)
+        elif not isinstance(family, kind) or family.labelnames != labelnames:
+            raise ValueError(f"metric {name!r} is already registered with other labels or of another kind")
+        return family
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

@@ -8,7 +8,13 @@ import pytest
 
 from devstack.launch import wait_until
 from tests.e2e.test_routing import check_openai_round_trip, client
-from tests.test_metrics_reference import IMPLEMENTED, STREAM_FAMILIES, assert_matches_reference, exposition
+from tests.test_metrics_reference import (
+    IMPLEMENTED,
+    PREFIX_FAMILIES,
+    STREAM_FAMILIES,
+    assert_matches_reference,
+    exposition,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -28,7 +34,7 @@ AFTER_REQUESTS = {
     "inference_pool_average_kv_cache_utilization", "inference_pool_ready_pods",
     "inference_extension_scheduler_attempts_total", "inference_extension_plugin_duration_seconds",
     "llm_d_epp_extproc_streams_inflight", "llm_d_epp_extproc_stream_duration_seconds",
-    "llm_d_epp_extproc_streams_total",
+    "llm_d_epp_extproc_streams_total", "llm_d_epp_prefix_indexer_size", "llm_d_epp_prefix_indexer_hit_ratio",
 }
 
 
@@ -41,9 +47,8 @@ def test_metrics_after_requests_through_envoy_have_the_references_shape(module_s
     wait_until(lambda: "llm_d_epp_extproc_streams_total{" in p.metrics(), 10, "stream metrics")
     text = p.metrics()
     present = assert_matches_reference(text, AFTER_REQUESTS)
-    prefix = {"inference_extension_prefix_indexer_size", "inference_extension_prefix_indexer_hit_ratio",
-              "inference_extension_prefix_indexer_hit_bytes"}  # the default config's prefix producer
-    assert present == IMPLEMENTED | STREAM_FAMILIES | prefix  # every family is on the page, nothing else
+    # every family is on the page (the default config's prefix producer's too), nothing else
+    assert present == IMPLEMENTED | STREAM_FAMILIES | PREFIX_FAMILIES
     page = exposition(text)
     assert {tuple(sorted(s)) for s in page["llm_d_epp_request_ttft_seconds"][1]} == {
         ("fairness_id", "model_name", "priority", "streaming", "target_model_name")}

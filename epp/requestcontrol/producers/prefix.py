@@ -22,6 +22,9 @@ from epp.requestcontrol.producers.prefix_index import PrefixIndex
 INDEXER_SIZE = "inference_extension_prefix_indexer_size"
 HIT_RATIO = "inference_extension_prefix_indexer_hit_ratio"
 HIT_BYTES = "inference_extension_prefix_indexer_hit_bytes"
+# ... and today's names, labelled with the producer's plugin_name and plugin_type.
+LLMD_INDEXER_SIZE, LLMD_HIT_RATIO, LLMD_HIT_BYTES = (
+    "llm_d_epp_prefix_indexer_size", "llm_d_epp_prefix_indexer_hit_ratio", "llm_d_epp_prefix_indexer_hit_bytes")
 _RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _BYTES_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # the reference's
 
@@ -47,11 +50,15 @@ class ApproxPrefixCacheProducer:
         self.key = PREFIX_MATCH_INFO.of(name)
         self._hashes: DataKey[list[int]] = DataKey(f"{type(self).type_name}-hashes/{name}", list)
         m = handle.metrics
-        m.gauge(INDEXER_SIZE, "Size of the prefix indexer.", self.index.__len__)
-        self._hit_ratio = m.histogram(HIT_RATIO, "Ratio of prefix length matched to total prefix length in the "
-                                      "cache lookup.", _RATIO_BUCKETS).observe
-        self._hit_bytes = m.histogram(HIT_BYTES, "Length of the prefix match in number of bytes in the cache "
-                                      "lookup.", _BYTES_BUCKETS).observe
+        me = {"plugin_name": name, "plugin_type": type(self).type_name}
+        for size_name, labels in ((INDEXER_SIZE, None), (LLMD_INDEXER_SIZE, me)):
+            m.gauge(size_name, "Size of the prefix indexer.", self.index.__len__, labels)
+        ratio_doc = "Ratio of prefix length matched to total prefix length in the cache lookup."
+        bytes_doc = "Length of the prefix match in number of bytes in the cache lookup."
+        self._hit_ratios = (m.histogram(HIT_RATIO, ratio_doc, _RATIO_BUCKETS).observe,
+                            m.histogram(LLMD_HIT_RATIO, ratio_doc, _RATIO_BUCKETS, me).observe)
+        self._hit_bytes = (m.histogram(HIT_BYTES, bytes_doc, _BYTES_BUCKETS).observe,
+                           m.histogram(LLMD_HIT_BYTES, bytes_doc, _BYTES_BUCKETS, me).observe)
 
     def _block_size_tokens(self, endpoints: Sequence[Endpoint]) -> int:
         if self.params.autoTune:
@@ -104,8 +111,11 @@ class ApproxPrefixCacheProducer:
             self.index.record(ep, hashes, self._capacity(ep))
         info = cycle.read(self.key)
         if info is not None:
-            self._hit_ratio(info.longest / len(hashes))
-            self._hit_bytes(info.longest * info.block_size_tokens * CHARS_PER_TOKEN)
+            ratio, hit_bytes = info.longest / len(hashes), info.longest * info.block_size_tokens * CHARS_PER_TOKEN
+            for observe in self._hit_ratios:
+                observe(ratio)
+            for observe in self._hit_bytes:
+                observe(hit_bytes)
 
     # EndpointsChanged
     def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None:
