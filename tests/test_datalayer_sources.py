@@ -393,3 +393,20 @@ async def test_flags_apply_to_a_default_metrics_source_and_config_parameters_win
         finally:
             await layer.stop()
     assert set(errors) == {("poll", "metrics-data-source", "core-metrics-extractor")}
+
+
+@pytest.mark.parametrize("fixture", ["gie-v1.5-chart-default.yaml", "llm-d-router-chart-gateway.yaml",
+                                     "llm-d-router-chart-standalone.yaml", "llm-d-router-chart-payload-agnostic.yaml"])
+def test_reference_chart_configs_bind_their_data_layer(fixture):
+    """The charts' configs, through the config loader, give sources and extractors that
+    the runtime binds: a scraper per metrics source, reading the reference's engine label."""
+    from epp.assembly import load_plugin_set
+    from epp.framework import PluginHandle
+
+    text = (Path(__file__).parent / "fixtures" / "reference" / "configs" / fixture).read_text()
+    plugins = load_plugin_set(text, PluginHandle())
+    layer = DataLayer(Datastore())
+    for i, (source, extractors) in enumerate(plugins.data_sources):
+        layer.bind(source, extractors, f"dataLayer.sources[{i}]")
+    assert layer.metrics is not None and layer.metrics.engine_label == "llm-d.ai/engine-type"
+    assert layer.metrics.legacy_engine_label == "inference.networking.k8s.io/engine-type"

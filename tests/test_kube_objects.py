@@ -69,3 +69,44 @@ def test_rewrite_and_inference_model():
     assert rewrite.rules[0].matches == ("chat",) and rewrite.rules[0].targets[0].model_rewrite == "chat-v2"
     with pytest.raises(ValueError, match="criticality"):
         parse_inference_model({"metadata": {"name": "m"}, "spec": {"modelName": "x", "criticality": "Urgent"}})
+
+
+# --------------------------------------------------------------------------- InferenceObjective / Rewrite groups
+def test_crd_group_choice_prefers_llmd_and_says_why():
+    from epp.discovery.kubernetes import (
+        LLMD_OBJECTIVES,
+        LLMD_REWRITES,
+        OBJECTIVES,
+        REWRITES,
+        choose_crd_groups,
+    )
+
+    both = {"llm-d.ai/v1alpha2": frozenset({"InferenceObjective", "InferenceModelRewrite"}),
+            "inference.networking.x-k8s.io/v1alpha2": frozenset({"InferenceObjective", "InferenceModelRewrite"})}
+    chosen, notes = choose_crd_groups(both)
+    assert chosen == {"InferenceObjective": LLMD_OBJECTIVES, "InferenceModelRewrite": LLMD_REWRITES}
+    assert len(notes) == 2 and all("IGNORING legacy resources" in n for n in notes)
+    # Per kind: a cluster that moved only objectives to llm-d.ai.
+    mixed = {"llm-d.ai/v1alpha2": frozenset({"InferenceObjective"}),
+             "inference.networking.x-k8s.io/v1alpha2": frozenset({"InferenceModelRewrite"})}
+    chosen, notes = choose_crd_groups(mixed)
+    assert chosen == {"InferenceObjective": LLMD_OBJECTIVES, "InferenceModelRewrite": REWRITES}
+    assert notes == ["DEPRECATION: apiVersion inference.networking.x-k8s.io/v1alpha2/InferenceModelRewrite is "
+                     "deprecated, replacement llm-d.ai/v1alpha2/InferenceModelRewrite"]
+    # Neither installed: watch the legacy group (a CRD installed later is picked up), saying so.
+    chosen, notes = choose_crd_groups({"llm-d.ai/v1alpha2": frozenset(),
+                                       "inference.networking.x-k8s.io/v1alpha2": frozenset()})
+    assert chosen == {"InferenceObjective": OBJECTIVES, "InferenceModelRewrite": REWRITES}
+    assert all("CRD is not installed" in n for n in notes) and len(notes) == 2
+    # Discovery failed (None): the legacy group, as before, without claiming anything.
+    chosen, notes = choose_crd_groups({"llm-d.ai/v1alpha2": None, "inference.networking.x-k8s.io/v1alpha2": None})
+    assert chosen == {"InferenceObjective": OBJECTIVES, "InferenceModelRewrite": REWRITES} and notes == []
+
+
+def test_the_role_grants_both_objective_groups():
+    from epp.discovery.kubernetes import required_rbac
+    from epp.options import parse_args
+
+    rules = {(r.group, r.resource) for r in required_rbac(parse_args(["--pool-name=p"]))}
+    for group in ("llm-d.ai", "inference.networking.x-k8s.io"):
+        assert {(group, "inferenceobjectives"), (group, "inferencemodelrewrites")} <= rules
