@@ -188,8 +188,8 @@ class PoolCollector(Collector):
                         "server queue for each underlying pod.", None, ("name", "model_server_pod"))
         per_ep = gauge("llm_d_epp_per_endpoint_queue_size", "The total number of requests pending in the model "
                        "server queue for each endpoint.", None, ("name", "model_server_endpoint"))
-        for e in fresh:
-            per_pod.add_metric([self._pool, e.pod_name], e.metrics.waiting_queue_size)
+        for e in fresh:  # both labelled with the endpoint's name (<pod>-rank-<i>), as the reference
+            per_pod.add_metric([self._pool, e.name], e.metrics.waiting_queue_size)
             per_ep.add_metric([self._pool, e.name], e.metrics.waiting_queue_size)
         return out
 

@@ -386,7 +386,7 @@ def test_pool_gauges_mean_std_dev_and_per_endpoint():
     tel = Telemetry()
     ds = Datastore()
     for i, (queue, kv) in enumerate(((1, 0.2), (3, 0.6))):
-        ds.upsert(EndpointSpec(name=f"ep{i}", address=f"10.0.0.{i + 1}", port=8000))
+        ds.upsert(EndpointSpec(name=f"pod-rank-{i}", address="10.0.0.1", port=8000 + i, pod_name="pod"))
         ds.set_metrics(ds.endpoints()[i], Metrics(waiting_queue_size=queue, kv_cache_usage_percent=kv,
                                                   update_time=time.monotonic(), ok=True))
     tel.add_pool_collector(ds, "pool", staleness=60)
@@ -395,8 +395,10 @@ def test_pool_gauges_mean_std_dev_and_per_endpoint():
     assert value(tel, "llm_d_epp_std_dev_kv_cache_utilization", name="pool") == pytest.approx(0.2)
     assert value(tel, "inference_pool_average_kv_cache_utilization", name="pool") == pytest.approx(0.4)
     assert value(tel, "llm_d_epp_ready_endpoints", name="pool") == 2
-    assert value(tel, "llm_d_epp_per_endpoint_queue_size", name="pool", model_server_endpoint="ep1") == 3
-    assert value(tel, "inference_pool_per_pod_queue_size", name="pool", model_server_pod="ep1") == 3
+    # each rank of a pod is its own series, named as the reference's endpoint ids (<pod>-rank-<i>)
+    assert value(tel, "llm_d_epp_per_endpoint_queue_size", name="pool", model_server_endpoint="pod-rank-1") == 3
+    assert value(tel, "inference_pool_per_pod_queue_size", name="pool", model_server_pod="pod-rank-1") == 3
+    assert value(tel, "inference_pool_per_pod_queue_size", name="pool", model_server_pod="pod-rank-0") == 1
 
 
 def test_datalayer_errors_and_info():
