@@ -128,7 +128,7 @@ def spec_from_engine_config(raw: Any, where: str) -> EngineMetricSpec:
     """One entry of core-metrics-extractor's `engineConfigs` -> a spec. As in the
     reference, an entry replaces the built-in engine of its name whole, and a spec left
     empty is not read. `customMetrics` (scalar endpoint attributes for
-    endpoint-attribute-scorer/-filter, which this picker does not have) is refused."""
+    endpoint-attribute-scorer/-filter, issue 11) is refused naming that."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where}: expected a mapping, got {raw!r}")
     name = raw.get("name")
@@ -143,7 +143,8 @@ def spec_from_engine_config(raw: Any, where: str) -> EngineMetricSpec:
         if key == "customMetrics":
             if value:
                 raise ValueError(f"{where}.customMetrics: custom scalar metrics feed endpoint-attribute-scorer and "
-                                 "endpoint-attribute-filter, which this picker does not implement")
+                                 "endpoint-attribute-filter, which need the remaining scheduling plugins (issue 11), "
+                                 "not built yet")
             continue
         field = ENGINE_CONFIG_KEYS.get(key)
         if field is None:

@@ -69,6 +69,14 @@ BUILTINS: dict[str, str] = {
     "vllmhttp-parser": "epp.requestcontrol.parsers.vllmhttp:VllmHTTPParser",
     "sglanghttp-parser": "epp.requestcontrol.parsers.sglanghttp:SGLangHTTPParser",
     "passthrough-parser": "epp.requestcontrol.parsers.passthrough:PassthroughParser",
+    # data layer: sources, extractors, discovery (dataLayer.sources / dataLayer.discovery)
+    "metrics-data-source": "epp.datalayer.sources:MetricsDataSource",
+    "models-data-source": "epp.datalayer.sources:ModelsDataSource",
+    "endpoint-notification-source": "epp.datalayer.sources:EndpointNotificationSource",
+    "k8s-notification-source": "epp.datalayer.sources:K8sNotificationSource",  # refused at start-up
+    "core-metrics-extractor": "epp.datalayer.extractors:CoreMetricsExtractor",
+    "models-data-extractor": "epp.datalayer.extractors:ModelsDataExtractor",
+    "file-discovery": "epp.discovery.file:FileDiscovery",
 }
 
 
