@@ -586,10 +586,13 @@ class Telemetry:
             s.output_tokens.observe(out)
             if duration > 0:
                 s.ntpot.observe(duration / out)
-        if ttft is not None and ttft > 0:
-            (s.ttft_streaming if streaming else s.ttft_unary).observe(ttft)
-            if streaming and out > 1 and duration > ttft:
-                s.streaming_tpot.observe((duration - ttft) / (out - 1))
+        if ttft is not None and ttft > 0:  # a body arrived
+            if not streaming:  # the reference reads an unstreamed body whole: its first token is at its end
+                s.ttft_unary.observe(duration)
+            else:
+                s.ttft_streaming.observe(ttft)
+                if out > 1 and duration > ttft:
+                    s.streaming_tpot.observe((duration - ttft) / (out - 1))
 
     # ------------------------------------------------------------------ hooks
     def add_pool_collector(self, datastore: Datastore, pool_name: str, staleness: float) -> None:

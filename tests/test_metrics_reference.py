@@ -302,8 +302,20 @@ async def test_request_families_at_the_references_moments():
 
 async def test_unary_response_ttft_is_labelled_not_streaming_and_has_no_tpot():
     tel, _ds, _adm, director = flow_controlled_picker()
-    await unary(director)
+    clock = director.clock
+    ctx = director.new_context(headers())
+    await director.route(ctx, body("m"), None)
+    clock.now += 0.1
+    director.response_headers(ctx, 200, {"content-type": "application/json"}, "")
+    clock.now += 0.1
+    director.response_body(ctx, b'{"usage": {"prompt_tokens": 3, ', False)
+    clock.now += 0.2
+    director.response_body(ctx, b'"completion_tokens": 4}}', True)
+    director.complete(ctx)
+    # the reference reads an unstreamed body whole: its first token comes with its end
     assert value(tel, "llm_d_epp_request_ttft_seconds_sum", **REQ, streaming="false") == pytest.approx(0.4)
+    # and holds it from the response headers to then
+    assert value(tel, "llm_d_epp_response_processing_duration_seconds_sum") == pytest.approx(0.3)
     assert value(tel, "llm_d_epp_request_ttft_seconds_count", **REQ, streaming="true") is None
     assert value(tel, "llm_d_epp_request_streaming_tpot_seconds_count", **REQ) is None
     assert value(tel, "llm_d_epp_request_streaming_itl_seconds_count", **REQ) is None

@@ -81,6 +81,7 @@ class RequestContext:
     streaming: bool = False  # the request asked for a stream or the response is SSE (the reference's rule)
     series: RequestSeries | None = None  # the request's metric recorders
     response_time: float = 0.0  # picker time on the response path, seconds
+    response_headers_at: float = 0.0
     usage: UsageParser | None = None
     restorer: ModelNameRestorer | None = None
     completed: bool = False
@@ -226,6 +227,7 @@ class Director:
                          served: str) -> dict[str, str]:
         """Response headers arrived; returns headers plugins want set on the response."""
         t0 = time.perf_counter()
+        ctx.response_headers_at = self.clock()
         info = ctx.response
         info.status = status
         info.headers = headers
@@ -302,9 +304,13 @@ class Director:
         info = ctx.response
         if not info.status:  # client went away before the response
             return
-        if ctx.response_time:
-            self.telemetry.response_processing.observe(ctx.response_time)
-        duration = self.clock() - ctx.start
+        now = self.clock()
+        # The reference holds an unstreamed body until its end: its response time runs from
+        # the headers to then; a stream's is the picker's own time on each piece.
+        picker_time = ctx.response_time if ctx.streaming else now - ctx.response_headers_at
+        if picker_time > 0:
+            self.telemetry.response_processing.observe(picker_time)
+        duration = now - ctx.start
         self.telemetry.response_done(
             series, status=info.status, duration=duration, response_bytes=ctx.response_bytes,
             prompt_tokens=info.prompt_tokens, cached_tokens=info.cached_tokens,
