@@ -68,6 +68,8 @@ REQUEST_LABELS = (*MODEL_LABELS, "fairness_id", "priority")  # the llm_d_epp_req
 QUEUE_OUTCOMES = {"dispatched": "Dispatched", "rejected_ttl": "EvictedTTL", "cancelled": "EvictedContextCancelled",
                   "rejected_capacity": "RejectedCapacity", "rejected_other": "RejectedOther"}
 SCHEDULER_SUCCESS, SCHEDULER_FAILURE = "success", "failure"
+# Extension points whose label value the reference has renamed since v1.5.
+EXTENSION_POINT_LABELS = {"PrepareData": "DataProducer"}
 MODEL_SERVER_ERROR = "ModelServerError"  # the error code of a response whose status is not 200
 DEFAULT_POOL_LABEL = "static"
 METRICS_SOURCE_TYPE = "metrics-data-source"  # the reference's source type names, as label values
@@ -612,7 +614,8 @@ class Telemetry:
             key = (point, plugin_type, plugin_name)
             fn = cache.get(key)
             if fn is None:
-                fn = cache[key] = children.get(*key).observe
+                fn = cache[key] = children.get(EXTENSION_POINT_LABELS.get(point, point), plugin_type,
+                                               plugin_name).observe
             fn(seconds)
 
         return observe

@@ -523,3 +523,15 @@ def test_prefix_producer_families_per_instance_and_legacy_summed():
     assert sample("inference_extension_prefix_indexer_hit_ratio_count") == 3
     with pytest.raises(ValueError, match="other labels"):
         handle.metrics.histogram("llm_d_epp_prefix_indexer_hit_ratio", "x", (1,), {"plugin_name": "x"})
+
+
+def test_plugin_duration_uses_todays_extension_point_names():
+    tel = Telemetry()
+    observe = tel.plugin_observer()
+    observe("PrepareData", "approx-prefix-cache-producer", "p", 0.001)
+    observe("Scorer", "queue-scorer", "q", 0.001)
+    labels = {"plugin_type": "approx-prefix-cache-producer", "plugin_name": "p"}
+    assert value(tel, "llm_d_epp_plugin_duration_seconds_count", extension_point="DataProducer", **labels) == 1
+    assert value(tel, "llm_d_epp_plugin_duration_seconds_count", extension_point="PrepareData", **labels) is None
+    assert value(tel, "inference_extension_plugin_duration_seconds_count", extension_point="Scorer",
+                 plugin_type="queue-scorer", plugin_name="q") == 1
