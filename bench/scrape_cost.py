@@ -236,7 +236,7 @@ async def _httpget_scrapers(port: int, path: str) -> tuple[Callable[[], Awaitabl
 
     async def once() -> None:
         ok = stats.ok
-        await collector._scrape_once(ep, client, stats)
+        await collector._poll_once(ep, client, stats)
         if stats.ok != ok + 1 or ep.metrics.num_gpu_blocks != 27400:
             raise RuntimeError(f"httpget scrape failed: {stats}")
 
