@@ -86,6 +86,7 @@ class KubeApiStandIn:
         self.reviews: list[tuple[str, dict]] = []  # (kind, spec) of every TokenReview/SubjectAccessReview
         # "group/version" -> kinds served there (API discovery)
         self.installed: dict[str, set[str]] = {
+            "v1": {"Pod", "ConfigMap"},
             "inference.networking.k8s.io/v1": {"InferencePool"},
             "inference.networking.x-k8s.io/v1alpha2": {"InferencePool", "InferenceObjective",
                                                        "InferenceModelRewrite", "InferenceModel"},
@@ -136,6 +137,7 @@ class KubeApiStandIn:
         app = web.Application()
         app.router.add_get("/api/v1/namespaces/{ns}/{plural}", self._h_list)
         app.router.add_get("/apis/{group}/{version}", self._h_discovery)
+        app.router.add_get("/api/{version}", self._h_discovery)
         app.router.add_get("/apis/{group}/{version}/namespaces/{ns}/{plural}", self._h_list)
         app.router.add_get("/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}", self._h_get)
         app.router.add_post("/apis/{group}/{version}/namespaces/{ns}/{plural}", self._h_create)
@@ -419,7 +421,8 @@ class KubeApiStandIn:
     async def _h_discovery(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _status(401, "Unauthorized", "Unauthorized")
-        gv = f"{request.match_info['group']}/{request.match_info['version']}"
+        group = request.match_info.get("group", "")
+        gv = f"{group}/{request.match_info['version']}" if group else request.match_info["version"]
         with self._lock:
             kinds = sorted(self.installed.get(gv, ()))
         if not kinds:
@@ -507,7 +510,7 @@ def _status(code: int, reason: str, message: str, details: dict[str, Any] | None
 
 _PLURALS = {"Pod": "pods", "InferencePool": "inferencepools", "InferenceObjective": "inferenceobjectives",
             "InferenceModelRewrite": "inferencemodelrewrites", "InferenceModel": "inferencemodels",
-            "Lease": "leases"}
+            "Lease": "leases", "ConfigMap": "configmaps"}
 
 
 def _resource_of(obj: dict) -> tuple[str, str]:

@@ -309,11 +309,19 @@ def test_binding_checks_what_a_source_yields_against_what_an_extractor_reads():
         layer.bind(build("metrics-data-source"), [build("core-metrics-extractor")], "dataLayer.sources[5]")
 
 
-def test_k8s_notification_source_is_refused_naming_why():
-    with pytest.raises(PluginError, match="version and kind are required"):
+def test_k8s_notification_source_parameters_and_static_mode_refusal():
+    with pytest.raises(PluginError, match=r"parameters\.kind: version and kind are required"):
         build("k8s-notification-source", {"group": ""})
-    with pytest.raises(PluginError, match=r"k8s-notification-source \(watching core/v1 Pod\) is not supported"):
-        build("k8s-notification-source", {"version": "v1", "kind": "Pod"})
+    src = build("k8s-notification-source", {"version": "v1", "kind": "ConfigMap"})
+    assert src.gvk == ("", "v1", "ConfigMap")
+    layer = DataLayer(Datastore())
+    with pytest.raises(ValueError, match="does not take Kubernetes object events"):
+        layer.bind(src, [build("core-metrics-extractor")], "dataLayer.sources[0]")
+    layer.bind(src, [Recorder()], "dataLayer.sources[0]")
+    layer.check_kubernetes(True)
+    with pytest.raises(ValueError, match=r"k8s-notification-source 'k8s-notification-source' needs Kubernetes "
+                                         r"discovery \(--pool-name or --endpoint-selector\)"):
+        layer.check_kubernetes(False)
 
 
 class Recorder:
@@ -325,6 +333,11 @@ class Recorder:
     def extract_endpoint(self, event: str, endpoint) -> None:
         self.events.append((event, endpoint.name))
         if endpoint.name == "boom":
+            raise RuntimeError("extractor bug")
+
+    def extract_notification(self, event: str, obj: dict) -> None:
+        self.events.append((event, obj["metadata"]["name"]))
+        if obj["metadata"]["name"] == "boom":
             raise RuntimeError("extractor bug")
 
 

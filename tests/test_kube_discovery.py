@@ -305,3 +305,53 @@ async def test_only_the_llmd_group_installed(kube, kubeconfig, run_discovery):
     disc, ds = await run_discovery(pool_options(kubeconfig))
     await eventually(lambda: ds.synced and "new" in ds.objectives, "llm-d.ai objective")
     assert {r.group for r in disc.crd_resources.values()} == {LLMD}
+
+
+async def test_k8s_notification_source_delivers_object_events(kube, kubeconfig, run_discovery):
+    """A k8s-notification-source watching core/v1 ConfigMap in the pool's namespace tells
+    its extractor of objects present at start, adds, updates and deletes; a kind the
+    server does not serve is a start-up error naming the source."""
+    from epp.datalayer.runtime import DataLayer
+    from epp.framework import plugin_params
+    from epp.framework.registry import plugin_class
+    from tests.test_datalayer_sources import Recorder
+
+    def configmap(name: str, data: dict, namespace: str = "default") -> dict:
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
+                "data": data}
+
+    def source(params: dict):
+        cls = plugin_class("k8s-notification-source")
+        return cls("cm-events", plugin_params(cls, "k8s-notification-source", params, "p"), None)
+
+    kube.apply(inference_pool("pool", {"app": "vllm"}, [8000]))
+    kube.apply(configmap("first", {"a": "1"}))
+    kube.apply(configmap("elsewhere", {"a": "1"}, namespace="other"))
+    disc, ds = await run_discovery(pool_options(kubeconfig))
+    await eventually(lambda: ds.synced and disc.api is not None, "discovery started")
+    rec = Recorder()
+    layer = DataLayer(ds)
+    layer.bind(source({"version": "v1", "kind": "ConfigMap"}), [rec], "dataLayer.sources[0]")
+    layer.check_kubernetes(True)
+    await layer.start_notifications(disc.api, disc.namespace)
+    try:
+        await eventually(lambda: ("upsert", "first") in rec.events, "the object present at start")
+        await eventually(lambda: kube.open_watches("configmaps"), "the watch")
+        kube.apply(configmap("second", {"b": "2"}))
+        kube.apply(configmap("boom", {}))  # an extractor failure is logged; the watch goes on
+        kube.apply(configmap("first", {"a": "changed"}))
+        kube.delete("configmaps", "second")
+        await eventually(lambda: rec.events[-1] == ("delete", "second"), "the delete")
+        assert rec.events == [("upsert", "first"), ("upsert", "second"), ("upsert", "boom"), ("upsert", "first"),
+                              ("delete", "second")]
+        kube.delete("configmaps", "first")
+        kube.expire_watches()  # a re-list: objects gone meanwhile are told as deleted
+        await eventually(lambda: rec.events[-1] == ("upsert", "boom") and ("delete", "first") in rec.events,
+                         "the re-list")
+    finally:
+        await layer.stop()
+    missing = DataLayer(ds)
+    missing.bind(source({"group": "example.com", "version": "v1", "kind": "Widget"}), [Recorder()])
+    with pytest.raises(ValueError, match=r"k8s-notification-source 'cm-events': the API server does not serve "
+                                         r"Widget in example.com/v1"):
+        await missing.start_notifications(disc.api, disc.namespace)

@@ -5,3 +5,4 @@ extractor's Go input type)."""
 PROMETHEUS_TEXT = "prometheus-text"  # a model server's /metrics page
 OPENAI_MODELS = "openai-models"  # an OpenAI /v1/models answer
 ENDPOINT_EVENTS = "endpoint-events"  # endpoint added/updated/deleted
+K8S_NOTIFICATIONS = "k8s-notifications"  # add/update/delete of one Kubernetes kind

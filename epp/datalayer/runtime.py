@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from epp.datalayer.collector import EndpointPoller, MetricsCollector
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.kinds import ENDPOINT_EVENTS, OPENAI_MODELS, PROMETHEUS_TEXT
+from epp.datalayer.kinds import ENDPOINT_EVENTS, K8S_NOTIFICATIONS, OPENAI_MODELS, PROMETHEUS_TEXT
 from epp.datalayer.models import ModelsCollector
 from epp.datalayer.specs import EngineMetricSpec
 from epp.framework import Endpoint
@@ -73,6 +73,7 @@ class DataLayer:
         self.scrape_defaults = scrape_defaults
         self.pollers: list[EndpointPoller] = []
         self._event_extractors: list[Any] = []
+        self.notifications: list[Any] = []  # epp.discovery.notifications.NotificationWatch, one per source
         self._known: dict[Endpoint, dict[str, str]] = {}  # endpoint -> labels last told
         self._listening = False
         self._bound: set[str] = set()
@@ -92,6 +93,10 @@ class DataLayer:
                 if not callable(getattr(ex, "extract_endpoint", None)):
                     raise ValueError(f"{where}.extractors[{i}].pluginRef: {ex.name!r} does not take endpoint "
                                      f"events, which source {source.name!r} delivers")
+            elif kind == K8S_NOTIFICATIONS:
+                if not callable(getattr(ex, "extract_notification", None)):
+                    raise ValueError(f"{where}.extractors[{i}].pluginRef: {ex.name!r} does not take Kubernetes "
+                                     f"object events, which source {source.name!r} delivers")
             elif wanted != kind:
                 raise ValueError(f"{where}.extractors[{i}].pluginRef: extractor {ex.name!r} reads "
                                  f"{wanted or 'no data source payload'}, but source {source.name!r} yields {kind}")
@@ -117,6 +122,12 @@ class DataLayer:
                                                 timeout=self.timeout, path=source.path, ssl=source.ssl_context))
         elif kind == ENDPOINT_EVENTS:
             self._event_extractors.extend(extractors)
+        elif kind == K8S_NOTIFICATIONS:
+            if not extractors:
+                raise ValueError(f"{where}.extractors: source {source.name!r} has no extractor to tell")
+            from epp.discovery.notifications import NotificationWatch
+
+            self.notifications.append(NotificationWatch(source.name, *source.gvk, extractors))
         else:
             raise ValueError(f"{where}.pluginRef: source {source.name!r} yields {kind!r}, which nothing runs")
 
@@ -149,8 +160,22 @@ class DataLayer:
             self.datastore.on_endpoints_changed(self._endpoints_changed)
             self._endpoints_changed()
 
+    def check_kubernetes(self, available: bool) -> None:
+        """ValueError when a k8s-notification-source is bound but the picker runs without
+        Kubernetes (static endpoints, file-discovery): it would watch nothing."""
+        if self.notifications and not available:
+            names = ", ".join(repr(n.name) for n in self.notifications)
+            raise ValueError(f"dataLayer.sources: k8s-notification-source {names} needs Kubernetes discovery "
+                             "(--pool-name or --endpoint-selector); with static endpoints it would watch nothing")
+
+    async def start_notifications(self, api: Any, namespace: str) -> None:
+        """Start the k8s-notification-sources' watches with Kubernetes discovery's API
+        client, in its namespace; ValueError when a watched kind is not served."""
+        for watch in self.notifications:
+            await watch.start(api, namespace)
+
     async def stop(self) -> None:
-        await asyncio.gather(*(p.stop() for p in self.pollers))
+        await asyncio.gather(*(p.stop() for p in self.pollers), *(n.stop() for n in self.notifications))
 
     def _endpoints_changed(self) -> None:
         """Endpoint events from the datastore's changes: delete for the endpoints gone,

@@ -1,7 +1,7 @@
 """Data-layer source plugins of the reference's EndpointPickerConfig (`dataLayer.sources`):
 metrics-data-source and models-data-source poll every endpoint over HTTP(S);
 endpoint-notification-source hands endpoint add/delete events to its extractors;
-k8s-notification-source is refused (see K8sNotificationSource).
+k8s-notification-source hands them a Kubernetes kind's object events.
 
 A source only says where and how to fetch (scheme, port, path, TLS, interval) and what
 payload it yields (`output_kind`); the extractors bound to it (epp.datalayer.extractors)
@@ -14,7 +14,7 @@ import ssl
 from dataclasses import dataclass
 from typing import ClassVar
 
-from epp.datalayer.kinds import ENDPOINT_EVENTS, OPENAI_MODELS, PROMETHEUS_TEXT
+from epp.datalayer.kinds import ENDPOINT_EVENTS, K8S_NOTIFICATIONS, OPENAI_MODELS, PROMETHEUS_TEXT
 from epp.framework import PluginError, PluginHandle
 from epp.units import UnitError, parse_duration
 
@@ -157,26 +157,33 @@ class EndpointNotificationSource:
 
 @dataclass(slots=True)
 class K8sNotificationParams:
-    group: str = ""
+    group: str = ""  # "" = the core group
     version: str = ""
     kind: str = ""
 
+    def validate(self) -> None:
+        if not self.version or not self.kind:
+            raise ValueError("kind: version and kind are required for k8s-notification-source")
+
 
 class K8sNotificationSource:
-    """The reference's k8s-notification-source watches one Kubernetes kind and hands its
-    events to NotificationExtractors, an interface no built-in plugin implements (the
-    reference ships none either: it exists for out-of-tree Go plugins). Accepting it would
-    watch for nobody, so it is refused at start-up."""
+    """Add/update and delete events of one Kubernetes kind (group, version, kind), watched
+    in the pool's namespace, passed to its extractors, which implement
+    `extract_notification(event, obj)` ("upsert" | "delete", the object's JSON). Needs
+    Kubernetes discovery (--pool-name or --endpoint-selector): with static endpoints it
+    would watch nothing, so the picker refuses to start."""
 
     type_name = "k8s-notification-source"
-    output_kind = "k8s-notifications"  # a data source by shape, so the config names it; refused when built
+    output_kind = K8S_NOTIFICATIONS
     Params = K8sNotificationParams
 
     def __init__(self, name: str, params: K8sNotificationParams | None, handle: PluginHandle | None = None) -> None:
-        p = params or K8sNotificationParams()
+        self.name = name
+        self.params = params if params is not None else K8sNotificationParams()
+        p = self.params
         if not p.version or not p.kind:
-            raise PluginError(f"plugins[{name}].parameters: version and kind are required for k8s-notification-source")
-        raise PluginError(
-            f"plugins[{name}]: k8s-notification-source (watching {p.group or 'core'}/{p.version} {p.kind}) is not "
-            "supported: it feeds Kubernetes object events to notification extractors, and this picker has no "
-            "extractor that consumes them (remove it, or bind endpoint events with endpoint-notification-source)")
+            raise PluginError(f"{name}.parameters: version and kind are required for k8s-notification-source")
+
+    @property
+    def gvk(self) -> tuple[str, str, str]:
+        return self.params.group, self.params.version, self.params.kind

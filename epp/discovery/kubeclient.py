@@ -91,15 +91,23 @@ def served_kinds(api: client.ApiClient, group: str, version: str) -> frozenset[s
     """The kinds the API server serves in group/version (API discovery,
     GET /apis/<group>/<version>): empty when the group version is not served (404),
     None when the server could not say (another error)."""
+    resources = served_resources(api, group, version)
+    return None if resources is None else frozenset(resources)
+
+
+def served_resources(api: client.ApiClient, group: str, version: str) -> dict[str, str] | None:
+    """kind -> plural of the namespaced resources served in group/version ("" = the core
+    group, /api/v1); {} when the group version is not served, None when unknown."""
+    path = f"/apis/{group}/{version}" if group else f"/api/{version}"
     try:
-        resp = api_request(api, "GET", f"/apis/{group}/{version}")
+        resp = api_request(api, "GET", path)
     except ApiException as e:
         if e.status == 404:
-            return frozenset()
-        log.warning("API discovery of %s/%s failed: HTTP %s %s", group, version, e.status, _api_message(e))
+            return {}
+        log.warning("API discovery of %s failed: HTTP %s %s", path, e.status, _api_message(e))
         return None
     except Exception as e:  # noqa: BLE001 - network errors: the caller falls back
-        log.warning("API discovery of %s/%s failed: %s: %s", group, version, type(e).__name__, e)
+        log.warning("API discovery of %s failed: %s: %s", path, type(e).__name__, e)
         return None
     try:
         body = orjson.loads(resp.data)
@@ -107,7 +115,9 @@ def served_kinds(api: client.ApiClient, group: str, version: str) -> frozenset[s
         return None
     finally:
         resp.release_conn()
-    return frozenset(r.get("kind", "") for r in body.get("resources") or [] if isinstance(r, dict))
+    return {r["kind"]: r["name"] for r in body.get("resources") or []
+            if isinstance(r, dict) and isinstance(r.get("kind"), str) and isinstance(r.get("name"), str)
+            and "/" not in r["name"]}  # subresources (pods/status) are not watchable kinds
 
 
 def describe_api_error(e: ApiException, verb: str, resource: Resource, namespace: str) -> str:

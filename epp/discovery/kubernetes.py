@@ -160,6 +160,11 @@ class KubernetesDiscovery:
     def pool(self) -> PoolSpec | None:
         return self._pool
 
+    @property
+    def api(self) -> object:
+        """The API client, once started (k8s-notification-sources watch through it)."""
+        return self._api
+
     async def start(self) -> None:
         """Start the watches and return; raises ValueError for a bad selector or client
         configuration (the caller reports it as a start-up error)."""
