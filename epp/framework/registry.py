@@ -73,7 +73,7 @@ BUILTINS: dict[str, str] = {
     "metrics-data-source": "epp.datalayer.sources:MetricsDataSource",
     "models-data-source": "epp.datalayer.sources:ModelsDataSource",
     "endpoint-notification-source": "epp.datalayer.sources:EndpointNotificationSource",
-    "k8s-notification-source": "epp.datalayer.sources:K8sNotificationSource",  # refused at start-up
+    "k8s-notification-source": "epp.datalayer.sources:K8sNotificationSource",
     "core-metrics-extractor": "epp.datalayer.extractors:CoreMetricsExtractor",
     "models-data-extractor": "epp.datalayer.extractors:ModelsDataExtractor",
     "file-discovery": "epp.discovery.file:FileDiscovery",
