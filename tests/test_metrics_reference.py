@@ -503,9 +503,10 @@ def test_prefix_producer_families_per_instance_and_legacy_summed():
     handle = PluginHandle(metrics=PluginMetrics(reg))
     first = build_plugin("approx-prefix-cache-producer", "first", None, handle, "t")
     second = build_plugin("approx-prefix-cache-producer", "second", {"autoTune": False}, handle, "t")
-    commit(first, prefix_req("a" * 64 * 4), ep(1))
-    commit(first, prefix_req("a" * 64 * 2 + "b" * 64 * 2), ep(2))  # half the prefix found: ratio 0.5
-    commit(second, prefix_req("c" * 64), ep(1))
+    block = "x" * 4096  # prompts of several blocks whatever the block size
+    commit(first, prefix_req("a" * 4 * len(block)), ep(1))
+    commit(first, prefix_req("a" * 2 * len(block) + "b" * 2 * len(block)), ep(2))  # part of the prefix found
+    commit(second, prefix_req("c" * 4 * len(block)), ep(1))
     text = generate_latest(reg).decode()
     assert set(exposition(text)) == PREFIX_FAMILIES
     assert_matches_reference(text, PREFIX_FAMILIES)
@@ -518,9 +519,14 @@ def test_prefix_producer_families_per_instance_and_legacy_summed():
     assert sample("llm_d_epp_prefix_indexer_size", plugin_name="second",
                   plugin_type="approx-prefix-cache-producer") == len(second.index)
     assert sample("inference_extension_prefix_indexer_size") == len(first.index) + len(second.index)
-    assert sample("llm_d_epp_prefix_indexer_hit_ratio_sum", **me) == 0.5
-    assert sample("llm_d_epp_prefix_indexer_hit_ratio_count", **me) == 2
-    assert sample("inference_extension_prefix_indexer_hit_ratio_count") == 3
+    other = {"plugin_name": "second", "plugin_type": "approx-prefix-cache-producer"}
+    assert sample("llm_d_epp_prefix_indexer_hit_ratio_count", **me) == 2  # one per scheduled request
+    assert sample("llm_d_epp_prefix_indexer_hit_ratio_count", **other) == 1
+    assert sample("inference_extension_prefix_indexer_hit_ratio_count") == 3  # the legacy family sums them
+    for family in ("hit_ratio", "hit_bytes"):
+        assert (sample(f"llm_d_epp_prefix_indexer_{family}_sum", **me)
+                + sample(f"llm_d_epp_prefix_indexer_{family}_sum", **other)
+                == sample(f"inference_extension_prefix_indexer_{family}_sum"))
     with pytest.raises(ValueError, match="other labels"):
         handle.metrics.histogram("llm_d_epp_prefix_indexer_hit_ratio", "x", (1,), {"plugin_name": "x"})
 

@@ -34,7 +34,7 @@ AFTER_REQUESTS = {
     "inference_pool_average_kv_cache_utilization", "inference_pool_ready_pods",
     "inference_extension_scheduler_attempts_total", "inference_extension_plugin_duration_seconds",
     "llm_d_epp_extproc_streams_inflight", "llm_d_epp_extproc_stream_duration_seconds",
-    "llm_d_epp_extproc_streams_total", "llm_d_epp_prefix_indexer_size", "llm_d_epp_prefix_indexer_hit_ratio",
+    "llm_d_epp_extproc_streams_total", "llm_d_epp_prefix_indexer_size",
 }
 
 
