@@ -52,10 +52,11 @@ class Publisher:
     """A vLLM-like publisher: PUB socket, sequence numbers, a replay buffer and optionally
     a ROUTER replay socket answering as vLLM's _service_replay does."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, topic: bytes = b"kv@10.0.0.1:8000@m", replay: bool = False):
+    def __init__(self, ctx: zmq.asyncio.Context, topic: bytes = b"kv@10.0.0.1:8000@m", replay: bool = False,
+                 port: int | None = None):
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
-        port = free_port()
+        port = port or free_port()
         self.pub.bind(f"tcp://127.0.0.1:{port}")
         self.address = f"tcp://127.0.0.1:{port}"
         self.topic, self.seq, self.buffer = topic, 0, {}
@@ -419,3 +420,57 @@ async def test_sequence_handling_errs_only_where_batches_were_lost(ops, replay):
     else:
         assert held_now ^ truth <= lost
         assert (s.stale_marks > 0) == bool(lost)
+
+
+async def test_oversized_messages_never_reach_the_index():
+    """Bounded by ZMQ's MAXMSGSIZE (the connection is dropped and re-made) and by the
+    decoder's payload bound (counted as a decode error): neither is ever applied."""
+    from epp.datalayer.kvevents import Limits
+
+    big, huge = prompt(40, 15), prompt(400, 16)
+    bound = len(batch(stored(big))) - 10  # big exceeds the decoder's bound, not ZMQ's; huge both
+    h = Harness(limits=Limits(max_payload_bytes=bound, max_topic=64))
+    pub = Publisher(h.ctx)
+    try:
+        s = await h.join(pub)
+        assert bound + 2 * 64 < len(batch(stored(huge)))
+        await pub.send(batch(stored(big)))
+        await h.until(lambda: s.decode_errors == 1)
+        await pub.send(batch(stored(huge)))
+        await h.until(lambda: s.disconnects == 1)
+        small = prompt(1, 17)
+        while held(h.index, small) == 0:  # the socket is re-opened
+            await pub.send(batch(stored(small)))
+            await h._briefly(lambda: held(h.index, small) == 1)
+        assert held(h.index, huge) == held(h.index, big) == 0
+        assert s.connected and s.gaps >= 1 and h.index.stats.stored_blocks == 1
+    finally:
+        pub.close()
+        await h.close()
+
+
+async def test_a_restarted_server_is_followed():
+    """The publisher goes away and comes back on the same port with its sequence reset:
+    the socket follows it, and what the old process cached is forgotten."""
+    h = Harness()
+    pub = Publisher(h.ctx)
+    port = int(pub.address.rsplit(":", 1)[1])
+    try:
+        s = await h.join(pub)
+        p, q = prompt(2, 18), prompt(2, 19)
+        for _ in range(3):
+            await pub.send(batch())
+        await pub.send(batch(stored(p)))
+        await h.until(lambda: held(h.index, p) == 2)
+        pub.close()
+        await h.until(lambda: s.disconnects == 1 and not s.connected)
+        assert h.intake.status("a") == "disconnected"
+        pub = Publisher(h.ctx, port=port)
+        while held(h.index, q) == 0:
+            pub.seq = 0  # every attempt is the new process's first batch until one arrives
+            await pub.send(batch(stored(q)))
+            await h._briefly(lambda: held(h.index, q) == 2)
+        assert s.restarts == 1 and held(h.index, p) == 0 and h.intake.is_precise("a")
+    finally:
+        pub.close()
+        await h.close()

@@ -22,11 +22,15 @@ Sequence numbers (vLLM's publisher counts batches from 0, one per message):
   wrong, a removed one until the server stores it again or the index evicts it.
 
 An endpoint is `precise` (its index view can be trusted for scoring) once it has
-delivered a batch, while it is not stale, not broken (`max_consecutive_errors`
+delivered a batch, while it is connected, not stale, not broken (`max_consecutive_errors`
 malformed messages in a row) and not silent (a request was routed to it, see
 `note_routed`, and no event followed within `silence_timeout`: vLLM publishes only on
 cache changes, so an idle server is not silent). Otherwise scoring should fall back to
 the approximate index for it.
+
+A message over the payload bound makes libzmq drop the connection without reconnecting;
+the socket's monitor reports it and the reader re-opens the socket (backing off up to
+5 s while the server keeps doing it); what was lost shows as a sequence gap.
 
 Counters are plain attributes of `EndpointStream` (metrics are wired elsewhere).
 """
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+import zmq.utils.monitor
 
 from epp.datalayer.kvevents.index import BlockIndex
 from epp.datalayer.kvevents.wire import DEFAULT_LIMITS, Limits, WireError, decode_batch, parse_frames
@@ -80,6 +85,8 @@ class EndpointStream:
     routed_at: float | None = None  # first routing since the last batch (intake clock)
     stale_until: float = 0.0
     broken: bool = False
+    connected: bool = False  # as the socket's monitor last reported
+    disconnects: int = 0
     consecutive_errors: int = 0
     queued: int = 0
     queued_bytes: int = 0
@@ -112,7 +119,7 @@ class KVEventIntake:
         self.streams: dict[str, EndpointStream] = {}
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
-        self._subs: dict[str, tuple[zmq.asyncio.Socket, asyncio.Event, list[asyncio.Task]]] = {}
+        self._subs: dict[str, _Sub] = {}
 
     # --- endpoints come and go -------------------------------------------------------
 
@@ -128,22 +135,29 @@ class KVEventIntake:
                 return old
             self._stop(endpoint)
             self.index.clear_endpoint(endpoint)
+        sub = _Sub(*self._open(address))
+        stream = self.streams[endpoint] = EndpointStream(endpoint, address, model, replay_address)
+        sub.tasks = [asyncio.create_task(self._read(stream, sub), name=f"kv-events-read {endpoint}"),
+                     asyncio.create_task(self._process(stream, sub.wake), name=f"kv-events-apply {endpoint}")]
+        self._subs[endpoint] = sub
+        return stream
+
+    def _open(self, address: str) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        """A SUB socket connecting to `address`, and its monitor (connects and disconnects)."""
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.rcv_hwm)
+        # A larger message makes libzmq drop the connection (and not reconnect: the reader
+        # re-opens the socket when the monitor reports it), so it is never buffered whole.
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_payload_bytes + 2 * self.limits.max_topic)
         sock.setsockopt(zmq.SUBSCRIBE, self.topic_filter.encode())
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         try:
             sock.connect(address)
         except zmq.ZMQError:
-            sock.close(linger=0)
+            _close(sock, monitor)
             raise
-        stream = self.streams[endpoint] = EndpointStream(endpoint, address, model, replay_address)
-        wake = asyncio.Event()
-        tasks = [asyncio.create_task(self._read(stream, sock, wake), name=f"kv-events-read {endpoint}"),
-                 asyncio.create_task(self._process(stream, wake), name=f"kv-events-apply {endpoint}")]
-        self._subs[endpoint] = (sock, wake, tasks)
-        return stream
+        return sock, monitor
 
     def unsubscribe(self, endpoint: str) -> None:
         """Stop the endpoint's stream and forget its blocks."""
@@ -155,13 +169,12 @@ class KVEventIntake:
         sub = self._subs.pop(endpoint, None)
         if sub is None:
             return
-        sock, _, tasks = sub
-        for t in tasks:
+        for t in sub.tasks:
             t.cancel()
-        sock.close(linger=0)
+        _close(sub.sock, sub.monitor)
 
     async def close(self) -> None:
-        tasks = [t for _, _, ts in self._subs.values() for t in ts]
+        tasks = [t for sub in self._subs.values() for t in sub.tasks]
         for endpoint in list(self._subs):
             self._stop(endpoint)
         for t in tasks:
@@ -180,7 +193,8 @@ class KVEventIntake:
 
     def status(self, endpoint: str, now: float | None = None) -> str:
         """"precise", or why not: "unsubscribed", "waiting" (no batch yet), "broken",
-        "stale" (lost batches recently) or "silent" (routed to, no event since)."""
+        "disconnected", "stale" (lost batches recently) or "silent" (routed to, no event
+        since)."""
         s = self.streams.get(endpoint)
         if s is None:
             return "unsubscribed"
@@ -188,6 +202,8 @@ class KVEventIntake:
             return "waiting"
         if s.broken:
             return "broken"
+        if not s.connected:
+            return "disconnected"
         now = self.clock() if now is None else now
         if now < s.stale_until:
             return "stale"
@@ -200,26 +216,61 @@ class KVEventIntake:
 
     # --- the two tasks ---------------------------------------------------------------
 
-    async def _read(self, s: EndpointStream, sock: zmq.asyncio.Socket, wake: asyncio.Event) -> None:
-        n = 0
+    async def _read(self, s: EndpointStream, sub: _Sub) -> None:
+        backoff = _MIN_BACKOFF
         while True:
             try:
-                frames = await sock.recv_multipart()
-            except Exception as e:  # the socket failed under us: keep trying, marked broken
+                if await self._listen(s, sub):
+                    backoff = _MIN_BACKOFF
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the socket failed under us: re-open it
                 log.warning("kv-events %s: receive failed: %s", s.endpoint, e)
-                s.broken = True
-                await asyncio.sleep(0.1)
-                continue
+            _close(sub.sock, sub.monitor)
+            await asyncio.sleep(backoff)  # a server that keeps breaking the stream is retried slowly
+            backoff = min(2 * backoff, _MAX_BACKOFF)
+            try:
+                sub.sock, sub.monitor = self._open(s.address)
+            except zmq.ZMQError as e:
+                log.warning("kv-events %s: cannot re-open: %s", s.endpoint, e)
+
+    async def _listen(self, s: EndpointStream, sub: _Sub) -> bool:
+        """Receive until the connection drops; whether any message came meanwhile."""
+        poller = zmq.asyncio.Poller()
+        poller.register(sub.sock, zmq.POLLIN)
+        poller.register(sub.monitor, zmq.POLLIN)
+        got = False
+        while True:
+            ready = dict(await poller.poll())
+            if sub.sock in ready:
+                got = await self._drain(s, sub) or got
+            if sub.monitor in ready:
+                event = zmq.utils.monitor.parse_monitor_message(await sub.monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    s.connected = True
+                elif event == zmq.EVENT_DISCONNECTED:
+                    s.connected = False
+                    s.disconnects += 1
+                    return await self._drain(s, sub) or got
+
+    async def _drain(self, s: EndpointStream, sub: _Sub) -> bool:
+        """Queue the messages the socket holds (at most 64, then let others run)."""
+        got = False
+        for _ in range(64):
+            try:
+                frames = await sub.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            got = True
             size = sum(len(f) for f in frames)
             if len(s._queue) >= self.queue_size or s.queued_bytes + size > self.max_queue_bytes:
                 s.dropped += 1  # shows as a sequence gap when the next message is applied
             else:
                 s._queue.append((frames, size))
                 s.queued, s.queued_bytes = len(s._queue), s.queued_bytes + size
-                wake.set()
-            n += 1
-            if n % 64 == 0:
-                await asyncio.sleep(0)  # a ready socket never suspends: let others run
+                sub.wake.set()
+        await asyncio.sleep(0)
+        return got
 
     async def _process(self, s: EndpointStream, wake: asyncio.Event) -> None:
         n = 0
@@ -346,6 +397,22 @@ class KVEventIntake:
         if s.consecutive_errors >= self.max_consecutive_errors:
             s.broken = True
         log.debug("kv-events %s: %s", s.endpoint, e)
+
+
+_MIN_BACKOFF, _MAX_BACKOFF = 0.1, 5.0  # seconds before re-opening a dropped stream
+
+
+@dataclass(slots=True)
+class _Sub:
+    sock: zmq.asyncio.Socket
+    monitor: zmq.asyncio.Socket
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+def _close(*sockets: zmq.asyncio.Socket) -> None:
+    for sock in sockets:
+        sock.close(linger=0)
 
 
 def _topic_model(topic: str) -> str:
