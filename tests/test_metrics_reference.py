@@ -541,3 +541,25 @@ def test_plugin_duration_uses_todays_extension_point_names():
     assert value(tel, "llm_d_epp_plugin_duration_seconds_count", extension_point="PrepareData", **labels) is None
     assert value(tel, "inference_extension_plugin_duration_seconds_count", extension_point="Scorer",
                  plugin_type="queue-scorer", plugin_name="q") == 1
+
+
+async def test_model_rewrite_decisions_name_the_rule_and_not_the_header():
+    from epp.datalayer.datastore import ModelRewrite, RewriteRule, RewriteTarget
+
+    tel = Telemetry()
+    ds = Datastore()
+    ds.upsert(EndpointSpec(name="ep0", address="10.0.0.1", port=8000))
+    ds.set_rewrite(ModelRewrite("canary", (RewriteRule(("alias",), (RewriteTarget("served-v2"),)),)))
+    director = Director(ds, FirstEndpoint(), admission=OpenGate(), telemetry=tel)
+    ctx = director.new_context(headers())
+    await director.route(ctx, body("alias"), None)
+    director.complete(ctx)
+    decision = {"model_rewrite_name": "canary", "model_name": "alias", "target_model": "served-v2"}
+    assert value(tel, "llm_d_epp_model_rewrite_decisions_total", **decision) == 1
+    assert value(tel, "inference_extension_model_rewrite_decisions_total", **decision) == 1
+    ctx = director.new_context({**headers(), "x-llm-d-model-name-rewrite": "pinned"})
+    await director.route(ctx, body("alias"), None)
+    director.complete(ctx)
+    assert ctx.request.target_model == "pinned"
+    assert value(tel, "llm_d_epp_model_rewrite_decisions_total", **decision) == 1  # the header is no rule
+    assert "target_model=\"pinned\"" not in generate_latest(tel.registry).decode()

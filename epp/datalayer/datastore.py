@@ -178,20 +178,31 @@ class Datastore:
     def rewrite_model(self, model: str, rng: random.Random | None = None) -> str | None:
         """Target model for `model` per the InferenceModelRewrite precedence rules, or
         None when no rule applies. Weighted random choice among the rule's targets."""
-        exact: RewriteRule | None = None
-        catch_all: RewriteRule | None = None
+        choice = self.rewrite_choice(model, rng)
+        return choice[1] if choice is not None else None
+
+    def rewrite_choice(self, model: str, rng: random.Random | None = None) -> tuple[str, str] | None:
+        """(name of the InferenceModelRewrite whose rule applies, target model), or None:
+        rewrite_model with the rule's owner, for the model_rewrite_name metric label."""
+        exact: tuple[str, RewriteRule] | None = None
+        catch_all: tuple[str, RewriteRule] | None = None
         for rw in self._rewrite_order:
             for rule in rw.rules:
                 if not rule.matches:
                     if catch_all is None:
-                        catch_all = rule
+                        catch_all = (rw.name, rule)
                 elif model in rule.matches and exact is None:
-                    exact = rule
+                    exact = (rw.name, rule)
             if exact is not None:
                 break
-        rule = exact or catch_all
-        if rule is None or not rule.targets:
+        found = exact or catch_all
+        if found is None or not found[1].targets:
             return None
+        name, rule = found
+        return name, self._pick_target(rule, rng)
+
+    @staticmethod
+    def _pick_target(rule: RewriteRule, rng: random.Random | None) -> str:
         targets = rule.targets
         if len(targets) == 1:
             return targets[0].model_rewrite

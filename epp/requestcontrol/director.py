@@ -82,6 +82,7 @@ class RequestContext:
     series: RequestSeries | None = None  # the request's metric recorders
     response_time: float = 0.0  # picker time on the response path, seconds
     response_headers_at: float = 0.0
+    rewrite_name: str | None = None  # the InferenceModelRewrite that chose the target model, if one did
     usage: UsageParser | None = None
     restorer: ModelNameRestorer | None = None
     completed: bool = False
@@ -140,7 +141,10 @@ class Director:
         control.apply(request, headers)
         if request.incoming_model:
             override = control.model_name_rewrite(headers)
-            target = override or self.datastore.rewrite_model(request.incoming_model, self.rng)
+            choice = None if override else self.datastore.rewrite_choice(request.incoming_model, self.rng)
+            if choice is not None:
+                ctx.rewrite_name = choice[0]
+            target = override or (choice[1] if choice is not None else None)
             if target and target != request.incoming_model:
                 request.target_model = target
         if request.objective:
@@ -181,7 +185,8 @@ class Director:
         ctx.streaming = request.stream
         if request.target_model != request.incoming_model:
             ctx.new_body = rewritten_body(request)
-            tel.model_rewrite_decisions.get("", model, target).inc()
+        if ctx.rewrite_name is not None:  # a rule decided (the reference counts rules, not the header)
+            tel.model_rewrite_decisions.get(ctx.rewrite_name, model, target).inc()
         candidates = self.candidates(subset)
         ctx.release = await self.admission.admit(request, candidates)
         t0 = time.perf_counter()
