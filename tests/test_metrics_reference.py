@@ -563,3 +563,11 @@ async def test_model_rewrite_decisions_name_the_rule_and_not_the_header():
     assert ctx.request.target_model == "pinned"
     assert value(tel, "llm_d_epp_model_rewrite_decisions_total", **decision) == 1  # the header is no rule
     assert "target_model=\"pinned\"" not in generate_latest(tel.registry).decode()
+
+
+async def test_request_parsing_is_timed_per_parser():
+    tel, _ds, _adm, director = flow_controlled_picker()
+    await unary(director)
+    parser = director.parsers.resolve("/v1/completions")
+    assert value(tel, "llm_d_epp_plugin_duration_seconds_count", extension_point="RequestParsing",
+                 plugin_type=parser.type_name, plugin_name=parser.name) == 1

@@ -111,6 +111,7 @@ class Director:
         self.admission = admission
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.telemetry.model_labels.known = lambda: pool_models(datastore)
+        self.parsers.observe = self.telemetry.plugin_observer()  # RequestParsing plugin durations
         self.rng = rng or random.Random()
         self.clock = clock
         self._ids = itertools.count(1)

@@ -12,7 +12,8 @@ anthropic, vllmhttp, then passthrough as the fallback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from epp.errors import InferenceError, bad_request
 from epp.framework import InferenceRequest, Parser, PluginHandle
@@ -48,6 +49,8 @@ class ParserChain:
         self.fallback: Parser | None = None
         self._claims: list[tuple[str, Parser]] = []
         self._resolved: dict[str, Parser] = {}
+        # observe("RequestParsing", parser type, parser name, seconds) per parse (plugin_duration metrics)
+        self.observe: Callable[[str, str, str, float], None] | None = None
         seen: set[str] = set()
         for i, parser in enumerate(parsers):
             kind = parser.type_name
@@ -89,6 +92,7 @@ class ParserChain:
         """The parsed request (headers not yet applied). Any failure is a 400."""
         path = request_path(headers)
         parser = self.resolve(path)
+        t0 = time.perf_counter()
         try:
             return parser.parse_request(body, headers, request_id, path)
         except InferenceError:
@@ -96,6 +100,9 @@ class ParserChain:
         except Exception as e:  # noqa: BLE001 - a third-party parser's bug is the request's 400, not a crash
             log.warning("parser %r failed on request %s: %s", parser.name, request_id, type(e).__name__)
             raise bad_request(f"error parsing request: {type(e).__name__}") from None
+        finally:
+            if self.observe is not None:
+                self.observe("RequestParsing", parser.type_name, parser.name, time.perf_counter() - t0)
 
 
 def default_parsers(handle: PluginHandle | None = None) -> list[Parser]:
