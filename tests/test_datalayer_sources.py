@@ -423,3 +423,16 @@ def test_reference_chart_configs_bind_their_data_layer(fixture):
         layer.bind(source, extractors, f"dataLayer.sources[{i}]")
     assert layer.metrics is not None and layer.metrics.engine_label == "llm-d.ai/engine-type"
     assert layer.metrics.legacy_engine_label == "inference.networking.k8s.io/engine-type"
+
+
+def test_models_source_polls_with_its_own_tls_and_interval(tmp_path):
+    ca = make_cert(tmp_path, "ca", is_ca=True)
+    src = build("models-data-source", {"scheme": "https", "insecureSkipVerify": False, "caCertPath": ca[0],
+                                       "interval": "5s"})
+    assert src.ssl_context is not None and src.ssl_context.verify_mode == ssl.CERT_REQUIRED
+    layer = DataLayer(Datastore(), base_interval=0.05)
+    layer.bind(src, [build("models-data-extractor")])
+    (poller,) = layer.pollers
+    assert poller.ssl is src.ssl_context and poller.path == "/v1/models" and poller.interval == pytest.approx(5.0)
+    assert poller._client(Datastore().upsert(EndpointSpec("a", "127.0.0.1", 8000))).url("/v1/models") == \
+        "https://127.0.0.1:8000/v1/models"  # noqa: SLF001
