@@ -47,6 +47,9 @@ class UtilizationDetector:
         self.staleness = duration_value(p.metricsStalenessThreshold, "metricsStalenessThreshold")
         self.headroom = p.headroom
         self.clock = handle.clock
+        self.stale = 0  # endpoints scored as saturated for stale or missing metrics at the last saturation()
+        handle.metrics.gauge("llm_d_epp_flow_control_stale_endpoints", "Endpoints whose metrics the saturation "
+                             "detector treats as stale.", lambda: self.stale, {"detector": name})
 
     def _fresh(self, e: Endpoint, now: float) -> bool:
         t = e.metrics.update_time
@@ -62,14 +65,18 @@ class UtilizationDetector:
 
     def saturation(self, endpoints: Sequence[Endpoint]) -> float:
         if not endpoints:
+            self.stale = 0  # an empty pool is not a metrics failure
             return 1.0
         now = self.clock()
         q, kv = self.queue_threshold, self.kv_threshold
         total = 0.0
+        stale = 0
         for e in endpoints:
             if not self._fresh(e, now):
                 total += 1.0
+                stale += 1
                 continue
             m = e.metrics
             total += max(m.waiting_queue_size / q, m.kv_cache_usage_percent / kv)
+        self.stale = stale
         return total / len(endpoints)
