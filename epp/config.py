@@ -665,32 +665,42 @@ def _wire_producers(plugins: list[PluginSpec]) -> None:
     parameters; consumers with the same moved parameters share one."""
     by_name = {p.name: p for p in plugins}
     given: dict[str, str] = {}  # consumer that used to publish -> the producer publishing for it now
-    for spec in list(plugins):
-        for ref in _consumes(spec):
-            if not ref.moved_params:
-                continue
-            moved = {k: spec.parameters.pop(k) for k in ref.moved_params if k in spec.parameters}
-            named = spec.parameters.get(ref.param)
-            target = by_name.get(named or ref.producer_type)
-            if target is not None and not target.implicit:
-                if moved:
-                    raise ConfigError(f"{spec.where}.parameters.{next(iter(moved))}: set it on the producer "
-                                      f"{target.name!r}, which {spec.type} reads")
-                given[spec.name] = target.name
-                continue
-            if named and target is None:
-                raise ConfigError(f"{spec.where}.parameters.{ref.param}: no plugin named {named!r} in plugins")
-            if target is None or target.parameters != moved:
-                name, n = ref.producer_type, 1
-                while name in by_name:
-                    n += 1
-                    name = f"{ref.producer_type}-{n}"
-                target = PluginSpec(type=ref.producer_type, name=name, parameters=moved, implicit=True,
-                                    where=spec.where)
-                _check_plugin(target)
-                plugins.insert(plugins.index(spec), target)
-                by_name[name] = target
-            spec.parameters[ref.param] = given[spec.name] = target.name
+    pending = list(plugins)
+    while pending:  # an implicit producer may itself consume (inflight-load-producer -> token-producer)
+        created: list[PluginSpec] = []
+        for spec in pending:
+            for ref in _consumes(spec):
+                if not ref.moved_params and not ref.required:
+                    continue
+                moved = {k: spec.parameters.pop(k) for k in ref.moved_params if k in spec.parameters}
+                named = spec.parameters.get(ref.param) if ref.param else None
+                target = by_name.get(named or ref.producer_type)
+                if target is not None and (not target.implicit or not ref.moved_params):
+                    if moved:
+                        raise ConfigError(f"{spec.where}.parameters.{next(iter(moved))}: set it on the producer "
+                                          f"{target.name!r}, which {spec.type} reads")
+                    if ref.moved_params:
+                        given[spec.name] = target.name
+                    continue
+                if named and target is None:
+                    raise ConfigError(f"{spec.where}.parameters.{ref.param}: no plugin named {named!r} in plugins")
+                params = {**dict(ref.moved_defaults), **moved} if moved else {}
+                if target is None or target.parameters != params:
+                    name, n = ref.producer_type, 1
+                    while name in by_name:
+                        n += 1
+                        name = f"{ref.producer_type}-{n}"
+                    target = PluginSpec(type=ref.producer_type, name=name, parameters=params, implicit=True,
+                                        where=spec.where)
+                    _check_plugin(target)
+                    plugins.insert(plugins.index(spec), target)
+                    by_name[name] = target
+                    created.append(target)
+                if ref.moved_params:
+                    given[spec.name] = target.name
+                if ref.param:
+                    spec.parameters[ref.param] = target.name
+        pending = created
     for spec in plugins:
         for ref in _consumes(spec):
             old = spec.parameters.pop(ref.legacy_ref, None) if ref.legacy_ref else None
@@ -705,6 +715,32 @@ def _wire_producers(plugins: list[PluginSpec]) -> None:
                 raise ConfigError(f"{key}: no plugin named {named!r} in plugins")
             if named and "PrepareData" not in extension_points(plugin_class(by_name[named].type)):
                 raise ConfigError(f"{key}: {named!r} is not a data producer")
+    _order_producers(plugins, by_name)
+
+
+def _order_producers(plugins: list[PluginSpec], by_name: dict[str, PluginSpec]) -> None:
+    """Every producer after the producers it reads (PrepareData runs in this order), as the
+    reference's data dependency graph orders them; config order otherwise."""
+    order: list[PluginSpec] = []
+    state: dict[str, int] = {}  # 1: being placed, 2: placed
+
+    def place(spec: PluginSpec) -> None:
+        if state.get(spec.name) == 2:
+            return
+        if state.get(spec.name) == 1:
+            raise ConfigError(f"{spec.where}: data producers read each other in a cycle through {spec.name!r}")
+        state[spec.name] = 1
+        if "PrepareData" in extension_points(plugin_class(spec.type)):  # filters and scorers run after all
+            for ref in _consumes(spec):
+                producer = (spec.parameters.get(ref.param) if ref.param else None) or ref.producer_type
+                if producer != spec.name and producer in by_name:
+                    place(by_name[producer])
+        state[spec.name] = 2
+        order.append(spec)
+
+    for spec in plugins:
+        place(spec)
+    plugins[:] = order
 
 
 def _resolve(raw: _Raw) -> EndpointPickerConfig:

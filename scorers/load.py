@@ -1,4 +1,5 @@
-"""Scorers on the model servers' load: queue, running requests, KV usage, in-flight tokens."""
+"""Scorers on the model servers' load: queue, running requests, KV usage, in-flight tokens
+(read from an in-flight load producer)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, NamedPlugin, PluginHandle, bounded
+from epp.framework.datakeys import INFLIGHT_LOAD, INFLIGHT_LOAD_CONSUMER, INFLIGHT_LOAD_PRODUCER
 
 _waiting = attrgetter("metrics.waiting_queue_size")
 _running = attrgetter("metrics.running_requests_size")
@@ -47,22 +49,31 @@ class KVCacheUtilizationScorer(NamedPlugin):
 
 @dataclass(slots=True)
 class TokenLoadParams:
-    queueThresholdTokens: int = bounded(4194304, gt=0)
+    queueThresholdTokens: int = 4194304  # <= 0: the default, as the reference
+    inFlightLoadProducerName: str = INFLIGHT_LOAD_PRODUCER
 
 
 class TokenLoadScorer:
-    """1 - min(tokens, T)/T on the tokens in flight to each endpoint (kept by the director)."""
+    """1 - min(tokens, T)/T (1.0 when none), where tokens = the tokens in flight to the
+    endpoint plus this request's uncached tokens there, both from the in-flight load
+    producer (scheduling/scorer/tokenload/token_load.go)."""
 
     type_name = "token-load-scorer"
     Params = TokenLoadParams
+    consumes = (INFLIGHT_LOAD_CONSUMER,)
 
     def __init__(self, name: str, params: TokenLoadParams | None, handle: PluginHandle) -> None:
+        p = params or TokenLoadParams()
         self.name = name
-        self.threshold = (params or TokenLoadParams()).queueThresholdTokens
+        self.threshold = p.queueThresholdTokens if p.queueThresholdTokens > 0 else 4194304
+        self._key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        t = self.threshold
-        return [1.0 - min(e.in_flight_tokens, t) / t for e in endpoints]
+        load = cycle.read(self._key)
+        if load is None:
+            return [1.0] * len(endpoints)
+        t, tokens, uncached = self.threshold, load.tokens.get, load.uncached.get
+        return [1.0 - min(tokens(e, 0) + uncached(e, 0), t) / t for e in endpoints]
 
 
 @dataclass(slots=True)

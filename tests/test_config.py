@@ -43,7 +43,8 @@ def test_reference_example_parses_exactly():
     # v1.5 format: the matching parameters move to an implicit producer the scorer reads
     producer = cfg.plugin("approx-prefix-cache-producer")
     assert producer.implicit and producer.type == "approx-prefix-cache-producer"
-    assert producer.parameters == {"blockSizeTokens": 16, "maxPrefixBlocksToMatch": 256, "lruCapacityPerServer": 31250}
+    assert producer.parameters == {"blockSizeTokens": 16, "maxPrefixBlocksToMatch": 256, "lruCapacityPerServer": 31250,
+                                   "legacyV15": True}  # v1.5 form: v1.5's matching semantics
     assert cfg.plugin("prefix-cache-scorer").parameters == {"prefixMatchInfoProducerName": "approx-prefix-cache-producer"}
     (prof,) = cfg.scheduling_profiles
     assert [(r.plugin_ref, r.weight) for r in prof.plugins] == [
@@ -221,13 +222,16 @@ plugins:
 - {type: prefix-based-pd-decider, parameters: {nonCachedTokens: 10, prefixPluginName: p1}}
 """)
     names = [p.name for p in cfg.plugins]
-    assert names[:6] == ["prefix-cache-affinity-filter", "approx-prefix-cache-producer", "p1",
-                         "approx-prefix-cache-producer-2", "p2", "p3"]
+    # the filter reads in-flight load (maxTTFTPenaltyMs): its producer and the token count it needs
+    # are added as the reference adds default producers; producers run after those they read
+    assert names[:8] == ["token-producer", "approx-prefix-cache-producer", "inflight-load-producer",
+                         "prefix-cache-affinity-filter", "p1", "approx-prefix-cache-producer-2", "p2", "p3"]
     assert cfg.plugin("approx-prefix-cache-producer").parameters == {}
-    assert cfg.plugin("approx-prefix-cache-producer-2").parameters == {"blockSize": 64, "autoTune": False}
+    assert cfg.plugin("approx-prefix-cache-producer-2").parameters == {"blockSize": 64, "autoTune": False,
+                                                                       "legacyV15": True}
     assert cfg.plugin("p3").parameters == {"prefixMatchInfoProducerName": "approx-prefix-cache-producer"}
     assert cfg.plugin("prefix-cache-affinity-filter").parameters == {
-        "prefixMatchInfoProducerName": "approx-prefix-cache-producer-2"}
+        "prefixMatchInfoProducerName": "approx-prefix-cache-producer-2", "inFlightLoadProducerName": "inflight-load-producer"}
     assert cfg.plugin("prefix-based-pd-decider").parameters == {
         "nonCachedTokens": 10, "prefixMatchInfoProducerName": "approx-prefix-cache-producer"}
 
@@ -253,13 +257,11 @@ def test_prefix_producer_wiring_errors(text, expected):
 
 @pytest.mark.parametrize("text, expected", [
     ("plugins: [{type: prefix-cache-affinity-filter, parameters: {affinityThreshold: 1.5}}]",
-     "plugins[0].parameters.affinityThreshold: must be in [0, 1], got 1.5"),
-    ("plugins: [{type: active-request-scorer, parameters: {idleThreshold: -1}}]",
-     "plugins[0].parameters.idleThreshold: must be >= 0, got -1"),
+     "plugins[0].parameters.affinityThreshold: must be <= 1, got 1.5"),  # the reference checks only <= 1.0
     ("plugins: [{type: no-hit-lru-scorer, parameters: {lruSize: 0}}]",
      "plugins[0].parameters.lruSize: must be > 0, got 0"),
     ("plugins: [{type: approx-prefix-cache-producer, parameters: {blockSize: -4}}]",
-     "plugins[0].parameters.blockSize: must be > 0, got -4"),
+     "plugins[0].parameters.blockSize: must be >= 0, got -4"),
 ])
 def test_parameter_bounds_name_the_key(text, expected):
     assert errmsg(text) == expected

@@ -140,19 +140,19 @@ async def test_in_flight_releases_exactly_what_it_added():
 async def test_a_reused_request_id_does_not_release_the_first_requests_count():
     ds, gate = datastore(1), OpenGate()
     plugins = load_plugin_set(ACTIVE_REQUEST_CONFIG)
-    scorer = plugins.plugins["active-request-scorer"]
+    load = plugins.plugins["inflight-load-producer"]  # what active-request-scorer reads
     director = Director(ds, plugins, admission=gate)
     (ep,) = ds.endpoints()
     first = await route(director, body(), "dup")
     second = await route(director, body(), "dup")
-    assert scorer.counts[ep] == 2  # the second did not replace the first
+    assert load.requests[ep] == 2  # the second did not replace the first
     assert first.request.request_id != second.request.request_id
     assert first.request.headers["x-request-id"] == second.request.headers["x-request-id"] == "dup"
     assert first.request_id == second.request_id == "dup"  # logs still show the client's id
     finish(director, second)
-    assert scorer.counts[ep] == 1  # the first is still counted
+    assert load.requests[ep] == 1  # the first is still counted
     finish(director, first)
-    assert ep not in scorer.counts
+    assert ep not in load.requests
     assert_nothing_in_flight(ds, gate)
 
 

@@ -30,8 +30,15 @@ def req(prompt, model="m", salt=""):
     return InferenceRequest("r", model, model, "completions", prompt, {}, cache_salt=salt)
 
 
+# These tests pin the matching formulas on small blocks: GIE v1.5.0's semantics (no 64-token
+# floor), which a v1.5-form prefix-cache-scorer config keeps (legacyV15, set by the config
+# loader). Today's defaults and the floor: tests/test_producers_prefix.py.
+V15 = {"legacyV15": True}
+
+
 def producer(params=None):
-    return build_plugin("approx-prefix-cache-producer", None, params, PluginHandle(rng=random.Random(1)), "t")
+    return build_plugin("approx-prefix-cache-producer", None, {**V15, **(params or {})},
+                        PluginHandle(rng=random.Random(1)), "t")
 
 
 SCORER = build_plugin("prefix-cache-scorer", None, None, PluginHandle(), "t")
@@ -379,8 +386,8 @@ def test_producer_registers_the_prefix_metrics_through_the_handle():
 
     reg = CollectorRegistry()
     handle = PluginHandle(metrics=PluginMetrics(reg))
-    p = build_plugin("approx-prefix-cache-producer", None, None, handle, "t")
-    p2 = build_plugin("approx-prefix-cache-producer", "second", {"autoTune": False}, handle, "t")
+    p = build_plugin("approx-prefix-cache-producer", None, V15, handle, "t")
+    p2 = build_plugin("approx-prefix-cache-producer", "second", {**V15, "autoTune": False}, handle, "t")
     e1, e2 = ep(1), ep(2)
     commit(p, req("a" * 64 * 4), e1)  # nothing held yet: ratio 0, 0 bytes
     commit(p, req("a" * 64 * 2 + "b" * 64 * 2), e2)  # e1 holds 2 of 4 blocks: ratio 0.5, 2 x 16 x 4 bytes
@@ -398,7 +405,7 @@ def test_producer_registers_the_prefix_metrics_through_the_handle():
 
 
 def test_scorer_reads_only_the_producer_it_names():
-    a, b = producer(), build_plugin("approx-prefix-cache-producer", "b", None, PluginHandle(), "t")
+    a, b = producer(), build_plugin("approx-prefix-cache-producer", "b", V15, PluginHandle(), "t")
     e = ep(1)
     commit(a, req("x" * 64 * 2), e)
     named_b = build_plugin("prefix-cache-scorer", None, {"prefixMatchInfoProducerName": "b"}, PluginHandle(), "t")

@@ -16,7 +16,7 @@ from epp.framework import (
     ResponseInfo,
     SchedulingResult,
 )
-from epp.framework.datakeys import PREFIX_MATCH_INFO, PrefixCacheMatchInfo
+from epp.framework.datakeys import INFLIGHT_LOAD, PREFIX_MATCH_INFO, InFlightLoadInfo, PrefixCacheMatchInfo
 
 
 def ep(i, labels=None, **metrics):
@@ -71,10 +71,15 @@ def test_lora_affinity_levels():
 
 
 def test_token_load():
+    """Reference: scheduling/scorer/tokenload/token_load.go (tokens in flight + this
+    request's uncached tokens, from the in-flight load producer)."""
     eps = [ep(i) for i in range(3)]
-    eps[0].in_flight_tokens, eps[1].in_flight_tokens, eps[2].in_flight_tokens = 0, 250, 5000
-    assert score(plugin("token-load-scorer", {"queueThresholdTokens": 1000}), eps) == [1.0, 0.75, 0.0]
+    cycle = CycleState()
+    cycle.write(INFLIGHT_LOAD, InFlightLoadInfo(tokens={eps[1]: 200, eps[2]: 5000}, uncached={eps[1]: 50}))
+    assert score(plugin("token-load-scorer", {"queueThresholdTokens": 1000}), eps, cycle=cycle) == [1.0, 0.75, 0.0]
     assert plugin("token-load-scorer").threshold == 4194304
+    assert plugin("token-load-scorer", {"queueThresholdTokens": 0}).threshold == 4194304  # <= 0: the default
+    assert score(plugin("token-load-scorer"), eps) == [1.0, 1.0, 1.0]  # no producer ran: no load
 
 
 def test_load_aware():
@@ -83,30 +88,51 @@ def test_load_aware():
     assert score(plugin("load-aware-scorer", {"threshold": 64}), eps)[1] == pytest.approx(0.25)
 
 
+class _Load:
+    """An inflight-load-producer and a consumer scorer, run as one cycle runs them."""
+
+    def __init__(self, scorer):
+        self.producer, self.scorer = plugin("inflight-load-producer"), scorer
+
+    def commit(self, rid, e):
+        cycle = CycleState()
+        self.producer.prepare_request_data(cycle, req(rid=rid), [e])
+        self.producer.pre_request(cycle, req(rid=rid), result_for(e))
+
+    def complete(self, rid, e):
+        self.producer.response_complete(req(rid=rid), ResponseInfo(), e)
+
+    def score(self, eps):
+        cycle = CycleState()
+        self.producer.prepare_request_data(cycle, req(), eps)
+        return score(self.scorer, eps, cycle=cycle)
+
+
 def test_active_request_counts_and_formula():
-    now = [100.0]
-    p = plugin("active-request-scorer", {"requestTimeout": "10s"}, clock=lambda: now[0])
+    """Reference: scheduling/scorer/activerequest/active_request.go, counts from
+    requestcontrol/dataproducer/inflightload/producer.go."""
     eps = [ep(1), ep(2), ep(3)]
-    assert score(p, eps) == [1.0, 1.0, 1.0]
+    p = _Load(plugin("active-request-scorer", {"requestTimeout": "10s"}))  # deprecated: ignored
+    assert p.score(eps) == [1.0, 1.0, 1.0]
     for i in range(4):
-        p.pre_request(CycleState(), req(rid=f"a{i}"), result_for(eps[0]))
+        p.commit(f"a{i}", eps[0])
     for i in range(2):
-        p.pre_request(CycleState(), req(rid=f"b{i}"), result_for(eps[1]))
-    assert score(p, eps) == [0.0, 0.5, 1.0]  # (4-c)/4, idle (0) -> 1.0
-    p.response_complete(req(rid="a0"), ResponseInfo(), eps[0])
-    p.response_complete(req(rid="a0"), ResponseInfo(), eps[0])  # twice: counted once
-    assert p.counts[eps[0]] == 3
-    p2 = plugin("active-request-scorer", {"idleThreshold": 2, "maxBusyScore": 0.5})
+        p.commit(f"b{i}", eps[1])
+    assert p.score(eps) == [0.0, 0.5, 1.0]  # (4-c)/4, idle (0) -> 1.0
+    p.complete("a0", eps[0])
+    p.complete("a0", eps[0])  # twice: counted once
+    assert p.producer.requests[eps[0]] == 3
+    p2 = _Load(plugin("active-request-scorer", {"idleThreshold": 2, "maxBusyScore": 0.5}))
     for i in range(4):
-        p2.pre_request(CycleState(), req(rid=f"a{i}"), result_for(eps[0]))
-    p2.pre_request(CycleState(), req(rid="b"), result_for(eps[1]))
-    assert score(p2, eps) == [0.0, 1.0, 1.0]
-    p2.pre_request(CycleState(), req(rid="c"), result_for(eps[1]))
-    p2.pre_request(CycleState(), req(rid="d"), result_for(eps[1]))
-    assert score(p2, eps) == [0.0, pytest.approx((4 - 3) / 4 * 0.5), 1.0]
-    now[0] += 11  # lost completions expire (checked when the next request is committed)
-    p.pre_request(CycleState(), req(rid="z"), result_for(eps[2]))
-    assert score(p, eps) == [1.0, 1.0, 0.0] and p.counts == {eps[2]: 1}
+        p2.commit(f"a{i}", eps[0])
+    p2.commit("b", eps[1])
+    assert p2.score(eps) == [0.0, 1.0, 1.0]
+    p2.commit("c", eps[1])
+    p2.commit("d", eps[1])
+    assert p2.score(eps) == [0.0, pytest.approx((4 - 3) / 4 * 0.5), 1.0]
+    # Out-of-range values fall back as the reference's do (with a warning), not refused.
+    lenient = plugin("active-request-scorer", {"idleThreshold": -1, "maxBusyScore": 2.0})
+    assert (lenient.idle, lenient.max_busy) == (0, 1.0)
 
 
 def test_session_affinity():

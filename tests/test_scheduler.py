@@ -65,11 +65,11 @@ plugins:
     for i in range(5):
         p.run_cycle(req(rid=f"x{i}"), eps, commit=False)
     assert len(p.plugins["approx-prefix-cache-producer"].index) == 0
-    assert p.plugins["active-request-scorer"].counts == {}
+    assert p.plugins["inflight-load-producer"].requests == {}  # what active-request-scorer reads
     assert not p.plugins["no-hit-lru-scorer"]._lru
     p.run_cycle(req(rid="y"), eps)
     assert len(p.plugins["approx-prefix-cache-producer"].index) > 0
-    assert sum(p.plugins["active-request-scorer"].counts.values()) == 1
+    assert sum(p.plugins["inflight-load-producer"].requests.values()) == 1
 
 
 def test_no_candidates_is_503_and_all_filtered_is_429():

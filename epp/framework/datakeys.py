@@ -54,6 +54,12 @@ class ProducerParam:
     producer_type: str  # also the default producer instance name
     legacy_ref: str = ""
     moved_params: tuple[str, ...] = ()
+    # the reference's Required dependency: when the producer it reads is not configured,
+    # the loader adds the default one (its type, no parameters), as the reference does
+    required: bool = False
+    # parameters the loader sets (under the moved ones) on an implicit producer made from
+    # `moved_params`, e.g. the older generation's semantics those parameters had
+    moved_defaults: tuple[tuple[str, object], ...] = ()
 
 
 # --------------------------------------------------------------------------- prefix match
@@ -100,3 +106,32 @@ PREFIX_MATCH_PRODUCER = ProducerParam("prefixMatchInfoProducerName", APPROX_PREF
                                       legacy_ref="prefixPluginName")
 PREFIX_MATCH_INFO: DataKey[PrefixCacheMatchInfo] = DataKey("prefix-cache-match-info", PrefixCacheMatchInfo).of(
     APPROX_PREFIX_PRODUCER)
+
+
+# --------------------------------------------------------------------------- in-flight load
+INFLIGHT_LOAD_PRODUCER = "inflight-load-producer"
+
+
+@dataclass(slots=True)
+class InFlightLoadInfo:
+    """What an in-flight load producer publishes per request (the reference's InFlightLoad
+    and UncachedRequestTokens attributes): per endpoint, the requests and tokens routed
+    there and not yet done (absent = 0), and the tokens this request would add there
+    (its prompt minus the prefix the endpoint likely holds)."""
+
+    requests: dict[Endpoint, int] = field(default_factory=dict)
+    tokens: dict[Endpoint, int] = field(default_factory=dict)
+    uncached: dict[Endpoint, int] = field(default_factory=dict)
+
+
+INFLIGHT_LOAD_CONSUMER = ProducerParam("inFlightLoadProducerName", INFLIGHT_LOAD_PRODUCER, required=True)
+INFLIGHT_LOAD: DataKey[InFlightLoadInfo] = DataKey("inflight-load", InFlightLoadInfo).of(INFLIGHT_LOAD_PRODUCER)
+
+# --------------------------------------------------------------------------- tokenized prompt
+TOKEN_PRODUCER = "token-producer"
+TOKENIZED_PROMPT: DataKey[int] = DataKey("tokenized-prompt", int).of(TOKEN_PRODUCER)  # the prompt's token count
+TOKENS_CONSUMER = ProducerParam("", TOKEN_PRODUCER, required=True)  # no parameter: always the default instance
+
+# --------------------------------------------------------------------------- session id
+SESSION_ID_PRODUCER = "session-id-producer"
+SESSION_ID: DataKey[str] = DataKey("session-id", str).of(SESSION_ID_PRODUCER)

@@ -61,6 +61,9 @@ BUILTINS: dict[str, str] = {
     "always-disagg-pd-decider": "epp.scheduling.profiles.disaggregated:AlwaysDisaggPDDecider",
     # data producers (requestcontrol)
     "approx-prefix-cache-producer": "epp.requestcontrol.producers.prefix:ApproxPrefixCacheProducer",
+    "inflight-load-producer": "epp.requestcontrol.producers.inflight:InFlightLoadProducer",
+    "token-producer": "epp.requestcontrol.producers.tokens:TokenProducer",
+    "session-id-producer": "epp.requestcontrol.producers.session:SessionIdProducer",
     # saturation detectors (flowcontrol)
     "utilization-detector": "epp.flowcontrol.saturation:UtilizationDetector",
     # request parsers (requestHandler.parsers)
@@ -124,8 +127,6 @@ FUTURE: dict[str, str] = {
 # while the type's Params lacks the parameter.
 FUTURE_PARAMS: dict[str, dict[str, tuple[str, tuple[object, ...]]]] = {
     "disagg-profile-handler": {"deciders": (_PD, ()), "profiles": (_PD, ()), "stageOrder": (_PD, ())},
-    "prefix-cache-affinity-filter": {"maxTTFTPenaltyMs": (_SCHED, (0,)), "ttftSource": (_SCHED, ()),
-                                     "peakPrefillThroughput": (_SCHED, ())},
 }
 
 # The stability column of BUILTINS: the rows the reference registers as Alpha (the rest are Beta).

@@ -10,6 +10,7 @@ prefix-based-pd-decider read the published match."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, 
 from epp.framework.datakeys import PREFIX_MATCH_INFO, DataKey, PrefixCacheMatchInfo
 from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
 from epp.requestcontrol.producers.prefix_index import PrefixIndex
+
+log = logging.getLogger(__name__)
 
 # The reference's prefix indexer metrics: names, help and buckets unchanged.
 INDEXER_SIZE = "inference_extension_prefix_indexer_size"
@@ -29,13 +32,49 @@ _RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _BYTES_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # the reference's
 
 
+MIN_BLOCK_SIZE_TOKENS = 64  # the reference's floor (#1158): one index entry per (endpoint, block)
+UNLIMITED_BLOCKS = 1 << 31  # both caps 0: the whole prompt (bounded by the request body limit)
+V15_MAX_PREFIX_BLOCKS = 256  # GIE v1.5.0's default, kept for configs in the v1.5 form (see legacyV15)
+
+
 @dataclass(slots=True)
 class PrefixProducerParams:
-    blockSizeTokens: int = bounded(16, gt=0)
-    maxPrefixBlocksToMatch: int = bounded(256, gt=0)
-    lruCapacityPerServer: int = bounded(31250, gt=0)
+    """The reference's parameters and defaults (approximateprefix/types.go, plugin.go).
+    maxPrefixTokensToMatch wins when > 0 (blocks = tokens // block size); the deprecated
+    maxPrefixBlocksToMatch applies only when it is 0; both 0 match the whole prompt. Block
+    sizes below 64 tokens, configured or engine-reported, are raised to 64. The deprecated
+    blockSize maps onto blockSizeTokens when that is left at its default.
+
+    legacyV15 (project): GIE v1.5.0's semantics, which the config loader sets on the
+    implicit producer it makes from a v1.5-form prefix-cache-scorer's parameters (today's
+    reference refuses that form): blockSize in characters, maxPrefixBlocksToMatch 256, no
+    token cap, no 64-token floor."""
+
     autoTune: bool = True
-    blockSize: int | None = bounded(None, gt=0)  # older configs: block size in characters (overrides blockSizeTokens)
+    blockSizeTokens: int = bounded(16, gt=0)
+    blockSize: int | None = bounded(None, ge=0)  # deprecated
+    maxPrefixTokensToMatch: int | None = bounded(None, ge=0)  # None: 131072 (legacyV15: 0)
+    maxPrefixBlocksToMatch: int | None = bounded(None, ge=0)  # None: 2048 (legacyV15: 256)
+    lruCapacityPerServer: int = bounded(31250, ge=0)  # 0: the default
+    legacyV15: bool = False
+
+
+def resolve_max_blocks(p: PrefixProducerParams, block_size_tokens: int) -> int:
+    """The per-request block cap (the reference's resolveMaxBlocks)."""
+    tokens = p.maxPrefixTokensToMatch
+    if tokens is None:
+        tokens = 0 if p.legacyV15 else DEFAULT_MAX_PREFIX_TOKENS
+    if tokens > 0 and block_size_tokens > 0:
+        return tokens // block_size_tokens
+    blocks = p.maxPrefixBlocksToMatch
+    if blocks is None:
+        blocks = V15_MAX_PREFIX_BLOCKS if p.legacyV15 else DEFAULT_MAX_PREFIX_BLOCKS
+    return blocks if blocks > 0 else UNLIMITED_BLOCKS
+
+
+DEFAULT_MAX_PREFIX_TOKENS = 131072
+DEFAULT_MAX_PREFIX_BLOCKS = 2048
+DEFAULT_LRU_CAPACITY = 31250
 
 
 class ApproxPrefixCacheProducer:
@@ -44,8 +83,17 @@ class ApproxPrefixCacheProducer:
 
     def __init__(self, name: str, params: PrefixProducerParams | None, handle: PluginHandle) -> None:
         p = params or PrefixProducerParams()
+        if p.blockSize and not p.legacyV15:
+            log.warning("%s: 'blockSize' is deprecated; use 'blockSizeTokens' instead", name)
+            if p.blockSizeTokens == 16:  # left at its default: the deprecated value takes its place
+                p.blockSizeTokens = p.blockSize
+            p.blockSize = None
+        if not p.legacyV15 and p.blockSizeTokens < MIN_BLOCK_SIZE_TOKENS:
+            log.info("%s: blockSizeTokens %d is below the minimum, %d is used", name, p.blockSizeTokens,
+                     MIN_BLOCK_SIZE_TOKENS)
         self.name = name
         self.params = p
+        self._floor = 1 if p.legacyV15 else MIN_BLOCK_SIZE_TOKENS
         self.index = PrefixIndex()
         self.key = PREFIX_MATCH_INFO.of(name)
         self._hashes: DataKey[list[int]] = DataKey(f"{type(self).type_name}-hashes/{name}", list)
@@ -61,29 +109,30 @@ class ApproxPrefixCacheProducer:
                            m.histogram(LLMD_HIT_BYTES, bytes_doc, _BYTES_BUCKETS, me).observe)
 
     def _block_size_tokens(self, endpoints: Sequence[Endpoint]) -> int:
+        bs = self.params.blockSizeTokens
         if self.params.autoTune:
             for e in endpoints:
-                bs = e.metrics.block_size
-                if bs:
-                    return bs
-        return self.params.blockSizeTokens
+                if e.metrics.block_size:
+                    bs = e.metrics.block_size
+                    break
+        return max(bs, self._floor)
 
     def _capacity(self, endpoint: Endpoint) -> int:
         if self.params.autoTune and endpoint.metrics.num_gpu_blocks:
             return endpoint.metrics.num_gpu_blocks
-        return self.params.lruCapacityPerServer
+        return self.params.lruCapacityPerServer or DEFAULT_LRU_CAPACITY
 
     def match(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> tuple[list[int], PrefixCacheMatchInfo]:
         """The request's block hashes and how many leading blocks each endpoint holds."""
         p = self.params
-        if p.blockSize is not None and not (p.autoTune and any(e.metrics.block_size for e in endpoints)):
+        if p.blockSize and not (p.autoTune and any(e.metrics.block_size for e in endpoints)):
             block_bytes = p.blockSize
             tokens = max(1, p.blockSize // CHARS_PER_TOKEN)
         else:
             tokens = self._block_size_tokens(endpoints)
             block_bytes = tokens * CHARS_PER_TOKEN
         hashes = block_hashes(request.prompt_text, request.target_model, request.cache_salt, block_bytes,
-                              p.maxPrefixBlocksToMatch)
+                              resolve_max_blocks(p, tokens))
         matches, depth = self.index.match(hashes) if hashes else ({}, 0)
         # The index's holder sets shrink along the chain, so the deepest match is some endpoint's count.
         return hashes, PrefixCacheMatchInfo(matches, len(hashes), tokens, depth)
