@@ -134,4 +134,5 @@ TOKENS_CONSUMER = ProducerParam("", TOKEN_PRODUCER, required=True)  # no paramet
 
 # --------------------------------------------------------------------------- session id
 SESSION_ID_PRODUCER = "session-id-producer"
-SESSION_ID: DataKey[str] = DataKey("session-id", str).of(SESSION_ID_PRODUCER)
+# the reference's attribute name, which a session-affinity source names ({attribute, producer})
+SESSION_ID: DataKey[str] = DataKey("SessionIDDataKey", str).of(SESSION_ID_PRODUCER)
