@@ -39,6 +39,8 @@ from epp.netaddr import join_hostport
 from epp.options import API_PORT_OFFSET, FLAG_BY_NAME, METRIC_FLAGS, Options, parse_args
 from epp.requestcontrol.director import Director
 from epp.telemetry import Telemetry
+from epp.tracing import init as init_tracing
+from epp.tracing import observer as tracing_observer
 
 log = logging.getLogger("epp.server")
 
@@ -76,10 +78,11 @@ class PickerServer:
         self.datastore = Datastore()
         self.telemetry = Telemetry(registry, max_model_labels=options.metrics_max_model_labels,
                                    grpc_stream_metrics=getattr(options, "enable_grpc_stream_metrics", False))
+        self.tracing = init_tracing(options.tracing)  # None: --tracing=false or no OpenTelemetry SDK
         try:
             self.pipeline = load_plugin_set(read_config_text(options),
                                             PluginHandle(metrics=PluginMetrics(self.telemetry.registry)),
-                                            observe=self.telemetry.plugin_observer(),
+                                            observe=tracing_observer(self.tracing, self.telemetry.plugin_observer()),
                                             allow_experimental_plugins=options.allow_experimental_plugins)
         except ConfigError as e:
             raise StartupError(f"config error: {e}") from None
@@ -91,7 +94,8 @@ class PickerServer:
         self.admission.observe_dispatch_cycle = self.telemetry.flow_control_dispatch_cycle.observe
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
                                  staleness=options.metrics_staleness_threshold,
-                                 parsers=self.pipeline.parsers or None)  # requestHandler.parsers
+                                 parsers=self.pipeline.parsers or None,  # requestHandler.parsers
+                                 tracing=self.tracing)
         self.ext_proc = ExtProcHandler(self.director, disable_subset_filter=options.disable_endpoint_subset_filter,
                                        serving=self._serving, max_request_body_bytes=options.max_request_body_bytes)
         self.telemetry.add_pool_collector(self.datastore, options.pool_name or "static",
@@ -404,6 +408,8 @@ class PickerServer:
         await self.admission.close()
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
+        if self.tracing is not None:  # exports what is queued (the exporter's timeout bounds it)
+            await asyncio.to_thread(self.tracing.shutdown)
 
     def ready_line(self) -> str:
         o = self.options

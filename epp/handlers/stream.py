@@ -297,7 +297,7 @@ class ExtProcStream:
         """The stream ended (normally, by error or by cancellation): release everything.
         The director's complete() releases once, however often it is called."""
         if self.ctx is not None:
-            self.director.complete(self.ctx)
+            self.director.complete(self.ctx, cancelled=not self.finished)
         if self.opened_at:  # an unfinished stream was cancelled (client, Envoy or shutdown)
             self.director.telemetry.stream_closed("OK" if self.finished else "Canceled",
                                                   time.monotonic() - self.opened_at)

@@ -32,6 +32,7 @@ from epp.requestcontrol.parsers import ParserChain, default_parsers
 from epp.requestcontrol.responses import ModelNameRestorer, UsageParser
 from epp.scheduling.scheduler import SchedulingTrace
 from epp.telemetry import RequestSeries, Telemetry, pool_models
+from epp.tracing import RequestTrace, Tracing
 
 log = logging.getLogger("epp.requestcontrol.director")
 
@@ -86,6 +87,7 @@ class RequestContext:
     usage: UsageParser | None = None
     restorer: ModelNameRestorer | None = None
     completed: bool = False
+    trace: RequestTrace | None = None  # the request's spans, with --tracing
 
     @property
     def primary(self) -> Endpoint | None:
@@ -101,7 +103,7 @@ class Director:
     def __init__(self, datastore: Datastore, plugins: RequestPlugins, *, admission: AdmissionGate,
                  telemetry: Telemetry | None = None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic, staleness: float | None = None,
-                 parsers: Sequence[Parser] | None = None) -> None:
+                 parsers: Sequence[Parser] | None = None, tracing: Tracing | None = None) -> None:
         self.datastore = datastore
         self.parsers = ParserChain(default_parsers() if parsers is None else parsers)
         # An endpoint whose scrapes have failed for longer than this is presumed down
@@ -116,6 +118,7 @@ class Director:
         self.clock = clock
         self._ids = itertools.count(1)
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self.tracing = tracing  # None: off (the scheduling cycle's observer is the caller's to wrap)
 
     # ------------------------------------------------------------------ request phase
     def new_context(self, headers: dict[str, str]) -> RequestContext:
@@ -129,6 +132,8 @@ class Director:
         # accounting keys on an id the picker hands out.
         ctx.request_id = clean(rid)
         ctx.key = f"{next(self._ids)}"
+        if self.tracing is not None:
+            ctx.trace = self.tracing.start(headers)
         return ctx
 
     def prepare(self, ctx: RequestContext, body: bytes) -> InferenceRequest:
@@ -177,6 +182,8 @@ class Director:
     async def route(self, ctx: RequestContext, body: bytes, subset: Sequence[str] | None) -> None:
         """Schedule the request; on return ctx.destination is set. Raises InferenceError.
         After a successful admission, `complete(ctx)` must be called exactly once."""
+        if ctx.trace is not None:
+            ctx.trace.routing()
         request = ctx.request = self.prepare(ctx, body)
         tel = self.telemetry
         labels = tel.model_labels
@@ -192,6 +199,8 @@ class Director:
         ctx.release = await self.admission.admit(request, candidates)
         t0 = time.perf_counter()
         try:
+            if ctx.trace is not None:
+                ctx.trace.collect()
             _, result = self.plugins.run_cycle(request, candidates)
         except InferenceError:
             tel.scheduled(target, time.perf_counter() - t0, ok=False)
@@ -205,6 +214,8 @@ class Director:
         ctx.destination = targets[0].hostport if len(targets) == 1 else ",".join(t.hostport for t in targets)
         if result.headers:
             ctx.upstream_headers.update(result.headers)
+        if ctx.trace is not None:  # traceparent for the upstream request, attributes
+            ctx.trace.routed(ctx)
         ctx.charge = InFlightCharge.add(targets[0], request)
         series.total.inc()
         series.size.observe(request.size_bytes)
@@ -224,6 +235,8 @@ class Director:
             tel.request_error(ctx.model_label, ctx.target_label, error.code)
         if not ctx.destination:  # a request-phase failure: its processing time ends here
             tel.request_processing.observe(self.clock() - ctx.start)
+        if ctx.trace is not None:
+            ctx.trace.failed(ctx, error)
         log.info("request failed request_id=%s model=%s code=%s: %s", ctx.request_id,
                  clean(r.incoming_model if r else ""), error.code, clean(error.message))
         self.complete(ctx)
@@ -272,12 +285,14 @@ class Director:
         ctx.response_time += time.perf_counter() - t0
         return out
 
-    def complete(self, ctx: RequestContext) -> None:
+    def complete(self, ctx: RequestContext, cancelled: bool = False) -> None:
         """End of the request's life, on every path (success, error, disconnect): runs
         the completion hooks and releases the admission slot and in-flight counts once."""
         if ctx.completed:
             return
         ctx.completed = True
+        if ctx.trace is not None:
+            ctx.trace.end(ctx, cancelled)
         r = ctx.request
         try:
             if ctx.targets and r is not None:
