@@ -12,6 +12,9 @@ sends the same requests through each, and reports:
 
 --transports runs the picker once per ext_proc transport (`epp serve --ext-proc-transport`),
 one after the other in the same run, and labels the rows mode/transport.
+
+--tracing off (default: `epp serve --tracing=false`) or on: every request sampled
+(OTEL_TRACES_SAMPLER=always_on) and exported over OTLP/gRPC to a sink in this process.
 """
 
 from __future__ import annotations
@@ -86,6 +89,27 @@ def run_load(port: int, requests: int, concurrency: int, body: bytes) -> tuple[f
     return time.perf_counter() - t0, latencies
 
 
+def start_trace_sink():
+    """An OTLP trace collector on 127.0.0.1 that drops what it receives; the picker (a child
+    process) is pointed at it through the OTEL_* environment it inherits."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # noqa: N802 - the gRPC method's name
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    os.environ.update({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                       "OTEL_TRACES_SAMPLER": "always_on"})
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.picker_cost", description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=2000)
@@ -96,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--envoy-concurrency", type=int, default=1)
     ap.add_argument("--tls", action="store_true", help="picker serves TLS (self-signed), as by default in production")
     ap.add_argument("--transports", default="grpcio", help="comma-separated: grpcio, native")
+    ap.add_argument("--tracing", choices=("off", "on"), default="off",
+                    help="on: sample every request and export it over OTLP to a local sink")
     args = ap.parse_args(argv)
+    sink = start_trace_sink() if args.tracing == "on" else None
 
     tmp = Path(tempfile.mkdtemp(prefix="epp-picker-cost-"))
 
@@ -124,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         transports = args.transports.split(",")
         for transport in transports:
             picker = start_picker(log_dir=tmp, endpoints=sims.hostports, tls=args.tls,
-                                  extra_flags=[f"--ext-proc-transport={transport}", "--api-port=0"])
+                                  extra_flags=[f"--ext-proc-transport={transport}", "--api-port=0",
+                                               f"--tracing={str(sink is not None).lower()}"])
             try:
                 for mode in modes:
                     if mode != "direct":
@@ -135,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                 picker.stop()
     finally:
         sims.stop()
+        if sink is not None:
+            sink.stop(0)
     direct = next((r for r in results if r.mode == "direct"), None)
     print(f"endpoints={args.endpoints} requests={args.requests} concurrency={args.concurrency} "
-          f"prompt_chars={args.prompt_chars} tls={args.tls} cores={os.cpu_count()} "
+          f"prompt_chars={args.prompt_chars} tls={args.tls} tracing={args.tracing} cores={os.cpu_count()} "
           f"loadavg={os.getloadavg()[0]:.1f}")
     print(f"{'mode':<21} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
           f"{'picker us/req':>14} {'minus idle':>11}")
