@@ -12,7 +12,15 @@ import pytest
 
 from epp.assembly import build_plugin
 from epp.config import ConfigError, load_config
-from epp.framework import CycleState, Endpoint, InferenceRequest, Metrics, PluginHandle
+from epp.framework import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Metrics,
+    PluginHandle,
+    ProfileRunResult,
+    SchedulingResult,
+)
 from epp.framework.datakeys import PREFIX_MATCH_INFO, PrefixCacheMatchInfo
 from epp.requestcontrol.producers.prefix import UNLIMITED_BLOCKS, resolve_max_blocks
 
@@ -125,3 +133,20 @@ def test_match_length_term_of_the_scorer():
     with pytest.raises(ValueError, match="matchLengthScaleTokens: must be > 0 when matchLengthWeight"):
         scorer({"matchLengthWeight": 0.1, "matchLengthScaleTokens": 0})
     assert scorer({"matchLengthScaleTokens": 0}).score(cycle, req("x"), [a]) == [0.25]  # unused at weight 0
+
+
+def test_the_last_shorter_block_counts_as_in_the_reference():
+    """prefixhash/hashing.go getKVCacheBlocksFromTokens: token blocks, the last one shorter;
+    estimate.go packBytes: 4 bytes per token, the last zero-padded. v1.5 hashed whole blocks only."""
+    p = producer()
+    a, b = ep(1), ep(2)
+    base = "s" * 64 * 4 * 2
+    assert info(p, base + "tail!", [a]).total_blocks == 3
+    assert info(p, "short", [a]).total_blocks == 1
+    assert info(producer({"legacyV15": True}), "short", [a]).total_blocks == 0
+    cycle = CycleState()
+    p.prepare_request_data(cycle, req(base + "tail!"), [a, b])
+    p.pre_request(cycle, req(base + "tail!"), SchedulingResult({"d": ProfileRunResult([a])}, "d"))
+    assert info(p, base + "tail!", [a, b]).matches == {a: 3}  # the same prompt: every block, the tail too
+    assert info(p, base + "other", [a, b]).matches == {a: 2}  # another tail: the whole blocks only
+    assert info(p, base + "tail!\0", [a, b]).matches == {a: 3}  # zero padding, as the reference packs bytes

@@ -110,11 +110,8 @@ class ApproxPrefixCacheProducer:
 
     def _block_size_tokens(self, endpoints: Sequence[Endpoint]) -> int:
         bs = self.params.blockSizeTokens
-        if self.params.autoTune:
-            for e in endpoints:
-                if e.metrics.block_size:
-                    bs = e.metrics.block_size
-                    break
+        if self.params.autoTune and endpoints and endpoints[0].metrics.block_size:  # the first, as the reference
+            bs = endpoints[0].metrics.block_size
         return max(bs, self._floor)
 
     def _capacity(self, endpoint: Endpoint) -> int:
@@ -125,14 +122,14 @@ class ApproxPrefixCacheProducer:
     def match(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> tuple[list[int], PrefixCacheMatchInfo]:
         """The request's block hashes and how many leading blocks each endpoint holds."""
         p = self.params
-        if p.blockSize and not (p.autoTune and any(e.metrics.block_size for e in endpoints)):
+        if p.blockSize and not (p.autoTune and endpoints and endpoints[0].metrics.block_size):
             block_bytes = p.blockSize
             tokens = max(1, p.blockSize // CHARS_PER_TOKEN)
         else:
             tokens = self._block_size_tokens(endpoints)
             block_bytes = tokens * CHARS_PER_TOKEN
         hashes = block_hashes(request.prompt_text, request.target_model, request.cache_salt, block_bytes,
-                              resolve_max_blocks(p, tokens))
+                              resolve_max_blocks(p, tokens), partial=not p.legacyV15)
         matches, depth = self.index.match(hashes) if hashes else ({}, 0)
         # The index's holder sets shrink along the chain, so the deepest match is some endpoint's count.
         return hashes, PrefixCacheMatchInfo(matches, len(hashes), tokens, depth)

@@ -3,7 +3,9 @@
 Blocks are cut from the UTF-8 bytes of the prompt text (block size in tokens x 4 bytes;
 for ASCII that is the reference's 4 characters per token) and chained with xxhash64:
 h0 = xxh64(model + cache_salt), h_i = xxh64(block_i || le_uint64(h_{i-1})), so a block's
-hash stands for the whole prefix up to it."""
+hash stands for the whole prefix up to it. With `partial` (today's reference, which cuts
+token blocks and keeps the last, shorter one) the tail after the whole blocks is one more
+block, zero-padded to a whole token of 4 bytes as the reference's estimate packs bytes."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from struct import Struct
 from xxhash import xxh64_intdigest
 
 CHARS_PER_TOKEN = 4
+_LE_U64 = Struct("<Q")
 
 # Many prompts share long prefixes (system prompts, chat history), so block hashes are
 # memoised per group of blocks, keyed by one xxh64 of the group's bytes seeded with the
@@ -56,17 +59,24 @@ def _remember(data: bytes, start: int, groups: int, group_bytes: int, h: int, ha
         deque(map(memo.__delitem__, list(islice(memo, len(memo) - _MEMO_CAPACITY // 2))), 0)
 
 
-def block_hashes(text: str, model: str, salt: str, block_bytes: int, max_blocks: int) -> list[int]:
-    """Chained hashes of the whole blocks of `text`, at most `max_blocks`."""
+def block_hashes(text: str, model: str, salt: str, block_bytes: int, max_blocks: int,
+                 partial: bool = False) -> list[int]:
+    """Chained hashes of the whole blocks of `text` (and with `partial` its shorter last
+    block), at most `max_blocks`."""
     if block_bytes <= 0 or max_blocks <= 0:
         return []
     limit = block_bytes * max_blocks
     # Encoding never yields fewer bytes than characters, so the character cut keeps enough.
     data = text[:limit].encode("utf-8", "surrogatepass")
     n = min(len(data) // block_bytes, max_blocks)
+    h = xxh64_intdigest((model + salt).encode("utf-8", "surrogatepass"))
+    tail = data[n * block_bytes:] if partial and n < max_blocks else b""
+    if tail:  # n < max_blocks: the text was not cut, this is its true end
+        tail += bytes(-len(tail) % CHARS_PER_TOKEN)
+        whole = block_hashes(text, model, salt, block_bytes, n) if n else []
+        return [*whole, xxh64_intdigest(tail + _LE_U64.pack(whole[-1] if whole else h))]
     if n == 0:
         return []
-    h = xxh64_intdigest((model + salt).encode("utf-8", "surrogatepass"))
     out: list[int] = []
     group = GROUP_BLOCKS * block_bytes
     memo = _memo
