@@ -672,6 +672,8 @@ def _wire_producers(plugins: list[PluginSpec]) -> None:
             for ref in _consumes(spec):
                 if not ref.moved_params and not ref.required:
                     continue
+                if ref.legacy_ref and spec.parameters.get(ref.legacy_ref):
+                    continue  # the older parameter names the producer (resolved below)
                 moved = {k: spec.parameters.pop(k) for k in ref.moved_params if k in spec.parameters}
                 named = spec.parameters.get(ref.param) if ref.param else None
                 target = by_name.get(named or ref.producer_type)

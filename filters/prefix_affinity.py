@@ -17,8 +17,8 @@ from epp.framework.datakeys import (
     INFLIGHT_LOAD,
     INFLIGHT_LOAD_CONSUMER,
     INFLIGHT_LOAD_PRODUCER,
+    PREFIX_MATCH_CONSUMER,
     PREFIX_MATCH_INFO,
-    PREFIX_MATCH_PRODUCER,
 )
 
 PREFILL_THROUGHPUT, LATENCY_PREDICTOR = "prefillThroughput", "latencyPredictor"
@@ -50,7 +50,7 @@ class PrefixAffinityParams:
 class PrefixCacheAffinityFilter:
     type_name = "prefix-cache-affinity-filter"
     Params = PrefixAffinityParams
-    consumes = (PREFIX_MATCH_PRODUCER, INFLIGHT_LOAD_CONSUMER)
+    consumes = (PREFIX_MATCH_CONSUMER, INFLIGHT_LOAD_CONSUMER)
 
     def __init__(self, name: str, params: PrefixAffinityParams | None, handle: PluginHandle) -> None:
         p = params or PrefixAffinityParams()

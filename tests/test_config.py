@@ -258,8 +258,6 @@ def test_prefix_producer_wiring_errors(text, expected):
 @pytest.mark.parametrize("text, expected", [
     ("plugins: [{type: prefix-cache-affinity-filter, parameters: {affinityThreshold: 1.5}}]",
      "plugins[0].parameters.affinityThreshold: must be <= 1, got 1.5"),  # the reference checks only <= 1.0
-    ("plugins: [{type: no-hit-lru-scorer, parameters: {lruSize: 0}}]",
-     "plugins[0].parameters.lruSize: must be > 0, got 0"),
     ("plugins: [{type: approx-prefix-cache-producer, parameters: {blockSize: -4}}]",
      "plugins[0].parameters.blockSize: must be >= 0, got -4"),
 ])

@@ -148,22 +148,32 @@ def test_session_affinity():
 
 
 def test_no_hit_lru_spreads_cold_requests():
+    """Reference: scheduling/scorer/nohitlru/no_hit_lru.go (rank r of n scores 1 - r/(n-1);
+    never-used first in candidate order, then least recently used first)."""
     p = plugin("no-hit-lru-scorer")
     eps = [ep(1), ep(2), ep(3)]
     cold, warm = CycleState(), CycleState()
     cold.write(PREFIX_MATCH_INFO, PrefixCacheMatchInfo({}, total_blocks=2, block_size_tokens=16, longest=0))
     warm.write(PREFIX_MATCH_INFO, PrefixCacheMatchInfo({eps[0]: 1}, total_blocks=2, block_size_tokens=16,
                                                        longest=1))
-    assert score(p, eps, cycle=cold) == [1.0, 1.0, 1.0]
+    assert score(p, eps, cycle=cold) == [1.0, 0.5, 0.0]  # all never used: candidate order
     p.pre_request(cold, req(), result_for(eps[0]))
     p.pre_request(cold, req(), result_for(eps[1]))
     s = score(p, eps, cycle=cold)
-    assert s[2] == 1.0 and 1.0 > s[0] > s[1] > 0  # never used > least recent > most recent
+    assert s == [0.5, 0.0, 1.0]  # never used > least recent > most recent
     assert score(p, eps, cycle=warm) == [0.5, 0.5, 0.5]
     p.pre_request(warm, req(), result_for(eps[2]))  # warm picks do not count
     assert score(p, eps, cycle=cold)[2] == 1.0
+    # the hit is on e1, not a candidate: cold for these; e2's rank is 1 + its LRU position 1 -> 0
+    assert score(p, eps[1:], cycle=warm) == [0.0, 1.0]
     p.endpoints_removed([eps[0]])
     assert score(p, eps, cycle=cold)[0] == 1.0
+    assert score(p, [eps[1]], cycle=cold) == [1.0]  # one candidate
+    both = SchedulingResult({"decode": ProfileRunResult([eps[2]]), "prefill": ProfileRunResult([eps[0]])}, "decode")
+    score(p, eps, cycle=cold)
+    p.pre_request(cold, req(), both)  # the prefill target is recorded too
+    assert list(p._lru) == [eps[1], eps[2], eps[0]]
+    assert plugin("no-hit-lru-scorer", {"lruSize": 0}).size == 1024  # <= 0: the default, as the reference
 
 
 def test_context_length_aware():

@@ -104,6 +104,9 @@ class PrefixCacheMatchInfo:
 
 PREFIX_MATCH_PRODUCER = ProducerParam("prefixMatchInfoProducerName", APPROX_PREFIX_PRODUCER,
                                       legacy_ref="prefixPluginName")
+# ... for the consumers the reference declares it Required for (the default producer is added)
+PREFIX_MATCH_CONSUMER = ProducerParam("prefixMatchInfoProducerName", APPROX_PREFIX_PRODUCER,
+                                      legacy_ref="prefixPluginName", required=True)
 PREFIX_MATCH_INFO: DataKey[PrefixCacheMatchInfo] = DataKey("prefix-cache-match-info", PrefixCacheMatchInfo).of(
     APPROX_PREFIX_PRODUCER)
 
