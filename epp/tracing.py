@@ -23,10 +23,12 @@ Configuration is the standard OTEL_* environment, with the reference's defaults:
 Spans per request, named as the reference's: "gateway.request" (server kind; parent
 from the incoming traceparent; from the request headers to the end of the response, on
 every path) and its child "gateway.request_orchestration" (the director's routing).
-Attributes, set only on sampled spans: gen_ai.request.model (target model),
-gen_ai.request.id, target_model, request_prio (the reference's keys) and this picker's
-llm_d.epp.* keys (ATTR_* below), and per-plugin time as
-llm_d.epp.plugin.<ExtensionPoint>.<plugin name>.duration_ms (summed over a cycle).
+Attributes, set only on sampled spans: on the request span gen_ai.request.model (target
+model), gen_ai.request.id, target_model, request_prio (the reference's keys), this picker's
+llm_d.epp.* keys (ATTR_* below) and per-plugin time as
+llm_d.epp.plugin.<ExtensionPoint>.<plugin name>.duration_ms (summed over the cycle); on
+the orchestration span the pick (endpoints, destination, profile, outcome). Failures set
+the error status (and code, dropped reason) on both.
 """
 
 from __future__ import annotations
@@ -181,7 +183,8 @@ class Tracing:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
-        self.propagator = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+        self.baggage = W3CBaggagePropagator()
+        self.propagator = CompositePropagator([TraceContextTextMapPropagator(), self.baggage])
         self.handlers = provider.get_tracer(HANDLERS_SCOPE)
         self.director = provider.get_tracer(DIRECTOR_SCOPE)
         self._set_span = trace.set_span_in_context
@@ -247,25 +250,25 @@ class RequestTrace:
         """The request has its endpoints: attributes, and the trace context for the upstream."""
         times = self._take_times()
         span = self.span
-        self.tracing.propagator.inject(ctx.upstream_headers, context=self.tracing._set_span(span, self.parent))
+        inject(self.tracing, span, self.parent, ctx.upstream_headers)
         if not span.is_recording():
             return
         r, result = ctx.request, ctx.result
-        attrs: dict[str, Any] = {ATTR_OUTCOME: "routed", ATTR_DESTINATION: ctx.destination,
-                                 ATTR_ENDPOINTS: [e.name for e in ctx.targets]}
+        pick: dict[str, Any] = {ATTR_OUTCOME: "routed", ATTR_DESTINATION: ctx.destination,
+                                ATTR_ENDPOINTS: [e.name for e in ctx.targets]}
         if result is not None and result.primary_profile:
-            attrs[ATTR_PROFILE] = result.primary_profile
-        if r is not None:
-            attrs.update(request_attributes(r))
-        if times:
-            for (point, name), seconds in times.items():
-                attrs[PLUGIN_ATTR.format(point, name)] = seconds * 1000.0
-        span.set_attributes(attrs)
+            pick[ATTR_PROFILE] = result.primary_profile
         orch = self.orchestration
-        if orch is not None:
-            orch.set_attributes(attrs)
+        if orch is not None:  # the routing span: the pick; the request span: everything
+            orch.set_attributes(pick)
             orch.end()
             self.orchestration = None
+        if r is not None:
+            pick.update(request_attributes(r))
+        if times:
+            for (point, name), seconds in times.items():
+                pick[PLUGIN_ATTR.format(point, name)] = seconds * 1000.0
+        span.set_attributes(pick)
 
     def failed(self, ctx: RequestContext, error: InferenceError) -> None:
         """The request ends with an immediate response (rejected, dropped, bad request...)."""
@@ -307,6 +310,20 @@ class RequestTrace:
                 if status and status != 200:  # the reference: a non-200 answer is a ModelServerError
                     span.set_status(self.tracing._error("ModelServerError"))
         span.end()
+
+
+def inject(tracing: Tracing, span: Any, parent: Any, headers: dict[str, str]) -> None:
+    """The span's W3C trace context (traceparent, tracestate) written as the trace-context
+    propagator writes it, without its per-call context lookups; baggage (only ever the
+    incoming request's) through the propagator when the request carried a parent context."""
+    sc = span.get_span_context()
+    if not sc.is_valid:
+        return
+    headers["traceparent"] = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
+    if sc.trace_state:
+        headers["tracestate"] = sc.trace_state.to_header()
+    if parent is not None:
+        tracing.baggage.inject(headers, context=parent)
 
 
 def request_attributes(r: Any) -> dict[str, Any]:
