@@ -13,8 +13,9 @@ sends the same requests through each, and reports:
 --transports runs the picker once per ext_proc transport (`epp serve --ext-proc-transport`),
 one after the other in the same run, and labels the rows mode/transport.
 
---tracing off (default: `epp serve --tracing=false`) or on: every request sampled
-(OTEL_TRACES_SAMPLER=always_on) and exported over OTLP/gRPC to a sink in this process.
+--tracing off (default: `epp serve --tracing=false`) or on: requests sampled (every one
+unless OTEL_TRACES_SAMPLER[_ARG] say otherwise) and exported over OTLP/gRPC to a sink in
+this process.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def start_trace_sink():
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    os.environ.update({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-                       "OTEL_TRACES_SAMPLER": "always_on"})
+    os.environ.update({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+    os.environ.setdefault("OTEL_TRACES_SAMPLER", "always_on")  # the caller's OTEL_TRACES_SAMPLER[_ARG] win
     return server
 
 
