@@ -1,11 +1,14 @@
-"""context-length-aware: match requests to endpoints by the label
-`llm-d.ai/context-length-range: "min-max"` (tokens).
+"""context-length-aware (the reference's scheduling/scorer/contextlengthaware/
+context_length_aware.go): match requests to endpoints by the label
+`llm-d.ai/context-length-range: "min-max"` (tokens), against the prompt's token count from
+the token producer (the config loader adds one when none is configured; without a count the
+length is 0).
 
-Score: in range: 0.3 + 0.7 * (w_min + 1) / (w + 1), where w is the endpoint's range width
-and w_min the narrowest in-range width among candidates, so the narrowest range scores 1.0
-and wider ones tend to 0.3 (specialised servers first). Out of range: 0.3 / (1 + d / (w + 1)),
-d = how far the request's length lies outside, in [0, 0.3). No or bad label: 0.5.
-With enableFiltering, endpoints out of range are removed (unlabelled ones are kept)."""
+Score, for a range of width w = max - min: in range, 0.3 + 0.7 * (0.7 / (1 + w / 10000) +
+0.3 * (max - n) / w) (w = 0: 1.0), so narrow ranges with headroom come first; out of range,
+0.3 / (1 + d / 1000), d = how far n lies outside. No label: 0.5; a label that is not
+"min-max" with min <= max: 0.0. With enableFiltering, endpoints out of range or with a bad
+label are removed (unlabelled ones are kept)."""
 
 from __future__ import annotations
 
@@ -13,24 +16,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CONTEXT_LENGTH_RANGE_LABEL, CycleState, Endpoint, InferenceRequest, PluginHandle
+from epp.framework.datakeys import TOKENIZED_PROMPT, TOKENS_CONSUMER
+
+MAX_FALLBACK_SCORE = 0.3
 
 
-def parse_range(text: str | None) -> tuple[int, int] | None:
-    if not text:
+def parse_range(text: str) -> tuple[int, int] | None:
+    """"min-max" -> (min, max); None when malformed or min > max."""
+    parts = text.split("-")
+    if len(parts) != 2:
         return None
-    lo, sep, hi = text.strip().partition("-")
     try:
-        lo_v = int(lo)
-        hi_v = int(hi) if hi.strip() else 2**62
+        lo, hi = int(parts[0].strip()), int(parts[1].strip())
     except ValueError:
         return None
-    if not sep or lo_v < 0 or hi_v < lo_v:
-        return None
-    return lo_v, hi_v
+    return (lo, hi) if lo <= hi else None
 
 
-def request_context_length(request: InferenceRequest) -> int:
-    return request.estimated_prompt_tokens + (request.max_tokens or 0)
+def range_score(n: int, lo: int, hi: int) -> float:
+    if lo <= n <= hi:
+        w = hi - lo
+        if w == 0:
+            return 1.0
+        raw = 0.7 * (1.0 / (1.0 + w / 10000.0)) + 0.3 * ((hi - n) / w)
+        return MAX_FALLBACK_SCORE + raw * (1.0 - MAX_FALLBACK_SCORE)
+    d = n - hi if n > hi else lo - n
+    return MAX_FALLBACK_SCORE / (1.0 + d / 1000.0)
 
 
 @dataclass(slots=True)
@@ -38,10 +49,15 @@ class ContextLengthParams:
     enableFiltering: bool = False
     label: str = CONTEXT_LENGTH_RANGE_LABEL
 
+    def validate(self) -> None:
+        if not self.label:
+            raise ValueError("label: must be specified")
+
 
 class ContextLengthAware:
     type_name = "context-length-aware"
     Params = ContextLengthParams
+    consumes = (TOKENS_CONSUMER,)
 
     def __init__(self, name: str, params: ContextLengthParams | None, handle: PluginHandle) -> None:
         p = params or ContextLengthParams()
@@ -50,31 +66,28 @@ class ContextLengthAware:
         self.label = p.label
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        n = request_context_length(request)
-        ranges = [parse_range(e.labels.get(self.label)) for e in endpoints]
-        in_widths = [hi - lo for r in ranges if r is not None for lo, hi in (r,) if lo <= n <= hi]
-        w_min = min(in_widths, default=0)
+        n = cycle.read(TOKENIZED_PROMPT) or 0
         out = []
-        for r in ranges:
-            if r is None:
+        for e in endpoints:
+            text = e.labels.get(self.label)
+            if text is None:
                 out.append(0.5)
                 continue
-            lo, hi = r
-            w = hi - lo
-            if lo <= n <= hi:
-                out.append(0.3 + 0.7 * (w_min + 1) / (w + 1))
-            else:
-                d = lo - n if n < lo else n - hi
-                out.append(0.3 / (1.0 + d / (w + 1)))
+            r = parse_range(text)
+            out.append(0.0 if r is None else range_score(n, *r))
         return out
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         if not self.filtering:
             return endpoints
-        n = request_context_length(request)
+        n = cycle.read(TOKENIZED_PROMPT) or 0
         kept = []
         for e in endpoints:
-            r = parse_range(e.labels.get(self.label))
-            if r is None or r[0] <= n <= r[1]:
+            text = e.labels.get(self.label)
+            if text is None:
+                kept.append(e)
+                continue
+            r = parse_range(text)
+            if r is not None and r[0] <= n <= r[1]:
                 kept.append(e)
         return kept

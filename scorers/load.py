@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, NamedPlugin, PluginHandle, bounded
+from epp.framework import CycleState, Endpoint, InferenceRequest, NamedPlugin, PluginHandle
 from epp.framework.datakeys import INFLIGHT_LOAD, INFLIGHT_LOAD_CONSUMER, INFLIGHT_LOAD_PRODUCER
 
 _waiting = attrgetter("metrics.waiting_queue_size")
@@ -78,7 +78,7 @@ class TokenLoadScorer:
 
 @dataclass(slots=True)
 class LoadAwareParams:
-    threshold: int = bounded(128, gt=0)
+    threshold: int = 128  # <= 0: the default, as the reference
 
 
 class LoadAwareScorer:
@@ -89,7 +89,8 @@ class LoadAwareScorer:
 
     def __init__(self, name: str, params: LoadAwareParams | None, handle: PluginHandle) -> None:
         self.name = name
-        self.threshold = (params or LoadAwareParams()).threshold
+        threshold = (params or LoadAwareParams()).threshold
+        self.threshold = threshold if threshold > 0 else 128
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         t = self.threshold

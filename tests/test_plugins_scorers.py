@@ -16,7 +16,13 @@ from epp.framework import (
     ResponseInfo,
     SchedulingResult,
 )
-from epp.framework.datakeys import INFLIGHT_LOAD, PREFIX_MATCH_INFO, InFlightLoadInfo, PrefixCacheMatchInfo
+from epp.framework.datakeys import (
+    INFLIGHT_LOAD,
+    PREFIX_MATCH_INFO,
+    TOKENIZED_PROMPT,
+    InFlightLoadInfo,
+    PrefixCacheMatchInfo,
+)
 
 
 def ep(i, labels=None, **metrics):
@@ -86,6 +92,7 @@ def test_load_aware():
     eps = [ep(1, waiting_queue_size=0), ep(2, waiting_queue_size=32), ep(3, waiting_queue_size=500)]
     assert score(plugin("load-aware-scorer"), eps) == [0.5, 0.5 * (1 - 32 / 128), 0.0]
     assert score(plugin("load-aware-scorer", {"threshold": 64}), eps)[1] == pytest.approx(0.25)
+    assert plugin("load-aware-scorer", {"threshold": 0}).threshold == 128  # <= 0: the default, as the reference
 
 
 class _Load:
@@ -177,17 +184,23 @@ def test_no_hit_lru_spreads_cold_requests():
 
 
 def test_context_length_aware():
+    """Reference: scheduling/scorer/contextlengthaware/context_length_aware.go (the token
+    count from the token producer; in range 0.3 + 0.7 * (0.7 / (1 + w/10000) + 0.3 * headroom/w);
+    out of range 0.3 / (1 + d/1000); no label 0.5; a bad label 0.0)."""
     p = plugin("context-length-aware")
     label = "llm-d.ai/context-length-range"
     eps = [ep(1, {label: "0-1000"}), ep(2, {label: "0-8000"}), ep(3, {label: "2000-8000"}), ep(4),
-           ep(5, {label: "junk"})]
-    s = score(p, eps, req(prompt="x" * 2000))  # 500 tokens
-    assert s[0] == pytest.approx(1.0)  # narrowest in range
-    assert 0.3 < s[1] < s[0]
-    assert 0.0 <= s[2] < 0.3  # out of range
-    assert s[3] == 0.5 and s[4] == 0.5
-    assert p.filter(CycleState(), req(prompt="x" * 2000), eps) == eps  # filtering off
+           ep(5, {label: "junk"}), ep(6, {label: "500-500"}), ep(7, {label: "9-3"})]
+    cycle = CycleState()
+    cycle.write(TOKENIZED_PROMPT, 500)
+    s = score(p, eps, cycle=cycle)
+    assert s[0] == pytest.approx(0.3 + 0.7 * (0.7 / 1.1 + 0.3 * 0.5))
+    assert s[1] == pytest.approx(0.3 + 0.7 * (0.7 / 1.8 + 0.3 * 7500 / 8000))
+    assert s[2] == pytest.approx(0.3 / 2.5)  # 1500 tokens below the range
+    assert s[3:] == [0.5, 0.0, 1.0, 0.0]  # no label, junk, exact fit, min > max
+    assert score(p, eps[:1]) == [pytest.approx(0.3 + 0.7 * (0.7 / 1.1 + 0.3))]  # no token count: 0
+    assert p.filter(cycle, req(), eps) == eps  # filtering off
     f = plugin("context-length-aware", {"enableFiltering": True})
-    assert f.filter(CycleState(), req(prompt="x" * 2000), eps) == [eps[0], eps[1], eps[3], eps[4]]
-    # max_tokens counts towards the context
-    assert f.filter(CycleState(), req(prompt="x" * 2000, max_tokens=1600), eps)[:2] == [eps[1], eps[2]]
+    assert f.filter(cycle, req(), eps) == [eps[0], eps[1], eps[3], eps[5]]  # bad labels go too
+    with pytest.raises(ValueError, match="label: must be specified"):
+        plugin("context-length-aware", {"label": ""})
