@@ -9,7 +9,7 @@ import sys
 
 import orjson
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
@@ -259,3 +259,21 @@ def test_init_builds_a_bounded_batch_processor():
         assert processor._batch_processor._max_queue_size == tracing.MAX_QUEUE_SIZE
     finally:
         t.shutdown()
+
+
+async def test_explain_makes_no_span():
+    started: list[str] = []
+
+    class Starts(SpanProcessor):
+        def on_start(self, span, parent_context=None) -> None:
+            started.append(span.name)
+
+    t, exporter = traced()
+    t.provider.add_span_processor(Starts())
+    d = director(t)
+    result = d.explain({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+                       orjson.dumps({"model": "m", "prompt": "hello"}))
+    assert result.targets  # it did pick
+    assert started == [] and t.collecting is None
+    await serve(d, {})  # while a routed request does start its spans
+    assert started == ["gateway.request", "gateway.request_orchestration"]

@@ -121,7 +121,7 @@ class Director:
         self.tracing = tracing  # None: off (the scheduling cycle's observer is the caller's to wrap)
 
     # ------------------------------------------------------------------ request phase
-    def new_context(self, headers: dict[str, str]) -> RequestContext:
+    def new_context(self, headers: dict[str, str], traced: bool = True) -> RequestContext:
         ctx = RequestContext(headers=headers, start=self.clock())
         rid = headers.get(REQUEST_ID_HEADER)
         if not rid:
@@ -132,7 +132,7 @@ class Director:
         # accounting keys on an id the picker hands out.
         ctx.request_id = clean(rid)
         ctx.key = f"{next(self._ids)}"
-        if self.tracing is not None:
+        if traced and self.tracing is not None:  # explain (traced=False) makes no span
             ctx.trace = self.tracing.start(headers)
         return ctx
 
@@ -342,7 +342,7 @@ class Director:
     def explain(self, headers: Mapping[str, str], body: bytes) -> ExplainResult:
         """What the picker would do with this request (parse, rewrite, objective, one
         scheduling cycle with a trace) without side effects on the pool or the plugins."""
-        ctx = self.new_context({k.lower(): v for k, v in headers.items()})
+        ctx = self.new_context({k.lower(): v for k, v in headers.items()}, traced=False)
         request = self.prepare(ctx, body)
         candidates = self.reachable(self.datastore.endpoints())
         trace = SchedulingTrace()
