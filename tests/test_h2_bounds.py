@@ -23,8 +23,10 @@ from test_h2grpc import (
     END_STREAM,
     GOAWAY,
     HEADERS,
+    PADDED,
     PING,
     PRIORITY,
+    PRIORITY_FLAG,
     PUSH_PROMISE,
     RST_STREAM,
     SETTINGS,
@@ -183,6 +185,18 @@ CONNECTION_ERRORS = {
     "GOAWAY on a stream": (lambda c: c.send(frame(GOAWAY, 0, 1, U32.pack(0) + U32.pack(0))), PROTOCOL_ERROR),
     "PRIORITY on stream 0": (lambda c: c.send(frame(PRIORITY, 0, 0, b"\x00" * 5)), PROTOCOL_ERROR),
     "HPACK index out of range": (lambda c: c.send(frame(HEADERS, END_HEADERS, 1, b"\xff\x7f")), COMPRESSION_ERROR),
+    "DATA padding longer than the frame": (lambda c: (_open(c, 1), c.send(frame(DATA, PADDED, 1, b"\x05abc"))),
+                                           PROTOCOL_ERROR),
+    "HEADERS padding longer than the block": (lambda c: c.send(frame(HEADERS, END_HEADERS | PADDED, 1,
+                                                                     b"\x50" + request_block()[:20])), PROTOCOL_ERROR),
+    "HEADERS priority fields cut short": (lambda c: c.send(frame(HEADERS, END_HEADERS | PRIORITY_FLAG, 1, b"\x00\x00")),
+                                          FRAME_SIZE_ERROR),
+    "bad SETTINGS_ENABLE_PUSH": (lambda c: c.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 2, 2))), PROTOCOL_ERROR),
+    "WINDOW_UPDATE of 3 bytes": (lambda c: c.send(frame(WINDOW_UPDATE, 0, 0, b"\x00" * 3)), FRAME_SIZE_ERROR),
+    "a stream window pushed over 2^31-1 by SETTINGS": (lambda c: (
+        c.open_stream(1, headers_msg()),
+        c.send(frame(WINDOW_UPDATE, 0, 1, U32.pack(0x7FFFFFFF - 65535))),
+        c.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 65536)))), FLOW_CONTROL_ERROR),
 }
 
 
