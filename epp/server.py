@@ -39,6 +39,7 @@ from epp.netaddr import join_hostport
 from epp.options import API_PORT_OFFSET, FLAG_BY_NAME, METRIC_FLAGS, Options, parse_args
 from epp.requestcontrol.director import Director
 from epp.telemetry import Telemetry
+from epp.tracing import TracingError
 from epp.tracing import init as init_tracing
 from epp.tracing import observer as tracing_observer
 
@@ -78,7 +79,10 @@ class PickerServer:
         self.datastore = Datastore()
         self.telemetry = Telemetry(registry, max_model_labels=options.metrics_max_model_labels,
                                    grpc_stream_metrics=getattr(options, "enable_grpc_stream_metrics", False))
-        self.tracing = init_tracing(options.tracing)  # None: --tracing=false or no OpenTelemetry SDK
+        try:
+            self.tracing = init_tracing(options.tracing)  # None: --tracing=false or no OpenTelemetry SDK
+        except TracingError as e:
+            raise StartupError(str(e)) from None
         try:
             self.pipeline = load_plugin_set(read_config_text(options),
                                             PluginHandle(metrics=PluginMetrics(self.telemetry.registry)),

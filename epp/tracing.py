@@ -72,6 +72,10 @@ PLUGIN_ATTR = "llm_d.epp.plugin.{}.{}.duration_ms"
 _unavailable_logged = False
 
 
+class TracingError(ValueError):
+    """The OTEL_* environment asks for an exporter that cannot be built (start-up error)."""
+
+
 def init(enabled: bool, env: Mapping[str, str] | None = None) -> Tracing | None:
     """The tracing of one picker (None when off or the SDK is missing)."""
     global _unavailable_logged
@@ -89,7 +93,12 @@ def init(enabled: bool, env: Mapping[str, str] | None = None) -> Tracing | None:
     env = os.environ if env is None else env
     provider = TracerProvider(sampler=sampler_from_env(env), resource=resource_from_env(env),
                               shutdown_on_exit=False)
-    exporter = exporter_from_env(env)
+    try:
+        exporter = exporter_from_env(env)
+    except Exception as e:  # noqa: BLE001 - the SDK raises what its env parsing raises
+        named = ", ".join(sorted(k for k in env if k.startswith("OTEL_EXPORTER_OTLP")))[:300]
+        raise TracingError(f"--tracing: cannot build the trace exporter from the OTEL_* environment "
+                           f"({named or 'OTEL_TRACES_EXPORTER'}): {type(e).__name__}: {str(e)[:200]}") from None
     if exporter is not None:
         queue = _int(env.get("OTEL_BSP_MAX_QUEUE_SIZE"), MAX_QUEUE_SIZE)
         batch = min(_int(env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), MAX_EXPORT_BATCH_SIZE), queue)

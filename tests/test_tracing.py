@@ -277,3 +277,14 @@ async def test_explain_makes_no_span():
     assert started == [] and t.collecting is None
     await serve(d, {})  # while a routed request does start its spans
     assert started == ["gateway.request", "gateway.request_orchestration"]
+
+
+@pytest.mark.parametrize("env", [{"OTEL_EXPORTER_OTLP_TIMEOUT": "x"}, {"OTEL_EXPORTER_OTLP_COMPRESSION": "zzz"}])
+def test_an_unbuildable_exporter_stops_start_up_with_one_line(env, monkeypatch):
+    from epp.options import parse_args
+    from epp.server import PickerServer, StartupError
+
+    for key, value in {"OTEL_TRACES_EXPORTER": "otlp", **env}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(StartupError, match=r"^--tracing: cannot build the trace exporter .*OTEL_EXPORTER_OTLP"):
+        PickerServer(parse_args(["--endpoints=127.0.0.1:1"]))
