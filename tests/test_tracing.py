@@ -3,6 +3,7 @@ error status on failures, the OTEL_* configuration, and nothing at all when off.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -288,3 +289,89 @@ def test_an_unbuildable_exporter_stops_start_up_with_one_line(env, monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(StartupError, match=r"^--tracing: cannot build the trace exporter .*OTEL_EXPORTER_OTLP"):
         PickerServer(parse_args(["--endpoints=127.0.0.1:1"]))
+
+
+# ------------------------------------------------------------------ through the ext_proc stream (both transports)
+@pytest.fixture(params=["grpcio", "native"])
+def traced_harness(request):
+    from tests.test_extproc_protocol import Harness
+
+    class TracedHarness(Harness):
+        transport = request.param
+
+        def __init__(self) -> None:
+            super().__init__()
+            from epp.handlers.stream import ExtProcHandler
+
+            self.tracing, self.exporter = traced()
+            self.pipeline.observe = self.tracing.observer(self.pipeline.observe)
+            self.director = Director(self.datastore, self.pipeline, admission=self.admission,
+                                     telemetry=self.telemetry, tracing=self.tracing)
+            self.ext_proc = ExtProcHandler(self.director)
+
+        async def request_span(self):
+            for _ in range(500):  # the server side sees the cancel a moment after the client
+                done = [s for s in self.exporter.get_finished_spans() if s.name == "gateway.request"]
+                if done:
+                    return done[0]
+                await asyncio.sleep(0.01)
+            raise AssertionError("the request span never ended")
+
+    return TracedHarness
+
+
+async def test_routing_reply_carries_traceparent_and_a_full_exchange_completes(traced_harness):
+    from tests.test_extproc_protocol import (
+        body_msg,
+        completion,
+        headers_msg,
+        read,
+        response_body_msg,
+        response_headers_msg,
+        set_headers,
+    )
+
+    async with traced_harness() as h:
+        call = h.stream()
+        await call.write(headers_msg(extra={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}))
+        await call.write(body_msg(completion(), True))
+        reply, _ = await read(call, 2)
+        up = set_headers(reply.request_headers.response)
+        await call.write(response_headers_msg())
+        await call.write(response_body_msg(b'{"model": "m1"}', True))
+        await read(call, 2)
+        await call.done_writing()
+        span = await h.request_span()
+        assert parent_of(up["traceparent"]) == (TRACE_ID, ids(span)[1], True)
+        assert span.attributes[tracing.ATTR_OUTCOME] == "completed"
+        assert span.attributes[tracing.ATTR_DESTINATION] == up["x-gateway-destination-endpoint"]
+
+
+@pytest.mark.parametrize("phase", ["body", "response_body"])
+async def test_a_cancelled_stream_ends_the_span(traced_harness, phase):
+    from tests.test_extproc_protocol import (
+        BUFFERED,
+        body_msg,
+        completion,
+        headers_msg,
+        read,
+        response_headers_msg,
+    )
+
+    async with traced_harness() as h:
+        call = h.stream()
+        if phase == "body":  # buffered: the headers' reply tells the picker has the request
+            await call.write(headers_msg(BUFFERED))
+            await read(call, 1)
+        else:
+            await call.write(headers_msg())
+        await call.write(body_msg(completion(), phase != "body"))
+        if phase == "response_body":
+            await read(call, 2)
+            await call.write(response_headers_msg())
+            await read(call, 1)
+        call.cancel()
+        span = await h.request_span()
+        assert span.attributes[tracing.ATTR_OUTCOME] == "cancelled"
+        assert (tracing.ATTR_DESTINATION in span.attributes) == (phase == "response_body")
+        await h.assert_released()
