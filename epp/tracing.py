@@ -68,6 +68,8 @@ ATTR_ERROR_CODE = "llm_d.epp.error.code"  # the error code of an immediate respo
 ATTR_DROPPED_REASON = "llm_d.epp.request.dropped_reason"  # as x-llm-d-request-dropped-reason
 ATTR_STATUS = "http.response.status_code"
 PLUGIN_ATTR = "llm_d.epp.plugin.{}.{}.duration_ms"
+CLIENT_INPUT_LOGGERS = ("opentelemetry.baggage.propagation", "opentelemetry.trace.span",
+                        "opentelemetry.trace.propagation.tracecontext")
 
 _unavailable_logged = False
 
@@ -192,6 +194,11 @@ class Tracing:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
+        # The SDK's propagators log malformed or oversized client headers at WARNING, echoing
+        # them (a baggage header of any length in full): client input is not the operator's
+        # problem, and the reference's propagators drop it silently, so these do too.
+        for name in CLIENT_INPUT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.baggage = W3CBaggagePropagator()
         self.propagator = CompositePropagator([TraceContextTextMapPropagator(), self.baggage])
         self.handlers = provider.get_tracer(HANDLERS_SCOPE)

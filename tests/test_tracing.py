@@ -375,3 +375,20 @@ async def test_a_cancelled_stream_ends_the_span(traced_harness, phase):
         assert span.attributes[tracing.ATTR_OUTCOME] == "cancelled"
         assert (tracing.ATTR_DESTINATION in span.attributes) == (phase == "response_body")
         await h.assert_released()
+
+
+async def test_hostile_trace_headers_are_dropped_without_echoing_them_to_the_log(caplog):
+    t, exporter = traced()
+    d = director(t)
+    huge = ",".join(f"k{i}=v{i}" for i in range(5000))
+    hostile = [{"tracestate": huge, "baggage": huge},
+               {"tracestate": "a=" + "x" * 300, "baggage": "k=" + "v" * 5000},
+               {"tracestate": ",".join(f"k{i}=v" for i in range(40)), "baggage": "bad entry,\u00e9=x"}]
+    with caplog.at_level(logging.DEBUG):
+        for extra in hostile:
+            ctx = await serve(d, {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", **extra})
+            assert parent_of(ctx.upstream_headers["traceparent"])[0] == TRACE_ID  # the valid part still counts
+            assert len(ctx.upstream_headers.get("tracestate", "")) <= 8192
+            assert len(ctx.upstream_headers.get("baggage", "")) <= 8192
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry") and r.levelno >= logging.WARNING]
+    assert sum(len(r.getMessage()) for r in caplog.records) < 20000
