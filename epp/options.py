@@ -309,7 +309,7 @@ def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     sources = [bool(ns.pool_name), bool(ns.endpoint_selector), bool(ns.endpoints or ns.endpoints_file)]
     if sum(sources) > 1:
         parser.error("use exactly one of --pool-name, --endpoint-selector, --endpoints/--endpoints-file")
-    if sum(sources) == 0:
+    if sum(sources) == 0 and not (ns.config_file or ns.config_text):  # a config may name dataLayer.discovery
         parser.error("no endpoint source: give --pool-name, --endpoint-selector, or --endpoints/--endpoints-file")
     if ns.endpoints and ns.endpoints_file:
         parser.error("--endpoints and --endpoints-file are mutually exclusive")

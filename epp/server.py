@@ -146,7 +146,7 @@ class PickerServer:
 
     async def _start_sources(self) -> None:
         o = self.options
-        from epp.datalayer.collector import MetricsCollector
+        from epp.datalayer.runtime import DataLayer, ScrapeDefaults
         from epp.datalayer.specs import specs_from_config
 
         try:
@@ -154,7 +154,23 @@ class PickerServer:
         except ValueError as e:
             raise StartupError(f"config error: {e}") from None
         specs = apply_metric_flags(specs, o.engine_metric_flags)
-        if o.pool_name or o.endpoint_selector:
+        # dataLayer: every configured source with its extractors (the config adds the reference's
+        # default metrics source); the flags and engineMetrics set what a default source leaves open
+        layer = DataLayer(self.datastore, base_interval=o.refresh_metrics_interval, scrape_defaults=ScrapeDefaults(
+            specs=specs, path=o.model_server_metrics_path, port=o.model_server_metrics_port, ssl=scrape_tls(o)))
+        configured = self.pipeline.discovery  # dataLayer.discovery wins over the pool flags, as in the reference
+        try:
+            for i, (source, extractors) in enumerate(self.pipeline.data_sources):
+                layer.bind(source, extractors, where=f"dataLayer.sources[{i}]")
+            layer.check_kubernetes(configured is None and bool(o.pool_name or o.endpoint_selector))
+        except ValueError as e:
+            raise StartupError(f"config error: {e}") from None
+        if not self.pipeline.data_sources and self.pipeline.config.data_layer.inject_defaults:
+            layer.add_metrics(specs=specs, port_override=o.model_server_metrics_port,
+                              path=o.model_server_metrics_path, ssl=scrape_tls(o))  # no data-layer plugin types
+        if configured is not None:
+            self.discovery = configured.discovery(self.datastore)
+        elif o.pool_name or o.endpoint_selector:
             from epp.discovery.kubernetes import KubernetesDiscovery
 
             if o.ha_enable_leader_election:
@@ -167,16 +183,19 @@ class PickerServer:
         else:
             from epp.discovery.static import StaticDiscovery
 
+            if not (o.endpoints or o.endpoints_file):
+                raise StartupError("no endpoint source: give --pool-name, --endpoint-selector, "
+                                   "--endpoints/--endpoints-file, or a dataLayer.discovery plugin in the config")
             self.discovery = StaticDiscovery(self.datastore, endpoints=o.endpoints, file=o.endpoints_file)
         try:
             await self.discovery.start()
+            if layer.notifications:  # k8s-notification-sources watch with Kubernetes discovery's client
+                await layer.start_notifications(self.discovery.api, self.discovery.namespace)
         except ValueError as e:
             raise StartupError(str(e)) from None
-        self.collector = MetricsCollector(self.datastore, interval=o.refresh_metrics_interval, specs=specs,
-                                          port_override=o.model_server_metrics_port,
-                                          path=o.model_server_metrics_path, ssl=scrape_tls(o))
-        self.collector.on_error = self.telemetry.datalayer_error
-        await self.collector.start()
+        self.collector = layer
+        layer.on_error(self.telemetry.datalayer_error)
+        await layer.start()
 
     async def _start_grpc(self) -> None:
         o = self.options

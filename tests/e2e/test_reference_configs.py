@@ -104,3 +104,48 @@ def test_payload_agnostic_with_its_chart_flags_refuses_the_alpha_scorer_as_the_r
         picker(endpoints=module_sim_servers.hostports, extra_flags=flags)
     assert "plugins[2].type: plugin 'session-affinity-scorer' (type: 'session-affinity-scorer') has Alpha " \
            "stability level, but command line flag --allow-experimental-plugins is not set" in str(e.value)
+
+
+def test_data_layer_discovery_and_sources_are_wired_into_serve(module_sim_servers, picker, envoy, e2e_logs):
+    """dataLayer.discovery replaces the endpoint flags (file-discovery, no --endpoints given);
+    a configured metrics source polls with its own parameters: a path the simulator does
+    not serve shows up as the reference's poll-error counter of that source type."""
+    sims = module_sim_servers
+    path = e2e_logs.dir / "endpoints.yaml"
+    path.write_text(json.dumps({"endpoints": [
+        {"name": f"sim-{hp.rsplit(':', 1)[1]}", "namespace": "ns", "address": "127.0.0.1",
+         "port": int(hp.rsplit(":", 1)[1])} for hp in sims.hostports]}))
+    config = f"""
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- {{type: file-discovery, parameters: {{path: {path}}}}}
+- {{name: scrape, type: metrics-data-source, parameters: {{path: /not-metrics}}}}
+- type: core-metrics-extractor
+- type: queue-scorer
+dataLayer:
+  injectDefaults: false
+  discovery: {{pluginRef: file-discovery}}
+  sources: [{{pluginRef: scrape, extractors: [{{pluginRef: core-metrics-extractor}}]}}]
+"""
+    p = picker(config_text=config)
+    env = envoy("full-duplex", p)
+    status, _, body = post(f"{env.url}/v1/completions", {"model": "m1", "prompt": "via file discovery",
+                                                         "max_tokens": 2})
+    assert status == 200, body
+    wait_until(lambda: metric_sum(p.metrics(), "llm_d_epp_datalayer_poll_errors_total",
+                                  source_type="metrics-data-source") >= 3, 10, "failed polls of /not-metrics")
+
+
+def test_without_flags_or_config_discovery_there_is_no_endpoint_source():
+    import subprocess
+    import sys
+
+    from devstack.launch import free_port
+
+    argv = [sys.executable, "-m", "epp.cli", "serve", "--bind-address", "127.0.0.1", f"--grpc-port={free_port()}",
+            f"--grpc-health-port={free_port()}", "--metrics-port=0", "--config-text", "plugins: [{type: queue-scorer}]"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("epp serve: no endpoint source: give --pool-name")
+    assert "a dataLayer.discovery plugin in the config" in r.stderr
