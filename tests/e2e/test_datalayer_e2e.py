@@ -58,8 +58,6 @@ def lora_scores(p: Picker, model: str) -> dict[str, float]:
     return {}
 
 
-@pytest.mark.xfail(strict=True, reason="epp serve does not run dataLayer sources yet: epp/server.py must bind "
-                   "pipeline.data_sources into epp.datalayer.runtime.DataLayer (issue 10 wiring, not yet landed)")
 def test_adapter_listed_only_by_v1_models_attracts_its_requests(sim_servers, picker, envoy):
     knows = sim_servers(1, model="base", time_scale=20, max_loras=1)
     other = sim_servers(1, model="base", time_scale=20, max_loras=1)
@@ -114,8 +112,6 @@ def endpoints_yaml(hostports: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.xfail(strict=True, reason="epp serve does not start dataLayer.discovery yet: epp/server.py must use "
-                   "pipeline.discovery.discovery(datastore) instead of the flags (issue 10 wiring, not yet landed)")
 def test_file_discovery_is_the_endpoint_source_and_edits_apply(sim_servers, picker, envoy, tmp_path):
     sims = sim_servers(2, model="m1", time_scale=20)
     path = tmp_path / "endpoints.yaml"
