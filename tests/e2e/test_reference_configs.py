@@ -91,6 +91,8 @@ def test_fixture_starts_unchanged_and_routes_through_envoy(fixture, chart, varia
     assert status == 200, body
     assert json.loads(body)["choices"], body
     wait_until(lambda: sum(sims.served("m1")) >= before + 1, 10, "a simulator server to count the request")
+    if fixture == "gie-v1.5-chart-default.yaml":  # the old group is read, and said once to be deprecated
+        assert p.log().count("DEPRECATION: apiVersion inference.networking.x-k8s.io/v1alpha1") == 1
     # the passthrough parser reads no model from the body, so its requests count under no model name
     labels = {} if fixture == "llm-d-router-chart-payload-agnostic.yaml" else {"model_name": "m1"}
     assert metric_sum(p.metrics(), "inference_objective_request_total", **labels) >= 1
