@@ -38,6 +38,9 @@ BUILTINS: dict[str, str] = {
     "prefix-cache-affinity-filter": "filters.prefix_affinity:PrefixCacheAffinityFilter",
     "header-based-testing-filter": "filters.conformance:HeaderBasedTestingFilter",
     "destination-endpoint-served-verifier": "filters.conformance:DestinationEndpointServedVerifier",
+    "session-affinity-filter": "filters.session_affinity:SessionAffinityFilter",
+    "multicluster-session-affinity-filter": "filters.session_affinity:MultiClusterSessionAffinityFilter",
+    "utilization-filter": "filters.utilization:UtilizationFilter",
     # scorers
     "queue-scorer": "scorers.load:QueueScorer",
     "running-requests-size-scorer": "scorers.load:RunningRequestsSizeScorer",
@@ -50,6 +53,7 @@ BUILTINS: dict[str, str] = {
     "prefix-cache-scorer": "scorers.prefix:PrefixCacheScorer",
     "no-hit-lru-scorer": "scorers.no_hit_lru:NoHitLRUScorer",
     "context-length-aware": "scorers.context_length:ContextLengthAware",  # a scorer that can also filter
+    "header-label-affinity-scorer": "scorers.header_label_affinity:HeaderLabelAffinityScorer",
     # pickers
     "max-score-picker": "epp.scheduling.pickers:MaxScorePicker",
     "random-picker": "epp.scheduling.pickers:RandomPicker",
@@ -114,8 +118,7 @@ FUTURE: dict[str, str] = {
                      "static-usage-limit-policy", "sheddable-eviction-filter",
                      "priority-then-time-eviction-order-policy", "priority-holdback-policy",
                      "soft-reflective-ceiling-policy", "concurrency-detector", "probabilistic-admitter"), _FC),
-    **dict.fromkeys(("session-affinity-filter", "endpoint-attribute-filter", "endpoint-attribute-scorer",
-                     "utilization-filter", "header-label-affinity-scorer"), _SCHED),
+    **dict.fromkeys(("endpoint-attribute-filter", "endpoint-attribute-scorer"), _SCHED),
     **dict.fromkeys(("precise-prefix-cache-scorer", "precise-prefix-cache-producer", "mm-embeddings-cache-scorer",
                      "mm-embeddings-cache-producer"), _PRECISE),
     **dict.fromkeys(("predicted-latency-producer", "latency-slo-admitter", "slo-headroom-tier-filter",
@@ -130,7 +133,9 @@ FUTURE_PARAMS: dict[str, dict[str, tuple[str, tuple[object, ...]]]] = {
 }
 
 # The stability column of BUILTINS: the rows the reference registers as Alpha (the rest are Beta).
-ALPHA_TYPES: frozenset[str] = frozenset({"session-affinity-scorer"})
+ALPHA_TYPES: frozenset[str] = frozenset({"session-affinity-scorer", "session-affinity-filter",
+                                         "multicluster-session-affinity-filter", "utilization-filter",
+                                         "header-label-affinity-scorer"})
 
 _loaded: dict[str, type] = {}
 
