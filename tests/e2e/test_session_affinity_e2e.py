@@ -1,0 +1,98 @@
+"""session-affinity-filter (strategy session_id) through the real Envoy in front of
+`epp serve` and real `epp sim` servers: requests with the same x-session-id stick to one
+server while different sessions spread. The profile's only scorer is active-request-scorer:
+the sessions' first (long) requests are sent one at a time, each once the previous is in
+flight, so they spread by in-flight count (one per server); the follow-ups are sent when
+nothing is in flight, so every server ties and, without the filter, each would land at
+random (all of a session's five follow-ups on its first server: 3^-5 per session). Every
+landing is counted by the servers themselves; synchronisation by polling, never sleeping."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from devstack.launch import wait_until
+from proto import epp_api_pb2 as pb
+from proto import epp_api_pb2_grpc as pb_grpc
+from tests.e2e.conftest import SimServers, metric_sum, post
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CONFIG = """\
+plugins:
+- type: session-affinity-filter
+  parameters: {strategy: session_id}
+- type: active-request-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: session-affinity-filter
+  - pluginRef: active-request-scorer
+  - pluginRef: max-score-picker
+"""
+SERVERS, FOLLOW_UPS = 3, 5
+SUCCESS = "vllm:request_success_total"
+
+
+def in_flight(grpc_port: int) -> dict[str, int]:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        resp = pb_grpc.EndpointPickerStub(ch).ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
+    return {f"{e.address}:{e.port}": e.in_flight_requests for e in resp.endpoints}
+
+
+def served(sims: SimServers) -> list[float]:
+    return [metric_sum(sims.metrics(i), SUCCESS) for i in range(sims.n)]
+
+
+def landing(sims: SimServers, url: str, session: str, prompt: str) -> int:
+    """Send one short request of `session`; the index of the server that counted it."""
+    before = served(sims)
+    status, headers, _ = post(url, {"model": "m1", "prompt": prompt, "max_tokens": 2},
+                              headers={"x-session-id": session})
+    assert status == 200
+    assert "x-session-token" not in headers  # session_id writes nothing back
+    after: list[float] = []
+
+    def counted() -> bool:
+        after[:] = served(sims)
+        return sum(after) - sum(before) == 1
+
+    wait_until(counted, 20, "the request counted by a server", interval=0.02)
+    return next(i for i in range(sims.n) if after[i] - before[i] == 1)
+
+
+def test_same_session_sticks_different_sessions_spread(sim_servers, picker, envoy):
+    sims = sim_servers(SERVERS, time_scale=1.0)
+    p = picker(endpoints=sims.hostports, config_text=CONFIG, extra_flags=["--allow-experimental-plugins"])
+    env = envoy("full-duplex", p)
+    url = f"{env.url}/v1/completions"
+    sessions = [f"session-{k}" for k in range(SERVERS)]
+    statuses: list[int] = []
+    threads = []
+    for k, sid in enumerate(sessions):
+        body = {"model": "m1", "prompt": f"first turn of {sid}", "max_tokens": 400}
+        t = threading.Thread(target=lambda b=body, s=sid: statuses.append(
+            post(url, b, headers={"x-session-id": s}, timeout=60)[0]))
+        t.start()
+        threads.append(t)
+        wait_until(lambda n=k + 1: sum(in_flight(p.grpc_port).values()) == n, 20, f"session {k} in flight",
+                   interval=0.02)
+    assert sorted(in_flight(p.grpc_port).values()) == [1] * SERVERS  # spread one per server
+    for t in threads:
+        t.join(60)
+    assert statuses == [200] * SERVERS
+    wait_until(lambda: sum(in_flight(p.grpc_port).values()) == 0, 20, "nothing in flight", interval=0.05)
+
+    where: dict[str, list[int]] = {sid: [] for sid in sessions}
+    for turn in range(FOLLOW_UPS):
+        for sid in sessions:
+            where[sid].append(landing(sims, url, sid, f"turn {turn} of {sid}"))
+    for sid, servers in where.items():
+        assert len(set(servers)) == 1, (sid, servers)  # sticks
+    assert len({servers[0] for servers in where.values()}) == SERVERS, where  # different sessions spread
+    # a request with no session id is not pinned: it still routes
+    assert post(url, {"model": "m1", "prompt": "no session", "max_tokens": 2})[0] == 200
