@@ -58,11 +58,17 @@ class _RoleFilter(NamedPlugin):
 
 class DecodeFilter(_RoleFilter):
     type_name = "decode-filter"
-    roles = frozenset({"decode", "prefill-decode", "both"})
+    roles = frozenset({"decode", "prefill-decode", "both", "encode-prefill-decode"})
     keep_unlabeled = True
 
 
 class PrefillFilter(_RoleFilter):
     type_name = "prefill-filter"
-    roles = frozenset({"prefill", "prefill-decode", "both"})
+    roles = frozenset({"prefill", "encode-prefill", "prefill-decode", "both", "encode-prefill-decode"})
+    keep_unlabeled = False
+
+
+class EncodeFilter(_RoleFilter):
+    type_name = "encode-filter"
+    roles = frozenset({"encode", "encode-prefill", "encode-prefill-decode"})
     keep_unlabeled = False

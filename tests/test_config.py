@@ -224,7 +224,8 @@ plugins:
     names = [p.name for p in cfg.plugins]
     # the filter reads in-flight load (maxTTFTPenaltyMs): its producer and the token count it needs
     # are added as the reference adds default producers; producers run after those they read
-    assert names[:8] == ["token-producer", "approx-prefix-cache-producer", "inflight-load-producer",
+    # (the decider reads the token count too: token-producer comes in for it, after the prefix producer)
+    assert names[:8] == ["approx-prefix-cache-producer", "token-producer", "inflight-load-producer",
                          "prefix-cache-affinity-filter", "p1", "approx-prefix-cache-producer-2", "p2", "p3"]
     assert cfg.plugin("approx-prefix-cache-producer").parameters == {}
     assert cfg.plugin("approx-prefix-cache-producer-2").parameters == {"blockSize": 64, "autoTune": False,

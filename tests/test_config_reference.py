@@ -95,7 +95,6 @@ def test_optimized_baseline_loads():
 
 
 @pytest.mark.parametrize("fixture, feature", [
-    ("llm-d-pd-disaggregation.yaml", "plugins[1].parameters.deciders: needs disaggregated serving (issue 11)"),
     ("llm-d-wide-ep-lws.yaml", "'disaggregatedset-rollout-screener' needs disaggregated serving (issue 11)"),
     ("llm-d-precise-prefix-cache.yaml",
      "'precise-prefix-cache-producer' needs precise prefix-cache routing (issue 12)"),
@@ -442,7 +441,7 @@ def test_alpha_plugins_need_allow_experimental_plugins():
 @pytest.mark.parametrize("ptype, feature", [
     ("precise-prefix-cache-scorer", "precise prefix-cache routing (issue 12)"),
     ("latency-scorer", "latency-aware routing (issue 13)"),
-    ("encode-filter", "disaggregated serving (issue 11)"),
+    ("disaggregatedset-rollout-screener", "disaggregated serving (issue 11)"),
     ("round-robin-fairness-policy", "flow-control policies (issue 11)"),
     ("endpoint-attribute-filter", "the remaining scheduling plugins (issue 11)"),
 ])
@@ -457,7 +456,8 @@ def test_parameters_of_other_issues_refused_unless_they_mean_what_is_built():
         assert "maxTTFTPenaltyMs" not in cfg.plugin("prefix-cache-affinity-filter").parameters
         assert "plugins[0].parameters.maxTTFTPenaltyMs: needs the remaining scheduling plugins (issue 11)" in errmsg(
             "plugins: [{type: prefix-cache-affinity-filter, parameters: {maxTTFTPenaltyMs: 5000}}]")
-    assert "plugins[0].parameters.stageOrder: needs disaggregated serving (issue 11)" in errmsg(
+    # disagg-profile-handler's stageOrder is built (tests/test_profiles_disagg.py): checked, not refused
+    assert "plugins[0].parameters.stageOrder: expected a string" in errmsg(
         "plugins: [{type: disagg-profile-handler, parameters: {stageOrder: [prefill, decode]}}]")
 
 

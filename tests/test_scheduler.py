@@ -162,8 +162,8 @@ plugins:
 - type: decode-filter
 - type: prefix-cache-scorer
 - type: queue-scorer
-- type: disagg-profile-handler
 - {type: prefix-based-pd-decider, parameters: {nonCachedTokens: 100}}
+- {type: disagg-profile-handler, parameters: {deciders: {prefill: prefix-based-pd-decider}}}
 schedulingProfiles:
 - name: prefill
   plugins: [{pluginRef: prefill-filter}, {pluginRef: queue-scorer}]
@@ -194,7 +194,8 @@ def test_disagg_long_uncached_prompt_gets_prefill_endpoint():
 
 def test_disagg_always_decider_and_prefill_failure_falls_back():
     text = PD_CONFIG.replace("{type: prefix-based-pd-decider, parameters: {nonCachedTokens: 100}}",
-                             "{type: always-disagg-pd-decider}")
+                             "{type: always-disagg-pd-decider}").replace("prefill: prefix-based-pd-decider",
+                                                                         "prefill: always-disagg-pd-decider")
     p = load_plugin_set(text, handle())
     _, result = p.run_cycle(req(prompt="s" * 10), pd_pool())
     assert result.headers["x-prefiller-host-port"] == "10.0.0.1:8000"
@@ -205,8 +206,9 @@ def test_disagg_always_decider_and_prefill_failure_falls_back():
 def test_disagg_handler_needs_its_profiles():
     from epp.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"plugins\[1\]\.parameters\.prefillProfile: no scheduling profile"):
-        load_plugin_set("plugins: [{type: queue-scorer}, {type: disagg-profile-handler}]\n"
+    with pytest.raises(ConfigError, match=r"plugins\[2\]\.parameters\.prefillProfile: no scheduling profile"):
+        load_plugin_set("plugins: [{type: queue-scorer}, {type: always-disagg-pd-decider}, {type: disagg-profile-handler,"
+                        " parameters: {deciderPluginName: always-disagg-pd-decider}}]\n"
                       "schedulingProfiles: [{name: decode, plugins: [{pluginRef: queue-scorer}]}]", handle())
 
 

@@ -34,6 +34,7 @@ BUILTINS: dict[str, str] = {
     # filters
     "decode-filter": "filters.labels:DecodeFilter",
     "prefill-filter": "filters.labels:PrefillFilter",
+    "encode-filter": "filters.labels:EncodeFilter",
     "label-selector-filter": "filters.labels:LabelSelectorFilter",
     "prefix-cache-affinity-filter": "filters.prefix_affinity:PrefixCacheAffinityFilter",
     "header-based-testing-filter": "filters.conformance:HeaderBasedTestingFilter",
@@ -61,8 +62,11 @@ BUILTINS: dict[str, str] = {
     # profile handlers and their prefill/decode deciders
     "single-profile-handler": "epp.scheduling.profiles.single:SingleProfileHandler",
     "disagg-profile-handler": "epp.scheduling.profiles.disaggregated:DisaggProfileHandler",
-    "prefix-based-pd-decider": "epp.scheduling.profiles.disaggregated:PrefixBasedPDDecider",
-    "always-disagg-pd-decider": "epp.scheduling.profiles.disaggregated:AlwaysDisaggPDDecider",
+    "data-parallel-profile-handler": "epp.scheduling.profiles.data_parallel:DataParallelProfileHandler",
+    "header-profile-handler": "epp.scheduling.profiles.header:HeaderProfileHandler",  # Alpha
+    "prefix-based-pd-decider": "epp.scheduling.profiles.deciders:PrefixBasedPDDecider",
+    "always-disagg-pd-decider": "epp.scheduling.profiles.deciders:AlwaysDisaggPDDecider",
+    "always-disagg-multimodal-decider": "epp.scheduling.profiles.deciders:AlwaysDisaggMultimodalDecider",
     # data producers (requestcontrol)
     "approx-prefix-cache-producer": "epp.requestcontrol.producers.prefix:ApproxPrefixCacheProducer",
     "inflight-load-producer": "epp.requestcontrol.producers.inflight:InFlightLoadProducer",
@@ -111,8 +115,7 @@ _SCHED = "the remaining scheduling plugins (issue 11)"
 _PRECISE = "precise prefix-cache routing (issue 12)"
 _LATENCY = "latency-aware routing (issue 13)"
 FUTURE: dict[str, str] = {
-    **dict.fromkeys(("encode-filter", "data-parallel-profile-handler", "header-profile-handler",
-                     "always-disagg-multimodal-decider", "disaggregatedset-rollout-screener"), _PD),
+    **dict.fromkeys(("disaggregatedset-rollout-screener",), _PD),
     **dict.fromkeys(("global-strict-fairness-policy", "round-robin-fairness-policy", "program-aware-fairness",
                      "fcfs-ordering-policy", "edf-ordering-policy", "slo-deadline-ordering-policy",
                      "static-usage-limit-policy", "sheddable-eviction-filter",
@@ -128,14 +131,12 @@ FUTURE: dict[str, str] = {
 # Parameters of built-in types whose feature another issue builds: type -> parameter ->
 # (feature, the values that mean what is built here, e.g. a penalty of 0 = off). Used only
 # while the type's Params lacks the parameter.
-FUTURE_PARAMS: dict[str, dict[str, tuple[str, tuple[object, ...]]]] = {
-    "disagg-profile-handler": {"deciders": (_PD, ()), "profiles": (_PD, ()), "stageOrder": (_PD, ())},
-}
+FUTURE_PARAMS: dict[str, dict[str, tuple[str, tuple[object, ...]]]] = {}
 
 # The stability column of BUILTINS: the rows the reference registers as Alpha (the rest are Beta).
 ALPHA_TYPES: frozenset[str] = frozenset({"session-affinity-scorer", "session-affinity-filter",
                                          "multicluster-session-affinity-filter", "utilization-filter",
-                                         "header-label-affinity-scorer"})
+                                         "header-label-affinity-scorer", "header-profile-handler"})
 
 _loaded: dict[str, type] = {}
 

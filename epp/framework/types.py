@@ -15,6 +15,11 @@ T = TypeVar("T")
 ENGINE_TYPE_LABEL = "inference.networking.k8s.io/engine-type"
 ROLE_LABEL = "llm-d.ai/role"
 CONTEXT_LENGTH_RANGE_LABEL = "llm-d.ai/context-length-range"
+# Upstream headers profile handlers set for the decode side's routing sidecar (reference
+# pkg/common/routing/common.go): host:port, IPv6 bracketed; the encoders' a comma list.
+PREFILLER_HEADER = "x-prefiller-host-port"
+ENCODERS_HEADER = "x-encoder-hosts-ports"
+DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
 
 
 # --------------------------------------------------------------------------- endpoints

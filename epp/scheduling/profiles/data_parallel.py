@@ -1,0 +1,67 @@
+"""data-parallel-profile-handler (reference pkg/epp/framework/plugins/scheduling/
+profilehandler/dataparallel/dp_profile_handler.go): one profile picks a data-parallel
+rank's endpoint; the request goes to the same pod's primary port, and the rank's
+host:port rides along in `x-data-parallel-host-port` for the pod's routing sidecar.
+The reference deprecates it (a single-profile handler with Istio >= 1.28.1 does the same)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from epp.framework import (
+    CycleState,
+    InferenceRequest,
+    PluginHandle,
+    ProfileRunResult,
+    SchedulerProfile,
+    SchedulingResult,
+    bounded,
+)
+from epp.framework.types import DATA_PARALLEL_HEADER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class DataParallelParams:
+    primaryPort: int = bounded(8000, ge=0, le=65535)  # the reference: 0 is accepted as is
+
+
+class DataParallelProfileHandler:
+    """Exactly one scheduling profile. The picked endpoints come back re-addressed to the
+    primary port (copies: the rank's own Endpoint keeps its identity in the pool)."""
+
+    type_name = "data-parallel-profile-handler"
+    Params = DataParallelParams
+
+    def __init__(self, name: str, params: DataParallelParams | None, handle: PluginHandle) -> None:
+        p = params or DataParallelParams()
+        self.name = name
+        self.primary_port = p.primaryPort
+        log.info("data-parallel-profile-handler %r is deprecated in the reference: use single-profile-handler "
+                 "with Istio >= 1.28.1", name)
+
+    def check_profiles(self, names: Sequence[str]) -> None:
+        if len(names) != 1:
+            raise ValueError(f"schedulingProfiles: the data-parallel profile handler needs exactly one scheduling "
+                             f"profile, got {len(names)}")
+
+    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
+                      results: Mapping[str, ProfileRunResult | None]) -> Mapping[str, SchedulerProfile]:
+        if results or len(profiles) != 1:
+            return {}
+        return profiles
+
+    def process_results(self, cycle: CycleState, request: InferenceRequest,
+                        results: Mapping[str, ProfileRunResult | None]) -> SchedulingResult:
+        name = next(iter(results), "")
+        picked = results.get(name)
+        if picked is None or not picked.targets:
+            return SchedulingResult(profile_results={name: None} if name else {}, primary_profile=name)
+        moved = [dataclasses.replace(e, port=self.primary_port) for e in picked.targets]
+        out = SchedulingResult(profile_results={name: ProfileRunResult(moved)}, primary_profile=name)
+        out.headers[DATA_PARALLEL_HEADER] = picked.targets[0].hostport
+        return out
