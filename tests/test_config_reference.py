@@ -443,7 +443,7 @@ def test_alpha_plugins_need_allow_experimental_plugins():
     ("latency-scorer", "latency-aware routing (issue 13)"),
     ("disaggregatedset-rollout-screener", "disaggregated serving (issue 11)"),
     ("round-robin-fairness-policy", "flow-control policies (issue 11)"),
-    ("endpoint-attribute-filter", "the remaining scheduling plugins (issue 11)"),
+    ("mm-embeddings-cache-scorer", "precise prefix-cache routing (issue 12)"),
 ])
 def test_types_of_other_issues_are_refused_naming_the_feature(ptype, feature):
     assert f"plugins[1].type: plugin type {ptype!r} needs {feature}, not built yet" in errmsg(

@@ -309,7 +309,107 @@ def test_header_label_affinity_parameters_required(params, message):
         plugin("header-label-affinity-scorer", params)
 
 
-def test_endpoint_attribute_types_refused_naming_the_feature():
-    """Not built (no endpoint attribute source: core-metrics-extractor customMetrics is refused)."""
-    with pytest.raises(ConfigError, match="needs the remaining scheduling plugins"):
-        load_plugin_set("plugins: [{type: endpoint-attribute-scorer}]\n")
+# --------------------------------------------------------------------------- endpoint-attribute-*
+def cm(i, **custom):
+    return Endpoint(f"e{i}", f"10.0.0.{i}", 8000, metrics=Metrics(custom=custom))
+
+
+def attr_filter(op, value, **kw):
+    return plugin("endpoint-attribute-filter", {"attribute": "q", **kw,
+                                                "algorithm": {"type": "threshold",
+                                                              "threshold": {"operator": op, "value": value}}})
+
+
+@pytest.mark.parametrize("op, kept", [
+    ("LessThan", ["e1"]), ("LessThanOrEqual", ["e1", "e2"]), ("GreaterThan", ["e3"]),
+    ("GreaterThanOrEqual", ["e2", "e3"]), ("Equal", ["e2"]), ("NotEqual", ["e1", "e3"]),
+])
+def test_endpoint_attribute_filter_operators(op, kept):
+    """filter/endpointattribute/filter.go matches: value <op> threshold.value."""
+    eps = [cm(1, q=1.0), cm(2, q=5.0), cm(3, q=9.0)]
+    assert [e.name for e in attr_filter(op, 5).filter(CycleState(), req(), eps)] == kept
+
+
+def test_endpoint_attribute_filter_missing_and_fallback():
+    """filter.go: onMissing Pass (default) keeps an endpoint without the attribute, Fail drops it;
+    a NaN value counts as missing; fallbackOnEmpty (false) returns every candidate when none is kept."""
+    eps = [cm(1), cm(2, q=float("nan")), cm(3, q=9.0), cm(4, other=0.0)]
+    assert [e.name for e in attr_filter("LessThan", 5).filter(CycleState(), req(), eps)] == ["e1", "e2", "e4"]
+    f = attr_filter("LessThan", 5, onMissing="Fail")
+    assert list(f.filter(CycleState(), req(), eps)) == []
+    g = attr_filter("LessThan", 5, onMissing="Fail", fallbackOnEmpty=True)
+    assert list(g.filter(CycleState(), req(), eps)) == eps
+    h = attr_filter("LessThan", 5, producer="core-metrics-extractor")  # explicit default producer
+    assert [e.name for e in h.filter(CycleState(), req(), [cm(1, q=1.0), cm(2, q=6.0)])] == ["e1"]
+
+
+def ea_scorer(kind, **normalization):
+    return plugin("endpoint-attribute-scorer", {"attributeKey": "q", "algorithm": {
+        "type": kind, **({"normalization": normalization} if normalization else {})}})
+
+
+def test_endpoint_attribute_scorer_adaptive_range():
+    """scorer/endpointattribute/endpointattribute.go scoreAdaptiveRange: (v-min)/(max-min) over the
+    candidates having the attribute, inverted for linear_lower_is_better; all equal -> 1.0; missing -> 0
+    and out of the range."""
+    eps = [cm(1, q=2.0), cm(2, q=4.0), cm(3, q=10.0), cm(4)]
+    assert ea_scorer("linear_lower_is_better").score(CycleState(), req(), eps) == [1.0, 0.75, 0.0, 0.0]
+    assert ea_scorer("linear_higher_is_better").score(CycleState(), req(), eps) == [0.0, 0.25, 1.0, 0.0]
+    assert ea_scorer("linear_lower_is_better", adaptiveRange={}).score(
+        CycleState(), req(), [cm(1, q=3.0), cm(2, q=3.0), cm(3)]) == [1.0, 1.0, 0.0]
+    assert ea_scorer("linear_higher_is_better").score(CycleState(), req(), [cm(1), cm(2)]) == [0.0, 0.0]
+    assert ea_scorer("linear_higher_is_better").score(
+        CycleState(), req(), [cm(1, q=float("nan")), cm(2, q=1.0), cm(3, q=float("inf"))]) == [0.0, 1.0, 0.0]
+
+
+def test_endpoint_attribute_scorer_fixed_range_clamps():
+    """endpointattribute.go scoreFixedRange: (v-min)/(max-min) clamped to [0, 1]."""
+    s = ea_scorer("linear_lower_is_better", fixedRange={"min": 0, "max": 1})
+    eps = [cm(1, q=0.25), cm(2, q=-3.0), cm(3, q=7.0), cm(4)]
+    assert s.score(CycleState(), req(), eps) == [0.75, 1.0, 0.0, 0.0]
+    h = ea_scorer("linear_higher_is_better", fixedRange={"min": 10, "max": 20})
+    assert h.score(CycleState(), req(), [cm(1, q=15.0)]) == [0.5]
+
+
+@pytest.mark.parametrize("ptype, params, message", [
+    ("endpoint-attribute-filter", {}, "attribute: a non-empty attribute is required"),
+    ("endpoint-attribute-filter", {"attribute": "q", "algorithm": {"type": "percentile"}},
+     "algorithm.type: must be 'threshold'"),
+    ("endpoint-attribute-filter", {"attribute": "q", "algorithm": {"type": "threshold"}},
+     "algorithm.threshold: required"),
+    ("endpoint-attribute-filter", {"attribute": "q", "onMissing": "pass", "algorithm": {
+        "type": "threshold", "threshold": {"operator": "LessThan", "value": 1}}}, "onMissing: must be 'Pass' or 'Fail'"),
+    ("endpoint-attribute-filter", {"attribute": "q", "algorithm": {
+        "type": "threshold", "threshold": {"operator": "<", "value": 1}}}, "algorithm.threshold.operator: must be"),
+    ("endpoint-attribute-filter", {"attribute": "q/core-metrics-extractor", "algorithm": {
+        "type": "threshold", "threshold": {"operator": "LessThan", "value": 1}}},
+     "attribute: attribute 'q/core-metrics-extractor' contains '/' but no producer is set"),
+    ("endpoint-attribute-filter", {"attribute": "gpu_util", "producer": "dcgm-extractor", "algorithm": {
+        "type": "threshold", "threshold": {"operator": "LessThan", "value": 1}}},
+     "producer: 'dcgm-extractor': endpoint attributes of GPU metrics .* not built yet"),
+    ("endpoint-attribute-scorer", {}, "attributeKey: a non-empty attributeKey is required"),
+    ("endpoint-attribute-scorer", {"attributeKey": "q", "algorithm": {"type": "linear"}}, "algorithm.type: must be"),
+    ("endpoint-attribute-scorer", {"attributeKey": "q", "algorithm": {"type": "linear_lower_is_better",
+                                                                      "normalization": {"fixedRange": {"min": 1, "max": 1}}}},
+     "fixedRange: requires min < max"),
+    ("endpoint-attribute-scorer", {"attributeKey": "q", "algorithm": {"type": "linear_lower_is_better", "normalization": {
+        "fixedRange": {"min": 0, "max": 1}, "adaptiveRange": {}}}}, "at most one normalization strategy"),
+    ("endpoint-attribute-scorer", {"attributeKey": "llm-d.ai/multicluster-queue-size", "producer": "",
+                                   "algorithm": {"type": "linear_lower_is_better"}},
+     "producer: '': endpoint attributes of producer-agnostic endpoint attributes .* not built yet"),
+    ("endpoint-attribute-scorer", {"attributeKey": "q", "producer": "token-producer",
+                                   "algorithm": {"type": "linear_lower_is_better"}},
+     "producer: 'token-producer' publishes no endpoint attribute here"),
+    ("endpoint-attribute-scorer", {"attributeKey": "q", "weight": 1, "algorithm": {"type": "linear_lower_is_better"}},
+     "weight: unknown parameter"),
+])
+def test_endpoint_attribute_parameters_strict(ptype, params, message):
+    """filter.go NewEndpointAttributeFilter / endpointattribute.go NewEndpointAttributeScorer checks and
+    datalayer/attribute/metrics ResolveConfiguredKey; a producer not built here refuses naming the feature."""
+    with pytest.raises(PluginError, match=message):
+        plugin(ptype, params)
+
+
+def test_endpoint_attribute_stability_alpha():
+    """plugins.txt: both Alpha."""
+    assert stability("endpoint-attribute-filter") == stability("endpoint-attribute-scorer") == "Alpha"

@@ -42,6 +42,7 @@ BUILTINS: dict[str, str] = {
     "session-affinity-filter": "filters.session_affinity:SessionAffinityFilter",
     "multicluster-session-affinity-filter": "filters.session_affinity:MultiClusterSessionAffinityFilter",
     "utilization-filter": "filters.utilization:UtilizationFilter",
+    "endpoint-attribute-filter": "filters.endpoint_attribute:EndpointAttributeFilter",
     # scorers
     "queue-scorer": "scorers.load:QueueScorer",
     "running-requests-size-scorer": "scorers.load:RunningRequestsSizeScorer",
@@ -55,6 +56,7 @@ BUILTINS: dict[str, str] = {
     "no-hit-lru-scorer": "scorers.no_hit_lru:NoHitLRUScorer",
     "context-length-aware": "scorers.context_length:ContextLengthAware",  # a scorer that can also filter
     "header-label-affinity-scorer": "scorers.header_label_affinity:HeaderLabelAffinityScorer",
+    "endpoint-attribute-scorer": "scorers.endpoint_attribute:EndpointAttributeScorer",
     # pickers
     "max-score-picker": "epp.scheduling.pickers:MaxScorePicker",
     "random-picker": "epp.scheduling.pickers:RandomPicker",
@@ -111,7 +113,6 @@ ALIASES: dict[str, Alias] = {
 
 _PD = "disaggregated serving (issue 11)"
 _FC = "flow-control policies (issue 11)"
-_SCHED = "the remaining scheduling plugins (issue 11)"
 _PRECISE = "precise prefix-cache routing (issue 12)"
 _LATENCY = "latency-aware routing (issue 13)"
 FUTURE: dict[str, str] = {
@@ -121,7 +122,6 @@ FUTURE: dict[str, str] = {
                      "static-usage-limit-policy", "sheddable-eviction-filter",
                      "priority-then-time-eviction-order-policy", "priority-holdback-policy",
                      "soft-reflective-ceiling-policy", "concurrency-detector", "probabilistic-admitter"), _FC),
-    **dict.fromkeys(("endpoint-attribute-filter", "endpoint-attribute-scorer"), _SCHED),
     **dict.fromkeys(("precise-prefix-cache-scorer", "precise-prefix-cache-producer", "mm-embeddings-cache-scorer",
                      "mm-embeddings-cache-producer"), _PRECISE),
     **dict.fromkeys(("predicted-latency-producer", "latency-slo-admitter", "slo-headroom-tier-filter",
@@ -136,7 +136,8 @@ FUTURE_PARAMS: dict[str, dict[str, tuple[str, tuple[object, ...]]]] = {}
 # The stability column of BUILTINS: the rows the reference registers as Alpha (the rest are Beta).
 ALPHA_TYPES: frozenset[str] = frozenset({"session-affinity-scorer", "session-affinity-filter",
                                          "multicluster-session-affinity-filter", "utilization-filter",
-                                         "header-label-affinity-scorer", "header-profile-handler"})
+                                         "header-label-affinity-scorer", "endpoint-attribute-filter",
+                                         "endpoint-attribute-scorer", "header-profile-handler"})
 
 _loaded: dict[str, type] = {}
 

@@ -38,6 +38,9 @@ class Metrics:
     num_gpu_blocks: int | None = None
     update_time: float = 0.0  # time.monotonic() of the scrape; 0.0 = never scraped
     ok: bool = False  # last scrape succeeded
+    # custom scalar metrics (the metrics extractor's engineConfigs[].customMetrics): attribute key -> value,
+    # scalar endpoint attributes a filter or scorer may read. Not compared or hashed.
+    custom: Mapping[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     def age(self, now: float) -> float:
         return now - self.update_time if self.update_time else float("inf")
