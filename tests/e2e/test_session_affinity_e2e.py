@@ -9,6 +9,7 @@ landing is counted by the servers themselves; synchronisation by polling, never 
 
 from __future__ import annotations
 
+import base64
 import threading
 
 import grpc
@@ -48,13 +49,11 @@ def served(sims: SimServers) -> list[float]:
     return [metric_sum(sims.metrics(i), SUCCESS) for i in range(sims.n)]
 
 
-def landing(sims: SimServers, url: str, session: str, prompt: str) -> int:
-    """Send one short request of `session`; the index of the server that counted it."""
+def send(sims: SimServers, url: str, headers: dict[str, str], prompt: str) -> tuple[int, dict[str, str]]:
+    """One short request; (the index of the server that counted it, the response headers)."""
     before = served(sims)
-    status, headers, _ = post(url, {"model": "m1", "prompt": prompt, "max_tokens": 2},
-                              headers={"x-session-id": session})
+    status, response_headers, _ = post(url, {"model": "m1", "prompt": prompt, "max_tokens": 2}, headers=headers)
     assert status == 200
-    assert "x-session-token" not in headers  # session_id writes nothing back
     after: list[float] = []
 
     def counted() -> bool:
@@ -62,7 +61,7 @@ def landing(sims: SimServers, url: str, session: str, prompt: str) -> int:
         return sum(after) - sum(before) == 1
 
     wait_until(counted, 20, "the request counted by a server", interval=0.02)
-    return next(i for i in range(sims.n) if after[i] - before[i] == 1)
+    return next(i for i in range(sims.n) if after[i] - before[i] == 1), response_headers
 
 
 def test_same_session_sticks_different_sessions_spread(sim_servers, picker, envoy):
@@ -90,9 +89,32 @@ def test_same_session_sticks_different_sessions_spread(sim_servers, picker, envo
     where: dict[str, list[int]] = {sid: [] for sid in sessions}
     for turn in range(FOLLOW_UPS):
         for sid in sessions:
-            where[sid].append(landing(sims, url, sid, f"turn {turn} of {sid}"))
+            server, headers = send(sims, url, {"x-session-id": sid}, f"turn {turn} of {sid}")
+            assert "x-session-token" not in headers  # session_id writes nothing back
+            where[sid].append(server)
     for sid, servers in where.items():
         assert len(set(servers)) == 1, (sid, servers)  # sticks
     assert len({servers[0] for servers in where.values()}) == SERVERS, where  # different sessions spread
     # a request with no session id is not pinned: it still routes
     assert post(url, {"model": "m1", "prompt": "no session", "max_tokens": 2})[0] == 200
+
+
+ENCODED_CONFIG = CONFIG.replace("  parameters: {strategy: session_id}\n", "")
+
+
+def test_encoded_endpoint_header_round_trips_through_envoy_and_pins(sim_servers, picker, envoy):
+    """The default strategy: the response carries x-session-token = base64("namespace/name") of
+    the server that answered; echoing it pins every follow-up there (ties otherwise: random)."""
+    sims = sim_servers(SERVERS, time_scale=1.0)
+    p = picker(endpoints=sims.hostports, config_text=ENCODED_CONFIG, extra_flags=["--allow-experimental-plugins"])
+    env = envoy("full-duplex", p)
+    url = f"{env.url}/v1/completions"
+    first, headers = send(sims, url, {}, "first turn")
+    token = headers.get("x-session-token", "")
+    assert base64.standard_b64decode(token).decode().startswith("default/")
+    follow_ups = [send(sims, url, {"x-session-token": token}, f"turn {k}") for k in range(FOLLOW_UPS)]
+    assert [server for server, _ in follow_ups] == [first] * FOLLOW_UPS
+    assert {h.get("x-session-token") for _, h in follow_ups} == {token}
+    # a token naming no endpoint of the pool pins nothing: the request still routes
+    assert post(url, {"model": "m1", "prompt": "x", "max_tokens": 2},
+                headers={"x-session-token": base64.b64encode(b"default/gone").decode()})[0] == 200
