@@ -316,3 +316,35 @@ def test_role_filters(type_name, kept):
     eps = [ep(i + 1, r) for i, r in enumerate(roles)]
     f = plugin_class(type_name)(type_name)
     assert {e.labels.get(ROLE) for e in f.filter(CycleState(), req(), eps)} == kept
+
+
+# --------------------------------------------------------------------------- decision counters (metrics.go)
+def test_decisions_are_counted_as_the_reference():
+    from prometheus_client import generate_latest
+
+    from epp.errors import InferenceError
+
+    h = handle()
+    p = load_plugin_set(PD.replace("HANDLER", NESTED), h)
+    eps = pool()[:4]
+    for request in (req("p" * 4000), req("s"), req("s"), req("s" * 20, body=IMAGE_CHAT)):
+        p.run_cycle(request, eps)
+    with pytest.raises(InferenceError):  # no decode endpoint: no decision counted
+        p.run_cycle(req("s"), [ep(1, "prefill")])
+    text = generate_latest(h.metrics.registry).decode()
+    series = 'llm_d_epp_disagg_decision_total{decision_type="%s",model_name="m",plugin_name="disagg-profile-handler",' \
+             'plugin_type="disagg-profile-handler"} %s'
+    assert series % ("prefill-decode", "1.0") in text
+    assert series % ("decode-only", "2.0") in text
+    assert series % ("encode-decode", "1.0") in text
+    assert 'llm_d_inference_scheduler_disagg_decision_total{decision_type="decode-only",model_name="m"} 2.0' in text
+
+
+def test_decision_model_labels_are_bounded():
+    from epp.scheduling.profiles.decisions import MAX_MODELS, DecisionCounters
+
+    c = DecisionCounters()
+    for i in range(MAX_MODELS + 10):
+        c.record("h", "disagg-profile-handler", f"model-{i}", "decode-only")
+    models = {k[2] for k in c.counts}
+    assert len(models) == MAX_MODELS + 1 and c.counts[("h", "disagg-profile-handler", "other", "decode-only")] == 10

@@ -24,6 +24,7 @@ from epp.framework import (
     extension_points,
 )
 from epp.framework.types import ENCODERS_HEADER, PREFILLER_HEADER
+from epp.scheduling.profiles.decisions import decision_counters, decision_type
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class DisaggProfileHandler:
         if self.prefill_decider is None:
             log.info("disagg-profile-handler %r: no prefill decider configured, P/D disaggregation disabled", name)
         self._skipped = f"disagg-skipped/{name}"  # cycle-state slot: stages whose decider said no
+        self._decisions = decision_counters(handle.metrics)
 
     def check_profiles(self, names: Sequence[str]) -> None:
         """The decode profile must exist, and so must a stage's profile when its decider is set."""
@@ -184,12 +186,19 @@ class DisaggProfileHandler:
             return {}
         return (self._stage(cycle, request, profiles, results, self.encode, self.encode_decider, decoded)
                 or self._stage(cycle, request, profiles, results, self.prefill, self.prefill_decider, decoded)
-                or {})
+                or self._done(request, results))
+
+    def _done(self, request: InferenceRequest, results: Mapping[str, ProfileRunResult | None]) -> dict:
+        """Every stage ran or was skipped: count the decision (the reference's RecordDisaggDecision)."""
+        decision = decision_type(results.get(self.encode) is not None, results.get(self.prefill) is not None)
+        self._decisions.record(self.name, self.type_name, request.target_model, decision)
+        return {}
 
     def _prefill_first(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
                        results: Mapping[str, ProfileRunResult | None]) -> Mapping[str, SchedulerProfile]:
         if self.decode in results:
-            return {}
+            decoded = results[self.decode]
+            return self._done(request, results) if decoded is not None and decoded.targets else {}
         if self.prefill in profiles and self.prefill not in results:
             return {self.prefill: profiles[self.prefill]}
         encode = self._stage(cycle, request, profiles, results, self.encode, self.encode_decider, None)
