@@ -49,6 +49,20 @@ def test_data_parallel_routes_to_the_primary_port_and_names_the_rank(params, por
     assert result.targets[0].name == "e1" and ranks[1].port == 8005  # the pool's endpoint is not changed
 
 
+def test_data_parallel_one_primary_endpoint_per_rank_bounded(monkeypatch):
+    from epp.scheduling.profiles import data_parallel
+
+    p = load_plugin_set(DP.replace("PARAMS", "{}"), handle())
+    rank = [ep(1, 8003)]
+    firsts = [p.run_cycle(req(), rank)[1].targets[0] for _ in range(3)]
+    assert firsts[0] is firsts[1] is firsts[2]  # the same target object each time: no growth per request
+    monkeypatch.setattr(data_parallel, "MAX_PRIMARY_ENDPOINTS", 2)
+    handler = p.plugins["data-parallel-profile-handler"]
+    for i in range(2, 6):
+        p.run_cycle(req(), [ep(i, 8003)])
+    assert len(handler._primary) == 2
+
+
 def test_data_parallel_ipv6_rank_is_bracketed():
     p = load_plugin_set(DP.replace("PARAMS", "{}"), handle())
     _, result = p.run_cycle(req(), [ep(1, 8002, address="fd00::1")])

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from epp.framework import (
     CycleState,
+    Endpoint,
     InferenceRequest,
     PluginHandle,
     ProfileRunResult,
@@ -24,6 +26,8 @@ from epp.framework.types import DATA_PARALLEL_HEADER
 
 log = logging.getLogger(__name__)
 
+MAX_PRIMARY_ENDPOINTS = 4096  # rank endpoint -> its primary-port endpoint, least recently used dropped
+
 
 @dataclass(slots=True)
 class DataParallelParams:
@@ -32,7 +36,9 @@ class DataParallelParams:
 
 class DataParallelProfileHandler:
     """Exactly one scheduling profile. The picked endpoints come back re-addressed to the
-    primary port (copies: the rank's own Endpoint keeps its identity in the pool)."""
+    primary port: one stable copy per rank endpoint (the rank's own Endpoint keeps its
+    identity in the pool), so what is keyed by the target (the prefix index, in-flight
+    counts) sees one endpoint per rank, not one per request."""
 
     type_name = "data-parallel-profile-handler"
     Params = DataParallelParams
@@ -41,6 +47,7 @@ class DataParallelProfileHandler:
         p = params or DataParallelParams()
         self.name = name
         self.primary_port = p.primaryPort
+        self._primary: OrderedDict[Endpoint, Endpoint] = OrderedDict()
         log.info("data-parallel-profile-handler %r is deprecated in the reference: use single-profile-handler "
                  "with Istio >= 1.28.1", name)
 
@@ -61,7 +68,18 @@ class DataParallelProfileHandler:
         picked = results.get(name)
         if picked is None or not picked.targets:
             return SchedulingResult(profile_results={name: None} if name else {}, primary_profile=name)
-        moved = [dataclasses.replace(e, port=self.primary_port) for e in picked.targets]
+        moved = [self._on_primary_port(e) for e in picked.targets]
         out = SchedulingResult(profile_results={name: ProfileRunResult(moved)}, primary_profile=name)
         out.headers[DATA_PARALLEL_HEADER] = picked.targets[0].hostport
         return out
+
+    def _on_primary_port(self, rank: Endpoint) -> Endpoint:
+        primary = self._primary.get(rank)
+        if primary is None:
+            primary = self._primary[rank] = dataclasses.replace(rank, port=self.primary_port)
+            if len(self._primary) > MAX_PRIMARY_ENDPOINTS:
+                self._primary.popitem(last=False)
+        else:
+            self._primary.move_to_end(rank)
+        primary.metrics = rank.metrics
+        return primary
