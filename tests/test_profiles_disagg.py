@@ -348,3 +348,23 @@ def test_decision_model_labels_are_bounded():
         c.record("h", "disagg-profile-handler", f"model-{i}", "decode-only")
     models = {k[2] for k in c.counts}
     assert len(models) == MAX_MODELS + 1 and c.counts[("h", "disagg-profile-handler", "other", "decode-only")] == 10
+
+
+def test_decision_families_have_the_reference_shape():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rows = {}
+    for line in (CONFIGS.parent / "metrics.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, kind, labels, *_ = line.split("\t")
+            rows[name] = (kind, set(labels.split(",")))
+    from prometheus_client import generate_latest
+
+    h = handle()
+    load_plugin_set(PD.replace("HANDLER", NESTED), h).run_cycle(req("s"), pool()[:4])
+    families = {f.name + "_total": f for f in text_string_to_metric_families(generate_latest(h.metrics.registry).decode())
+                if f.type == "counter"}
+    for name in ("llm_d_epp_disagg_decision_total", "llm_d_inference_scheduler_disagg_decision_total"):
+        kind, labels = rows[name]
+        samples = [s for s in families[name].samples if s.name == name]
+        assert kind == "counter" and samples and all(set(s.labels) == labels for s in samples)
