@@ -97,6 +97,32 @@ def test_pd_through_envoy_long_prompt_disaggregated_short_stays_prefill_loss_deg
     assert fallbacks >= 1  # the sidecar tried the dead prefiller first, then fell back
 
 
+def test_mostly_cached_long_prompt_stays_on_its_decode_server(sim_servers, picker, envoy, tmp_path):
+    # the decode profile scores the prefix too, so a follow-up lands where its prefix is cached;
+    # the decider then finds fewer than nonCachedTokens uncached tokens there: no prefill leg
+    prefill, decode = sim_servers(1, role="prefill"), sim_servers(2, roles="decode,decode")
+    eps = [{"name": "p0", "address": "127.0.0.1", "port": prefill.ports[0], "labels": {ROLE: "prefill"}}] + [
+        {"name": f"d{i}", "address": "127.0.0.1", "port": port, "labels": {ROLE: "decode"}}
+        for i, port in enumerate(decode.ports)]
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text(json.dumps({"endpoints": eps}))
+    text = config().replace("- type: token-load-scorer\n", "- type: token-load-scorer\n- type: prefix-cache-scorer\n")
+    text = text.replace("  - pluginRef: decode-filter\n", "  - pluginRef: decode-filter\n  - pluginRef: prefix-cache-scorer\n"
+                        "    weight: 5\n")
+    assert text.count("prefix-cache-scorer") == 2
+    p = picker(endpoints_file=str(endpoints), config_text=text)
+    url = f"{envoy('full-duplex', p).url}/v1/completions"
+    conversation = "a long shared conversation " * 400  # ~2700 tokens
+    assert stream(url, conversation, 4)[0] == 200
+    wait_until(lambda: requests_by_role(prefill, 0)["prefill"] == 1, 20, "the first turn prefilled apart")
+    first = [requests_by_role(decode, i)["decode"] for i in range(2)]
+    assert sorted(first) == [0, 1]
+    home = first.index(1)
+    assert stream(url, conversation + "and a short follow-up", 4)[0] == 200  # ~6 new tokens uncached
+    wait_until(lambda: requests_by_role(decode, home)["both"] == 1, 20, "the follow-up served on its decode server")
+    assert requests_by_role(prefill, 0)["prefill"] == 1  # no second prefill leg
+
+
 def test_pd_guide_config_unchanged_disaggregates_every_request(sim_servers, picker, envoy, tmp_path):
     # the guide's always-disagg-pd-decider: even a short prompt is prefilled apart
     prefill, decode = sim_servers(1, role="prefill"), sim_servers(1, role="decode")
