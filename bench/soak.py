@@ -21,6 +21,7 @@ import asyncio
 import json
 import random
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -262,12 +263,12 @@ async def _good_requests(port: int, n: int, model: str) -> int:
 
 def soak_one(transport: str, n: int, *, servers: int, concurrency: int, seed: int, time_limit: float,
              warmup: int, time_scale: float, show_progress: bool,
-             kinds: Sequence[str] = tuple(REQUEST_MIX)) -> Outcomes:
+             kinds: Sequence[str] = tuple(REQUEST_MIX), serve_extra: Sequence[str] = ()) -> Outcomes:
     out = Outcomes(transport)
     help_text = serve_flags()
     kinds = list(kinds)
     api_port = free_port()
-    picker_flags = [f"--ext-proc-transport={transport}", f"--api-port={api_port}"]
+    picker_flags = [f"--ext-proc-transport={transport}", f"--api-port={api_port}", *serve_extra]
     body_limit = None
     if "--max-request-body-bytes" in help_text:
         body_limit = BODY_LIMIT
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", default="soak")
     ap.add_argument("--kinds", default=",".join(REQUEST_MIX),
                     help="comma-separated request kinds of the mix (default all), e.g. to see what grows RSS")
+    ap.add_argument("--serve-flags", type=shlex.split, default=[],
+                    help="extra `epp serve` flags, e.g. '--metrics-max-model-labels=20'")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             results.append(soak_one(t, a.requests, servers=a.servers, concurrency=a.concurrency, seed=a.seed,
                                     time_limit=a.time_limit, warmup=a.warmup, time_scale=a.time_scale,
-                                    show_progress=a.progress, kinds=kinds))
+                                    show_progress=a.progress, kinds=kinds, serve_extra=a.serve_flags))
     except KeyboardInterrupt:
         print("\nepp bench soak: interrupted; every process stopped", file=sys.stderr)
         return 130
