@@ -6,18 +6,16 @@ pkg/epp/framework/plugins/scheduling/...), cited per test."""
 from __future__ import annotations
 
 import base64
-import random
 
 import pytest
 
-from epp.assembly import build_plugin, load_plugin_set
+from epp.assembly import load_plugin_set
 from epp.config import ConfigError
 from epp.framework import (
     CycleState,
     Endpoint,
     InferenceRequest,
     Metrics,
-    PluginHandle,
     ProfileRunResult,
     ResponseInfo,
     SchedulingResult,
@@ -26,10 +24,8 @@ from epp.framework.datakeys import INFLIGHT_LOAD, SESSION_ID, InFlightLoadInfo
 from epp.framework.params import PluginError
 from epp.framework.registry import ALPHA_TYPES, stability
 from epp.framework.sessionaffinity import MAX_SESSIONS
-
-
-def ep(i, labels=None, **metrics):
-    return Endpoint(f"e{i}", f"10.0.0.{i}", 8000, labels=labels or {}, metrics=Metrics(**metrics))
+from tests import helpers
+from tests.helpers import ep
 
 
 def req(headers=None, rid="r"):
@@ -45,10 +41,7 @@ class Clock:
 
 
 def plugin(ptype, params=None, clock=None):
-    h = PluginHandle(rng=random.Random(3))
-    if clock is not None:
-        h.clock = clock
-    return build_plugin(ptype, None, params, h, "plugins[0]")
+    return helpers.plugin(ptype, params, clock, where="plugins[0]")
 
 
 def token(e: Endpoint) -> str:

@@ -10,9 +10,7 @@ import xxhash
 from epp.assembly import build_plugin
 from epp.framework import (
     CycleState,
-    Endpoint,
     InferenceRequest,
-    Metrics,
     PluginHandle,
     ProfileRunResult,
     SchedulingResult,
@@ -20,10 +18,7 @@ from epp.framework import (
 from epp.framework.datakeys import PREFIX_MATCH_INFO
 from epp.requestcontrol.producers.prefix_blocks import block_hashes
 from epp.requestcontrol.producers.prefix_index import PrefixIndex
-
-
-def ep(i, **metrics):
-    return Endpoint(f"e{i}", f"10.0.0.{i}", 8000, metrics=Metrics(**metrics))
+from tests.helpers import ep, plugin
 
 
 def req(prompt, model="m", salt=""):
@@ -37,8 +32,7 @@ V15 = {"legacyV15": True}
 
 
 def producer(params=None):
-    return build_plugin("approx-prefix-cache-producer", None, {**V15, **(params or {})},
-                        PluginHandle(rng=random.Random(1)), "t")
+    return plugin("approx-prefix-cache-producer", {**V15, **(params or {})}, where="t", seed=1)
 
 
 SCORER = build_plugin("prefix-cache-scorer", None, None, PluginHandle(), "t")

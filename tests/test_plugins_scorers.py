@@ -1,17 +1,12 @@
 """Scorer formulas at their boundaries (reference scheduling.md)."""
 
 import base64
-import random
 
 import pytest
 
-from epp.assembly import build_plugin
 from epp.framework import (
     CycleState,
-    Endpoint,
     InferenceRequest,
-    Metrics,
-    PluginHandle,
     ProfileRunResult,
     ResponseInfo,
     SchedulingResult,
@@ -23,21 +18,16 @@ from epp.framework.datakeys import (
     InFlightLoadInfo,
     PrefixCacheMatchInfo,
 )
+from tests import helpers
+from tests.helpers import plugin
 
 
 def ep(i, labels=None, **metrics):
-    return Endpoint(f"e{i}", f"10.0.0.{i}", 8000, labels=labels or {}, namespace="ns", metrics=Metrics(**metrics))
+    return helpers.ep(i, labels, namespace="ns", **metrics)
 
 
 def req(model="m", prompt="x" * 400, rid="r", headers=None, max_tokens=None):
     return InferenceRequest(rid, model, model, "completions", prompt, headers or {}, max_tokens=max_tokens)
-
-
-def plugin(ptype, params=None, clock=None):
-    h = PluginHandle(rng=random.Random(3))
-    if clock is not None:
-        h.clock = clock
-    return build_plugin(ptype, None, params, h, "test")
 
 
 def score(p, endpoints, request=None, cycle=None):

@@ -6,7 +6,6 @@ v1.5-form prefix-cache-scorer config keeping GIE v1.5.0's semantics (approximate
 at v1.5.0: 256 blocks, 16-token blocks, no floor), and prefix-cache-scorer's match-length term
 (scheduling/scorer/prefix/plugin.go)."""
 
-import random
 
 import pytest
 
@@ -14,19 +13,14 @@ from epp.assembly import build_plugin
 from epp.config import ConfigError, load_config
 from epp.framework import (
     CycleState,
-    Endpoint,
     InferenceRequest,
-    Metrics,
     PluginHandle,
     ProfileRunResult,
     SchedulingResult,
 )
 from epp.framework.datakeys import PREFIX_MATCH_INFO, PrefixCacheMatchInfo
 from epp.requestcontrol.producers.prefix import UNLIMITED_BLOCKS, resolve_max_blocks
-
-
-def ep(i, **metrics):
-    return Endpoint(f"e{i}", f"10.0.0.{i}", 8000, metrics=Metrics(**metrics))
+from tests.helpers import ep, plugin
 
 
 def req(prompt, model="m"):
@@ -34,7 +28,7 @@ def req(prompt, model="m"):
 
 
 def producer(params=None):
-    return build_plugin("approx-prefix-cache-producer", None, params, PluginHandle(rng=random.Random(1)), "t")
+    return plugin("approx-prefix-cache-producer", params, where="t", seed=1)
 
 
 def info(p, prompt, endpoints):

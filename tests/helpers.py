@@ -1,0 +1,25 @@
+"""Small builders shared by the plugin tests: an endpoint, a plugin built through the
+registry with a seeded handle."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+
+from epp.assembly import build_plugin
+from epp.framework import Endpoint, Metrics, Plugin, PluginHandle
+
+
+def ep(i: int, labels: Mapping[str, str] | None = None, namespace: str = "default", **metrics) -> Endpoint:
+    """Endpoint e<i> at 10.0.0.<i>:8000 with these labels and metrics."""
+    return Endpoint(f"e{i}", f"10.0.0.{i}", 8000, labels=labels or {}, namespace=namespace,
+                    metrics=Metrics(**metrics))
+
+
+def plugin(ptype: str, params: Mapping | None = None, clock: Callable[[], float] | None = None,
+           where: str = "test", seed: int = 3) -> Plugin:
+    """A plugin of type `ptype` built as the config loader builds it (handle seeded)."""
+    h = PluginHandle(rng=random.Random(seed))
+    if clock is not None:
+        h.clock = clock
+    return build_plugin(ptype, None, params, h, where)
