@@ -34,3 +34,22 @@ def timed(point: str, plugin: Any, method: F, observe: Observer | None) -> F:
         return out
 
     return call  # type: ignore[return-value]
+
+
+class Observed:
+    """Base of a runner that builds its `timed` call lists once per observer: setting
+    `observe` stores the observer and calls `_rebuild(observer)`."""
+
+    _observe: Observer | None = None
+
+    @property
+    def observe(self) -> Observer | None:
+        return self._observe
+
+    @observe.setter
+    def observe(self, fn: Observer | None) -> None:
+        self._observe = fn
+        self._rebuild(fn)
+
+    def _rebuild(self, fn: Observer | None) -> None:
+        raise NotImplementedError

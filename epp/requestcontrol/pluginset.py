@@ -22,7 +22,7 @@ from epp.framework import (
     extension_points,
 )
 from epp.scheduling.scheduler import Scheduler, SchedulingTrace
-from epp.timing import Observer, timed
+from epp.timing import Observed, Observer, timed
 
 __all__ = ["PluginSet"]
 
@@ -31,7 +31,7 @@ HOOKS = {point: EXTENSION_POINTS[point] for point in (
     "PrepareData", "PreRequest", "ResponseReceived", "ResponseStreaming", "ResponseComplete", "EndpointsChanged")}
 
 
-class PluginSet:
+class PluginSet(Observed):
     def __init__(self, config: EndpointPickerConfig, plugins: dict[str, Plugin], scheduler: Scheduler,
                  observe: Observer | None = None) -> None:
         self.config = config
@@ -52,13 +52,7 @@ class PluginSet:
         self._members = {point: [p for name, p in plugins.items() if point in points[name]] for point in HOOKS}
         self.observe = observe
 
-    @property
-    def observe(self) -> Observer | None:
-        return self._observe
-
-    @observe.setter
-    def observe(self, fn: Observer | None) -> None:
-        self._observe = fn
+    def _rebuild(self, fn: Observer | None) -> None:
         self.scheduler.observe = fn
         calls: dict[str, list[Callable[..., Any]]] = {
             point: [timed(point, p, getattr(p, HOOKS[point]), fn) for p in members]

@@ -21,7 +21,7 @@ from epp.framework import (
     ScoredEndpoint,
     Scorer,
 )
-from epp.timing import Observer, timed, type_name
+from epp.timing import Observed, Observer, timed, type_name
 
 __all__ = ["FilterTrace", "Observer", "ProfileTrace", "Scheduler", "SchedulingTrace", "ScorerTrace"]
 
@@ -101,20 +101,14 @@ def _compile(profile: SchedulerProfile, observe: Observer | None) -> _ProfileRun
     )
 
 
-class Scheduler:
+class Scheduler(Observed):
     def __init__(self, profiles: Mapping[str, SchedulerProfile], handler: ProfileHandler,
                  observe: Observer | None = None) -> None:
         self.profiles = dict(profiles)
         self.handler = handler
         self.observe = observe
 
-    @property
-    def observe(self) -> Observer | None:
-        return self._observe
-
-    @observe.setter
-    def observe(self, fn: Observer | None) -> None:
-        self._observe = fn
+    def _rebuild(self, fn: Observer | None) -> None:
         self._runs = {name: _compile(p, fn) for name, p in self.profiles.items()}
 
     def schedule(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint],
