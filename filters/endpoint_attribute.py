@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.attributes import read_scalar, resolve_attribute
+from epp.framework.plugins import ConfiguredPlugin
 
 PASS, FAIL = "Pass", "Fail"
 THRESHOLD = "threshold"
@@ -66,15 +67,13 @@ class EndpointAttributeFilterParams:
         resolve_attribute(self.attribute, self.producer)
 
 
-class EndpointAttributeFilter:
+class EndpointAttributeFilter(ConfiguredPlugin[EndpointAttributeFilterParams]):
     type_name = "endpoint-attribute-filter"
     Params = EndpointAttributeFilterParams
 
-    def __init__(self, name: str, params: EndpointAttributeFilterParams | None, handle: PluginHandle) -> None:
-        p = params or EndpointAttributeFilterParams()
+    def configure(self, p: EndpointAttributeFilterParams, handle: PluginHandle) -> None:
         p.validate()
         assert p.algorithm.threshold is not None
-        self.name = name
         self.key = resolve_attribute(p.attribute, p.producer)
         self.pass_on_missing = p.onMissing != FAIL
         self.fallback = p.fallbackOnEmpty

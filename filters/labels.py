@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from epp.framework import ROLE_LABEL, CycleState, Endpoint, InferenceRequest, NamedPlugin, PluginHandle
+from epp.framework.plugins import ConfiguredPlugin
 from epp.labelselector import LabelSelector, Requirement
 
 
@@ -25,13 +26,11 @@ class LabelSelectorParams:
     matchExpressions: list[LabelSelectorRequirement] = field(default_factory=list)
 
 
-class LabelSelectorFilter:
+class LabelSelectorFilter(ConfiguredPlugin[LabelSelectorParams]):
     type_name = "label-selector-filter"
     Params = LabelSelectorParams
 
-    def __init__(self, name: str, params: LabelSelectorParams | None, handle: PluginHandle) -> None:
-        p = params or LabelSelectorParams()
-        self.name = name
+    def configure(self, p: LabelSelectorParams, handle: PluginHandle) -> None:
         self.selector = LabelSelector.from_spec(p.matchLabels, [(x.key, x.operator, x.values)
                                                                 for x in p.matchExpressions])
 

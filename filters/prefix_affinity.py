@@ -20,6 +20,7 @@ from epp.framework.datakeys import (
     PREFIX_MATCH_CONSUMER,
     PREFIX_MATCH_INFO,
 )
+from epp.framework.plugins import ConfiguredPlugin
 
 PREFILL_THROUGHPUT, LATENCY_PREDICTOR = "prefillThroughput", "latencyPredictor"
 
@@ -47,14 +48,12 @@ class PrefixAffinityParams:
             raise ValueError("peakPrefillThroughput: must be > 0 when ttftSource is prefillThroughput")
 
 
-class PrefixCacheAffinityFilter:
+class PrefixCacheAffinityFilter(ConfiguredPlugin[PrefixAffinityParams]):
     type_name = "prefix-cache-affinity-filter"
     Params = PrefixAffinityParams
     consumes = (PREFIX_MATCH_CONSUMER, INFLIGHT_LOAD_CONSUMER)
 
-    def __init__(self, name: str, params: PrefixAffinityParams | None, handle: PluginHandle) -> None:
-        p = params or PrefixAffinityParams()
-        self.name = name
+    def configure(self, p: PrefixAffinityParams, handle: PluginHandle) -> None:
         self.threshold = p.affinityThreshold
         self.exploration = p.explorationProbability
         self.max_penalty_ms = p.maxTTFTPenaltyMs if p.ttftSource == PREFILL_THROUGHPUT else 0.0

@@ -29,6 +29,7 @@ from epp.framework import (
     ResponseInfo,
     SchedulingResult,
 )
+from epp.framework.plugins import ConfiguredPlugin
 from epp.framework.sessionaffinity import (
     SESSION_ID,
     SESSION_TOKEN_HEADER,
@@ -45,20 +46,18 @@ from epp.framework.sessionaffinity import (
 MAX_PENDING = 1 << 16  # requests between PreRequest and their response headers (profileName)
 
 
-class SessionAffinityFilter:
+class SessionAffinityFilter(ConfiguredPlugin[SessionAffinityParams]):
     type_name = "session-affinity-filter"
     Params = SessionAffinityParams
 
-    def __init__(self, name: str, params: SessionAffinityParams | None, handle: PluginHandle) -> None:
-        p = params or SessionAffinityParams()
-        self.name = name
+    def configure(self, p: SessionAffinityParams, handle: PluginHandle) -> None:
         self.session_id_strategy = p.strategy == SESSION_ID
         self.profile = p.profileName
         self.header = normalize_header(p.encodedEndpointHeaderConfig.header, SESSION_TOKEN_HEADER)
         c = p.sessionIdConfig
         self.resolve = SessionIdResolver(c.sources)
         self.bindings = SessionBindings(c.evictionTtlSeconds, c.evictionSweepSeconds, handle.clock)
-        self._present: DataKey[bool] = DataKey(f"{type(self).type_name}-bound-present/{name}", bool)
+        self._present: DataKey[bool] = self.own_key("bound-present", bool)
         self._pending: OrderedDict[str, Endpoint] = OrderedDict()  # request id -> profileName's target
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:

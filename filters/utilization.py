@@ -19,6 +19,7 @@ from epp.framework.datakeys import (
     INFLIGHT_LOAD_PRODUCER,
     InFlightLoadInfo,
 )
+from epp.framework.plugins import ConfiguredPlugin
 
 ACTIVE_REQUESTS = "active-requests"
 RUNNING_REQUESTS = "running-requests"
@@ -65,7 +66,7 @@ _READ: dict[str, Callable[[Endpoint], float]] = {
 }
 
 
-class UtilizationFilter:
+class UtilizationFilter(ConfiguredPlugin[UtilizationFilterParams]):
     type_name = "utilization-filter"
     Params = UtilizationFilterParams
     # the reference requires the producer only when a condition reads active-requests; a class
@@ -73,10 +74,8 @@ class UtilizationFilter:
     # this filter is configured (it then tracks in-flight requests nobody else may read)
     consumes = (INFLIGHT_LOAD_CONSUMER,)
 
-    def __init__(self, name: str, params: UtilizationFilterParams | None, handle: PluginHandle) -> None:
-        p = params or UtilizationFilterParams()
+    def configure(self, p: UtilizationFilterParams, handle: PluginHandle) -> None:
         p.validate()
-        self.name = name
         self.conditions = [(c.metric, float(c.maxValue)) for c in p.conditions if c.maxValue is not None]
         self.fallback = p.fallbackOnEmpty
         self._key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)

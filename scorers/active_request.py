@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.datakeys import INFLIGHT_LOAD, INFLIGHT_LOAD_CONSUMER, INFLIGHT_LOAD_PRODUCER
+from epp.framework.plugins import ConfiguredPlugin
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +28,21 @@ class ActiveRequestParams:
     inFlightLoadProducerName: str = INFLIGHT_LOAD_PRODUCER
 
 
-class ActiveRequestScorer:
+class ActiveRequestScorer(ConfiguredPlugin[ActiveRequestParams]):
     type_name = "active-request-scorer"
     Params = ActiveRequestParams
     consumes = (INFLIGHT_LOAD_CONSUMER,)
 
-    def __init__(self, name: str, params: ActiveRequestParams | None, handle: PluginHandle) -> None:
-        p = params or ActiveRequestParams()
-        self.name = name
+    def configure(self, p: ActiveRequestParams, handle: PluginHandle) -> None:
         if p.requestTimeout not in (None, ""):
             log.info("%s: requestTimeout is deprecated and ignored (the in-flight load producer releases a "
-                     "request when it completes)", name)
+                     "request when it completes)", self.name)
         if p.idleThreshold < 0:
-            log.warning("%s: idleThreshold %d is negative, 0 is used", name, p.idleThreshold)
+            log.warning("%s: idleThreshold %d is negative, 0 is used", self.name, p.idleThreshold)
         self.idle = max(0, p.idleThreshold)
         busy = 1.0 if p.maxBusyScore is None else p.maxBusyScore
         if not 0.0 <= busy <= 1.0:
-            log.warning("%s: maxBusyScore %s is outside [0, 1], 1.0 is used", name, busy)
+            log.warning("%s: maxBusyScore %s is outside [0, 1], 1.0 is used", self.name, busy)
             busy = 1.0
         self.max_busy = busy
         self._key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)

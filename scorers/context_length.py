@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from epp.framework import CONTEXT_LENGTH_RANGE_LABEL, CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.datakeys import TOKENIZED_PROMPT, TOKENS_CONSUMER
+from epp.framework.plugins import ConfiguredPlugin
 
 MAX_FALLBACK_SCORE = 0.3
 
@@ -54,14 +55,12 @@ class ContextLengthParams:
             raise ValueError("label: must be specified")
 
 
-class ContextLengthAware:
+class ContextLengthAware(ConfiguredPlugin[ContextLengthParams]):
     type_name = "context-length-aware"
     Params = ContextLengthParams
     consumes = (TOKENS_CONSUMER,)
 
-    def __init__(self, name: str, params: ContextLengthParams | None, handle: PluginHandle) -> None:
-        p = params or ContextLengthParams()
-        self.name = name
+    def configure(self, p: ContextLengthParams, handle: PluginHandle) -> None:
         self.filtering = p.enableFiltering
         self.label = p.label
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.attributes import read_scalar, resolve_attribute
+from epp.framework.plugins import ConfiguredPlugin
 
 LOWER_IS_BETTER, HIGHER_IS_BETTER = "linear_lower_is_better", "linear_higher_is_better"
 
@@ -65,14 +66,12 @@ class EndpointAttributeScorerParams:
         resolve_attribute(self.attributeKey, self.producer, "attributeKey")
 
 
-class EndpointAttributeScorer:
+class EndpointAttributeScorer(ConfiguredPlugin[EndpointAttributeScorerParams]):
     type_name = "endpoint-attribute-scorer"
     Params = EndpointAttributeScorerParams
 
-    def __init__(self, name: str, params: EndpointAttributeScorerParams | None, handle: PluginHandle) -> None:
-        p = params or EndpointAttributeScorerParams()
+    def configure(self, p: EndpointAttributeScorerParams, handle: PluginHandle) -> None:
         p.validate()
-        self.name = name
         self.key = resolve_attribute(p.attributeKey, p.producer, "attributeKey")
         self.lower_is_better = p.algorithm.type == LOWER_IS_BETTER
         f = p.algorithm.normalization.fixedRange

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
+from epp.framework.plugins import ConfiguredPlugin
 
 
 @dataclass(slots=True)
@@ -23,14 +24,12 @@ class HeaderLabelAffinityParams:
             raise ValueError("labelKey: required")
 
 
-class HeaderLabelAffinityScorer:
+class HeaderLabelAffinityScorer(ConfiguredPlugin[HeaderLabelAffinityParams]):
     type_name = "header-label-affinity-scorer"
     Params = HeaderLabelAffinityParams
 
-    def __init__(self, name: str, params: HeaderLabelAffinityParams | None, handle: PluginHandle) -> None:
-        p = params or HeaderLabelAffinityParams()
+    def configure(self, p: HeaderLabelAffinityParams, handle: PluginHandle) -> None:
         p.validate()  # no parameters at all: the reference's "requires parameters"
-        self.name = name
         self.header = p.headerName.lower()
         self.label = p.labelKey
 

@@ -9,6 +9,7 @@ from operator import attrgetter
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, NamedPlugin, PluginHandle
 from epp.framework.datakeys import INFLIGHT_LOAD, INFLIGHT_LOAD_CONSUMER, INFLIGHT_LOAD_PRODUCER
+from epp.framework.plugins import ConfiguredPlugin
 
 _waiting = attrgetter("metrics.waiting_queue_size")
 _running = attrgetter("metrics.running_requests_size")
@@ -53,7 +54,7 @@ class TokenLoadParams:
     inFlightLoadProducerName: str = INFLIGHT_LOAD_PRODUCER
 
 
-class TokenLoadScorer:
+class TokenLoadScorer(ConfiguredPlugin[TokenLoadParams]):
     """1 - min(tokens, T)/T (1.0 when none), where tokens = the tokens in flight to the
     endpoint plus this request's uncached tokens there, both from the in-flight load
     producer (scheduling/scorer/tokenload/token_load.go)."""
@@ -62,9 +63,7 @@ class TokenLoadScorer:
     Params = TokenLoadParams
     consumes = (INFLIGHT_LOAD_CONSUMER,)
 
-    def __init__(self, name: str, params: TokenLoadParams | None, handle: PluginHandle) -> None:
-        p = params or TokenLoadParams()
-        self.name = name
+    def configure(self, p: TokenLoadParams, handle: PluginHandle) -> None:
         self.threshold = p.queueThresholdTokens if p.queueThresholdTokens > 0 else 4194304
         self._key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)
 
@@ -81,16 +80,14 @@ class LoadAwareParams:
     threshold: int = 128  # <= 0: the default, as the reference
 
 
-class LoadAwareScorer:
+class LoadAwareScorer(ConfiguredPlugin[LoadAwareParams]):
     """Empty queue: 0.5; else 0.5 * (1 - min(w, T)/T), so any queue scores below an idle server."""
 
     type_name = "load-aware-scorer"
     Params = LoadAwareParams
 
-    def __init__(self, name: str, params: LoadAwareParams | None, handle: PluginHandle) -> None:
-        self.name = name
-        threshold = (params or LoadAwareParams()).threshold
-        self.threshold = threshold if threshold > 0 else 128
+    def configure(self, p: LoadAwareParams, handle: PluginHandle) -> None:
+        self.threshold = p.threshold if p.threshold > 0 else 128
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         t = self.threshold

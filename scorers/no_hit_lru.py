@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from epp.framework import CycleState, DataKey, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
 from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_CONSUMER, PREFIX_MATCH_INFO
+from epp.framework.plugins import ConfiguredPlugin
 
 DEFAULT_LRU_SIZE = 1024
 PREFILL_PROFILE = "prefill"
@@ -27,17 +28,15 @@ class NoHitLRUParams:
     prefixPluginType: str = ""  # v1.5; the reference accepts and ignores it
 
 
-class NoHitLRUScorer:
+class NoHitLRUScorer(ConfiguredPlugin[NoHitLRUParams]):
     type_name = "no-hit-lru-scorer"
     Params = NoHitLRUParams
     consumes = (PREFIX_MATCH_CONSUMER,)
 
-    def __init__(self, name: str, params: NoHitLRUParams | None, handle: PluginHandle) -> None:
-        p = params or NoHitLRUParams()
-        self.name = name
+    def configure(self, p: NoHitLRUParams, handle: PluginHandle) -> None:
         self.size = p.lruSize if p.lruSize > 0 else DEFAULT_LRU_SIZE
         self._key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
-        self._cold: DataKey[bool] = DataKey(f"{type(self).type_name}-cold/{name}", bool)
+        self._cold: DataKey[bool] = self.own_key("cold", bool)
         self._lru: OrderedDict[Endpoint, None] = OrderedDict()  # oldest cold assignment first
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, bounded
 from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_INFO, ProducerParam
+from epp.framework.plugins import ConfiguredPlugin
 
 _MOVED = ("blockSize", "blockSizeTokens", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune")
 
@@ -39,15 +40,13 @@ class PrefixScorerParams:
                              f"got {self.matchLengthScaleTokens}")
 
 
-class PrefixCacheScorer:
+class PrefixCacheScorer(ConfiguredPlugin[PrefixScorerParams]):
     type_name = "prefix-cache-scorer"
     Params = PrefixScorerParams
     consumes = (ProducerParam("prefixMatchInfoProducerName", APPROX_PREFIX_PRODUCER, moved_params=_MOVED,
                               required=True, moved_defaults=(("legacyV15", True),)),)
 
-    def __init__(self, name: str, params: PrefixScorerParams | None, handle: PluginHandle) -> None:
-        p = params or PrefixScorerParams()
-        self.name = name
+    def configure(self, p: PrefixScorerParams, handle: PluginHandle) -> None:
         self._key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
         self.weight = p.matchLengthWeight
         self.scale = p.matchLengthScaleTokens

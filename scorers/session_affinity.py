@@ -29,6 +29,7 @@ from epp.framework import (
     ResponseInfo,
     SchedulingResult,
 )
+from epp.framework.plugins import ConfiguredPlugin
 
 SESSION_TOKEN_HEADER = "x-session-token"
 SESSION_ID_HEADER = "x-session-id"
@@ -89,13 +90,11 @@ class SessionAffinityParams:
                 raise ValueError(f"sessionIdConfig.{key}: must be > 0, got {getattr(c, key)}")
 
 
-class SessionAffinityScorer:
+class SessionAffinityScorer(ConfiguredPlugin[SessionAffinityParams]):
     type_name = "session-affinity-scorer"
     Params = SessionAffinityParams
 
-    def __init__(self, name: str, params: SessionAffinityParams | None, handle: PluginHandle) -> None:
-        p = params or SessionAffinityParams()
-        self.name = name
+    def configure(self, p: SessionAffinityParams, handle: PluginHandle) -> None:
         self.strategy = p.strategy
         self.profile = p.profileName
         self.clock = handle.clock
@@ -110,7 +109,7 @@ class SessionAffinityScorer:
         self.sweep_every = c.evictionSweepSeconds or 10.0
         self._last_sweep = self.clock()
         self.bindings: OrderedDict[str, tuple[str, float]] = OrderedDict()  # session -> (endpoint id, last seen)
-        self._present: DataKey[bool] = DataKey(f"{type(self).type_name}-bound-present/{name}", bool)
+        self._present: DataKey[bool] = self.own_key("bound-present", bool)
         self._pending: OrderedDict[str, Endpoint] = OrderedDict()  # request id -> profileName's target
 
     # ------------------------------------------------------------------ session_id

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
+from epp.framework.plugins import ConfiguredPlugin
 from epp.units import duration_value
 
 
@@ -31,7 +32,7 @@ class UtilizationParams:
         duration_value(self.metricsStalenessThreshold, "metricsStalenessThreshold")
 
 
-class UtilizationDetector:
+class UtilizationDetector(ConfiguredPlugin[UtilizationParams]):
     """Filter: keep endpoints under both thresholds (times 1+headroom), unless none pass.
     Saturation: mean over endpoints of max(queue/queueDepthThreshold, kv/kvCacheUtilThreshold);
     an endpoint whose metrics are stale or missing counts as 1.0. No endpoints: 1.0."""
@@ -39,9 +40,7 @@ class UtilizationDetector:
     type_name = "utilization-detector"
     Params = UtilizationParams
 
-    def __init__(self, name: str, params: UtilizationParams | None, handle: PluginHandle) -> None:
-        p = params or UtilizationParams()
-        self.name = name
+    def configure(self, p: UtilizationParams, handle: PluginHandle) -> None:
         self.queue_threshold = p.queueDepthThreshold
         self.kv_threshold = p.kvCacheUtilThreshold
         self.staleness = duration_value(p.metricsStalenessThreshold, "metricsStalenessThreshold")
@@ -49,7 +48,7 @@ class UtilizationDetector:
         self.clock = handle.clock
         self.stale = 0  # endpoints scored as saturated for stale or missing metrics at the last saturation()
         handle.metrics.gauge("llm_d_epp_flow_control_stale_endpoints", "Endpoints whose metrics the saturation "
-                             "detector treats as stale.", lambda: self.stale, {"detector": name})
+                             "detector treats as stale.", lambda: self.stale, {"detector": self.name})
 
     def _fresh(self, e: Endpoint, now: float) -> bool:
         t = e.metrics.update_time

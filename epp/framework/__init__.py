@@ -27,6 +27,7 @@ from epp.framework.params import (
 )
 from epp.framework.plugins import (
     EXTENSION_POINTS,
+    ConfiguredPlugin,
     EndpointsChanged,
     Filter,
     NamedPlugin,
@@ -72,6 +73,7 @@ __all__ = [
     "Filter",
     "InferenceRequest",
     "Metrics",
+    "ConfiguredPlugin",
     "NamedPlugin",
     "NoParams",
     "PDDecider",

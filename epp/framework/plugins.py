@@ -6,8 +6,9 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
+from epp.framework.datakeys import DataKey
 from epp.framework.metrics import PluginMetrics
 from epp.framework.types import (
     CycleState,
@@ -18,6 +19,8 @@ from epp.framework.types import (
     SchedulingResult,
     ScoredEndpoint,
 )
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- plugins
@@ -172,6 +175,28 @@ class NamedPlugin:
 
     def __init__(self, name: str, params: None = None, handle: PluginHandle | None = None) -> None:
         self.name = name
+
+
+P = TypeVar("P")
+
+
+class ConfiguredPlugin(Generic[P]):
+    """Base for plugins with parameters: keeps the name and hands `configure` the parsed
+    `Params` (the dataclass's defaults when the config gives none) and the handle."""
+
+    type_name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, name: str, params: P | None, handle: PluginHandle) -> None:
+        self.name = name
+        self.configure(params if params is not None else self.Params(), handle)
+
+    def configure(self, p: P, handle: PluginHandle) -> None:
+        raise NotImplementedError
+
+    def own_key(self, what: str, value_type: type[T]) -> DataKey[T]:
+        """A CycleState key private to this plugin instance ("<type>-<what>/<name>")."""
+        return DataKey(f"{self.type_name}-{what}/{self.name}", value_type)
 
 
 # --------------------------------------------------------------------------- handle

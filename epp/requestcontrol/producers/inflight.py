@@ -52,6 +52,7 @@ from epp.framework.datakeys import (
     ProducerParam,
 )
 from epp.framework.metrics import PluginMetrics
+from epp.framework.plugins import ConfiguredPlugin
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +135,16 @@ class _Gauges(Collector):
 _GAUGES: WeakKeyDictionary[PluginMetrics, _Gauges] = WeakKeyDictionary()
 
 
-class InFlightLoadProducer:
+class InFlightLoadProducer(ConfiguredPlugin[InFlightLoadParams]):
     type_name = "inflight-load-producer"
     Params = InFlightLoadParams
     consumes = (ProducerParam("prefixMatchInfoProducerName", APPROX_PREFIX_PRODUCER), TOKENS_CONSUMER)
 
-    def __init__(self, name: str, params: InFlightLoadParams | None, handle: PluginHandle) -> None:
-        p = params or InFlightLoadParams()
-        self.name = name
+    def configure(self, p: InFlightLoadParams, handle: PluginHandle) -> None:
         self.params = p
-        self.key = INFLIGHT_LOAD.of(name)
+        self.key = INFLIGHT_LOAD.of(self.name)
         self._prefix_key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
-        self._costs: DataKey[dict[Endpoint, int]] = DataKey(f"{type(self).type_name}-costs/{name}", dict)
+        self._costs: DataKey[dict[Endpoint, int]] = self.own_key("costs", dict)
         self.requests: dict[Endpoint, int] = {}
         self.tokens: dict[Endpoint, int] = {}
         self._tracked: OrderedDict[str, list[_Charge]] = OrderedDict()  # request id -> its charges

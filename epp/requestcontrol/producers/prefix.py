@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult, bounded
 from epp.framework.datakeys import PREFIX_MATCH_INFO, DataKey, PrefixCacheMatchInfo
+from epp.framework.plugins import ConfiguredPlugin
 from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
 from epp.requestcontrol.producers.prefix_index import PrefixIndex
 
@@ -77,28 +78,26 @@ DEFAULT_MAX_PREFIX_BLOCKS = 2048
 DEFAULT_LRU_CAPACITY = 31250
 
 
-class ApproxPrefixCacheProducer:
+class ApproxPrefixCacheProducer(ConfiguredPlugin[PrefixProducerParams]):
     type_name = "approx-prefix-cache-producer"
     Params = PrefixProducerParams
 
-    def __init__(self, name: str, params: PrefixProducerParams | None, handle: PluginHandle) -> None:
-        p = params or PrefixProducerParams()
+    def configure(self, p: PrefixProducerParams, handle: PluginHandle) -> None:
         if p.blockSize and not p.legacyV15:
-            log.warning("%s: 'blockSize' is deprecated; use 'blockSizeTokens' instead", name)
+            log.warning("%s: 'blockSize' is deprecated; use 'blockSizeTokens' instead", self.name)
             if p.blockSizeTokens == 16:  # left at its default: the deprecated value takes its place
                 p.blockSizeTokens = p.blockSize
             p.blockSize = None
         if not p.legacyV15 and p.blockSizeTokens < MIN_BLOCK_SIZE_TOKENS:
-            log.info("%s: blockSizeTokens %d is below the minimum, %d is used", name, p.blockSizeTokens,
+            log.info("%s: blockSizeTokens %d is below the minimum, %d is used", self.name, p.blockSizeTokens,
                      MIN_BLOCK_SIZE_TOKENS)
-        self.name = name
         self.params = p
         self._floor = 1 if p.legacyV15 else MIN_BLOCK_SIZE_TOKENS
         self.index = PrefixIndex()
-        self.key = PREFIX_MATCH_INFO.of(name)
-        self._hashes: DataKey[list[int]] = DataKey(f"{type(self).type_name}-hashes/{name}", list)
+        self.key = PREFIX_MATCH_INFO.of(self.name)
+        self._hashes: DataKey[list[int]] = self.own_key("hashes", list)
         m = handle.metrics
-        me = {"plugin_name": name, "plugin_type": type(self).type_name}
+        me = {"plugin_name": self.name, "plugin_type": type(self).type_name}
         for size_name, labels in ((INDEXER_SIZE, None), (LLMD_INDEXER_SIZE, me)):
             m.gauge(size_name, "Size of the prefix indexer.", self.index.__len__, labels)
         ratio_doc = "Ratio of prefix length matched to total prefix length in the cache lookup."

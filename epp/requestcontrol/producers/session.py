@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.datakeys import SESSION_ID
+from epp.framework.plugins import ConfiguredPlugin
 
 
 @dataclass(slots=True)
@@ -35,14 +36,12 @@ def cookie_value(header: str, name: str) -> str:
     return ""
 
 
-class SessionIdProducer:
+class SessionIdProducer(ConfiguredPlugin[SessionIdParams]):
     type_name = "session-id-producer"
     Params = SessionIdParams
 
-    def __init__(self, name: str, params: SessionIdParams | None, handle: PluginHandle) -> None:
-        p = params or SessionIdParams()
-        self.name = name
-        self.key = SESSION_ID.of(name)
+    def configure(self, p: SessionIdParams, handle: PluginHandle) -> None:
+        self.key = SESSION_ID.of(self.name)
         self.header = p.headerName.strip().lower()
         self.cookie = p.cookieName.strip()
 
