@@ -23,7 +23,6 @@ from epp.framework import (
     SchedulingResult,
 )
 from epp.framework.datakeys import SESSION_ID, TOKENIZED_PROMPT
-from scorers import session_affinity
 
 
 def req(prompt="", headers=None, body=None):
@@ -153,8 +152,8 @@ def test_session_id_strategy_binds_keeps_and_migrates_reading_the_producer():
 def test_session_id_strategy_defaults_to_the_x_session_id_header_and_bindings_are_bounded(monkeypatch):
     a, b, _ = _eps()
     p = build_plugin("session-affinity-scorer", None, {"strategy": "session_id"}, PluginHandle(), "t")
-    assert (p.ttl, p.sweep_every) == (300.0, 10.0)
-    monkeypatch.setattr(session_affinity, "MAX_SESSIONS", 2)
+    assert (p.bindings.ttl, p.bindings.sweep_every) == (300.0, 10.0)
+    monkeypatch.setattr(p.bindings, "bound", 2)  # MAX_SESSIONS
     for sid in ("x", "y", "z"):
         p.pre_request(CycleState(), req(headers={"x-session-id": sid}), _result(a))
     assert list(p.bindings) == ["y", "z"]

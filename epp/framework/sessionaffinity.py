@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from epp.framework.datakeys import DataKey
@@ -137,6 +137,10 @@ class SessionBindings:
 
     def __len__(self) -> int:
         return len(self._map)
+
+    def __iter__(self) -> Iterator[str]:
+        """The bound session ids, least recently used first."""
+        return iter(self._map)
 
     def get(self, session: str) -> str | None:
         b = self._map.get(session)
