@@ -14,56 +14,17 @@ others 0. Two strategies:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
-from epp.framework import (
-    CycleState,
-    DataKey,
-    Endpoint,
-    InferenceRequest,
-    PluginHandle,
-    ResponseInfo,
-    SchedulingResult,
-)
-from epp.framework.plugins import ConfiguredPlugin
-from epp.framework.sessionaffinity import (
-    ENCODED_ENDPOINT_HEADER,
-    SESSION_ID,
-    SESSION_TOKEN_HEADER,
-    SessionAffinityParams,
-    SessionBindings,
-    SessionIdResolver,
-    decode_token,
-    endpoint_id,
-    normalize_header,
-    picked,
-    session_token,
-)
-
-MAX_PENDING = 1 << 16  # requests between PreRequest and their response headers (profileName)
+from epp.framework import CycleState, Endpoint, InferenceRequest
+from epp.framework.sessionaffinity import SessionAffinityBase, decode_token, endpoint_id
 
 
-class SessionAffinityScorer(ConfiguredPlugin[SessionAffinityParams]):
+class SessionAffinityScorer(SessionAffinityBase):
     type_name = "session-affinity-scorer"
-    Params = SessionAffinityParams
 
-    def configure(self, p: SessionAffinityParams, handle: PluginHandle) -> None:
-        self.strategy = p.strategy
-        self.profile = p.profileName
-        self.header = normalize_header(p.encodedEndpointHeaderConfig.header, SESSION_TOKEN_HEADER)
-        c = p.sessionIdConfig
-        self.resolve = SessionIdResolver(c.sources)
-        self.bindings = SessionBindings(c.evictionTtlSeconds, c.evictionSweepSeconds, handle.clock)
-        self._present: DataKey[bool] = self.own_key("bound-present", bool)
-        self._pending: OrderedDict[str, Endpoint] = OrderedDict()  # request id -> profileName's target
-
-    def session_id(self, cycle: CycleState, request: InferenceRequest) -> str:
-        return self.resolve(cycle, request.headers)
-
-    # ------------------------------------------------------------------ extension points
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        if self.strategy == SESSION_ID:
+        if self.session_id_strategy:
             sid = self.session_id(cycle, request)
             bound = self.bindings.get(sid) if sid else None
             if bound is None:
@@ -75,29 +36,3 @@ class SessionAffinityScorer(ConfiguredPlugin[SessionAffinityParams]):
         if not wanted:
             return [0.0] * len(endpoints)
         return [1.0 if endpoint_id(e) == wanted else 0.0 for e in endpoints]
-
-    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
-        if self.strategy != SESSION_ID:
-            if self.profile:  # the response header names this profile's target
-                target = picked(result, self.profile)
-                if target is not None:
-                    self._pending[request.request_id] = target
-                    while len(self._pending) > MAX_PENDING:
-                        self._pending.popitem(last=False)
-            return
-        sid = self.session_id(cycle, request)
-        target = picked(result, self.profile)
-        if sid and target is not None:
-            # keeps a binding whose endpoint was a candidate but lost to other scorers; re-binds otherwise
-            self.bindings.commit(sid, endpoint_id(target), cycle.read(self._present))
-
-    def response_received(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
-        if self.strategy != ENCODED_ENDPOINT_HEADER:
-            return
-        if self.profile:
-            target = self._pending.pop(request.request_id, None)
-        if target is not None:
-            response.set_headers[self.header] = session_token(target)
-
-    def response_complete(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
-        self._pending.pop(request.request_id, None)

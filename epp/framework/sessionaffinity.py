@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from epp.framework.datakeys import DataKey
-from epp.framework.types import CycleState, Endpoint, SchedulingResult
+from epp.framework.plugins import ConfiguredPlugin, PluginHandle
+from epp.framework.types import CycleState, Endpoint, InferenceRequest, ResponseInfo, SchedulingResult
 
 SESSION_TOKEN_HEADER = "x-session-token"  # encodedEndpointHeaderConfig.header default
 SESSION_ID_HEADER = "x-session-id"  # sessionIdConfig.sources default
@@ -166,3 +167,54 @@ class SessionBindings:
         self._map.move_to_end(session)
         while len(self._map) > self.bound:
             self._map.popitem(last=False)
+
+
+MAX_PENDING = 1 << 16  # requests between PreRequest and their response headers (profileName)
+
+
+class SessionAffinityBase(ConfiguredPlugin[SessionAffinityParams]):
+    """What session-affinity-scorer and session-affinity-filter share: their state from
+    SessionAffinityParams, the session-id binding at PreRequest and the encoded-endpoint
+    header written on the response. A subclass adds its Scorer or Filter step, which
+    writes `_present` (whether the bound endpoint was a candidate) in session_id mode."""
+
+    Params = SessionAffinityParams
+
+    def configure(self, p: SessionAffinityParams, handle: PluginHandle) -> None:
+        self.session_id_strategy = p.strategy == SESSION_ID
+        self.profile = p.profileName
+        self.header = normalize_header(p.encodedEndpointHeaderConfig.header, SESSION_TOKEN_HEADER)
+        c = p.sessionIdConfig
+        self.resolve = SessionIdResolver(c.sources)
+        self.bindings = SessionBindings(c.evictionTtlSeconds, c.evictionSweepSeconds, handle.clock)
+        self._present: DataKey[bool] = self.own_key("bound-present", bool)
+        self._pending: OrderedDict[str, Endpoint] = OrderedDict()  # request id -> profileName's target
+
+    def session_id(self, cycle: CycleState, request: InferenceRequest) -> str:
+        return self.resolve(cycle, request.headers)
+
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        if not self.session_id_strategy:
+            if self.profile:  # the response header names this profile's target
+                target = picked(result, self.profile)
+                if target is not None:
+                    self._pending[request.request_id] = target
+                    while len(self._pending) > MAX_PENDING:
+                        self._pending.popitem(last=False)
+            return
+        sid = self.session_id(cycle, request)
+        target = picked(result, self.profile)
+        if sid and target is not None:
+            # keeps a binding whose endpoint was a candidate but lost; re-binds otherwise
+            self.bindings.commit(sid, endpoint_id(target), cycle.read(self._present))
+
+    def response_received(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
+        if self.session_id_strategy:
+            return
+        if self.profile:  # None when that profile was not scheduled (e.g. decode-only)
+            target = self._pending.pop(request.request_id, None)
+        if target is not None:
+            response.set_headers[self.header] = session_token(target)
+
+    def response_complete(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
+        self._pending.pop(request.request_id, None)
