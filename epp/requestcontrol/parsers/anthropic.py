@@ -17,7 +17,12 @@ from typing import Any, ClassVar
 
 from epp.errors import bad_request
 from epp.framework import InferenceRequest, NamedPlugin
-from epp.requestcontrol.parsers.common import cache_salt_of, dumps, json_object, max_tokens, model_of
+from epp.requestcontrol.parsers.common import (
+    dumps,
+    json_object,
+    json_request,
+    max_tokens,
+)
 
 MESSAGES_PATH = "messages"
 COUNT_TOKENS_PATH = "messages/count_tokens"
@@ -93,17 +98,4 @@ class AnthropicParser(NamedPlugin):
         if not path.endswith("/" + MESSAGES_PATH):
             raise bad_request(f"unsupported API endpoint: {path[:128]}")
         data = json_object(body)
-        model = model_of(data)
-        return InferenceRequest(
-            request_id=request_id,
-            target_model=model,
-            incoming_model=model,
-            kind="messages",
-            prompt_text=prompt_text(data),
-            headers={},
-            body=data,
-            stream=data.get("stream") is True,
-            cache_salt=cache_salt_of(data),
-            max_tokens=max_tokens(data, "max_tokens"),
-            size_bytes=len(body),
-        )
+        return json_request(request_id, body, data, "messages", prompt_text(data), max_tokens(data, "max_tokens"))

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from epp.errors import bad_request
+from epp.framework import InferenceRequest
 
 # Largest output budget accepted (vLLM's own limit is the model's context length, far
 # below this); anything above, below zero or not an integer is a 400.
@@ -67,6 +68,16 @@ def model_of(body: Mapping[str, Any]) -> str:
 def cache_salt_of(body: Mapping[str, Any], key: str = "cache_salt") -> str:
     salt = body.get(key)
     return salt if isinstance(salt, str) else ""
+
+
+def json_request(request_id: str, body: bytes, data: Mapping[str, Any], kind: str, prompt_text: str,
+                 budget: int | None, model: str | None = None) -> InferenceRequest:
+    """The request a JSON API body gives: its model (the body's unless given; target = incoming),
+    streaming when `stream` is true, its cache_salt, `budget` output tokens, the raw body's size."""
+    model = model_of(data) if model is None else model
+    return InferenceRequest(request_id=request_id, target_model=model, incoming_model=model, kind=kind,
+                            prompt_text=prompt_text, headers={}, body=data, stream=data.get("stream") is True,
+                            cache_salt=cache_salt_of(data), max_tokens=budget, size_bytes=len(body))
 
 
 def dumps(value: Any) -> str:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from epp.errors import bad_request
 from epp.framework import InferenceRequest, NamedPlugin
-from epp.requestcontrol.parsers.common import cache_salt_of, dumps, json_object, max_tokens
+from epp.requestcontrol.parsers.common import dumps, json_object, json_request, max_tokens
 
 # Longest path suffix first: /v1/chat/completions also ends with /completions.
 _KIND_BY_PATH = (
@@ -95,19 +95,8 @@ def parse_body(body: bytes, request_id: str, path: str = "") -> InferenceRequest
     kind = kind_from_path(path) or _kind_from_body(data)
     if not kind:
         raise bad_request("prompt not found in request body (no messages, prompt or input)")
-    return InferenceRequest(
-        request_id=request_id,
-        target_model=model,
-        incoming_model=model,
-        kind=kind,
-        prompt_text=_prompt_text(kind, data),
-        headers={},
-        body=data,
-        stream=data.get("stream") is True,
-        cache_salt=cache_salt_of(data),
-        max_tokens=max_tokens(data, *_MAX_TOKENS_KEYS.get(kind, ())),
-        size_bytes=len(body),
-    )
+    return json_request(request_id, body, data, kind, _prompt_text(kind, data),
+                        max_tokens(data, *_MAX_TOKENS_KEYS.get(kind, ())), model)
 
 
 class OpenAIParser(NamedPlugin):

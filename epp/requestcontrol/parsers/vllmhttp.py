@@ -16,11 +16,10 @@ from typing import ClassVar
 from epp.errors import bad_request
 from epp.framework import InferenceRequest, NamedPlugin
 from epp.requestcontrol.parsers.common import (
-    cache_salt_of,
     dumps,
     json_object,
+    json_request,
     max_tokens,
-    model_of,
     token_ids,
 )
 
@@ -38,17 +37,5 @@ class VllmHTTPParser(NamedPlugin):
         data = json_object(body)
         ids = token_ids(data.get("token_ids"), "token_ids")
         sampling = data.get("sampling_params")
-        model = model_of(data)
-        return InferenceRequest(
-            request_id=request_id,
-            target_model=model,
-            incoming_model=model,
-            kind="generate",
-            prompt_text=dumps(ids),
-            headers={},
-            body=data,
-            stream=data.get("stream") is True,
-            cache_salt=cache_salt_of(data),
-            max_tokens=max_tokens(sampling, "max_tokens") if isinstance(sampling, dict) else None,
-            size_bytes=len(body),
-        )
+        return json_request(request_id, body, data, "generate", dumps(ids),
+                            max_tokens(sampling, "max_tokens") if isinstance(sampling, dict) else None)
