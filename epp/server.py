@@ -99,7 +99,8 @@ class PickerServer:
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
                                  staleness=options.metrics_staleness_threshold,
                                  parsers=self.pipeline.parsers or None,  # requestHandler.parsers
-                                 tracing=self.tracing)
+                                 tracing=self.tracing, emit_endpoint_scores=options.emit_endpoint_scores)
+        self.pipeline.scheduler.collect_scores = options.emit_endpoint_scores  # only then: nothing collected off
         self.ext_proc = ExtProcHandler(self.director, disable_subset_filter=options.disable_endpoint_subset_filter,
                                        serving=self._serving, max_request_body_bytes=options.max_request_body_bytes)
         self.telemetry.add_pool_collector(self.datastore, options.pool_name or "static",

@@ -143,6 +143,9 @@ class ProfileRunResult:
     """What a profile's picker chose: primary first, the rest are fallbacks."""
 
     targets: list[Endpoint]
+    # "ip:port" -> weighted total of every endpoint the profile scored, picked or not (the
+    # reference's ScoredCandidates); filled by the scheduler only with --emit-endpoint-scores
+    scores: dict[str, float] | None = None
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ SYSTEM_HEADERS = tuple(dict.fromkeys((DESTINATION_HEADER, DESTINATION_SERVED_HEA
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"  # filter metadata Envoy sends: the endpoints allowed
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 LB_NAMESPACE = "envoy.lb"  # dynamic metadata the picker returns: the destination
+SCORES_KEY = "x-gateway-destination-endpoint-scores"  # in LB_NAMESPACE: {hostport: score}, --emit-endpoint-scores
 EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 UPSTREAM_ADDRESS = "upstream.address"  # the attribute naming the endpoint that served
 
@@ -26,5 +27,5 @@ MAX_CHUNK = 62_000  # streamed_response body chunks are cut at this size, as the
 DEFAULT_MAX_REQUEST_BODY_BYTES = 64 * 1024 * 1024  # --max-request-body-bytes: room for multimodal bodies
 
 __all__ = ["SERVICE_NAME", "METHOD_PATH", "NOT_LEADER_MESSAGE", "DESTINATION_HEADER", "DESTINATION_SERVED_HEADER",
-           "PREFILLER_HEADER", "SYSTEM_HEADERS", "SUBSET_NAMESPACE", "SUBSET_KEY", "LB_NAMESPACE",
+           "PREFILLER_HEADER", "SYSTEM_HEADERS", "SUBSET_NAMESPACE", "SUBSET_KEY", "LB_NAMESPACE", "SCORES_KEY",
            "EXT_PROC_ATTRIBUTES", "UPSTREAM_ADDRESS", "MAX_CHUNK", "DEFAULT_MAX_REQUEST_BODY_BYTES"]

@@ -22,7 +22,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
 from epp.errors import InferenceError
-from epp.handlers.protocol import DESTINATION_HEADER, LB_NAMESPACE, SYSTEM_HEADERS
+from epp.handlers.protocol import DESTINATION_HEADER, LB_NAMESPACE, SCORES_KEY, SYSTEM_HEADERS
 
 if TYPE_CHECKING:
     from epp.requestcontrol.director import RequestContext
@@ -100,9 +100,14 @@ REQUEST_TRAILERS = ProcessingResponse(request_trailers=TrailersResponse()).Seria
 RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse()).SerializeToString()
 
 
-def _lb_metadata(destination: str) -> Struct:
+def _lb_metadata(destination: str, scores: dict[str, float] | None = None) -> Struct:
     s = Struct()
-    s.fields[LB_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = destination
+    lb = s.fields[LB_NAMESPACE].struct_value.fields
+    lb[DESTINATION_HEADER].string_value = destination
+    if scores:  # --emit-endpoint-scores: {"ip:port": weighted total} of every endpoint the primary profile scored
+        fields = lb[SCORES_KEY].struct_value.fields
+        for hostport, score in scores.items():
+            fields[hostport].number_value = score
     return s
 
 
@@ -117,7 +122,8 @@ class RoutingReplies:
     def reply(self, ctx: RequestContext, field: int, content_length: int, new_body: bytes | None) -> bytes:
         removes = [k for k in SYSTEM_HEADERS if k in ctx.headers and k != DESTINATION_HEADER
                    and k not in ctx.upstream_headers]
-        simple = not ctx.upstream_headers and not ctx.generated_request_id and content_length < 0 and not removes
+        simple = (not ctx.upstream_headers and not ctx.generated_request_id and content_length < 0 and not removes
+                  and ctx.scores is None)
         if simple:
             cached = self._cache.get((field, ctx.destination))
             if cached is not None:
@@ -134,10 +140,10 @@ class RoutingReplies:
             common.body_mutation.body = new_body
         if field == REQUEST_HEADERS:
             reply = ProcessingResponse(request_headers=HeadersResponse(response=common),
-                                       dynamic_metadata=_lb_metadata(ctx.destination))
+                                       dynamic_metadata=_lb_metadata(ctx.destination, ctx.scores))
         else:
             reply = ProcessingResponse(request_body=BodyResponse(response=common),
-                                       dynamic_metadata=_lb_metadata(ctx.destination))
+                                       dynamic_metadata=_lb_metadata(ctx.destination, ctx.scores))
         data = reply.SerializeToString()
         if simple:
             if len(self._cache) >= ROUTE_CACHE_SIZE:

@@ -71,6 +71,7 @@ class RequestContext:
     result: SchedulingResult | None = None
     targets: list[Endpoint] = field(default_factory=list)
     destination: str = ""  # comma-joined hostports, primary first
+    scores: dict[str, float] | None = None  # hostport -> primary profile's total, with --emit-endpoint-scores
     upstream_headers: dict[str, str] = field(default_factory=dict)  # to set on the upstream request
     new_body: bytes | None = None  # set when a model rewrite changed the body
     release: Release | None = None
@@ -103,7 +104,8 @@ class Director:
     def __init__(self, datastore: Datastore, plugins: RequestPlugins, *, admission: AdmissionGate,
                  telemetry: Telemetry | None = None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic, staleness: float | None = None,
-                 parsers: Sequence[Parser] | None = None, tracing: Tracing | None = None) -> None:
+                 parsers: Sequence[Parser] | None = None, tracing: Tracing | None = None,
+                 emit_endpoint_scores: bool = False) -> None:
         self.datastore = datastore
         self.parsers = ParserChain(default_parsers() if parsers is None else parsers)
         # An endpoint whose scrapes have failed for longer than this is presumed down
@@ -119,6 +121,8 @@ class Director:
         self._ids = itertools.count(1)
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.tracing = tracing  # None: off (the scheduling cycle's observer is the caller's to wrap)
+        # --emit-endpoint-scores: carry the primary profile's scores (the scheduler must collect them) to ctx
+        self.emit_endpoint_scores = emit_endpoint_scores
 
     # ------------------------------------------------------------------ request phase
     def new_context(self, headers: dict[str, str], traced: bool = True) -> RequestContext:
@@ -212,6 +216,9 @@ class Director:
         ctx.result = result
         ctx.targets = targets
         ctx.destination = targets[0].hostport if len(targets) == 1 else ",".join(t.hostport for t in targets)
+        if self.emit_endpoint_scores:
+            primary = result.profile_results.get(result.primary_profile)
+            ctx.scores = primary.scores if primary is not None else None
         if result.headers:
             ctx.upstream_headers.update(result.headers)
         if ctx.trace is not None:  # traceparent for the upstream request, attributes

@@ -106,6 +106,8 @@ class Scheduler(Observed):
                  observe: Observer | None = None) -> None:
         self.profiles = dict(profiles)
         self.handler = handler
+        # --emit-endpoint-scores (epp.server): each ProfileRunResult carries every scored endpoint's total
+        self.collect_scores = False
         self.observe = observe
 
     def _rebuild(self, fn: Observer | None) -> None:
@@ -176,4 +178,6 @@ class Scheduler(Observed):
             pt.picked = [e.name for e in result.targets]
         if not result.targets:
             return None
+        if self.collect_scores:  # --emit-endpoint-scores; the built-in pickers leave endpoints/totals as they were
+            result.scores = {e.hostport: t for e, t in zip(endpoints, totals)}  # noqa: B905 - lengths checked
         return result
