@@ -164,6 +164,7 @@ class PickerProcess:
     grpc_port: int
     health_port: int
     metrics_port: int
+    api_port: int  # the project API (ListEndpoints, Explain), on its own port in every transport
     tls: bool
     log_dir: Path
     process: Process | None = None
@@ -204,10 +205,12 @@ def start_picker(*, log_dir: Path, endpoints: Sequence[str] = (), endpoints_file
                  timeout: float = STARTUP_TIMEOUT) -> PickerProcess:
     """`epp serve` on free gRPC/health/metrics ports of 127.0.0.1, its configuration (if any)
     written to a file in log_dir; returns once it logs `epp: ready`."""
-    grpc, health, metrics = free_ports(3)
+    grpc, health, metrics, api = free_ports(4)
     log_dir = Path(log_dir)
+    # Tracing off unless asked for: the reference's default samples 10% and prints spans to stdout.
     argv = [*EPP, "serve", "--bind-address", HOST, f"--grpc-port={grpc}", f"--grpc-health-port={health}",
-            f"--metrics-port={metrics}", f"--secure-serving={str(tls).lower()}", "--drain-timeout=0"]
+            f"--metrics-port={metrics}", f"--api-port={api}", f"--secure-serving={str(tls).lower()}",
+            "--drain-timeout=0", "--tracing=false"]
     if endpoints:
         argv.append("--endpoints=" + ",".join(endpoints))
     if endpoints_file:
@@ -217,7 +220,7 @@ def start_picker(*, log_dir: Path, endpoints: Sequence[str] = (), endpoints_file
         path.write_text(config_text)
         argv.append(f"--config-file={path}")
     argv += extra_flags
-    return PickerProcess(argv, grpc, health, metrics, tls, log_dir).start(timeout)
+    return PickerProcess(argv, grpc, health, metrics, api, tls, log_dir).start(timeout)
 
 
 # --------------------------------------------------------------------------- the whole stack

@@ -347,7 +347,8 @@ def test_transport_flags():
     from epp.options import parse_args
 
     o = parse_args(["--endpoints=10.0.0.1:8000"])
-    assert (o.ext_proc_transport, o.api_port) == ("grpcio", -1)
+    assert (o.ext_proc_transport, o.api_port) == ("native", -1)
+    assert parse_args(["--endpoints=10.0.0.1:8000", "--ext-proc-transport=grpcio"]).ext_proc_transport == "grpcio"
     o = parse_args(["--endpoints=10.0.0.1:8000", "--ext-proc-transport=native", "--api-port=0"])
     assert (o.ext_proc_transport, o.api_port) == ("native", 0)
     with pytest.raises(SystemExit):

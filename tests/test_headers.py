@@ -55,6 +55,11 @@ def test_every_name_of_a_control_header_and_every_injected_header_is_stripped():
     assert set(control.STRIPPED) <= set(SYSTEM_HEADERS)
 
 
+def test_a_clients_copies_of_the_sidecar_target_headers_are_removed():
+    # The routing sidecar trusts these: only the picker may set them.
+    assert {"x-prefiller-host-port", "x-encoder-hosts-ports", "x-data-parallel-host-port"} <= set(SYSTEM_HEADERS)
+
+
 def test_the_forwarded_request_loses_the_control_headers():
     ctx = RequestContext(headers={"x-llm-d-inference-objective": "o", "x-gateway-inference-objective": "o",
                                   "x-llm-d-request-dropped-reason": "forged", "x-session-id": "keep",

@@ -3,18 +3,20 @@ headers and metadata keys the picker reads and writes, and the body chunk limit.
 
 from __future__ import annotations
 
+from epp.framework.types import DATA_PARALLEL_HEADER, ENCODERS_HEADER, PREFILLER_HEADER
+from epp.requestcontrol.headers import DESTINATION as DESTINATION_HEADER
+from epp.requestcontrol.headers import DESTINATION_SERVED as DESTINATION_SERVED_HEADER
 from epp.requestcontrol.headers import STRIPPED
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE_NAME}/Process"
 NOT_LEADER_MESSAGE = "not the leader endpoint picker"
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-DESTINATION_SERVED_HEADER = "x-gateway-destination-endpoint-served"
-PREFILLER_HEADER = "x-prefiller-host-port"
-# Headers the picker owns upstream: a client's copies are removed (the destination is overwritten),
-# and so are the control headers it reads (every name, canonical and deprecated: headers.STRIPPED).
-SYSTEM_HEADERS = tuple(dict.fromkeys((DESTINATION_HEADER, DESTINATION_SERVED_HEADER, PREFILLER_HEADER, *STRIPPED)))
+# Headers the picker owns upstream: a client's copies are removed (the destination is overwritten;
+# the P/D, encode and data-parallel targets reach the sidecar only from the picker), and so are the
+# control headers it reads (every name, canonical and deprecated: headers.STRIPPED).
+SYSTEM_HEADERS = tuple(dict.fromkeys((DESTINATION_HEADER, DESTINATION_SERVED_HEADER, PREFILLER_HEADER,
+                                      ENCODERS_HEADER, DATA_PARALLEL_HEADER, *STRIPPED)))
 
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"  # filter metadata Envoy sends: the endpoints allowed
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"

@@ -48,7 +48,7 @@ ADAPTER = "sql-new"
 def lora_scores(p: Picker, model: str) -> dict[str, float]:
     """The lora-affinity-scorer's raw score per endpoint for a request to `model` (Explain)."""
     body = json.dumps({"model": model, "prompt": "hi", "max_tokens": 2}).encode()
-    with grpc.insecure_channel(f"127.0.0.1:{p.grpc_port}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{p.api_port}") as ch:
         resp = pb_grpc.EndpointPickerStub(ch).Explain(
             pb.ExplainRequest(body=body, headers={":path": "/v1/completions"}), timeout=5)
     for profile in resp.profiles:

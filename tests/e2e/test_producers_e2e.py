@@ -27,8 +27,8 @@ SERVERS, PER_SERVER = 3, 3
 MAX_TOKENS = 600  # ~3.6 s of decoding at the simulator's 6 ms per step: all stay in flight
 
 
-def in_flight(grpc_port: int) -> dict[str, int]:
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+def in_flight(api_port: int) -> dict[str, int]:
+    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
         resp = pb_grpc.EndpointPickerStub(ch).ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
     return {f"{e.address}:{e.port}": e.in_flight_requests for e in resp.endpoints}
 
@@ -49,12 +49,12 @@ def test_optimized_baseline_spreads_concurrent_long_requests_by_in_flight_tokens
         t.start()
         threads.append(t)
         # the next one is routed only once this one is counted, so each pick sees the earlier ones
-        wait_until(lambda n=k + 1: sum(in_flight(p.grpc_port).values()) == n, 20, f"request {k + 1} in flight",
+        wait_until(lambda n=k + 1: sum(in_flight(p.api_port).values()) == n, 20, f"request {k + 1} in flight",
                    interval=0.02)
-    landing = in_flight(p.grpc_port)
+    landing = in_flight(p.api_port)
     for t in threads:
         t.join(60)
     assert results == [200] * (SERVERS * PER_SERVER)
     # least in-flight tokens first: exactly PER_SERVER each (random: 3-3-3 in 8.5% of runs)
     assert sorted(landing.values()) == [PER_SERVER] * SERVERS, landing
-    wait_until(lambda: sum(in_flight(p.grpc_port).values()) == 0, 20, "nothing in flight", interval=0.05)
+    wait_until(lambda: sum(in_flight(p.api_port).values()) == 0, 20, "nothing in flight", interval=0.05)

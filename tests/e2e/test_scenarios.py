@@ -46,7 +46,7 @@ def run_concurrently(fn: Callable[[int], tuple[int, dict[str, str], bytes]], n: 
 
 def pool_view(p: Picker) -> dict[str, pb.EndpointInfo]:
     """The picker's own view of its endpoints (project API on the ext_proc port), by ip:port."""
-    with grpc.insecure_channel(f"127.0.0.1:{p.grpc_port}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{p.api_port}") as ch:
         resp = pb_grpc.EndpointPickerStub(ch).ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
     return {f"{e.address}:{e.port}": e for e in resp.endpoints}
 

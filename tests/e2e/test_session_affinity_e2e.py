@@ -39,8 +39,8 @@ SERVERS, FOLLOW_UPS = 3, 5
 SUCCESS = "vllm:request_success_total"
 
 
-def in_flight(grpc_port: int) -> dict[str, int]:
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+def in_flight(api_port: int) -> dict[str, int]:
+    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
         resp = pb_grpc.EndpointPickerStub(ch).ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
     return {f"{e.address}:{e.port}": e.in_flight_requests for e in resp.endpoints}
 
@@ -78,13 +78,13 @@ def test_same_session_sticks_different_sessions_spread(sim_servers, picker, envo
             post(url, b, headers={"x-session-id": s}, timeout=60)[0]))
         t.start()
         threads.append(t)
-        wait_until(lambda n=k + 1: sum(in_flight(p.grpc_port).values()) == n, 20, f"session {k} in flight",
+        wait_until(lambda n=k + 1: sum(in_flight(p.api_port).values()) == n, 20, f"session {k} in flight",
                    interval=0.02)
-    assert sorted(in_flight(p.grpc_port).values()) == [1] * SERVERS  # spread one per server
+    assert sorted(in_flight(p.api_port).values()) == [1] * SERVERS  # spread one per server
     for t in threads:
         t.join(60)
     assert statuses == [200] * SERVERS
-    wait_until(lambda: sum(in_flight(p.grpc_port).values()) == 0, 20, "nothing in flight", interval=0.05)
+    wait_until(lambda: sum(in_flight(p.api_port).values()) == 0, 20, "nothing in flight", interval=0.05)
 
     where: dict[str, list[int]] = {sid: [] for sid in sessions}
     for turn in range(FOLLOW_UPS):
