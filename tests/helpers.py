@@ -7,7 +7,7 @@ import random
 from collections.abc import Callable, Mapping
 
 from epp.assembly import build_plugin
-from epp.framework import Endpoint, Metrics, Plugin, PluginHandle
+from epp.framework import Endpoint, Metrics, Plugin, PluginHandle, ProfileRunResult, SchedulingResult
 
 
 def ep(i: int, labels: Mapping[str, str] | None = None, namespace: str = "default", **metrics) -> Endpoint:
@@ -23,3 +23,11 @@ def plugin(ptype: str, params: Mapping | None = None, clock: Callable[[], float]
     if clock is not None:
         h.clock = clock
     return build_plugin(ptype, None, params, h, where)
+
+
+def result(target: Endpoint | None, profile: str = "default", **others: Endpoint) -> SchedulingResult:
+    """A scheduling result whose primary `profile` picked `target` (None: that profile ran
+    without a pick), each of `others` (profile=endpoint) its endpoint."""
+    pr = {profile: ProfileRunResult([target]) if target is not None else None}
+    pr.update({k: ProfileRunResult([v]) for k, v in others.items()})
+    return SchedulingResult(pr, profile)

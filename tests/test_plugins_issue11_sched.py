@@ -16,16 +16,14 @@ from epp.framework import (
     Endpoint,
     InferenceRequest,
     Metrics,
-    ProfileRunResult,
     ResponseInfo,
-    SchedulingResult,
 )
 from epp.framework.datakeys import INFLIGHT_LOAD, SESSION_ID, InFlightLoadInfo
 from epp.framework.params import PluginError
 from epp.framework.registry import ALPHA_TYPES, stability
 from epp.framework.sessionaffinity import MAX_SESSIONS
 from tests import helpers
-from tests.helpers import ep
+from tests.helpers import ep, result
 
 
 def req(headers=None, rid="r"):
@@ -46,12 +44,6 @@ def plugin(ptype, params=None, clock=None):
 
 def token(e: Endpoint) -> str:
     return base64.standard_b64encode(f"{e.namespace}/{e.name}".encode()).decode()
-
-
-def result(target: Endpoint | None, profile="default", **others) -> SchedulingResult:
-    pr = {profile: ProfileRunResult([target]) if target is not None else None}
-    pr.update({k: ProfileRunResult([v]) for k, v in others.items()})
-    return SchedulingResult(pr, profile)
 
 
 def route(f, eps, headers, rid="r", cycle=None):

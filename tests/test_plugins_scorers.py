@@ -7,9 +7,7 @@ import pytest
 from epp.framework import (
     CycleState,
     InferenceRequest,
-    ProfileRunResult,
     ResponseInfo,
-    SchedulingResult,
 )
 from epp.framework.datakeys import (
     INFLIGHT_LOAD,
@@ -19,7 +17,7 @@ from epp.framework.datakeys import (
     PrefixCacheMatchInfo,
 )
 from tests import helpers
-from tests.helpers import plugin
+from tests.helpers import plugin, result
 
 
 def ep(i, labels=None, **metrics):
@@ -32,10 +30,6 @@ def req(model="m", prompt="x" * 400, rid="r", headers=None, max_tokens=None):
 
 def score(p, endpoints, request=None, cycle=None):
     return p.score(cycle if cycle is not None else CycleState(), request or req(), endpoints)
-
-
-def result_for(e):
-    return SchedulingResult({"default": ProfileRunResult([e])}, "default")
 
 
 def test_queue_and_running_scorers_min_max():
@@ -94,7 +88,7 @@ class _Load:
     def commit(self, rid, e):
         cycle = CycleState()
         self.producer.prepare_request_data(cycle, req(rid=rid), [e])
-        self.producer.pre_request(cycle, req(rid=rid), result_for(e))
+        self.producer.pre_request(cycle, req(rid=rid), result(e))
 
     def complete(self, rid, e):
         self.producer.response_complete(req(rid=rid), ResponseInfo(), e)
@@ -154,19 +148,19 @@ def test_no_hit_lru_spreads_cold_requests():
     warm.write(PREFIX_MATCH_INFO, PrefixCacheMatchInfo({eps[0]: 1}, total_blocks=2, block_size_tokens=16,
                                                        longest=1))
     assert score(p, eps, cycle=cold) == [1.0, 0.5, 0.0]  # all never used: candidate order
-    p.pre_request(cold, req(), result_for(eps[0]))
-    p.pre_request(cold, req(), result_for(eps[1]))
+    p.pre_request(cold, req(), result(eps[0]))
+    p.pre_request(cold, req(), result(eps[1]))
     s = score(p, eps, cycle=cold)
     assert s == [0.5, 0.0, 1.0]  # never used > least recent > most recent
     assert score(p, eps, cycle=warm) == [0.5, 0.5, 0.5]
-    p.pre_request(warm, req(), result_for(eps[2]))  # warm picks do not count
+    p.pre_request(warm, req(), result(eps[2]))  # warm picks do not count
     assert score(p, eps, cycle=cold)[2] == 1.0
     # the hit is on e1, not a candidate: cold for these; e2's rank is 1 + its LRU position 1 -> 0
     assert score(p, eps[1:], cycle=warm) == [0.0, 1.0]
     p.endpoints_removed([eps[0]])
     assert score(p, eps, cycle=cold)[0] == 1.0
     assert score(p, [eps[1]], cycle=cold) == [1.0]  # one candidate
-    both = SchedulingResult({"decode": ProfileRunResult([eps[2]]), "prefill": ProfileRunResult([eps[0]])}, "decode")
+    both = result(eps[2], "decode", prefill=eps[0])
     score(p, eps, cycle=cold)
     p.pre_request(cold, req(), both)  # the prefill target is recorded too
     assert list(p._lru) == [eps[1], eps[2], eps[0]]

@@ -18,14 +18,13 @@ from epp.framework import (
     Endpoint,
     InferenceRequest,
     PluginHandle,
-    ProfileRunResult,
     ResponseInfo,
-    SchedulingResult,
 )
 from epp.framework.datakeys import INFLIGHT_LOAD, PREFIX_MATCH_INFO, TOKENIZED_PROMPT, PrefixCacheMatchInfo
 from epp.framework.metrics import PluginMetrics
 from epp.requestcontrol.producers import inflight
 from epp.requestcontrol.producers.inflight import estimate_output, uncached_input
+from tests.helpers import result
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference" / "configs"
 
@@ -56,8 +55,8 @@ def commit(p, rid, cycle, **profiles):
     request = req(rid)
     eps = [e for e in profiles.values()]
     p.prepare_request_data(cycle, request, eps)
-    p.pre_request(cycle, request, SchedulingResult({k: ProfileRunResult([e]) for k, e in profiles.items()},
-                                                   next(iter(profiles))))
+    (primary, target), *others = profiles.items()
+    p.pre_request(cycle, request, result(target, primary, **dict(others)))
     return request
 
 

@@ -18,11 +18,10 @@ from epp.framework import (
     Endpoint,
     InferenceRequest,
     PluginHandle,
-    ProfileRunResult,
     ResponseInfo,
-    SchedulingResult,
 )
 from epp.framework.datakeys import SESSION_ID, TOKENIZED_PROMPT
+from tests.helpers import result
 
 
 def req(prompt="", headers=None, body=None):
@@ -102,11 +101,6 @@ def _eps():
     return [Endpoint(f"e{i}", f"10.0.0.{i}", 8000, namespace="ns") for i in (1, 2, 3)]
 
 
-def _result(e, profile="default", **others):
-    return SchedulingResult({profile: ProfileRunResult([e]), **{k: ProfileRunResult([v]) for k, v in others.items()}},
-                            profile)
-
-
 class _Session:
     """session-id-producer (cookie) + session-affinity-scorer (session_id strategy), one cycle each."""
 
@@ -120,7 +114,7 @@ class _Session:
         cycle = CycleState()
         self.producer.prepare_request_data(cycle, request, candidates)
         scores = self.scorer.score(cycle, request, candidates)
-        self.scorer.pre_request(cycle, request, _result(pick))
+        self.scorer.pre_request(cycle, request, result(pick))
         return scores
 
 
@@ -155,7 +149,7 @@ def test_session_id_strategy_defaults_to_the_x_session_id_header_and_bindings_ar
     assert (p.bindings.ttl, p.bindings.sweep_every) == (300.0, 10.0)
     monkeypatch.setattr(p.bindings, "bound", 2)  # MAX_SESSIONS
     for sid in ("x", "y", "z"):
-        p.pre_request(CycleState(), req(headers={"x-session-id": sid}), _result(a))
+        p.pre_request(CycleState(), req(headers={"x-session-id": sid}), result(a))
     assert list(p.bindings) == ["y", "z"]
     assert p.score(CycleState(), req(headers={"x-session-id": "z"}), [a, b]) == [1.0, 0.0]
 
@@ -167,7 +161,7 @@ def test_encoded_header_strategy_with_a_custom_header_and_profile():
     token = base64.standard_b64encode(b"ns/e2").decode()
     assert p.score(CycleState(), req(headers={"x-sticky": token}), [a, b]) == [0.0, 1.0]
     request = req()
-    p.pre_request(CycleState(), request, _result(a, prefill=b))
+    p.pre_request(CycleState(), request, result(a, prefill=b))
     info = ResponseInfo()
     p.response_received(request, info, a)
     assert base64.standard_b64decode(info.set_headers["x-sticky"]) == b"ns/e2"  # the prefill profile's target
