@@ -80,9 +80,10 @@ METRICS_EXTRACTOR_TYPE = "core-metrics-extractor"
 # Distinct model names that get their own label value, besides the ones the pool knows
 # (`--metrics-max-model-labels`); every other name is counted under OVERFLOW_MODEL_LABEL,
 # as the reference picker does, so made-up names in request bodies cannot grow /metrics.
-# Each label value costs about 45 KB of /metrics (and its memory), legacy and llm_d_epp_*
-# families together: 100 -> ~4.5 MB at most.
-DEFAULT_MAX_MODEL_LABELS = 100
+# Each label value costs about 45 KB of /metrics and ~0.14 MiB of picker memory (legacy and
+# llm_d_epp_* families together): 32 -> ~1.4 MB of /metrics at most. Pools serve few names
+# beyond the ones they know (those always keep their label), so 32 leaves room for those.
+DEFAULT_MAX_MODEL_LABELS = 32
 OVERFLOW_MODEL_LABEL = "other"
 MAX_MODEL_LABEL_CHARS = 256  # a longer model name is counted under OVERFLOW_MODEL_LABEL, never printed
 KNOWN_MODELS_REFRESH = 1.0  # seconds between re-reads of the models the pool knows

@@ -229,6 +229,6 @@ async def test_default_label_bound_keeps_metrics_small():
     for i in range(3000):
         finish(director, await route(director, body(f"made-up-{i}")))
     labels = model_labels(telemetry.registry)
-    assert len(labels) == telemetry.model_labels.limit + 1 == DEFAULT_MAX_MODEL_LABELS + 1 == 101
+    assert len(labels) == telemetry.model_labels.limit + 1 == DEFAULT_MAX_MODEL_LABELS + 1 == 33
     size = len(generate_latest(telemetry.registry))
-    assert size < 5_000_000, size  # 101 label values of ~45 KB (legacy + llm_d_epp_* families)
+    assert size < 1_700_000, size  # 33 label values of ~45 KB (legacy + llm_d_epp_* families)

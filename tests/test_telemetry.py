@@ -93,7 +93,7 @@ def test_known_names_are_bounded_too():
 
 
 def test_the_bound_is_a_flag():
-    assert parse_args(["--endpoints=10.0.0.1:80"]).metrics_max_model_labels == DEFAULT_MAX_MODEL_LABELS == 100
+    assert parse_args(["--endpoints=10.0.0.1:80"]).metrics_max_model_labels == DEFAULT_MAX_MODEL_LABELS == 32
     assert parse_args(["--endpoints=10.0.0.1:80", "--metrics-max-model-labels=7"]).metrics_max_model_labels == 7
     with pytest.raises(SystemExit):
         parse_args(["--endpoints=10.0.0.1:80", "--metrics-max-model-labels=-1"])
