@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import h2.config
 import h2.connection
@@ -51,6 +53,18 @@ REQUEST_HEADERS = [(":method", "POST"), (":scheme", "http"), (":path", METHOD_PA
 
 class Native(Harness):
     transport = "native"
+
+
+@asynccontextmanager
+async def h2_server(h: Native, **settings) -> AsyncIterator[tuple[H2GrpcServer, int]]:
+    """A native ext_proc server over the harness with these settings on a free port (and
+    its port), stopped on the way out."""
+    server = H2GrpcServer(h.ext_proc, **settings)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield server, port
+    finally:
+        await server.stop(0)
 
 
 # ------------------------------------------------------------------ an h2-library client
@@ -269,59 +283,45 @@ async def test_data_after_end_stream_is_a_stream_error():
 
 
 async def test_max_concurrent_streams_is_enforced_with_refused_stream():
-    async with Native(FLOW_CONTROL) as h:  # queued requests keep their streams open
-        server = H2GrpcServer(h.ext_proc, max_concurrent_streams=2)
-        port = await server.start("127.0.0.1", 0)
-        try:
-            c = await handshake(port)
-            settings = next(f for f in c.frames if f[0] == SETTINGS and not f[1] & 1)
-            assert (3, 2) in [struct.unpack_from(">HI", settings[3], i) for i in range(0, len(settings[3]), 6)]
-            for sid in (1, 3, 5):
-                c.open_stream(sid, headers_msg(), body_msg(completion(), True))
-            await c.until(lambda f: f[0] == RST_STREAM and f[2] == 5 and U32.unpack(f[3])[0] == REFUSED_STREAM)
-            await eventually(lambda: h.admission.queue_size == 2)  # the refused stream never reached the picker
-            c.send(frame(RST_STREAM, 0, 1, U32.pack(8)))  # one ends: room for a new one
-            await c.sync()
-            c.open_stream(7, headers_msg(), body_msg(completion(), True))
-            await c.sync()
-            assert not [f for f in c.frames if f[0] == RST_STREAM and f[2] == 7]
-            c.close()
-            await h.assert_released()
-        finally:
-            await server.stop(0)
+    # queued requests keep their streams open
+    async with Native(FLOW_CONTROL) as h, h2_server(h, max_concurrent_streams=2) as (server, port):
+        c = await handshake(port)
+        settings = next(f for f in c.frames if f[0] == SETTINGS and not f[1] & 1)
+        assert (3, 2) in [struct.unpack_from(">HI", settings[3], i) for i in range(0, len(settings[3]), 6)]
+        for sid in (1, 3, 5):
+            c.open_stream(sid, headers_msg(), body_msg(completion(), True))
+        await c.until(lambda f: f[0] == RST_STREAM and f[2] == 5 and U32.unpack(f[3])[0] == REFUSED_STREAM)
+        await eventually(lambda: h.admission.queue_size == 2)  # the refused stream never reached the picker
+        c.send(frame(RST_STREAM, 0, 1, U32.pack(8)))  # one ends: room for a new one
+        await c.sync()
+        c.open_stream(7, headers_msg(), body_msg(completion(), True))
+        await c.sync()
+        assert not [f for f in c.frames if f[0] == RST_STREAM and f[2] == 7]
+        c.close()
+        await h.assert_released()
 
 
 # ------------------------------------------------------------------ timeouts
 async def test_handshake_timeout_closes_a_silent_connection():
-    async with Native() as h:
-        server = H2GrpcServer(h.ext_proc, handshake_timeout=0.2)
-        port = await server.start("127.0.0.1", 0)
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"PRI * HTTP/2.0\r\n")  # half a preface, then nothing
-            await asyncio.wait_for(reader.read(), 5)  # returns at EOF: the server gave up
-            writer.close()
-            await eventually(lambda: not server.connections)
-            await assert_still_serving(h, port)
-        finally:
-            await server.stop(0)
+    async with Native() as h, h2_server(h, handshake_timeout=0.2) as (server, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"PRI * HTTP/2.0\r\n")  # half a preface, then nothing
+        await asyncio.wait_for(reader.read(), 5)  # returns at EOF: the server gave up
+        writer.close()
+        await eventually(lambda: not server.connections)
+        await assert_still_serving(h, port)
 
 
 async def test_idle_timeout_sends_goaway_and_closes():
-    async with Native() as h:
-        server = H2GrpcServer(h.ext_proc, idle_timeout=0.3)
-        port = await server.start("127.0.0.1", 0)
-        try:
-            c = await handshake(port)
-            c.open_stream(1, headers_msg(method="GET", eos=True), end=True)
-            assert (await c.trailers(1))["grpc-status"] == "0"
-            start = time.monotonic()
-            assert await goaway_code(c) == NO_ERROR
-            assert time.monotonic() - start >= 0.2
-            c.close()
-            await h.assert_released()
-        finally:
-            await server.stop(0)
+    async with Native() as h, h2_server(h, idle_timeout=0.3) as (server, port):
+        c = await handshake(port)
+        c.open_stream(1, headers_msg(method="GET", eos=True), end=True)
+        assert (await c.trailers(1))["grpc-status"] == "0"
+        start = time.monotonic()
+        assert await goaway_code(c) == NO_ERROR
+        assert time.monotonic() - start >= 0.2
+        c.close()
+        await h.assert_released()
 
 
 # ------------------------------------------------------------------ back-pressure and buffering
@@ -330,9 +330,7 @@ async def test_a_peer_that_does_not_read_stops_the_server_reading():
     pauses while the socket's write buffer is over the high-water mark."""
     async with Native() as h:
         high = 256 * 1024
-        server = H2GrpcServer(h.ext_proc, write_high_water=high, write_low_water=64 * 1024)
-        port = await server.start("127.0.0.1", 0)
-        try:
+        async with h2_server(h, write_high_water=high, write_low_water=64 * 1024) as (server, port):
             c = await Client.connect(port, settings=((0x4, 0x7FFFFFFF),))  # a huge stream window ...
             c.send(frame(WINDOW_UPDATE, 0, 0, U32.pack(0x7FFFFFFF - 65535)))  # ... and connection window
             body = completion(prompt="p" * 200_000)
@@ -350,8 +348,6 @@ async def test_a_peer_that_does_not_read_stops_the_server_reading():
                 assert c.messages(2 * i + 1), f"stream {2 * i + 1} was not answered"
             c.close()
             await h.assert_released()
-        finally:
-            await server.stop(0)
 
 
 class _Transport:

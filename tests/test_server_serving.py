@@ -165,15 +165,20 @@ async def test_default_floor_is_tls12_and_suites_restrict_tls12(serve, tmp_path)
                                 ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
 
 
-@pytest.mark.parametrize("flag", ["--tls-min-version=VersionTLS13",
-                                  "--tls-cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"])
-async def test_grpcio_refuses_tls_settings_it_cannot_honour(flag):
-    server = PickerServer(parse_args([*BASE, "--ext-proc-transport=grpcio", flag]))
+async def assert_refuses_to_start(flags: list[str], match: str) -> None:
+    """`epp serve` with BASE and these flags fails at start with a StartupError naming `match`."""
+    server = PickerServer(parse_args([*BASE, *flags]))
     try:
-        with pytest.raises(StartupError, match="--ext-proc-transport=native"):
+        with pytest.raises(StartupError, match=match):
             await server.start()
     finally:
         await server.stop(0)
+
+
+@pytest.mark.parametrize("flag", ["--tls-min-version=VersionTLS13",
+                                  "--tls-cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"])
+async def test_grpcio_refuses_tls_settings_it_cannot_honour(flag):
+    await assert_refuses_to_start(["--ext-proc-transport=grpcio", flag], "--ext-proc-transport=native")
 
 
 # --------------------------------------------------------------------------- message sizes
@@ -202,12 +207,7 @@ async def health(port: int, service: str) -> int:
 async def test_health_checking_serves_health_on_the_ext_proc_port(serve):
     server = await serve("--secure-serving=false", "--ext-proc-transport=grpcio", "--health-checking")
     assert await health(server.grpc_port, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
-    native = PickerServer(parse_args([*BASE, "--ext-proc-transport=native", "--health-checking"]))
-    try:
-        with pytest.raises(StartupError, match="--health-checking"):
-            await native.start()
-    finally:
-        await native.stop(0)
+    await assert_refuses_to_start(["--ext-proc-transport=native", "--health-checking"], "--health-checking")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
