@@ -23,6 +23,7 @@ from epp.handlers.h2.hpack import (
     huffman_decode,
     huffman_encode,
 )
+from epp.handlers.h2.hpack import encode_integer as integer  # RFC 7541 5.1, for building blocks
 
 h = bytes.fromhex
 _HPACK_HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
@@ -99,17 +100,6 @@ def test_rfc7541_response_examples_evict_the_oldest_entries(huffman: bool):
 
 
 # ------------------------------------------------------------------ block builders
-def integer(value: int, prefix: int, first: int = 0) -> bytes:
-    mask = (1 << prefix) - 1
-    if value < mask:
-        return bytes((first | value,))
-    out, value = bytearray((first | mask,)), value - mask
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    return bytes(out) + bytes((value,))
-
-
 def string(raw: bytes, huffman: bool = False) -> bytes:
     data = huffman_encode(raw) if huffman else raw
     return integer(len(data), 7, 0x80 if huffman else 0) + data

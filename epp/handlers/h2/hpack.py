@@ -337,7 +337,8 @@ class Decoder:
         return out
 
 
-def _encode_integer(value: int, prefix: int, first: int) -> bytes:
+def encode_integer(value: int, prefix: int, first: int = 0) -> bytes:
+    """RFC 7541 5.1: `value` on a `prefix`-bit prefix, the first octet's other bits from `first`."""
     mask = (1 << prefix) - 1
     if value < mask:
         return bytes((first | value,))
@@ -355,8 +356,8 @@ def encode_literal(name: str, value: str | bytes) -> bytes:
     v = value.encode("latin-1") if isinstance(value, str) else value
     index = _STATIC_NAME_INDEX.get(name, 0)
     if index:
-        head = _encode_integer(index, 4, 0x00)
+        head = encode_integer(index, 4, 0x00)
     else:
         n = name.encode("latin-1")
-        head = b"\x00" + _encode_integer(len(n), 7, 0x00) + n
-    return head + _encode_integer(len(v), 7, 0x00) + v
+        head = b"\x00" + encode_integer(len(n), 7, 0x00) + n
+    return head + encode_integer(len(v), 7, 0x00) + v
