@@ -21,6 +21,7 @@ from epp.datalayer.datastore import (
     RewriteTarget,
 )
 from epp.errors import InferenceError, service_unavailable
+from epp.flowcontrol.admission import release_once
 from epp.framework import CycleState, Endpoint, InferenceRequest, Metrics, ProfileRunResult, SchedulingResult
 from epp.logsafe import MAX_LOGGED_CHARS, clean
 from epp.requestcontrol.director import Director, RequestContext
@@ -43,15 +44,10 @@ class OpenGate:
 
     async def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint]):
         self.held += 1
-        done = False
+        return release_once(self._release)
 
-        def release() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                self.held -= 1
-
-        return release
+    def _release(self) -> None:
+        self.held -= 1
 
 
 class FirstEndpoint:

@@ -146,15 +146,10 @@ class AdmissionController:
 
     def _admitted(self) -> Callable[[], None]:
         self.in_flight += 1
-        done = False
+        return release_once(self._release)
 
-        def release() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                self.in_flight -= 1
-
-        return release
+    def _release(self) -> None:
+        self.in_flight -= 1
 
     # ------------------------------------------------------------------ dispatcher
     def _ensure_dispatcher(self) -> None:
@@ -196,6 +191,19 @@ class AdmissionController:
             for w in self.queues.drain():
                 if not w.future.done():
                     w.future.set_exception(service_unavailable("picker shutting down", REJECTED_SHUTTING_DOWN))
+
+
+def release_once(release: Callable[[], None]) -> Callable[[], None]:
+    """`release` behind a guard: the admission's release callable, safe to call more than once."""
+    done = False
+
+    def once() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            release()
+
+    return once
 
 
 def _dispatched(waiter: Waiter) -> bool:
