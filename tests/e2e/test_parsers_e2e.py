@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from devstack.launch import wait_until
+from epp.errors import DROPPED_REASON_HEADER as DROPPED_REASON
+from filters.conformance import SERVED_HEADER
 from tests.e2e.conftest import metric_sum, post
 from tests.e2e.test_scenarios import fresh, hot_queue_seen, overloaded_pool, run_concurrently, wait_for_view
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 __all__ = ["overloaded_pool"]  # the shared saturated pool fixture, used here too
 
-SERVED_HEADER = "x-conformance-test-served-endpoint"
-DROPPED_REASON = "x-llm-d-request-dropped-reason"
 PREFIX_CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig

@@ -11,13 +11,13 @@ import openai
 import pytest
 
 from devstack.launch import wait_until
+from filters.conformance import SERVED_HEADER
 from tests.e2e.conftest import post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MODES = ["full-duplex", "buffered"]
 SELECTION_HEADER = "test-epp-endpoint-selection"
-SERVED_HEADER = "x-conformance-test-served-endpoint"
 CONFORMANCE_CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
