@@ -31,6 +31,7 @@ from epp import units
 from epp.framework import EXTENSION_POINTS, PluginError, extension_points, params_from_mapping, plugin_params
 from epp.framework.datakeys import ProducerParam
 from epp.framework.registry import ALIASES, ALPHA, BUILTINS, FUTURE, FUTURE_PARAMS, plugin_class, stability
+from epp.yamlcheck import expect_int, expect_list
 
 log = logging.getLogger("epp.config")
 
@@ -178,9 +179,7 @@ def _mapping(value: Any, where: str, allowed: tuple[str, ...]) -> Mapping[str, A
 
 
 def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ConfigError(f"{where}: expected a list, got {value!r}")
-    return value
+    return expect_list(value, where, ConfigError)
 
 
 def _str(value: Any, where: str) -> str:
@@ -190,9 +189,7 @@ def _str(value: Any, where: str) -> str:
 
 
 def _int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    return value
+    return expect_int(value, where, ConfigError)
 
 
 def _bool(value: Any, where: str) -> bool:

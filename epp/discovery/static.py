@@ -46,6 +46,7 @@ from epp.datalayer.datastore import (
     RewriteTarget,
 )
 from epp.netaddr import parse_hostport, parse_ip
+from epp.yamlcheck import expect_int, expect_list
 
 log = logging.getLogger("epp.discovery.static")
 
@@ -95,25 +96,11 @@ def _mapping(value: Any, where: str, keys: Sequence[str], required: Sequence[str
     return value
 
 
-def _list(value: Any, where: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ValueError(f"{where}: expected a list, got {value!r}")
-    return value
-
-
 def _str(value: Any, where: str, *, empty: bool = False) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{where}: expected a string, got {value!r}")
     if not empty and not value:
         raise ValueError(f"{where}: must not be empty")
-    return value
-
-
-def _int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
     return value
 
 
@@ -124,7 +111,7 @@ def _endpoint(raw: Any, where: str) -> EndpointSpec:
     raw_port = m["port"]
     if isinstance(raw_port, str) and raw_port.strip().isdigit() and len(raw_port.strip()) <= 5:
         raw_port = int(raw_port)  # the reference's file format writes ports as strings
-    port = _int(raw_port, f"{where}.port")
+    port = expect_int(raw_port, f"{where}.port")
     if not 0 < port < 65536:
         raise ValueError(f"{where}.port: {port} is out of range 1-65535")
     labels: dict[str, str] = {}
@@ -143,11 +130,11 @@ def _endpoint(raw: Any, where: str) -> EndpointSpec:
 def _rewrite(raw: Any, where: str) -> ModelRewrite:
     m = _mapping(raw, where, ("name", "rules"), ("name",))
     rules = []
-    for i, rule_raw in enumerate(_list(m.get("rules"), f"{where}.rules")):
+    for i, rule_raw in enumerate(expect_list(m.get("rules"), f"{where}.rules")):
         rw = f"{where}.rules[{i}]"
         rule = _mapping(rule_raw, rw, ("matches", "targets"))
         matches = []
-        for j, match_raw in enumerate(_list(rule.get("matches"), f"{rw}.matches")):
+        for j, match_raw in enumerate(expect_list(rule.get("matches"), f"{rw}.matches")):
             mw = f"{rw}.matches[{j}]"
             model = _mapping(_mapping(match_raw, mw, ("model",), ("model",))["model"], f"{mw}.model",
                              ("type", "value"), ("value",))
@@ -156,10 +143,10 @@ def _rewrite(raw: Any, where: str) -> ModelRewrite:
                 raise ValueError(f"{mw}.model.type: only Exact is supported, got {kind!r}")
             matches.append(_str(model["value"], f"{mw}.model.value"))
         targets = []
-        for j, target_raw in enumerate(_list(rule.get("targets"), f"{rw}.targets")):
+        for j, target_raw in enumerate(expect_list(rule.get("targets"), f"{rw}.targets")):
             tw = f"{rw}.targets[{j}]"
             target = _mapping(target_raw, tw, ("modelRewrite", "weight"), ("modelRewrite",))
-            weight = _int(target.get("weight", 1), f"{tw}.weight")
+            weight = expect_int(target.get("weight", 1), f"{tw}.weight")
             if not 1 <= weight <= MAX_REWRITE_WEIGHT:
                 raise ValueError(f"{tw}.weight: {weight} is out of range 1-{MAX_REWRITE_WEIGHT}")
             targets.append(RewriteTarget(_str(target["modelRewrite"], f"{tw}.modelRewrite"), weight))
@@ -171,7 +158,8 @@ def _rewrite(raw: Any, where: str) -> ModelRewrite:
 
 def _objective(raw: Any, where: str) -> Objective:
     m = _mapping(raw, where, ("name", "priority"), ("name",))
-    return Objective(name=_str(m["name"], f"{where}.name"), priority=_int(m.get("priority", 0), f"{where}.priority"))
+    return Objective(name=_str(m["name"], f"{where}.name"),
+                     priority=expect_int(m.get("priority", 0), f"{where}.priority"))
 
 
 def _unique(items: Sequence[Any], what: str) -> None:
@@ -191,16 +179,17 @@ def parse_endpoints_file(text: str) -> StaticPool:
     if doc is None:
         return StaticPool()
     top = _mapping(doc, "(top level)", ("endpoints", "modelRewrites", "objectives"))
-    endpoints = [_endpoint(e, f"endpoints[{i}]") for i, e in enumerate(_list(top.get("endpoints"), "endpoints"))]
+    endpoints = [_endpoint(e, f"endpoints[{i}]")
+                 for i, e in enumerate(expect_list(top.get("endpoints"), "endpoints"))]
     _unique(endpoints, "endpoints")
     seen: dict[str, int] = {}
     for i, ep in enumerate(endpoints):
         if (prev := seen.setdefault(f"{ep.address}:{ep.port}", i)) != i:
             raise ValueError(f"endpoints[{i}]: same address and port as endpoints[{prev}]")
     rewrites = [_rewrite(r, f"modelRewrites[{i}]")
-                for i, r in enumerate(_list(top.get("modelRewrites"), "modelRewrites"))]
+                for i, r in enumerate(expect_list(top.get("modelRewrites"), "modelRewrites"))]
     _unique(rewrites, "modelRewrites")
-    objectives = [_objective(o, f"objectives[{i}]") for i, o in enumerate(_list(top.get("objectives"), "objectives"))]
+    objectives = [_objective(o, f"objectives[{i}]") for i, o in enumerate(expect_list(top.get("objectives"), "objectives"))]
     _unique(objectives, "objectives")
     return StaticPool(tuple(endpoints), tuple(rewrites), tuple(objectives))
 
