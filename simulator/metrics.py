@@ -74,6 +74,25 @@ def _escape(v: str) -> str:
     return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
+# Counters with one series per model: (name without _total, help, the EngineStats field)
+_MODEL_COUNTERS = (
+    ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", "num_preemptions_total"),
+    ("vllm:prompt_tokens", "Number of prefill tokens processed.", "prompt_tokens_total"),
+    ("vllm:generation_tokens", "Number of generation tokens processed.", "generation_tokens_total"),
+    ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+     "prefix_cache_queries_total"),
+    ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hits_total"),
+)
+# Simulator-only counters with one series per server (labels: model, pod, extra info)
+_SIM_COUNTERS = (
+    ("sim_prefix_cache_hit_requests", "Requests that reused at least one cached KV block.",
+     "prefix_cache_hit_requests_total"),
+    ("sim_lora_loads", "LoRA adapter loads into a GPU slot.", "lora_loads_total"),
+    ("sim_remote_decode_prefills", "Prefills done for a remote decoder (blocks held for it).",
+     "remote_decode_prefills_total"),
+    ("sim_remote_prefills", "Requests whose prompt KV was pulled from a remote prefill.", "remote_prefills_total"),
+    ("sim_kv_bytes_transferred", "Bytes of prompt KV pulled from remote prefills.", "kv_bytes_received_total"),
+)
 _HISTOGRAMS = (
     ("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step."),
     ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds."),
@@ -196,15 +215,8 @@ class ServerMetrics:
         gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", 1.0,
               _labels(self.cache_config_labels))
 
-        counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                [(ml, s.num_preemptions_total)])
-        counter("vllm:prompt_tokens", "Number of prefill tokens processed.", [(ml, s.prompt_tokens_total)])
-        counter("vllm:generation_tokens", "Number of generation tokens processed.",
-                [(ml, s.generation_tokens_total)])
-        counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-                [(ml, s.prefix_cache_queries_total)])
-        counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-                [(ml, s.prefix_cache_hits_total)])
+        for name, help_, stat in _MODEL_COUNTERS:
+            counter(name, help_, [(ml, getattr(s, stat))])
         counter("vllm:request_success", "Count of successfully processed requests.",
                 [(_labels((("finish_reason", r),) + model), v) for r, v in s.request_success_total.items()])
         src = s.prompt_tokens_by_source
@@ -231,15 +243,8 @@ class ServerMetrics:
                 "played: prefill (for a remote decoder), decode (prompt KV pulled), both (aggregated).",
                 [(_labels(pod + (("role", r),) + tuple(extra_info)), v) for r, v in sorted(by_role.items())
                  if v or r == self.role])
-        counter("sim_prefix_cache_hit_requests", "Requests that reused at least one cached KV block.",
-                [(sim, s.prefix_cache_hit_requests_total)])
-        counter("sim_lora_loads", "LoRA adapter loads into a GPU slot.", [(sim, s.lora_loads_total)])
-        counter("sim_remote_decode_prefills", "Prefills done for a remote decoder (blocks held for it).",
-                [(sim, s.remote_decode_prefills_total)])
-        counter("sim_remote_prefills", "Requests whose prompt KV was pulled from a remote prefill.",
-                [(sim, s.remote_prefills_total)])
-        counter("sim_kv_bytes_transferred", "Bytes of prompt KV pulled from remote prefills.",
-                [(sim, s.kv_bytes_received_total)])
+        for name, help_, stat in _SIM_COUNTERS:
+            counter(name, help_, [(sim, getattr(s, stat))])
         gauge("sim_kv_transfers_held", "Finished remote-decode prefills whose blocks wait to be read.",
               s.num_held_transfers, sim)
         fb = [(_labels(pod + (("reason", r),)), v) for r, v in sorted(self.pd_fallbacks.items())]
