@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from ssl import SSLContext
+from typing import Any
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.extract import parse_metrics
@@ -205,17 +206,27 @@ class EndpointPoller:
             except Exception:  # noqa: BLE001 - a counter must never stop polling
                 log.exception("%s error hook failed", self.what)
 
-    def _ok(self, ep: Endpoint) -> bool:
-        """The endpoint's data from this source is currently good."""
+    def _view(self, ep: Endpoint) -> Any:
+        """The endpoint's data from this source: a dataclass with an `ok` flag."""
+        raise NotImplementedError
+
+    def _publish(self, ep: Endpoint, view: Any) -> None:
+        """Store the endpoint's data from this source in the datastore."""
         raise NotImplementedError
 
     def _handle(self, ep: Endpoint, body: bytes, stats: ScrapeStats) -> None:
         """Extract and publish; raise to count the poll as failed."""
         raise NotImplementedError
 
+    def _ok(self, ep: Endpoint) -> bool:
+        """The endpoint's data from this source is currently good."""
+        return self._view(ep).ok
+
     def _failed(self, ep: Endpoint) -> None:
         """Mark the endpoint's data from this source not ok (keeping it, so its age grows)."""
-        raise NotImplementedError
+        view = self._view(ep)
+        if view.ok:
+            self._publish(ep, dataclasses.replace(view, ok=False))
 
 
 class MetricsCollector(EndpointPoller):
@@ -263,12 +274,11 @@ class MetricsCollector(EndpointPoller):
             spec = self.specs[self.default_engine]
         return spec
 
-    def _ok(self, ep: Endpoint) -> bool:
-        return ep.metrics.ok
+    def _view(self, ep: Endpoint) -> Metrics:
+        return ep.metrics
 
-    def _failed(self, ep: Endpoint) -> None:
-        if ep.metrics.ok:
-            self.datastore.set_metrics(ep, dataclasses.replace(ep.metrics, ok=False))
+    def _publish(self, ep: Endpoint, view: Metrics) -> None:
+        self.datastore.set_metrics(ep, view)
 
     def _handle(self, ep: Endpoint, body: bytes, stats: ScrapeStats) -> None:
         problems: list[tuple[str, str]] = []

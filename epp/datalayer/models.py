@@ -13,7 +13,6 @@ The body is the model server's to choose, so it is bounded everywhere: the page 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from ssl import SSLContext
@@ -87,12 +86,11 @@ class ModelsCollector(EndpointPoller):
                          max_body=MAX_MODELS_BODY, headers=_REQUEST_HEADERS)
         self._warned: set[Endpoint] = set()  # endpoints whose dropped entries were logged; bounded by the pool
 
-    def _ok(self, ep: Endpoint) -> bool:
-        return ep.served.ok
+    def _view(self, ep: Endpoint) -> ServedModels:
+        return ep.served
 
-    def _failed(self, ep: Endpoint) -> None:
-        if ep.served.ok:
-            self.datastore.set_served(ep, dataclasses.replace(ep.served, ok=False))
+    def _publish(self, ep: Endpoint, view: ServedModels) -> None:
+        self.datastore.set_served(ep, view)
 
     def _handle(self, ep: Endpoint, body: bytes, stats: ScrapeStats) -> None:
         served, dropped = parse_models(body, time.monotonic())
