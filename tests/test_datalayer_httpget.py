@@ -186,15 +186,24 @@ async def test_reconnects_when_the_server_closed_an_idle_connection():
         assert client.connects == 3
 
 
-async def test_retries_only_once():
-    async def respond(_reader, writer, conn, n, _head):
+def first_answered(*, then_stall: bool):
+    """A respond hook: the first request on the first connection is answered "first"; every
+    later one is closed unanswered, at once or (then_stall) once the client hangs up."""
+
+    async def respond(reader, writer, conn, n, _head):
         if conn == 0 and n == 0:
             writer.write(length_response(b"first"))
             await writer.drain()
             return True
-        return False  # every later request: closed unanswered
+        if then_stall:
+            await reader.read()  # stall until the client hangs up
+        return False
 
-    async with serving(respond) as (server, client):
+    return respond
+
+
+async def test_retries_only_once():
+    async with serving(first_answered(then_stall=False)) as (server, client):
         assert (await client.get("/")).body == b"first"
         with pytest.raises(ConnectionClosed, match="without a response"):
             await client.get("/")  # reused fails, one fresh retry fails, then it gives up
@@ -325,15 +334,7 @@ async def test_one_request_at_a_time_and_close_waits_for_the_socket(aiohttp_serv
 
 
 async def test_close_during_a_request_fails_it_without_a_retry():
-    async def respond(reader, writer, conn, n, _head):
-        if conn == 0 and n == 0:
-            writer.write(length_response(b"first"))
-            await writer.drain()
-            return True
-        await reader.read()  # stall until the client hangs up
-        return False
-
-    async with serving(respond) as (server, client):
+    async with serving(first_answered(then_stall=True)) as (server, client):
         assert (await client.get("/")).body == b"first"
         pending = asyncio.ensure_future(client.get("/"))
         await eventually(lambda: len(server.requests) == 2, "the second request at the server")
