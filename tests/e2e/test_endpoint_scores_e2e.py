@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from filters.conformance import SELECTION_HEADER
 from tests.e2e.conftest import post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-SELECTION_HEADER = "test-epp-endpoint-selection"
 # The filter keeps the endpoint named by the header; the scorer gives every candidate a score,
 # so the scores struct is emitted on every request.
 CONFIG = """

@@ -11,13 +11,12 @@ import openai
 import pytest
 
 from devstack.launch import wait_until
-from filters.conformance import SERVED_HEADER
+from filters.conformance import SELECTION_HEADER, SERVED_HEADER
 from tests.e2e.conftest import post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MODES = ["full-duplex", "buffered"]
-SELECTION_HEADER = "test-epp-endpoint-selection"
 CONFORMANCE_CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
