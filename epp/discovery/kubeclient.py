@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +21,8 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+
+from epp.backoff import Backoff
 
 log = logging.getLogger("epp.discovery.kubernetes")
 
@@ -144,19 +145,6 @@ def _api_message(e: ApiException) -> str:
 
 class _Gone(Exception):
     """410: the resourceVersion we watch from was compacted away; re-list."""
-
-
-class Backoff:
-    def __init__(self, base: float = 0.2, cap: float = 30.0) -> None:
-        self.base, self.cap, self.failures = base, cap, 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2 ** self.failures)
-        self.failures += 1
-        return delay * random.uniform(0.8, 1.2)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class Reflector:

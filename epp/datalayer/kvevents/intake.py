@@ -49,6 +49,7 @@ import zmq
 import zmq.asyncio
 import zmq.utils.monitor
 
+from epp.backoff import Backoff
 from epp.datalayer.kvevents.index import BlockIndex
 from epp.datalayer.kvevents.wire import DEFAULT_LIMITS, Limits, WireError, decode_batch, parse_frames
 
@@ -217,18 +218,17 @@ class KVEventIntake:
     # --- the two tasks ---------------------------------------------------------------
 
     async def _read(self, s: EndpointStream, sub: _Sub) -> None:
-        backoff = _MIN_BACKOFF
+        backoff = Backoff(_MIN_BACKOFF, _MAX_BACKOFF, jitter=0.0)
         while True:
             try:
                 if await self._listen(s, sub):
-                    backoff = _MIN_BACKOFF
+                    backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the socket failed under us: re-open it
                 log.warning("kv-events %s: receive failed: %s", s.endpoint, e)
             _close(sub.sock, sub.monitor)
-            await asyncio.sleep(backoff)  # a server that keeps breaking the stream is retried slowly
-            backoff = min(2 * backoff, _MAX_BACKOFF)
+            await asyncio.sleep(backoff.next())  # a server that keeps breaking the stream is retried slowly
             try:
                 sub.sock, sub.monitor = self._open(s.address)
             except zmq.ZMQError as e:
