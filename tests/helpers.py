@@ -6,7 +6,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 
+import pytest
+
 from epp.assembly import build_plugin
+from epp.config import ConfigError, load_config
 from epp.framework import Endpoint, Metrics, Plugin, PluginHandle, ProfileRunResult, SchedulingResult
 
 
@@ -31,3 +34,10 @@ def result(target: Endpoint | None, profile: str = "default", **others: Endpoint
     pr = {profile: ProfileRunResult([target]) if target is not None else None}
     pr.update({k: ProfileRunResult([v]) for k, v in others.items()})
     return SchedulingResult(pr, profile)
+
+
+def errmsg(text: str) -> str:
+    """The ConfigError message loading this EndpointPickerConfig text gives."""
+    with pytest.raises(ConfigError) as e:
+        load_config(text)
+    return str(e.value)

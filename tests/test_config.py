@@ -3,6 +3,7 @@
 import pytest
 
 from epp.config import ConfigError, load_config, parse_duration, parse_quantity
+from tests.helpers import errmsg
 
 REFERENCE_EXAMPLE = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -27,12 +28,6 @@ saturationDetector: {pluginRef: utilization-detector}
 flowControl: {maxBytes: 10Gi, defaultRequestTTL: 60s,
               priorityBands: [{priority: 100, maxBytes: 5Gi, maxRequests: 500}]}
 """
-
-
-def errmsg(text: str) -> str:
-    with pytest.raises(ConfigError) as e:
-        load_config(text)
-    return str(e.value)
 
 
 def test_reference_example_parses_exactly():

@@ -13,14 +13,9 @@ import pytest
 from epp.assembly import load_plugin_set
 from epp.config import ConfigError, check_stability, load_config
 from epp.framework.registry import BUILTINS, PluginError, plugin_class
+from tests.helpers import errmsg
 
 CONFIGS = Path(__file__).parent / "fixtures" / "reference" / "configs"
-
-
-def errmsg(text: str) -> str:
-    with pytest.raises(ConfigError) as e:
-        load_config(text)
-    return str(e.value)
 
 
 def registered(*types: str) -> bool:
