@@ -160,6 +160,12 @@ def destination(reply: ProcessingResponse) -> tuple[str, str]:
     return set_headers(common)[DEST], meta
 
 
+async def open_request(call, body: bytes) -> None:
+    """A full-duplex POST as Envoy opens it: the headers, then `body` without end of stream."""
+    await call.write(headers_msg())
+    await call.write(body_msg(body, False))
+
+
 async def read(call, n: int) -> list[ProcessingResponse]:
     return [await asyncio.wait_for(call.read(), 10) for _ in range(n)]
 
@@ -184,8 +190,7 @@ async def test_fds_routes_after_whole_body_and_passes_bytes_through():
         call = h.stream()
         body = completion()
         # Envoy's HTTP/1.1 sequence: headers, data (eos false), then a 0-byte eos message.
-        await call.write(headers_msg())
-        await call.write(body_msg(body, False))
+        await open_request(call, body)
         await call.write(body_msg(b"", True))
         hdr, chunk = await read(call, 2)
         assert hdr.WhichOneof("response") == "request_headers"
@@ -235,8 +240,7 @@ async def test_fds_request_trailers_end_the_body():
     async with Harness() as h:
         call = h.stream()
         body = completion()
-        await call.write(headers_msg())
-        await call.write(body_msg(body, False))
+        await open_request(call, body)
         await call.write(ProcessingRequest(request_trailers=HttpTrailers(trailers=HeaderMap())))
         hdr, chunk, trailers = await read(call, 3)
         destination(hdr)
