@@ -1,7 +1,8 @@
-"""`epp bench <routing|cluster|agree|soak|sim|scheduler|scrape|picker> [flags]`.
+"""`epp bench <routing|cluster|pd|agree|soak|sim|scheduler|scrape|picker> [flags]`.
 
 routing   one workload and rate sweep through the real Envoy per routing strategy
 cluster   the virtual-time cluster simulation (engine model + the picker's real scheduler)
+pd        aggregated vs prefill/decode disaggregation in the cluster simulation (long prompts and outputs)
 agree     the real stack and the cluster simulation agree within 15%
 soak      mixed and hostile requests through the real stack per ext_proc transport; nothing left in flight
 sim, scheduler, scrape, picker: the component cost benchmarks (bench.<name>_cost)
@@ -27,6 +28,7 @@ from bench.report import (
     num,
     pct,
     plot_latency_vs_rate,
+    plot_pd,
     plot_per_server,
     plot_ttft_cdf,
     summary_rows,
@@ -176,6 +178,124 @@ def cmd_cluster(argv: list[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- pd
+def cmd_pd(argv: list[str]) -> int:
+    from bench.cluster import PD_CONFIG, ClusterConfig, pd_setups, simulate
+    from bench.loadgen import Progress, percentile
+    from bench.workloads import LongPrompts, WorkloadSpec, generate
+
+    d = LongPrompts()
+    ap = argparse.ArgumentParser(prog="epp bench pd",
+                                 description="aggregated vs P/D in the virtual-time cluster simulation")
+    ap.add_argument("--servers", type=int, default=4)
+    ap.add_argument("--splits", default="1:3,2:2", help="prefill:decode server splits, comma-separated")
+    ap.add_argument("--rates", type=_floats, default=[4.0, 8.0, 12.0, 16.0, 20.0, 24.0],
+                    help="requests/s, comma-separated")
+    ap.add_argument("--pd-config", default=PD_CONFIG, help="EndpointPickerConfig of the P/D setups")
+    ap.add_argument("--aggregated", default="picker", help="strategy of the aggregated setup (default config)")
+    ap.add_argument("--requests", type=int, default=800)
+    ap.add_argument("--seed", type=int, default=1)
+    g = ap.add_argument_group("workload (long_prompt)")
+    for f in ("num_groups", "shared_prefix_len", "min_prompt_len", "max_prompt_len", "min_output_len",
+              "max_output_len"):
+        g.add_argument("--" + f.replace("_", "-"), dest=f, type=int, default=getattr(d, f))
+    _results_args(ap, "pd")
+    a = ap.parse_args(argv)
+    try:
+        params = LongPrompts(a.num_groups, a.shared_prefix_len, a.min_prompt_len, a.max_prompt_len,
+                             a.min_output_len, a.max_output_len)
+        spec = WorkloadSpec("long_prompt", params, num_requests=a.requests, seed=a.seed, model=DEFAULT_MODEL)
+        items = generate(spec)
+        setups = pd_setups(a.servers, [x.strip() for x in a.splits.split(",") if x.strip()], a.pd_config,
+                           a.aggregated)
+    except (ValueError, WorkloadError) as e:
+        ap.error(str(e))
+    print(_describe(spec), flush=True)
+    rows: list[Row] = []
+    detail: list[list[str]] = []
+    itl99: dict[tuple[str, float], float] = {}
+    for setup in setups:
+        cfg = ClusterConfig(servers=a.servers, seed=a.seed, model=spec.model, roles=setup.roles, token_itl=True)
+        for rate in a.rates:
+            progress = Progress(f"{setup.name:<10} {num(rate, 0):>4} req/s", len(items))
+            try:
+                r = simulate(setup.strategy, items, LoadSpec(type="poisson", rate=rate), cfg, progress=progress)
+            except ValueError as e:
+                print(f"epp bench pd: {e}", file=sys.stderr)
+                return 2
+            s = r.summary()
+            rows.append(Row(setup.name, rate, s, r.hit_rate, r.per_server, r.results))
+            itl = [x for res in r.results if res.ok for x in res.itl]
+            itl99[(setup.name, rate)] = percentile(itl, 99)
+            work = " ".join("/".join(str(w[k]) for k in ("prefill", "decode", "both")) for w in r.pd.by_role)
+            detail.append([setup.name, num(rate, 0), ms(s.ttft_p50), ms(s.ttft_p90), ms1(s.itl_p50), ms1(s.itl_p90),
+                           ms1(itl99[(setup.name, rate)]), ms(s.e2e_p90), num(s.output_tokens_per_s, 0), str(s.errors),
+                           str(r.pd.requests), str(r.pd.local_fallbacks), num(r.pd.kv_bytes / 1e9, 1), work])
+    names = [s.name for s in setups]
+    side_headers = ["rate/s"] + [f"{n} {m}" for m in ("TTFT p90 ms", "ITL p90 ms", "ITL p99 ms", "out tok/s")
+                                 for n in names]
+    by = {(r.strategy, r.rate): r.summary for r in rows}
+    side = []
+    for rate in a.rates:
+        line = [num(rate, 0)]
+        line += [ms(by[(n, rate)].ttft_p90) for n in names]
+        line += [ms1(by[(n, rate)].itl_p90) for n in names]
+        line += [ms1(itl99[(n, rate)]) for n in names]
+        line += [num(by[(n, rate)].output_tokens_per_s, 0) for n in names]
+        side.append(line)
+    detail_headers = ["setup", "rate/s", "TTFT p50 ms", "TTFT p90 ms", "ITL p50 ms", "ITL p90 ms", "ITL p99 ms",
+                      "E2E p90 ms", "out tok/s", "errors", "P/D requests", "fallbacks", "KV GB",
+                      "work per server (prefill/decode/both)"]
+    verdict = pd_verdict(names, a.rates, by, itl99)
+    print("\n" + table(side_headers, side))
+    print("\n" + table(detail_headers, detail))
+    print("\n" + verdict)
+    body = (f"{_describe(spec)}; {a.servers} simulated servers (H100, Llama-3.1-8B timing). Aggregated: every "
+            f"server role both, strategy {a.aggregated}. P/D: servers labelled llm-d.ai/role prefill or decode, "
+            f"picker config {Path(a.pd_config).name}; a P/D request is prefilled on the prefill server "
+            "(simulator.pd), its KV pulled over the decode server's link, decoded there; its TTFT includes all "
+            "of that. ITL: every gap between consecutive tokens of every request. Times are virtual seconds.\n\n"
+            + table(side_headers, side, markdown=True)
+            + "\n\nDetail (work per server: requests served in each role, as the engines count them):\n\n"
+            + table(detail_headers, detail, markdown=True) + f"\n\n{verdict}")
+    md = a.out / f"{a.name}.md"
+    write_markdown(md, "Aggregated vs P/D disaggregation (cluster simulation, virtual time)",
+                   command_line(["bench", "pd", *argv]), body)
+    print(f"\nresults: {md}")
+    if a.plots:
+        png = a.out / f"{a.name}_latency_vs_rate.png"
+        plot_pd(rows, png, f"Aggregated vs P/D, {a.servers} servers, long prompts and outputs")
+        print(f"plot: {png}")
+    return 0
+
+
+def ms1(x: float) -> str:
+    return num(x * 1000, 1)
+
+
+def pd_verdict(names: list[str], rates: list[float], by: dict, itl99: dict) -> str:
+    """Per P/D setup: at which rates it beats aggregated on TTFT p90, ITL p90/p99 and output tokens/s."""
+    base = names[0]
+    lines = []
+
+    def value(name: str, rate: float, key: str) -> float:
+        return itl99[(name, rate)] if key == "itl_p99" else getattr(by[(name, rate)], key)
+
+    for n in names[1:]:
+        parts = []
+        for label, key, lower in (("TTFT p90", "ttft_p90", True), ("ITL p90", "itl_p90", True),
+                                  ("ITL p99", "itl_p99", True), ("output tok/s", "output_tokens_per_s", False)):
+            wins, losses = [], []
+            for rate in rates:
+                x, y = value(n, rate, key), value(base, rate, key)
+                if abs(x - y) <= 0.05 * abs(y):
+                    continue
+                (wins if (x < y) == lower else losses).append(num(rate, 0))
+            parts.append(f"{label} better at {', '.join(wins) or 'no rate'}, worse at {', '.join(losses) or 'no rate'}")
+        lines.append(f"- {n} vs {base} (differences over 5%, rates in req/s): " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- routing
 def cmd_routing(argv: list[str]) -> int:
     from bench.routing import run_routing
@@ -266,7 +386,7 @@ def cmd_agree(argv: list[str]) -> int:
     return 0 if ag.ok else 1
 
 
-COMMANDS = {"routing": cmd_routing, "cluster": cmd_cluster, "agree": cmd_agree}
+COMMANDS = {"routing": cmd_routing, "cluster": cmd_cluster, "pd": cmd_pd, "agree": cmd_agree}
 
 
 def usage() -> str:

@@ -19,6 +19,14 @@ Strategies:
                    picks the least estimated time to first token = queue wait + uncached
                    prefill time, with the uncached prefill charged once more for the
                    requests it delays (a bound on what routing can achieve, not a proof).
+
+Prefill/decode disaggregation: ClusterConfig.roles gives each server a role (prefill, decode,
+both), published as the endpoint label `llm-d.ai/role` (what the picker's prefill-filter and
+decode-filter read). When a picker decision carries `x-prefiller-host-port`, the request runs
+the routing sidecar's sequence in virtual time (simulator.pd.disaggregate: a one-token prefill
+on that server, the KV pulled over the decode server's link, decode there); TTFT then includes
+the prefill server's queue, the prefill and the KV transfer. The result counts P/D requests,
+local fallbacks and each server's work by role (Engine.stats().requests_by_role).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 
@@ -36,16 +45,20 @@ from bench.strategies import picker_config
 from bench.workloads import LoadSpec, WorkItem, arrival_times
 from epp.errors import InferenceError
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
+from epp.framework.types import PREFILLER_HEADER, ROLE_LABEL
 from epp.requestcontrol.inflight import InFlightCharge
 from epp.requestcontrol.parsers.openai import parse_body
 from simulator.clock import VirtualClock
 from simulator.engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong, block_hashes
+from simulator.hardware import HARDWARE, engine_config
+from simulator.pd import PDRequest, disaggregate
 from simulator.tokenizer import apply_chat_template, encode
 
 _SSE_HEADERS = {"content-type": "text/event-stream"}
 _JSON_HEADERS = {"content-type": "application/json"}
 
 BASE_STRATEGIES = ("round-robin", "random", "least-queue", "picker", "picker-random", "oracle")
+ROLES = ("prefill", "decode", "both")
 
 
 @dataclass(slots=True)
@@ -59,6 +72,47 @@ class ClusterConfig:
     # start (client, Envoy, the picker's ext_proc round trip, HTTP front); measured by
     # `epp bench agree`, 0 for a pure engine + routing model.
     gateway_latency: float = 0.0
+    # One role per server (prefill | decode | both), labelled llm-d.ai/role on its endpoint;
+    # empty: no role labels (every server aggregated).
+    roles: tuple[str, ...] = ()
+    # One hardware class per server (simulator.hardware.HARDWARE, labels included); empty: `engine` for all.
+    hardware: tuple[str, ...] = ()
+    # Record every gap between consecutive tokens as the request's ITL samples (as the load
+    # generator measures streamed chunks); False: one sample per request, its mean.
+    token_itl: bool = False
+
+    def __post_init__(self) -> None:
+        for name, values, known in (("roles", self.roles, ROLES), ("hardware", self.hardware, tuple(HARDWARE))):
+            if values and len(values) != self.servers:
+                raise ValueError(f"{name}: {len(values)} given for {self.servers} servers")
+            for v in values:
+                if v not in known:
+                    raise ValueError(f"{name}: unknown {v!r} (known: {', '.join(known)})")
+
+    def engine_configs(self) -> list[EngineConfig]:
+        if not self.hardware:
+            return [self.engine] * self.servers
+        e = self.engine
+        return [engine_config(h, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+                              block_size=e.block_size, max_model_len=e.max_model_len) for h in self.hardware]
+
+    def labels(self, i: int) -> dict[str, str]:
+        out = dict(HARDWARE[self.hardware[i]].labels()) if self.hardware else {}
+        if self.roles:
+            out[ROLE_LABEL] = self.roles[i]
+        return out
+
+
+@dataclass(slots=True)
+class PDCounts:
+    """Disaggregation in one run: requests the picker sent P/D, those the decoder had to
+    prefill itself, and each server's requests by the role it played (the engines' counters)."""
+
+    requests: int = 0  # decisions carrying a prefill endpoint (other than the decode endpoint)
+    local_fallbacks: int = 0  # the prefill copy ended without held blocks: prefilled on the decoder
+    kv_bytes: int = 0  # pulled by decoders
+    by_role: list[dict[str, int]] = field(default_factory=list)  # per server: both | prefill | decode
+    prompt_tokens_by_source: list[dict[str, int]] = field(default_factory=list)  # per server
 
 
 @dataclass(slots=True)
@@ -71,6 +125,7 @@ class ClusterResult:
     wall_seconds: float
     routing_seconds: float  # wall time spent in routing decisions
     in_flight_at_end: int = 0  # requests the router still counts in flight after the run (must be 0)
+    pd: PDCounts = field(default_factory=PDCounts)
 
     def summary(self) -> Summary:
         return Summary.of(self.results, self.duration)
@@ -125,6 +180,7 @@ class Router:
     """Chooses a server index for a request; told when it completes."""
 
     name = "router"
+    prefill: int | None = None  # set by route(): the server to prefill the request on (P/D), if any
 
     def route(self, item: WorkItem, prompt: _Prompt, request: InferenceRequest | None) -> int:
         raise NotImplementedError
@@ -189,6 +245,7 @@ class PickerRouter(Router):
 
         self.endpoints = endpoints
         self.index = {id(e): i for i, e in enumerate(endpoints)}
+        self.by_hostport = {e.hostport: i for i, e in enumerate(endpoints)}
         self.pipeline = load_plugin_set(config_text, PluginHandle(clock=clock.now, rng=rng))
         self.charges: dict[int, InFlightCharge] = {}  # WorkItem.index -> its charge; at most the items in flight
 
@@ -196,6 +253,8 @@ class PickerRouter(Router):
         _, result = self.pipeline.run_cycle(request, self.endpoints)
         target = result.targets[0]
         self.charges[item.index] = InFlightCharge.add(target, request)
+        prefiller = result.headers.get(PREFILLER_HEADER)
+        self.prefill = None if prefiller is None else self.by_hostport[prefiller.split(",")[0].strip()]
         return self.index[id(target)]
 
     def received(self, server, request, info) -> None:
@@ -323,9 +382,10 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
     # of the servers' simulated time.
     scrape_interval = cfg.scrape_interval * time_scale
     rng = random.Random(cfg.seed)
-    engines = [Engine(cfg.engine) for _ in range(cfg.servers)]
+    engines = [Engine(c) for c in cfg.engine_configs()]
     loops = [EngineLoop(e, clock) for e in engines]
-    endpoints = [Endpoint(name=f"sim-{i}", address="10.0.0.1", port=8000 + i) for i in range(cfg.servers)]
+    endpoints = [Endpoint(name=f"sim-{i}", address="10.0.0.1", port=8000 + i, labels=cfg.labels(i))
+                 for i in range(cfg.servers)]
     router = make_router(strategy, clock, engines, endpoints, rng)
     oracle = router if isinstance(router, Oracle) else None
     prompts = _Prompts(cfg.engine.block_size, cfg.model)
@@ -333,6 +393,8 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
     results: list[RequestResult] = []
     per_server = [0] * cfg.servers
     state = {"outstanding": 0, "arrived": 0, "routing": 0.0, "errors": 0}
+    pd = PDCounts()
+    pd_runs: list[PDRequest] = []
     total = len(items)
     # Turns of a session wait for the previous turn (as the load generator does).
     next_turn: dict[tuple[int, int], WorkItem] = {(it.session, it.turn): it for it in items if it.session >= 0}
@@ -386,6 +448,7 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
             if router.needs_request:
                 request = parse_body(prompt.body, f"req-{item.index}", "/v1/chat/completions")
             server = router.route(item, prompt, request)
+            prefill = router.prefill
         except InferenceError as e:
             state["routing"] += time.perf_counter() - t0
             res.status, res.error = e.http_status, str(e)
@@ -399,10 +462,15 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
         per_server[server] += 1
         state["outstanding"] += 1
         first = [0.0]
+        gaps: list[float] = []
+        pd_state: list[PDRequest | None] = [None]
+        last: list[float | None] = [None]
 
         def on_first(t: float, cached: int) -> None:
             res.ttft = t - now
-            res.cached_tokens = cached
+            st = pd_state[0]
+            # a P/D response's usage reports the prefiller's cached tokens (as the routing sidecar rewrites it)
+            res.cached_tokens = st.prefill_cached_tokens if st is not None and not st.local_fallback else cached
             first[0] = t
             if oracle is not None:
                 oracle.prefilled(item.index)
@@ -412,7 +480,9 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
             res.status = 200
             res.output_tokens = item.max_tokens
             res.prompt_tokens = len(prompt.token_ids)
-            if item.max_tokens > 1:
+            if cfg.token_itl:
+                res.itl = gaps
+            elif item.max_tokens > 1:
                 res.itl = [(t - first[0]) / (item.max_tokens - 1)]
             results.append(res)
             state["outstanding"] -= 1
@@ -424,10 +494,21 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
                 progress.update(len(results), state["errors"])
 
         lora = None if item.model == cfg.model else item.model
+        def on_token(t: float, _token: int) -> None:
+            if last[0] is not None:
+                gaps.append(t - last[0])
+            last[0] = t
+
         req = EngineRequest(f"req-{item.index}", prompt.token_ids, item.max_tokens, lora=lora,
-                            on_first_token=on_first, on_finish=on_finish, block_hashes=prompt.hashes)
+                            on_first_token=on_first, on_finish=on_finish, block_hashes=prompt.hashes,
+                            on_token=on_token if cfg.token_itl else None)
         try:
-            loops[server].submit(req)
+            if prefill is not None and prefill != server:
+                pd_state[0] = disaggregate(loops[prefill], loops[server], req)
+                pd_runs.append(pd_state[0])
+                pd.requests += 1
+            else:
+                loops[server].submit(req)
         except PromptTooLong as e:
             state["outstanding"] -= 1
             res.status, res.error = 400, str(e)
@@ -454,9 +535,13 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
     last_done = max((r.start + r.e2e for r in results if r.ok), default=0.0)
     hits = sum(e.prefix_cache_hits_total for e in engines)
     queries = sum(e.prefix_cache_queries_total for e in engines)
+    pd.local_fallbacks = sum(r.local_fallback for r in pd_runs)
+    pd.kv_bytes = sum(e.kv_bytes_received_total for e in engines)
+    pd.by_role = [dict(e.requests_by_role) for e in engines]
+    pd.prompt_tokens_by_source = [dict(e.prompt_tokens_by_source) for e in engines]
     return ClusterResult(strategy, results, last_done - first_arrival, per_server,
                          hits / queries if queries else math.nan, time.perf_counter() - wall0, state["routing"],
-                         sum(ep.in_flight for ep in endpoints))
+                         sum(ep.in_flight for ep in endpoints), pd)
 
 
 def scaled(result: ClusterResult, time_scale: float) -> ClusterResult:
@@ -469,7 +554,7 @@ def scaled(result: ClusterResult, time_scale: float) -> ClusterResult:
                                 r.e2e / time_scale, [x / time_scale for x in r.itl], r.output_tokens,
                                 r.prompt_tokens, r.cached_tokens, r.status, r.error, r.group))
     return ClusterResult(result.strategy, rs, result.duration / time_scale, result.per_server, result.hit_rate,
-                         result.wall_seconds, result.routing_seconds, result.in_flight_at_end)
+                         result.wall_seconds, result.routing_seconds, result.in_flight_at_end, result.pd)
 
 
 def run_strategies(strategies: Sequence[str], items: Sequence[WorkItem], load: LoadSpec, cfg: ClusterConfig, *,
@@ -482,4 +567,40 @@ def run_strategies(strategies: Sequence[str], items: Sequence[WorkItem], load: L
         out.append(r)
         if on_result:
             on_result(r)
+    return out
+
+
+# --------------------------------------------------------------------------- aggregated vs P/D
+PD_CONFIG = str(Path(__file__).parent / "examples" / "pd-disaggregation.yaml")
+
+
+@dataclass(frozen=True, slots=True)
+class PDSetup:
+    """One side of the aggregated-vs-P/D comparison: a name, a picker strategy, server roles."""
+
+    name: str
+    strategy: str
+    roles: tuple[str, ...]
+
+
+def parse_split(text: str, servers: int) -> tuple[int, int]:
+    """"P:D" prefill:decode servers, summing to `servers`, each at least 1."""
+    p, sep, d = text.partition(":")
+    try:
+        np_, nd = int(p), int(d)
+    except ValueError:
+        raise ValueError(f"split {text!r}: expected prefill:decode, e.g. 1:3") from None
+    if not sep or np_ < 1 or nd < 1 or np_ + nd != servers:
+        raise ValueError(f"split {text!r}: needs at least one of each and {servers} servers in all")
+    return np_, nd
+
+
+def pd_setups(servers: int, splits: Sequence[str], pd_config: str = PD_CONFIG,
+              aggregated: str = "picker") -> list[PDSetup]:
+    """Aggregated (every server role both, the `aggregated` picker strategy) and one P/D setup
+    per split (prefill servers first, the P/D picker config)."""
+    out = [PDSetup("aggregated", aggregated, ("both",) * servers)]
+    for split in splits:
+        np_, nd = parse_split(split, servers)
+        out.append(PDSetup(f"P/D {np_}:{nd}", f"picker:{pd_config}", ("prefill",) * np_ + ("decode",) * nd))
     return out

@@ -179,3 +179,29 @@ def plot_ttft_over_time(rows: Sequence[Row], path: Path, title: str) -> None:
     ax.set_yscale("log")
     _label(ax, "request sent at (s)", "time to first token (ms, log scale)", title)
     _save(plt, fig, path)
+
+
+def plot_pd(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Aggregated vs P/D against the offered rate: TTFT p90, inter-token latency p90 and
+    output tokens/s, one line per setup."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    by: dict[str, list[Row]] = {}
+    for r in rows:
+        by.setdefault(r.strategy, []).append(r)
+    for name, rs in by.items():
+        rs = sorted(rs, key=lambda r: r.rate or 0)
+        rates = [r.rate for r in rs]
+        axes[0].plot(rates, [r.summary.ttft_p90 * 1000 for r in rs], marker="o", label=name)
+        axes[1].plot(rates, [r.summary.itl_p90 * 1000 for r in rs], marker="o", label=name)
+        axes[2].plot(rates, [r.summary.output_tokens_per_s for r in rs], marker="o", label=name)
+    axes[0].set_ylabel("TTFT p90 (ms, log scale)")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("inter-token latency p90 (ms)")
+    axes[2].set_ylabel("output tokens/s")
+    for ax in axes:
+        ax.set_xlabel("offered rate (requests/s)")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small", loc="upper left")
+    fig.suptitle(title)
+    _save(plt, fig, path)

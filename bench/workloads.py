@@ -6,7 +6,7 @@ items drive the real-stack load generator and the virtual-time cluster simulatio
 both see exactly the same prompts.
 
     workload:
-      type: shared_prefix        # shared_prefix | multi_turn | lora_mix | random
+      type: shared_prefix        # shared_prefix | multi_turn | lora_mix | random | long_prompt
       num_groups: 8              # shape of inference-perf's shared_prefix
       num_prompts_per_group: 16
       system_prompt_len: 2000    # tokens (about 4 characters each)
@@ -93,11 +93,26 @@ class RandomLengths:
     max_output_len: int = 256
 
 
+@dataclass(slots=True)
+class LongPrompts:
+    """Long prompts and long outputs (the P/D workload): each prompt is one of num_groups
+    shared system prompts (shared_prefix_len tokens) then its own user text, the total drawn
+    uniformly from [min_prompt_len, max_prompt_len]; outputs from [min_output_len, max_output_len]."""
+
+    num_groups: int = 8
+    shared_prefix_len: int = 2000
+    min_prompt_len: int = 4000
+    max_prompt_len: int = 8000
+    min_output_len: int = 300
+    max_output_len: int = 1000
+
+
 SPEC_TYPES: dict[str, type] = {
     "shared_prefix": SharedPrefix,
     "multi_turn": MultiTurn,
     "lora_mix": LoraMix,
     "random": RandomLengths,
+    "long_prompt": LongPrompts,
 }
 
 
@@ -270,6 +285,8 @@ def generate(spec: WorkloadSpec) -> list[WorkItem]:
         return _lora_mix(spec, p, rng)
     if isinstance(p, RandomLengths):
         return _random_lengths(spec, p, rng)
+    if isinstance(p, LongPrompts):
+        return _long_prompts(spec, p, rng)
     raise WorkloadError(f"workload.type: unknown workload {spec.type!r}")
 
 
@@ -339,6 +356,25 @@ def _random_lengths(spec: WorkloadSpec, p: RandomLengths, rng: random.Random) ->
         n_in = rng.randint(p.min_prompt_len, p.max_prompt_len)
         n_out = rng.randint(max(1, p.min_output_len), max(1, p.max_output_len))
         items.append(WorkItem(i, spec.model, [{"role": "user", "content": make_text(rng, n_in)}], n_out))
+    return items
+
+
+def _long_prompts(spec: WorkloadSpec, p: LongPrompts, rng: random.Random) -> list[WorkItem]:
+    if p.num_groups < 1:
+        raise WorkloadError("workload.num_groups: must be at least 1")
+    if not 0 <= p.shared_prefix_len < p.min_prompt_len <= p.max_prompt_len:
+        raise WorkloadError("workload.shared_prefix_len: needs 0 <= shared_prefix_len < min_prompt_len <= max_prompt_len")
+    if not 1 <= p.min_output_len <= p.max_output_len:
+        raise WorkloadError("workload.min_output_len: needs 1 <= min_output_len <= max_output_len")
+    systems = [f"Group {g} document. " + make_text(rng, p.shared_prefix_len) for g in range(p.num_groups)]
+    items = []
+    for i in range(spec.num_requests):
+        g = rng.randrange(p.num_groups)
+        n_in = rng.randint(p.min_prompt_len, p.max_prompt_len)
+        n_out = rng.randint(p.min_output_len, p.max_output_len)
+        messages = [{"role": "system", "content": systems[g]},
+                    {"role": "user", "content": make_text(rng, n_in - p.shared_prefix_len)}]
+        items.append(WorkItem(i, spec.model, messages, n_out, group=g))
     return items
 
 

@@ -28,6 +28,7 @@ class PDRequest:
     kv_loaded_at: float | None = None  # the decoder finished pulling the KV
     kv_bytes: int = 0
     local_fallback: bool = False  # the decoder prefilled it itself
+    prefill_cached_tokens: int = 0  # prompt tokens the prefiller found cached (the usage the sidecar reports)
 
 
 def disaggregate(prefill: EngineLoop, decode: EngineLoop, req: EngineRequest,
@@ -47,6 +48,7 @@ def disaggregate(prefill: EngineLoop, decode: EngineLoop, req: EngineRequest,
 
     def prefilled(t: float, _reason: str) -> None:
         state.prefilled_at = t
+        state.prefill_cached_tokens = copy.cached_tokens
         if copy.kv_block_ids is None:  # nothing held for us: prefill locally
             state.local_fallback = True
         else:
