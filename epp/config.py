@@ -51,8 +51,13 @@ DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "pass
 METRICS_SOURCE = "metrics-data-source"
 METRICS_EXTRACTOR = "core-metrics-extractor"
 DEFAULT_BAND_MAX_BYTES = 1_000_000_000
+DEFAULT_BAND_MAX_REQUESTS = 5000  # the reference's per-band default (flowcontrol/registry/config.go)
 DEFAULT_REQUEST_TTL = 60.0
-# the flow-control plugins the reference adds implicitly; here their behaviour is built in
+# the flow-control policy plugins the reference adds under their type names when a config
+# does not declare them (config/loader/defaults.go), and the types this project's earlier
+# band key fairnessPolicy (global-strict | round-robin) stands for
+LEGACY_FAIRNESS_POLICIES = {"global-strict": "global-strict-fairness-policy",
+                            "round-robin": "round-robin-fairness-policy"}
 DEFAULT_FAIRNESS_POLICY = "global-strict-fairness-policy"
 DEFAULT_ORDERING_POLICY = "fcfs-ordering-policy"
 DEFAULT_USAGE_LIMIT_POLICY = "static-usage-limit-policy"
@@ -92,15 +97,19 @@ class ProfileSpec:
 @dataclass(slots=True)
 class PriorityBandConfig:
     priority: int
-    max_bytes: int = DEFAULT_BAND_MAX_BYTES
-    max_requests: int = 0  # 0 = unlimited
-    fairness_policy: str = "global-strict"  # or "round-robin"
+    max_bytes: int = DEFAULT_BAND_MAX_BYTES  # "0" or unset in the YAML: this default
+    max_requests: int = DEFAULT_BAND_MAX_REQUESTS  # "0" or unset in the YAML: this default
+    fairness_policy_ref: str = DEFAULT_FAIRNESS_POLICY  # plugin names
+    ordering_policy_ref: str = DEFAULT_ORDERING_POLICY
 
 
 @dataclass(slots=True)
 class FlowControlConfig:
     max_bytes: int = 0  # across all bands; 0 = unlimited
-    default_request_ttl: float = DEFAULT_REQUEST_TTL  # seconds
+    max_requests: int = 0  # across all bands; 0 = unlimited
+    default_request_ttl: float = DEFAULT_REQUEST_TTL  # seconds; 0 = no expiry
+    no_endpoint_request_ttl: float | None = None  # while the pool has no endpoint; None = default_request_ttl
+    usage_limit_policy_ref: str = DEFAULT_USAGE_LIMIT_POLICY  # plugin name
     priority_bands: list[PriorityBandConfig] = field(default_factory=list)
     # templates for the bands not listed (defaultPriorityBand / defaultNegativePriorityBand)
     default_band: PriorityBandConfig | None = None
@@ -112,8 +121,36 @@ class FlowControlConfig:
                 return b
         template = self.default_negative_band if priority < 0 else self.default_band
         if template is not None:
-            return PriorityBandConfig(priority, template.max_bytes, template.max_requests, template.fairness_policy)
+            return PriorityBandConfig(priority, template.max_bytes, template.max_requests,
+                                      template.fairness_policy_ref, template.ordering_policy_ref)
+        if priority < 0 and self.default_band is not None:  # negative priorities fall back to the default band
+            return self.band_from(self.default_band, priority)
         return PriorityBandConfig(priority=priority)
+
+    @staticmethod
+    def band_from(template: PriorityBandConfig, priority: int) -> PriorityBandConfig:
+        return PriorityBandConfig(priority, template.max_bytes, template.max_requests,
+                                  template.fairness_policy_ref, template.ordering_policy_ref)
+
+    @property
+    def endpointless_ttl(self) -> float:
+        """The queue-wait budget while the pool has no endpoint."""
+        return self.default_request_ttl if self.no_endpoint_request_ttl is None else self.no_endpoint_request_ttl
+
+    def policy_refs(self) -> list[tuple[str, str, str]]:
+        """(key path, plugin name, policy kind) of every policy reference."""
+        bands = [(f"flowControl.priorityBands[{i}]", b) for i, b in enumerate(self.priority_bands)]
+        for key, b in (("defaultPriorityBand", self.default_band),
+                       ("defaultNegativePriorityBand", self.default_negative_band)):
+            if b is not None:
+                bands.append((f"flowControl.{key}", b))
+        refs = [("flowControl.usageLimitPolicyPluginRef", self.usage_limit_policy_ref, "usage-limit"),
+                ("flowControl", DEFAULT_FAIRNESS_POLICY, "fairness"),  # the bands no config describes
+                ("flowControl", DEFAULT_ORDERING_POLICY, "ordering")]
+        for where, b in bands:
+            refs.append((f"{where}.fairnessPolicyRef", b.fairness_policy_ref, "fairness"))
+            refs.append((f"{where}.orderingPolicyRef", b.ordering_policy_ref, "ordering"))
+        return refs
 
 
 @dataclass(slots=True)
@@ -565,16 +602,12 @@ def _parse_flow_control(raw: Any) -> tuple[FlowControlConfig, Any, bool]:
     fc = FlowControlConfig()
     if raw.get("maxBytes") is not None:
         fc.max_bytes = parse_quantity(raw["maxBytes"], f"{where}.maxBytes")
-    if raw.get("maxRequests") is not None and _count(raw["maxRequests"], f"{where}.maxRequests"):
-        raise ConfigError(f"{where}.maxRequests: a limit on all queued requests needs {_ISSUE_11_FC}; "
-                          "priorityBands[].maxRequests limits a band")
+    if raw.get("maxRequests") is not None:
+        fc.max_requests = _count(raw["maxRequests"], f"{where}.maxRequests")
     if raw.get("defaultRequestTTL") is not None:
         fc.default_request_ttl = parse_duration(raw["defaultRequestTTL"], f"{where}.defaultRequestTTL")
     if raw.get("noEndpointRequestTTL") is not None:
-        ttl = parse_duration(raw["noEndpointRequestTTL"], f"{where}.noEndpointRequestTTL")
-        if ttl != fc.default_request_ttl:  # the reference's default: it follows defaultRequestTTL
-            raise ConfigError(f"{where}.noEndpointRequestTTL: a queue budget of its own while the pool has no "
-                              f"endpoints needs {_ISSUE_11_FC}; it may only equal defaultRequestTTL")
+        fc.no_endpoint_request_ttl = parse_duration(raw["noEndpointRequestTTL"], f"{where}.noEndpointRequestTTL")
     if raw.get("defaultPriorityBand") is not None:
         fc.default_band = _parse_band(raw["defaultPriorityBand"], f"{where}.defaultPriorityBand", None)
     if raw.get("defaultNegativePriorityBand") is not None:
@@ -585,9 +618,8 @@ def _parse_flow_control(raw: Any) -> tuple[FlowControlConfig, Any, bool]:
         cfg = _parse_band(band, f"{where}.priorityBands[{i}]", seen)
         fc.priority_bands.append(cfg)
     ref = raw.get("usageLimitPolicyPluginRef")
-    if ref and _str(ref, f"{where}.usageLimitPolicyPluginRef") != DEFAULT_USAGE_LIMIT_POLICY:
-        raise ConfigError(f"{where}.usageLimitPolicyPluginRef: usage-limit policies need {_ISSUE_11_FC}; "
-                          f"only the default {DEFAULT_USAGE_LIMIT_POLICY} is built in")
+    if ref:
+        fc.usage_limit_policy_ref = _str(ref, f"{where}.usageLimitPolicyPluginRef")
     if raw.get("enableEviction") is not None and _bool(raw["enableEviction"], f"{where}.enableEviction"):
         raise ConfigError(f"{where}.enableEviction: eviction needs {_ISSUE_11_FC}")
     settings = any(raw.get(k) is not None for k in _FLOW_KEYS if k != "saturationDetector")
@@ -611,21 +643,22 @@ def _parse_band(band: Any, bw: str, seen: set[int] | None) -> PriorityBandConfig
     elif band.get("priority") is not None:
         _int(band["priority"], f"{bw}.priority")
     cfg = PriorityBandConfig(priority=prio)
+    # "0" is unset: the system default (the reference's resolveQuantity > 0 check)
     if band.get("maxBytes") is not None:
-        cfg.max_bytes = parse_quantity(band["maxBytes"], f"{bw}.maxBytes")
+        cfg.max_bytes = parse_quantity(band["maxBytes"], f"{bw}.maxBytes") or DEFAULT_BAND_MAX_BYTES
     if band.get("maxRequests") is not None:
-        cfg.max_requests = _count(band["maxRequests"], f"{bw}.maxRequests")
+        cfg.max_requests = _count(band["maxRequests"], f"{bw}.maxRequests") or DEFAULT_BAND_MAX_REQUESTS
     if band.get("fairnessPolicy") is not None:
         if band.get("fairnessPolicyRef") is not None:
             raise ConfigError(f"{bw}.fairnessPolicy: not allowed together with fairnessPolicyRef")
         policy = _str(band["fairnessPolicy"], f"{bw}.fairnessPolicy")
-        if policy not in ("global-strict", "round-robin"):
+        if policy not in LEGACY_FAIRNESS_POLICIES:
             raise ConfigError(f"{bw}.fairnessPolicy: expected global-strict or round-robin, got {policy!r}")
-        cfg.fairness_policy = policy
-    for key, default in (("fairnessPolicyRef", DEFAULT_FAIRNESS_POLICY), ("orderingPolicyRef", DEFAULT_ORDERING_POLICY)):
-        if band.get(key) is not None and _str(band[key], f"{bw}.{key}") != default:
-            raise ConfigError(f"{bw}.{key}: flow-control policy plugins need {_ISSUE_11_FC}; only the default "
-                              f"{default} is built in")
+        cfg.fairness_policy_ref = LEGACY_FAIRNESS_POLICIES[policy]
+    if band.get("fairnessPolicyRef"):
+        cfg.fairness_policy_ref = _str(band["fairnessPolicyRef"], f"{bw}.fairnessPolicyRef")
+    if band.get("orderingPolicyRef"):
+        cfg.ordering_policy_ref = _str(band["orderingPolicyRef"], f"{bw}.orderingPolicyRef")
     return cfg
 
 
@@ -812,6 +845,7 @@ def _resolve(raw: _Raw) -> EndpointPickerConfig:
     flow = raw.flow
     if gates[FLOW_CONTROL_GATE]:
         flow = flow if flow is not None else FlowControlConfig()
+        _resolve_flow_policies(flow, by_name, add_implicit)
     elif raw.flow_settings:
         log.warning("the flowControl config section is set but the %s feature gate is off: its settings "
                     "(other than saturationDetector) are ignored", FLOW_CONTROL_GATE)
@@ -829,6 +863,29 @@ def _resolve(raw: _Raw) -> EndpointPickerConfig:
         parsers=parsers,
         data_layer=data_layer,
     )
+
+
+# the method each flow-control policy kind has (epp.flowcontrol.queues' protocols)
+_POLICY_METHODS = {"fairness": "pick_flow", "ordering": "order_key", "usage-limit": "compute_limit"}
+
+
+def _resolve_flow_policies(flow: FlowControlConfig, by_name: dict[str, PluginSpec],
+                           add_implicit: Callable[..., str]) -> None:
+    """Every policy reference names a plugin of that kind. A built-in policy type named but
+    not declared is added under its type name, as the reference's loader adds the defaults
+    (always added here: the bands no config describes use them); the reference wants other
+    types declared, this project's earlier `fairnessPolicy: round-robin` relies on it. Any
+    other unknown name stops start-up."""
+    for where, ref, kind in flow.policy_refs():
+        spec = by_name.get(ref)
+        if spec is None:
+            if ref not in BUILTINS or not callable(getattr(plugin_class(ref), _POLICY_METHODS[kind], None)):
+                raise ConfigError(f"{where}: no {kind} policy plugin named {ref!r} in plugins")
+            add_implicit(ref)
+            continue
+        if not callable(getattr(plugin_class(spec.type), _POLICY_METHODS[kind], None)):
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ConfigError(f"{where}: plugin {ref!r} ({spec.type}) is not {article} {kind} policy")
 
 
 _LEGACY_DETECTOR_KEYS = ("queueDepthThreshold", "kvCacheUtilThreshold", "metricsStalenessThreshold", "headroom")

@@ -44,7 +44,7 @@ def req(rid, priority=0, flow="default-flow", size=100):
 def controller(text):
     p = load_plugin_set(text, PluginHandle(rng=random.Random(1)))
     return AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
-                               poll_interval=0.005)
+                               policies=p.plugins, poll_interval=0.005)
 
 
 async def until(pred, timeout=5.0):
@@ -146,15 +146,31 @@ async def test_band_limits_reject_with_429():
     assert ac.queue_size == 0 and ac.queue_bytes == 0
 
 
-async def test_ttl_expiry_is_503_and_leaves_queue():
+async def test_ttl_expiry_is_429_and_leaves_queue():
+    # The reference answers a queue TTL expiry with 429 rejected-ttl-expired while the pool has
+    # endpoints (backpressure), 503 rejected-no-endpoints when it has none:
+    # llm-d-router pkg/epp/requestcontrol/admission.go, translateFlowControlOutcome (QueueOutcomeEvictedTTL).
     ac = controller(flow_config(ttl="50ms"))
     outcomes = []
     ac.observe_queue_duration = lambda secs, prio, outcome: outcomes.append(outcome)
     with pytest.raises(InferenceError) as e:
         await ac.admit(req("a"), pool(True))
-    assert e.value.http_status == 503
+    assert e.value.http_status == 429 and e.value.reason == "rejected-ttl-expired"
     assert ac.queue_size == 0 and ac.queue_bytes == 0 and ac.band_stats()[0] == (0, 0)
     assert outcomes == ["rejected_ttl"]
+
+
+async def test_ttl_expiry_without_endpoints_is_503_after_no_endpoint_ttl():
+    # noEndpointRequestTTL is the budget of a request whose pool has no endpoint; expiry is 503
+    # rejected-no-endpoints (admission.go, QueueOutcomeEvictedNoEndpoints / ttlPoolEmpty).
+    ac = controller(DETECTOR + "featureGates: [flowControl]\n"
+                    "flowControl: {defaultRequestTTL: 10s, noEndpointRequestTTL: 30ms}\n")
+    t0 = time.monotonic()
+    with pytest.raises(InferenceError) as e:
+        await ac.admit(req("a"), [])
+    assert time.monotonic() - t0 < 5  # the 30 ms budget, not defaultRequestTTL's 10 s
+    assert e.value.http_status == 503 and e.value.reason == "rejected-no-endpoints"
+    assert ac.queue_size == 0
 
 
 async def test_cancelled_waiter_leaves_no_trace():

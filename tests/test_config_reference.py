@@ -220,25 +220,59 @@ flowControl:
     assert (fc.band(-2).priority, fc.band(-2).max_requests) == (-2, 3)
 
 
+def test_flow_control_policies_limits_and_ttls_resolved():
+    """Global maxRequests, noEndpointRequestTTL and the policy references as the reference's
+    apix/config/v1alpha1 FlowControlConfig: band maxRequests/maxBytes "0" or unset = 5000 /
+    1G (flowcontrol/registry/config.go), noEndpointRequestTTL unset follows defaultRequestTTL,
+    undeclared default policies are added under their type names (config/loader/defaults.go)."""
+    cfg = load_config("""
+featureGates: [flowControl]
+plugins:
+- {type: round-robin-fairness-policy, name: rr}
+- {type: static-usage-limit-policy, name: limit, parameters: {threshold: 0.8}}
+flowControl:
+  maxRequests: 2k
+  defaultRequestTTL: 30s
+  usageLimitPolicyPluginRef: limit
+  priorityBands:
+  - {priority: 1, fairnessPolicyRef: rr, orderingPolicyRef: edf-ordering-policy, maxRequests: 0}
+""")
+    fc = cfg.flow_control
+    assert (fc.max_requests, fc.max_bytes, fc.endpointless_ttl) == (2000, 0, 30.0)
+    band = fc.band(1)
+    assert (band.fairness_policy_ref, band.ordering_policy_ref, band.max_requests, band.max_bytes) == (
+        "rr", "edf-ordering-policy", 5000, 1_000_000_000)
+    assert (fc.band(3).fairness_policy_ref, fc.band(3).ordering_policy_ref, fc.band(3).max_requests) == (
+        "global-strict-fairness-policy", "fcfs-ordering-policy", 5000)
+    assert fc.usage_limit_policy_ref == "limit" and cfg.plugin("limit").parameters == {"threshold": 0.8}
+    implicit = {p.type for p in cfg.plugins if p.implicit}
+    assert {"edf-ordering-policy", "global-strict-fairness-policy", "fcfs-ordering-policy"} <= implicit
+    assert "static-usage-limit-policy" not in implicit  # declared as "limit"
+    split = load_config("featureGates: [flowControl]\nflowControl: {noEndpointRequestTTL: 5m}\n").flow_control
+    assert (split.default_request_ttl, split.endpointless_ttl) == (60.0, 300.0)
+
+
 @pytest.mark.parametrize("text, expected", [
-    ("flowControl: {maxRequests: 10}", "flowControl.maxRequests: a limit on all queued requests needs flow "
-                                       "control as the reference has it today (issue 11)"),
-    ("flowControl: {noEndpointRequestTTL: 5s}", "flowControl.noEndpointRequestTTL: a queue budget of its own"),
     ("flowControl: {enableEviction: true}", "flowControl.enableEviction: eviction needs flow control"),
-    ("flowControl: {usageLimitPolicyPluginRef: priority-holdback-policy}",
-     "flowControl.usageLimitPolicyPluginRef: usage-limit policies need flow control"),
-    ("flowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: round-robin-fairness-policy}]}",
-     "flowControl.priorityBands[0].fairnessPolicyRef: flow-control policy plugins need flow control"),
-    ("flowControl: {defaultPriorityBand: {orderingPolicyRef: edf-ordering-policy}}",
-     "flowControl.defaultPriorityBand.orderingPolicyRef: flow-control policy plugins need"),
+    ("featureGates: [flowControl]\nflowControl: {usageLimitPolicyPluginRef: priority-holdback-policy}",
+     "flowControl.usageLimitPolicyPluginRef: no usage-limit policy plugin named 'priority-holdback-policy'"),
+    ("plugins: [{type: priority-holdback-policy}]", "plugins[0].type: plugin type 'priority-holdback-policy' needs "
+                                                    "flow-control policies (issue 11)"),
+    ("featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: nope}]}",
+     "flowControl.priorityBands[0].fairnessPolicyRef: no fairness policy plugin named 'nope' in plugins"),
+    ("featureGates: [flowControl]\nplugins: [{type: queue-scorer}]\n"
+     "flowControl: {defaultPriorityBand: {orderingPolicyRef: queue-scorer}}",
+     "flowControl.defaultPriorityBand.orderingPolicyRef: plugin 'queue-scorer' (queue-scorer) is not an ordering"),
+    ("featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, "
+     "orderingPolicyRef: round-robin-fairness-policy}]}",
+     "flowControl.priorityBands[0].orderingPolicyRef: no ordering policy plugin named 'round-robin-fairness-policy'"),
+    ("plugins: [{type: static-usage-limit-policy, parameters: {threshold: .nan}}]", "threshold: must be a finite"),
     ("flowControl: {defaultPriorityBand: {weight: 2}}", "flowControl.defaultPriorityBand.weight: unknown key"),
     ("flowControl: {maxRequest: 2}", "flowControl.maxRequest: unknown key"),
     ("flowControl: {enableEviction: yes please}", "flowControl.enableEviction: expected true or false"),
     ("flowControl: {priorityBands: [{priority: 1, fairnessPolicy: round-robin, "
      "fairnessPolicyRef: global-strict-fairness-policy}]}",
      "flowControl.priorityBands[0].fairnessPolicy: not allowed together with fairnessPolicyRef"),
-    ("plugins: [{type: fcfs-ordering-policy}]", "plugins[0].type: plugin type 'fcfs-ordering-policy' needs "
-                                                "flow-control policies (issue 11)"),
 ])
 def test_flow_control_refusals_name_the_key_and_the_feature(text, expected):
     assert expected in errmsg(text)
@@ -437,7 +471,7 @@ def test_alpha_plugins_need_allow_experimental_plugins():
     ("precise-prefix-cache-scorer", "precise prefix-cache routing (issue 12)"),
     ("latency-scorer", "latency-aware routing (issue 13)"),
     ("disaggregatedset-rollout-screener", "disaggregated serving (issue 11)"),
-    ("round-robin-fairness-policy", "flow-control policies (issue 11)"),
+    ("priority-holdback-policy", "flow-control policies (issue 11)"),
     ("mm-embeddings-cache-scorer", "precise prefix-cache routing (issue 12)"),
 ])
 def test_types_of_other_issues_are_refused_naming_the_feature(ptype, feature):

@@ -65,7 +65,7 @@ class Harness:
             self.datastore.upsert(EndpointSpec(name=f"ep{i}", address=ip, port=8000))
         self.telemetry = Telemetry()
         self.pipeline = load_plugin_set(config)
-        self.admission = AdmissionController(self.pipeline, flow_control=gated_flow_control(
+        self.admission = AdmissionController(self.pipeline, policies=self.pipeline.plugins, flow_control=gated_flow_control(
             self.pipeline.feature_gates, self.pipeline.flow_control))
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry)
         self.ext_proc = ExtProcHandler(self.director, disable_subset_filter=disable_subset, **handler_options)

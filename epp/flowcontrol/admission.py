@@ -2,9 +2,14 @@
 
 Legacy (default): a sheddable request (priority < 0) is rejected with 429 while the pool
 is saturated. Flow control (feature gate `flowControl`): requests wait in the picker's
-queues (epp.flowcontrol.queues) and are released highest band first while saturation
-< 1.0. Queue limits: 429. TTL expiry: 503. A waiter whose task is cancelled (client
-went away) leaves its queue at once.
+queues (epp.flowcontrol.queues) and are released one at a time, highest band first, as the
+configured policies pick, while the pool's saturation is under the band's usage limit.
+Answers as the reference's (pkg/epp/requestcontrol/admission.go, translateFlowControlOutcome):
+queue limits 429 rejected-saturated (503 rejected-no-endpoints when the request's pool had
+no endpoint); TTL expiry 429 rejected-ttl-expired while the pool has endpoints, 503
+rejected-no-endpoints when it has none. The queue-wait budget is defaultRequestTTL, or
+noEndpointRequestTTL for a request that arrived while its pool had no endpoint. A waiter
+whose task is cancelled (client went away) leaves its queue at once.
 
 The controller sees only what it uses: something that reports the pool's saturation
 and the flow-control settings (None when the gate is off).
@@ -15,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from epp.config import FLOW_CONTROL_GATE
 from epp.errors import (
+    REJECTED_NO_ENDPOINTS,
     REJECTED_SATURATED,
     REJECTED_SHUTTING_DOWN,
     REJECTED_TTL_EXPIRED,
@@ -51,15 +57,18 @@ def gated_flow_control(feature_gates: Collection[str], flow_control: FlowControl
 class AdmissionController:
     """Gate in front of scheduling. `await admit(request, candidates)` returns a release
     callback to call once when the request is finished (idempotent), or raises
-    InferenceError (429 shed / over capacity, 503 queue TTL expired)."""
+    InferenceError (429 shed / over capacity / queue TTL expired, 503 no endpoints).
+    `policies`: the configured plugins by name, where the flow-control policy references
+    are resolved."""
 
     def __init__(self, detector: Saturation | None, clock: Callable[[], float] | None = None, *,
-                 flow_control: FlowControlConfig | None = None, poll_interval: float = 0.015) -> None:
+                 flow_control: FlowControlConfig | None = None, policies: Mapping[str, object] | None = None,
+                 poll_interval: float = 0.015) -> None:
         self.detector = detector
         self.clock = clock or time.monotonic
         self.poll_interval = poll_interval
         self.flow_control = flow_control
-        self.queues = FlowQueues(flow_control, self.clock) if flow_control is not None else None
+        self.queues = FlowQueues(flow_control, self.clock, policies or {}) if flow_control is not None else None
         self._dispatcher: asyncio.Task | None = None
         self.in_flight = 0  # admitted and not yet released
         self.last_saturation = 0.0
@@ -104,13 +113,15 @@ class AdmissionController:
                 raise resource_exhausted("system saturated, sheddable request dropped", REJECTED_SATURATED)
             return self._admitted()
         observe = self.observe_flow
-        if queues.count == 0 and self._saturation(candidates) < 1.0:
+        if queues.count == 0 and queues.admits_now(request.priority, self._saturation(candidates)):
             if observe is not None:
                 observe(request, "dispatched", 0.0)
             return self._admitted()
         t0 = time.perf_counter()
+        fc = queues.config
+        ttl = fc.default_request_ttl if candidates else fc.endpointless_ttl
         try:
-            waiter = queues.push(request, candidates)
+            waiter = queues.push(request, candidates, ttl)
         except InferenceError:
             if observe is not None:
                 observe(request, "rejected_capacity", time.perf_counter() - t0)
@@ -118,7 +129,6 @@ class AdmissionController:
         if observe is not None:
             observe(request, "enqueued", time.perf_counter() - t0)
         self._ensure_dispatcher()
-        ttl = queues.config.default_request_ttl
         try:
             if ttl > 0:
                 await asyncio.wait_for(asyncio.shield(waiter.future), ttl)
@@ -130,8 +140,10 @@ class AdmissionController:
                 return self._admitted()  # dispatched in the same instant the timer fired
             queues.remove(waiter, "rejected_ttl")
             self._observe_final(waiter, "rejected_ttl")
-            raise service_unavailable(f"request expired in the flow-control queue after {ttl:g}s",
-                                      REJECTED_TTL_EXPIRED) from None
+            msg = f"request timed out in the flow-control queue after {ttl:g}s"
+            if not candidates and not queues.newest_candidates():  # the pool has no endpoint: unavailable
+                raise service_unavailable(f"{msg} and no endpoints are available", REJECTED_NO_ENDPOINTS) from None
+            raise resource_exhausted(msg, REJECTED_TTL_EXPIRED) from None
         except asyncio.CancelledError:
             if not _dispatched(waiter):
                 queues.remove(waiter, "cancelled")
@@ -162,23 +174,22 @@ class AdmissionController:
             self._dispatcher = None
 
     async def _dispatch_loop(self) -> None:
-        """Runs only while something is queued: release requests highest band first while
-        the pool is not saturated, then wait a poll interval for fresher metrics."""
+        """Runs only while something is queued. Each cycle samples the pool's saturation
+        and releases one request (the policies' pick) unless a band's usage limit holds it;
+        after a release it yields once, so the released request is scheduled (and counted
+        in flight) before the next sample; with nothing released it waits a poll interval
+        for fresher metrics."""
         queues = self.queues
         assert queues is not None
         while queues.count:
             t0 = time.perf_counter()
-            sat = self._saturation(queues.newest_candidates())
-            while queues.count and sat < 1.0:
-                waiter = queues.pop()
-                if waiter is None:
-                    break
-                if not waiter.future.done():
-                    waiter.future.set_result(None)
+            waiter = queues.pop(self._saturation(queues.newest_candidates()))
+            if waiter is not None and not waiter.future.done():
+                waiter.future.set_result(None)
             if self.observe_dispatch_cycle is not None:
                 self.observe_dispatch_cycle(time.perf_counter() - t0)
             if queues.count:
-                await asyncio.sleep(self.poll_interval)
+                await asyncio.sleep(0 if waiter is not None else self.poll_interval)
 
     async def close(self) -> None:
         """Stop the dispatcher; queued requests get 503."""

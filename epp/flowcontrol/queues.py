@@ -1,24 +1,41 @@
-"""Flow-control queues: one band per priority, one FIFO per flow (fairness id) in a
-band, with per-band (maxRequests, maxBytes) and overall (maxBytes) limits.
+"""Flow-control queues: one band per priority, one queue per flow (fairness id) in a band,
+with per-band (maxRequests, maxBytes) and overall (maxRequests, maxBytes) limits.
 
-Ordering: highest band first; within a band either the oldest head across flows
-(global strict) or the flows in turn (round-robin).
+The policies are plugins the config names (the reference's pkg/epp/flowcontrol/registry):
+each band has a fairness policy (which flow next) and an ordering policy (which request of
+a flow next); one usage-limit policy gives each band its saturation ceiling. A dispatch
+takes the highest band first and stops at the first band whose ceiling the pool's
+saturation has reached (head-of-line blocking, as the reference's dispatch cycle).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
-from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from epp.errors import REJECTED_SATURATED, resource_exhausted
+from epp.errors import REJECTED_NO_ENDPOINTS, REJECTED_SATURATED, resource_exhausted, service_unavailable
 from epp.framework import Endpoint, InferenceRequest
 
 if TYPE_CHECKING:
     from epp.config import FlowControlConfig, PriorityBandConfig
+
+
+class FairnessPolicy(Protocol):
+    def new_state(self) -> Any: ...
+
+    def pick_flow(self, flows: Mapping[str, FlowQueue], state: Any) -> str | None: ...
+
+
+class OrderingPolicy(Protocol):
+    def order_key(self, item: Waiter) -> tuple[Any, ...]: ...
+
+
+class UsageLimitPolicy(Protocol):
+    def compute_limit(self, saturation: float, priorities: Sequence[int]) -> list[float]: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -31,12 +48,59 @@ class Waiter:
     size: int
     enqueued: float
     future: asyncio.Future
+    ttl: float = 0.0  # the effective queue TTL (seconds, <= 0 = none), for ordering policies
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.request.headers
+
+
+class FlowQueue:
+    """One flow's queued requests, ordered by the band's ordering policy (a heap; the
+    enqueue sequence breaks ties so equal keys stay first come first served)."""
+
+    __slots__ = ("heap", "ordering")
+
+    def __init__(self, ordering: OrderingPolicy) -> None:
+        self.ordering = ordering
+        self.heap: list[tuple[tuple[Any, ...], int, Waiter]] = []
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+    def __iter__(self):
+        return (w for _, _, w in self.heap)
+
+    def push(self, waiter: Waiter) -> None:
+        heapq.heappush(self.heap, (self.ordering.order_key(waiter), waiter.seq, waiter))
+
+    def head_key(self) -> tuple[Any, ...]:
+        key, seq, _ = self.heap[0]
+        return (*key, seq)
+
+    def pop(self) -> Waiter:
+        return heapq.heappop(self.heap)[2]
+
+    def remove(self, waiter: Waiter) -> bool:
+        for i, entry in enumerate(self.heap):
+            if entry[2] is waiter:
+                self.heap[i] = self.heap[-1]
+                self.heap.pop()
+                heapq.heapify(self.heap)
+                return True
+        return False
+
+    def newest(self) -> Waiter:
+        return max(self.heap, key=lambda e: e[1])[2]
 
 
 @dataclass(eq=False, slots=True)
 class Band:
     config: PriorityBandConfig
-    flows: OrderedDict[str, deque[Waiter]] = field(default_factory=OrderedDict)
+    fairness: FairnessPolicy
+    ordering: OrderingPolicy
+    state: Any = None  # the fairness policy's per-band state
+    flows: dict[str, FlowQueue] = field(default_factory=dict)
     count: int = 0
     bytes: int = 0
 
@@ -47,17 +111,32 @@ QueueObserver = Callable[[float, int, str], None]
 
 class FlowQueues:
     """The queued requests of every band. The limits come from `config`; a request over
-    one is refused with 429 before it is queued, so the queues never exceed them."""
+    one is refused before it is queued (429, or 503 when its pool had no endpoint), so the
+    queues never exceed them. `policies` resolves the config's policy plugin names."""
 
-    def __init__(self, config: FlowControlConfig, clock: Callable[[], float]) -> None:
+    def __init__(self, config: FlowControlConfig, clock: Callable[[], float],
+                 policies: Mapping[str, Any]) -> None:
         self.config = config
         self.clock = clock
+        self.policies = policies
+        self.usage_limit: UsageLimitPolicy = self._policy(config.usage_limit_policy_ref, "compute_limit")
+        for band in (*config.priority_bands, config.default_band, config.default_negative_band):
+            if band is not None:  # resolve at start-up, so a bad reference fails there
+                self._policy(band.fairness_policy_ref, "pick_flow")
+                self._policy(band.ordering_policy_ref, "order_key")
         self.bands: dict[int, Band] = {}
         self._order: list[Band] = []  # highest priority first
+        self._priorities: list[int] = []
         self._seq = itertools.count()
         self.count = 0
         self.bytes = 0
         self.observe: QueueObserver | None = None
+
+    def _policy(self, name: str, method: str) -> Any:
+        plugin = self.policies.get(name)
+        if plugin is None or not callable(getattr(plugin, method, None)):
+            raise ValueError(f"flowControl: policy plugin {name!r} is not configured as a {method} policy")
+        return plugin
 
     def band_stats(self) -> dict[int, tuple[int, int]]:
         """priority -> (queued requests, queued bytes)."""
@@ -66,29 +145,38 @@ class FlowQueues:
     def _band(self, priority: int) -> Band:
         band = self.bands.get(priority)
         if band is None:
-            band = self.bands[priority] = Band(self.config.band(priority))
+            cfg = self.config.band(priority)
+            fairness = self._policy(cfg.fairness_policy_ref, "pick_flow")
+            band = self.bands[priority] = Band(cfg, fairness, self._policy(cfg.ordering_policy_ref, "order_key"),
+                                               fairness.new_state())
             self._order = sorted(self.bands.values(), key=lambda b: b.config.priority, reverse=True)
+            self._priorities = [b.config.priority for b in self._order]
         return band
 
-    def push(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Waiter:
+    def push(self, request: InferenceRequest, candidates: Sequence[Endpoint], ttl: float = 0.0) -> Waiter:
         fc = self.config
         band = self._band(request.priority)
         size = max(0, request.size_bytes)
         cfg = band.config
-        if cfg.max_requests and band.count >= cfg.max_requests:
-            raise resource_exhausted(f"flow-control queue of priority {cfg.priority} is full "
-                                     f"({cfg.max_requests} requests)", REJECTED_SATURATED)
-        if cfg.max_bytes and band.bytes + size > cfg.max_bytes:
-            raise resource_exhausted(f"flow-control queue of priority {cfg.priority} is full ({cfg.max_bytes} bytes)",
-                                     REJECTED_SATURATED)
+        full = ""
         if fc.max_bytes and self.bytes + size > fc.max_bytes:
-            raise resource_exhausted(f"flow-control queues are full ({fc.max_bytes} bytes)", REJECTED_SATURATED)
+            full = f"flow-control queues are full ({fc.max_bytes} bytes)"
+        elif fc.max_requests and self.count >= fc.max_requests:
+            full = f"flow-control queues are full ({fc.max_requests} requests)"
+        elif cfg.max_bytes and band.bytes + size > cfg.max_bytes:
+            full = f"flow-control queue of priority {cfg.priority} is full ({cfg.max_bytes} bytes)"
+        elif cfg.max_requests and band.count >= cfg.max_requests:
+            full = f"flow-control queue of priority {cfg.priority} is full ({cfg.max_requests} requests)"
+        if full:
+            if not candidates:  # a waiting room for a pool with no endpoint: unavailability, not backpressure
+                raise service_unavailable(f"no endpoints available: {full}", REJECTED_NO_ENDPOINTS)
+            raise resource_exhausted(full, REJECTED_SATURATED)
         waiter = Waiter(next(self._seq), request, candidates, size, self.clock(),
-                        asyncio.get_running_loop().create_future())
+                        asyncio.get_running_loop().create_future(), ttl)
         flow = band.flows.get(request.fairness_id)
         if flow is None:
-            flow = band.flows[request.fairness_id] = deque()
-        flow.append(waiter)
+            flow = band.flows[request.fairness_id] = FlowQueue(band.ordering)
+        flow.push(waiter)
         band.count += 1
         band.bytes += size
         self.count += 1
@@ -110,39 +198,45 @@ class FlowQueues:
         if band is None:
             return
         flow = band.flows.get(waiter.request.fairness_id)
-        if flow is None:
-            return
-        try:
-            flow.remove(waiter)
-        except ValueError:
+        if flow is None or not flow.remove(waiter):
             return  # already dispatched
         if not flow:
             del band.flows[waiter.request.fairness_id]
         self._account_out(band, waiter, outcome)
 
-    def pop(self) -> Waiter | None:
-        """The next waiter to dispatch, or None when all queues are empty."""
-        for band in self._order:
+    def pop(self, saturation: float = 0.0) -> Waiter | None:
+        """The next waiter to dispatch at this saturation, or None when every queue is
+        empty or the first band with work (or a band above it) is at its usage limit."""
+        ceilings = self.usage_limit.compute_limit(saturation, self._priorities)
+        for band, ceiling in zip(self._order, ceilings, strict=True):
+            if saturation >= ceiling:
+                return None  # head-of-line blocking: lower bands wait too
             if not band.count:
                 continue
-            if band.config.fairness_policy == "round-robin":
-                fid, flow = next(iter(band.flows.items()))
-                band.flows.move_to_end(fid)
-            else:  # global strict: oldest head across flows
-                fid, flow = min(band.flows.items(), key=lambda kv: kv[1][0].seq)
-            waiter = flow.popleft()
+            fid = band.fairness.pick_flow(band.flows, band.state)
+            flow = band.flows.get(fid) if fid is not None else None
+            if not flow:
+                continue
+            waiter = flow.pop()
             if not flow:
                 del band.flows[fid]
             self._account_out(band, waiter, "dispatched")
             return waiter
         return None
 
+    def admits_now(self, priority: int, saturation: float) -> bool:
+        """With nothing queued: whether a dispatch cycle would release a request of this
+        priority at once (no band at or above it is at its usage limit)."""
+        priorities = sorted({*self._priorities, priority}, reverse=True)
+        ceilings = self.usage_limit.compute_limit(saturation, priorities)
+        return all(saturation < c for p, c in zip(priorities, ceilings, strict=True) if p >= priority)
+
     def newest_candidates(self) -> Sequence[Endpoint]:
         """The pool as the most recently queued request of the first busy band saw it."""
         for band in self._order:
-            for flow in band.flows.values():
-                if flow:
-                    return flow[-1].candidates
+            newest = [flow.newest() for flow in band.flows.values() if flow]
+            if newest:
+                return max(newest, key=lambda w: w.seq).candidates
         return ()
 
     def drain(self) -> list[Waiter]:

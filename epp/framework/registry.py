@@ -76,6 +76,14 @@ BUILTINS: dict[str, str] = {
     "session-id-producer": "epp.requestcontrol.producers.session:SessionIdProducer",
     # saturation detectors (flowcontrol)
     "utilization-detector": "epp.flowcontrol.saturation:UtilizationDetector",
+    # flow-control policies (flowControl.priorityBands[].fairnessPolicyRef / orderingPolicyRef,
+    # flowControl.usageLimitPolicyPluginRef)
+    "global-strict-fairness-policy": "epp.flowcontrol.fairness:GlobalStrictFairnessPolicy",
+    "round-robin-fairness-policy": "epp.flowcontrol.fairness:RoundRobinFairnessPolicy",
+    "fcfs-ordering-policy": "epp.flowcontrol.ordering:FCFSOrderingPolicy",
+    "edf-ordering-policy": "epp.flowcontrol.ordering:EDFOrderingPolicy",
+    "slo-deadline-ordering-policy": "epp.flowcontrol.ordering:SLODeadlineOrderingPolicy",
+    "static-usage-limit-policy": "epp.flowcontrol.usagelimits:StaticUsageLimitPolicy",
     # request parsers (requestHandler.parsers)
     "openai-parser": "epp.requestcontrol.parsers.openai:OpenAIParser",
     "anthropic-parser": "epp.requestcontrol.parsers.anthropic:AnthropicParser",
@@ -117,9 +125,7 @@ _PRECISE = "precise prefix-cache routing (issue 12)"
 _LATENCY = "latency-aware routing (issue 13)"
 FUTURE: dict[str, str] = {
     **dict.fromkeys(("disaggregatedset-rollout-screener",), _PD),
-    **dict.fromkeys(("global-strict-fairness-policy", "round-robin-fairness-policy", "program-aware-fairness",
-                     "fcfs-ordering-policy", "edf-ordering-policy", "slo-deadline-ordering-policy",
-                     "static-usage-limit-policy", "sheddable-eviction-filter",
+    **dict.fromkeys(("program-aware-fairness", "sheddable-eviction-filter",
                      "priority-then-time-eviction-order-policy", "priority-holdback-policy",
                      "soft-reflective-ceiling-policy", "concurrency-detector", "probabilistic-admitter"), _FC),
     **dict.fromkeys(("precise-prefix-cache-scorer", "precise-prefix-cache-producer", "mm-embeddings-cache-scorer",

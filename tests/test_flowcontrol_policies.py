@@ -1,0 +1,184 @@
+"""Flow-control policy plugins against the reference's semantics
+(llm-d-router pkg/epp/framework/plugins/flowcontrol/...): fairness (global_strict.go,
+roundrobin.go), ordering (fcfs.go, edf.go, slo_deadline.go), usage limits
+(usagelimits/usagelimitpolicy.go), wired into the queues by the config's references."""
+
+import asyncio
+import math
+import random
+import time
+
+import pytest
+
+from epp.assembly import load_plugin_set
+from epp.errors import InferenceError
+from epp.flowcontrol.admission import AdmissionController, gated_flow_control
+from epp.flowcontrol.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
+from epp.flowcontrol.ordering import EDFOrderingPolicy, FCFSOrderingPolicy, SLODeadlineOrderingPolicy
+from epp.flowcontrol.usagelimits import StaticUsageLimitPolicy
+from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
+from epp.framework.registry import plugin_class
+
+
+class Item:
+    def __init__(self, enqueued, ttl=0.0, headers=None):
+        self.enqueued, self.ttl, self.headers = enqueued, ttl, headers or {}
+
+
+class Flow:
+    def __init__(self, *keys):
+        self.keys = list(keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def head_key(self):
+        return self.keys[0]
+
+
+def test_registered_types_and_parameter_defaults():
+    for t in ("global-strict-fairness-policy", "round-robin-fairness-policy", "fcfs-ordering-policy",
+              "edf-ordering-policy", "slo-deadline-ordering-policy", "static-usage-limit-policy"):
+        assert plugin_class(t).type_name == t
+    assert StaticUsageLimitPolicy("s", None, PluginHandle()).threshold == 1.0  # usagelimitpolicy.go: 1.0
+    assert StaticUsageLimitPolicy("s", None, PluginHandle()).compute_limit(0.3, [5, 0, -1]) == [1.0, 1.0, 1.0]
+
+
+def test_fcfs_orders_by_enqueue_time():
+    p = FCFSOrderingPolicy("o")
+    assert sorted([Item(3.0), Item(1.0), Item(2.0)], key=p.order_key)[0].enqueued == 1.0
+
+
+def test_edf_earliest_deadline_first_no_ttl_last_ties_by_enqueue():
+    p = EDFOrderingPolicy("o")
+    items = [Item(0.0, ttl=10.0), Item(1.0, ttl=2.0), Item(0.5, ttl=0.0), Item(2.0, ttl=1.0)]
+    assert [(i.enqueued, i.ttl) for i in sorted(items, key=p.order_key)] == [
+        (1.0, 2.0), (2.0, 1.0), (0.0, 10.0), (0.5, 0.0)]  # deadlines 3, 3 (tie: earlier enqueue), 10, none
+    assert p.order_key(Item(5.0))[0] == math.inf
+
+
+def test_slo_deadline_reads_the_ttft_header():
+    p = SLODeadlineOrderingPolicy("o")
+    urgent = Item(1.0, headers={"x-llm-d-slo-ttft-ms": "100"})
+    relaxed = Item(0.0, headers={"x-llm-d-slo-ttft-ms": "5000"})
+    none = Item(0.0)
+    bad = [Item(0.0, headers={"x-llm-d-slo-ttft-ms": v}) for v in ("-5", "abc", "1.5", "", str(2**63))]
+    assert sorted([none, relaxed, urgent], key=p.order_key) == [urgent, relaxed, none]
+    assert all(p.order_key(b)[0] == math.inf for b in bad)  # unparsable / negative / overflow: no deadline
+
+
+def test_global_strict_picks_the_earliest_head_across_flows():
+    p = GlobalStrictFairnessPolicy("f")
+    assert p.pick_flow({"a": Flow((3.0, 0)), "b": Flow((1.0, 1)), "c": Flow()}, p.new_state()) == "b"
+    assert p.pick_flow({"c": Flow()}, None) is None
+
+
+def test_round_robin_turns_in_sorted_id_order_and_survives_a_flow_leaving():
+    p = RoundRobinFairnessPolicy("f")
+    state = p.new_state()
+    flows = {"b": Flow((0,)), "a": Flow((0,)), "c": Flow((0,))}
+    assert [p.pick_flow(flows, state) for _ in range(4)] == ["a", "b", "c", "a"]
+    del flows["b"]  # b left after a was picked: next is c, as if b were still there and empty
+    assert p.pick_flow(flows, state) == "c"
+    assert p.pick_flow({}, state) is None and state.last is None
+
+
+# --------------------------------------------------------------------------- through the admission controller
+BASE = """
+plugins:
+- type: queue-scorer
+- type: utilization-detector
+  parameters: {metricsStalenessThreshold: 1h}
+%s
+schedulingProfiles: [{name: default, plugins: [{pluginRef: queue-scorer}]}]
+saturationDetector: {pluginRef: utilization-detector}
+featureGates: [flowControl]
+"""
+
+
+def controller(extra, plugins=""):
+    p = load_plugin_set(BASE % plugins + extra, PluginHandle(rng=random.Random(1)))
+    return AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
+                               policies=p.plugins, poll_interval=0.005)
+
+
+def endpoint(queue):
+    e = Endpoint("e1", "10.0.0.1", 8000)
+    e.metrics = Metrics(waiting_queue_size=queue, update_time=time.monotonic(), ok=True)
+    return e
+
+
+def req(rid, flow="f", priority=0, headers=None):
+    return InferenceRequest(rid, "m", "m", "completions", "x", headers or {}, priority=priority, fairness_id=flow,
+                            size_bytes=10)
+
+
+async def until(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.002)
+
+
+async def run_queued(ac, e, requests, release_queue=0):
+    order = []
+
+    async def one(r):
+        (await ac.admit(r, [e]))()
+        order.append(r.request_id)
+
+    tasks = []
+    for r in requests:
+        tasks.append(asyncio.create_task(one(r)))
+        n = len(tasks)
+        await until(lambda n=n: ac.queue_size == n)
+    e.metrics = Metrics(waiting_queue_size=release_queue, update_time=time.monotonic(), ok=True)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    return order
+
+
+async def test_band_refs_select_round_robin_and_slo_deadline():
+    ac = controller("flowControl: {priorityBands: [{priority: 0, fairnessPolicyRef: round-robin-fairness-policy, "
+                    "orderingPolicyRef: slo-deadline-ordering-policy}]}\n")
+    slo = {"x-llm-d-slo-ttft-ms": "50"}
+    order = await run_queued(ac, endpoint(10), [req("a1", "a"), req("a2", "a", headers=slo), req("a3", "a"),
+                                                req("b1", "b"), req("b2", "b")])
+    # flows a, b in turn; within a, the request with a TTFT SLO first, then arrival order
+    assert order == ["a2", "b1", "a1", "b2", "a3"]
+
+
+async def test_usage_limit_threshold_holds_the_band_below_saturation():
+    ac = controller("flowControl: {usageLimitPolicyPluginRef: half}\n",
+                    "- {type: static-usage-limit-policy, name: half, parameters: {threshold: 0.5}}")
+    e = endpoint(3)  # saturation 3/5 = 0.6: under 1.0 but at/over the 0.5 ceiling
+    t = asyncio.create_task(ac.admit(req("a"), [e]))
+    await until(lambda: ac.queue_size == 1)
+    await asyncio.sleep(0.03)
+    assert ac.queue_size == 1 and not t.done()  # held: saturation >= threshold
+    e.metrics = Metrics(waiting_queue_size=2, update_time=time.monotonic(), ok=True)  # 0.4 < 0.5
+    (await asyncio.wait_for(t, 5))()
+    assert ac.queue_size == 0
+
+
+async def test_global_max_requests_rejects_429_and_503_without_endpoints():
+    ac = controller("flowControl: {maxRequests: 2}\n")
+    e = endpoint(10)
+    tasks = [asyncio.create_task(ac.admit(req(f"r{i}", priority=i), [e])) for i in range(2)]  # two bands
+    await until(lambda: ac.queue_size == 2)
+    with pytest.raises(InferenceError) as err:
+        await ac.admit(req("r3", priority=7), [e])
+    assert err.value.http_status == 429 and err.value.reason == "rejected-saturated"
+    assert "2 requests" in err.value.message
+    with pytest.raises(InferenceError) as err:
+        await ac.admit(req("r4"), [])  # the pool has no endpoint: unavailability (processor.go)
+    assert err.value.http_status == 503 and err.value.reason == "rejected-no-endpoints"
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert ac.queue_size == 0
+
+
+async def test_band_default_max_requests_is_5000():
+    ac = controller("flowControl: {}\n")
+    assert ac.queues.config.band(0).max_requests == 5000
