@@ -130,6 +130,16 @@ class AdmissionController:
             observe(request, "enqueued", time.perf_counter() - t0)
         self._ensure_dispatcher()
         try:
+            return await self._wait(waiter, candidates, ttl)
+        finally:  # the dispatcher waits for this before its next sample: the request is being scheduled now
+            ack = waiter.ack
+            if ack is not None and not ack.done():
+                ack.set_result(None)
+
+    async def _wait(self, waiter: Waiter, candidates: Sequence[Endpoint], ttl: float) -> Callable[[], None]:
+        queues = self.queues
+        assert queues is not None
+        try:
             if ttl > 0:
                 await asyncio.wait_for(asyncio.shield(waiter.future), ttl)
             else:
@@ -176,20 +186,25 @@ class AdmissionController:
     async def _dispatch_loop(self) -> None:
         """Runs only while something is queued. Each cycle samples the pool's saturation
         and releases one request (the policies' pick) unless a band's usage limit holds it;
-        after a release it yields once, so the released request is scheduled (and counted
-        in flight) before the next sample; with nothing released it waits a poll interval
-        for fresher metrics."""
+        after a release it waits (at most a poll interval) until the released request has
+        left admit() and is being scheduled, so its load counts in the next sample; with
+        nothing released it waits a poll interval for fresher metrics."""
         queues = self.queues
         assert queues is not None
         while queues.count:
             t0 = time.perf_counter()
             waiter = queues.pop(self._saturation(queues.newest_candidates()))
+            ack = None
             if waiter is not None and not waiter.future.done():
+                ack = waiter.ack = asyncio.get_running_loop().create_future()
                 waiter.future.set_result(None)
             if self.observe_dispatch_cycle is not None:
                 self.observe_dispatch_cycle(time.perf_counter() - t0)
             if queues.count:
-                await asyncio.sleep(0 if waiter is not None else self.poll_interval)
+                if ack is not None:  # until the released request is scheduled (its load counted), bounded
+                    await asyncio.wait((ack,), timeout=self.poll_interval)
+                else:
+                    await asyncio.sleep(self.poll_interval)
 
     async def close(self) -> None:
         """Stop the dispatcher; queued requests get 503."""

@@ -49,6 +49,7 @@ class Waiter:
     enqueued: float
     future: asyncio.Future
     ttl: float = 0.0  # the effective queue TTL (seconds, <= 0 = none), for ordering policies
+    ack: asyncio.Future | None = None  # set by the dispatcher; resolved when admit() returns
 
     @property
     def headers(self) -> Mapping[str, str]:
