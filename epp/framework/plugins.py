@@ -152,6 +152,7 @@ EXTENSION_POINTS: dict[str, str] = {
     "Scorer": "score",
     "Picker": "pick",
     "ProfileHandler": "pick_profiles",
+    "Admitter": "admit_request",  # after PrepareData, before scheduling: None admits, else the deny reason
     "PreRequest": "pre_request",
     "ResponseReceived": "response_received",
     "ResponseStreaming": "response_streaming",

@@ -77,6 +77,8 @@ BUILTINS: dict[str, str] = {
     # saturation detectors (flowcontrol)
     "utilization-detector": "epp.flowcontrol.saturation:UtilizationDetector",
     "concurrency-detector": "epp.flowcontrol.concurrency:ConcurrencyDetector",
+    # admitters (run after PrepareData, before scheduling)
+    "probabilistic-admitter": "epp.flowcontrol.admitter:ProbabilisticAdmitter",
     # flow-control policies (flowControl.priorityBands[].fairnessPolicyRef / orderingPolicyRef,
     # flowControl.usageLimitPolicyPluginRef)
     "global-strict-fairness-policy": "epp.flowcontrol.fairness:GlobalStrictFairnessPolicy",
@@ -128,7 +130,7 @@ FUTURE: dict[str, str] = {
     **dict.fromkeys(("disaggregatedset-rollout-screener",), _PD),
     **dict.fromkeys(("program-aware-fairness", "sheddable-eviction-filter",
                      "priority-then-time-eviction-order-policy", "priority-holdback-policy",
-                     "soft-reflective-ceiling-policy", "probabilistic-admitter"), _FC),
+                     "soft-reflective-ceiling-policy"), _FC),
     **dict.fromkeys(("precise-prefix-cache-scorer", "precise-prefix-cache-producer", "mm-embeddings-cache-scorer",
                      "mm-embeddings-cache-producer"), _PRECISE),
     **dict.fromkeys(("predicted-latency-producer", "latency-slo-admitter", "slo-headroom-tier-filter",

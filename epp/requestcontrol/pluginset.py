@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from epp.config import EndpointPickerConfig, FlowControlConfig
-from epp.errors import REJECTED_NO_ENDPOINTS, service_unavailable
+from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, service_unavailable
 from epp.framework import (
     EXTENSION_POINTS,
     CycleState,
@@ -28,7 +28,7 @@ __all__ = ["PluginSet"]
 
 # the extension points run here (the scheduler runs Filter, Scorer, Picker)
 HOOKS = {point: EXTENSION_POINTS[point] for point in (
-    "PrepareData", "PreRequest", "ResponseReceived", "ResponseStreaming", "ResponseComplete", "EndpointsChanged")}
+    "PrepareData", "Admitter", "PreRequest", "ResponseReceived", "ResponseStreaming", "ResponseComplete", "EndpointsChanged")}
 
 
 class PluginSet(Observed):
@@ -58,6 +58,7 @@ class PluginSet(Observed):
             point: [timed(point, p, getattr(p, HOOKS[point]), fn) for p in members]
             for point, members in self._members.items()}
         self._prepare = calls["PrepareData"]
+        self._admit = calls["Admitter"]
         self._pre_request = calls["PreRequest"]
         self._response_received = calls["ResponseReceived"]
         self._response_streaming = calls["ResponseStreaming"]
@@ -78,6 +79,11 @@ class PluginSet(Observed):
         cycle = CycleState()
         for prepare in self._prepare:
             prepare(cycle, request, candidates)
+        if commit:  # Admit plugins; a denial is 500, as the reference's director answers it
+            for admit in self._admit:
+                reason = admit(cycle, request, candidates)
+                if reason is not None:
+                    raise InferenceError("Internal", f"request cannot be admitted: {reason}")
         result = self.scheduler.schedule(cycle, request, candidates, trace)
         if commit:
             for pre_request in self._pre_request:
