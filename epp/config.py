@@ -14,8 +14,8 @@ source unless one is configured or `dataLayer.injectDefaults` is false. Deprecat
 (the inference.networking.x-k8s.io apiVersion, top-level saturationDetector and parser,
 the aliased plugin types of registry.ALIASES) are mapped, each logged once per load;
 where both the old and the new form are set, the new one wins. What another issue builds
-(flow-control policies, eviction, global maxRequests, the P/D encode stage ...) is refused
-naming that feature unless set to the reference's default.
+(in-flight eviction, the flow-control policy types not built yet ...) is refused naming
+that feature unless set to the reference's default.
 """
 
 from __future__ import annotations
@@ -621,7 +621,9 @@ def _parse_flow_control(raw: Any) -> tuple[FlowControlConfig, Any, bool]:
     if ref:
         fc.usage_limit_policy_ref = _str(ref, f"{where}.usageLimitPolicyPluginRef")
     if raw.get("enableEviction") is not None and _bool(raw["enableEviction"], f"{where}.enableEviction"):
-        raise ConfigError(f"{where}.enableEviction: eviction needs {_ISSUE_11_FC}")
+        raise ConfigError(f"{where}.enableEviction: eviction needs {_ISSUE_11_FC}: the reference evicts an "
+                          "in-flight request by pushing an unprompted ImmediateResponse(429) on its ext_proc stream "
+                          "(handlers/server.go evictCh), which this picker's stream handlers cannot do yet")
     settings = any(raw.get(k) is not None for k in _FLOW_KEYS if k != "saturationDetector")
     saturation = raw.get("saturationDetector")
     if saturation is not None:
