@@ -254,10 +254,10 @@ flowControl:
 
 @pytest.mark.parametrize("text, expected", [
     ("flowControl: {enableEviction: true}", "flowControl.enableEviction: eviction needs flow control"),
-    ("featureGates: [flowControl]\nflowControl: {usageLimitPolicyPluginRef: priority-holdback-policy}",
-     "flowControl.usageLimitPolicyPluginRef: no usage-limit policy plugin named 'priority-holdback-policy'"),
-    ("plugins: [{type: priority-holdback-policy}]", "plugins[0].type: plugin type 'priority-holdback-policy' needs "
-                                                    "flow-control policies (issue 11)"),
+    ("featureGates: [flowControl]\nflowControl: {usageLimitPolicyPluginRef: fcfs-ordering-policy}",
+     "flowControl.usageLimitPolicyPluginRef: no usage-limit policy plugin named 'fcfs-ordering-policy'"),
+    ("plugins: [{type: sheddable-eviction-filter}]", "plugins[0].type: plugin type 'sheddable-eviction-filter' needs "
+                                                     "flow-control policies (issue 11)"),
     ("featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: nope}]}",
      "flowControl.priorityBands[0].fairnessPolicyRef: no fairness policy plugin named 'nope' in plugins"),
     ("featureGates: [flowControl]\nplugins: [{type: queue-scorer}]\n"
@@ -471,7 +471,7 @@ def test_alpha_plugins_need_allow_experimental_plugins():
     ("precise-prefix-cache-scorer", "precise prefix-cache routing (issue 12)"),
     ("latency-scorer", "latency-aware routing (issue 13)"),
     ("disaggregatedset-rollout-screener", "disaggregated serving (issue 11)"),
-    ("priority-holdback-policy", "flow-control policies (issue 11)"),
+    ("program-aware-fairness", "flow-control policies (issue 11)"),
     ("mm-embeddings-cache-scorer", "precise prefix-cache routing (issue 12)"),
 ])
 def test_types_of_other_issues_are_refused_naming_the_feature(ptype, feature):

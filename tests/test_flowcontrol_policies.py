@@ -182,3 +182,57 @@ async def test_global_max_requests_rejects_429_and_503_without_endpoints():
 async def test_band_default_max_requests_is_5000():
     ac = controller("flowControl: {}\n")
     assert ac.queues.config.band(0).max_requests == 5000
+
+
+# --------------------------------------------------------------------------- Alpha usage-limit policies
+def holdback(**params):
+    from epp.flowcontrol.usagelimits import PriorityHoldbackParams, PriorityHoldbackPolicy
+    return PriorityHoldbackPolicy("h", PriorityHoldbackParams(**params), PluginHandle())
+
+
+def test_priority_holdback_rank_and_value_domains():
+    # priority_holdback.go: rank = evenly spread by position, value = proportional to the priority
+    assert holdback(minCeiling=0.4).compute_limit(0.9, [10, 5, 0, -10]) == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    assert holdback(minCeiling=0.4, domain="value").compute_limit(0.9, [10, 5, 0, -10]) == pytest.approx(
+        [1.0, 0.85, 0.7, 0.4])
+    assert holdback(minCeiling=0.2, maxCeiling=0.9).compute_limit(0.0, [3]) == [0.9]  # one band: maxCeiling
+    assert holdback(minCeiling=0.2, domain="value").compute_limit(0.0, [3, 3]) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("params, msg", [
+    ("{}", "minCeiling: required"),
+    ("{minCeiling: 1.0}", "minCeiling: must be in [0.0, 1.0)"),
+    ("{minCeiling: 0.5, maxCeiling: 0.5}", "must be strictly less than maxCeiling"),
+    ("{minCeiling: 0.1, domain: rankish}", "domain: unsupported 'rankish'"),
+    ("{minCeiling: 0.1, shape: step}", "shape: unsupported 'step'"),
+])
+def test_priority_holdback_parameters_are_checked(params, msg):
+    with pytest.raises(Exception) as e:
+        load_plugin_set(f"plugins: [{{type: priority-holdback-policy, parameters: {params}}}, {{type: random-picker}}]\n"
+                        "schedulingProfiles: [{name: d, plugins: [{pluginRef: random-picker}]}]\n")
+    assert msg in str(e.value)
+
+
+def test_soft_reflective_ceiling_opens_lower_bands_as_the_reference():
+    from epp.flowcontrol.usagelimits import SoftReflectiveCeilingPolicy
+    p = SoftReflectiveCeilingPolicy("s")
+    assert p.compute_limit(0.2, [2, 1, 0]) == [1.0, 1.0, 1.0]  # 0.2 < 1 - i*0.2/2 for every band
+    assert p.compute_limit(1.0, [2, 1, 0]) == [1.0, 0.0, 0.0]  # saturated: only the top band
+    # s = 0.75: band 1's reflective ceiling 0.625 <= s -> alternating, open one cycle in round(0.75/0.25) = 3
+    opened = [p.compute_limit(0.75, [1, 0])[1] for _ in range(6)]
+    assert opened == [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    assert p.compute_limit(0.4, [1, 0]) == [1.0, 1.0]  # 0.4 < 1 - 0.4: open
+
+
+async def test_priority_holdback_holds_the_lower_band_before_saturation():
+    ac = controller("flowControl:\n  usageLimitPolicyPluginRef: hold\n"
+                    "  priorityBands: [{priority: 10}, {priority: 0}]\n",
+                    "- {type: priority-holdback-policy, name: hold, parameters: {minCeiling: 0.5}}")
+    e = endpoint(3)  # saturation 0.6: band 10's ceiling 1.0 lets it through, band 0's 0.5 holds it
+    low = asyncio.create_task(ac.admit(req("low", priority=0), [e]))
+    await until(lambda: ac.queue_size == 1)
+    (await asyncio.wait_for(ac.admit(req("high", priority=10), [e]), 5))()  # at once
+    await asyncio.sleep(0.03)
+    assert not low.done() and ac.queue_size == 1
+    e.metrics = Metrics(waiting_queue_size=2, update_time=time.monotonic(), ok=True)  # 0.4 < 0.5
+    (await asyncio.wait_for(low, 5))()

@@ -132,6 +132,8 @@ class FlowQueues:
         self.count = 0
         self.bytes = 0
         self.observe: QueueObserver | None = None
+        for band in config.priority_bands:  # the configured bands exist from the start (usage limits see them)
+            self._band(band.priority)
 
     def _policy(self, name: str, method: str) -> Any:
         plugin = self.policies.get(name)

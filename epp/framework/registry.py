@@ -87,6 +87,8 @@ BUILTINS: dict[str, str] = {
     "edf-ordering-policy": "epp.flowcontrol.ordering:EDFOrderingPolicy",
     "slo-deadline-ordering-policy": "epp.flowcontrol.ordering:SLODeadlineOrderingPolicy",
     "static-usage-limit-policy": "epp.flowcontrol.usagelimits:StaticUsageLimitPolicy",
+    "priority-holdback-policy": "epp.flowcontrol.usagelimits:PriorityHoldbackPolicy",  # Alpha
+    "soft-reflective-ceiling-policy": "epp.flowcontrol.usagelimits:SoftReflectiveCeilingPolicy",  # Alpha
     # request parsers (requestHandler.parsers)
     "openai-parser": "epp.requestcontrol.parsers.openai:OpenAIParser",
     "anthropic-parser": "epp.requestcontrol.parsers.anthropic:AnthropicParser",
@@ -129,8 +131,7 @@ _LATENCY = "latency-aware routing (issue 13)"
 FUTURE: dict[str, str] = {
     **dict.fromkeys(("disaggregatedset-rollout-screener",), _PD),
     **dict.fromkeys(("program-aware-fairness", "sheddable-eviction-filter",
-                     "priority-then-time-eviction-order-policy", "priority-holdback-policy",
-                     "soft-reflective-ceiling-policy"), _FC),
+                     "priority-then-time-eviction-order-policy"), _FC),
     **dict.fromkeys(("precise-prefix-cache-scorer", "precise-prefix-cache-producer", "mm-embeddings-cache-scorer",
                      "mm-embeddings-cache-producer"), _PRECISE),
     **dict.fromkeys(("predicted-latency-producer", "latency-slo-admitter", "slo-headroom-tier-filter",
@@ -146,7 +147,8 @@ FUTURE_PARAMS: dict[str, dict[str, tuple[str, tuple[object, ...]]]] = {}
 ALPHA_TYPES: frozenset[str] = frozenset({"session-affinity-scorer", "session-affinity-filter",
                                          "multicluster-session-affinity-filter", "utilization-filter",
                                          "header-label-affinity-scorer", "endpoint-attribute-filter",
-                                         "endpoint-attribute-scorer", "header-profile-handler"})
+                                         "endpoint-attribute-scorer", "header-profile-handler",
+                                         "priority-holdback-policy", "soft-reflective-ceiling-policy"})
 
 _loaded: dict[str, type] = {}
 
