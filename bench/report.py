@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.loadgen import RequestResult, Summary
+from bench.loadgen import RequestResult, Summary, percentile
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -182,10 +182,10 @@ def plot_ttft_over_time(rows: Sequence[Row], path: Path, title: str) -> None:
 
 
 def plot_pd(rows: Sequence[Row], path: Path, title: str) -> None:
-    """Aggregated vs P/D against the offered rate: TTFT p90, inter-token latency p90 and
-    output tokens/s, one line per setup."""
+    """Aggregated vs P/D against the offered rate: TTFT p90, inter-token latency p90 and p99
+    (every token gap of the rows' results) and output tokens/s, one line per setup."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     by: dict[str, list[Row]] = {}
     for r in rows:
         by.setdefault(r.strategy, []).append(r)
@@ -194,11 +194,15 @@ def plot_pd(rows: Sequence[Row], path: Path, title: str) -> None:
         rates = [r.rate for r in rs]
         axes[0].plot(rates, [r.summary.ttft_p90 * 1000 for r in rs], marker="o", label=name)
         axes[1].plot(rates, [r.summary.itl_p90 * 1000 for r in rs], marker="o", label=name)
-        axes[2].plot(rates, [r.summary.output_tokens_per_s for r in rs], marker="o", label=name)
+        p99 = [percentile([x for res in r.results if res.ok for x in res.itl], 99) * 1000 for r in rs]
+        axes[2].plot(rates, p99, marker="o", label=name)
+        axes[3].plot(rates, [r.summary.output_tokens_per_s for r in rs], marker="o", label=name)
     axes[0].set_ylabel("TTFT p90 (ms, log scale)")
     axes[0].set_yscale("log")
     axes[1].set_ylabel("inter-token latency p90 (ms)")
-    axes[2].set_ylabel("output tokens/s")
+    axes[2].set_ylabel("inter-token latency p99 (ms, log scale)")
+    axes[2].set_yscale("log")
+    axes[3].set_ylabel("output tokens/s")
     for ax in axes:
         ax.set_xlabel("offered rate (requests/s)")
         ax.grid(True, alpha=0.3)
