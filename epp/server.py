@@ -92,7 +92,7 @@ class PickerServer:
             raise StartupError(f"config error: {e}") from None
         self.datastore.on_endpoints_removed(self.pipeline.endpoints_removed)
         p = self.pipeline
-        self.admission = AdmissionController(p.saturation_detector, policies=p.plugins,
+        self.admission = AdmissionController(p.saturation_detector, policies=p.plugins, pool=self.datastore.endpoints,
                                              flow_control=gated_flow_control(p.feature_gates, p.flow_control))
         self.admission.observe_flow = self.telemetry.flow_control_observer()
         self.admission.observe_dispatch_cycle = self.telemetry.flow_control_dispatch_cycle.observe

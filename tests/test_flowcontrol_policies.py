@@ -236,3 +236,24 @@ async def test_priority_holdback_holds_the_lower_band_before_saturation():
     assert not low.done() and ac.queue_size == 1
     e.metrics = Metrics(waiting_queue_size=2, update_time=time.monotonic(), ok=True)  # 0.4 < 0.5
     (await asyncio.wait_for(low, 5))()
+
+
+async def test_a_request_queued_while_the_pool_is_empty_is_dispatched_when_an_endpoint_appears():
+    """Scale from zero: the dispatcher samples the live pool (the reference's Locate(nil)),
+    not the empty snapshot the request was admitted with; the live pool also decides
+    whether a TTL expiry is 429 (endpoints exist) or 503 (none)."""
+    live: list[Endpoint] = []
+    p = load_plugin_set(BASE % "" + "flowControl: {defaultRequestTTL: 100ms, noEndpointRequestTTL: 10s}\n",
+                        PluginHandle(rng=random.Random(1)))
+    ac = AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
+                             policies=p.plugins, pool=lambda: live, poll_interval=0.005)
+    waiting = asyncio.create_task(ac.admit(req("cold"), []))
+    await until(lambda: ac.queue_size == 1)
+    await asyncio.sleep(0.03)
+    assert not waiting.done()  # no endpoint: saturation 1.0, and the 10 s budget, not 100 ms
+    live.append(endpoint(0))
+    (await asyncio.wait_for(waiting, 5))()
+    live[0].metrics = Metrics(waiting_queue_size=10, update_time=time.monotonic(), ok=True)
+    with pytest.raises(InferenceError) as e:
+        await ac.admit(req("busy"), live)
+    assert e.value.http_status == 429 and e.value.reason == "rejected-ttl-expired"

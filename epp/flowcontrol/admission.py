@@ -59,12 +59,15 @@ class AdmissionController:
     callback to call once when the request is finished (idempotent), or raises
     InferenceError (429 shed / over capacity / queue TTL expired, 503 no endpoints).
     `policies`: the configured plugins by name, where the flow-control policy references
-    are resolved."""
+    are resolved. `pool`: the pool's endpoints now (the reference's Locate(nil)), sampled
+    by the dispatcher and probed on TTL expiry; without it, the candidates the newest queued
+    request saw."""
 
     def __init__(self, detector: Saturation | None, clock: Callable[[], float] | None = None, *,
                  flow_control: FlowControlConfig | None = None, policies: Mapping[str, object] | None = None,
-                 poll_interval: float = 0.015) -> None:
+                 pool: Callable[[], Sequence[Endpoint]] | None = None, poll_interval: float = 0.015) -> None:
         self.detector = detector
+        self.pool = pool
         self.clock = clock or time.monotonic
         self.poll_interval = poll_interval
         self.flow_control = flow_control
@@ -151,7 +154,8 @@ class AdmissionController:
             queues.remove(waiter, "rejected_ttl")
             self._observe_final(waiter, "rejected_ttl")
             msg = f"request timed out in the flow-control queue after {ttl:g}s"
-            if not candidates and not queues.newest_candidates():  # the pool has no endpoint: unavailable
+            pool = self.pool() if self.pool is not None else (candidates or queues.newest_candidates())
+            if not pool:  # the pool has no endpoint: unavailable, not backpressure
                 raise service_unavailable(f"{msg} and no endpoints are available", REJECTED_NO_ENDPOINTS) from None
             raise resource_exhausted(msg, REJECTED_TTL_EXPIRED) from None
         except asyncio.CancelledError:
@@ -161,6 +165,11 @@ class AdmissionController:
             raise
         self._observe_final(waiter, "dispatched")
         return self._admitted()
+
+    def _pool_now(self) -> Sequence[Endpoint]:
+        if self.pool is not None:
+            return self.pool()
+        return self.queues.newest_candidates() if self.queues is not None else ()
 
     def _observe_final(self, waiter: Waiter, outcome: str) -> None:
         if self.observe_flow is not None:
@@ -193,7 +202,7 @@ class AdmissionController:
         assert queues is not None
         while queues.count:
             t0 = time.perf_counter()
-            waiter = queues.pop(self._saturation(queues.newest_candidates()))
+            waiter = queues.pop(self._saturation(self._pool_now()))
             ack = None
             if waiter is not None and not waiter.future.done():
                 ack = waiter.ack = asyncio.get_running_loop().create_future()

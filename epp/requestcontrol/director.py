@@ -201,6 +201,8 @@ class Director:
             tel.model_rewrite_decisions.get(ctx.rewrite_name, model, target).inc()
         candidates = self.candidates(subset)
         ctx.release = await self.admission.admit(request, candidates)
+        if not candidates:  # queued while the pool had no endpoint (flow control): route to those there now
+            candidates = self.candidates(subset)
         t0 = time.perf_counter()
         try:
             if ctx.trace is not None:
