@@ -126,6 +126,9 @@ def cmd_cluster(argv: list[str]) -> int:
     ap.add_argument("--strategies", default=",".join(BASE_STRATEGIES))
     ap.add_argument("--config", action="append", default=[], help="EndpointPickerConfig file (adds picker:<file>)")
     ap.add_argument("--num-gpu-blocks", type=int, default=EngineConfig.num_gpu_blocks)
+    ap.add_argument("--roles", default="", help="one role per server (prefill, decode, both), comma-separated; "
+                    "labelled llm-d.ai/role (use with a P/D --config)")
+    ap.add_argument("--hardware", default="", help="one hardware class per server (h100, h200, a100, a100-40gb)")
     ap.add_argument("--time-scale", type=float, default=1.0,
                     help="report as a real-stack run at this `epp sim --time-scale` would see it: rates are per "
                          "wall second and times wall seconds (1 = the simulated H100's own time)")
@@ -133,8 +136,12 @@ def cmd_cluster(argv: list[str]) -> int:
     _workload_args(ap, groups=64, system=2000, output=64, requests=2000)
     a, spec = _parse(ap, argv)
     strategies = _strategies(a.strategies, a.config)
-    cfg = ClusterConfig(servers=a.servers, engine=EngineConfig(num_gpu_blocks=a.num_gpu_blocks), seed=a.seed,
-                        model=spec.model)
+    try:
+        cfg = ClusterConfig(servers=a.servers, engine=EngineConfig(num_gpu_blocks=a.num_gpu_blocks), seed=a.seed,
+                            model=spec.model, roles=tuple(x.strip() for x in a.roles.split(",") if x.strip()),
+                            hardware=tuple(x.strip() for x in a.hardware.split(",") if x.strip()))
+    except ValueError as e:
+        ap.error(str(e))
     from bench.workloads import generate
 
     items = generate(spec)

@@ -136,3 +136,14 @@ def test_pd_command_refuses_a_bad_split(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["pd", "--splits", "3:3", "--out", str(tmp_path)])
     assert e.value.code == 2 and "split '3:3'" in capsys.readouterr().err
+
+
+def test_cluster_command_takes_roles(tmp_path, capsys):
+    argv = ["cluster", "--servers", "2", "--roles", "prefill,decode", "--config", PD_CONFIG, "--strategies", "",
+            "--rates", "10", "--requests", "20", "--groups", "2", "--out", str(tmp_path), "--no-plots"]
+    assert main(argv) == 0
+    row = next(line for line in (tmp_path / "cluster.md").read_text().splitlines() if line.startswith("| picker:"))
+    assert row.rstrip(" |").endswith("0 20")  # the decode server is every request's target
+    with pytest.raises(SystemExit):
+        main(["cluster", "--servers", "3", "--roles", "prefill,decode", "--out", str(tmp_path)])
+    assert "roles: 2 given for 3 servers" in capsys.readouterr().err
