@@ -250,6 +250,9 @@ flowControl:
     assert "static-usage-limit-policy" not in implicit  # declared as "limit"
     split = load_config("featureGates: [flowControl]\nflowControl: {noEndpointRequestTTL: 5m}\n").flow_control
     assert (split.default_request_ttl, split.endpointless_ttl) == (60.0, 300.0)
+    # without defaultNegativePriorityBand, negative priorities fall back to defaultPriorityBand
+    only_default = load_config("featureGates: [flowControl]\nflowControl: {defaultPriorityBand: {maxRequests: 7}}\n")
+    assert only_default.flow_control.band(-3).max_requests == 7
 
 
 @pytest.mark.parametrize("text, expected", [
