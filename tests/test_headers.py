@@ -162,7 +162,7 @@ async def test_admission_rejections_carry_their_reason():
     assert await reason_of(controller(DETECTOR).admit(req("a", priority=-1), pool(True))) == (
         429, "rejected-saturated")
     assert await reason_of(controller(flow_config(ttl="30ms")).admit(req("b"), pool(True))) == (
-        503, "rejected-ttl-expired")  # the project's 503 for a queue timeout is kept
+        429, "rejected-ttl-expired")  # the reference's answer with endpoints (requestcontrol/admission.go)
     full = controller(flow_config(bands="[{priority: 0, maxRequests: 1}]"))
     endpoints = pool(True)
     queued = asyncio.create_task(full.admit(req("c"), endpoints))
