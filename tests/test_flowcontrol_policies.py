@@ -257,3 +257,32 @@ async def test_a_request_queued_while_the_pool_is_empty_is_dispatched_when_an_en
     with pytest.raises(InferenceError) as e:
         await ac.admit(req("busy"), live)
     assert e.value.http_status == 429 and e.value.reason == "rejected-ttl-expired"
+
+
+async def test_a_regime_change_starts_the_other_budget():
+    """processor.go isExpired: defaultRequestTTL while the pool has endpoints, noEndpointRequestTTL
+    while it has none, charged from the later of enqueue and the last regime change."""
+    live: list[Endpoint] = []
+    p = load_plugin_set(BASE % "" + "flowControl: {defaultRequestTTL: 100ms, noEndpointRequestTTL: 10s}\n",
+                        PluginHandle(rng=random.Random(1)))
+    ac = AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
+                             policies=p.plugins, pool=lambda: live, poll_interval=0.005)
+    waiting = asyncio.create_task(ac.admit(req("cold"), []))
+    await until(lambda: ac.queue_size == 1)
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # 0.2 s > defaultRequestTTL, but the pool is empty: the 10 s budget
+    t0 = time.monotonic()
+    live.append(endpoint(10))  # an endpoint appears, saturated: now the 100 ms budget, from the change
+    with pytest.raises(InferenceError) as e:
+        await asyncio.wait_for(waiting, 5)
+    assert e.value.http_status == 429 and e.value.reason == "rejected-ttl-expired"
+    assert 0.05 < time.monotonic() - t0 < 2.0
+    assert ac.queue_size == 0
+
+    live.clear()
+    q = load_plugin_set(BASE % "" + "flowControl: {noEndpointRequestTTL: 50ms}\n", PluginHandle())
+    empty = AdmissionController(q.saturation_detector, flow_control=q.flow_control, policies=q.plugins,
+                                pool=lambda: live, poll_interval=0.005)
+    with pytest.raises(InferenceError) as e:
+        await asyncio.wait_for(empty.admit(req("nothing"), []), 5)
+    assert e.value.http_status == 503 and e.value.reason == "rejected-no-endpoints"

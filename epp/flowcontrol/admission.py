@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -68,6 +69,11 @@ class AdmissionController:
                  pool: Callable[[], Sequence[Endpoint]] | None = None, poll_interval: float = 0.015) -> None:
         self.detector = detector
         self.pool = pool
+        # the pool's regime as the dispatcher last saw it (live pool only): empty or not, since when,
+        # and a future resolved (and replaced) on each change, which wakes the waiters
+        self._regime_empty: bool | None = None
+        self._regime_since = -math.inf
+        self._regime_changed: asyncio.Future | None = None
         self.clock = clock or time.monotonic
         self.poll_interval = poll_interval
         self.flow_control = flow_control
@@ -122,7 +128,8 @@ class AdmissionController:
             return self._admitted()
         t0 = time.perf_counter()
         fc = queues.config
-        ttl = fc.default_request_ttl if candidates else fc.endpointless_ttl
+        ttl = fc.default_request_ttl if (self._pool_now() if self.pool is not None else candidates) \
+            else fc.endpointless_ttl
         try:
             waiter = queues.push(request, candidates, ttl)
         except InferenceError:
@@ -143,7 +150,9 @@ class AdmissionController:
         queues = self.queues
         assert queues is not None
         try:
-            if ttl > 0:
+            if self.pool is not None:
+                await self._wait_regimes(waiter)
+            elif ttl > 0:
                 await asyncio.wait_for(asyncio.shield(waiter.future), ttl)
             else:
                 await waiter.future
@@ -153,8 +162,8 @@ class AdmissionController:
                 return self._admitted()  # dispatched in the same instant the timer fired
             queues.remove(waiter, "rejected_ttl")
             self._observe_final(waiter, "rejected_ttl")
-            msg = f"request timed out in the flow-control queue after {ttl:g}s"
-            pool = self.pool() if self.pool is not None else (candidates or queues.newest_candidates())
+            msg = "request timed out in the flow-control queue"
+            pool = self._pool_now() if self.pool is not None else (candidates or queues.newest_candidates())
             if not pool:  # the pool has no endpoint: unavailable, not backpressure
                 raise service_unavailable(f"{msg} and no endpoints are available", REJECTED_NO_ENDPOINTS) from None
             raise resource_exhausted(msg, REJECTED_TTL_EXPIRED) from None
@@ -166,10 +175,40 @@ class AdmissionController:
         self._observe_final(waiter, "dispatched")
         return self._admitted()
 
+    async def _wait_regimes(self, waiter: Waiter) -> None:
+        """Wait for dispatch under the budget of the pool's current regime: defaultRequestTTL
+        while it has endpoints, noEndpointRequestTTL while it has none, charged from the later
+        of enqueue and the last regime change (each change starts a fresh budget), as the
+        reference's processor.go isExpired. Raises TimeoutError when the budget is spent."""
+        fc = self.queues.config if self.queues is not None else None
+        assert fc is not None
+        while not waiter.future.done():
+            if self._regime_changed is None or self._regime_changed.done():
+                self._regime_changed = asyncio.get_running_loop().create_future()
+            changed = self._regime_changed
+            budget = fc.endpointless_ttl if self._regime_empty else fc.default_request_ttl
+            if budget <= 0:
+                await asyncio.wait((waiter.future, changed), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            remaining = max(waiter.enqueued, self._regime_since) + budget - self.clock()
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait((waiter.future, changed), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        waiter.future.result()  # an exception set on it (shutdown) is raised here
+
     def _pool_now(self) -> Sequence[Endpoint]:
-        if self.pool is not None:
-            return self.pool()
-        return self.queues.newest_candidates() if self.queues is not None else ()
+        if self.pool is None:
+            return self.queues.newest_candidates() if self.queues is not None else ()
+        pool = self.pool()
+        empty = not pool
+        if empty != self._regime_empty:
+            if self._regime_empty is not None:
+                self._regime_since = self.clock()
+            self._regime_empty = empty
+            changed, self._regime_changed = self._regime_changed, None
+            if changed is not None and not changed.done():
+                changed.set_result(None)
+        return pool
 
     def _observe_final(self, waiter: Waiter, outcome: str) -> None:
         if self.observe_flow is not None:
