@@ -7,9 +7,10 @@ configured policies pick, while the pool's saturation is under the band's usage 
 Answers as the reference's (pkg/epp/requestcontrol/admission.go, translateFlowControlOutcome):
 queue limits 429 rejected-saturated (503 rejected-no-endpoints when the request's pool had
 no endpoint); TTL expiry 429 rejected-ttl-expired while the pool has endpoints, 503
-rejected-no-endpoints when it has none. The queue-wait budget is defaultRequestTTL, or
-noEndpointRequestTTL for a request that arrived while its pool had no endpoint. A waiter
-whose task is cancelled (client went away) leaves its queue at once.
+rejected-no-endpoints when it has none. The queue-wait budget is defaultRequestTTL while the
+pool has endpoints and noEndpointRequestTTL while it has none, each regime change starting a
+fresh budget (with a live `pool`; without one, the regime the request was admitted in). A
+waiter whose task is cancelled (client went away) leaves its queue at once.
 
 The controller sees only what it uses: something that reports the pool's saturation
 and the flow-control settings (None when the gate is off).
