@@ -122,6 +122,29 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _by_strategy_over_rate(rows: Sequence[Row]) -> list[tuple[str, list[Row], list[float | None]]]:
+    """The rows grouped by strategy (first-seen order), each group sorted by offered rate:
+    (strategy, rows, rates), one line of a rate plot each."""
+    by: dict[str, list[Row]] = {}
+    for r in rows:
+        by.setdefault(r.strategy, []).append(r)
+    out = []
+    for name, rs in by.items():
+        rs = sorted(rs, key=lambda r: r.rate or 0)
+        out.append((name, rs, [r.rate for r in rs]))
+    return out
+
+
+def _finish_rate_axes(plt, fig, axes, path: Path, title: str) -> None:
+    """The offered rate on every x axis, a grid, the legend on the first panel; saved."""
+    for ax in axes:
+        ax.set_xlabel("offered rate (requests/s)")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small", loc="upper left")
+    fig.suptitle(title)
+    _save(plt, fig, path)
+
+
 def plot_ttft_cdf(rows: Sequence[Row], path: Path, title: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -150,23 +173,13 @@ def plot_latency_vs_rate(rows: Sequence[Row], path: Path, title: str) -> None:
     """TTFT p50/p90 against the offered rate, one line per strategy."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    by: dict[str, list[Row]] = {}
-    for r in rows:
-        by.setdefault(r.strategy, []).append(r)
-    for name, rs in by.items():
-        rs = sorted(rs, key=lambda r: r.rate or 0)
-        rates = [r.rate for r in rs]
+    for name, rs, rates in _by_strategy_over_rate(rows):
         axes[0].plot(rates, [r.summary.ttft_p90 * 1000 for r in rs], marker="o", label=name)
         axes[1].plot(rates, [r.summary.output_tokens_per_s for r in rs], marker="o", label=name)
     axes[0].set_ylabel("TTFT p90 (ms)")
     axes[0].set_yscale("log")
     axes[1].set_ylabel("output tokens/s")
-    for ax in axes:
-        ax.set_xlabel("offered rate (requests/s)")
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize="small", loc="upper left")
-    fig.suptitle(title)
-    _save(plt, fig, path)
+    _finish_rate_axes(plt, fig, axes, path, title)
 
 
 def plot_ttft_over_time(rows: Sequence[Row], path: Path, title: str) -> None:
@@ -186,12 +199,7 @@ def plot_pd(rows: Sequence[Row], path: Path, title: str) -> None:
     (every token gap of the rows' results) and output tokens/s, one line per setup."""
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    by: dict[str, list[Row]] = {}
-    for r in rows:
-        by.setdefault(r.strategy, []).append(r)
-    for name, rs in by.items():
-        rs = sorted(rs, key=lambda r: r.rate or 0)
-        rates = [r.rate for r in rs]
+    for name, rs, rates in _by_strategy_over_rate(rows):
         axes[0].plot(rates, [r.summary.ttft_p90 * 1000 for r in rs], marker="o", label=name)
         axes[1].plot(rates, [r.summary.itl_p90 * 1000 for r in rs], marker="o", label=name)
         p99 = [percentile([x for res in r.results if res.ok for x in res.itl], 99) * 1000 for r in rs]
@@ -203,9 +211,4 @@ def plot_pd(rows: Sequence[Row], path: Path, title: str) -> None:
     axes[2].set_ylabel("inter-token latency p99 (ms, log scale)")
     axes[2].set_yscale("log")
     axes[3].set_ylabel("output tokens/s")
-    for ax in axes:
-        ax.set_xlabel("offered rate (requests/s)")
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize="small", loc="upper left")
-    fig.suptitle(title)
-    _save(plt, fig, path)
+    _finish_rate_axes(plt, fig, axes, path, title)
