@@ -96,10 +96,11 @@ featureGates: [flowControl]
 """
 
 
-def controller(extra, plugins=""):
+def controller(extra, plugins="", pool=None):
+    """An admission controller over BASE + extra; `pool` is the live pool the dispatcher samples."""
     p = load_plugin_set(BASE % plugins + extra, PluginHandle(rng=random.Random(1)))
     return AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
-                               policies=p.plugins, poll_interval=0.005)
+                               policies=p.plugins, pool=pool, poll_interval=0.005)
 
 
 def endpoint(queue):
@@ -243,10 +244,7 @@ async def test_a_request_queued_while_the_pool_is_empty_is_dispatched_when_an_en
     not the empty snapshot the request was admitted with; the live pool also decides
     whether a TTL expiry is 429 (endpoints exist) or 503 (none)."""
     live: list[Endpoint] = []
-    p = load_plugin_set(BASE % "" + "flowControl: {defaultRequestTTL: 100ms, noEndpointRequestTTL: 10s}\n",
-                        PluginHandle(rng=random.Random(1)))
-    ac = AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
-                             policies=p.plugins, pool=lambda: live, poll_interval=0.005)
+    ac = controller("flowControl: {defaultRequestTTL: 100ms, noEndpointRequestTTL: 10s}\n", pool=lambda: live)
     waiting = asyncio.create_task(ac.admit(req("cold"), []))
     await until(lambda: ac.queue_size == 1)
     await asyncio.sleep(0.03)
@@ -263,10 +261,7 @@ async def test_a_regime_change_starts_the_other_budget():
     """processor.go isExpired: defaultRequestTTL while the pool has endpoints, noEndpointRequestTTL
     while it has none, charged from the later of enqueue and the last regime change."""
     live: list[Endpoint] = []
-    p = load_plugin_set(BASE % "" + "flowControl: {defaultRequestTTL: 100ms, noEndpointRequestTTL: 10s}\n",
-                        PluginHandle(rng=random.Random(1)))
-    ac = AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
-                             policies=p.plugins, pool=lambda: live, poll_interval=0.005)
+    ac = controller("flowControl: {defaultRequestTTL: 100ms, noEndpointRequestTTL: 10s}\n", pool=lambda: live)
     waiting = asyncio.create_task(ac.admit(req("cold"), []))
     await until(lambda: ac.queue_size == 1)
     await asyncio.sleep(0.2)
