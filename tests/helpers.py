@@ -1,15 +1,19 @@
 """Small builders shared by the plugin tests: an endpoint, a plugin built through the
-registry with a seeded handle."""
+registry with a seeded handle; and by the admission tests: a saturation-detector config, an
+admission controller built from a config, a bounded wait for a condition."""
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
-from epp.assembly import build_plugin
+from epp.assembly import build_plugin, load_plugin_set
 from epp.config import ConfigError, load_config
+from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.framework import Endpoint, Metrics, Plugin, PluginHandle, ProfileRunResult, SchedulingResult
 
 
@@ -41,3 +45,33 @@ def errmsg(text: str) -> str:
     with pytest.raises(ConfigError) as e:
         load_config(text)
     return str(e.value)
+
+
+# queue-scorer profile, utilization-detector (metrics never stale) as the saturation detector;
+# %s takes more plugin list items ("" for none)
+DETECTOR_CONFIG = """
+plugins:
+- type: queue-scorer
+- type: utilization-detector
+  parameters: {metricsStalenessThreshold: 1h}
+%s
+schedulingProfiles: [{name: default, plugins: [{pluginRef: queue-scorer}]}]
+saturationDetector: {pluginRef: utilization-detector}
+"""
+
+
+def admission_controller(text: str, pool: Callable[[], Sequence[Endpoint]] | None = None) -> AdmissionController:
+    """The admission controller this config text makes (flow control if its feature gate is on),
+    polling every 5 ms; `pool` is the live pool its dispatcher samples."""
+    p = load_plugin_set(text, PluginHandle(rng=random.Random(1)))
+    return AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
+                               policies=p.plugins, pool=pool, poll_interval=0.005)
+
+
+async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (polling every 2 ms) until pred() holds; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.002)

@@ -1,24 +1,16 @@
 """Admission: legacy shedding and flow control (ordering, limits, TTL, cancellation)."""
 
 import asyncio
-import random
 import time
 
 import pytest
 
-from epp.assembly import load_plugin_set
 from epp.errors import InferenceError
-from epp.flowcontrol.admission import AdmissionController, gated_flow_control
-from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
+from epp.flowcontrol.admission import AdmissionController
+from epp.framework import Endpoint, InferenceRequest, Metrics
+from tests.helpers import DETECTOR_CONFIG, admission_controller, until
 
-DETECTOR = """
-plugins:
-- type: queue-scorer
-- type: utilization-detector
-  parameters: {metricsStalenessThreshold: 1h}
-schedulingProfiles: [{name: default, plugins: [{pluginRef: queue-scorer}]}]
-saturationDetector: {pluginRef: utilization-detector}
-"""
+DETECTOR = DETECTOR_CONFIG % ""
 
 
 def flow_config(bands="[]", ttl="60s", max_bytes="10Gi"):
@@ -41,18 +33,7 @@ def req(rid, priority=0, flow="default-flow", size=100):
                             size_bytes=size)
 
 
-def controller(text):
-    p = load_plugin_set(text, PluginHandle(rng=random.Random(1)))
-    return AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
-                               policies=p.plugins, poll_interval=0.005)
-
-
-async def until(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.002)
+controller = admission_controller
 
 
 async def test_legacy_sheds_only_sheddable_when_saturated():

@@ -5,19 +5,19 @@ roundrobin.go), ordering (fcfs.go, edf.go, slo_deadline.go), usage limits
 
 import asyncio
 import math
-import random
 import time
 
 import pytest
 
 from epp.assembly import load_plugin_set
 from epp.errors import InferenceError
-from epp.flowcontrol.admission import AdmissionController, gated_flow_control
+from epp.flowcontrol.admission import AdmissionController
 from epp.flowcontrol.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from epp.flowcontrol.ordering import EDFOrderingPolicy, FCFSOrderingPolicy, SLODeadlineOrderingPolicy
 from epp.flowcontrol.usagelimits import StaticUsageLimitPolicy
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
 from epp.framework.registry import plugin_class
+from tests.helpers import DETECTOR_CONFIG, admission_controller, until
 
 
 class Item:
@@ -84,23 +84,12 @@ def test_round_robin_turns_in_sorted_id_order_and_survives_a_flow_leaving():
 
 
 # --------------------------------------------------------------------------- through the admission controller
-BASE = """
-plugins:
-- type: queue-scorer
-- type: utilization-detector
-  parameters: {metricsStalenessThreshold: 1h}
-%s
-schedulingProfiles: [{name: default, plugins: [{pluginRef: queue-scorer}]}]
-saturationDetector: {pluginRef: utilization-detector}
-featureGates: [flowControl]
-"""
+BASE = DETECTOR_CONFIG + "featureGates: [flowControl]\n"
 
 
 def controller(extra, plugins="", pool=None):
     """An admission controller over BASE + extra; `pool` is the live pool the dispatcher samples."""
-    p = load_plugin_set(BASE % plugins + extra, PluginHandle(rng=random.Random(1)))
-    return AdmissionController(p.saturation_detector, flow_control=gated_flow_control(p.feature_gates, p.flow_control),
-                               policies=p.plugins, pool=pool, poll_interval=0.005)
+    return admission_controller(BASE % plugins + extra, pool)
 
 
 def endpoint(queue):
@@ -112,14 +101,6 @@ def endpoint(queue):
 def req(rid, flow="f", priority=0, headers=None):
     return InferenceRequest(rid, "m", "m", "completions", "x", headers or {}, priority=priority, fairness_id=flow,
                             size_bytes=10)
-
-
-async def until(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.002)
 
 
 async def run_queued(ac, e, requests, release_queue=0):
