@@ -47,6 +47,14 @@ def errmsg(text: str) -> str:
     return str(e.value)
 
 
+def plugin_set_error(text: str, errors: type[Exception] | tuple[type[Exception], ...] = ConfigError) -> str:
+    """The message of the error (one of `errors`) building the plugin set of this config text
+    (handle seeded) raises."""
+    with pytest.raises(errors) as e:
+        load_plugin_set(text, PluginHandle(rng=random.Random(1)))
+    return str(e.value)
+
+
 # queue-scorer profile, utilization-detector (metrics never stale) as the saturation detector;
 # %s takes more plugin list items ("" for none)
 DETECTOR_CONFIG = """

@@ -13,6 +13,7 @@ from epp.config import ConfigError
 from epp.errors import InferenceError
 from epp.flowcontrol.admitter import ProbabilisticAdmitter, ProbabilisticAdmitterParams
 from epp.framework import CycleState, Endpoint, InferenceRequest, Metrics, PluginHandle
+from tests.helpers import plugin_set_error
 
 
 def ep(name, queue=0, kv=0.0):
@@ -68,10 +69,9 @@ def test_only_sheddable_requests_with_candidates_are_shed():
     ("{k: 0}", "k: must be > 0"),
 ])
 def test_bad_parameters_stop_start_up(params, msg):
-    with pytest.raises((ConfigError, ValueError)) as e:
-        load_plugin_set(f"plugins: [{{type: probabilistic-admitter, parameters: {params}}}, {{type: random-picker}}]\n"
-                        "schedulingProfiles: [{name: d, plugins: [{pluginRef: random-picker}]}]\n")
-    assert msg in str(e.value)
+    text = (f"plugins: [{{type: probabilistic-admitter, parameters: {params}}}, {{type: random-picker}}]\n"
+            "schedulingProfiles: [{name: d, plugins: [{pluginRef: random-picker}]}]\n")
+    assert msg in plugin_set_error(text, (ConfigError, ValueError))
 
 
 # the reference's deploy/config/probabilistic-admitter-epp-config.yaml, unchanged

@@ -10,6 +10,7 @@ from epp.config import ConfigError, load_config
 from epp.flowcontrol.concurrency import ConcurrencyDetector, ConcurrencyParams
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.datakeys import INFLIGHT_LOAD, InFlightLoadInfo
+from tests.helpers import plugin_set_error
 
 
 class Producer:
@@ -57,11 +58,10 @@ def test_filter_keeps_endpoints_under_limit_times_headroom_and_may_return_none()
     ("{concurrencyMode: bytes}", "concurrencyMode: unsupported 'bytes'"),
 ])
 def test_bad_parameters_stop_start_up(params, msg):
-    with pytest.raises((ConfigError, ValueError)) as e:
-        load_plugin_set(f"plugins: [{{type: concurrency-detector, parameters: {params}}}, {{type: queue-scorer}}]\n"
-                        "schedulingProfiles: [{name: d, plugins: [{pluginRef: queue-scorer}]}]\n"
-                        "flowControl: {saturationDetector: {pluginRef: concurrency-detector}}\n")
-    assert msg in str(e.value)
+    text = (f"plugins: [{{type: concurrency-detector, parameters: {params}}}, {{type: queue-scorer}}]\n"
+            "schedulingProfiles: [{name: d, plugins: [{pluginRef: queue-scorer}]}]\n"
+            "flowControl: {saturationDetector: {pluginRef: concurrency-detector}}\n")
+    assert msg in plugin_set_error(text, (ConfigError, ValueError))
 
 
 def test_as_the_configured_detector_it_counts_what_the_producer_charges():

@@ -16,6 +16,7 @@ from epp.framework import CycleState, Endpoint, InferenceRequest, Metrics, Plugi
 from epp.framework.datakeys import PREFIX_MATCH_INFO, TOKENIZED_PROMPT, PrefixCacheMatchInfo
 from epp.framework.registry import plugin_class
 from epp.scheduling.scheduler import SchedulingTrace
+from tests.helpers import plugin_set_error
 
 CONFIGS = Path(__file__).parent / "fixtures" / "reference" / "configs"
 ROLE = "llm-d.ai/role"
@@ -210,9 +211,7 @@ def test_renamed_profiles_in_both_forms():
     ("{decodeProfile: nope}", "plugins[3].parameters.decodeProfile: no scheduling profile named 'nope'"),
 ])
 def test_parameter_errors_name_the_key(params, expected):
-    with pytest.raises(ConfigError) as e:
-        load_plugin_set(PD.replace("HANDLER", params), handle())
-    assert expected in str(e.value)
+    assert expected in plugin_set_error(PD.replace("HANDLER", params))
 
 
 def test_a_decider_declared_after_its_handler_is_an_error():

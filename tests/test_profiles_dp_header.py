@@ -14,6 +14,7 @@ from epp.config import ConfigError
 from epp.errors import InferenceError
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle
 from epp.scheduling.scheduler import SchedulingTrace
+from tests.helpers import plugin_set_error
 
 
 def ep(i, port=8001, address=None, queue=0):
@@ -76,9 +77,7 @@ def test_data_parallel_ipv6_rank_is_bracketed():
     ("{primaryPort: x}", "plugins[0].parameters.primaryPort: expected an integer"),
 ])
 def test_data_parallel_parameter_errors(params, expected):
-    with pytest.raises(ConfigError) as e:
-        load_plugin_set(DP.replace("PARAMS", params), handle())
-    assert expected in str(e.value)
+    assert expected in plugin_set_error(DP.replace("PARAMS", params))
 
 
 def test_data_parallel_needs_exactly_one_profile():
