@@ -19,7 +19,7 @@ import argparse
 import asyncio
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.loadgen import Progress, run_load
@@ -48,11 +48,9 @@ class DemoSettings:
     requests: int = 240
     rate: float = 6.0
     time_scale: float = 0.1
-    groups: int = 16
-    prompts_per_group: int = 8
-    system_prompt_len: int = 3000
-    question_len: int = 40
-    output_len: int = 24
+    # the shared-prefix workload: 16 system prompts of 3,000 tokens, 8 prompts each, 40-token
+    # questions, 24 output tokens
+    prefix: SharedPrefix = field(default_factory=lambda: SharedPrefix(16, 8, 3000, 40, 24))
     seed: int = 1
     out: Path = OUT_DIR
     plots: bool = True
@@ -66,11 +64,11 @@ def parse_args(argv: list[str]) -> DemoSettings:
     ap.add_argument("--rate", type=float, default=d.rate, help="Poisson arrivals per wall second")
     ap.add_argument("--time-scale", type=float, default=d.time_scale,
                     help="simulated seconds per wall second (0.1 = 10x slow motion)")
-    ap.add_argument("--groups", type=int, default=d.groups, help="distinct system prompts")
-    ap.add_argument("--prompts-per-group", type=int, default=d.prompts_per_group)
-    ap.add_argument("--system-prompt-len", type=int, default=d.system_prompt_len, help="tokens")
-    ap.add_argument("--question-len", type=int, default=d.question_len, help="tokens")
-    ap.add_argument("--output-len", type=int, default=d.output_len, help="tokens")
+    ap.add_argument("--groups", type=int, default=d.prefix.num_groups, help="distinct system prompts")
+    ap.add_argument("--prompts-per-group", type=int, default=d.prefix.num_prompts_per_group)
+    ap.add_argument("--system-prompt-len", type=int, default=d.prefix.system_prompt_len, help="tokens")
+    ap.add_argument("--question-len", type=int, default=d.prefix.question_len, help="tokens")
+    ap.add_argument("--output-len", type=int, default=d.prefix.output_len, help="tokens")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", type=Path, default=d.out, help="directory for the PNG plots")
     ap.add_argument("--no-plots", dest="plots", action="store_false")
@@ -80,12 +78,13 @@ def parse_args(argv: list[str]) -> DemoSettings:
             ap.error(f"--{key.replace('_', '-')} must be >= 1")
     if a.rate <= 0 or a.time_scale <= 0:
         ap.error("--rate and --time-scale must be > 0")
-    return DemoSettings(**vars(a))
+    prefix = SharedPrefix(a.groups, a.prompts_per_group, a.system_prompt_len, a.question_len, a.output_len)
+    return DemoSettings(servers=a.servers, requests=a.requests, rate=a.rate, time_scale=a.time_scale, prefix=prefix,
+                        seed=a.seed, out=a.out, plots=a.plots)
 
 
 def workload(s: DemoSettings) -> WorkloadSpec:
-    return WorkloadSpec(type="shared_prefix", params=SharedPrefix(s.groups, s.prompts_per_group, s.system_prompt_len,
-                                                                   s.question_len, s.output_len),
+    return WorkloadSpec(type="shared_prefix", params=s.prefix,
                         num_requests=s.requests, seed=s.seed, model=DEFAULT_MODEL,
                         load=LoadSpec(type="poisson", rate=s.rate))
 
@@ -128,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     spec = workload(s)
     print(f"epp demo: {s.servers} simulated H100 servers (Llama-3.1-8B timing) at time-scale {s.time_scale:g}"
-          f" ({1 / s.time_scale:g}x slow motion); {s.groups} system prompts of {s.system_prompt_len} tokens,"
-          f" {s.question_len}-token questions, {s.output_len} output tokens; {s.requests} requests per phase"
+          f" ({1 / s.time_scale:g}x slow motion); {s.prefix.num_groups} system prompts of "
+          f"{s.prefix.system_prompt_len} tokens, {s.prefix.question_len}-token questions, "
+          f"{s.prefix.output_len} output tokens; {s.requests} requests per phase"
           f" at {s.rate:g}/s.\nmachine: {machine()}", flush=True)
     started = time.monotonic()
     try:
