@@ -13,8 +13,12 @@ RUN python -m venv /opt/epp
 WORKDIR /src
 # Dependencies first, so a source change does not reinstall them.
 COPY pyproject.toml README.md ./
+# xds-protos ships an older copy of `opentelemetry/proto`: reinstall opentelemetry-proto last
+# so the OTLP trace exporter gets its own (as the Makefile's setup does).
 RUN mkdir -p epp && touch epp/__init__.py \
  && /opt/epp/bin/pip install . \
+ && /opt/epp/bin/pip install --force-reinstall --no-deps \
+      "opentelemetry-proto==$(/opt/epp/bin/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" \
  && /opt/epp/bin/pip uninstall -y epp
 # The runtime packages; pyproject's package list also names simulator*, bench* and
 # devstack*, which setuptools skips when they are absent.

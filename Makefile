@@ -11,10 +11,17 @@ export EPP_ENVOY_BIN := $(abspath $(ENVOY))
 
 setup: $(BIN)/epp $(ENVOY)
 
+# xds-protos ships its own, older copy of the `opentelemetry/proto` package; whichever wheel pip
+# unpacks last wins. The OTLP trace exporter needs opentelemetry-proto's own copy (newer, a
+# superset for what the Envoy protos import), so reinstall it last. The Dockerfile does the same.
+OTEL_PROTO_FIX = $(BIN)/pip install -q --force-reinstall --no-deps \
+	"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+
 $(BIN)/epp: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,sim,bench]'
+	$(OTEL_PROTO_FIX)
 	touch $@
 
 # The Envoy wheel also ships a top-level `envoy` package, which would clobber

@@ -231,3 +231,15 @@ def test_console_script_help_without_extras():
     if script.is_file():
         r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage: epp <command>" in r.stdout, r.stderr
+
+
+def test_otlp_exporter_protos_survive_xds_protos():
+    """xds-protos ships an older `opentelemetry/proto`; setup and the image reinstall
+    opentelemetry-proto last so the OTLP trace exporter (and Envoy's protos) import together."""
+    code = ("import envoy.service.ext_proc.v3.external_processor_pb2\n"
+            "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope\n"
+            "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    fix = "--force-reinstall --no-deps"
+    assert fix in (ROOT / "Makefile").read_text() and fix in (ROOT / "Dockerfile").read_text()
