@@ -621,6 +621,19 @@ class Telemetry:
                                                plugin_name).observe
             fn(seconds)
 
+        def bind(point: str, plugin_type: str, plugin_name: str) -> Callable[[], Callable[[float], None]]:
+            key = (point, plugin_type, plugin_name)
+
+            def resolve() -> Callable[[float], None]:  # epp.timing resolves at a plugin's first call
+                fn = cache.get(key)
+                if fn is None:
+                    fn = cache[key] = children.get(EXTENSION_POINT_LABELS.get(point, point), plugin_type,
+                                                   plugin_name).observe
+                return fn
+
+            return resolve
+
+        observe.bind = bind  # type: ignore[attr-defined]
         return observe
 
     def scheduled(self, target_model: str, seconds: float, endpoint: Any = None, ok: bool = True) -> None:

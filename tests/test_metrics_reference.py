@@ -544,6 +544,28 @@ def test_plugin_duration_uses_todays_extension_point_names():
                  plugin_type="queue-scorer", plugin_name="q") == 1
 
 
+def test_timed_plugins_record_through_the_bound_series_once_they_run():
+    from epp.timing import timed
+
+    class Producer:
+        type_name, name = "approx-prefix-cache-producer", "p"
+
+        def prepare_request_data(self, x: int) -> int:
+            return x + 1
+
+    tel = Telemetry()
+    plugin = Producer()
+    call = timed("PrepareData", plugin, plugin.prepare_request_data, tel.plugin_observer())
+    assert call is not plugin.prepare_request_data  # wrapped: timed
+    labels = {"extension_point": "DataProducer", "plugin_type": "approx-prefix-cache-producer", "plugin_name": "p"}
+    assert value(tel, "llm_d_epp_plugin_duration_seconds_count", **labels) is None  # no series before a call
+    assert call(1) == 2 and call(2) == 3
+    assert value(tel, "llm_d_epp_plugin_duration_seconds_count", **labels) == 2
+    assert value(tel, "inference_extension_plugin_duration_seconds_count", **labels) == 2
+    tel.plugin_observer()("PrepareData", "approx-prefix-cache-producer", "p", 0.001)  # the unbound path: same series
+    assert value(tel, "llm_d_epp_plugin_duration_seconds_count", **labels) == 3
+
+
 async def test_model_rewrite_decisions_name_the_rule_and_not_the_header():
     from epp.datalayer.datastore import ModelRewrite, RewriteRule, RewriteTarget
 

@@ -10,6 +10,7 @@ are BadRequest (HTTP 400) with a message naming the problem.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any, ClassVar
 
 from epp.errors import bad_request
@@ -36,6 +37,10 @@ _MAX_TOKENS_KEYS = {
 }
 
 
+KIND_CACHE_SIZE = 256  # paths whose API kind is remembered (a client's paths: least recently used dropped)
+
+
+@lru_cache(maxsize=KIND_CACHE_SIZE)
 def kind_from_path(path: str) -> str:
     """The API an OpenAI path names ("" if none): query string ignored."""
     path = path.split("?", 1)[0].rstrip("/")

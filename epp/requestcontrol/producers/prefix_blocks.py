@@ -73,10 +73,15 @@ def block_hashes(text: str, model: str, salt: str, block_bytes: int, max_blocks:
     tail = data[n * block_bytes:] if partial and n < max_blocks else b""
     if tail:  # n < max_blocks: the text was not cut, this is its true end
         tail += bytes(-len(tail) % CHARS_PER_TOKEN)
-        whole = block_hashes(text, model, salt, block_bytes, n) if n else []
+        whole = _whole_blocks(data, n, block_bytes, h) if n else []
         return [*whole, xxh64_intdigest(tail + _LE_U64.pack(whole[-1] if whole else h))]
     if n == 0:
         return []
+    return _whole_blocks(data, n, block_bytes, h)
+
+
+def _whole_blocks(data: bytes, n: int, block_bytes: int, h: int) -> list[int]:
+    """Chained hashes of the first `n` (> 0) whole blocks of `data`, from the seed `h`."""
     out: list[int] = []
     group = GROUP_BLOCKS * block_bytes
     memo = _memo
