@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 # ProcessingResponse field numbers (external_processor.proto).
 REQUEST_HEADERS, RESPONSE_HEADERS, REQUEST_BODY, RESPONSE_BODY = 1, 2, 3, 4
 ROUTE_CACHE_SIZE = 4096  # cached routing replies (per field and destination); cleared when full
+# the headers the routing reply removes when a client sent them (the destination is overwritten, not removed)
+_REMOVABLE = frozenset(SYSTEM_HEADERS) - {DESTINATION_HEADER}
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SMALL_VARINTS = tuple(bytes((n,)) if n < 0x80 else bytes((n & 0x7F | 0x80, n >> 7)) for n in range(0x4000))
@@ -120,8 +122,9 @@ class RoutingReplies:
         self._cache: dict[tuple[int, str], bytes] = {}
 
     def reply(self, ctx: RequestContext, field: int, content_length: int, new_body: bytes | None) -> bytes:
-        removes = [k for k in SYSTEM_HEADERS if k in ctx.headers and k != DESTINATION_HEADER
-                   and k not in ctx.upstream_headers]
+        # nearly every request carries none of them: one C-level scan of its headers decides
+        removes = [] if _REMOVABLE.isdisjoint(ctx.headers) else [
+            k for k in SYSTEM_HEADERS if k in ctx.headers and k != DESTINATION_HEADER and k not in ctx.upstream_headers]
         simple = (not ctx.upstream_headers and not ctx.generated_request_id and content_length < 0 and not removes
                   and ctx.scores is None)
         if simple:
