@@ -7,6 +7,7 @@ from epp.framework.types import DATA_PARALLEL_HEADER, ENCODERS_HEADER, PREFILLER
 from epp.requestcontrol.headers import DESTINATION as DESTINATION_HEADER
 from epp.requestcontrol.headers import DESTINATION_SERVED as DESTINATION_SERVED_HEADER
 from epp.requestcontrol.headers import STRIPPED
+from epp.requestcontrol.headers import SUBSET_HINT as SUBSET_KEY
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE_NAME}/Process"
@@ -19,7 +20,6 @@ SYSTEM_HEADERS = tuple(dict.fromkeys((DESTINATION_HEADER, DESTINATION_SERVED_HEA
                                       ENCODERS_HEADER, DATA_PARALLEL_HEADER, *STRIPPED)))
 
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"  # filter metadata Envoy sends: the endpoints allowed
-SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 LB_NAMESPACE = "envoy.lb"  # dynamic metadata the picker returns: the destination
 SCORES_KEY = "x-gateway-destination-endpoint-scores"  # in LB_NAMESPACE: {hostport: score}, --emit-endpoint-scores
 EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
