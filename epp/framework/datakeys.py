@@ -134,6 +134,10 @@ INFLIGHT_LOAD: DataKey[InFlightLoadInfo] = DataKey("inflight-load", InFlightLoad
 TOKEN_PRODUCER = "token-producer"
 TOKENIZED_PROMPT: DataKey[int] = DataKey("tokenized-prompt", int).of(TOKEN_PRODUCER)  # the prompt's token count
 TOKENS_CONSUMER = ProducerParam("", TOKEN_PRODUCER, required=True)  # no parameter: always the default instance
+# the prompt's token ids as the model server's tokenizer makes them (chat template applied), published by
+# token-producer when a real tokenizer backend ran (vllm render service or in-process tokenizers); absent
+# when only the estimate ran, so consumers that need exact ids (precise prefix cache) fall back
+TOKEN_IDS: DataKey[tuple] = DataKey("token-ids", tuple).of(TOKEN_PRODUCER)
 
 # --------------------------------------------------------------------------- session id
 SESSION_ID_PRODUCER = "session-id-producer"
