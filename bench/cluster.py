@@ -188,6 +188,9 @@ class Router:
     def received(self, server: int, request: InferenceRequest | None, info: ResponseInfo) -> None:
         """The server's response headers arrived (a streaming server sends them on accepting)."""
 
+    def first_token(self, server: int, request: InferenceRequest | None) -> None:
+        """The first streamed chunk arrived (the director's first response_body call)."""
+
     def complete(self, server: int, item: WorkItem, prompt: _Prompt, request: InferenceRequest | None,
                  info: ResponseInfo) -> None:
         pass
@@ -260,6 +263,12 @@ class PickerRouter(Router):
     def received(self, server, request, info) -> None:
         info.served_endpoint = self.endpoints[server].hostport
         self.pipeline.response_received(request, info, self.endpoints[server])
+
+    def first_token(self, server, request) -> None:
+        if self.pipeline.wants_response_body:
+            target = self.endpoints[server]
+            info = ResponseInfo(status=200, headers=_SSE_HEADERS, served_endpoint=target.hostport)
+            self.pipeline.response_streaming(request, info, target)
 
     def complete(self, server, item, prompt, request, info) -> None:
         target = self.endpoints[server]
@@ -351,9 +360,15 @@ def _metrics(engine: Engine, now: float, with_lora: bool) -> Metrics:
                    cfg.max_loras, cfg.block_size, cfg.num_gpu_blocks, now, True)
 
 
+# Further strategies by name (e.g. bench.goodput's): factory(clock, engines, endpoints, rng) -> Router.
+EXTRA_ROUTERS: dict[str, Callable[[VirtualClock, list[Engine], list[Endpoint], random.Random], Router]] = {}
+
+
 def make_router(strategy: str, clock: VirtualClock, engines: list[Engine], endpoints: list[Endpoint],
                 rng: random.Random) -> Router:
     n = len(engines)
+    if strategy in EXTRA_ROUTERS:
+        return EXTRA_ROUTERS[strategy](clock, engines, endpoints, rng)
     if strategy == "round-robin":
         return RoundRobin(n)
     if strategy == "random":
@@ -447,6 +462,8 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
         try:
             if router.needs_request:
                 request = parse_body(prompt.body, f"req-{item.index}", "/v1/chat/completions")
+                if item.headers:
+                    request.headers = {**request.headers, **item.headers}
             server = router.route(item, prompt, request)
             prefill = router.prefill
         except InferenceError as e:
@@ -474,6 +491,7 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
             first[0] = t
             if oracle is not None:
                 oracle.prefilled(item.index)
+            router.first_token(server, request)
 
         def on_finish(t: float, reason: str) -> None:
             res.e2e = t - now

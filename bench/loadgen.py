@@ -148,7 +148,7 @@ async def send_one(session: aiohttp.ClientSession, url: str, item: WorkItem, t0:
     last = start
     try:
         async with session.post(url, data=orjson.dumps(item.body(stream=True)),
-                                headers={"content-type": "application/json", **(headers or {})}) as resp:
+                                headers={"content-type": "application/json", **item.headers, **(headers or {})}) as resp:
             res.status = resp.status
             if resp.status != 200:
                 text = (await resp.read())[:200].decode(errors="replace")

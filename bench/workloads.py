@@ -6,7 +6,7 @@ items drive the real-stack load generator and the virtual-time cluster simulatio
 both see exactly the same prompts.
 
     workload:
-      type: shared_prefix        # shared_prefix | multi_turn | lora_mix | random | long_prompt
+      type: shared_prefix        # shared_prefix | multi_turn | lora_mix | random | long_prompt | slo_mix
       num_groups: 8              # shape of inference-perf's shared_prefix
       num_prompts_per_group: 16
       system_prompt_len: 2000    # tokens (about 4 characters each)
@@ -107,12 +107,37 @@ class LongPrompts:
     max_output_len: int = 1000
 
 
+@dataclass(slots=True)
+class SloMix:
+    """Short chat and long-document requests, each carrying its class's TTFT and TPOT SLOs
+    as the reference's request headers (x-llm-d-slo-ttft-ms, x-llm-d-slo-tpot-ms). Chat
+    prompts share one of num_chat_groups system prompts; documents share nothing. Group 0
+    is chat, group 1 documents (for per-class figures)."""
+
+    chat_fraction: float = 0.8
+    num_chat_groups: int = 8
+    chat_system_len: int = 400
+    chat_min_question_len: int = 50
+    chat_max_question_len: int = 400
+    chat_min_output_len: int = 50
+    chat_max_output_len: int = 250
+    chat_ttft_slo_ms: float = 500.0
+    chat_tpot_slo_ms: float = 30.0
+    doc_min_prompt_len: int = 3000
+    doc_max_prompt_len: int = 8000
+    doc_min_output_len: int = 100
+    doc_max_output_len: int = 400
+    doc_ttft_slo_ms: float = 2500.0
+    doc_tpot_slo_ms: float = 50.0
+
+
 SPEC_TYPES: dict[str, type] = {
     "shared_prefix": SharedPrefix,
     "multi_turn": MultiTurn,
     "lora_mix": LoraMix,
     "random": RandomLengths,
     "long_prompt": LongPrompts,
+    "slo_mix": SloMix,
 }
 
 
@@ -149,6 +174,7 @@ class WorkItem:
     session: int = -1  # >= 0: turns of one session are sent in order, each after the previous finished
     turn: int = 0
     think_time: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)  # request headers to send with it (e.g. SLOs)
 
     def body(self, stream: bool = True) -> dict[str, Any]:
         b: dict[str, Any] = {"model": self.model, "messages": self.messages, "max_tokens": self.max_tokens,
@@ -287,6 +313,8 @@ def generate(spec: WorkloadSpec) -> list[WorkItem]:
         return _random_lengths(spec, p, rng)
     if isinstance(p, LongPrompts):
         return _long_prompts(spec, p, rng)
+    if isinstance(p, SloMix):
+        return _slo_mix(spec, p, rng)
     raise WorkloadError(f"workload.type: unknown workload {spec.type!r}")
 
 
@@ -375,6 +403,41 @@ def _long_prompts(spec: WorkloadSpec, p: LongPrompts, rng: random.Random) -> lis
         messages = [{"role": "system", "content": systems[g]},
                     {"role": "user", "content": make_text(rng, n_in - p.shared_prefix_len)}]
         items.append(WorkItem(i, spec.model, messages, n_out, group=g))
+    return items
+
+
+SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
+SLO_TPOT_HEADER = "x-llm-d-slo-tpot-ms"
+
+
+def slo_headers(ttft_ms: float, tpot_ms: float) -> dict[str, str]:
+    return {SLO_TTFT_HEADER: f"{ttft_ms:g}", SLO_TPOT_HEADER: f"{tpot_ms:g}"}
+
+
+def _slo_mix(spec: WorkloadSpec, p: SloMix, rng: random.Random) -> list[WorkItem]:
+    if not 0.0 <= p.chat_fraction <= 1.0:
+        raise WorkloadError("workload.chat_fraction: must be within 0..1")
+    for lo, hi in (("chat_min_question_len", "chat_max_question_len"), ("chat_min_output_len", "chat_max_output_len"),
+                   ("doc_min_prompt_len", "doc_max_prompt_len"), ("doc_min_output_len", "doc_max_output_len")):
+        if not 1 <= getattr(p, lo) <= getattr(p, hi):
+            raise WorkloadError(f"workload.{lo}: needs 1 <= {lo} <= {hi}")
+    if p.num_chat_groups < 1:
+        raise WorkloadError("workload.num_chat_groups: must be at least 1")
+    systems = [f"Assistant {g}. " + make_text(rng, p.chat_system_len) for g in range(p.num_chat_groups)]
+    chat_slo = slo_headers(p.chat_ttft_slo_ms, p.chat_tpot_slo_ms)
+    doc_slo = slo_headers(p.doc_ttft_slo_ms, p.doc_tpot_slo_ms)
+    items = []
+    for i in range(spec.num_requests):
+        if rng.random() < p.chat_fraction:
+            messages = [{"role": "system", "content": systems[rng.randrange(p.num_chat_groups)]},
+                        {"role": "user", "content": make_text(rng, rng.randint(p.chat_min_question_len,
+                                                                               p.chat_max_question_len))}]
+            n_out, group, slo = rng.randint(p.chat_min_output_len, p.chat_max_output_len), 0, chat_slo
+        else:
+            messages = [{"role": "user", "content": f"Document {i}. "
+                         + make_text(rng, rng.randint(p.doc_min_prompt_len, p.doc_max_prompt_len))}]
+            n_out, group, slo = rng.randint(p.doc_min_output_len, p.doc_max_output_len), 1, doc_slo
+        items.append(WorkItem(i, spec.model, messages, n_out, group=group, headers=dict(slo)))
     return items
 
 
