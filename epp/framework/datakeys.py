@@ -143,3 +143,46 @@ TOKEN_IDS: DataKey[tuple] = DataKey("token-ids", tuple).of(TOKEN_PRODUCER)
 SESSION_ID_PRODUCER = "session-id-producer"
 # the reference's attribute name, which a session-affinity source names ({attribute, producer})
 SESSION_ID: DataKey[str] = DataKey("SessionIDDataKey", str).of(SESSION_ID_PRODUCER)
+
+# --------------------------------------------------------------------------- predicted latency
+PREDICTED_LATENCY_PRODUCER = "predicted-latency-producer"
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyPredictionInfo:
+    """One endpoint's predicted latency for the request (the reference's LatencyPredictionInfo):
+    predicted TTFT and TPOT in ms, headroom = SLO - predicted (negative: the SLO is missed; with
+    no SLO the SLO counts 0, so headroom = -predicted), validity = predicted < SLO, and the
+    requests this picker has dispatched there and not seen complete."""
+
+    ttft_ms: float
+    tpot_ms: float
+    ttft_headroom_ms: float
+    tpot_headroom_ms: float
+    ttft_valid: bool
+    tpot_valid: bool
+    dispatched_requests: int = 0
+
+    @property
+    def valid(self) -> bool:
+        return self.ttft_valid and self.tpot_valid
+
+
+@dataclass(slots=True)
+class LatencyPredictions:
+    """What a predicted-latency producer publishes per request: a prediction per endpoint it
+    could predict for (absent: no prediction), and the request's SLOs in ms (0 = none)."""
+
+    endpoints: dict[Endpoint, LatencyPredictionInfo] = field(default_factory=dict)
+    ttft_slo_ms: float = 0.0
+    tpot_slo_ms: float = 0.0
+
+    @property
+    def has_slo(self) -> bool:
+        return self.ttft_slo_ms > 0 or self.tpot_slo_ms > 0
+
+
+PREDICTED_LATENCY_CONSUMER = ProducerParam("latencyPredictionInfoProducerName", PREDICTED_LATENCY_PRODUCER,
+                                           required=True)
+LATENCY_PREDICTIONS: DataKey[LatencyPredictions] = DataKey("LatencyPredictionInfoDataKey", LatencyPredictions).of(
+    PREDICTED_LATENCY_PRODUCER)

@@ -109,6 +109,10 @@ class InferenceRequest:
     cache_salt: str = ""
     max_tokens: int | None = None
     size_bytes: int = 0
+    # the request's latency SLOs in ms from x-llm-d-slo-ttft-ms / x-llm-d-slo-tpot-ms (or the older x-slo-*);
+    # 0 = none (absent, not a number, negative or not finite)
+    slo_ttft_ms: float = 0.0
+    slo_tpot_ms: float = 0.0
 
     @property
     def estimated_prompt_tokens(self) -> int:

@@ -9,6 +9,7 @@ the model server (STRIPPED). Header maps here have lowercased keys.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from epp.errors import DROPPED_REASON_HEADER
@@ -29,6 +30,7 @@ REQUEST_ID = "x-request-id"
 SESSION_ID = "x-session-id"  # read by the session_id affinity strategy (a plugin), not by the core
 
 DEFAULT_FAIRNESS_ID = "default-flow"
+MAX_SLO_CHARS = 32  # a longer SLO header value is not a number worth parsing
 
 # canonical name -> every name it is read under, canonical first (the reference's headerAliases)
 NAMES: dict[str, tuple[str, ...]] = {
@@ -76,10 +78,26 @@ def apply(request: InferenceRequest, headers: Mapping[str, str]) -> InferenceReq
     request.headers = headers
     request.objective = objective(headers)
     request.fairness_id = fairness_id(headers)
+    request.slo_ttft_ms = slo_ms(headers, SLO_TTFT_MS)
+    request.slo_tpot_ms = slo_ms(headers, SLO_TPOT_MS)
     return request
+
+
+def slo_ms(headers: Mapping[str, str], name: str) -> float:
+    """A latency SLO header's milliseconds (a float, as the reference parses it); 0 when
+    absent or not a finite number >= 0 (the reference's value for a header it cannot parse)."""
+    raw = header(headers, name)
+    if raw is None or len(raw) > MAX_SLO_CHARS:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        return 0.0
+    return value if 0.0 <= value < math.inf else 0.0
 
 
 __all__ = ["DEFAULT_FAIRNESS_ID", "DESTINATION", "DESTINATION_SERVED", "DROPPED_REASON_HEADER", "FAIRNESS_ID",
            "INPUT_CONTROL", "MODEL_NAME_REWRITE", "NAMES", "OBJECTIVE", "OUTPUT_INJECTION", "REQUEST_ID",
            "SESSION_ID", "SLO_TPOT_MS", "SLO_TTFT_MS", "STRIPPED", "SUBSET_HINT", "VIDEO_DURATION_SECONDS",
-           "VIDEO_FPS", "VIDEO_RESOLUTION", "apply", "fairness_id", "header", "model_name_rewrite", "objective"]
+           "VIDEO_FPS", "VIDEO_RESOLUTION", "apply", "fairness_id", "header", "model_name_rewrite", "objective",
+           "slo_ms"]
