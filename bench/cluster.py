@@ -46,6 +46,7 @@ from bench.workloads import LoadSpec, WorkItem, arrival_times
 from epp.errors import InferenceError
 from epp.framework import Endpoint, InferenceRequest, Metrics, PluginHandle, ResponseInfo
 from epp.framework.types import PREFILLER_HEADER, ROLE_LABEL
+from epp.requestcontrol.headers import apply as apply_headers
 from epp.requestcontrol.inflight import InFlightCharge
 from epp.requestcontrol.parsers.openai import parse_body
 from simulator.clock import VirtualClock
@@ -462,8 +463,8 @@ def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: Clus
         try:
             if router.needs_request:
                 request = parse_body(prompt.body, f"req-{item.index}", "/v1/chat/completions")
-                if item.headers:
-                    request.headers = {**request.headers, **item.headers}
+                if item.headers:  # as the director hands a parsed request its headers
+                    apply_headers(request, {**request.headers, **item.headers})
             server = router.route(item, prompt, request)
             prefill = router.prefill
         except InferenceError as e:

@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from epp.requestcontrol.headers import SLO_TPOT_MS, SLO_TTFT_MS
+
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 _WORDS = (
@@ -406,12 +408,8 @@ def _long_prompts(spec: WorkloadSpec, p: LongPrompts, rng: random.Random) -> lis
     return items
 
 
-SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
-SLO_TPOT_HEADER = "x-llm-d-slo-tpot-ms"
-
-
 def slo_headers(ttft_ms: float, tpot_ms: float) -> dict[str, str]:
-    return {SLO_TTFT_HEADER: f"{ttft_ms:g}", SLO_TPOT_HEADER: f"{tpot_ms:g}"}
+    return {SLO_TTFT_MS: f"{ttft_ms:g}", SLO_TPOT_MS: f"{tpot_ms:g}"}
 
 
 def _slo_mix(spec: WorkloadSpec, p: SloMix, rng: random.Random) -> list[WorkItem]:
