@@ -90,7 +90,6 @@ def test_optimized_baseline_loads():
 
 
 @pytest.mark.parametrize("fixture, feature", [
-    ("llm-d-wide-ep-lws.yaml", "'disaggregatedset-rollout-screener' needs disaggregated serving (issue 11)"),
     ("llm-d-precise-prefix-cache.yaml",
      "'precise-prefix-cache-producer' needs precise prefix-cache routing (issue 12)"),
     ("llm-d-predicted-latency.yaml", "'predicted-latency-producer' needs latency-aware routing (issue 13)"),
@@ -473,7 +472,6 @@ def test_alpha_plugins_need_allow_experimental_plugins():
 @pytest.mark.parametrize("ptype, feature", [
     ("precise-prefix-cache-scorer", "precise prefix-cache routing (issue 12)"),
     ("latency-scorer", "latency-aware routing (issue 13)"),
-    ("disaggregatedset-rollout-screener", "disaggregated serving (issue 11)"),
     ("program-aware-fairness", "flow-control policies (issue 11)"),
     ("mm-embeddings-cache-scorer", "precise prefix-cache routing (issue 12)"),
 ])

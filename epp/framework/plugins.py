@@ -147,6 +147,7 @@ class ProfileHandler(Plugin, Protocol):
 
 # extension point -> the method a plugin implements to take part in it
 EXTENSION_POINTS: dict[str, str] = {
+    "Screener": "screen",  # once per request before PrepareData: screen(request, endpoints) -> the endpoints kept
     "PrepareData": "prepare_request_data",
     "Filter": "filter",
     "Scorer": "score",

@@ -74,6 +74,8 @@ BUILTINS: dict[str, str] = {
     "inflight-load-producer": "epp.requestcontrol.producers.inflight:InFlightLoadProducer",
     "token-producer": "epp.requestcontrol.producers.tokens:TokenProducer",
     "session-id-producer": "epp.requestcontrol.producers.session:SessionIdProducer",
+    # screeners (requestcontrol: once per request, before the producers)
+    "disaggregatedset-rollout-screener": "epp.requestcontrol.rollout:DisaggregatedSetRolloutScreener",  # Alpha
     # saturation detectors (flowcontrol)
     "utilization-detector": "epp.flowcontrol.saturation:UtilizationDetector",
     "concurrency-detector": "epp.flowcontrol.concurrency:ConcurrencyDetector",
@@ -124,12 +126,10 @@ ALIASES: dict[str, Alias] = {
     "tokenizer": Alias("token-producer", "v0.9.0", "v0.11.0"),
 }
 
-_PD = "disaggregated serving (issue 11)"
 _FC = "flow-control policies (issue 11)"
 _PRECISE = "precise prefix-cache routing (issue 12)"
 _LATENCY = "latency-aware routing (issue 13)"
 FUTURE: dict[str, str] = {
-    **dict.fromkeys(("disaggregatedset-rollout-screener",), _PD),
     **dict.fromkeys(("program-aware-fairness", "sheddable-eviction-filter",
                      "priority-then-time-eviction-order-policy"), _FC),
     **dict.fromkeys(("precise-prefix-cache-scorer", "precise-prefix-cache-producer", "mm-embeddings-cache-scorer",
@@ -147,6 +147,7 @@ FUTURE_PARAMS: dict[str, dict[str, tuple[str, tuple[object, ...]]]] = {}
 ALPHA_TYPES: frozenset[str] = frozenset({"session-affinity-scorer", "session-affinity-filter",
                                          "multicluster-session-affinity-filter", "utilization-filter",
                                          "header-label-affinity-scorer", "endpoint-attribute-filter",
+                                         "disaggregatedset-rollout-screener",
                                          "endpoint-attribute-scorer", "header-profile-handler",
                                          "priority-holdback-policy", "soft-reflective-ceiling-policy"})
 

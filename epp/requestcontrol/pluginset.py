@@ -28,7 +28,7 @@ __all__ = ["PluginSet"]
 
 # the extension points run here (the scheduler runs Filter, Scorer, Picker)
 HOOKS = {point: EXTENSION_POINTS[point] for point in (
-    "PrepareData", "Admitter", "PreRequest", "ResponseReceived", "ResponseStreaming", "ResponseComplete", "EndpointsChanged")}
+    "Screener", "PrepareData", "Admitter", "PreRequest", "ResponseReceived", "ResponseStreaming", "ResponseComplete", "EndpointsChanged")}
 
 
 class PluginSet(Observed):
@@ -57,6 +57,7 @@ class PluginSet(Observed):
         calls: dict[str, list[Callable[..., Any]]] = {
             point: [timed(point, p, getattr(p, HOOKS[point]), fn) for p in members]
             for point, members in self._members.items()}
+        self._screen = calls["Screener"]
         self._prepare = calls["PrepareData"]
         self._admit = calls["Admitter"]
         self._pre_request = calls["PreRequest"]
@@ -76,6 +77,8 @@ class PluginSet(Observed):
         """Schedule one request. commit=False (explain) leaves every plugin's state untouched."""
         if not candidates:
             raise service_unavailable("no candidate endpoints for the request", REJECTED_NO_ENDPOINTS)
+        if self._screen:
+            candidates = self._screened(request, candidates)
         cycle = CycleState()
         for prepare in self._prepare:
             prepare(cycle, request, candidates)
@@ -89,6 +92,17 @@ class PluginSet(Observed):
             for pre_request in self._pre_request:
                 pre_request(cycle, request, result)
         return cycle, result
+
+    def _screened(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        """Each screener sees every candidate; an endpoint survives when all keep it (the reference's
+        runScreeners); none left is 503."""
+        kept = list(candidates)
+        for screen in self._screen:
+            allowed = {id(e) for e in screen(request, candidates)}
+            kept = [e for e in kept if id(e) in allowed]
+        if not kept:
+            raise service_unavailable("screeners eliminated all endpoint candidates", REJECTED_NO_ENDPOINTS)
+        return kept
 
     # ------------------------------------------------------------------ response hooks
     def response_received(self, request: InferenceRequest, info: ResponseInfo, target: Endpoint | None) -> None:
