@@ -1,0 +1,447 @@
+"""Precise vs approximate prefix-cache routing in the cluster simulation (issue 12).
+
+The pieces the cluster simulation (bench.cluster) needs to route on the servers' own KV
+events, all in virtual time:
+
+- EventFeed: every engine's KV events (BlockStored / BlockRemoved / AllBlocksCleared as
+  simulator.engine emits them) go through vLLM's wire format (simulator.kv_events encodes,
+  epp.datalayer.kvevents.wire decodes, as over ZMQ) and reach each subscribed block index
+  `delay` virtual seconds after the engine step that produced them.
+- PreciseRouter: the real picker pipeline (the reference guide's scorers: prefix-cache 2,
+  kv-cache-utilization 1, queue 1) whose prefix match comes from a BlockIndex fed by the
+  events instead of the picker's own guesses, with speculative entries for just-routed
+  requests (speculativeIndexing, speculativeTTL) as the guide configures it. The prompt's
+  token ids are the ones the simulator computed (the tokenizer the picker would run matches
+  the server's by construction here).
+- Replicas: several picker replicas behind a load balancer (round-robin or random split),
+  each with its own endpoint view (in-flight counts), approximate index and block index;
+  every block index is fed by the same events.
+- restart(): a server restart as far as the cache is concerned: its in-flight requests are
+  recomputed from scratch (as a preemption), its prefix cache is emptied and it publishes
+  AllBlocksCleared.
+
+`python -m bench.precise` runs the comparison (random, approximate, precise) over offered
+rates from light load to saturation plus two stress variants (servers restarting mid-run;
+two picker replicas), prints a table and writes bench/results/precise.{md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import cluster
+from bench.cluster import ClusterConfig, ClusterResult, PickerRouter, RandomRouter, Router
+from bench.loadgen import Progress
+from bench.workloads import LoadSpec, SharedPrefix, WorkItem, WorkloadSpec, arrival_times, generate
+from epp.datalayer.kvevents import BlockIndex, BlockKeyer, decode_batch
+from epp.framework import Endpoint
+from epp.framework.datakeys import PrefixCacheMatchInfo
+from epp.requestcontrol.producers.prefix import ApproxPrefixCacheProducer
+from simulator.clock import VirtualClock
+from simulator.engine import Engine, EngineConfig
+from simulator.kv_events import encode_batch
+
+STRATEGIES = ("random", "approximate", "precise")
+SPLITS = ("round-robin", "random")
+
+
+def _config(producer: str) -> str:
+    """The reference guide's precise-prefix-cache scheduling profile with `producer` feeding
+    prefix-cache-scorer (the same scorers and weights for both producers)."""
+    return f"""\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: {producer}
+- type: prefix-cache-scorer
+  parameters:
+    prefixMatchInfoProducerName: {producer}
+- type: kv-cache-utilization-scorer
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 2.0
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 1.0
+  - pluginRef: queue-scorer
+    weight: 1.0
+  - pluginRef: max-score-picker
+"""
+
+
+APPROX_CONFIG = _config("approx-prefix-cache-producer")
+
+
+# --------------------------------------------------------------------------- event delivery
+class EventFeed:
+    """Delivers each engine's KV events to the subscribed block indexes `delay` virtual
+    seconds after they were produced, in order, through vLLM's wire encoding."""
+
+    def __init__(self, clock: VirtualClock, engines: Sequence[Engine], names: Sequence[str], model: str,
+                 delay: float) -> None:
+        if not delay >= 0:
+            raise ValueError(f"event delay must be >= 0, got {delay!r}")
+        self.clock = clock
+        self.model = model
+        self.delay = delay
+        self.sinks: list[BlockIndex] = []
+        self.batches = 0  # batches delivered
+        self.events = 0  # events delivered (to each sink)
+        for engine, name in zip(engines, names, strict=True):
+            engine.on_kv_events = lambda events, name=name: self._publish(name, events)
+
+    def subscribe(self, index: BlockIndex) -> None:
+        self.sinks.append(index)
+
+    def _publish(self, name: str, events: list) -> None:
+        now = self.clock.now()
+        batch = decode_batch(encode_batch(events, now))
+        self.clock.call_at(now + self.delay, lambda: self._deliver(name, batch.events))
+
+    def _deliver(self, name: str, events: tuple) -> None:
+        for index in self.sinks:
+            index.apply(name, events, self.model)
+        self.batches += 1
+        self.events += len(events)
+
+
+# --------------------------------------------------------------------------- precise routing
+class PreciseRouter(PickerRouter):
+    """The picker pipeline with its prefix match taken from a BlockIndex fed by KV events.
+
+    Until the precise-prefix-cache-producer plugin exists, the approximate producer of
+    APPROX_CONFIG is kept for its wiring (the scorer reads its key) and its `match` is
+    replaced by a lookup in this router's BlockIndex; its own recording is skipped (no
+    hashes are returned), so nothing of the approximate guess remains."""
+
+    def __init__(self, endpoints: list[Endpoint], clock: VirtualClock, rng: random.Random, model: str,
+                 block_size: int, speculative_ttl: float | None = 2.0) -> None:
+        super().__init__(endpoints, APPROX_CONFIG, clock, rng)
+        self.model = model
+        self.speculative_ttl = speculative_ttl
+        self.blocks = BlockIndex(BlockKeyer(block_size), clock=clock.now,
+                                speculative_ttl=speculative_ttl or 2.0)
+        self.by_name = {e.name: e for e in endpoints}
+        self._tokens: Sequence[int] = ()
+        self._keys: list[int] = []
+        producer = next(p for p in self.pipeline.plugins.values() if isinstance(p, ApproxPrefixCacheProducer))
+        producer.match = self._match  # type: ignore[method-assign]
+
+    def _match(self, request, endpoints: Sequence[Endpoint]) -> tuple[list[int], PrefixCacheMatchInfo]:
+        keyer = self.blocks.keyer
+        keys = self._keys = keyer.keys(self._tokens, self.model)
+        found = self.blocks.match_keys(keys, [e.name for e in endpoints])
+        matches = {self.by_name[name]: m.blocks for name, m in found.items()}
+        return [], PrefixCacheMatchInfo(matches, len(keys), keyer.block_size, max(matches.values(), default=0))
+
+    def route(self, item, prompt, request) -> int:
+        self._tokens = prompt.token_ids
+        server = super().route(item, prompt, request)
+        if self.speculative_ttl and self._keys:
+            self.blocks.speculate(self.endpoints[server].name, self._keys)
+        return server
+
+
+class Replicas(Router):
+    """Several picker replicas behind a load balancer that splits requests among them
+    (round-robin or random). Each replica has its own copies of the endpoints (its own
+    in-flight counts), refreshed from the scraped metrics before it routes."""
+
+    needs_request = True
+
+    def __init__(self, endpoints: list[Endpoint], make: Callable[[list[Endpoint]], Router], replicas: int,
+                 split: str, rng: random.Random) -> None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        if split not in SPLITS:
+            raise ValueError(f"split: unknown {split!r} (known: {', '.join(SPLITS)})")
+        self.source = endpoints
+        self.views = [[Endpoint(name=e.name, address=e.address, port=e.port, labels=dict(e.labels))
+                       for e in endpoints] for _ in range(replicas)]
+        self.routers = [make(view) for view in self.views]
+        self.split = split
+        self.rng = rng
+        self.next = 0
+        self.routed = [0] * replicas  # requests each replica routed
+        self.owner: dict[int, int] = {}  # id(request) -> replica; at most the requests in flight
+
+    def route(self, item, prompt, request) -> int:
+        if self.split == "random":
+            k = self.rng.randrange(len(self.routers))
+        else:
+            k = self.next
+            self.next = (k + 1) % len(self.routers)
+        for view, src in zip(self.views[k], self.source, strict=True):
+            view.metrics = src.metrics
+        router = self.routers[k]
+        server = router.route(item, prompt, request)
+        self.prefill = router.prefill
+        self.owner[id(request)] = k
+        self.routed[k] += 1
+        return server
+
+    def received(self, server, request, info) -> None:
+        self.routers[self.owner[id(request)]].received(server, request, info)
+
+    def complete(self, server, item, prompt, request, info) -> None:
+        self.routers[self.owner.pop(id(request))].complete(server, item, prompt, request, info)
+
+
+# --------------------------------------------------------------------------- restarts
+def restart(engine: Engine) -> None:
+    """The server lost its KV cache: running requests start over (recompute, as a
+    preemption), every cached block is dropped, AllBlocksCleared is published."""
+    for req in list(engine.running):
+        engine._preempt(req)
+    if not engine.reset_prefix_cache():
+        raise RuntimeError("restart: blocks still referenced after preempting every running request")
+
+
+# --------------------------------------------------------------------------- scenarios
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """How the cluster runs: KV-event delay (virtual s), picker replicas and their split,
+    and servers restarting every `restart_every` virtual seconds (one at a time, in turn)."""
+
+    name: str = "baseline"
+    event_delay: float = 0.005
+    replicas: int = 1
+    split: str = "round-robin"
+    restart_every: float = 0.0  # 0: no restarts
+    max_restarts: int = 1000  # bound on scheduled restarts
+    speculative_ttl: float | None = 2.0  # None: speculativeIndexing off
+
+
+@dataclass(slots=True)
+class Probe:
+    """What a run exposes to tests: the feed, the router, the restarts done."""
+
+    feed: EventFeed | None = None
+    router: Router | None = None
+    restarts: list[tuple[float, int]] = field(default_factory=list)
+
+
+def factory(strategy: str, scenario: Scenario, cfg: ClusterConfig, horizon: float = 0.0,
+            probe: Probe | None = None) -> Callable[[VirtualClock, list[Engine], list[Endpoint], random.Random], Router]:
+    """A bench.cluster.EXTRA_ROUTERS factory for `strategy` under `scenario`; restarts stop
+    at `horizon` virtual seconds (the last arrival)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    probe = probe if probe is not None else Probe()
+
+    def make(clock: VirtualClock, engines: list[Engine], endpoints: list[Endpoint], rng: random.Random) -> Router:
+        if scenario.restart_every > 0:
+            _schedule_restarts(clock, engines, scenario, horizon, probe)
+        if strategy == "random":
+            router: Router = RandomRouter(len(engines), rng)
+            probe.router = router
+            return router
+        feed = None
+        if strategy == "precise":
+            feed = probe.feed = EventFeed(clock, engines, [e.name for e in endpoints], cfg.model, scenario.event_delay)
+
+        def one(view: list[Endpoint]) -> Router:
+            if feed is None:
+                return PickerRouter(view, APPROX_CONFIG, clock, rng)
+            r = PreciseRouter(view, clock, rng, cfg.model, cfg.engine.block_size, scenario.speculative_ttl)
+            feed.subscribe(r.blocks)
+            return r
+
+        router = one(endpoints) if scenario.replicas == 1 else Replicas(
+            endpoints, one, scenario.replicas, scenario.split, rng)
+        probe.router = router
+        return router
+
+    return make
+
+
+def _schedule_restarts(clock: VirtualClock, engines: list[Engine], scenario: Scenario, horizon: float,
+                       probe: Probe) -> None:
+    """Restart servers in turn every scenario.restart_every seconds until `horizon`."""
+    def fire(k: int) -> None:
+        i = k % len(engines)
+        restart(engines[i])
+        probe.restarts.append((clock.now(), i))
+
+    every = scenario.restart_every
+    for k in range(min(scenario.max_restarts, int(horizon / every))):
+        clock.call_at((k + 1) * every, lambda k=k: fire(k))
+
+
+def simulate(strategy: str, items: Sequence[WorkItem], load: LoadSpec, cfg: ClusterConfig, scenario: Scenario,
+             *, progress: Progress | None = None, probe: Probe | None = None) -> ClusterResult:
+    """One bench.cluster.simulate run of `strategy` under `scenario`."""
+    name = f"{strategy}@{scenario.name}"
+    horizon = arrival_times(len(items), load.rate, cfg.seed)[-1] if load.type == "poisson" and items else 0.0
+    cluster.EXTRA_ROUTERS[name] = factory(strategy, scenario, cfg, horizon, probe)
+    try:
+        result = cluster.simulate(name, items, load, cfg, progress=progress)
+    finally:
+        del cluster.EXTRA_ROUTERS[name]
+    result.strategy = strategy
+    return result
+
+
+# --------------------------------------------------------------------------- the benchmark
+@dataclass(frozen=True, slots=True)
+class Sizing:
+    servers: int = 4
+    gpu_blocks: int = 2048  # per server, of block_size tokens
+    block_size: int = 16
+    fill: float = 0.75  # of the pool's KV memory taken by the distinct prefixes
+    prefix_len: int = 3000  # target tokens of each shared system prompt
+    questions: int = 16
+    question_len: int = 50
+    output_len: int = 32
+
+
+def workload(s: Sizing, requests: int, seed: int) -> tuple[list[WorkItem], int, int]:
+    """The shared-prefix workload whose prefixes fill `s.fill` of the pool's KV memory:
+    (items, number of prefixes, tokens the prefixes take in the pool's blocks)."""
+    pool_blocks = s.servers * s.gpu_blocks
+    per_prefix = math.ceil(s.prefix_len / s.block_size)
+    groups = max(1, round(s.fill * pool_blocks / per_prefix))
+    spec = WorkloadSpec("shared_prefix", SharedPrefix(groups, s.questions, s.prefix_len, s.question_len,
+                                                      s.output_len), num_requests=requests, seed=seed)
+    return generate(spec), groups, groups * per_prefix
+
+
+def prefix_blocks(items: Sequence[WorkItem], block_size: int) -> int:
+    """Full KV blocks the distinct system prompts take, tokenised as the servers do."""
+    from simulator.tokenizer import apply_chat_template, encode
+
+    seen = {it.messages[0]["content"] for it in items}
+    return sum(len(encode(apply_chat_template([{"role": "system", "content": s}], add_generation_prompt=False)))
+               // block_size for s in seen)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.precise", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", default="2,5,8,11", help="offered rates, requests/s (comma-separated)")
+    ap.add_argument("--requests", type=int, default=400, help="requests per run")
+    ap.add_argument("--servers", type=int, default=4)
+    ap.add_argument("--gpu-blocks", type=int, default=2048, help="KV blocks per server (16 tokens each)")
+    ap.add_argument("--prefix-len", type=int, default=3000, help="tokens per shared prefix")
+    ap.add_argument("--fill", type=float, default=0.75, help="fraction of the pool's KV memory the prefixes take")
+    ap.add_argument("--event-delay", type=float, default=0.005, help="KV-event delivery delay, seconds")
+    ap.add_argument("--stress-rate", type=float, default=None, help="rate of the stress variants (default: 2nd highest)")
+    ap.add_argument("--restart-every", type=float, default=5.0, help="seconds between server restarts (stress)")
+    ap.add_argument("--replicas", type=int, default=2, help="picker replicas (stress)")
+    ap.add_argument("--split", choices=SPLITS, default="round-robin")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default="bench/results/precise", help="output path prefix (.md, .png)")
+    ap.add_argument("--no-plot", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        rates = [float(x) for x in a.rates.split(",") if x]
+        strategies = [s for s in a.strategies.split(",") if s]
+        for s in strategies:
+            if s not in STRATEGIES:
+                raise ValueError(f"unknown strategy {s!r} (known: {', '.join(STRATEGIES)})")
+        if not rates or any(r <= 0 for r in rates):
+            raise ValueError("--rates: positive numbers expected")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sizing = Sizing(servers=a.servers, gpu_blocks=a.gpu_blocks, prefix_len=a.prefix_len, fill=a.fill)
+    items, groups, _ = workload(sizing, a.requests, a.seed)
+    pool = sizing.servers * sizing.gpu_blocks
+    used = prefix_blocks(items, sizing.block_size)
+    print(f"pool: {sizing.servers} servers x {sizing.gpu_blocks} blocks x {sizing.block_size} tokens = "
+          f"{pool * sizing.block_size} tokens; {groups} shared prefixes take {used} blocks = {used / pool:.0%} "
+          f"of the pool's KV memory", flush=True)
+    cfg = ClusterConfig(servers=sizing.servers, seed=a.seed,
+                        engine=EngineConfig(num_gpu_blocks=sizing.gpu_blocks, block_size=sizing.block_size))
+    base = Scenario("baseline", event_delay=a.event_delay)
+    stress_rate = a.stress_rate or sorted(rates)[max(0, len(rates) - 2)]
+    runs: list[tuple[Scenario, float]] = [(base, r) for r in rates]
+    runs += [(Scenario(f"restart every {a.restart_every:g}s", event_delay=a.event_delay,
+                       restart_every=a.restart_every), stress_rate),
+             (Scenario(f"{a.replicas} replicas ({a.split})", event_delay=a.event_delay, replicas=a.replicas,
+                       split=a.split), stress_rate)]
+    from bench.report import Row
+
+    rows: list[tuple[str, Row, ClusterResult]] = []
+    t0 = time.perf_counter()
+    for scenario, rate in runs:
+        for s in strategies:
+            label = f"{scenario.name} {s} @{rate:g}/s"
+            r = simulate(s, items, LoadSpec(rate=rate), cfg, scenario, progress=Progress(f"{label:<40}", len(items)))
+            rows.append((scenario.name, Row(s, rate, r.summary(), r.hit_rate, r.per_server, r.results), r))
+    wall = time.perf_counter() - t0
+    text = report(rows)
+    print(text)
+    print(f"wall {wall:.1f} s")
+    out = Path(a.out)
+    from bench.report import command_line, write_markdown
+
+    cmd = command_line(["python", "-m", "bench.precise", *(argv if argv is not None else sys.argv[1:])])
+    write_markdown(out.with_suffix(".md"), "Precise vs approximate prefix-cache routing (cluster simulation)", cmd,
+                   f"Pool: {sizing.servers} servers x {sizing.gpu_blocks} KV blocks of {sizing.block_size} tokens; "
+                   f"{groups} shared prefixes of ~{sizing.prefix_len} tokens take {used / pool:.0%} of the pool's "
+                   f"KV memory; {a.requests} requests per run; KV events delivered after {a.event_delay * 1000:g} ms."
+                   f"\n\n```\n{text}\n```", f"Wall time {wall:.0f} s.")
+    if not a.no_plot:
+        plot(rows, out.with_suffix(".png"), "random vs approximate vs precise prefix-cache routing")
+        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
+HEADERS = ["scenario", "strategy", "rate/s", "TTFT p50 ms", "TTFT p90 ms", "output tok/s", "hit rate", "errors",
+           "requests per server"]
+
+
+def report(rows: Sequence[tuple[str, object, ClusterResult]]) -> str:
+    from bench.report import ms, num, pct, table
+
+    body = [[scen, r.strategy, num(r.rate, 1), ms(r.summary.ttft_p50), ms(r.summary.ttft_p90),
+             num(r.summary.output_tokens_per_s, 0), pct(r.hit_rate), str(r.summary.errors),
+             " ".join(str(c) for c in r.per_server)] for scen, r, _ in rows]
+    return table(HEADERS, body)
+
+
+def plot(rows: Sequence[tuple[str, object, ClusterResult]], path: Path, title: str) -> None:
+    """Baseline TTFT p90, output tokens/s and hit rate against the rate, one line per
+    strategy; a fourth panel groups TTFT p90 of the stress variants by strategy."""
+    from bench.report import _by_strategy_over_rate, _finish_rate_axes, _plt
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    base = [r for scen, r, _ in rows if scen == "baseline"]
+    for name, rs, rates in _by_strategy_over_rate(base):
+        axes[0].plot(rates, [r.summary.ttft_p90 * 1000 for r in rs], marker="o", label=name)
+        axes[1].plot(rates, [r.summary.output_tokens_per_s for r in rs], marker="o", label=name)
+        axes[2].plot(rates, [r.hit_rate * 100 for r in rs], marker="o", label=name)
+    axes[0].set_ylabel("TTFT p90 (ms, log scale)")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("output tokens/s")
+    axes[2].set_ylabel("prefix-cache hit rate (%)")
+    stress = [(scen, r) for scen, r, _ in rows if scen != "baseline"]
+    scens = list(dict.fromkeys(s for s, _ in stress))
+    strategies = list(dict.fromkeys(r.strategy for _, r in stress))
+    width = 0.8 / max(1, len(strategies))
+    ax = axes[3]
+    for k, s in enumerate(strategies):
+        ys = [next((r.summary.ttft_p90 * 1000 for sc, r in stress if sc == scen and r.strategy == s), 0.0)
+              for scen in scens]
+        ax.bar([i + k * width for i in range(len(scens))], ys, width, label=s)
+    ax.set_xticks([i + width * (len(strategies) - 1) / 2 for i in range(len(scens))], scens, fontsize="small")
+    ax.set_ylabel("TTFT p90 (ms), stress variants")
+    ax.set_yscale("log")
+    ax.legend(fontsize="small")
+    _finish_rate_axes(plt, fig, axes[:3], path, title)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
