@@ -1,0 +1,469 @@
+"""Goodput under latency SLOs on a mixed and a uniform pool (issue 13), in the virtual-time
+cluster simulation (bench.cluster).
+
+    epp bench goodput                     # or: python -m bench.goodput
+    epp bench goodput --requests 1200 --rates 10,20,30,40,50 --servers 8
+
+Workload: bench.workloads' slo_mix, short chat and long-document requests, each carrying the
+reference's SLO headers (x-llm-d-slo-ttft-ms, x-llm-d-slo-tpot-ms) on the request the
+picker sees. Pools: "mixed" (half H100, half A100 timing, simulator.hardware; each server's
+endpoint carries its class's accelerator labels, as the reference's pods do) and "uniform"
+(all H100). Per strategy, pool and offered rate: SLO attainment (requests meeting both
+SLOs / requests sent; rejected requests count as missed), goodput (requests meeting both
+SLOs per second of the run, first arrival to last completion), TTFT p90 and TPOT p90.
+
+Strategies:
+  round-robin     Envoy's ROUND_ROBIN
+  picker          the picker's default configuration
+  latency         the reference chart's latency-predictor variant config, unchanged
+                  (tests/fixtures/reference/configs/llm-d-router-chart-latency-predictor.yaml)
+                  when the latency plugin types are built; until then latency-lib
+  latency-lib     the latency model library (epp.requestcontrol.producers.latency) driven
+                  directly: predictions per endpoint from the scraped metrics, the request's
+                  size, an approximate prefix match and the in-flight tokens, trained
+                  synchronously in virtual time; picks by the reference latency-scorer's
+                  headroom rules (positive headroom: least headroom; none: idle first, then
+                  the least deficit)
+  oracle-slo      knows every engine's true state and its class's true speeds (bench.cluster's
+                  Oracle estimates) and picks, among servers whose estimated TTFT and TPOT meet
+                  the request's SLOs, the oracle's best; if none can, the least TTFT deficit
+  picker:<path>   any EndpointPickerConfig
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.cluster import EXTRA_ROUTERS, ClusterConfig, ClusterResult, Oracle, Router, simulate
+from bench.loadgen import Progress, RequestResult, percentile
+from bench.workloads import (
+    DEFAULT_MODEL,
+    LoadSpec,
+    SloMix,
+    WorkItem,
+    WorkloadError,
+    WorkloadSpec,
+    generate,
+)
+from epp.framework import Endpoint
+from epp.requestcontrol.headers import SLO_TPOT_MS, SLO_TTFT_MS
+from epp.requestcontrol.producers.latency import LatencyFeatures, LatencyModel, endpoint_class
+from simulator.clock import VirtualClock
+from simulator.engine import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+LATENCY_CONFIG = ROOT / "tests" / "fixtures" / "reference" / "configs" / "llm-d-router-chart-latency-predictor.yaml"
+LATENCY_TYPES = ("predicted-latency-producer", "latency-scorer", "slo-headroom-tier-filter", "latency-slo-admitter")
+DEFAULT_STRATEGIES = ("round-robin", "picker", "latency", "oracle-slo")
+POOLS = ("mixed", "uniform")
+DEFAULT_RATES = (6.0, 12.0, 18.0, 24.0)
+
+
+def pool_hardware(pool: str, servers: int, fast: str = "h100", slow: str = "a100") -> tuple[str, ...]:
+    """One hardware class per server: mixed = the first half fast, the rest slow; uniform = all fast."""
+    if pool == "mixed":
+        return (fast,) * (servers // 2) + (slow,) * (servers - servers // 2)
+    if pool == "uniform":
+        return (fast,) * servers
+    raise ValueError(f"unknown pool {pool!r} (known: {', '.join(POOLS)})")
+
+
+def latency_plugins_built() -> bool:
+    from epp.framework.registry import BUILTINS
+
+    return all(t in BUILTINS for t in LATENCY_TYPES)
+
+
+def resolve(strategy: str) -> str:
+    """`latency` -> the reference's latency-predictor config when its plugins are built, else latency-lib."""
+    if strategy == "latency":
+        return f"picker:{LATENCY_CONFIG}" if latency_plugins_built() else "latency-lib"
+    return strategy
+
+
+# --------------------------------------------------------------------------- goodput
+@dataclass(frozen=True, slots=True)
+class Slo:
+    ttft_ms: float
+    tpot_ms: float
+
+
+def item_slo(item: WorkItem) -> Slo:
+    """The request's SLOs from its headers (inf where a header is absent)."""
+    h = item.headers
+    return Slo(float(h.get(SLO_TTFT_MS, math.inf)), float(h.get(SLO_TPOT_MS, math.inf)))
+
+
+def tpot(r: RequestResult) -> float | None:
+    """Mean seconds per output token after the first (what the reference trains TPOT on)."""
+    if not r.ok or r.ttft is None or r.output_tokens < 2:
+        return None
+    return (r.e2e - r.ttft) / (r.output_tokens - 1)
+
+
+def meets(r: RequestResult, slo: Slo) -> bool:
+    if not r.ok or r.ttft is None or r.ttft * 1000 > slo.ttft_ms:
+        return False
+    t = tpot(r)
+    return t is None or t * 1000 <= slo.tpot_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Goodput:
+    requests: int
+    met: int
+    attainment: float       # met / requests sent
+    goodput: float          # met per second of the run
+    ttft_p90_ms: float
+    tpot_p90_ms: float
+    rejected: int
+    by_group: dict[int, float]  # attainment per workload group (slo_mix: 0 chat, 1 documents)
+
+    @staticmethod
+    def of(results: Sequence[RequestResult], items: Sequence[WorkItem], duration: float) -> Goodput:
+        by_index = {it.index: it for it in items}
+        met = 0
+        sent: dict[int, int] = {}
+        ok_by: dict[int, int] = {}
+        for r in results:
+            it = by_index[r.index]
+            sent[it.group] = sent.get(it.group, 0) + 1
+            if meets(r, item_slo(it)):
+                met += 1
+                ok_by[it.group] = ok_by.get(it.group, 0) + 1
+        n = len(results)
+        ttfts = [r.ttft * 1000 for r in results if r.ok and r.ttft is not None]
+        tpots = [t * 1000 for r in results if (t := tpot(r)) is not None]
+        return Goodput(n, met, met / n if n else math.nan, met / duration if duration > 0 else math.nan,
+                       percentile(ttfts, 90), percentile(tpots, 90), sum(1 for r in results if not r.ok),
+                       {g: ok_by.get(g, 0) / c for g, c in sorted(sent.items())})
+
+
+# --------------------------------------------------------------------------- oracle
+class SloOracle(Oracle):
+    """bench.cluster's Oracle (true engine state, true per-class speeds) made SLO-aware."""
+
+    def __init__(self, engines: list[Engine], rng: random.Random, slos: dict[int, Slo]) -> None:
+        super().__init__(engines, rng)
+        self.slos = slos
+
+    def true_ttft_tpot(self, i: int, prompt) -> tuple[float, float]:
+        cfg = self.engines[i].config
+        e = self.engines[i]
+        score, uncached = self.estimate(i, prompt)
+        ttft = score - self.prefill_weight * uncached * cfg.prefill_time_per_token
+        running = min(len(e.running) + len(e.waiting) + 1, cfg.max_num_seqs)
+        # decode steps, plus the prefill work already queued there spread over this request's tokens
+        tpot_s = cfg.step_overhead + running * cfg.decode_time_per_seq
+        tpot_s += (self.pending_tokens[i] + uncached) * cfg.prefill_time_per_token / 64
+        return ttft, tpot_s
+
+    def route(self, item, prompt, request) -> int:
+        slo = self.slos[item.index]
+        fits, deficit = [], []
+        for i in range(len(self.engines)):
+            ttft, tp = self.true_ttft_tpot(i, prompt)
+            if ttft * 1000 <= slo.ttft_ms and tp * 1000 <= slo.tpot_ms:
+                fits.append((self.estimate(i, prompt)[0], i))
+            deficit.append((max(0.0, ttft * 1000 - slo.ttft_ms) + max(0.0, tp * 1000 - slo.tpot_ms), i))
+        _, i = min(fits) if fits else min(deficit)
+        _, uncached = self.estimate(i, prompt)
+        self.pending_tokens[i] += uncached
+        pend = self.pending_blocks[i]
+        for h in prompt.hashes:
+            pend[h] = pend.get(h, 0) + 1
+        self.routed[item.index] = (i, uncached, prompt.hashes)
+        return i
+
+
+# --------------------------------------------------------------------------- latency library router
+PREFIX_BLOCKS_PER_ENDPOINT = 50_000  # bound of latency-lib's approximate prefix index, per endpoint
+TRAIN_EVERY = 32                     # latency-lib trains synchronously after this many observations
+
+
+class LatencyLibRouter(Router):
+    """Routes by the latency model library's predictions (see module docstring)."""
+
+    def __init__(self, clock: VirtualClock, endpoints: list[Endpoint], slos: dict[int, Slo],
+                 rng: random.Random, ttft_weight: float = 0.8, tpot_weight: float = 0.2,
+                 strategy: str = "least") -> None:
+        self.strategy = strategy
+        self.clock, self.endpoints, self.slos, self.rng = clock, endpoints, slos, rng
+        self.model = LatencyModel(quantile=0.9)
+        self.classes = [endpoint_class(e.labels) for e in endpoints]
+        self.prefix: list[OrderedDict[int, None]] = [OrderedDict() for _ in endpoints]
+        self.prefill_tokens = [0] * len(endpoints)
+        self.decode_tokens = [0] * len(endpoints)
+        self.dispatched = [0] * len(endpoints)
+        self.state: dict[int, tuple[int, LatencyFeatures, float, int]] = {}  # index -> server, features, sent, tokens
+        self.observed = 0
+        self.alpha = ttft_weight / (ttft_weight + tpot_weight)
+
+    def features(self, i: int, tokens: int, hashes: Sequence[int]) -> LatencyFeatures:
+        m = self.endpoints[i].metrics
+        idx = self.prefix[i]
+        hit = 0
+        for h in hashes:
+            if h not in idx:
+                break
+            hit += 1
+        return LatencyFeatures(kv_cache_usage=m.kv_cache_usage_percent, waiting_requests=m.waiting_queue_size,
+                               running_requests=m.running_requests_size, input_tokens=tokens,
+                               prefix_match=hit / len(hashes) if hashes else 0.0,
+                               prefill_tokens_in_flight=self.prefill_tokens[i],
+                               decode_tokens_in_flight=self.decode_tokens[i])
+
+    def route(self, item, prompt, request) -> int:
+        slo = self.slos[item.index]
+        tokens = len(prompt.token_ids)
+        cands = []
+        for i in range(len(self.endpoints)):
+            f = self.features(i, tokens, prompt.hashes)
+            p = self.model.predict(self.classes[i], f)
+            cands.append((i, f, p.ttft_ms, p.tpot_ms))
+        i = self.pick(cands, slo)
+        f = next(c[1] for c in cands if c[0] == i)
+        idx = self.prefix[i]
+        for h in prompt.hashes:
+            idx[h] = None
+            idx.move_to_end(h)
+        while len(idx) > PREFIX_BLOCKS_PER_ENDPOINT:
+            idx.popitem(last=False)
+        self.prefill_tokens[i] += tokens
+        self.dispatched[i] += 1
+        self.state[item.index] = (i, f, self.clock.now(), tokens)
+        return i
+
+    def pick(self, cands, slo: Slo) -> int:
+        if any(c[2] is None or c[3] is None for c in cands):  # still learning: fewest dispatched, random tie
+            low = min(self.dispatched)
+            return self.rng.choice([i for i, *_ in cands if self.dispatched[i] == low])
+        head = [(i, slo.ttft_ms - t, slo.tpot_ms - p) for i, _, t, p in cands]
+        positive = [h for h in head if h[1] >= 0 and h[2] >= 0]
+        if positive:
+            bucket = positive
+        else:
+            idle = [h for h in head if self.dispatched[h[0]] == 0]
+            buckets = [idle, [h for h in head if h[1] >= 0], [h for h in head if h[2] >= 0], head]
+            bucket = next(b for b in buckets if b)
+        # least |headroom| (bin-packing among positives, least deficit among negatives)
+        lo_t, hi_t = min(abs(h[1]) for h in bucket), max(abs(h[1]) for h in bucket)
+        lo_p, hi_p = min(abs(h[2]) for h in bucket), max(abs(h[2]) for h in bucket)
+
+        def combined(h) -> float:
+            nt = (abs(h[1]) - lo_t) / (hi_t - lo_t) if hi_t > lo_t else 0.5
+            np_ = (abs(h[2]) - lo_p) / (hi_p - lo_p) if hi_p > lo_p else 0.5
+            return self.alpha * nt + (1 - self.alpha) * np_
+
+        sign = -1.0 if self.strategy == "most" and bucket is positive else 1.0
+        best = min(sign * combined(h) for h in bucket)
+        return self.rng.choice([h[0] for h in bucket if sign * combined(h) <= best + 1e-9])
+
+    def first_token(self, server, request) -> None:
+        index = int(request.request_id.rpartition("-")[2])
+        i, f, sent, tokens = self.state[index]
+        self.model.observe_ttft(self.classes[i], f, (self.clock.now() - sent) * 1000)
+        self.prefill_tokens[i] -= tokens
+        self.decode_tokens[i] += tokens
+        self.state[index] = (i, f, self.clock.now(), tokens)
+        self._learnt()
+
+    def complete(self, server, item, prompt, request, info) -> None:
+        i, f, first_at, tokens = self.state.pop(item.index)
+        self.dispatched[i] -= 1
+        if info.status != 200:
+            self.prefill_tokens[i] -= tokens
+            return
+        self.decode_tokens[i] -= tokens
+        if item.max_tokens > 1:
+            self.model.observe_tpot(self.classes[i], f, (self.clock.now() - first_at) * 1000 / (item.max_tokens - 1))
+            self._learnt()
+
+    def _learnt(self) -> None:
+        self.observed += 1
+        if self.observed % TRAIN_EVERY == 0:
+            self.model.train()
+
+    needs_request = True
+
+
+def register(items: Sequence[WorkItem]) -> None:
+    """Make oracle-slo and latency-lib known to bench.cluster for these items' SLOs."""
+    slos = {it.index: item_slo(it) for it in items}
+    EXTRA_ROUTERS["oracle-slo"] = lambda clock, engines, endpoints, rng: SloOracle(engines, rng, slos)
+    EXTRA_ROUTERS["latency-lib"] = lambda clock, engines, endpoints, rng: LatencyLibRouter(clock, endpoints, slos,
+                                                                                            rng)
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass(slots=True)
+class Point:
+    pool: str
+    strategy: str
+    rate: float
+    goodput: Goodput
+    result: ClusterResult
+
+
+def run(items: Sequence[WorkItem], strategies: Sequence[str], pools: Sequence[str], rates: Sequence[float],
+        servers: int, seed: int = 1, show_progress: bool = True) -> list[Point]:
+    register(items)
+    out = []
+    for pool in pools:
+        cfg = ClusterConfig(servers=servers, seed=seed, model=DEFAULT_MODEL, hardware=pool_hardware(pool, servers))
+        for strategy in strategies:
+            for rate in rates:
+                label = f"{pool:<7} {strategy[:22]:<22} {rate:>5g}/s"
+                progress = Progress(label, len(items)) if show_progress else None
+                r = simulate(resolve(strategy), items, LoadSpec(type="poisson", rate=rate), cfg, progress=progress)
+                out.append(Point(pool, strategy, rate, Goodput.of(r.results, items, r.duration), r))
+    return out
+
+
+HEADERS = ["pool", "strategy", "rate/s", "attainment", "goodput/s", "TTFT p90 ms", "TPOT p90 ms", "chat att.",
+           "doc att.", "rejected", "routing us/req"]
+
+
+def rows(points: Sequence[Point]) -> list[list[str]]:
+    from bench.report import num, pct
+
+    out = []
+    for p in points:
+        g = p.goodput
+        per_req = p.result.routing_seconds / max(1, g.requests) * 1e6
+        out.append([p.pool, p.strategy, num(p.rate, 0), pct(g.attainment), num(g.goodput, 2), num(g.ttft_p90_ms, 0),
+                    num(g.tpot_p90_ms, 1), pct(g.by_group.get(0, math.nan)), pct(g.by_group.get(1, math.nan)),
+                    str(g.rejected), num(per_req, 0)])
+    return out
+
+
+def verdict(points: Sequence[Point], aware: str = "latency", oracles: Sequence[str] = ("oracle-slo",)) -> str:
+    """Whether `aware` has the highest goodput of the non-oracle strategies on the mixed pool
+    (summed over the rates) and loses at most 5% against the best of them on the uniform pool."""
+    total: dict[tuple[str, str], float] = {}
+    for p in points:
+        total[(p.pool, p.strategy)] = total.get((p.pool, p.strategy), 0.0) + p.goodput.goodput
+    lines = []
+    ok = True
+    for pool in dict.fromkeys(p.pool for p in points):
+        others = {s: v for (pl, s), v in total.items() if pl == pool and s not in oracles and s != aware}
+        mine = total.get((pool, aware))
+        if mine is None or not others:
+            continue
+        best_s, best = max(others.items(), key=lambda kv: kv[1])
+        ratio = mine / best if best else math.inf
+        need = ratio > 1.0 if pool == "mixed" else ratio >= 0.95
+        ok &= need
+        lines.append(f"{pool}: {aware} goodput summed over rates {mine:.2f} vs best other {best_s} {best:.2f} "
+                     f"({(ratio - 1) * 100:+.1f}%) -> {'meets' if need else 'MISSES'} the aim")
+    return "\n".join(lines + [f"aim {'met' if ok else 'NOT met'}"])
+
+
+def plot(points: Sequence[Point], path: Path, title: str) -> None:
+    from bench.report import _plt, _save
+
+    plt = _plt()
+    pools = list(dict.fromkeys(p.pool for p in points))
+    fig, axes = plt.subplots(len(pools), 4, figsize=(18, 4.0 * len(pools)), squeeze=False)
+    panels = (("goodput (req/s meeting both SLOs)", lambda g: g.goodput, False),
+              ("SLO attainment", lambda g: g.attainment, False),
+              ("TTFT p90 (ms, log)", lambda g: g.ttft_p90_ms, True),
+              ("TPOT p90 (ms)", lambda g: g.tpot_p90_ms, False))
+    for row, pool in enumerate(pools):
+        for strategy in dict.fromkeys(p.strategy for p in points):
+            ps = sorted((p for p in points if p.pool == pool and p.strategy == strategy), key=lambda p: p.rate)
+            for col, (_, f, _) in enumerate(panels):
+                axes[row][col].plot([p.rate for p in ps], [f(p.goodput) for p in ps], marker="o", label=strategy)
+        for col, (label, _, log) in enumerate(panels):
+            ax = axes[row][col]
+            ax.set_ylabel(label)
+            ax.set_title(f"{pool} pool")
+            ax.set_xlabel("offered rate (requests/s)")
+            ax.grid(True, alpha=0.3)
+            if log:
+                ax.set_yscale("log")
+    axes[0][0].legend(fontsize="small", loc="upper left")
+    fig.suptitle(title)
+    _save(plt, fig, path)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from bench.report import RESULTS_DIR, command_line, table, write_markdown
+
+    d = SloMix()
+    ap = argparse.ArgumentParser(prog="epp bench goodput", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--servers", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=600, help="requests per (pool, strategy, rate)")
+    ap.add_argument("--rates", type=_floats, default=list(DEFAULT_RATES), help="requests/s, comma-separated")
+    ap.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                    help="comma-separated: round-robin, picker, latency, latency-lib, oracle-slo, picker:<path>")
+    ap.add_argument("--pools", default=",".join(POOLS), help="mixed, uniform")
+    ap.add_argument("--seed", type=int, default=1)
+    g = ap.add_argument_group("workload (slo_mix)")
+    for f, v in ((f, getattr(d, f)) for f in SloMix.__dataclass_fields__):
+        g.add_argument("--" + f.replace("_", "-"), dest=f, type=type(v), default=v)
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--name", default="goodput")
+    ap.add_argument("--no-plots", dest="plots", action="store_false")
+    a = ap.parse_args(argv)
+    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    pools = [p.strip() for p in a.pools.split(",") if p.strip()]
+    if a.servers < 2 or a.requests < 1:
+        ap.error("--servers must be >= 2 and --requests >= 1")
+    try:
+        for p in pools:
+            pool_hardware(p, a.servers)
+        params = SloMix(**{f: getattr(a, f) for f in SloMix.__dataclass_fields__})
+        items = generate(WorkloadSpec("slo_mix", params, num_requests=a.requests, seed=a.seed))
+    except (ValueError, WorkloadError) as e:
+        ap.error(str(e))
+    used = {s: resolve(s) for s in strategies}
+    print(f"goodput: {a.requests} slo_mix requests x {len(pools)} pools x {len(strategies)} strategies x "
+          f"{len(a.rates)} rates on {a.servers} servers; " +
+          ", ".join(f"{s} = {u}" for s, u in used.items() if s != u), flush=True)
+    try:
+        points = run(items, strategies, pools, a.rates, a.servers, a.seed)
+    except ValueError as e:
+        print(f"epp bench goodput: {e}", file=sys.stderr)
+        return 2
+    text = table(HEADERS, rows(points))
+    check = verdict(points)
+    print("\n" + text + "\n\n" + check)
+    slo = (f"chat {params.chat_fraction:.0%} (TTFT <= {params.chat_ttft_slo_ms:g} ms, TPOT <= "
+           f"{params.chat_tpot_slo_ms:g} ms), documents (TTFT <= {params.doc_ttft_slo_ms:g} ms, TPOT <= "
+           f"{params.doc_tpot_slo_ms:g} ms)")
+    body = (f"{a.requests} slo_mix requests per point: {slo}; {a.servers} simulated servers; mixed pool = "
+            f"{', '.join(pool_hardware('mixed', a.servers))}. Strategies used: "
+            + ", ".join(f"{s} = {u}" for s, u in used.items()) + ". Times are virtual.\n\n"
+            + table(HEADERS, rows(points), markdown=True) + "\n\n" + check.replace("\n", "  \n"))
+    md = a.out / f"{a.name}.md"
+    write_markdown(md, "Goodput under TTFT/TPOT SLOs, mixed and uniform pools (cluster simulation)",
+                   command_line(["bench", "goodput", *(argv if argv is not None else sys.argv[1:])]), body)
+    print(f"\nresults: {md}")
+    if a.plots:
+        png = a.out / f"{a.name}.png"
+        plot(points, png, f"Goodput under SLOs, {a.servers} servers (mixed: half H100, half A100)")
+        print(f"plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Goodput benchmark pieces: heterogeneous pools in the cluster simulation, SLO headers on the
+request the picker sees, and the goodput arithmetic."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from bench import goodput
+from bench.cluster import EXTRA_ROUTERS, ClusterConfig, Router, simulate
+from bench.loadgen import RequestResult
+from bench.workloads import DEFAULT_MODEL, LoadSpec, SloMix, WorkItem, WorkloadSpec, generate, make_text
+from epp.requestcontrol.producers.latency import endpoint_class
+from simulator.hardware import ACCELERATOR_VARIANT_LABEL, GPU_PRODUCT_LABEL, HARDWARE
+
+
+class Recorder(Router):
+    """Round-robin that records what a picker would see: endpoint labels, the parsed request, first tokens."""
+
+    needs_request = True
+
+    def __init__(self, endpoints) -> None:
+        self.endpoints = endpoints
+        self.next = 0
+        self.requests = []
+        self.first_tokens = []
+
+    def route(self, item, prompt, request) -> int:
+        self.requests.append(request)
+        i, self.next = self.next, (self.next + 1) % len(self.endpoints)
+        return i
+
+    def first_token(self, server, request) -> None:
+        self.first_tokens.append((server, request.request_id))
+
+
+@pytest.fixture
+def recorder():
+    made = []
+    EXTRA_ROUTERS["test-recorder"] = lambda clock, engines, endpoints, rng: made.append(Recorder(endpoints)) or made[-1]
+    yield made
+    del EXTRA_ROUTERS["test-recorder"]
+
+
+def same_prompt_items(n: int, tokens: int, out: int) -> list[WorkItem]:
+    text = make_text(random.Random(3), tokens)
+    return [WorkItem(i, DEFAULT_MODEL, [{"role": "user", "content": text}], out) for i in range(n)]
+
+
+def test_slow_class_is_slower_by_its_preset_and_labelled(recorder):
+    # One request per server on an idle pool (1 req/s, far apart): server 0 is an H100, server 1 an A100.
+    items = same_prompt_items(2, 3000, 101)
+    cfg = ClusterConfig(servers=2, hardware=("h100", "a100"))
+    r = simulate("test-recorder", items, LoadSpec(rate=0.2), cfg)
+    fast, slow = (x for x in r.results)
+    h, a = HARDWARE["h100"], HARDWARE["a100"]
+    n = r.results[0].prompt_tokens
+    # idle engine: TTFT is one prefill step; each later token one decode step of one sequence
+    want_ttft = (a.step_overhead + n * a.prefill_time_per_token) / (h.step_overhead + n * h.prefill_time_per_token)
+    want_tpot = (a.step_overhead + a.decode_time_per_seq) / (h.step_overhead + h.decode_time_per_seq)
+    assert slow.ttft / fast.ttft == pytest.approx(want_ttft, rel=0.01)
+    assert goodput.tpot(slow) / goodput.tpot(fast) == pytest.approx(want_tpot, rel=0.01)
+    assert want_ttft > 2.0 and want_tpot > 1.4
+    # the endpoints the router sees carry the class's accelerator labels; the latency model keys on them
+    eps = recorder[0].endpoints
+    assert [e.labels[ACCELERATOR_VARIANT_LABEL] for e in eps] == ["h100", "a100"]
+    assert [endpoint_class(e.labels) for e in eps] == [h.gpu_product, a.gpu_product]
+    assert eps[1].labels[GPU_PRODUCT_LABEL] == "NVIDIA-A100-SXM4-80GB"
+
+
+def test_pools():
+    assert goodput.pool_hardware("mixed", 4) == ("h100", "h100", "a100", "a100")
+    assert goodput.pool_hardware("uniform", 3) == ("h100",) * 3
+    with pytest.raises(ValueError, match="unknown pool"):
+        goodput.pool_hardware("odd", 4)
+
+
+def test_slo_headers_reach_the_request_and_first_token_is_reported(recorder):
+    items = generate(WorkloadSpec("slo_mix", SloMix(chat_fraction=0.5, doc_min_prompt_len=500,
+                                                    doc_max_prompt_len=800), num_requests=20, seed=2))
+    assert {it.group for it in items} == {0, 1}
+    simulate("test-recorder", items, LoadSpec(rate=5.0), ClusterConfig(servers=2))
+    rec = recorder[0]
+    by_id = {r.request_id: r for r in rec.requests}
+    for it in items:
+        req = by_id[f"req-{it.index}"]
+        want = (500.0, 30.0) if it.group == 0 else (2500.0, 50.0)
+        assert (req.slo_ttft_ms, req.slo_tpot_ms) == want
+        assert req.headers["x-llm-d-slo-ttft-ms"] == f"{want[0]:g}"
+    assert sorted(rid for _, rid in rec.first_tokens) == sorted(by_id)
+
+
+def result(i: int, ttft: float, e2e: float, out: int, status: int = 200) -> RequestResult:
+    return RequestResult(index=i, start=0.0, ttft=ttft, e2e=e2e, output_tokens=out, status=status)
+
+
+def test_goodput_arithmetic():
+    chat = {"x-llm-d-slo-ttft-ms": "500", "x-llm-d-slo-tpot-ms": "30"}
+    items = [WorkItem(i, DEFAULT_MODEL, [], 11, group=i % 2, headers=dict(chat)) for i in range(5)]
+    results = [
+        result(0, 0.5, 0.5 + 10 * 0.0299, 11),      # TTFT exactly at its SLO, TPOT under: met
+        result(1, 0.501, 0.6, 11),                  # TTFT over
+        result(2, 0.1, 0.1 + 10 * 0.031, 11),       # TPOT over
+        result(3, 0.2, 0.3, 11, status=429),        # rejected: missed
+        result(4, 0.4, 0.4, 1),                     # one token: no TPOT, TTFT met
+    ]
+    g = goodput.Goodput.of(results, items, duration=4.0)
+    assert (g.requests, g.met, g.rejected) == (5, 2, 1)
+    assert g.attainment == pytest.approx(0.4)
+    assert g.goodput == pytest.approx(0.5)
+    assert g.by_group == {0: pytest.approx(2 / 3), 1: 0.0}
+    assert g.tpot_p90_ms > 30.0
+    assert goodput.item_slo(WorkItem(9, DEFAULT_MODEL, [], 1)) == goodput.Slo(math.inf, math.inf)
+
+
+def test_verdict():
+    def point(pool, strategy, gp):
+        g = goodput.Goodput(10, 10, 1.0, gp, 0.0, 0.0, 0, {})
+        return goodput.Point(pool, strategy, 1.0, g, None)
+
+    pts = [point("mixed", "picker", 5.0), point("mixed", "latency", 6.0), point("mixed", "oracle-slo", 9.0),
+           point("uniform", "picker", 5.0), point("uniform", "latency", 4.8)]
+    assert goodput.verdict(pts).endswith("aim met")
+    pts[-1] = point("uniform", "latency", 4.7)
+    assert "uniform" in goodput.verdict(pts) and goodput.verdict(pts).endswith("aim NOT met")
+
+
+def test_command_runs_every_strategy(tmp_path, capsys):
+    rc = goodput.main(["--servers", "2", "--requests", "30", "--rates", "4", "--no-plots", "--out", str(tmp_path),
+                       "--strategies", "round-robin,picker,latency-lib,oracle-slo", "--doc-min-prompt-len", "500",
+                       "--doc-max-prompt-len", "900"])
+    assert rc == 0
+    text = (tmp_path / "goodput.md").read_text()
+    for s in ("round-robin", "picker", "latency-lib", "oracle-slo", "mixed", "uniform"):
+        assert s in text
+    assert "attainment" in capsys.readouterr().out
