@@ -197,6 +197,10 @@ class PickerServer:
         self.collector = layer
         layer.on_error(self.telemetry.datalayer_error)
         await layer.start()
+        for plugin in self.pipeline.plugins.values():  # background work a plugin owns (e.g. KV-event sockets)
+            start = getattr(plugin, "start_background", None)
+            if start is not None:
+                await start()
 
     async def _start_grpc(self) -> None:
         o = self.options
@@ -427,6 +431,10 @@ class PickerServer:
         for part in (self.collector, self.discovery):
             if part is not None:
                 await part.stop()
+        for plugin in self.pipeline.plugins.values():
+            stop = getattr(plugin, "stop_background", None)
+            if stop is not None:
+                await stop()
         if self.elector is not None:
             await self.elector.stop()
         await self.admission.close()

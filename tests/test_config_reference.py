@@ -90,8 +90,6 @@ def test_optimized_baseline_loads():
 
 
 @pytest.mark.parametrize("fixture, feature", [
-    ("llm-d-precise-prefix-cache.yaml",
-     "'precise-prefix-cache-producer' needs precise prefix-cache routing (issue 12)"),
     ("llm-d-predicted-latency.yaml", "'predicted-latency-producer' needs latency-aware routing (issue 13)"),
     ("llm-d-router-chart-latency-predictor.yaml",
      "'predicted-latency-producer' needs latency-aware routing (issue 13)"),
@@ -103,7 +101,7 @@ def test_fixtures_of_later_issues_are_refused_naming_the_feature(fixture, featur
 def test_every_fixture_is_covered():
     covered = {*CHART_DEFAULTS, "llm-d-router-chart-payload-agnostic.yaml", "llm-d-optimized-baseline.yaml",
                "llm-d-flow-control.yaml", "llm-d-pd-disaggregation.yaml", "llm-d-wide-ep-lws.yaml",
-               "llm-d-precise-prefix-cache.yaml", "llm-d-predicted-latency.yaml",
+               "llm-d-precise-prefix-cache.yaml", "llm-d-router-sim-kvcache.yaml", "llm-d-predicted-latency.yaml",
                "llm-d-router-chart-latency-predictor.yaml"}
     assert {p.name for p in CONFIGS.glob("*.yaml")} == covered
 
@@ -470,7 +468,6 @@ def test_alpha_plugins_need_allow_experimental_plugins():
 
 
 @pytest.mark.parametrize("ptype, feature", [
-    ("precise-prefix-cache-scorer", "precise prefix-cache routing (issue 12)"),
     ("latency-scorer", "latency-aware routing (issue 13)"),
     ("program-aware-fairness", "flow-control policies (issue 11)"),
     ("mm-embeddings-cache-scorer", "precise prefix-cache routing (issue 12)"),

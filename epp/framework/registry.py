@@ -74,6 +74,9 @@ BUILTINS: dict[str, str] = {
     "inflight-load-producer": "epp.requestcontrol.producers.inflight:InFlightLoadProducer",
     "token-producer": "epp.requestcontrol.producers.tokens:TokenProducer",
     "session-id-producer": "epp.requestcontrol.producers.session:SessionIdProducer",
+    "precise-prefix-cache-producer": "epp.requestcontrol.producers.precise_prefix:PrecisePrefixCacheProducer",
+    # deprecated in the reference: a precise-prefix-cache-producer and a prefix-cache-scorer in one
+    "precise-prefix-cache-scorer": "epp.requestcontrol.producers.precise_prefix:PrecisePrefixCacheScorer",
     # screeners (requestcontrol: once per request, before the producers)
     "disaggregatedset-rollout-screener": "epp.requestcontrol.rollout:DisaggregatedSetRolloutScreener",  # Alpha
     # saturation detectors (flowcontrol)
@@ -132,7 +135,7 @@ _LATENCY = "latency-aware routing (issue 13)"
 FUTURE: dict[str, str] = {
     **dict.fromkeys(("program-aware-fairness", "sheddable-eviction-filter",
                      "priority-then-time-eviction-order-policy"), _FC),
-    **dict.fromkeys(("precise-prefix-cache-scorer", "precise-prefix-cache-producer", "mm-embeddings-cache-scorer",
+    **dict.fromkeys(("mm-embeddings-cache-scorer",
                      "mm-embeddings-cache-producer"), _PRECISE),
     **dict.fromkeys(("predicted-latency-producer", "latency-slo-admitter", "slo-headroom-tier-filter",
                      "latency-scorer"), _LATENCY),

@@ -32,6 +32,12 @@ A message over the payload bound makes libzmq drop the connection without reconn
 the socket's monitor reports it and the reader re-opens the socket (backing off up to
 5 s while the server keeps doing it); what was lost shows as a sequence gap.
 
+Global socket (`bind(address)`, the reference's kvEventsConfig.zmqEndpoint): one SUB
+socket bound at the address, publishers connect to it, and each message's topic
+kv@<pod>@<model> names its endpoint through `resolve(pod)` (None: counted in the global
+stream's `unrouted` and dropped); sequence checks then run per endpoint as above (no
+replay: a global socket has no replay address).
+
 Counters are plain attributes of `EndpointStream` (metrics are wired elsewhere).
 """
 
@@ -92,6 +98,7 @@ class EndpointStream:
     queued: int = 0
     queued_bytes: int = 0
     topic: str = ""
+    unrouted: int = 0  # global socket: messages whose topic named no known endpoint
     _queue: deque[tuple[list[bytes], int]] = field(default_factory=deque, repr=False)
 
 
@@ -102,7 +109,8 @@ class KVEventIntake:
                  max_consecutive_errors: int = 3, limits: Limits = DEFAULT_LIMITS,
                  context: zmq.asyncio.Context | None = None, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
-                 listener: Callable[[EndpointStream], None] | None = None) -> None:
+                 listener: Callable[[EndpointStream], None] | None = None,
+                 resolve: Callable[[str], str | None] | None = None) -> None:
         self.index = index
         self.topic_filter = topic_filter
         self.queue_size = queue_size  # bound: messages waiting per endpoint
@@ -117,6 +125,8 @@ class KVEventIntake:
         self.clock = clock
         self.wall_clock = wall_clock
         self.listener = listener
+        self.resolve = resolve
+        self.global_stream: EndpointStream | None = None
         self.streams: dict[str, EndpointStream] = {}
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
@@ -136,15 +146,27 @@ class KVEventIntake:
                 return old
             self._stop(endpoint)
             self.index.clear_endpoint(endpoint)
-        sub = _Sub(*self._open(address))
         stream = self.streams[endpoint] = EndpointStream(endpoint, address, model, replay_address)
-        sub.tasks = [asyncio.create_task(self._read(stream, sub), name=f"kv-events-read {endpoint}"),
-                     asyncio.create_task(self._process(stream, sub.wake), name=f"kv-events-apply {endpoint}")]
-        self._subs[endpoint] = sub
+        self._start(endpoint, stream, bound=False)
         return stream
 
-    def _open(self, address: str) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
-        """A SUB socket connecting to `address`, and its monitor (connects and disconnects)."""
+    def bind(self, address: str) -> EndpointStream:
+        """Bind the global SUB socket at `address` (call inside the event loop); messages
+        go to the endpoint their topic names (see the module docstring)."""
+        if self.global_stream is None:
+            self.global_stream = EndpointStream("", address, connected=True)
+            self._start(_GLOBAL, self.global_stream, bound=True)
+        return self.global_stream
+
+    def _start(self, key: str, stream: EndpointStream, bound: bool) -> None:
+        sub = _Sub(*self._open(stream.address, bound), bound=bound)
+        sub.tasks = [asyncio.create_task(self._read(stream, sub), name=f"kv-events-read {key}"),
+                     asyncio.create_task(self._process(stream, sub.wake), name=f"kv-events-apply {key}")]
+        self._subs[key] = sub
+
+    def _open(self, address: str, bound: bool = False) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        """A SUB socket connecting to (or bound at) `address`, and its monitor (connects and
+        disconnects; a bound socket's publishers come and go, so it watches none)."""
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.rcv_hwm)
@@ -152,9 +174,13 @@ class KVEventIntake:
         # re-opens the socket when the monitor reports it), so it is never buffered whole.
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_payload_bytes + 2 * self.limits.max_topic)
         sock.setsockopt(zmq.SUBSCRIBE, self.topic_filter.encode())
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED if bound else
+                                          zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         try:
-            sock.connect(address)
+            if bound:
+                sock.bind(address)
+            else:
+                sock.connect(address)
         except zmq.ZMQError:
             _close(sock, monitor)
             raise
@@ -178,6 +204,7 @@ class KVEventIntake:
         tasks = [t for sub in self._subs.values() for t in sub.tasks]
         for endpoint in list(self._subs):
             self._stop(endpoint)
+        self.global_stream = None
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
@@ -230,7 +257,7 @@ class KVEventIntake:
             _close(sub.sock, sub.monitor)
             await asyncio.sleep(backoff.next())  # a server that keeps breaking the stream is retried slowly
             try:
-                sub.sock, sub.monitor = self._open(s.address)
+                sub.sock, sub.monitor = self._open(s.address, sub.bound)
             except zmq.ZMQError as e:
                 log.warning("kv-events %s: cannot re-open: %s", s.endpoint, e)
 
@@ -304,6 +331,11 @@ class KVEventIntake:
             self._error(s, e)
             return
         s.topic = topic.decode("utf-8", "replace")
+        if s is self.global_stream:
+            routed = self._route(s)
+            if routed is None:
+                return
+            s = routed
         last = s.last_seq
         if last is not None:
             if seq == last:
@@ -340,6 +372,19 @@ class KVEventIntake:
         s.last_batch_at = self.clock()
         s.routed_at = None
         return True
+
+    def _route(self, g: EndpointStream) -> EndpointStream | None:
+        """The endpoint's stream a global-socket message belongs to (made at its first)."""
+        parts = g.topic.split("@")
+        name = self.resolve(parts[1]) if len(parts) == 3 and self.resolve is not None else None
+        if name is None:
+            g.unrouted += 1
+            return None
+        s = self.streams.get(name)
+        if s is None:
+            s = self.streams[name] = EndpointStream(name, g.address, connected=True)
+        s.topic = g.topic
+        return s
 
     async def _recover(self, s: EndpointStream, start: int, end: int) -> None:
         """Batches start..end-1 were lost: replay them if the publisher can, else mark stale."""
@@ -400,12 +445,14 @@ class KVEventIntake:
 
 
 _MIN_BACKOFF, _MAX_BACKOFF = 0.1, 5.0  # seconds before re-opening a dropped stream
+_GLOBAL = "\0global"  # the bound socket's key among the subscriptions (not an endpoint name)
 
 
 @dataclass(slots=True)
 class _Sub:
     sock: zmq.asyncio.Socket
     monitor: zmq.asyncio.Socket
+    bound: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task] = field(default_factory=list)
 

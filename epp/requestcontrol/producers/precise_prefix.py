@@ -1,0 +1,351 @@
+"""precise-prefix-cache-producer: which prefix blocks each endpoint really holds, from the
+model servers' own KV-cache events, published per request as PrefixCacheMatchInfo under
+PREFIX_MATCH_INFO.of(<its name>) (the reference's requestcontrol/dataproducer/
+preciseprefixcache), for prefix-cache-scorer, prefix-cache-affinity-filter and
+inflight-load-producer (`prefixMatchInfoProducerName`).
+
+PrepareData turns the prompt's token ids (TOKEN_IDS, published by token-producer when a
+real tokenizer ran; else the token ids the client sent) into block keys (kvevents.keys)
+and looks them up in the block index (kvevents.index). An endpoint's match is the
+reference's longest-prefix score: the leading blocks it holds, each weighted by its
+medium (indexerConfig.kvCacheBackendConfigs, default gpu 1.0, cpu 0.8; a speculative
+entry 1.0), summed and truncated to an integer.
+
+Fallback to the approximate guess: the producer also keeps the approximate index
+(prefix_index.PrefixIndex over prefix_blocks' text blocks, recorded on every routing
+decision, as approx-prefix-cache-producer does). Without token ids the whole match is
+the approximate one; an endpoint whose event stream is not `precise` (no batch yet,
+disconnected, broken, stale after lost batches, silent after being routed to; see
+kvevents.intake) gets its approximate match scaled to the precise block count.
+
+Events reach the index three ways:
+- per endpoint (kvEventsConfig.discoverPods with podDiscoveryConfig, the default): bound
+  as an extractor of endpoint-notification-source under dataLayer, each endpoint that
+  appears is subscribed at tcp://<address>:<socketPort + data-parallel rank> (and its
+  replay socket at replaySocketPort when set) and unsubscribed when it goes;
+- global socket (kvEventsConfig.zmqEndpoint): one SUB socket bound there, publishers
+  connect to it, and each message's topic kv@<endpoint>@<model> names the endpoint (its
+  ip:port, its address, or its name);
+- in process, with no ZMQ (the cluster simulation): `feed(endpoint_name, events, model)`
+  applies decoded events (kvevents.wire types) and counts that endpoint as precise.
+
+PreRequest records the approximate blocks on each profile's chosen endpoint, tells the
+intake that events should follow (silence detection) when the request brings blocks the
+endpoint lacks, and with speculativeIndexing marks the request's keys as held by the
+primary (and a "prefill" profile's) endpoint for speculativeTTL.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from epp.datalayer.kinds import ENDPOINT_EVENTS
+from epp.datalayer.kvevents.index import BlockIndex, PrefixMatch
+from epp.datalayer.kvevents.keys import BlockKeyer
+from epp.datalayer.kvevents.wire import KVEvent
+from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
+from epp.framework.datakeys import PREFIX_MATCH_INFO, TOKEN_IDS, TOKENS_CONSUMER, PrefixCacheMatchInfo
+from epp.framework.plugins import ConfiguredPlugin
+from epp.requestcontrol.producers.precise_prefix_params import PrecisePrefixParams
+from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
+from epp.requestcontrol.producers.prefix_index import PrefixIndex
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PrecisePrefixCacheProducer", "PrecisePrefixCacheScorer", "client_token_ids", "endpoint_streams"]
+
+MAX_APPROX_BLOCKS = 2048  # the fallback's per-request block cap (approx-prefix-cache-producer's default)
+APPROX_CAPACITY = 31250  # blocks per endpoint in the fallback index without a reported KV size
+PREFILL_PROFILE = "prefill"  # the reference's experimentalPrefillProfile: seeded speculatively too
+_RANK = re.compile(r"-rank-(\d+)$")
+
+
+def client_token_ids(request: InferenceRequest) -> Sequence[int] | None:
+    """The prompt as token ids when the client sent it so (completions, generate): exactly
+    what the server will cache."""
+    body = request.body
+    if not isinstance(body, Mapping):
+        return None
+    for key in ("prompt", "prompt_token_ids", "token_ids"):
+        ids = body.get(key)
+        if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
+            return ids
+    return None
+
+
+def _rank(endpoint: Endpoint) -> int:
+    m = _RANK.search(endpoint.name)
+    return int(m.group(1)) if m else 0
+
+
+class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
+    type_name = "precise-prefix-cache-producer"
+    Params = PrecisePrefixParams
+    consumes = (TOKENS_CONSUMER,)
+    input_kind = ENDPOINT_EVENTS  # an extractor of endpoint-notification-source (dataLayer)
+
+    def configure(self, p: PrecisePrefixParams, handle: PluginHandle) -> None:
+        self.params = p
+        self.block_size = p.block_size_tokens()
+        self.clock = handle.clock
+        self.keyer = BlockKeyer(self.block_size, p.hash_seed())
+        self.index = BlockIndex(self.keyer, max_blocks=p.indexerConfig.kvBlockIndexConfig.inMemoryConfig.max_blocks(),
+                                speculative_ttl=p.speculative_ttl(), clock=handle.clock)
+        weights = p.indexerConfig.medium_weights()
+        self._w_gpu, self._w_cpu = weights.get("gpu", 1.0), weights.get("cpu", 1.0)
+        self.approx = PrefixIndex()
+        self.key = PREFIX_MATCH_INFO.of(self.name)
+        self._keys = self.own_key("keys", list)
+        self._approx_hashes = self.own_key("approx", list)
+        self.intake: Any = None  # kvevents.KVEventIntake, made in the event loop at the first subscription
+        self._fed: set[str] = set()  # endpoints fed in process (feed): precise without a stream
+        self._endpoints: dict[str, Endpoint] = {}  # name -> endpoint, for the global socket's topics
+        handle.metrics.add_collector(_StreamMetrics(self))
+
+    # ------------------------------------------------------------------ events
+    def feed(self, endpoint: str, events: Iterable[KVEvent], model: str = "") -> None:
+        """Apply an endpoint's decoded events in process (no ZMQ); it counts as precise."""
+        self._fed.add(endpoint)
+        self.index.apply(endpoint, events, model)
+
+    def is_precise(self, endpoint: str) -> bool:
+        return endpoint in self._fed or (self.intake is not None and self.intake.is_precise(endpoint))
+
+    def stream_status(self, endpoint: str) -> tuple[str, float | None]:
+        """(status, seconds of lag of its last batch) of an endpoint's event stream."""
+        if endpoint in self._fed:
+            return "precise", 0.0
+        if self.intake is None:
+            return "unsubscribed", None
+        s = self.intake.streams.get(endpoint)
+        return self.intake.status(endpoint), None if s is None else s.lag
+
+    def _ensure_intake(self) -> Any:
+        if self.intake is None:
+            from epp.datalayer.kvevents.intake import KVEventIntake  # pyzmq only when events are subscribed
+
+            cfg = self.params.kvEventsConfig
+            self.intake = KVEventIntake(self.index, topic_filter=cfg.topicFilter, clock=self.clock,
+                                        resolve=self._resolve_topic)
+            if cfg.zmqEndpoint:
+                self.intake.bind(cfg.zmqEndpoint)
+        return self.intake
+
+    def _resolve_topic(self, pod: str) -> str | None:
+        """The endpoint a global-socket topic's pod part names (ip:port, address or name)."""
+        for ep in self._endpoints.values():
+            if pod in (ep.hostport, ep.name) or (pod == ep.address and _rank(ep) == 0):
+                return ep.name
+        return None
+
+    async def start_background(self) -> None:
+        """Open the global socket (kvEventsConfig.zmqEndpoint), if configured."""
+        if self.params.kvEventsConfig.zmqEndpoint:
+            self._ensure_intake()
+
+    async def stop_background(self) -> None:
+        if self.intake is not None:
+            await self.intake.close()
+            self.intake = None
+
+    # EndpointExtractor (dataLayer: endpoint-notification-source)
+    def extract_endpoint(self, event: str, endpoint: Endpoint) -> None:
+        cfg = self.params.kvEventsConfig
+        if event == "delete":
+            self._forget(endpoint)
+            return
+        self._endpoints[endpoint.name] = endpoint
+        pods = cfg.podDiscoveryConfig
+        if cfg.zmqEndpoint:
+            self._ensure_intake()
+        if not cfg.discoverPods or pods is None or not endpoint.address:
+            return
+        host = f"[{endpoint.address}]" if ":" in endpoint.address else endpoint.address
+        rank = _rank(endpoint)
+        replay = f"tcp://{host}:{pods.replaySocketPort + rank}" if pods.replaySocketPort > 0 else None
+        self._ensure_intake().subscribe(endpoint.name, f"tcp://{host}:{pods.socketPort + rank}",
+                                        replay_address=replay)
+
+    def _forget(self, endpoint: Endpoint) -> None:
+        self._endpoints.pop(endpoint.name, None)
+        self._fed.discard(endpoint.name)
+        if self.intake is not None:
+            self.intake.unsubscribe(endpoint.name)
+        self.index.remove_endpoint(endpoint.name)
+        self.approx.purge(endpoint)
+
+    # EndpointsChanged
+    def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None:
+        for e in endpoints:
+            self._forget(e)
+
+    # ------------------------------------------------------------------ per request
+    def match(self, cycle: CycleState, request: InferenceRequest,
+              endpoints: Sequence[Endpoint]) -> tuple[list[int], list[int], PrefixCacheMatchInfo]:
+        """(block keys, approximate block hashes, the match to publish)."""
+        bs = self.block_size
+        approx_hashes = block_hashes(request.prompt_text, request.target_model, request.cache_salt,
+                                     bs * CHARS_PER_TOKEN, MAX_APPROX_BLOCKS, partial=True)
+        guess = self.approx.match(approx_hashes)[0] if approx_hashes else {}
+        tokens = cycle.read(TOKEN_IDS) or client_token_ids(request)
+        if not tokens:
+            return [], approx_hashes, PrefixCacheMatchInfo(guess, len(approx_hashes), bs,
+                                                           max(guess.values(), default=0))
+        try:
+            keys = self.keyer.keys(tokens, request.target_model)
+        except ValueError:  # a token id outside 32 bits: nothing a server would have cached
+            keys = []
+        total = len(keys)
+        found = self.index.match_keys(keys, [e.name for e in endpoints]) if keys else {}
+        matches: dict[Endpoint, int] = {}
+        for ep in endpoints:
+            if self.is_precise(ep.name):
+                m = found.get(ep.name)
+                n = self._weighted(m) if m is not None else 0
+            else:
+                n = guess.get(ep, 0) * total // len(approx_hashes) if approx_hashes else 0
+            if n:
+                matches[ep] = n
+        return keys, approx_hashes, PrefixCacheMatchInfo(matches, total, bs, max(matches.values(), default=0))
+
+    def _weighted(self, m: PrefixMatch) -> int:
+        """The reference's LongestPrefixScorer: the matched blocks weighted by medium."""
+        return int(m.gpu_blocks * self._w_gpu + m.cpu_blocks * self._w_cpu + m.speculative_blocks)
+
+    # PrepareData
+    def prepare_request_data(self, cycle: CycleState, request: InferenceRequest,
+                             endpoints: Sequence[Endpoint]) -> None:
+        keys, approx_hashes, info = self.match(cycle, request, endpoints)
+        cycle.write(self.key, info)
+        cycle.write(self._keys, keys)
+        cycle.write(self._approx_hashes, approx_hashes)
+
+    # PreRequest
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        hashes = cycle.read(self._approx_hashes)
+        keys = cycle.read(self._keys)
+        info = cycle.read(self.key)
+        seen: set[int] = set()
+        for profile, r in result.profile_results.items():
+            if r is None or not r.targets or id(r.targets[0]) in seen:
+                continue
+            ep = r.targets[0]
+            seen.add(id(ep))
+            if hashes:
+                self.approx.record(ep, hashes, ep.metrics.num_gpu_blocks or APPROX_CAPACITY)
+            if not keys:
+                continue
+            if self.intake is not None and (info is None or info.matches.get(ep, 0) < len(keys)):
+                self.intake.note_routed(ep.name)  # new blocks to store: events should follow
+            if self.params.speculativeIndexing and profile in (result.primary_profile, PREFILL_PROFILE):
+                self.index.speculate(ep.name, keys)
+
+    # ------------------------------------------------------------------ introspection
+    def explain(self, request_keys: Sequence[int], endpoints: Sequence[Endpoint]) -> dict[str, PrefixMatch]:
+        """Per endpoint, the matched blocks by medium (for the Explain API)."""
+        return self.index.match_keys(request_keys, [e.name for e in endpoints]) if request_keys else {}
+
+
+class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
+    """The reference's deprecated precise-prefix-cache-scorer: a precise-prefix-cache-producer
+    and a prefix-cache-scorer (default parameters) behind one type. When a
+    precise-prefix-cache-producer is already configured, it only scores from that one's
+    match and ignores its own parameters, as the reference does."""
+
+    type_name = "precise-prefix-cache-scorer"
+
+    def __init__(self, name: str, params: PrecisePrefixParams | None, handle: PluginHandle) -> None:
+        peer = next((p for p in handle.plugins.values() if type(p) is PrecisePrefixCacheProducer), None)
+        log.warning("%s: precise-prefix-cache-scorer is deprecated; configure precise-prefix-cache-producer "
+                    "and prefix-cache-scorer with prefixMatchInfoProducerName", name)
+        if peer is not None:
+            log.warning("%s: scoring from the configured %s; its own parameters are ignored", name, peer.name)
+            self.name = name
+            self.peer = peer
+            self.key = peer.key
+            return
+        self.peer = None
+        super().__init__(name, params, handle)
+
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        m = cycle.read(self.key)
+        return m.scores(endpoints) if m is not None else [0.0] * len(endpoints)
+
+    def prepare_request_data(self, cycle: CycleState, request: InferenceRequest,
+                             endpoints: Sequence[Endpoint]) -> None:
+        if self.peer is None:
+            super().prepare_request_data(cycle, request, endpoints)
+
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        if self.peer is None:
+            super().pre_request(cycle, request, result)
+
+    def extract_endpoint(self, event: str, endpoint: Endpoint) -> None:
+        if self.peer is None:
+            super().extract_endpoint(event, endpoint)
+
+    def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None:
+        if self.peer is None:
+            super().endpoints_removed(endpoints)
+
+    async def start_background(self) -> None:
+        if self.peer is None:
+            await super().start_background()
+
+    async def stop_background(self) -> None:
+        if self.peer is None:
+            await super().stop_background()
+
+
+def endpoint_streams(producer: PrecisePrefixCacheProducer) -> dict[str, tuple[str, float | None]]:
+    """Endpoint name -> (stream status, lag seconds) for the endpoints the producer knows."""
+    names = set(producer._endpoints) | producer._fed  # noqa: SLF001 - same module
+    if producer.intake is not None:
+        names |= set(producer.intake.streams)
+    return {n: producer.stream_status(n) for n in sorted(names)}
+
+
+class _StreamMetrics:
+    """Per-endpoint event-stream metrics, read at scrape time (bounded by the endpoints):
+    the reference's llm_d_epp_kv_cache_events_* names where it has them, labelled
+    pod_identifier; lag, drops and status are this picker's own."""
+
+    def __init__(self, producer: PrecisePrefixCacheProducer) -> None:
+        self.producer = producer
+
+    def describe(self) -> list:
+        return []  # several producers may report the same families
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        intake = self.producer.intake
+        streams = list(intake.streams.values()) if intake is not None else []
+        pre = "llm_d_epp_kv_cache_events_"
+        active = GaugeMetricFamily(pre + "active_subscribers", "Number of active KV-events subscribers.",
+                                   value=len(streams))
+        received = CounterMetricFamily(pre + "messages_received", "KV-event batches applied, per endpoint.",
+                                       labels=["pod_identifier"])
+        reconnects = CounterMetricFamily(pre + "subscriber_reconnections",
+                                         "KV-events stream disconnections, per endpoint.", labels=["pod_identifier"])
+        dropped = CounterMetricFamily(pre + "dropped_batches",
+                                      "KV-event batches lost (queue bound, gaps not replayed, undecodable), "
+                                      "per endpoint.", labels=["pod_identifier"])
+        lag = GaugeMetricFamily(pre + "lag_seconds", "Seconds from a batch's timestamp to its application, "
+                                "last batch, per endpoint.", labels=["pod_identifier"])
+        precise = GaugeMetricFamily(pre + "stream_precise", "1 when the endpoint's event stream is trusted for "
+                                    "scoring, 0 when scoring falls back to the approximate guess.",
+                                    labels=["pod_identifier"])
+        now = self.producer.clock()
+        for s in streams:
+            labels = [s.endpoint]
+            received.add_metric(labels, s.batches)
+            reconnects.add_metric(labels, s.disconnects)
+            dropped.add_metric(labels, s.missed)
+            if s.lag is not None:
+                lag.add_metric(labels, s.lag)
+            precise.add_metric(labels, 1.0 if intake.is_precise(s.endpoint, now) else 0.0)
+        return [active, received, reconnects, dropped, lag, precise]

@@ -1,0 +1,132 @@
+"""Parameters of precise-prefix-cache-producer (and its deprecated scorer alias), in the
+reference's shape: llm-d-router requestcontrol/dataproducer/preciseprefixcache PluginConfig,
+whose nested configs are llm-d-kv-cache's kvblock.TokenProcessorConfig, kvcache.Config and
+kvevents.Config. Defaults are theirs (DefaultTokenProcessorConfig, NewDefaultConfig,
+kvevents.DefaultConfig); what this picker does not build is refused by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from epp.framework import bounded
+from epp.units import UnitError, parse_duration
+
+DEFAULT_BLOCK_SIZE_TOKENS = 16  # kvblock defaultBlockSize
+DEFAULT_SPECULATIVE_TTL = 2.0  # seconds, preciseprefixcache defaultSpeculativeTTL
+DEFAULT_SOCKET_PORT = 5557  # kvevents DefaultPodReconcilerConfig
+REFERENCE_INDEX_SIZE = 100_000_000  # kvblock defaultInMemoryIndexSize (keys)
+# This picker's bound when the config leaves `size` at the reference's default: 1e8 keys
+# would be about 20 GB here (bench/kvindex_cost.py: ~200 bytes per block).
+DEFAULT_MAX_BLOCKS = 2_000_000
+DEFAULT_MEDIUM_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}  # kvcache DefaultKVCacheBackendConfig
+
+
+@dataclass(slots=True)
+class TokenProcessorConfig:
+    blockSize: int = bounded(0, ge=0)  # deprecated in the reference: blockSizeTokens
+    blockSizeTokens: int = bounded(0, ge=0)  # 0 = the default, 16
+    hashSeed: str = ""
+
+    def block_size_tokens(self) -> int:
+        return self.blockSizeTokens or self.blockSize or DEFAULT_BLOCK_SIZE_TOKENS
+
+
+@dataclass(slots=True)
+class InMemoryIndexConfig:
+    size: int = bounded(REFERENCE_INDEX_SIZE, gt=0)
+    podCacheSize: int = bounded(10, gt=0)  # accepted: one index entry holds every endpoint here
+
+    def max_blocks(self) -> int:
+        return DEFAULT_MAX_BLOCKS if self.size == REFERENCE_INDEX_SIZE else self.size
+
+
+@dataclass(slots=True)
+class KVBlockIndexConfig:
+    inMemoryConfig: InMemoryIndexConfig = field(default_factory=InMemoryIndexConfig)
+    redisConfig: dict | None = None
+    costAwareMemoryConfig: dict | None = None
+    enableMetrics: bool = False
+    metricsLoggingInterval: int | str = 0  # nanoseconds or a Go duration; accepted, the metrics are always on
+
+    def validate(self) -> None:
+        for key in ("redisConfig", "costAwareMemoryConfig"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"{key}: only the in-memory block index (inMemoryConfig) is built here")
+
+
+@dataclass(slots=True)
+class BackendConfig:
+    name: str = ""
+    weight: float = bounded(1.0, ge=0)
+
+
+@dataclass(slots=True)
+class IndexerConfig:
+    kvBlockIndexConfig: KVBlockIndexConfig = field(default_factory=KVBlockIndexConfig)
+    kvCacheBackendConfigs: list[BackendConfig] | None = None
+    tokenizersPoolConfig: dict | None = None
+
+    def validate(self) -> None:
+        if self.tokenizersPoolConfig is not None:  # the reference's own refusal
+            raise ValueError("tokenizersPoolConfig: not supported; configure a token-producer plugin instead")
+
+    def medium_weights(self) -> dict[str, float]:
+        if self.kvCacheBackendConfigs is None:
+            return dict(DEFAULT_MEDIUM_WEIGHTS)
+        return {b.name.lower(): b.weight for b in self.kvCacheBackendConfigs}
+
+
+@dataclass(slots=True)
+class PodDiscoveryConfig:
+    podLabelSelector: str = "llm-d.ai/inferenceServing=true"  # accepted: endpoints come from the data layer
+    podNamespace: str = ""
+    socketPort: int = bounded(DEFAULT_SOCKET_PORT, ge=1, le=65535)
+    replaySocketPort: int = 0  # <= 0: no replay socket
+
+    def validate(self) -> None:
+        if self.socketPort > 65535 or self.replaySocketPort > 65535:
+            raise ValueError("replaySocketPort: must be <= 65535")
+
+
+@dataclass(slots=True)
+class KVEventsConfig:
+    zmqEndpoint: str = ""  # set: bind one SUB socket there; publishers connect to it (global socket mode)
+    topicFilter: str = "kv@"
+    concurrency: int = bounded(4, gt=0)  # accepted: each endpoint's stream is applied in order by its own task
+    engineType: str = "vllm"
+    discoverPods: bool = True
+    podDiscoveryConfig: PodDiscoveryConfig | None = field(default_factory=PodDiscoveryConfig)
+
+    def validate(self) -> None:
+        if self.engineType not in ("", "vllm"):
+            raise ValueError(f"engineType: only vllm's KV events are decoded here, got {self.engineType!r}")
+        if self.zmqEndpoint and not self.zmqEndpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"zmqEndpoint: expected tcp://host:port, got {self.zmqEndpoint!r}")
+        if len(self.topicFilter) > 1024:
+            raise ValueError("topicFilter: longer than 1024 characters")
+
+
+@dataclass(slots=True)
+class PrecisePrefixParams:
+    tokenProcessorConfig: TokenProcessorConfig | None = None
+    indexerConfig: IndexerConfig = field(default_factory=IndexerConfig)
+    kvEventsConfig: KVEventsConfig = field(default_factory=KVEventsConfig)
+    speculativeIndexing: bool = False
+    speculativeTTL: str = ""  # Go duration; "" or <= 0: 2s
+
+    def validate(self) -> None:
+        if self.speculativeTTL:
+            try:
+                parse_duration(self.speculativeTTL)
+            except UnitError as e:
+                raise ValueError(f"speculativeTTL: {e}") from None
+
+    def speculative_ttl(self) -> float:
+        ttl = parse_duration(self.speculativeTTL) if self.speculativeTTL else 0.0
+        return ttl if ttl > 0 else DEFAULT_SPECULATIVE_TTL
+
+    def block_size_tokens(self) -> int:
+        return (self.tokenProcessorConfig or TokenProcessorConfig()).block_size_tokens()
+
+    def hash_seed(self) -> str:
+        return (self.tokenProcessorConfig or TokenProcessorConfig()).hashSeed

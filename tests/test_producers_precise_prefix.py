@@ -1,0 +1,235 @@
+"""precise-prefix-cache-producer: parameters and defaults as the reference's
+(requestcontrol/dataproducer/preciseprefixcache producer.go, prerequest.go; llm-d-kv-cache
+kvblock.DefaultTokenProcessorConfig, kvcache.NewDefaultConfig / DefaultKVCacheBackendConfig,
+kvevents.DefaultConfig), the longest-prefix score weighted by medium, speculative entries,
+the fallback to the approximate guess, the deprecated precise-prefix-cache-scorer, and the
+in-process feed the cluster simulation uses."""
+
+import pytest
+
+from epp.config import load_config
+from epp.datalayer.kvevents import AllBlocksCleared, BlockRemoved, BlockStored
+from epp.framework import CycleState, InferenceRequest
+from epp.framework.datakeys import PREFIX_MATCH_INFO, TOKEN_IDS
+from epp.framework.registry import BUILTINS, FUTURE, stability
+from tests.helpers import ep, plugin, plugin_set_error, result
+
+BS = 16
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def producer(params=None, clock=None, ptype="precise-prefix-cache-producer"):
+    return plugin(ptype, params or {"tokenProcessorConfig": {"blockSize": BS}}, clock=clock, where="t")
+
+
+def req(prompt="x", model="m", body=None):
+    return InferenceRequest("r", model, model, "completions", prompt, {}, body=body or {})
+
+
+def stored(tokens, hashes, parent=None, medium="GPU", lora=None):
+    return BlockStored(tuple(hashes), parent, tuple(tokens), BS, None, medium, lora)
+
+
+def run(p, tokens, endpoints, request=None):
+    cycle = CycleState()
+    if tokens is not None:
+        cycle.write(TOKEN_IDS, tuple(tokens))
+    p.prepare_request_data(cycle, request or req(), endpoints)
+    return cycle, cycle.read(PREFIX_MATCH_INFO.of(p.name))
+
+
+PROMPT = list(range(1000, 1000 + 4 * BS))  # 4 blocks
+
+
+def test_registered_beta_and_no_longer_future():
+    for t in ("precise-prefix-cache-producer", "precise-prefix-cache-scorer"):
+        assert t in BUILTINS and t not in FUTURE and stability(t) == "Beta"
+
+
+def test_defaults_are_the_references():
+    p = plugin("precise-prefix-cache-producer", None, where="t")
+    params = p.params
+    assert p.block_size == 16 and p.keyer.hash_seed == ""  # kvblock.DefaultTokenProcessorConfig
+    k = params.kvEventsConfig
+    assert (k.topicFilter, k.concurrency, k.discoverPods, k.engineType, k.zmqEndpoint) == ("kv@", 4, True, "vllm", "")
+    assert k.podDiscoveryConfig.socketPort == 5557 and k.podDiscoveryConfig.replaySocketPort == 0
+    assert params.speculativeIndexing is False and params.speculative_ttl() == 2.0
+    assert params.indexerConfig.medium_weights() == {"gpu": 1.0, "cpu": 0.8}
+    assert p.index.max_blocks == 2_000_000  # the reference's 1e8 keys is ~20 GB here: bounded lower
+    assert p.index.speculative_ttl == 2.0
+
+
+def test_parameters_map_onto_the_index_and_keys():
+    p = producer({"tokenProcessorConfig": {"blockSize": 64, "hashSeed": "42"},
+                  "indexerConfig": {"kvBlockIndexConfig": {"enableMetrics": True, "metricsLoggingInterval": 60000000000,
+                                                           "inMemoryConfig": {"size": 5000}},
+                                    "kvCacheBackendConfigs": [{"name": "gpu", "weight": 1.0},
+                                                              {"name": "cpu", "weight": 0.5}]},
+                  "kvEventsConfig": {"podDiscoveryConfig": {"socketPort": 6000}},
+                  "speculativeIndexing": True, "speculativeTTL": "500ms"})
+    assert (p.block_size, p.keyer.hash_seed, p.index.max_blocks, p.index.speculative_ttl) == (64, "42", 5000, 0.5)
+    assert p.params.kvEventsConfig.podDiscoveryConfig.socketPort == 6000
+    assert p.params.kvEventsConfig.topicFilter == "kv@"  # nested defaults kept, as Go's json decode
+    assert producer({"tokenProcessorConfig": {"blockSizeTokens": 32, "blockSize": 64}}).block_size == 32
+    assert producer({"speculativeTTL": "0s"}).params.speculative_ttl() == 2.0  # <= 0: the default
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"indexerConfig": {"tokenizersPoolConfig": {}}}, "tokenizersPoolConfig: not supported; configure a token-producer"),
+    ({"indexerConfig": {"kvBlockIndexConfig": {"redisConfig": {"address": "x"}}}}, "redisConfig: only the in-memory"),
+    ({"kvEventsConfig": {"engineType": "sglang"}}, "engineType: only vllm"),
+    ({"kvEventsConfig": {"podDiscoveryConfig": {"socketPort": 70000}}}, "socketPort"),
+    ({"kvEventsConfig": {"topicFilter": 3}}, "topicFilter: expected a string"),
+    ({"speculativeTTL": "soon"}, "speculativeTTL"),
+    ({"kvEventsConfig": {"zmqEndpoint": "localhost:5557"}}, "zmqEndpoint: expected tcp://"),
+    ({"tokenProcessorConfig": {"blockSize": -1}}, "blockSize"),
+])
+def test_bad_parameters_name_their_key(params, needle):
+    text = ("plugins:\n- type: precise-prefix-cache-producer\n  parameters: " + repr(params).replace("'", '"')
+            + "\n- type: max-score-picker\nschedulingProfiles:\n- name: default\n  plugins:\n"
+              "  - pluginRef: max-score-picker\n")
+    assert needle in plugin_set_error(text)
+
+
+def test_longest_prefix_weighted_by_medium_and_truncated():
+    a, b, c = ep(1), ep(2), ep(3)
+    p = producer()
+    p.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
+    p.feed(b.name, [stored(PROMPT[:3 * BS], [21, 22, 23], medium="CPU")], "m")
+    p.feed(c.name, [stored(PROMPT[BS:2 * BS], [31])], "m")  # not the prompt's first block: no prefix
+    _, m = run(p, PROMPT, [a, b, c])
+    assert (m.total_blocks, m.block_size_tokens) == (4, BS)
+    assert m.matches == {a: 4, b: 2}  # b: int(3 x 0.8); c holds a later block only
+    assert m.longest == 4
+
+
+def test_events_remove_and_clear():
+    a = ep(1)
+    p = producer()
+    p.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
+    p.feed(a.name, [BlockRemoved((13,), "GPU")])
+    assert run(p, PROMPT, [a])[1].matches == {a: 2}
+    p.feed(a.name, [AllBlocksCleared()])
+    assert run(p, PROMPT, [a])[1].matches == {}
+
+
+def test_lora_keys_are_apart_from_the_base_model():
+    a = ep(1)
+    p = producer()
+    p.feed(a.name, [stored(PROMPT, [11, 12, 13, 14], lora="sql-lora")], "m")
+    assert run(p, PROMPT, [a])[1].matches == {}
+    assert run(p, PROMPT, [a], req(model="sql-lora"))[1].matches == {a: 4}
+
+
+def test_client_token_ids_serve_when_no_tokenizer_published_them():
+    a = ep(1)
+    p = producer()
+    p.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
+    assert run(p, None, [a], req(body={"prompt": PROMPT}))[1].matches == {a: 4}
+
+
+def test_speculative_entries_until_ttl_and_prefill_profile_too():
+    clock = Clock()
+    a, b, pf = ep(1), ep(2), ep(3)
+    p = producer({"tokenProcessorConfig": {"blockSize": BS}, "speculativeIndexing": True, "speculativeTTL": "2s"},
+                 clock=clock)
+    p.feed(a.name, [])
+    p.feed(b.name, [])
+    p.feed(pf.name, [])
+    cycle, m = run(p, PROMPT, [a, b, pf])
+    assert m.matches == {}
+    p.pre_request(cycle, req(), result(b, prefill=pf))
+    assert run(p, PROMPT, [a, b, pf])[1].matches == {b: 4, pf: 4}
+    clock.now += 2.5
+    assert run(p, PROMPT, [a, b, pf])[1].matches == {}
+
+
+def test_no_speculation_by_default():
+    a = ep(1)
+    p = producer()
+    p.feed(a.name, [])
+    cycle, _ = run(p, PROMPT, [a])
+    p.pre_request(cycle, req(), result(a))
+    assert run(p, PROMPT, [a])[1].matches == {}
+
+
+def test_fallback_to_the_approximate_guess():
+    a, b = ep(1), ep(2)
+    p = producer()
+    text = "t" * (BS * 4 * 4)  # 4 approximate blocks of 16 tokens x 4 characters
+    request = req(prompt=text)
+    p.feed(a.name, [])  # a is precise and holds nothing
+    cycle, m = run(p, PROMPT, [a, b], request)
+    assert m.matches == {}
+    p.pre_request(cycle, request, result(b))  # routed to b: the approximate index records it
+    p.pre_request(run(p, PROMPT, [a, b], request)[0], request, result(a))
+    # b has no event stream: its guess (4 of 4 blocks) scaled to the precise 4 blocks; a is precise: 0
+    assert run(p, PROMPT, [a, b], request)[1].matches == {b: 4}
+    # no token ids at all: the whole match is the guess
+    m = run(p, None, [a, b], request)[1]
+    assert (m.matches, m.total_blocks) == ({a: 4, b: 4}, 4)
+
+
+def test_endpoint_removal_forgets_its_blocks():
+    a = ep(1)
+    p = producer()
+    p.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
+    p.endpoints_removed([a])
+    assert p.index.blocks_of(a.name) == 0 and not p.is_precise(a.name)
+
+
+def test_guide_config_wires_scorer_and_extractor():
+    from pathlib import Path
+
+    from epp.assembly import load_plugin_set
+
+    text = Path("tests/fixtures/reference/configs/llm-d-precise-prefix-cache.yaml").read_text()
+    text = text.replace("    vllm:\n      url: http://localhost:8000\n", "")  # token-producer's backend: another part
+    text = text.replace("    modelName: hf-repo/model-name\n", "")
+    ps = load_plugin_set(text)
+    prod = ps.plugins["precise-prefix-cache-producer"]
+    assert prod.block_size == 64
+    source, extractors = ps.data_sources[1]
+    assert source.type_name == "endpoint-notification-source" and extractors == [prod]
+    cfg = load_config(text)
+    names = [p.name for p in cfg.plugins]
+    assert names.index("token-producer") < names.index("precise-prefix-cache-producer")
+
+
+def test_deprecated_scorer_alone_produces_and_scores():
+    a, b = ep(1), ep(2)
+    s = producer(ptype="precise-prefix-cache-scorer")
+    s.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
+    s.feed(b.name, [stored(PROMPT[:2 * BS], [21, 22])], "m")
+    cycle, _ = run(s, PROMPT, [a, b])
+    assert s.score(cycle, req(), [a, b]) == [1.0, 0.5]
+
+
+def test_deprecated_scorer_defers_to_a_configured_producer():
+    from epp.assembly import load_plugin_set
+
+    ps = load_plugin_set("""
+plugins:
+- type: precise-prefix-cache-producer
+- type: precise-prefix-cache-scorer
+  parameters: {tokenProcessorConfig: {blockSize: 99}}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: precise-prefix-cache-scorer
+  - pluginRef: max-score-picker
+""")
+    prod, scorer = ps.plugins["precise-prefix-cache-producer"], ps.plugins["precise-prefix-cache-scorer"]
+    assert scorer.peer is prod and scorer.key == prod.key
+    a = ep(1)
+    prod.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
+    cycle, _ = run(prod, PROMPT, [a])
+    assert scorer.score(cycle, req(), [a]) == [1.0]
