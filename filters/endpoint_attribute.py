@@ -72,7 +72,6 @@ class EndpointAttributeFilter(ConfiguredPlugin[EndpointAttributeFilterParams]):
     Params = EndpointAttributeFilterParams
 
     def configure(self, p: EndpointAttributeFilterParams, handle: PluginHandle) -> None:
-        p.validate()
         assert p.algorithm.threshold is not None
         self.key = resolve_attribute(p.attribute, p.producer)
         self.pass_on_missing = p.onMissing != FAIL

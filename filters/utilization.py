@@ -75,7 +75,6 @@ class UtilizationFilter(ConfiguredPlugin[UtilizationFilterParams]):
     consumes = (INFLIGHT_LOAD_CONSUMER,)
 
     def configure(self, p: UtilizationFilterParams, handle: PluginHandle) -> None:
-        p.validate()
         self.conditions = [(c.metric, float(c.maxValue)) for c in p.conditions if c.maxValue is not None]
         self.fallback = p.fallbackOnEmpty
         self._key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)

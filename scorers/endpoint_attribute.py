@@ -71,7 +71,6 @@ class EndpointAttributeScorer(ConfiguredPlugin[EndpointAttributeScorerParams]):
     Params = EndpointAttributeScorerParams
 
     def configure(self, p: EndpointAttributeScorerParams, handle: PluginHandle) -> None:
-        p.validate()
         self.key = resolve_attribute(p.attributeKey, p.producer, "attributeKey")
         self.lower_is_better = p.algorithm.type == LOWER_IS_BETTER
         f = p.algorithm.normalization.fixedRange

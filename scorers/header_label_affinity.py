@@ -29,7 +29,6 @@ class HeaderLabelAffinityScorer(ConfiguredPlugin[HeaderLabelAffinityParams]):
     Params = HeaderLabelAffinityParams
 
     def configure(self, p: HeaderLabelAffinityParams, handle: PluginHandle) -> None:
-        p.validate()  # no parameters at all: the reference's "requires parameters"
         self.header = p.headerName.lower()
         self.label = p.labelKey
 

@@ -41,7 +41,6 @@ class ProbabilisticAdmitter(ConfiguredPlugin[ProbabilisticAdmitterParams]):
     Params = ProbabilisticAdmitterParams
 
     def configure(self, p: ProbabilisticAdmitterParams, handle: PluginHandle) -> None:
-        p.validate()
         self.queue_threshold = float(p.queueDepthThreshold)
         self.kv_threshold = p.kvCacheUtilThreshold
         self.power = p.power

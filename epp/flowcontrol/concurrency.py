@@ -60,7 +60,6 @@ class ConcurrencyDetector(ConfiguredPlugin[ConcurrencyParams]):
     consumes = (INFLIGHT_LOAD_CONSUMER,)
 
     def configure(self, p: ConcurrencyParams, handle: PluginHandle) -> None:
-        p.validate()
         self.mode = p.concurrencyMode
         self.max_requests = p.maxConcurrency
         self.max_tokens = p.maxTokenConcurrency

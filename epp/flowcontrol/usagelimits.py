@@ -70,7 +70,6 @@ class PriorityHoldbackPolicy(ConfiguredPlugin[PriorityHoldbackParams]):
     Params = PriorityHoldbackParams
 
     def configure(self, p: PriorityHoldbackParams, handle: PluginHandle) -> None:
-        p.validate()
         assert p.minCeiling is not None
         self.c_min, self.c_max, self.by_value = p.minCeiling, p.maxCeiling, p.domain == "value"
 

@@ -184,14 +184,19 @@ P = TypeVar("P")
 
 class ConfiguredPlugin(Generic[P]):
     """Base for plugins with parameters: keeps the name and hands `configure` the parsed
-    `Params` (the dataclass's defaults when the config gives none) and the handle."""
+    `Params` (the dataclass's defaults when the config gives none), checked by their
+    `validate()` when they have one, and the handle."""
 
     type_name: ClassVar[str]
     Params: ClassVar[type]
 
     def __init__(self, name: str, params: P | None, handle: PluginHandle) -> None:
         self.name = name
-        self.configure(params if params is not None else self.Params(), handle)
+        p = params if params is not None else self.Params()
+        validate = getattr(p, "validate", None)
+        if validate is not None:
+            validate()
+        self.configure(p, handle)
 
     def configure(self, p: P, handle: PluginHandle) -> None:
         raise NotImplementedError
