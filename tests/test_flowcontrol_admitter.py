@@ -9,11 +9,9 @@ import time
 import pytest
 
 from epp.assembly import load_plugin_set
-from epp.config import ConfigError
 from epp.errors import InferenceError
 from epp.flowcontrol.admitter import ProbabilisticAdmitter, ProbabilisticAdmitterParams
 from epp.framework import CycleState, Endpoint, InferenceRequest, Metrics, PluginHandle
-from tests.helpers import plugin_set_error
 
 
 def ep(name, queue=0, kv=0.0):
@@ -60,18 +58,6 @@ def test_only_sheddable_requests_with_candidates_are_shed():
     cool = [ep("a", queue=1), ep("bb", kv=0.16)]  # p = 0.096
     assert admitter(0.05).admit_request(cycle, req(-1), cool) is not None  # 0.05 < 0.096
     assert admitter(0.10).admit_request(cycle, req(-1), cool) is None
-
-
-@pytest.mark.parametrize("params, msg", [
-    ("{queueDepthThreshold: 0}", "queueDepthThreshold: must be > 0"),
-    ("{kvCacheUtilThreshold: 0}", "kvCacheUtilThreshold: must be > 0"),
-    ("{power: -1}", "power: must be > 0"),
-    ("{k: 0}", "k: must be > 0"),
-])
-def test_bad_parameters_stop_start_up(params, msg):
-    text = (f"plugins: [{{type: probabilistic-admitter, parameters: {params}}}, {{type: random-picker}}]\n"
-            "schedulingProfiles: [{name: d, plugins: [{pluginRef: random-picker}]}]\n")
-    assert msg in plugin_set_error(text, (ConfigError, ValueError))
 
 
 # the reference's deploy/config/probabilistic-admitter-epp-config.yaml, unchanged

@@ -6,11 +6,10 @@ import random
 import pytest
 
 from epp.assembly import load_plugin_set
-from epp.config import ConfigError, load_config
+from epp.config import load_config
 from epp.flowcontrol.concurrency import ConcurrencyDetector, ConcurrencyParams
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.datakeys import INFLIGHT_LOAD, InFlightLoadInfo
-from tests.helpers import plugin_set_error
 
 
 class Producer:
@@ -49,19 +48,6 @@ def test_filter_keeps_endpoints_under_limit_times_headroom_and_may_return_none()
     assert detector(maxConcurrency=3).filter(cycle, req, [E1, E2]) == [E1]
     assert detector(maxConcurrency=2, headroom=0.5).filter(cycle, req, [E1, E2]) == [E1]  # limit int(3)
     assert detector(maxConcurrency=2).filter(cycle, req, [E1, E2]) == []
-
-
-@pytest.mark.parametrize("params, msg", [
-    ("{maxConcurrency: 0}", "maxConcurrency: must be strictly positive"),
-    ("{maxTokenConcurrency: -1}", "maxTokenConcurrency: must be strictly positive"),
-    ("{headroom: -0.1}", "headroom: must be a non-negative value"),
-    ("{concurrencyMode: bytes}", "concurrencyMode: unsupported 'bytes'"),
-])
-def test_bad_parameters_stop_start_up(params, msg):
-    text = (f"plugins: [{{type: concurrency-detector, parameters: {params}}}, {{type: queue-scorer}}]\n"
-            "schedulingProfiles: [{name: d, plugins: [{pluginRef: queue-scorer}]}]\n"
-            "flowControl: {saturationDetector: {pluginRef: concurrency-detector}}\n")
-    assert msg in plugin_set_error(text, (ConfigError, ValueError))
 
 
 def test_as_the_configured_detector_it_counts_what_the_producer_charges():
