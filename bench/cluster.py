@@ -251,6 +251,9 @@ class PickerRouter(Router):
         self.index = {id(e): i for i, e in enumerate(endpoints)}
         self.by_hostport = {e.hostport: i for i, e in enumerate(endpoints)}
         self.pipeline = load_plugin_set(config_text, PluginHandle(clock=clock.now, rng=rng))
+        for plugin in self.pipeline.plugins.values():  # virtual time: learn inline, never in a thread
+            if hasattr(plugin, "background_training"):
+                plugin.background_training = False
         self.charges: dict[int, InFlightCharge] = {}  # WorkItem.index -> its charge; at most the items in flight
 
     def route(self, item, prompt, request) -> int:
