@@ -4,11 +4,13 @@ prefix producer published) is at least affinityThreshold, unless none is. With p
 explorationProbability keep all, so cold endpoints still get warmed. The TTFT load gate:
 when maxTTFTPenaltyMs > 0 and the best sticky endpoint's estimated TTFT exceeds the best
 other endpoint's by more than that, keep all. The estimate (ttftSource prefillThroughput) is
-the endpoint's in-flight tokens (from an in-flight load producer) / peakPrefillThroughput."""
+the endpoint's in-flight tokens (from an in-flight load producer) / peakPrefillThroughput;
+with ttftSource latencyPredictor, the TTFT a predicted-latency producer published."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, bounded
@@ -17,8 +19,11 @@ from epp.framework.datakeys import (
     INFLIGHT_LOAD,
     INFLIGHT_LOAD_CONSUMER,
     INFLIGHT_LOAD_PRODUCER,
+    LATENCY_PREDICTIONS,
+    PREDICTED_LATENCY_PRODUCER,
     PREFIX_MATCH_CONSUMER,
     PREFIX_MATCH_INFO,
+    ProducerParam,
 )
 from epp.framework.plugins import ConfiguredPlugin
 
@@ -38,25 +43,25 @@ class PrefixAffinityParams:
     prefixPluginName: str = ""  # v1.5 name; the config loader turns it into prefixMatchInfoProducerName
 
     def validate(self) -> None:
-        if self.ttftSource == LATENCY_PREDICTOR:
-            if self.maxTTFTPenaltyMs > 0:
-                raise ValueError("ttftSource: latencyPredictor needs latency-aware routing (issue 13), not built yet")
-        elif self.ttftSource != PREFILL_THROUGHPUT:
+        if self.ttftSource not in (LATENCY_PREDICTOR, PREFILL_THROUGHPUT):
             raise ValueError(f"ttftSource: must be {LATENCY_PREDICTOR!r} or {PREFILL_THROUGHPUT!r}, "
                              f"got {self.ttftSource!r}")
-        elif self.maxTTFTPenaltyMs > 0 and self.peakPrefillThroughput == 0:
+        if self.ttftSource == PREFILL_THROUGHPUT and self.maxTTFTPenaltyMs > 0 and self.peakPrefillThroughput == 0:
             raise ValueError("peakPrefillThroughput: must be > 0 when ttftSource is prefillThroughput")
 
 
 class PrefixCacheAffinityFilter(ConfiguredPlugin[PrefixAffinityParams]):
     type_name = "prefix-cache-affinity-filter"
     Params = PrefixAffinityParams
-    consumes = (PREFIX_MATCH_CONSUMER, INFLIGHT_LOAD_CONSUMER)
+    consumes = (PREFIX_MATCH_CONSUMER, INFLIGHT_LOAD_CONSUMER,
+                ProducerParam("latencyPredictionInfoProducerName", PREDICTED_LATENCY_PRODUCER))
 
     def configure(self, p: PrefixAffinityParams, handle: PluginHandle) -> None:
         self.threshold = p.affinityThreshold
         self.exploration = p.explorationProbability
-        self.max_penalty_ms = p.maxTTFTPenaltyMs if p.ttftSource == PREFILL_THROUGHPUT else 0.0
+        self.max_penalty_ms = p.maxTTFTPenaltyMs
+        self.use_predictor = p.ttftSource == LATENCY_PREDICTOR
+        self._latency_key = LATENCY_PREDICTIONS.of(p.latencyPredictionInfoProducerName or PREDICTED_LATENCY_PRODUCER)
         self.ms_per_token = 1000.0 / p.peakPrefillThroughput if p.peakPrefillThroughput else 0.0
         self.rng = handle.rng
         self._key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
@@ -76,10 +81,18 @@ class PrefixCacheAffinityFilter(ConfiguredPlugin[PrefixAffinityParams]):
         if not sticky:
             return endpoints
         if self.max_penalty_ms > 0 and other:
-            load = cycle.read(self._load_key)
-            tokens = load.tokens if load is not None else {}
-            best_sticky = min(tokens.get(e, 0) for e in sticky) * self.ms_per_token
-            best_other = min(tokens.get(e, 0) for e in other) * self.ms_per_token
-            if best_sticky - best_other > self.max_penalty_ms:
+            ttft = self._ttft_ms(cycle)
+            if min(map(ttft, sticky)) - min(map(ttft, other)) > self.max_penalty_ms:
                 return endpoints  # the cached endpoints are too busy: let the scorers spread
         return sticky
+
+    def _ttft_ms(self, cycle: CycleState) -> Callable[[Endpoint], float]:
+        """Each endpoint's TTFT estimate: predicted (an endpoint without a prediction is never
+        the fastest), or its in-flight tokens / peakPrefillThroughput (none: 0)."""
+        if self.use_predictor:
+            published = cycle.read(self._latency_key)
+            predictions = published.endpoints if published is not None else {}
+            return lambda e: predictions[e].ttft_ms if e in predictions else sys.float_info.max
+        load = cycle.read(self._load_key)
+        tokens = load.tokens if load is not None else {}
+        return lambda e: tokens.get(e, 0) * self.ms_per_token

@@ -21,6 +21,7 @@ import re
 import signal
 import sys
 
+from .data_parallel import wire
 from .engine import EngineConfig
 from .hardware import HARDWARE, engine_config
 from .server import FAILURES, ROLE_LABEL, ROLES, SimConfig, SimServer
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failure-types", type=_csv, default=list(FAILURES),
                    help="comma-separated subset of " + ",".join(FAILURES))
     p.add_argument("--startup-delay", type=float, default=0.0, help="wall seconds /health answers 503")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="ranks per data-parallel pod: each group of this many consecutive replicas is one pod "
+                        "whose first port serves x-data-parallel-host-port as the routing sidecar does")
     p.add_argument("--kv-events-endpoint", default=None,
                    help="ZMQ PUB bind address, e.g. tcp://*:5557 (replica i binds port+i)")
     p.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
@@ -109,6 +113,9 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         raise ValueError("--time-scale must be > 0")
     if args.startup_delay < 0:
         raise ValueError("--startup-delay must be >= 0")
+    if args.data_parallel_size < 1 or args.replicas % args.data_parallel_size:
+        raise ValueError(f"--data-parallel-size must be >= 1 and divide --replicas ({args.replicas}), "
+                         f"got {args.data_parallel_size}")
     names = args.pod_names or [f"{args.pod_prefix}-{i}" for i in range(args.replicas)]
     if len(names) != args.replicas:
         raise ValueError(f"--pod-names has {len(names)} names for {args.replicas} replicas")
@@ -164,9 +171,10 @@ def _per_replica(values: list[str] | None, n: int, flag: str) -> list[str] | Non
     return values
 
 
-async def serve(configs: list[SimConfig]) -> None:
+async def serve(configs: list[SimConfig], data_parallel_size: int = 1) -> None:
     """Run every server until SIGTERM/SIGINT, or until all have died (POST /sim/die)."""
     servers = [SimServer(c) for c in configs]
+    wire(servers, data_parallel_size)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epp sim: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(configs))
+        asyncio.run(serve(configs, args.data_parallel_size))
     except OSError as e:  # e.g. port in use
         print(f"epp sim: {e}", file=sys.stderr)
         return 1

@@ -159,6 +159,8 @@ class ServerMetrics:
         self.hardware: str | None = None
         # reason -> requests the sidecar prefilled locally; reasons are a fixed set (server.py)
         self.pd_fallbacks: dict[str, int] = {}
+        # data-parallel primary: rank host:port -> requests handed to it (bounded by the pod's ranks)
+        self.dp_routed: dict[str, int] = {}
         self.failed_notifications = 0
 
     def observe_finished(self, arrival: float, scheduled: float, first_token: float, finished: float,
@@ -250,6 +252,9 @@ class ServerMetrics:
         fb = [(_labels(pod + (("reason", r),)), v) for r, v in sorted(self.pd_fallbacks.items())]
         if fb:
             counter("sim_pd_local_fallbacks", "Requests with a prefill endpoint that were prefilled locally.", fb)
+        dp = [(_labels(pod + (("rank", r),)), v) for r, v in sorted(self.dp_routed.items())]
+        if dp:
+            counter("sim_data_parallel_routed", "Requests this data-parallel primary handed to a rank.", dp)
         if self.hardware is not None:
             gauge("sim_hardware_info", "The hardware class whose timings this server simulates.", 1.0,
                   _labels(pod + (("hardware", self.hardware),)))

@@ -49,6 +49,7 @@ from aiohttp import web
 
 from . import tokenizer
 from .clock import AsyncioClock
+from .data_parallel import rank_handler
 from .engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong
 from .kv_events import ZmqKVPublisher, topic_for
 from .metrics import ServerMetrics
@@ -208,6 +209,7 @@ class SimServer:
         self._ready_at = 0.0
         self.publisher: ZmqKVPublisher | None = None
         self.dead = asyncio.Event()
+        self.ranks: dict[str, SimServer] = {}  # on a data-parallel pod's primary: rank host:port -> its server
         self.app = self._build_app()
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -279,6 +281,11 @@ class SimServer:
         if not request.path.startswith("/sim/") and not self._hang.is_set():
             await self._hang.wait()
         try:
+            if self.ranks and not request.path.startswith("/sim/"):  # a data-parallel pod's primary port
+                try:
+                    handler = rank_handler(self, request.headers, handler)
+                except LookupError as e:
+                    raise ApiError(400, str(e)) from None
             return await handler(request)
         except ApiError as e:
             self.metrics.rejected[e.status] = self.metrics.rejected.get(e.status, 0) + 1

@@ -90,9 +90,6 @@ def test_optimized_baseline_loads():
 
 
 @pytest.mark.parametrize("fixture, feature", [
-    ("llm-d-predicted-latency.yaml", "'predicted-latency-producer' needs latency-aware routing (issue 13)"),
-    ("llm-d-router-chart-latency-predictor.yaml",
-     "'predicted-latency-producer' needs latency-aware routing (issue 13)"),
 ])
 def test_fixtures_of_later_issues_are_refused_naming_the_feature(fixture, feature):
     assert feature in errmsg((CONFIGS / fixture).read_text())
@@ -253,11 +250,8 @@ flowControl:
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("flowControl: {enableEviction: true}", "flowControl.enableEviction: eviction needs flow control"),
     ("featureGates: [flowControl]\nflowControl: {usageLimitPolicyPluginRef: fcfs-ordering-policy}",
      "flowControl.usageLimitPolicyPluginRef: no usage-limit policy plugin named 'fcfs-ordering-policy'"),
-    ("plugins: [{type: sheddable-eviction-filter}]", "plugins[0].type: plugin type 'sheddable-eviction-filter' needs "
-                                                     "flow-control policies (issue 11)"),
     ("featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: nope}]}",
      "flowControl.priorityBands[0].fairnessPolicyRef: no fairness policy plugin named 'nope' in plugins"),
     ("featureGates: [flowControl]\nplugins: [{type: queue-scorer}]\n"
@@ -468,7 +462,6 @@ def test_alpha_plugins_need_allow_experimental_plugins():
 
 
 @pytest.mark.parametrize("ptype, feature", [
-    ("latency-scorer", "latency-aware routing (issue 13)"),
     ("program-aware-fairness", "flow-control policies (issue 11)"),
     ("mm-embeddings-cache-scorer", "precise prefix-cache routing (issue 12)"),
 ])

@@ -223,9 +223,23 @@ def test_affinity_filter_ttft_gate_on_in_flight_tokens():
     assert f(None).filter(cycle, req(), [sticky, cold]) == [sticky, cold]
     assert f({"maxTTFTPenaltyMs": 0}).filter(cycle, req(), [sticky, cold]) == [sticky]  # gate off
     assert f({"peakPrefillThroughput": 15928 * 100}).filter(cycle, req(), [sticky, cold]) == [sticky]
-    with pytest.raises(ValueError, match="latencyPredictor needs latency-aware routing .issue 13."):
-        f({"ttftSource": "latencyPredictor"})
+    with pytest.raises(ValueError, match="ttftSource: must be 'latencyPredictor' or 'prefillThroughput'"):
+        f({"ttftSource": "predictor"})
     with pytest.raises(ValueError, match="peakPrefillThroughput: must be > 0"):
         f({"peakPrefillThroughput": 0})
     assert f({"ttftSource": "latencyPredictor", "maxTTFTPenaltyMs": 0}).max_penalty_ms == 0
+    # ttftSource latencyPredictor: the gate reads the predicted TTFT; no prediction is never the fastest
+    from epp.framework.datakeys import LATENCY_PREDICTIONS, LatencyPredictionInfo, LatencyPredictions
+
+    def predicted(ms):
+        return LatencyPredictionInfo(ms, 0.0, -ms, 0.0, False, True)
+    gate = f({"ttftSource": "latencyPredictor", "maxTTFTPenaltyMs": 5000})
+    cycle.write(LATENCY_PREDICTIONS, LatencyPredictions({sticky: predicted(5100.0), cold: predicted(50.0)}))
+    assert gate.filter(cycle, req(), [sticky, cold]) == [sticky, cold]  # 5 050 ms behind: gate broken
+    cycle.write(LATENCY_PREDICTIONS, LatencyPredictions({sticky: predicted(4000.0), cold: predicted(50.0)}))
+    assert gate.filter(cycle, req(), [sticky, cold]) == [sticky]
+    cycle.write(LATENCY_PREDICTIONS, LatencyPredictions({cold: predicted(50.0)}))
+    assert gate.filter(cycle, req(), [sticky, cold]) == [sticky, cold]
+    cycle.write(LATENCY_PREDICTIONS, LatencyPredictions())
+    assert gate.filter(cycle, req(), [sticky, cold]) == [sticky]
     assert f(None).exploration == 0.0  # the reference's default

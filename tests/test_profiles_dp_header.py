@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import time
 
+import orjson
 import pytest
 
 from epp.assembly import load_plugin_set
@@ -45,29 +46,52 @@ def test_data_parallel_routes_to_the_primary_port_and_names_the_rank(params, por
     ranks = [ep(1, 8003, queue=5), ep(1, 8005, queue=0)]  # two rank ports of one pod
     _, result = p.run_cycle(req(), ranks)
     assert result.headers == {"x-data-parallel-host-port": "10.0.0.1:8005"}  # the picked rank
-    assert [t.hostport for t in result.targets] == [f"10.0.0.1:{port}"]
-    assert result.targets[0].name == "e1" and ranks[1].port == 8005  # the pool's endpoint is not changed
-
-
-def test_data_parallel_one_primary_endpoint_per_rank_bounded(monkeypatch):
-    from epp.scheduling.profiles import data_parallel
-
-    p = load_plugin_set(DP.replace("PARAMS", "{}"), handle())
-    rank = [ep(1, 8003)]
-    firsts = [p.run_cycle(req(), rank)[1].targets[0] for _ in range(3)]
-    assert firsts[0] is firsts[1] is firsts[2]  # the same target object each time: no growth per request
-    monkeypatch.setattr(data_parallel, "MAX_PRIMARY_ENDPOINTS", 2)
-    handler = p.plugins["data-parallel-profile-handler"]
-    for i in range(2, 6):
-        p.run_cycle(req(), [ep(i, 8003)])
-    assert len(handler._primary) == 2
+    assert result.destination() == f"10.0.0.1:{port}"
+    assert result.targets == [ranks[1]] and ranks[1].port == 8005  # the rank itself, unchanged
 
 
 def test_data_parallel_ipv6_rank_is_bracketed():
     p = load_plugin_set(DP.replace("PARAMS", "{}"), handle())
     _, result = p.run_cycle(req(), [ep(1, 8002, address="fd00::1")])
     assert result.headers == {"x-data-parallel-host-port": "[fd00::1]:8002"}
-    assert result.targets[0].hostport == "[fd00::1]:8000"
+    assert result.destination() == "[fd00::1]:8000"
+
+
+DP_PREFIX = """
+plugins:
+- {type: data-parallel-profile-handler, parameters: {primaryPort: 8000}}
+- {type: prefix-cache-scorer}
+- {type: active-request-scorer}
+schedulingProfiles:
+- {name: default, plugins: [{pluginRef: prefix-cache-scorer, weight: 5}, {pluginRef: active-request-scorer}]}
+"""
+
+
+async def test_in_flight_and_the_prefix_index_follow_the_rank_not_the_primary_port():
+    from epp.datalayer.datastore import Datastore, EndpointSpec
+    from epp.requestcontrol.director import Director
+    from tests.test_director import OpenGate, finish, headers
+
+    ds = Datastore()
+    for port in (8000, 8001, 8002, 8003):  # one pod, four rank ports; 8000 is also the primary
+        ds.upsert(EndpointSpec(name=f"pod-rank-{port - 8000}", address="10.0.0.1", port=port))
+    plugins = load_plugin_set(DP_PREFIX, handle())
+    load = plugins.plugins["inflight-load-producer"]
+    director = Director(ds, plugins, admission=OpenGate())
+    prompt = orjson.dumps({"model": "m", "prompt": "a long shared prefix " * 100, "max_tokens": 2})
+    ctx = director.new_context(headers())
+    await director.route(ctx, prompt, None)
+    rank = ctx.targets[0]
+    assert any(rank is e for e in ds.endpoints())  # the pool's own rank endpoint, not a copy
+    assert ctx.destination == "10.0.0.1:8000" and ctx.upstream_headers["x-data-parallel-host-port"] == rank.hostport
+    assert rank.in_flight == 1 and load.requests == {rank: 1}  # counted on the rank's own endpoint
+    finish(director, ctx)
+    assert rank.in_flight == 0 and not load.requests
+    for _ in range(5):  # the prefix was recorded on the rank: the same prompt returns there
+        again = director.new_context(headers())
+        await director.route(again, prompt, None)
+        assert again.targets == [rank]
+        finish(director, again)
 
 
 def test_data_parallel_needs_exactly_one_profile():

@@ -231,7 +231,8 @@ class EndpointPoller:
 
 class MetricsCollector(EndpointPoller):
     """metrics-data-source + core-metrics-extractor: the model server's Prometheus page
-    into Endpoint.metrics, by the engine spec its engine-type label selects."""
+    into Endpoint.metrics, by the engine spec its engine-type label selects. `poll` takes
+    EndpointPoller's options (interval, timeout, port_override, path, ssl)."""
 
     what = "scrape"
     source_type = "metrics-data-source"
@@ -241,18 +242,13 @@ class MetricsCollector(EndpointPoller):
         self,
         datastore: Datastore,
         *,
-        interval: float = 0.05,
-        timeout: float = 1.0,
         specs: Mapping[str, EngineMetricSpec] | None = None,
-        port_override: int = 0,
-        path: str = "/metrics",
         engine_label: str = ENGINE_LABEL_KEY,
         legacy_engine_label: str = LEGACY_ENGINE_LABEL_KEY,
         default_engine: str = DEFAULT_ENGINE,
-        ssl: SSLContext | None = None,
+        **poll: Any,
     ) -> None:
-        super().__init__(datastore, interval=interval, timeout=timeout, port_override=port_override, path=path,
-                         ssl=ssl, headers=_REQUEST_HEADERS)
+        super().__init__(datastore, headers=_REQUEST_HEADERS, **poll)
         self.specs = dict(specs if specs is not None else DEFAULT_SPECS)
         if default_engine not in self.specs:
             raise ValueError(f"defaultEngine {default_engine!r} not found in engineConfigs")

@@ -43,6 +43,7 @@ BUILTINS: dict[str, str] = {
     "multicluster-session-affinity-filter": "filters.session_affinity:MultiClusterSessionAffinityFilter",
     "utilization-filter": "filters.utilization:UtilizationFilter",
     "endpoint-attribute-filter": "filters.endpoint_attribute:EndpointAttributeFilter",
+    "slo-headroom-tier-filter": "filters.slo_headroom:SLOHeadroomTierFilter",
     # scorers
     "queue-scorer": "scorers.load:QueueScorer",
     "running-requests-size-scorer": "scorers.load:RunningRequestsSizeScorer",
@@ -57,6 +58,7 @@ BUILTINS: dict[str, str] = {
     "context-length-aware": "scorers.context_length:ContextLengthAware",  # a scorer that can also filter
     "header-label-affinity-scorer": "scorers.header_label_affinity:HeaderLabelAffinityScorer",
     "endpoint-attribute-scorer": "scorers.endpoint_attribute:EndpointAttributeScorer",
+    "latency-scorer": "scorers.latency:LatencyScorer",
     # pickers
     "max-score-picker": "epp.scheduling.pickers:MaxScorePicker",
     "random-picker": "epp.scheduling.pickers:RandomPicker",
@@ -74,6 +76,7 @@ BUILTINS: dict[str, str] = {
     "inflight-load-producer": "epp.requestcontrol.producers.inflight:InFlightLoadProducer",
     "token-producer": "epp.requestcontrol.producers.tokens:TokenProducer",
     "session-id-producer": "epp.requestcontrol.producers.session:SessionIdProducer",
+    "predicted-latency-producer": "epp.requestcontrol.producers.latency.producer:PredictedLatencyProducer",
     "precise-prefix-cache-producer": "epp.requestcontrol.producers.precise_prefix:PrecisePrefixCacheProducer",
     # deprecated in the reference: a precise-prefix-cache-producer and a prefix-cache-scorer in one
     "precise-prefix-cache-scorer": "epp.requestcontrol.producers.precise_prefix:PrecisePrefixCacheScorer",
@@ -84,6 +87,7 @@ BUILTINS: dict[str, str] = {
     "concurrency-detector": "epp.flowcontrol.concurrency:ConcurrencyDetector",
     # admitters (run after PrepareData, before scheduling)
     "probabilistic-admitter": "epp.flowcontrol.admitter:ProbabilisticAdmitter",
+    "latency-slo-admitter": "epp.flowcontrol.latency_admitter:LatencySLOAdmitter",
     # flow-control policies (flowControl.priorityBands[].fairnessPolicyRef / orderingPolicyRef,
     # flowControl.usageLimitPolicyPluginRef)
     "global-strict-fairness-policy": "epp.flowcontrol.fairness:GlobalStrictFairnessPolicy",
@@ -131,14 +135,11 @@ ALIASES: dict[str, Alias] = {
 
 _FC = "flow-control policies (issue 11)"
 _PRECISE = "precise prefix-cache routing (issue 12)"
-_LATENCY = "latency-aware routing (issue 13)"
 FUTURE: dict[str, str] = {
     **dict.fromkeys(("program-aware-fairness", "sheddable-eviction-filter",
                      "priority-then-time-eviction-order-policy"), _FC),
     **dict.fromkeys(("mm-embeddings-cache-scorer",
                      "mm-embeddings-cache-producer"), _PRECISE),
-    **dict.fromkeys(("predicted-latency-producer", "latency-slo-admitter", "slo-headroom-tier-filter",
-                     "latency-scorer"), _LATENCY),
 }
 
 # Parameters of built-in types whose feature another issue builds: type -> parameter ->

@@ -157,11 +157,21 @@ class SchedulingResult:
     profile_results: dict[str, ProfileRunResult | None]
     primary_profile: str
     headers: dict[str, str] = field(default_factory=dict)  # headers to set upstream (e.g. x-prefiller-host-port)
+    # Send Envoy to this port of the targets' hosts instead of their own (the data-parallel primary
+    # port); the targets stay the picked endpoints, so what is keyed by them counts there. None: their port.
+    destination_port: int | None = None
 
     @property
     def targets(self) -> list[Endpoint]:
         r = self.profile_results.get(self.primary_profile)
         return r.targets if r else []
+
+    def destination(self) -> str:
+        """The comma-joined host:port list Envoy is told, primary first."""
+        targets, port = self.targets, self.destination_port
+        if port is None:
+            return targets[0].hostport if len(targets) == 1 else ",".join(t.hostport for t in targets)
+        return ",".join(f"{t.hostport.rpartition(':')[0]}:{port}" for t in targets)
 
 
 @dataclass(slots=True)

@@ -217,7 +217,7 @@ class Director:
             raise service_unavailable("no endpoint picked for the request")
         ctx.result = result
         ctx.targets = targets
-        ctx.destination = targets[0].hostport if len(targets) == 1 else ",".join(t.hostport for t in targets)
+        ctx.destination = result.destination()
         if self.emit_endpoint_scores:
             primary = result.profile_results.get(result.primary_profile)
             ctx.scores = primary.scores if primary is not None else None

@@ -1,0 +1,411 @@
+"""predicted-latency-producer (the reference's requestcontrol/dataproducer/predictedlatency):
+predicts each candidate endpoint's TTFT and TPOT for the request and publishes them with the
+headroom against the request's SLOs (LATENCY_PREDICTIONS) for latency-scorer,
+slo-headroom-tier-filter, latency-slo-admitter and prefix-cache-affinity-filter
+(ttftSource latencyPredictor).
+
+Where the reference asks its predictor sidecars, this producer predicts in process
+(model.py: microseconds per endpoint, no I/O) and learns from the latencies it observes on
+every response, in a background thread (trainer.py). When the environment names the
+reference's sidecars (TRAINING_SERVER_URL / PREDICTION_SERVER_URL, as its charts' latency-
+predictor variant sets them) it also feeds them and uses their predictions when they answer
+in time (sidecar.py); the in-process model answers otherwise.
+
+As the reference:
+- headroom = SLO x ... - predicted; TTFT valid when predicted < SLO (no SLO: 0, so headroom
+  = -predicted and never valid); TPOT only in streamingMode, against min(request's TPOT SLO,
+  the tightest TPOT SLO of the requests running there when > 0) x sloBufferFactor; without
+  streamingMode, or on an endpoint whose endpointRoleLabel says prefill, TPOT is neutral
+  (valid, headroom 0);
+- trained targets: streamingMode: TTFT from the request to its first response chunk, TPOT =
+  (end - first chunk) / (generated tokens - 1); otherwise TTFT is the whole request's latency
+  and TPOT is not trained;
+- features: the endpoint's KV utilisation and waiting queue, the requests and prefill tokens
+  this picker has in flight there (inflight-load-producer; else the scraped running count),
+  the prompt's tokens (token-producer) and the prefix match (approx-prefix-cache-producer),
+  all as at dispatch; the endpoint's hardware class (accelerator label) picks its model.
+
+Virtual time (the cluster simulation): the clock is the handle's; set `background_training
+= False` before the first request and training runs inline at each completion when due
+(Trainer.maybe_train with the same clock), with no thread."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
+from epp.framework.datakeys import (
+    INFLIGHT_LOAD,
+    INFLIGHT_LOAD_PRODUCER,
+    LATENCY_PREDICTIONS,
+    PREFIX_MATCH_INFO,
+    APPROX_PREFIX_PRODUCER,
+    TOKENIZED_PROMPT,
+    TOKENS_CONSUMER,
+    LatencyPredictionInfo,
+    LatencyPredictions,
+    ProducerParam,
+)
+from epp.framework.plugins import ConfiguredPlugin
+from epp.framework.types import ResponseInfo
+from epp.units import duration_value
+
+from .features import LatencyFeatures, endpoint_class
+from .model import LatencyModel, Target
+from .sidecar import SidecarClient, SidecarConfig
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+TYPE = "predicted-latency-producer"
+MAX_TRACKED = 65_536            # requests between dispatch and completion; the oldest are forgotten
+MAX_MODEL_LABELS = 32           # model names as metric labels; later ones count under "other"
+QUANTILE = 0.9                  # the reference sidecars' default objective: the 0.9 quantile
+TRAIN_POLL_S = 0.05
+_LATENCY_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30,
+                    45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
+_TPOT_BUCKETS = (0.0005, 0.00205, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6,
+                 0.8, 1, 1.5, 2, 3, 4.5, 6, 12, 18, 24, 30, 36, 48, 60, 90, 120, 180, 270, 360)
+_DURATION_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(slots=True)
+class PredictedLatencyParams:
+    samplingMean: float = 1000.0                 # deprecated in the reference, ignored
+    maxDecodeTokenSamplesForPrediction: int = 0  # deprecated in the reference, ignored
+    sloBufferFactor: float = 1.0
+    contextTTL: str | float = "5m"
+    streamingMode: bool = False
+    endpointRoleLabel: str = ""
+    predictInProduce: bool = True
+    predictInPrepareData: bool | None = None     # GIE v1.5's name of predictInProduce
+    prefixMatchInfoProducerName: str = ""
+    inFlightLoadProducerName: str = ""
+    useEncoderCacheFeatures: bool = False
+    encoderCacheMatchInfoProducerName: str = ""
+
+    def validate(self) -> None:
+        if not self.sloBufferFactor > 0:
+            raise ValueError(f"sloBufferFactor: must be > 0, got {self.sloBufferFactor}")
+        if duration_value(self.contextTTL, "contextTTL", ValueError) <= 0:
+            raise ValueError(f"contextTTL: must be > 0, got {self.contextTTL!r}")
+        if self.useEncoderCacheFeatures:
+            raise ValueError("useEncoderCacheFeatures: needs the multimodal encoder-cache producer "
+                             "(mm-embeddings-cache-producer, issue 12), not built yet")
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """An endpoint's features and prediction for one request, as at dispatch."""
+    endpoint_class: str
+    features: LatencyFeatures
+    ttft_ms: float | None
+    tpot_ms: float | None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What PrepareData learnt about a request, kept in the cycle until PreRequest commits it."""
+    candidates: dict[Endpoint, _Candidate]
+    started: float
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """A dispatched request until it completes."""
+    endpoint: Endpoint
+    candidate: _Candidate
+    started: float
+    tpot_slo_ms: float
+    ttft_slo_ms: float
+    first_chunk: float = 0.0
+
+
+class _Running:
+    """Per endpoint, the TPOT SLOs of the requests dispatched there and not completed, sorted
+    (the reference's running-request priority queue: its size and its minimum)."""
+    __slots__ = ("_slos",)
+
+    def __init__(self) -> None:
+        self._slos: dict[Endpoint, list[float]] = {}
+
+    def add(self, endpoint: Endpoint, tpot_slo: float) -> None:
+        bisect.insort(self._slos.setdefault(endpoint, []), tpot_slo)
+
+    def remove(self, endpoint: Endpoint, tpot_slo: float) -> None:
+        slos = self._slos.get(endpoint)
+        if slos:
+            i = bisect.bisect_left(slos, tpot_slo)
+            if i < len(slos) and slos[i] == tpot_slo:
+                slos.pop(i)
+            if not slos:
+                del self._slos[endpoint]
+
+    def count(self, endpoint: Endpoint) -> int:
+        return len(self._slos.get(endpoint, ()))
+
+    def min_slo(self, endpoint: Endpoint) -> float:
+        slos = self._slos.get(endpoint)
+        return slos[0] if slos else 0.0
+
+    def forget(self, endpoints: Iterable[Endpoint]) -> None:
+        for e in endpoints:
+            self._slos.pop(e, None)
+
+
+class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
+    type_name = TYPE
+    Params = PredictedLatencyParams
+    consumes = (ProducerParam("prefixMatchInfoProducerName", APPROX_PREFIX_PRODUCER, required=True),
+                ProducerParam("inFlightLoadProducerName", INFLIGHT_LOAD_PRODUCER, required=True),
+                TOKENS_CONSUMER)
+
+    def configure(self, p: PredictedLatencyParams, handle: PluginHandle) -> None:
+        self.params = p
+        self.buffer = p.sloBufferFactor
+        self.streaming = p.streamingMode
+        self.role_label = p.endpointRoleLabel
+        self.predict_enabled = p.predictInProduce if p.predictInPrepareData is None else p.predictInPrepareData
+        self.context_ttl = duration_value(p.contextTTL, "contextTTL", ValueError)
+        self.clock = handle.clock
+        self.model = LatencyModel(quantile=QUANTILE)
+        self.trainer = Trainer(self.model, clock=handle.clock)
+        self.background_training = True
+        self._train_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.sidecar: SidecarClient | None = SidecarClient.from_env(SidecarConfig.from_env())
+        self.key = LATENCY_PREDICTIONS.of(self.name)
+        self._prefix_key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
+        self._load_key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)
+        self._pending_key = self.own_key("pending", _Pending)
+        self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
+        self.running = _Running()
+        self._register_metrics(handle)
+
+    # ------------------------------------------------------------------ metrics
+    def _register_metrics(self, handle: PluginHandle) -> None:
+        m = handle.metrics
+        self._labels = {"plugin_name": self.name, "plugin_type": TYPE}
+        self._models: set[str] = set()
+        self._metrics = m
+        self._hist_names = (
+            ("llm_d_epp_request_predicted_ttft_seconds", "Inference model Predicted TTFT distribution in seconds "
+             "for each model and target model.", _LATENCY_BUCKETS),
+            ("llm_d_epp_request_predicted_tpot_seconds", "Inference model Predicted TPOT distribution in seconds "
+             "for each model and target model.", _TPOT_BUCKETS),
+            ("llm_d_epp_request_ttft_prediction_duration_seconds", "Duration taken to generate TTFT predictions "
+             "in seconds for each model and target model.", _DURATION_BUCKETS))
+        m.add_collector(_ErrorCollector(self))
+
+    def _observe(self, which: int, request: InferenceRequest, value: float) -> None:
+        name, doc, buckets = self._hist_names[which]
+        model, target = self._model_label(request.incoming_model), self._model_label(request.target_model)
+        labels = {**self._labels, "model_name": model, "target_model_name": target}
+        self._metrics.histogram(name, doc, buckets, labels).observe(value)
+
+    def _model_label(self, model: str) -> str:
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(model)
+            return model
+        return "other"
+
+    # ------------------------------------------------------------------ PrepareData (hot path)
+    def prepare_request_data(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+        t0 = self.clock()
+        candidates = self.features(cycle, request, endpoints)
+        cycle.write(self._pending_key, _Pending(candidates, t0))
+        if not self.predict_enabled:
+            return
+        out = LatencyPredictions(ttft_slo_ms=request.slo_ttft_ms, tpot_slo_ms=request.slo_tpot_ms)
+        for e, c in candidates.items():
+            info = self.judge(e, c, request)
+            if info is not None:
+                out.endpoints[e] = info
+        cycle.write(self.key, out)
+
+    def features(self, cycle: CycleState, request: InferenceRequest,
+                 endpoints: Sequence[Endpoint]) -> dict[Endpoint, _Candidate]:
+        prefix = cycle.read(self._prefix_key)
+        load = cycle.read(self._load_key)
+        tokens = cycle.read(TOKENIZED_PROMPT) or request.estimated_prompt_tokens
+        sidecar = self.sidecar
+        out = {}
+        for e in endpoints:
+            m = e.metrics
+            running = load.requests.get(e, 0) if load is not None else m.running_requests_size
+            f = LatencyFeatures(
+                kv_cache_usage=min(max(m.kv_cache_usage_percent, 0.0), 1.0), waiting_requests=m.waiting_queue_size,
+                running_requests=running, input_tokens=tokens, prefix_match=prefix.score(e) if prefix else 0.0,
+                prefill_tokens_in_flight=load.tokens.get(e, 0) if load is not None else 0)
+            cls = endpoint_class(e.labels)
+            pred = sidecar.lookup(f) if sidecar is not None else None
+            if pred is None:
+                pred = self.model.predict(cls, f)
+            out[e] = _Candidate(cls, f, pred.ttft_ms, pred.tpot_ms)
+        return out
+
+    def judge(self, e: Endpoint, c: _Candidate, request: InferenceRequest) -> LatencyPredictionInfo | None:
+        """The prediction with its headroom and validity against the request's SLOs (the
+        reference's validatePrediction); None when the model cannot predict yet."""
+        if c.ttft_ms is None:
+            return None
+        ttft_slo = request.slo_ttft_ms
+        neutral = not self.streaming or (self.role_label and e.labels.get(self.role_label) == "prefill")
+        if neutral:
+            tpot_ok, tpot_headroom = True, 0.0
+        else:
+            if c.tpot_ms is None:
+                return None
+            buffered = request.slo_tpot_ms * self.buffer
+            pod_min = self.running.min_slo(e)
+            if pod_min > 0:
+                buffered = min(buffered, pod_min * self.buffer)
+            tpot_ok, tpot_headroom = c.tpot_ms < buffered, buffered - c.tpot_ms
+        return LatencyPredictionInfo(
+            ttft_ms=c.ttft_ms, tpot_ms=c.tpot_ms or 0.0, ttft_headroom_ms=ttft_slo - c.ttft_ms,
+            tpot_headroom_ms=tpot_headroom, ttft_valid=c.ttft_ms < ttft_slo, tpot_valid=tpot_ok,
+            dispatched_requests=self.running.count(e))
+
+    # ------------------------------------------------------------------ PreRequest
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        pending = cycle.read(self._pending_key)
+        targets = result.targets
+        if pending is None or not targets or not request.request_id:
+            return
+        target = targets[0]
+        c = pending.candidates.get(target)
+        if c is None:
+            return
+        self._forget(request.request_id)
+        self._expire(pending.started)
+        self._tracked[request.request_id] = _Tracked(target, c, pending.started, request.slo_tpot_ms,
+                                                     request.slo_ttft_ms)
+        self.running.add(target, request.slo_tpot_ms)
+        if c.ttft_ms is not None:
+            self._observe(0, request, c.ttft_ms / 1000.0)
+            if self.streaming and c.tpot_ms is not None:
+                self._observe(1, request, c.tpot_ms / 1000.0)
+        self._observe(2, request, max(self.clock() - pending.started, 0.0))
+
+    def _expire(self, now: float) -> None:
+        """Forget requests older than contextTTL (a response never seen) and beyond MAX_TRACKED."""
+        tracked = self._tracked
+        while tracked:
+            rid, t = next(iter(tracked.items()))
+            if len(tracked) < MAX_TRACKED and now - t.started <= self.context_ttl:
+                break
+            self._forget(rid)
+
+    def _forget(self, rid: str) -> _Tracked | None:
+        t = self._tracked.pop(rid, None)
+        if t is not None:
+            self.running.remove(t.endpoint, t.tpot_slo_ms)
+        return t
+
+    # ------------------------------------------------------------------ response hooks
+    def response_streaming(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
+        t = self._tracked.get(request.request_id)
+        if t is not None and not t.first_chunk:
+            t.first_chunk = self.clock()
+
+    def response_complete(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
+        t = self._forget(request.request_id)
+        if t is None or not 200 <= response.status < 300:
+            return
+        now = self.clock()
+        c = t.candidate
+        ttft_ms = tpot_ms = 0.0
+        if self.streaming:
+            if not t.first_chunk:
+                return
+            ttft_ms = (t.first_chunk - t.started) * 1000.0
+            self.model.observe_ttft(c.endpoint_class, c.features, ttft_ms)
+            generated = response.completion_tokens
+            if generated >= 2 and now > t.first_chunk:
+                tpot_ms = (now - t.first_chunk) * 1000.0 / (generated - 1)
+                self.model.observe_tpot(c.endpoint_class, c.features, tpot_ms)
+        else:  # the whole request's latency stands for TTFT, as the reference trains it
+            ttft_ms = (now - t.started) * 1000.0
+            self.model.observe_ttft(c.endpoint_class, c.features, ttft_ms)
+        if self.sidecar is not None:
+            self.sidecar.add_sample(c.features, ttft_ms, tpot_ms, self._pod_type(t.endpoint))
+        self._train()
+
+    def _pod_type(self, e: Endpoint) -> str:
+        role = e.labels.get(self.role_label, "") if self.role_label else ""
+        return role if role in ("prefill", "decode") else ""
+
+    # EndpointsChanged
+    def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None:
+        self.running.forget(endpoints)
+
+    # ------------------------------------------------------------------ training
+    def _train(self) -> None:
+        if not self.background_training:
+            self.trainer.maybe_train()
+            return
+        if self._train_thread is None:
+            self._train_thread = threading.Thread(target=self._train_loop, name=f"{self.name} trainer",
+                                                  daemon=True)
+            self._train_thread.start()
+
+    def _train_loop(self) -> None:
+        while not self._stop.wait(TRAIN_POLL_S):
+            try:
+                self.trainer.maybe_train()
+            except Exception:  # noqa: BLE001 - a failed fit keeps the last weights; the next one may succeed
+                log.exception("%s: training failed", self.name)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.sidecar is not None:
+            self.sidecar.close()
+
+    # ------------------------------------------------------------------ introspection (`epp endpoints`, explain)
+    def error_rows(self) -> list[dict[str, object]]:
+        """Recent prediction error per (hardware class, target), for metrics and `epp endpoints`."""
+        rows = []
+        for (cls, target), s in self.model.errors().items():
+            rows.append({"class": cls, "target": str(target), "samples": s.samples, "mape": s.mape,
+                         "p90_abs_error_ms": s.p90_abs_error_ms, "coverage": s.coverage,
+                         "trained": self.model.samples(cls, Target(target))})
+        return rows
+
+
+class _ErrorCollector(Collector):
+    """The model's prediction error as gauges, one series per (hardware class, target)."""
+
+    def __init__(self, producer: PredictedLatencyProducer) -> None:
+        self.producer = producer
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["plugin_name", "plugin_type", "endpoint_class", "target"]
+        fams = {
+            "mape": GaugeMetricFamily("llm_d_epp_latency_prediction_mape", "Mean absolute percentage error "
+                                      "(a fraction) of the in-process latency model's recent predictions, each "
+                                      "scored before it was learnt.", labels=labels),
+            "p90_abs_error_ms": GaugeMetricFamily("llm_d_epp_latency_prediction_p90_abs_error_milliseconds",
+                                                  "90th percentile of the absolute error of the latency model's "
+                                                  "recent predictions, in milliseconds.", labels=labels),
+            "coverage": GaugeMetricFamily("llm_d_epp_latency_prediction_coverage", "Fraction of recent actual "
+                                          "latencies at or below the prediction (the model predicts the 0.9 "
+                                          "quantile).", labels=labels),
+            "trained": GaugeMetricFamily("llm_d_epp_latency_prediction_training_samples", "Samples the latency "
+                                         "model has learnt from.", labels=labels),
+        }
+        p = self.producer
+        for row in p.error_rows():
+            values = [p.name, TYPE, str(row["class"]), str(row["target"])]
+            for key, fam in fams.items():
+                fam.add_metric(values, float(row[key]))  # type: ignore[arg-type]
+        return list(fams.values())
