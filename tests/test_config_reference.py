@@ -99,7 +99,7 @@ def test_every_fixture_is_covered():
     covered = {*CHART_DEFAULTS, "llm-d-router-chart-payload-agnostic.yaml", "llm-d-optimized-baseline.yaml",
                "llm-d-flow-control.yaml", "llm-d-pd-disaggregation.yaml", "llm-d-wide-ep-lws.yaml",
                "llm-d-precise-prefix-cache.yaml", "llm-d-router-sim-kvcache.yaml", "llm-d-predicted-latency.yaml",
-               "llm-d-router-chart-latency-predictor.yaml"}
+               "llm-d-router-chart-latency-predictor.yaml", "gie-v1.5-chart-latency-predictor.yaml"}
     assert {p.name for p in CONFIGS.glob("*.yaml")} == covered
 
 
