@@ -7,12 +7,13 @@ events, all in virtual time:
   simulator.engine emits them) go through vLLM's wire format (simulator.kv_events encodes,
   epp.datalayer.kvevents.wire decodes, as over ZMQ) and reach each subscribed block index
   `delay` virtual seconds after the engine step that produced them.
-- PreciseRouter: the real picker pipeline (the reference guide's scorers: prefix-cache 2,
-  kv-cache-utilization 1, queue 1) whose prefix match comes from a BlockIndex fed by the
-  events instead of the picker's own guesses, with speculative entries for just-routed
-  requests (speculativeIndexing, speculativeTTL) as the guide configures it. The prompt's
-  token ids are the ones the simulator computed (the tokenizer the picker would run matches
-  the server's by construction here).
+- PreciseRouter: the real picker pipeline with the reference guide's profile (prefix-cache
+  scorer 2, kv-cache-utilization 1, queue 1) fed by precise-prefix-cache-producer, whose
+  block index gets the events through the producer's in-process `feed`, with speculative
+  entries for just-routed requests (speculativeIndexing, speculativeTTL 2s, as the llm-d
+  guide sets it). The prompt's token ids are the ones the simulator computed, handed to
+  the producer as token-producer's TOKEN_IDS (a tokenizer matching the server's).
+  "approximate" is the same profile with approx-prefix-cache-producer.
 - Replicas: several picker replicas behind a load balancer (round-robin or random split),
   each with its own endpoint view (in-flight counts), approximate index and block index;
   every block index is fed by the same events.
@@ -40,10 +41,10 @@ from bench import cluster
 from bench.cluster import ClusterConfig, ClusterResult, PickerRouter, RandomRouter, Router
 from bench.loadgen import Progress
 from bench.workloads import LoadSpec, SharedPrefix, WorkItem, WorkloadSpec, arrival_times, generate
-from epp.datalayer.kvevents import BlockIndex, BlockKeyer, decode_batch
+from epp.datalayer.kvevents import KVEvent, decode_batch
 from epp.framework import Endpoint
-from epp.framework.datakeys import PrefixCacheMatchInfo
-from epp.requestcontrol.producers.prefix import ApproxPrefixCacheProducer
+from epp.framework.datakeys import TOKEN_IDS
+from epp.requestcontrol.producers.precise_prefix import PrecisePrefixCacheProducer
 from simulator.clock import VirtualClock
 from simulator.engine import Engine, EngineConfig
 from simulator.kv_events import encode_batch
@@ -82,6 +83,20 @@ schedulingProfiles:
 APPROX_CONFIG = _config("approx-prefix-cache-producer")
 
 
+def precise_config(block_size: int, speculative_ttl: float | None) -> str:
+    """The same profile with precise-prefix-cache-producer at the servers' block size
+    (speculativeIndexing on with that TTL in seconds, off for None)."""
+    params = f"""\
+  parameters:
+    tokenProcessorConfig:
+      blockSizeTokens: {block_size}
+    speculativeIndexing: {'true' if speculative_ttl else 'false'}
+    speculativeTTL: {speculative_ttl or 2.0:g}s
+"""
+    return _config("precise-prefix-cache-producer").replace(
+        "- type: precise-prefix-cache-producer\n", "- type: precise-prefix-cache-producer\n" + params, 1)
+
+
 # --------------------------------------------------------------------------- event delivery
 class EventFeed:
     """Delivers each engine's KV events to the subscribed block indexes `delay` virtual
@@ -94,14 +109,15 @@ class EventFeed:
         self.clock = clock
         self.model = model
         self.delay = delay
-        self.sinks: list[BlockIndex] = []
+        self.sinks: list[Callable[[str, Sequence[KVEvent], str], None]] = []
         self.batches = 0  # batches delivered
         self.events = 0  # events delivered (to each sink)
         for engine, name in zip(engines, names, strict=True):
             engine.on_kv_events = lambda events, name=name: self._publish(name, events)
 
-    def subscribe(self, index: BlockIndex) -> None:
-        self.sinks.append(index)
+    def subscribe(self, sink: Callable[[str, Sequence[KVEvent], str], None]) -> None:
+        """sink(endpoint name, events, model): a producer's `feed` or a BlockIndex's `apply`."""
+        self.sinks.append(sink)
 
     def _publish(self, name: str, events: list) -> None:
         now = self.clock.now()
@@ -109,47 +125,35 @@ class EventFeed:
         self.clock.call_at(now + self.delay, lambda: self._deliver(name, batch.events))
 
     def _deliver(self, name: str, events: tuple) -> None:
-        for index in self.sinks:
-            index.apply(name, events, self.model)
+        for sink in self.sinks:
+            sink(name, events, self.model)
         self.batches += 1
         self.events += len(events)
 
 
 # --------------------------------------------------------------------------- precise routing
 class PreciseRouter(PickerRouter):
-    """The picker pipeline with its prefix match taken from a BlockIndex fed by KV events.
+    """The picker pipeline with precise-prefix-cache-producer (fed by an EventFeed through
+    its in-process `feed`). The simulator's token ids of the prompt are handed to it as
+    token-producer's TOKEN_IDS (what a tokenizer matching the server's publishes)."""
 
-    Until the precise-prefix-cache-producer plugin exists, the approximate producer of
-    APPROX_CONFIG is kept for its wiring (the scorer reads its key) and its `match` is
-    replaced by a lookup in this router's BlockIndex; its own recording is skipped (no
-    hashes are returned), so nothing of the approximate guess remains."""
+    def __init__(self, endpoints: list[Endpoint], clock: VirtualClock, rng: random.Random, block_size: int,
+                 speculative_ttl: float | None = 2.0) -> None:
+        super().__init__(endpoints, precise_config(block_size, speculative_ttl), clock, rng)
+        self.producer = next(p for p in self.pipeline.plugins.values() if isinstance(p, PrecisePrefixCacheProducer))
+        self.blocks = self.producer.index
+        self._tokens: tuple[int, ...] = ()
+        match = self.producer.match
 
-    def __init__(self, endpoints: list[Endpoint], clock: VirtualClock, rng: random.Random, model: str,
-                 block_size: int, speculative_ttl: float | None = 2.0) -> None:
-        super().__init__(endpoints, APPROX_CONFIG, clock, rng)
-        self.model = model
-        self.speculative_ttl = speculative_ttl
-        self.blocks = BlockIndex(BlockKeyer(block_size), clock=clock.now,
-                                speculative_ttl=speculative_ttl or 2.0)
-        self.by_name = {e.name: e for e in endpoints}
-        self._tokens: Sequence[int] = ()
-        self._keys: list[int] = []
-        producer = next(p for p in self.pipeline.plugins.values() if isinstance(p, ApproxPrefixCacheProducer))
-        producer.match = self._match  # type: ignore[method-assign]
+        def with_token_ids(cycle, request, candidates):
+            cycle.write(TOKEN_IDS, self._tokens)
+            return match(cycle, request, candidates)
 
-    def _match(self, request, endpoints: Sequence[Endpoint]) -> tuple[list[int], PrefixCacheMatchInfo]:
-        keyer = self.blocks.keyer
-        keys = self._keys = keyer.keys(self._tokens, self.model)
-        found = self.blocks.match_keys(keys, [e.name for e in endpoints])
-        matches = {self.by_name[name]: m.blocks for name, m in found.items()}
-        return [], PrefixCacheMatchInfo(matches, len(keys), keyer.block_size, max(matches.values(), default=0))
+        self.producer.match = with_token_ids  # type: ignore[method-assign]
 
     def route(self, item, prompt, request) -> int:
-        self._tokens = prompt.token_ids
-        server = super().route(item, prompt, request)
-        if self.speculative_ttl and self._keys:
-            self.blocks.speculate(self.endpoints[server].name, self._keys)
-        return server
+        self._tokens = tuple(prompt.token_ids)
+        return super().route(item, prompt, request)
 
 
 class Replicas(Router):
@@ -253,8 +257,8 @@ def factory(strategy: str, scenario: Scenario, cfg: ClusterConfig, horizon: floa
         def one(view: list[Endpoint]) -> Router:
             if feed is None:
                 return PickerRouter(view, APPROX_CONFIG, clock, rng)
-            r = PreciseRouter(view, clock, rng, cfg.model, cfg.engine.block_size, scenario.speculative_ttl)
-            feed.subscribe(r.blocks)
+            r = PreciseRouter(view, clock, rng, cfg.engine.block_size, scenario.speculative_ttl)
+            feed.subscribe(r.producer.feed)
             return r
 
         router = one(endpoints) if scenario.replicas == 1 else Replicas(
@@ -327,14 +331,14 @@ def prefix_blocks(items: Sequence[WorkItem], block_size: int) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.precise", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", default="2,5,8,11", help="offered rates, requests/s (comma-separated)")
-    ap.add_argument("--requests", type=int, default=400, help="requests per run")
+    ap.add_argument("--rates", default="5,15,30,60,100,150", help="offered rates, requests/s (comma-separated)")
+    ap.add_argument("--requests", type=int, default=2000, help="requests per run")
     ap.add_argument("--servers", type=int, default=4)
     ap.add_argument("--gpu-blocks", type=int, default=2048, help="KV blocks per server (16 tokens each)")
     ap.add_argument("--prefix-len", type=int, default=3000, help="tokens per shared prefix")
     ap.add_argument("--fill", type=float, default=0.75, help="fraction of the pool's KV memory the prefixes take")
     ap.add_argument("--event-delay", type=float, default=0.005, help="KV-event delivery delay, seconds")
-    ap.add_argument("--stress-rate", type=float, default=None, help="rate of the stress variants (default: 2nd highest)")
+    ap.add_argument("--stress-rate", type=float, default=60.0, help="offered rate of the stress variants")
     ap.add_argument("--restart-every", type=float, default=5.0, help="seconds between server restarts (stress)")
     ap.add_argument("--replicas", type=int, default=2, help="picker replicas (stress)")
     ap.add_argument("--split", choices=SPLITS, default="round-robin")
@@ -364,12 +368,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     cfg = ClusterConfig(servers=sizing.servers, seed=a.seed,
                         engine=EngineConfig(num_gpu_blocks=sizing.gpu_blocks, block_size=sizing.block_size))
     base = Scenario("baseline", event_delay=a.event_delay)
-    stress_rate = a.stress_rate or sorted(rates)[max(0, len(rates) - 2)]
     runs: list[tuple[Scenario, float]] = [(base, r) for r in rates]
     runs += [(Scenario(f"restart every {a.restart_every:g}s", event_delay=a.event_delay,
-                       restart_every=a.restart_every), stress_rate),
+                       restart_every=a.restart_every), a.stress_rate),
              (Scenario(f"{a.replicas} replicas ({a.split})", event_delay=a.event_delay, replicas=a.replicas,
-                       split=a.split), stress_rate)]
+                       split=a.split), a.stress_rate)]
     from bench.report import Row
 
     rows: list[tuple[str, Row, ClusterResult]] = []
