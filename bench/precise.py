@@ -329,7 +329,7 @@ def prefix_blocks(items: Sequence[WorkItem], block_size: int) -> int:
                // block_size for s in seen)
 
 
-def run(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.precise", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="5,15,30,60,100,150", help="offered rates, requests/s (comma-separated)")
     ap.add_argument("--requests", type=int, default=2000, help="requests per run")
@@ -447,4 +447,4 @@ def plot(rows: Sequence[tuple[str, object, ClusterResult]], path: Path, title: s
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

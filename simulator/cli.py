@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ZMQ PUB bind address, e.g. tcp://*:5557 (replica i binds port+i)")
     p.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
                    help="host in the KV-events topic kv@<host>:<port>@<model> (default $POD_IP, else --host)")
+    p.add_argument("--kv-events-connect", action="store_true",
+                   help="connect the PUB socket to --kv-events-endpoint (a picker's global socket, as vLLM does for "
+                        "a non-wildcard address) instead of binding it; every replica connects to the same address")
+    p.add_argument("--kv-events-replay-endpoint", default=None,
+                   help="bind vLLM's replay ROUTER socket here, e.g. tcp://*:5558 (replica i binds port+i)")
     return p
 
 
@@ -156,7 +161,10 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         hardware=hardware[i] if hardware else None, prefill_timeout=args.prefill_timeout,
         lora_modules=list(args.lora_modules), time_scale=args.time_scale, seed=args.seed + i, mode=args.mode,
         failure_injection_rate=args.failure_injection_rate, failure_types=list(args.failure_types),
-        startup_delay=args.startup_delay, kv_events_endpoint=_replica_endpoint(args.kv_events_endpoint, i),
+        startup_delay=args.startup_delay,
+        kv_events_endpoint=args.kv_events_endpoint if args.kv_events_connect else
+        _replica_endpoint(args.kv_events_endpoint, i), kv_events_connect=args.kv_events_connect,
+        kv_events_replay_endpoint=_replica_endpoint(args.kv_events_replay_endpoint, i),
         advertise_host=args.advertise_host,
     ) for i in range(args.replicas)]
 

@@ -174,12 +174,16 @@ class BlockStored:
     block_size: int
     lora_id: int | None = None
     medium: str = "GPU"
+    lora_name: str | None = None
+    extra_keys: list[tuple | None] | None = None  # vLLM: one entry per block ((lora_name,) under a LoRA)
+    group_idx: int = 0  # KV-cache group
 
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
     block_hashes: list[int]
     medium: str = "GPU"
+    group_idx: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,6 +700,8 @@ class Engine:
             token_ids=list(req.prompt_token_ids[start * bs:end * bs]),
             block_size=bs,
             lora_id=self._lora_id(req.lora),
+            lora_name=req.lora,
+            extra_keys=[(req.lora,) if req.lora else None] * (end - start),
         ))
 
     def _free(self, req: EngineRequest) -> None:

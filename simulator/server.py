@@ -95,6 +95,8 @@ class SimConfig:
     startup_delay: float = 0.0  # wall seconds during which /health answers 503
     kv_events_endpoint: str | None = None  # ZMQ bind address, e.g. tcp://*:5557
     advertise_host: str | None = None  # host in the KV-events topic (default: host; in a pod, its IP)
+    kv_events_connect: bool = False  # connect to kv_events_endpoint (e.g. a picker's global socket), not bind
+    kv_events_replay_endpoint: str | None = None  # vLLM's replay ROUTER bind address, e.g. tcp://*:5558
     role: str = "both"  # prefill | decode | both: decode and both act as the routing sidecar
     hardware: str | None = None  # simulator.hardware class name (timings already in `engine`)
     prefill_timeout: float = 60.0  # wall seconds the sidecar waits for its prefiller
@@ -219,7 +221,8 @@ class SimServer:
         clock = clock or AsyncioClock(time_scale=cfg.time_scale)
         if cfg.kv_events_endpoint:
             topic = topic_for(cfg.advertise_host or cfg.host, cfg.port, cfg.model)
-            self.publisher = ZmqKVPublisher(cfg.kv_events_endpoint, topic)
+            self.publisher = ZmqKVPublisher(cfg.kv_events_endpoint, topic, connect=cfg.kv_events_connect,
+                                            replay_endpoint=cfg.kv_events_replay_endpoint)
             self.engine.on_kv_events = self.publisher.publish
         hist = self.metrics.hist["vllm:iteration_tokens_total"]
         self._loop_driver = EngineLoop(self.engine, clock, on_step=lambda _s, _d, n: hist.observe(n))

@@ -155,7 +155,7 @@ def test_precise_router_matches_from_events_only():
 
 
 def test_benchmark_command_tiny(tmp_path, capsys):
-    rc = P.run(["--rates", "5,10", "--requests", "40", "--servers", "2", "--gpu-blocks", "512", "--prefix-len", "400",
+    rc = P.main(["--rates", "5,10", "--requests", "40", "--servers", "2", "--gpu-blocks", "512", "--prefix-len", "400",
                 "--restart-every", "1", "--no-plot", "--out", str(tmp_path / "p")])
     out = capsys.readouterr().out
     assert rc == 0
@@ -163,4 +163,4 @@ def test_benchmark_command_tiny(tmp_path, capsys):
     for s in ("random", "approximate", "precise", "restart every 1s", "2 replicas (round-robin)"):
         assert s in out
     assert (tmp_path / "p.md").read_text().count("precise") >= 4
-    assert P.run(["--rates", "0"]) == 2 and P.run(["--strategies", "oracle"]) == 2
+    assert P.main(["--rates", "0"]) == 2 and P.main(["--strategies", "oracle"]) == 2

@@ -197,8 +197,12 @@ def test_the_simulators_encoding_decodes():
     from simulator.kv_events import encode_batch
     payload = encode_batch([SimStored([11, 2**64 - 1], 10, list(range(32)), 16, 4), SimRemoved([11]), SimCleared()],
                            ts=3.0)
-    assert decode_batch(payload) == EventBatch(3.0, (BlockStored((11, 2**64 - 1), 10, tuple(range(32)), 16, 4, "GPU"),
-                                                     BlockRemoved((11,), "GPU"), AllBlocksCleared()))
+    events = (BlockStored((11, 2**64 - 1), 10, tuple(range(32)), 16, 4, "GPU", group_idx=0),
+              BlockRemoved((11,), "GPU", 0), AllBlocksCleared())
+    assert decode_batch(payload) == EventBatch(3.0, events, 0)  # today's vLLM: maps, data_parallel_rank set
+    assert decode_batch(encode_batch([SimStored([11, 2**64 - 1], 10, list(range(32)), 16, 4),
+                                                 SimRemoved([11]), SimCleared()], ts=3.0, encoding="array",
+                                     data_parallel_rank=None)) == EventBatch(3.0, events)
 
 
 def test_frames():

@@ -254,15 +254,14 @@ def test_kv_events_over_zmq_are_the_blocks_the_server_stored(sim):
         ids = encode(prompt)
         full = len(ids) // 16
         stored = []
-        while sum(len(e[1]) for e in stored) < full:
+        while sum(len(e["block_hashes"]) for e in stored) < full:
             batch = recv(10_000)
             assert batch is not None, f"only {stored} stored"
-            ts, events = batch[0], batch[1]
-            assert isinstance(ts, float)
-            stored += [e for e in events if e[0] == "BlockStored"]
-        assert [t for e in stored for t in e[3]] == ids[: full * 16]
-        assert sum(len(e[1]) for e in stored) == full and stored[0][2] is None
-        assert all(e[4] == 16 and e[6] == "GPU" for e in stored)
+            assert isinstance(batch["ts"], float) and batch["data_parallel_rank"] == 0  # vLLM's map encoding
+            stored += [e for e in batch["events"] if e["type"] == "BlockStored"]
+        assert [t for e in stored for t in e["token_ids"]] == ids[: full * 16]
+        assert sum(len(e["block_hashes"]) for e in stored) == full and stored[0]["parent_block_hash"] is None
+        assert all(e["block_size"] == 16 and e["medium"] == "GPU" and e["group_idx"] == 0 for e in stored)
     finally:
         sub.close()
 
