@@ -25,6 +25,7 @@ from .data_parallel import wire
 from .engine import EngineConfig
 from .hardware import HARDWARE, engine_config
 from .server import FAILURES, ROLE_LABEL, ROLES, SimConfig, SimServer
+from .tokenizer import prompt_tokenizer
 
 
 def _csv(value: str) -> list[str]:
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-parallel-size", type=int, default=1,
                    help="ranks per data-parallel pod: each group of this many consecutive replicas is one pod "
                         "whose first port serves x-data-parallel-host-port as the routing sidecar does")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenize prompts with this model directory's tokenizer.json and chat template "
+                        "(default: the built-in Llama-3-style tokenizer)")
     p.add_argument("--kv-events-endpoint", default=None,
                    help="ZMQ PUB bind address, e.g. tcp://*:5557 (replica i binds port+i)")
     p.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
@@ -121,6 +125,8 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     if args.data_parallel_size < 1 or args.replicas % args.data_parallel_size:
         raise ValueError(f"--data-parallel-size must be >= 1 and divide --replicas ({args.replicas}), "
                          f"got {args.data_parallel_size}")
+    if args.tokenizer:  # loaded here once to refuse a bad directory before any server starts
+        prompt_tokenizer(args.tokenizer)
     names = args.pod_names or [f"{args.pod_prefix}-{i}" for i in range(args.replicas)]
     if len(names) != args.replicas:
         raise ValueError(f"--pod-names has {len(names)} names for {args.replicas} replicas")
@@ -165,7 +171,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         kv_events_endpoint=args.kv_events_endpoint if args.kv_events_connect else
         _replica_endpoint(args.kv_events_endpoint, i), kv_events_connect=args.kv_events_connect,
         kv_events_replay_endpoint=_replica_endpoint(args.kv_events_replay_endpoint, i),
-        advertise_host=args.advertise_host,
+        advertise_host=args.advertise_host, tokenizer=args.tokenizer,
     ) for i in range(args.replicas)]
 
 

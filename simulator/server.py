@@ -1,8 +1,11 @@
 """The HTTP front of one simulated vLLM server (aiohttp), driving an Engine in real time.
 
 Endpoints: POST /v1/completions, /v1/chat/completions (JSON or SSE), GET /v1/models,
-/health, /metrics, POST /tokenize, /v1/load_lora_adapter, /v1/unload_lora_adapter,
-/reset_prefix_cache. Test controls: POST /sim/hang (every other request then waits
+/health, /metrics, POST /tokenize, /v1/completions/render, /v1/chat/completions/render (vLLM's
+render endpoints: the prompt's token ids), /v1/load_lora_adapter, /v1/unload_lora_adapter,
+/reset_prefix_cache. Prompts are tokenized by the built-in tokenizer, or with --tokenizer by a
+model directory's tokenizer.json and chat template (simulator.tokenizer).
+Test controls: POST /sim/hang (every other request then waits
 until POST /sim/unhang), POST /sim/die (the server closes its port and stops), GET
 /sim/info (pod, labels, counts).
 
@@ -100,6 +103,7 @@ class SimConfig:
     role: str = "both"  # prefill | decode | both: decode and both act as the routing sidecar
     hardware: str | None = None  # simulator.hardware class name (timings already in `engine`)
     prefill_timeout: float = 60.0  # wall seconds the sidecar waits for its prefiller
+    tokenizer: str | None = None  # a model directory (tokenizer.json + chat template); None: the built-in one
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -193,6 +197,7 @@ class _Generation:
 class SimServer:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
+        self.tok = tokenizer.prompt_tokenizer(config.tokenizer)
         self.engine = Engine(config.engine)
         self.metrics = ServerMetrics(config.model, config.pod, config.engine.max_model_len,
                                      config.engine.max_num_batched_tokens)
@@ -268,6 +273,8 @@ class SimServer:
             web.get("/health", self.health),
             web.get("/metrics", self.metrics_page),
             web.post("/tokenize", self.tokenize),
+            web.post("/v1/completions/render", self.render_completion),
+            web.post("/v1/chat/completions/render", self.render_chat),
             web.post("/v1/load_lora_adapter", self.load_lora),
             web.post("/v1/unload_lora_adapter", self.unload_lora),
             web.post("/reset_prefix_cache", self.reset_prefix_cache),
@@ -333,9 +340,9 @@ class SimServer:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids, pieces = tokenizer.encode_with_pieces(prompt)
+            ids, pieces = self.tok.completion(prompt, body.get("add_special_tokens", True) is not False)
             return _Prompt(ids, pieces)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < tokenizer.VOCAB_SIZE
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < self.tok.vocab_size
                                                        for t in prompt):
             return _Prompt(list(prompt), [tokenizer.decode_token(t) or " x" for t in prompt])
         if isinstance(prompt, list) and len(prompt) > 1:
@@ -347,11 +354,10 @@ class SimServer:
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         try:
-            text = tokenizer.apply_chat_template(messages)
-            last = tokenizer._content_text(messages[-1].get("content"))
+            ids, pieces = self.tok.chat(messages, body.get("add_generation_prompt", True) is not False)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return _Prompt(tokenizer.encode(text), tokenizer.pieces(last))
+        return _Prompt(ids, pieces)
 
     def _max_tokens(self, body: dict, chat: bool) -> int:
         names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
@@ -403,7 +409,7 @@ class SimServer:
         if cfg.mode == "echo":
             pieces = prompt.echo_pieces[:max_tokens] or [" "]
             finish = "stop" if len(pieces) < max_tokens else "length"
-            out_ids = tokenizer.encode("".join(pieces))[: len(pieces)]
+            out_ids = self.tok.completion("".join(pieces), False)[0][: len(pieces)]
         else:
             rng = random.Random(cfg.seed * 1_000_003 + zlib.crc32(repr(prompt.token_ids[-64:]).encode()))
             choices = rng.choices(tokenizer.OUTPUT_VOCAB, k=max_tokens)
@@ -601,11 +607,36 @@ class SimServer:
         if "messages" in body:
             prompt = self._chat_prompt(body)
         elif isinstance(body.get("prompt"), str):
-            prompt = _Prompt(tokenizer.encode(body["prompt"]), [])
+            special = body.get("add_special_tokens", True) is not False
+            prompt = _Prompt(self.tok.completion(body["prompt"], special)[0], [])
         else:
             raise ApiError(400, "tokenize needs 'prompt' (a string) or 'messages'", param="prompt")
         return _json({"count": len(prompt.token_ids), "max_model_len": self.config.engine.max_model_len,
                       "tokens": prompt.token_ids, "token_strs": None})
+
+    # vLLM's render endpoints: the prompt's token ids as a GenerateRequest (a list of one for completions);
+    # its sampling_params here carry only max_tokens
+    def _generate_request(self, body: dict, prompt: _Prompt) -> dict:
+        max_tokens = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else None
+        return {"request_id": f"render-{uuid.uuid4().hex}", "token_ids": prompt.token_ids, "features": None,
+                "sampling_params": {"max_tokens": max_tokens}, "model": body.get("model") or self.config.model,
+                "stream": False, "stream_options": None, "cache_salt": body.get("cache_salt"), "priority": 0,
+                "kv_transfer_params": None}
+
+    async def _render_body(self, request: web.Request) -> dict:
+        body = await _read_json(request)
+        model = body.get("model")
+        if model is not None and model != self.config.model and model not in self.loras:
+            raise ApiError(404, f"The model `{model}` does not exist.", param="model")
+        return body
+
+    async def render_completion(self, request: web.Request) -> web.Response:
+        body = await self._render_body(request)
+        return _json([self._generate_request(body, self._completion_prompt(body))])
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        body = await self._render_body(request)
+        return _json(self._generate_request(body, self._chat_prompt(body)))
 
     async def load_lora(self, request: web.Request) -> web.Response:
         body = await _read_json(request)

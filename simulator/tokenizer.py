@@ -105,3 +105,51 @@ def apply_chat_template(messages: Iterable[Mapping[str, Any]], add_generation_pr
     if add_generation_prompt:
         out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
     return "".join(out)
+
+
+# --------------------------------------------------------------------------- the server's prompt tokenizer
+class BuiltinTokenizer:
+    """The prompt tokenizer of a server started without --tokenizer: the functions above."""
+
+    vocab_size = VOCAB_SIZE
+
+    def completion(self, prompt: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
+        return encode_with_pieces(prompt)
+
+    def chat(self, messages: list, add_generation_prompt: bool = True) -> tuple[list[int], list[str]]:
+        """Token ids of the rendered conversation and the pieces of its last message (echo mode)."""
+        text = apply_chat_template(messages, add_generation_prompt)
+        return encode(text), pieces(_content_text(messages[-1].get("content")))
+
+
+class FileTokenizer:
+    """A model's tokenizer.json and chat template (`epp sim --tokenizer DIR`), through the
+    picker's own in-process backend, so the server's prompt ids (and so its KV blocks and
+    events) are exactly the ids the picker computes."""
+
+    def __init__(self, directory: str) -> None:
+        from epp.requestcontrol.producers.tokens_local import LocalTokenizer, TokenizerError, content_text
+
+        self._error, self._text = TokenizerError, content_text
+        self.local = LocalTokenizer.load(directory)
+        self.local.require_chat_template()
+        self.vocab_size = self.local.vocab_size
+
+    def _pieces(self, text: str) -> list[str]:
+        enc = self.local.tokenizer.encode(text, add_special_tokens=False)
+        return [text[s:e] for s, e in enc.offsets]
+
+    def completion(self, prompt: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
+        return self.local.encode(prompt, add_special_tokens), self._pieces(prompt)
+
+    def chat(self, messages: list, add_generation_prompt: bool = True) -> tuple[list[int], list[str]]:
+        try:
+            ids = self.local.encode(self.local.render_chat(messages, add_generation_prompt))
+        except self._error as e:
+            raise ValueError(str(e)) from None
+        return ids, self._pieces(self._text(messages[-1].get("content")))
+
+
+def prompt_tokenizer(directory: str | None) -> BuiltinTokenizer | FileTokenizer:
+    """The server's prompt tokenizer: the model directory's, or the built-in one."""
+    return FileTokenizer(directory) if directory else BuiltinTokenizer()

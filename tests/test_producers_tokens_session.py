@@ -1,13 +1,12 @@
 """token-producer (llm-d-router pkg/epp/framework/plugins/requestcontrol/dataproducer/tokenizer/
 tokenizer.go, estimate.go: the estimate backend is the default, 4 bytes per token, the last one
-zero-padded; vllm / udsTokenizerConfig / multimodal estimates are precise tokenization, issue 12)
+zero-padded; the vllm, udsTokenizerConfig and inProcess backends: tests/test_tokenization.py)
 and session-id-producer (dataproducer/sessionid/producer.go: exactly one of headerName |
 cookieName; the value trimmed; nothing published when absent), read by session-affinity-scorer's
 session_id strategy (scheduling/scorer/sessionaffinity/, scheduling/util/sessionaffinity/session_id.go,
 header.go)."""
 
 import base64
-import json
 
 import pytest
 
@@ -42,25 +41,6 @@ def test_estimate_is_four_bytes_per_token_rounded_up():
     assert tokens(req("é" * 4)) == 2  # 8 UTF-8 bytes
     assert tokens(req("x" * 400), {"estimate": {}}) == 100
     assert tokens(req("ignored text", body={"prompt": [1, 2, 3]})) == 3  # the client's token ids
-
-
-@pytest.mark.parametrize("params, where", [
-    ({"vllm": {"url": "http://localhost:8000"}}, "vllm: the vllm tokenizer backend needs precise tokenization (issue 12)"),
-    ({"modelName": "m"}, "modelName: the vllm tokenizer backend needs precise tokenization (issue 12)"),
-    ({"udsTokenizerConfig": {"socketFile": "/x"}, "modelName": "m"},
-     "udsTokenizerConfig: the udsTokenizerConfig tokenizer backend needs precise tokenization (issue 12)"),
-    ({"estimate": {"image": {"mode": "static"}}}, "estimate.image: multimodal token estimation needs precise "
-                                                    "tokenization (issue 12)"),
-    ({"estimate": {}, "vllm": {}}, "vllm: only one of 'estimate', 'vllm' or 'udsTokenizerConfig' may be set"),
-])
-def test_other_backends_are_refused_naming_issue_12(params, where):
-    with pytest.raises(ConfigError) as e:
-        load_config(_yaml(params))
-    assert f"plugins[0].parameters.{where}" in str(e.value)
-
-
-def _yaml(params):
-    return f"plugins: [{{type: token-producer, parameters: {json.dumps(params)}}}]"
 
 
 def test_deprecated_tokenizer_alias_is_the_token_producer():

@@ -6,7 +6,8 @@ epp.assembly."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from epp.config import EndpointPickerConfig, FlowControlConfig
@@ -50,6 +51,9 @@ class PluginSet(Observed):
         # Config order is kept so hooks run in a predictable order.
         points = {name: extension_points(p) for name, p in plugins.items()}
         self._members = {point: [p for name, p in plugins.items() if point in points[name]] for point in HOOKS}
+        # producers that first await I/O (token-producer's vllm backend): awaited by the director before the cycle
+        self.prefetches: list[Callable[[InferenceRequest], Awaitable[None]]] = [
+            f for f in (getattr(p, "prefetch_request_data", None) for p in self._members["PrepareData"]) if callable(f)]
         self.observe = observe
 
     def _rebuild(self, fn: Observer | None) -> None:
@@ -72,6 +76,13 @@ class PluginSet(Observed):
         return bool(self._response_streaming)
 
     # ------------------------------------------------------------------ the cycle
+    async def prefetch(self, request: InferenceRequest) -> None:
+        """The asynchronous step before PrepareData: each producer bounds its own wait and never raises."""
+        if len(self.prefetches) == 1:
+            await self.prefetches[0](request)
+        else:
+            await asyncio.gather(*(f(request) for f in self.prefetches))
+
     def run_cycle(self, request: InferenceRequest, candidates: Sequence[Endpoint], *,
                   trace: SchedulingTrace | None = None, commit: bool = True) -> tuple[CycleState, SchedulingResult]:
         """Schedule one request. commit=False (explain) leaves every plugin's state untouched."""

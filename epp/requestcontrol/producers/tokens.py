@@ -1,25 +1,79 @@
-"""token-producer (the reference's requestcontrol/dataproducer/tokenizer/tokenizer.go,
-estimate.go): counts the request's prompt tokens once, in PrepareData, and publishes the
-count under TOKENIZED_PROMPT for the producers that need it (inflight-load-producer).
+"""token-producer (the reference's requestcontrol/dataproducer/tokenizer): tokenizes the
+request's prompt once per request and publishes the count under TOKENIZED_PROMPT (for
+inflight-load-producer and the like) and, when a real tokenizer ran, the token ids under
+TOKEN_IDS (for the precise prefix cache). Backends, one per instance:
 
-The `estimate` backend, the reference's default when no backend is set: 4 bytes of the
-prompt per token, the last one padded (ceil(bytes / 4)). Token ids the client sent
-(completions or embeddings with a token-id prompt, generate) count one each. The other
-backends (vllm: the model server's /render endpoint; udsTokenizerConfig: an in-process
-tokenizer) and the multimodal estimates (estimate.image / estimate.video) belong to precise
-tokenization (issue 12) and are refused at start-up."""
+- `estimate` (no backend set, no modelName): 4 bytes of the prompt per token, the last one
+  padded (ceil(bytes / 4)), the reference's estimate.go; no ids are published.
+- `vllm` (or `modelName` alone when the model's tokenizer is not on this machine): vLLM's
+  render endpoints, the reference's vllm_http.go (tokens_render.py). PrepareData is
+  synchronous, so the call is made in the director's asynchronous step before the cycle
+  (`prefetch_request_data`), bounded by `vllm.timeout` (chat: the larger of it and
+  `vllm.mmTimeout`); rendered ids are cached (bounded), so a repeated body is rendered
+  once. A slow or failing render falls back to the estimate for that request (no ids),
+  counted and logged.
+- `inProcess` (this project's; also `modelName` alone when its tokenizer is in the Hugging
+  Face cache, and the reference's `udsTokenizerConfig`, whose tokenizer sidecar we replace
+  by the same files loaded here): the `tokenizers` library in process (tokens_local.py),
+  no I/O on the hot path.
+
+Token ids the client sent (completions with a token-id prompt, generate) are used as they
+are by every backend."""
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.framework.datakeys import TOKENIZED_PROMPT
+from epp.framework.datakeys import TOKEN_IDS, TOKENIZED_PROMPT
+from epp.units import duration_value
+
+from .tokens_local import LocalTokenizer, TokenizerError, find_tokenizer_dir
+from .tokens_render import (
+    DEFAULT_URL,
+    RENDER_PATHS,
+    RenderClient,
+    RenderError,
+    RenderSettings,
+    render_key,
+)
+
+log = logging.getLogger(__name__)
 
 BYTES_PER_TOKEN = 4
-_ISSUE12 = "precise tokenization (issue 12), not built yet; leave it out for the estimate backend"
+PREFETCHED_MAX = 4096  # rendered ids waiting for their request's PrepareData (bounded)
+FAILURE_LOG_INTERVAL = 30.0  # seconds between repeated render-failure warnings
+_ISSUE12 = "not built yet"
+_VLLM_KEYS = ("url", "http", "timeout", "mmTimeout", "prefillOnly", "messagesRenderMode", "caCertPath",
+              "clientCertPath", "clientKeyPath", "insecureSkipVerify", "endpointDiscovery")
+_UDS_KEYS = ("socketFile", "useTCP", "modelTokenizerMap", "huggingFaceToken", "tokenizersCacheDir")
+_IN_PROCESS_KEYS = ("path", "hfCacheDir")
+OUTCOMES = ("tokenized", "rendered", "render_cached", "estimated", "fallback_timeout", "fallback_error")
+
+
+class _ParamError(ValueError):
+    pass
+
+
+def _check_keys(section: str, value: Any, known: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _ParamError(f"{section}: must be a mapping")
+    for key in value:
+        if key not in known:
+            raise _ParamError(f"{section}.{key}: unknown parameter (known: {', '.join(known)})")
+    return dict(value)
+
+
+def _str(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _ParamError(f"{where}: must be a string")
+    return value
 
 
 @dataclass(slots=True)
@@ -28,20 +82,72 @@ class TokenProducerParams:
     vllm: dict[str, Any] | None = None
     estimate: dict[str, Any] | None = None
     udsTokenizerConfig: dict[str, Any] | None = None  # deprecated in the reference
+    inProcess: dict[str, Any] | None = None  # this project's: {path, hfCacheDir}
+
+    def backend(self) -> str:
+        """estimate | vllm | uds | inProcess | auto (modelName alone: inProcess when found locally, else vllm)."""
+        uds_on = bool(self.udsTokenizerConfig and self.udsTokenizerConfig.get("socketFile"))
+        set_ = [k for k, on in (("estimate", self.estimate is not None), ("vllm", self.vllm is not None),
+                                ("udsTokenizerConfig", uds_on), ("inProcess", self.inProcess is not None)) if on]
+        if len(set_) > 1:
+            raise _ParamError(f"{set_[1]}: only one of 'estimate', 'vllm', 'udsTokenizerConfig' or 'inProcess' "
+                              "may be set")
+        if set_:
+            return {"udsTokenizerConfig": "uds"}.get(set_[0], set_[0])
+        return "auto" if self.modelName else "estimate"
 
     def validate(self) -> None:
-        backends = [k for k in ("estimate", "vllm", "udsTokenizerConfig") if getattr(self, k) is not None]
-        if self.modelName and "vllm" not in backends and "udsTokenizerConfig" not in backends:
-            backends.append("vllm")  # the reference: a model name alone selects the vllm backend
-        if len(backends) > 1:
-            raise ValueError(f"{backends[1]}: only one of 'estimate', 'vllm' or 'udsTokenizerConfig' may be set")
-        if backends and backends[0] in ("vllm", "udsTokenizerConfig"):
-            key = backends[0] if getattr(self, backends[0]) is not None else "modelName"
-            raise ValueError(f"{key}: the {backends[0]} tokenizer backend needs {_ISSUE12}")
+        _str(self.modelName, "modelName")
+        backend = self.backend()
         for key in (self.estimate or {}):
-            if key in ("image", "video"):
-                raise ValueError(f"estimate.{key}: multimodal token estimation needs {_ISSUE12}")
-            raise ValueError(f"estimate.{key}: unknown parameter (known: image, video)")
+            if key in ("image", "video", "audio"):
+                raise _ParamError(f"estimate.{key}: multimodal token estimation is {_ISSUE12}")
+            raise _ParamError(f"estimate.{key}: unknown parameter (known: image, video, audio)")
+        if self.vllm is not None:
+            self.render_settings()
+        if self.udsTokenizerConfig is not None:
+            uds = _check_keys("udsTokenizerConfig", self.udsTokenizerConfig, _UDS_KEYS)
+            m = uds.get("modelTokenizerMap")
+            if m is not None and not (isinstance(m, Mapping) and all(isinstance(v, str) for v in m.values())):
+                raise _ParamError("udsTokenizerConfig.modelTokenizerMap: must map model names to paths")
+        if self.inProcess is not None:
+            for key, value in _check_keys("inProcess", self.inProcess, _IN_PROCESS_KEYS).items():
+                _str(value, f"inProcess.{key}")
+        if backend in ("vllm", "uds") and not self.modelName:
+            raise _ParamError(f"modelName: must be specified for the {backend} backend")
+        if backend == "inProcess" and not (self.inProcess or {}).get("path") and not self.modelName:
+            raise _ParamError("inProcess.path: a tokenizer directory (or modelName, looked up in the Hugging Face "
+                              "cache) is required")
+
+    def render_settings(self) -> RenderSettings:
+        v = _check_keys("vllm", self.vllm or {}, _VLLM_KEYS)
+        if v.get("endpointDiscovery") is not None:
+            raise _ParamError(f"vllm.endpointDiscovery: rendering on the discovered endpoints is {_ISSUE12}; set "
+                              "vllm.url")
+        mode = v.get("messagesRenderMode", "auto")
+        if mode not in ("auto", "native", "legacy"):
+            raise _ParamError(f"vllm.messagesRenderMode: must be auto, native or legacy, got {mode!r}")
+        url = _str(v.get("url") or v.get("http"), "vllm.url") or DEFAULT_URL
+        if not url.startswith(("http://", "https://")):
+            raise _ParamError(f"vllm.url: must be an http:// or https:// URL, got {url!r}")
+        s = RenderSettings(url=url)
+        for key, attr in (("timeout", "timeout"), ("mmTimeout", "mm_timeout")):
+            if v.get(key) is not None:
+                seconds = duration_value(v[key], f"vllm.{key}", _ParamError)
+                if seconds <= 0:
+                    raise _ParamError(f"vllm.{key}: must be positive")
+                setattr(s, attr, seconds)
+        for key, attr in (("caCertPath", "ca_cert_path"), ("clientCertPath", "client_cert_path"),
+                          ("clientKeyPath", "client_key_path")):
+            setattr(s, attr, _str(v.get(key), f"vllm.{key}"))
+        if bool(s.client_cert_path) != bool(s.client_key_path):
+            raise _ParamError("vllm.clientCertPath: clientCertPath and clientKeyPath must be set together")
+        for key, attr in (("prefillOnly", "prefill_only"), ("insecureSkipVerify", "insecure_skip_verify")):
+            if v.get(key) is not None:
+                if not isinstance(v[key], bool):
+                    raise _ParamError(f"vllm.{key}: must be true or false")
+                setattr(s, attr, v[key])
+        return s
 
 
 def _token_ids(body: Mapping[str, Any] | None) -> Sequence[Any] | None:
@@ -63,15 +169,147 @@ def estimate_tokens(request: InferenceRequest) -> int:
     return -(-n // BYTES_PER_TOKEN)
 
 
+def load_local_tokenizer(p: TokenProducerParams, backend: str) -> LocalTokenizer | None:
+    """The in-process tokenizer the parameters name (None when `auto` finds none). Raises ValueError."""
+    where, path, hub = "inProcess.path", "", ""
+    if backend == "inProcess":
+        path, hub = (p.inProcess or {}).get("path", ""), (p.inProcess or {}).get("hfCacheDir", "")
+    elif backend == "uds":
+        uds = p.udsTokenizerConfig or {}
+        path = (uds.get("modelTokenizerMap") or {}).get(p.modelName, "")
+        hub, where = uds.get("tokenizersCacheDir", ""), "udsTokenizerConfig.modelTokenizerMap"
+    directory = find_tokenizer_dir(path, p.modelName, hub)
+    if directory is None:
+        if backend == "auto":
+            return None
+        raise ValueError(f"{where}: no tokenizer.json for model {p.modelName!r} at {path or 'the Hugging Face cache'}")
+    try:
+        tok = LocalTokenizer.load(directory)
+        tok.require_chat_template()
+    except TokenizerError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return tok
+
+
 class TokenProducer:
     type_name = "token-producer"
     Params = TokenProducerParams
 
     def __init__(self, name: str, params: TokenProducerParams | None, handle: PluginHandle) -> None:
+        p = params or TokenProducerParams()
         self.name = name
         self.key = TOKENIZED_PROMPT.of(name)
+        self.ids_key = TOKEN_IDS.of(name)
+        self.model = p.modelName
+        self.clock = handle.clock
+        backend = p.backend()
+        self.local: LocalTokenizer | None = None
+        self.render: RenderClient | None = None
+        if backend in ("inProcess", "uds", "auto"):
+            self.local = load_local_tokenizer(p, backend)
+            if backend == "uds":
+                log.info("%s: udsTokenizerConfig is deprecated in the reference; its tokenizer files are loaded in "
+                         "process from %s (the socket %s is not used)", name, self.local.source,
+                         (p.udsTokenizerConfig or {}).get("socketFile"))
+        if backend == "vllm" or (backend == "auto" and self.local is None):
+            self.render = RenderClient(p.render_settings())
+            if backend == "auto":
+                log.info("%s: no local tokenizer for %r, rendering with vLLM at %s", name, p.modelName,
+                         self.render.base)
+            self.prefetch_request_data = self._prefetch  # the director awaits this before the cycle
+        self.backend = "vllm" if self.render is not None else "inProcess" if self.local is not None else "estimate"
+        self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.tokens_published = 0
+        self._prefetched: OrderedDict[str, tuple[int, ...] | str] = OrderedDict()
+        self._last_warning = float("-inf")
+        m = handle.metrics
+        me = {"plugin_name": name, "plugin_type": self.type_name}
+        for outcome in OUTCOMES:
+            m.gauge("epp_token_producer_requests", "Requests token-producer handled, by outcome (a count).",
+                    lambda o=outcome: self.counts[o], {**me, "outcome": outcome})
+        m.gauge("epp_token_producer_published_tokens", "Token ids token-producer published from a real tokenizer "
+                "(a count).", lambda: self.tokens_published, me)
 
-    # PrepareData
+    # ------------------------------------------------------------------ vllm: the async step
+    def _render_target(self, request: InferenceRequest) -> tuple[str, Mapping[str, Any]] | None:
+        body = request.body
+        if request.kind in RENDER_PATHS and isinstance(body, Mapping) and _token_ids(body) is None:
+            return request.kind, body
+        return None
+
+    async def _prefetch(self, request: InferenceRequest) -> None:
+        """Render the request's prompt (or find it cached) before the cycle; never raises."""
+        target = self._render_target(request)
+        if target is None or self.render is None:
+            return
+        kind, body = target
+        model = request.target_model or self.model
+        key = render_key(kind, body, model)
+        ids = self.render.cache.get(key)
+        if ids is not None:
+            outcome: tuple[int, ...] | str = ids
+            self.counts["render_cached"] += 1
+        else:
+            try:
+                outcome = await self.render.render(kind, body, model, request.headers.get("authorization", ""), key)
+                self.counts["rendered"] += 1
+            except TimeoutError:
+                outcome = "fallback_timeout"
+                self._warn(f"render timed out after {self.render.timeout_for(kind)}s")
+            except RenderError as e:
+                outcome = "fallback_error"
+                self._warn(str(e))
+        self._prefetched[request.request_id] = outcome
+        while len(self._prefetched) > PREFETCHED_MAX:
+            self._prefetched.popitem(last=False)
+
+    def _warn(self, message: str) -> None:
+        now = self.clock()
+        if now - self._last_warning >= FAILURE_LOG_INTERVAL:
+            self._last_warning = now
+            log.warning("%s: falling back to the token estimate: %s", self.name, message)
+
+    def _rendered(self, request: InferenceRequest) -> tuple[int, ...] | None:
+        outcome = self._prefetched.pop(request.request_id, None)
+        if isinstance(outcome, tuple):
+            return outcome
+        if isinstance(outcome, str):
+            self.counts[outcome] += 1
+            return None
+        target = self._render_target(request)  # not prefetched (explain): only what is cached
+        if target is None or self.render is None:
+            return None
+        ids = self.render.cache.get(render_key(target[0], target[1], request.target_model or self.model))
+        if ids is not None:
+            self.counts["render_cached"] += 1
+        return ids
+
+    # ------------------------------------------------------------------ PrepareData
+    def token_ids(self, request: InferenceRequest) -> tuple[int, ...] | None:
+        """The prompt's token ids from the configured tokenizer, or None (estimate)."""
+        body = request.body if isinstance(request.body, Mapping) else None
+        client = _token_ids(body)
+        if client is not None:
+            return tuple(client)
+        if self.render is not None:
+            return self._rendered(request)
+        if self.local is not None and body is not None:
+            try:
+                ids = self.local.tokenize_body(request.kind, body)
+            except TokenizerError:
+                return None
+            if ids is not None:
+                self.counts["tokenized"] += 1
+                return tuple(ids)
+        return None
+
     def prepare_request_data(self, cycle: CycleState, request: InferenceRequest,
                              endpoints: Sequence[Endpoint]) -> None:
-        cycle.write(self.key, estimate_tokens(request))
+        ids = self.token_ids(request) if self.backend != "estimate" else None
+        if ids is None:
+            self.counts["estimated"] += 1
+            cycle.write(self.key, estimate_tokens(request))
+            return
+        self.tokens_published += len(ids)
+        cycle.write(self.ids_key, ids)
+        cycle.write(self.key, len(ids))

@@ -1,0 +1,211 @@
+"""The vllm backend of token-producer: vLLM's render endpoints over HTTP (the reference's
+tokenizer/vllm_http.go). A completions body goes to POST /v1/completions/render, which
+answers a JSON list of vLLM GenerateRequest objects; a chat body to
+POST /v1/chat/completions/render, which answers one GenerateRequest. The prompt's token ids
+are its `token_ids` (the first element's for completions). The body is sent as the client
+sent it, with `model` set to the model the request is routed for (after any rewrite), and
+the client's Authorization header forwarded, as the reference's native render does.
+
+Rendered ids are kept in a bounded LRU keyed by a digest of what decides them (the
+render path and the body without its sampling fields), and concurrent renders of one body
+share one call."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import xxhash
+
+COMPLETIONS_RENDER_PATH = "/v1/completions/render"
+CHAT_RENDER_PATH = "/v1/chat/completions/render"
+RENDER_PATHS = {"completions": COMPLETIONS_RENDER_PATH, "chat": CHAT_RENDER_PATH}
+DEFAULT_URL = "http://localhost:8000"
+DEFAULT_TIMEOUT = 5.0  # the reference's vllm.timeout
+DEFAULT_MM_TIMEOUT = 30.0  # vllm.mmTimeout; chat uses the larger of the two, as the reference
+MAX_RESPONSE_BYTES = 64 << 20  # a render answer larger than this is refused
+MAX_TOKEN_ID = (1 << 32) - 1  # vLLM's ids travel as uint32 in the reference
+RENDER_CACHE_ENTRIES = 4096  # bodies whose rendered ids are kept
+RENDER_CACHE_TOKENS = 1 << 22  # ... and the total ids they hold
+MAX_IDLE_CONNECTIONS = 16  # the reference's MaxIdleConnsPerHost
+# fields that do not change a prompt's token ids (sampling, streaming, routing hints): left out of the cache key
+_NOT_RENDERED = frozenset((
+    "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens",
+    "min_tokens", "n", "seed", "stop", "stop_token_ids", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logprobs", "top_logprobs", "logit_bias", "user", "priority", "request_id",
+    "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "kv_transfer_params"))
+
+
+class RenderError(Exception):
+    """A render call that gave no token ids (message says why)."""
+
+
+def parse_render_response(kind: str, data: bytes) -> tuple[int, ...]:
+    """The prompt token ids in a render endpoint's JSON answer. Raises RenderError for
+    anything that is not the shape vLLM sends."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise RenderError(f"render answer is not JSON: {e}") from None
+    if kind == "completions":
+        if not isinstance(doc, list) or not doc:
+            raise RenderError("completions render answer must be a non-empty JSON list")
+        doc = doc[0]
+    if not isinstance(doc, dict):
+        raise RenderError("render answer must be a JSON object (vLLM's GenerateRequest)")
+    ids = doc.get("token_ids")
+    if not isinstance(ids, list) or not ids:
+        raise RenderError("render answer has no token_ids")
+    for t in ids:
+        if type(t) is not int or not 0 <= t <= MAX_TOKEN_ID:
+            raise RenderError("render answer's token_ids must be unsigned 32-bit integers")
+    return tuple(ids)
+
+
+def render_key(kind: str, body: Mapping[str, Any], model: str) -> bytes:
+    """A digest of what decides a body's rendered ids."""
+    kept = {k: v for k, v in body.items() if k not in _NOT_RENDERED}
+    kept["model"] = model
+    try:
+        raw = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # not JSON-serialisable: never cached
+        return b""
+    return kind.encode() + xxhash.xxh3_128_digest(raw)
+
+
+class RenderCache:
+    """LRU of render key -> token ids, bounded by entries and by total ids."""
+
+    def __init__(self, max_entries: int = RENDER_CACHE_ENTRIES, max_tokens: int = RENDER_CACHE_TOKENS) -> None:
+        self.max_entries, self.max_tokens = max_entries, max_tokens
+        self.tokens = 0
+        self._items: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: bytes) -> tuple[int, ...] | None:
+        ids = self._items.get(key)
+        if ids is not None:
+            self._items.move_to_end(key)
+        return ids
+
+    def put(self, key: bytes, ids: tuple[int, ...]) -> None:
+        if not key or key in self._items or len(ids) > self.max_tokens:
+            return
+        self._items[key] = ids
+        self.tokens += len(ids)
+        while len(self._items) > self.max_entries or self.tokens > self.max_tokens:
+            _, old = self._items.popitem(last=False)
+            self.tokens -= len(old)
+
+
+@dataclass(slots=True)
+class RenderSettings:
+    url: str = DEFAULT_URL
+    timeout: float = DEFAULT_TIMEOUT
+    mm_timeout: float = DEFAULT_MM_TIMEOUT
+    prefill_only: bool = False
+    ca_cert_path: str = ""
+    client_cert_path: str = ""
+    client_key_path: str = ""
+    insecure_skip_verify: bool = False
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        if not self.url.startswith("https://"):
+            return True  # aiohttp's default
+        ctx = ssl.create_default_context(cafile=self.ca_cert_path or None)
+        if self.insecure_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if self.client_cert_path:
+            ctx.load_cert_chain(self.client_cert_path, self.client_key_path)
+        return ctx
+
+
+def render_body(body: Mapping[str, Any], model: str, prefill_only: bool) -> dict[str, Any]:
+    """The copy of the request body sent to render (vllm.prefillOnly: a one-token output budget)."""
+    out = dict(body)
+    if model:
+        out["model"] = model
+    if prefill_only and out.get("truncate_prompt_tokens") is None:
+        out["max_tokens"] = 1
+        if out.get("max_completion_tokens") is not None:
+            out["max_completion_tokens"] = min(out["max_completion_tokens"], 1) \
+                if isinstance(out["max_completion_tokens"], int) else 1
+        if "min_tokens" in out:
+            out["min_tokens"] = 0
+    return out
+
+
+class RenderClient:
+    """Calls one render URL; the session is made on first use (inside the event loop)."""
+
+    def __init__(self, settings: RenderSettings) -> None:
+        self.settings = settings
+        self.base = settings.url.rstrip("/")
+        self._ssl = settings.ssl_context()
+        self._session: aiohttp.ClientSession | None = None
+        self.cache = RenderCache()
+        self._inflight: dict[bytes, asyncio.Future[tuple[int, ...]]] = {}
+
+    def timeout_for(self, kind: str) -> float:
+        s = self.settings
+        return max(s.timeout, s.mm_timeout) if kind == "chat" else s.timeout
+
+    async def render(self, kind: str, body: Mapping[str, Any], model: str, authorization: str = "",
+                     key: bytes | None = None) -> tuple[int, ...]:
+        """The body's token ids (cached, or one call shared by concurrent callers). Raises
+        RenderError, or asyncio.TimeoutError past the kind's timeout."""
+        key = render_key(kind, body, model) if key is None else key
+        ids = self.cache.get(key)
+        if ids is not None:
+            return ids
+        pending = self._inflight.get(key) if key else None
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[tuple[int, ...]] = asyncio.get_running_loop().create_future()
+        if key:
+            self._inflight[key] = fut
+        try:
+            ids = await asyncio.wait_for(self._post(kind, render_body(body, model, self.settings.prefill_only),
+                                                    authorization), self.timeout_for(kind))
+            self.cache.put(key, ids)
+            fut.set_result(ids)
+            return ids
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else RenderError("render cancelled"))
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _post(self, kind: str, body: dict[str, Any], authorization: str) -> tuple[int, ...]:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                limit_per_host=MAX_IDLE_CONNECTIONS, ssl=self._ssl))
+        headers = {"Content-Type": "application/json"}
+        if authorization:
+            headers["Authorization"] = authorization
+        url = self.base + RENDER_PATHS[kind]
+        try:
+            async with self._session.post(url, data=orjson.dumps(body), headers=headers) as resp:
+                data = await resp.content.read(MAX_RESPONSE_BYTES + 1)
+                if len(data) > MAX_RESPONSE_BYTES:
+                    raise RenderError(f"render answer larger than {MAX_RESPONSE_BYTES} bytes")
+                if not 200 <= resp.status < 300:
+                    snippet = data[:1024].decode("utf-8", "replace")
+                    raise RenderError(f"vLLM render returned status {resp.status}: {snippet}")
+        except aiohttp.ClientError as e:
+            raise RenderError(f"post {RENDER_PATHS[kind]}: {type(e).__name__}: {e}") from None
+        return parse_render_response(kind, data)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
