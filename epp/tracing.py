@@ -38,6 +38,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from epp.framework.headers import REQUEST_ID
 from epp.timing import Observer
 
 if TYPE_CHECKING:
@@ -348,7 +349,7 @@ def request_attributes(r: Any) -> dict[str, Any]:
                              ATTR_INCOMING_MODEL: r.incoming_model}
     if r.target_model:
         attrs["gen_ai.request.model"] = r.target_model
-    rid = r.headers.get("x-request-id") if r.headers else None
+    rid = r.headers.get(REQUEST_ID) if r.headers else None
     if rid:
         attrs["gen_ai.request.id"] = rid
     if r.objective:

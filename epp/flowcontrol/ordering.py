@@ -15,9 +15,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from epp.framework import NamedPlugin
+from epp.framework.headers import SLO_TTFT_MS as SLO_TTFT_HEADER  # what slo-deadline-ordering-policy reads
 
-# the request header slo-deadline-ordering-policy reads (the reference's metadata.TTFTSLOHeaderKey)
-SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
 _MAX_SLO_MS = (2**63 - 1) // 1_000_000  # the reference refuses values whose nanoseconds overflow int64
 
 

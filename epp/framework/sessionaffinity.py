@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from epp.framework.datakeys import DataKey
+from epp.framework.headers import SESSION_ID as SESSION_ID_HEADER  # sessionIdConfig.sources default
 from epp.framework.plugins import ConfiguredPlugin, PluginHandle
 from epp.framework.types import CycleState, Endpoint, InferenceRequest, ResponseInfo, SchedulingResult
 
 SESSION_TOKEN_HEADER = "x-session-token"  # encodedEndpointHeaderConfig.header default
-SESSION_ID_HEADER = "x-session-id"  # sessionIdConfig.sources default
 ENCODED_ENDPOINT_HEADER, SESSION_ID = "encoded_endpoint_header", "session_id"
 DEFAULT_TTL_SECONDS = 300.0  # sessionIdConfig.evictionTtlSeconds
 DEFAULT_SWEEP_SECONDS = 10.0  # sessionIdConfig.evictionSweepSeconds

@@ -22,6 +22,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
 from epp.errors import InferenceError
+from epp.framework.headers import REQUEST_ID
 from epp.handlers.protocol import DESTINATION_HEADER, LB_NAMESPACE, SCORES_KEY, SYSTEM_HEADERS
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ class RoutingReplies:
         set_headers = [header_option(DESTINATION_HEADER, ctx.destination)]
         set_headers += [header_option(k, v) for k, v in ctx.upstream_headers.items()]
         if ctx.generated_request_id:
-            set_headers.append(header_option("x-request-id", ctx.request_id))
+            set_headers.append(header_option(REQUEST_ID, ctx.request_id))
         if content_length >= 0:
             set_headers.append(header_option("content-length", str(content_length)))
         common = CommonResponse(header_mutation=HeaderMutation(set_headers=set_headers, remove_headers=removes),

@@ -14,20 +14,21 @@ from collections.abc import Mapping
 
 from epp.errors import DROPPED_REASON_HEADER
 from epp.framework import InferenceRequest
-
-OBJECTIVE = "x-llm-d-inference-objective"
-FAIRNESS_ID = "x-llm-d-inference-fairness-id"
-MODEL_NAME_REWRITE = "x-llm-d-model-name-rewrite"
-SLO_TTFT_MS = "x-llm-d-slo-ttft-ms"
-SLO_TPOT_MS = "x-llm-d-slo-tpot-ms"
-VIDEO_FPS = "x-llm-d-video-fps"
-VIDEO_DURATION_SECONDS = "x-llm-d-video-duration-seconds"
-VIDEO_RESOLUTION = "x-llm-d-video-resolution"
-SUBSET_HINT = "x-gateway-destination-endpoint-subset"
-DESTINATION = "x-gateway-destination-endpoint"
-DESTINATION_SERVED = "x-gateway-destination-endpoint-served"
-REQUEST_ID = "x-request-id"
-SESSION_ID = "x-session-id"  # read by the session_id affinity strategy (a plugin), not by the core
+from epp.framework.headers import (  # the names, defined once; re-exported here with their handling
+    DESTINATION,
+    DESTINATION_SERVED,
+    FAIRNESS_ID,
+    MODEL_NAME_REWRITE,
+    OBJECTIVE,
+    REQUEST_ID,
+    SESSION_ID,
+    SLO_TPOT_MS,
+    SLO_TTFT_MS,
+    SUBSET_HINT,
+    VIDEO_DURATION_SECONDS,
+    VIDEO_FPS,
+    VIDEO_RESOLUTION,
+)
 
 DEFAULT_FAIRNESS_ID = "default-flow"
 MAX_SLO_CHARS = 32  # a longer SLO header value is not a number worth parsing
