@@ -102,6 +102,37 @@ PARAMETER_ERRORS = {
     ("plugins: [{type: prefix-cache-scorer}, {type: no-hit-lru-scorer, parameters: "
      "{prefixPluginName: prefix-cache-scorer, prefixMatchInfoProducerName: approx-prefix-cache-producer}}]",
      "plugins[1].parameters.prefixPluginName: not allowed together with prefixMatchInfoProducerName"),
+    # --------------------------------------------------------------- featureGates
+    ("featureGates: [dataLayer]", "featureGates[0]: unknown feature gate 'dataLayer' (registered: flowControl"),
+    ("featureGates: ['flowControl=maybe']", "featureGates[0]: 'maybe' is not a valid value for the feature gate"),
+    ("featureGates: ['haPopulateNonLeaderDatastore=false']", "featureGates[0]: haPopulateNonLeaderDatastore=false"),
+    ("featureGates: {flowControl: true}", "featureGates: expected a list"),
+    # --------------------------------------------------------------- requestHandler / parser
+    ("requestHandler: {parsers: [{pluginRef: nope}]}", "requestHandler.parsers[0].pluginRef: no plugin named 'nope'"),
+    ("requestHandler: {parsers: [{pluginRef: queue-scorer}]}",
+     "requestHandler.parsers[0].pluginRef: 'queue-scorer' is not a parser plugin"),
+    ("requestHandler: {parser: []}", "requestHandler.parser: unknown key"),
+    ("requestHandler: {parsers: [{ref: x}]}", "requestHandler.parsers[0].ref: unknown key"),
+    ("parser: {pluginRef: nope}", "parser.pluginRef: no plugin named 'nope'"),
+    # --------------------------------------------------------------- dataLayer
+    ("dataLayer: {sources: [{pluginRef: gone}]}", "dataLayer.sources[0].pluginRef: no plugin named 'gone'"),
+    ("plugins: [{type: queue-scorer}]\ndataLayer: {sources: [{pluginRef: queue-scorer}]}",
+     "dataLayer.sources[0].pluginRef: 'queue-scorer' is not a data source"),
+    ("plugins: [{type: metrics-data-source}, {type: queue-scorer}]\n"
+     "dataLayer: {sources: [{pluginRef: metrics-data-source, extractors: [{pluginRef: queue-scorer}]}]}",
+     "dataLayer.sources[0].extractors[0].pluginRef: 'queue-scorer' is not a data extractor"),
+    ("plugins: [{type: queue-scorer}]\ndataLayer: {discovery: {pluginRef: queue-scorer}}",
+     "dataLayer.discovery.pluginRef: 'queue-scorer' is not a endpoint discovery plugin"),
+    ("dataLayer: {peerDiscovery: {pluginRef: x}}", "dataLayer.peerDiscovery: sharing data-layer state"),
+    ("dataLayer: {crossReplicaSyncerPluginRef: x}", "dataLayer.crossReplicaSyncerPluginRef: sharing"),
+    ("dataLayer: {injectDefaults: no thanks}", "dataLayer.injectDefaults: expected true or false"),
+    ("dataLayer: {source: []}", "dataLayer.source: unknown key"),
+    ("dataLayer: {sources: [{pluginRef: a, extractor: []}]}", "dataLayer.sources[0].extractor: unknown key"),
+    # --------------------------------------------------------------- unknown keys, deeper down
+    ("requestHandlers: {}", "requestHandlers: unknown key"),
+    ("dataLayer: {discovery: {pluginRef: a, path: b}}", "dataLayer.discovery.path: unknown key"),
+    ("parser: {pluginRef: a, extra: 1}", "parser.extra: unknown key"),
+    ("flowControl: {saturationDetector: {pluginRef: a, x: 1}}", "flowControl.saturationDetector.x: unknown key"),
 ] + [(lone(ptype, params), expected) for ptype, rows in PARAMETER_ERRORS.items() for params, expected in rows])
 def test_config_errors_name_the_key(text, expected):
     assert expected in plugin_set_error(text, ValueError)

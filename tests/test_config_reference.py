@@ -138,16 +138,6 @@ def test_feature_gate_syntaxes(gates, enabled, flow):
     assert cfg.gates["flowControl"] is flow
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("featureGates: [dataLayer]", "featureGates[0]: unknown feature gate 'dataLayer' (registered: flowControl"),
-    ("featureGates: ['flowControl=maybe']", "featureGates[0]: 'maybe' is not a valid value for the feature gate"),
-    ("featureGates: ['haPopulateNonLeaderDatastore=false']", "featureGates[0]: haPopulateNonLeaderDatastore=false"),
-    ("featureGates: {flowControl: true}", "featureGates: expected a list"),
-])
-def test_feature_gate_errors(text, expected):
-    assert expected in errmsg(text)
-
-
 def test_flow_control_section_without_the_gate_is_ignored_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="epp.config"):
         cfg = load_config("flowControl: {maxBytes: 1Gi}\n")
@@ -294,18 +284,6 @@ def test_deprecated_parser_is_mapped_and_the_new_field_wins(caplog):
 
 
 @needs_parsers
-@pytest.mark.parametrize("text, expected", [
-    ("requestHandler: {parsers: [{pluginRef: nope}]}", "requestHandler.parsers[0].pluginRef: no plugin named 'nope'"),
-    ("requestHandler: {parsers: [{pluginRef: queue-scorer}]}",
-     "requestHandler.parsers[0].pluginRef: 'queue-scorer' is not a parser plugin"),
-    ("requestHandler: {parser: []}", "requestHandler.parser: unknown key"),
-    ("requestHandler: {parsers: [{ref: x}]}", "requestHandler.parsers[0].ref: unknown key"),
-    ("parser: {pluginRef: nope}", "parser.pluginRef: no plugin named 'nope'"),
-])
-def test_parser_errors(text, expected):
-    assert expected in errmsg(text)
-
-
 # --------------------------------------------------------------------------- dataLayer
 @needs_data
 def test_data_layer_defaults_are_injected_unless_opted_out():
@@ -332,25 +310,6 @@ dataLayer:
 
 
 @needs_data
-@pytest.mark.parametrize("text, expected", [
-    ("dataLayer: {sources: [{pluginRef: gone}]}", "dataLayer.sources[0].pluginRef: no plugin named 'gone'"),
-    ("plugins: [{type: queue-scorer}]\ndataLayer: {sources: [{pluginRef: queue-scorer}]}",
-     "dataLayer.sources[0].pluginRef: 'queue-scorer' is not a data source"),
-    ("plugins: [{type: metrics-data-source}, {type: queue-scorer}]\n"
-     "dataLayer: {sources: [{pluginRef: metrics-data-source, extractors: [{pluginRef: queue-scorer}]}]}",
-     "dataLayer.sources[0].extractors[0].pluginRef: 'queue-scorer' is not a data extractor"),
-    ("plugins: [{type: queue-scorer}]\ndataLayer: {discovery: {pluginRef: queue-scorer}}",
-     "dataLayer.discovery.pluginRef: 'queue-scorer' is not a endpoint discovery plugin"),
-    ("dataLayer: {peerDiscovery: {pluginRef: x}}", "dataLayer.peerDiscovery: sharing data-layer state"),
-    ("dataLayer: {crossReplicaSyncerPluginRef: x}", "dataLayer.crossReplicaSyncerPluginRef: sharing"),
-    ("dataLayer: {injectDefaults: no thanks}", "dataLayer.injectDefaults: expected true or false"),
-    ("dataLayer: {source: []}", "dataLayer.source: unknown key"),
-    ("dataLayer: {sources: [{pluginRef: a, extractor: []}]}", "dataLayer.sources[0].extractor: unknown key"),
-])
-def test_data_layer_errors(text, expected):
-    assert expected in errmsg(text)
-
-
 # --------------------------------------------------------------------------- deprecated aliases
 def test_by_label_maps_to_label_selector_filter_with_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="epp.config"):
@@ -479,13 +438,3 @@ def test_parameters_of_other_issues_refused_unless_they_mean_what_is_built():
     # disagg-profile-handler's stageOrder is built (tests/test_profiles_disagg.py): checked, not refused
     assert "plugins[0].parameters.stageOrder: expected a string" in errmsg(
         "plugins: [{type: disagg-profile-handler, parameters: {stageOrder: [prefill, decode]}}]")
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("requestHandlers: {}", "requestHandlers: unknown key"),
-    ("dataLayer: {discovery: {pluginRef: a, path: b}}", "dataLayer.discovery.path: unknown key"),
-    ("parser: {pluginRef: a, extra: 1}", "parser.extra: unknown key"),
-    ("flowControl: {saturationDetector: {pluginRef: a, x: 1}}", "flowControl.saturationDetector.x: unknown key"),
-])
-def test_unknown_keys_name_the_path(text, expected):
-    assert expected in errmsg(text)
