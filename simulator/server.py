@@ -6,7 +6,8 @@ render endpoints: the prompt's token ids), /v1/load_lora_adapter, /v1/unload_lor
 /reset_prefix_cache. Prompts are tokenized by the built-in tokenizer, or with --tokenizer by a
 model directory's tokenizer.json and chat template (simulator.tokenizer).
 Test controls: POST /sim/hang (every other request then waits
-until POST /sim/unhang), POST /sim/die (the server closes its port and stops), GET
+until POST /sim/unhang), POST /sim/die (the server closes its port and stops), POST
+/sim/kv_events/close (the KV-event publisher closes; requests are still served), GET
 /sim/info (pod, labels, counts).
 
 Prefill/decode disaggregation, as vLLM with the NixlConnector behind llm-d's routing
@@ -281,6 +282,7 @@ class SimServer:
             web.post("/sim/hang", self.sim_hang),
             web.post("/sim/unhang", self.sim_unhang),
             web.post("/sim/die", self.sim_die),
+            web.post("/sim/kv_events/close", self.sim_close_kv_events),
             web.get("/sim/info", self.sim_info),
             web.post("/sim/nixl/notify", self.sim_nixl_notify),
         ])
@@ -678,6 +680,13 @@ class SimServer:
         await resp.write_eof()
         asyncio.get_running_loop().create_task(self.stop())
         return resp
+
+    async def sim_close_kv_events(self, request: web.Request) -> web.Response:
+        if self.publisher is not None:
+            self.engine.on_kv_events = None
+            self.publisher.close()
+            self.publisher = None
+        return _json({"kv_events": False})
 
     async def sim_info(self, request: web.Request) -> web.Response:
         cfg = self.config

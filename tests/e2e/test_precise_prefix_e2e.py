@@ -1,0 +1,177 @@
+"""Precise prefix-cache routing through the real Envoy, the real picker and `epp sim`
+servers publishing their KV-cache events over ZMQ as vLLM does.
+
+The picker runs the reference's precise-prefix-cache guide config unchanged
+(tests/fixtures/reference/configs/llm-d-precise-prefix-cache.yaml, blockSize 64, no
+kvEventsConfig: the defaults subscribe to tcp://<endpoint address>:5557). Each simulator
+therefore gets its own loopback address (127.x.y.1, 127.x.y.2) and publishes on its port
+5557 there, with 64-token blocks as the guide's servers. Prompts are token ids, which the
+producer keys exactly as the servers do.
+
+What is checked, by polling the picker's Explain dry run (never by sleeping):
+- a prefix the picker routed is scored as cached on that server only once its BlockStored
+  arrives; after POST /reset_prefix_cache the AllBlocksCleared event drops it and requests
+  with that prefix go to the server that still holds it;
+- a prefix evicted under memory pressure (BlockRemoved) is no longer scored as cached;
+- with the servers' event streams closed, scoring falls back to the approximate guess (the
+  server a prefix was routed to scores it as cached though no event will ever say so), and
+  every request still succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from devstack.launch import Process, free_port, http_ok, wait_until
+from devstack.localstack import EPP
+from proto import epp_api_pb2 as pb
+from proto import epp_api_pb2_grpc as pb_grpc
+from tests.e2e.conftest import post
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+GUIDE = Path(__file__).parents[1] / "fixtures" / "reference" / "configs" / "llm-d-precise-prefix-cache.yaml"
+BLOCK = 64  # the guide's tokenProcessorConfig.blockSize, and the servers' block size
+GPU_BLOCKS = 24  # small enough to evict under a few prompts
+SOCKET_PORT = 5557  # kvEventsConfig.podDiscoveryConfig.socketPort's default
+
+
+def _loopback_pair() -> list[str]:
+    """Two loopback addresses whose port 5557 is free (other test runs may hold some)."""
+    rng = random.Random()
+    for _ in range(50):
+        base = f"127.{rng.randrange(16, 250)}.{rng.randrange(1, 250)}"
+        ips = [f"{base}.1", f"{base}.2"]
+        try:
+            for ip in ips:
+                with socket.socket() as s:
+                    s.bind((ip, SOCKET_PORT))
+        except OSError:
+            continue
+        return ips
+    raise RuntimeError("no free loopback address pair with port 5557")
+
+
+class Sim:
+    def __init__(self, ip: str, log_dir: Path) -> None:
+        self.ip, self.port = ip, free_port()
+        self.hostport = f"{ip}:{self.port}"
+        self.url = f"http://{self.hostport}"
+        self.proc = Process([*EPP, "sim", "--host", ip, "--port", str(self.port), "--model", "m1",
+                             "--block-size", str(BLOCK), "--num-gpu-blocks", str(GPU_BLOCKS), "--time-scale", "20",
+                             "--kv-events-endpoint", f"tcp://{ip}:{SOCKET_PORT}"],
+                            name=f"sim-{ip}", log_path=log_dir / f"sim-{ip}.log")
+
+    def post(self, path: str, body: dict | None = None) -> int:
+        return post(self.url + path, body or {})[0]
+
+    def requests(self) -> int:
+        with urllib.request.urlopen(self.url + "/sim/info", timeout=5) as r:  # noqa: S310 - loopback
+            return json.loads(r.read())["stats"]["num_requests_received"]
+
+
+@pytest.fixture
+def stack(e2e_logs, picker, envoy):
+    sims = [Sim(ip, e2e_logs.dir) for ip in _loopback_pair()]
+    try:
+        for s in sims:
+            wait_until(lambda s=s: http_ok(s.url + "/health"), 30, f"simulator {s.hostport}")
+        p = picker(endpoints=[s.hostport for s in sims], config_text=GUIDE.read_text(),
+                   extra_flags=["--tracing=false"])
+        env = envoy("full-duplex", p)
+        yield sims, p, env
+    finally:
+        for s in sims:
+            s.proc.stop()
+
+
+def prompt(seed: int, blocks: int = 6) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1000, 30000) for _ in range(blocks * BLOCK)]
+
+
+def body(ids: list[int]) -> dict:
+    return {"model": "m1", "prompt": ids, "max_tokens": 1}
+
+
+def prefix_scores(api_port: int, ids: list[int]) -> dict[str, float]:
+    """hostport -> the prefix-cache-scorer's raw score for this prompt (Explain dry run)."""
+    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
+        stub = pb_grpc.EndpointPickerStub(ch)
+        resp = stub.Explain(pb.ExplainRequest(body=json.dumps(body(ids)).encode(),
+                                              headers={":path": "/v1/completions"}), timeout=10)
+        names = {e.name: f"{e.address}:{e.port}" for e in
+                 stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10).endpoints}
+    assert not resp.error_code, resp.error_message
+    scorer = next(s for s in resp.profiles[0].scorers if s.type == "prefix-cache-scorer")
+    return {names.get(s.endpoint, s.endpoint): s.score for s in scorer.scores}
+
+
+def send(env, ids: list[int]) -> None:
+    status, _, raw = post(f"{env.url}/v1/completions", body(ids))
+    assert status == 200, raw
+
+
+def landed(sims: list[Sim], before: list[int]) -> Sim:
+    after = [s.requests() for s in sims]
+    moved = [s for s, b, a in zip(sims, before, after, strict=True) if a > b]
+    assert len(moved) == 1, (before, after)
+    return moved[0]
+
+
+def test_reset_and_eviction_reach_the_picker_by_events(stack):
+    sims, p, env = stack
+    ids = prompt(1)
+    before = [s.requests() for s in sims]
+    send(env, ids)
+    x = landed(sims, before)
+    y = next(s for s in sims if s is not x)
+    # the server's BlockStored makes the prefix precise-cached there, and only there
+    wait_until(lambda: prefix_scores(p.api_port, ids) == {x.hostport: 1.0, y.hostport: 0.0}, 20,
+               "the routed prefix scored as cached on its server")
+    assert y.post("/v1/completions", body(ids)) == 200  # y caches it too (outside the picker)
+    wait_until(lambda: prefix_scores(p.api_port, ids) == {x.hostport: 1.0, y.hostport: 1.0}, 20,
+               "y's events seen")
+
+    # reset x: the AllBlocksCleared event drops the prefix there as soon as it arrives
+    assert x.post("/reset_prefix_cache") == 200
+    wait_until(lambda: prefix_scores(p.api_port, ids)[x.hostport] == 0.0, 20, "x's reset seen")
+    for _ in range(3):
+        before = [s.requests() for s in sims]
+        send(env, ids)
+        assert landed(sims, before) is y  # the prefix goes where it is still cached
+
+    # memory pressure on y: other prompts evict the prefix's blocks (BlockRemoved)
+    for k in range(2, 6):
+        assert y.post("/v1/completions", body(prompt(k))) == 200
+    wait_until(lambda: prefix_scores(p.api_port, ids)[y.hostport] < 1.0, 20, "y's evictions seen")
+    wait_until(lambda: prefix_scores(p.api_port, ids)[y.hostport] == 0.0, 20, "the whole prefix evicted on y")
+
+
+def test_closed_event_streams_fall_back_to_the_approximate_guess(stack):
+    sims, p, env = stack
+    warm = prompt(7)
+    send(env, warm)  # both streams deliver (some server stores it), so both are subscribed and precise
+    for s in sims:
+        assert s.post("/v1/completions", body(warm)) == 200
+    wait_until(lambda: set(prefix_scores(p.api_port, warm).values()) == {1.0}, 20, "both streams precise")
+    for s in sims:
+        assert s.post("/sim/kv_events/close") == 200
+    ids = prompt(8)
+    # the picker notices the closed streams (disconnected): until then a routed prefix would
+    # stay unscored; after, the approximate guess scores it on the server it was routed to
+    before = [s.requests() for s in sims]
+    send(env, ids)
+    x = landed(sims, before)
+    wait_until(lambda: prefix_scores(p.api_port, ids)[x.hostport] > 0.0, 20,
+               "the routed prefix scored from the approximate guess")
+    for k in range(9, 13):
+        send(env, prompt(k))
+    assert "Traceback" not in p.log(2000)  # nothing failed on the way
