@@ -99,7 +99,8 @@ def test_every_fixture_is_covered():
     covered = {*CHART_DEFAULTS, "llm-d-router-chart-payload-agnostic.yaml", "llm-d-optimized-baseline.yaml",
                "llm-d-flow-control.yaml", "llm-d-pd-disaggregation.yaml", "llm-d-wide-ep-lws.yaml",
                "llm-d-precise-prefix-cache.yaml", "llm-d-router-sim-kvcache.yaml", "llm-d-predicted-latency.yaml",
-               "llm-d-router-chart-latency-predictor.yaml", "gie-v1.5-chart-latency-predictor.yaml"}
+               "llm-d-router-chart-latency-predictor.yaml", "gie-v1.5-chart-latency-predictor.yaml",
+               "sim-program-aware-config.yaml"}  # tests/test_program_aware_fairness.py
     assert {p.name for p in CONFIGS.glob("*.yaml")} == covered
 
 
@@ -421,7 +422,6 @@ def test_alpha_plugins_need_allow_experimental_plugins():
 
 
 @pytest.mark.parametrize("ptype, feature", [
-    ("program-aware-fairness", "flow-control policies (issue 11)"),
     ("mm-embeddings-cache-scorer", "precise prefix-cache routing (issue 12)"),
 ])
 def test_types_of_other_issues_are_refused_naming_the_feature(ptype, feature):

@@ -79,6 +79,9 @@ class FlowQueue:
         key, seq, _ = self.heap[0]
         return (*key, seq)
 
+    def head(self) -> Waiter:
+        return self.heap[0][2]
+
     def pop(self) -> Waiter:
         return heapq.heappop(self.heap)[2]
 

@@ -49,10 +49,12 @@ flowControl:
 """
 
 
-def test_round_robin_gives_two_tenants_equal_throughput(sim_servers, picker, envoy):
+@pytest.mark.parametrize("policy", ["round-robin-fairness-policy", "program-aware-fairness"])
+def test_round_robin_gives_two_tenants_equal_throughput(sim_servers, picker, envoy, policy):
+    # program-aware-fairness (least attained service): equal-cost requests, so equal shares too
     sims = sim_servers(1, time_scale=1.0)
     p = picker(endpoints=sims.hostports, config_text=config(2, "  priorityBands: [{priority: 0, fairnessPolicyRef: rr}]",
-                                                            "- {type: round-robin-fairness-policy, name: rr}"))
+                                                            f"- {{type: {policy}, name: rr}}"))
     env = envoy("full-duplex", p)
     url = f"{env.url}/v1/completions"
     done: Counter[str] = Counter()
