@@ -14,7 +14,7 @@ source unless one is configured or `dataLayer.injectDefaults` is false. Deprecat
 (the inference.networking.x-k8s.io apiVersion, top-level saturationDetector and parser,
 the aliased plugin types of registry.ALIASES) are mapped, each logged once per load;
 where both the old and the new form are set, the new one wins. What another issue builds
-(in-flight eviction, the flow-control policy types not built yet ...) is refused naming
+(the flow-control policy types not built yet ...) is refused naming
 that feature unless set to the reference's default.
 """
 
@@ -61,7 +61,6 @@ LEGACY_FAIRNESS_POLICIES = {"global-strict": "global-strict-fairness-policy",
 DEFAULT_FAIRNESS_POLICY = "global-strict-fairness-policy"
 DEFAULT_ORDERING_POLICY = "fcfs-ordering-policy"
 DEFAULT_USAGE_LIMIT_POLICY = "static-usage-limit-policy"
-_ISSUE_11_FC = "flow control as the reference has it today (issue 11)"
 
 _DEFAULT_SCORERS = (("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0))
 
@@ -114,6 +113,7 @@ class FlowControlConfig:
     # templates for the bands not listed (defaultPriorityBand / defaultNegativePriorityBand)
     default_band: PriorityBandConfig | None = None
     default_negative_band: PriorityBandConfig | None = None
+    enable_eviction: bool = False  # evict sheddable requests in flight for blocked higher bands
 
     def band(self, priority: int) -> PriorityBandConfig:
         for b in self.priority_bands:
@@ -620,10 +620,8 @@ def _parse_flow_control(raw: Any) -> tuple[FlowControlConfig, Any, bool]:
     ref = raw.get("usageLimitPolicyPluginRef")
     if ref:
         fc.usage_limit_policy_ref = _str(ref, f"{where}.usageLimitPolicyPluginRef")
-    if raw.get("enableEviction") is not None and _bool(raw["enableEviction"], f"{where}.enableEviction"):
-        raise ConfigError(f"{where}.enableEviction: eviction needs {_ISSUE_11_FC}: the reference evicts an "
-                          "in-flight request by pushing an unprompted ImmediateResponse(429) on its ext_proc stream "
-                          "(handlers/server.go evictCh), which this picker's stream handlers cannot do yet")
+    if raw.get("enableEviction") is not None:
+        fc.enable_eviction = _bool(raw["enableEviction"], f"{where}.enableEviction")
     settings = any(raw.get(k) is not None for k in _FLOW_KEYS if k != "saturationDetector")
     saturation = raw.get("saturationDetector")
     if saturation is not None:

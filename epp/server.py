@@ -30,6 +30,7 @@ from epp.assembly import load_plugin_set
 from epp.config import ConfigError
 from epp.datalayer.datastore import Datastore
 from epp.flowcontrol.admission import AdmissionController, gated_flow_control
+from epp.flowcontrol.eviction import EvictionMetrics, build_eviction
 from epp.framework import PluginHandle
 from epp.framework.metrics import PluginMetrics
 from epp.handlers.grpcio import add_ext_proc_server
@@ -38,7 +39,7 @@ from epp.handlers.stream import ExtProcHandler
 from epp.netaddr import join_hostport
 from epp.options import API_PORT_OFFSET, FLAG_BY_NAME, METRIC_FLAGS, Options, parse_args
 from epp.requestcontrol.director import Director
-from epp.telemetry import Telemetry
+from epp.telemetry import DEFAULT_POOL_LABEL, Telemetry
 from epp.tracing import TracingError
 from epp.tracing import init as init_tracing
 from epp.tracing import observer as tracing_observer
@@ -92,8 +93,13 @@ class PickerServer:
             raise StartupError(f"config error: {e}") from None
         self.datastore.on_endpoints_removed(self.pipeline.endpoints_removed)
         p = self.pipeline
+        flow_control = gated_flow_control(p.feature_gates, p.flow_control)
+        eviction_metrics = EvictionMetrics(self.telemetry.registry, options.pool_name or DEFAULT_POOL_LABEL)
+        evictor, reclamation = build_eviction(p.saturation_detector, options.refresh_metrics_interval,
+                                              options.metrics_staleness_threshold, eviction_metrics) \
+            if flow_control is not None and flow_control.enable_eviction else (None, None)
         self.admission = AdmissionController(p.saturation_detector, policies=p.plugins, pool=self.datastore.endpoints,
-                                             flow_control=gated_flow_control(p.feature_gates, p.flow_control))
+                                             flow_control=flow_control, reclamation=reclamation)
         self.admission.observe_flow = self.telemetry.flow_control_observer()
         self.admission.observe_dispatch_cycle = self.telemetry.flow_control_dispatch_cycle.observe
         self.director = Director(self.datastore, self.pipeline, admission=self.admission, telemetry=self.telemetry,
@@ -102,7 +108,8 @@ class PickerServer:
                                  tracing=self.tracing, emit_endpoint_scores=options.emit_endpoint_scores)
         self.pipeline.scheduler.collect_scores = options.emit_endpoint_scores  # only then: nothing collected off
         self.ext_proc = ExtProcHandler(self.director, disable_subset_filter=options.disable_endpoint_subset_filter,
-                                       serving=self._serving, max_request_body_bytes=options.max_request_body_bytes)
+                                       serving=self._serving, max_request_body_bytes=options.max_request_body_bytes,
+                                       evictor=evictor)
         self.telemetry.add_pool_collector(self.datastore, options.pool_name or "static",
                                           options.metrics_staleness_threshold)
         self.telemetry.add_picker_collector(self.admission)

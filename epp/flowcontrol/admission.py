@@ -10,7 +10,9 @@ no endpoint); TTL expiry 429 rejected-ttl-expired while the pool has endpoints, 
 rejected-no-endpoints when it has none. The queue-wait budget is defaultRequestTTL while the
 pool has endpoints and noEndpointRequestTTL while it has none, each regime change starting a
 fresh budget (with a live `pool`; without one, the regime the request was admitted in). A
-waiter whose task is cancelled (client went away) leaves its queue at once.
+waiter whose task is cancelled (client went away) leaves its queue at once. With
+`reclamation` (flowControl.enableEviction), a head-of-line break may evict sheddable
+requests in flight (epp.flowcontrol.eviction).
 
 The controller sees only what it uses: something that reports the pool's saturation
 and the flow-control settings (None when the gate is off).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -38,8 +41,11 @@ from epp.errors import (
 from epp.flowcontrol.queues import FlowQueues, QueueObserver, Waiter
 from epp.framework import Endpoint, InferenceRequest
 
+log = logging.getLogger("epp.flowcontrol.admission")
+
 if TYPE_CHECKING:
     from epp.config import FlowControlConfig
+    from epp.flowcontrol.eviction import ReclamationController
 
 
 class Saturation(Protocol):
@@ -67,8 +73,10 @@ class AdmissionController:
 
     def __init__(self, detector: Saturation | None, clock: Callable[[], float] | None = None, *,
                  flow_control: FlowControlConfig | None = None, policies: Mapping[str, object] | None = None,
-                 pool: Callable[[], Sequence[Endpoint]] | None = None, poll_interval: float = 0.015) -> None:
+                 pool: Callable[[], Sequence[Endpoint]] | None = None, poll_interval: float = 0.015,
+                 reclamation: ReclamationController | None = None) -> None:
         self.detector = detector
+        self.reclamation = reclamation  # in-flight eviction on head-of-line breaks (flowControl.enableEviction)
         self.pool = pool
         # the pool's regime as the dispatcher last saw it (live pool only): empty or not, since when,
         # and a future resolved (and replaced) on each change, which wakes the waiters
@@ -242,7 +250,13 @@ class AdmissionController:
         assert queues is not None
         while queues.count:
             t0 = time.perf_counter()
-            waiter = queues.pop(self._saturation(self._pool_now()))
+            saturation = self._saturation(self._pool_now())
+            waiter = queues.pop(saturation)
+            if waiter is None and queues.blocked is not None and self.reclamation is not None:
+                try:
+                    self.reclamation.maybe_reclaim(saturation, *queues.blocked, queues.has_queued)
+                except Exception:  # noqa: BLE001 - the dispatcher must outlive a failed eviction decision
+                    log.exception("in-flight eviction decision failed")
             ack = None
             if waiter is not None and not waiter.future.done():
                 ack = waiter.ack = asyncio.get_running_loop().create_future()

@@ -135,6 +135,8 @@ class FlowQueues:
         self.count = 0
         self.bytes = 0
         self.observe: QueueObserver | None = None
+        # the last pop's head-of-line break: (band index, priorities highest first, their ceilings)
+        self.blocked: tuple[int, list[int], list[float]] | None = None
         for band in config.priority_bands:  # the configured bands exist from the start (usage limits see them)
             self._band(band.priority)
 
@@ -214,8 +216,10 @@ class FlowQueues:
         """The next waiter to dispatch at this saturation, or None when every queue is
         empty or the first band with work (or a band above it) is at its usage limit."""
         ceilings = self.usage_limit.compute_limit(saturation, self._priorities)
-        for band, ceiling in zip(self._order, ceilings, strict=True):
+        self.blocked = None
+        for i, (band, ceiling) in enumerate(zip(self._order, ceilings, strict=True)):
             if saturation >= ceiling:
+                self.blocked = (i, self._priorities, ceilings)  # for in-flight eviction (epp.flowcontrol.eviction)
                 return None  # head-of-line blocking: lower bands wait too
             if not band.count:
                 continue
@@ -236,6 +240,10 @@ class FlowQueues:
         priorities = sorted({*self._priorities, priority}, reverse=True)
         ceilings = self.usage_limit.compute_limit(saturation, priorities)
         return all(saturation < c for p, c in zip(priorities, ceilings, strict=True) if p >= priority)
+
+    def has_queued(self, priority: int) -> bool:
+        band = self.bands.get(priority)
+        return band is not None and band.count > 0
 
     def newest_candidates(self) -> Sequence[Endpoint]:
         """The pool as the most recently queued request of the first busy band saw it."""

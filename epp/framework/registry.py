@@ -92,11 +92,12 @@ BUILTINS: dict[str, str] = {
     # flowControl.usageLimitPolicyPluginRef)
     "global-strict-fairness-policy": "epp.flowcontrol.fairness:GlobalStrictFairnessPolicy",
     "round-robin-fairness-policy": "epp.flowcontrol.fairness:RoundRobinFairnessPolicy",
-    "program-aware-fairness": "epp.flowcontrol.fairness:ProgramAwareFairness",
     "fcfs-ordering-policy": "epp.flowcontrol.ordering:FCFSOrderingPolicy",
     "edf-ordering-policy": "epp.flowcontrol.ordering:EDFOrderingPolicy",
     "slo-deadline-ordering-policy": "epp.flowcontrol.ordering:SLODeadlineOrderingPolicy",
     "static-usage-limit-policy": "epp.flowcontrol.usagelimits:StaticUsageLimitPolicy",
+    "sheddable-eviction-filter": "epp.flowcontrol.eviction_policies:SheddableEvictionFilter",  # Alpha
+    "priority-then-time-eviction-order-policy": "epp.flowcontrol.eviction_policies:PriorityThenTimeEvictionOrdering",
     "priority-holdback-policy": "epp.flowcontrol.usagelimits:PriorityHoldbackPolicy",  # Alpha
     "soft-reflective-ceiling-policy": "epp.flowcontrol.usagelimits:SoftReflectiveCeilingPolicy",  # Alpha
     # request parsers (requestHandler.parsers)
@@ -137,7 +138,7 @@ ALIASES: dict[str, Alias] = {
 _FC = "flow-control policies (issue 11)"
 _PRECISE = "precise prefix-cache routing (issue 12)"
 FUTURE: dict[str, str] = {
-    **dict.fromkeys(("sheddable-eviction-filter", "priority-then-time-eviction-order-policy"), _FC),
+    **dict.fromkeys(("program-aware-fairness",), _FC),
     **dict.fromkeys(("mm-embeddings-cache-scorer",
                      "mm-embeddings-cache-producer"), _PRECISE),
 }
@@ -153,7 +154,8 @@ ALPHA_TYPES: frozenset[str] = frozenset({"session-affinity-scorer", "session-aff
                                          "header-label-affinity-scorer", "endpoint-attribute-filter",
                                          "disaggregatedset-rollout-screener",
                                          "endpoint-attribute-scorer", "header-profile-handler",
-                                         "priority-holdback-policy", "soft-reflective-ceiling-policy"})
+                                         "priority-holdback-policy", "soft-reflective-ceiling-policy",
+                                         "sheddable-eviction-filter", "priority-then-time-eviction-order-policy"})
 
 _loaded: dict[str, type] = {}
 

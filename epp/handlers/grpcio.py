@@ -1,8 +1,12 @@
 """The grpc.aio ext_proc transport (`--ext-proc-transport=grpcio`): the
-ExternalProcessor/Process method driving one epp.handlers.stream state machine per call."""
+ExternalProcessor/Process method driving one epp.handlers.stream state machine per call.
+While a request can be evicted in flight, each read races the eviction signal (one task
+per message then; none otherwise)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -14,6 +18,11 @@ from epp.handlers.stream import StreamProtocolError
 from epp.handlers.transport import StreamHandler
 
 log = logging.getLogger("epp.handlers.grpcio")
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class GrpcioServicer:
@@ -28,9 +37,26 @@ class GrpcioServicer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_LEADER_MESSAGE)
         st = self.handler.new_stream()
         read, write, eof = context.read, context.write, grpc.aio.EOF
+        evicted: asyncio.Future | None = None  # set by the evictor once the request is tracked in flight
+        reading: asyncio.Future | None = None  # the pending read while an eviction may come
         try:
             while True:
-                msg = await read()
+                if not st.tracked:
+                    msg = await read()
+                else:  # evictable: the next message or the eviction, whichever comes first
+                    if evicted is None:
+                        evicted = asyncio.get_running_loop().create_future()
+                        st.on_evict = functools.partial(_wake, evicted)
+                    if st.evicted:
+                        for reply in st.evict():
+                            await write(reply)
+                        return
+                    if reading is None:
+                        reading = asyncio.ensure_future(read())
+                    await asyncio.wait((reading, evicted), return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        continue
+                    msg, reading = reading.result(), None
                 if msg is eof:
                     return
                 try:
@@ -46,6 +72,8 @@ class GrpcioServicer:
                 if st.finished:
                     return
         finally:
+            if reading is not None:
+                reading.cancel()
             st.close()
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:

@@ -21,7 +21,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
-from epp.errors import InferenceError
+from epp.errors import DROPPED_REASON_HEADER, InferenceError
+from epp.flowcontrol.eviction import EVICTION_BODY
 from epp.framework.headers import REQUEST_ID
 from epp.handlers.protocol import DESTINATION_HEADER, LB_NAMESPACE, SCORES_KEY, SYSTEM_HEADERS
 
@@ -79,6 +80,14 @@ def immediate_reply(error: InferenceError) -> bytes:
         body=error.body,
         details=f"inference error: {error.code}",
     )).SerializeToString()
+
+
+def eviction_reply(reason: str) -> bytes:
+    """What the reference sends for a request evicted in flight (handlers/server.go): 429,
+    its fixed body and the dropped-reason header (no content-type, no details)."""
+    mutation = HeaderMutation(set_headers=[header_option(DROPPED_REASON_HEADER, reason)]) if reason else None
+    return ProcessingResponse(immediate_response=ImmediateResponse(
+        status=HttpStatus(code=429), headers=mutation, body=EVICTION_BODY)).SerializeToString()
 
 
 def response_headers_reply(set_headers: dict[str, str], remove: list[str]) -> bytes:
@@ -156,6 +165,6 @@ class RoutingReplies:
         return data
 
 
-__all__ = ["streamed_body_reply", "immediate_reply", "header_option", "response_headers_reply",
+__all__ = ["streamed_body_reply", "immediate_reply", "eviction_reply", "header_option", "response_headers_reply",
            "response_body_reply", "RoutingReplies", "REQUEST_HEADERS", "RESPONSE_HEADERS", "REQUEST_BODY",
            "RESPONSE_BODY", "ROUTE_CACHE_SIZE"]

@@ -9,6 +9,11 @@ Both request body modes are recognised from `protocol_config` on the first messa
 - BUFFERED (also STREAMED / BUFFERED_PARTIAL): headers are answered at once with
   CONTINUE and the destination rides on the body reply.
 
+With in-flight eviction on (flowControl.enableEviction), a routed request is tracked by
+the evictor until its stream ends. When the evictor picks it, the stream calls the
+transport's `on_evict`; the transport then sends what `evict()` returns (the reference's
+ImmediateResponse 429, in whatever phase the stream is) and ends the RPC with OK.
+
 Messages must come in the order Envoy sends them: request headers once, then the
 request body/trailers, then response headers once, then the response body/trailers.
 Anything else (a repeated request_headers, a body before headers, a response before a
@@ -27,6 +32,7 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 
 from epp.errors import InferenceError
+from epp.flowcontrol.eviction import EvictionItem, RequestEvictor
 from epp.handlers.protocol import (
     DEFAULT_MAX_REQUEST_BODY_BYTES,
     EXT_PROC_ATTRIBUTES,
@@ -46,6 +52,7 @@ from epp.handlers.replies import (
     RESPONSE_BODY,
     RESPONSE_TRAILERS,
     RoutingReplies,
+    eviction_reply,
     immediate_reply,
     response_body_reply,
     response_headers_reply,
@@ -102,7 +109,7 @@ class ExtProcStream:
 
     __slots__ = ("handler", "director", "request_fds", "response_fds", "ctx", "chunks", "body_bytes", "subset",
                  "routed", "request_ended", "request_trailers_seen", "response_started", "response_ended",
-                 "finished", "opened_at")
+                 "finished", "opened_at", "evicted", "on_evict", "tracked")
 
     def __init__(self, handler: ExtProcHandler) -> None:
         self.handler = handler
@@ -120,6 +127,9 @@ class ExtProcStream:
         self.response_ended = False
         self.finished = False  # the stream is done: the transport ends the RPC with OK
         self.opened_at = 0.0  # monotonic, when stream metrics are on (--enable-grpc-stream-metrics)
+        self.evicted = ""  # the dropped reason, once the evictor chose this request
+        self.on_evict: Callable[[], None] | None = None  # the transport's wake-up: send evict() now
+        self.tracked = False  # in the evictor's in-flight set
 
     def handle(self, msg: ProcessingRequest) -> Replies | Coroutine[Any, Any, Replies] | None:
         """Dispatch one message: the replies, a coroutine for the request-phase handlers
@@ -229,6 +239,12 @@ class ExtProcStream:
         except Exception:  # noqa: BLE001 - nothing a request does may crash the server
             log.exception("request_id=%s: unexpected failure while routing", ctx.request_id)
             return self._refuse(InferenceError("Internal", "unexpected failure in the endpoint picker"))
+        evictor = self.handler.evictor
+        if evictor is not None:
+            target = ctx.targets[0]
+            evictor.track(EvictionItem(ctx.key, ctx.request.priority if ctx.request is not None else 0,
+                                       time.monotonic(), target.hostport, self._evicted))
+            self.tracked = True
         out_body = ctx.new_body if ctx.new_body is not None else body
         replies = [self.handler.routing.reply(ctx, field, len(out_body) if ctx.new_body is not None else -1,
                                               out_body if field == REQUEST_BODY and ctx.new_body is not None
@@ -244,6 +260,26 @@ class ExtProcStream:
                     chunk = out_body if (start == 0 and end == last) else view[start:end]
                     replies.append(streamed_body_reply(REQUEST_BODY, chunk, end == last and not trailers))
         return replies
+
+    # ------------------------------------------------------------------ eviction
+    def _evicted(self, reason: str) -> None:
+        """The evictor chose this request (called on its own loop turn)."""
+        if self.finished or self.evicted or not self.tracked:
+            return
+        self.evicted = reason
+        if self.on_evict is not None:
+            self.on_evict()
+
+    def evict(self) -> Replies:
+        """The replies that end an evicted request (none when it completed meanwhile, as the
+        reference ignores an eviction after the response); the stream is finished after."""
+        if self.finished:
+            return []
+        self.finished = True
+        assert self.ctx is not None
+        log.info("request evicted by flow control request_id=%s phase=%s", self.ctx.request_id,
+                 "response" if self.response_started else "request")
+        return [eviction_reply(self.evicted)]
 
     # ------------------------------------------------------------------ response phase
     def response_headers(self, msg: ProcessingRequest) -> Replies:
@@ -296,6 +332,9 @@ class ExtProcStream:
     def close(self) -> None:
         """The stream ended (normally, by error or by cancellation): release everything.
         The director's complete() releases once, however often it is called."""
+        if self.tracked:
+            self.tracked = False
+            self.handler.evictor.untrack(self.ctx.key)  # type: ignore[union-attr]
         if self.ctx is not None:
             self.director.complete(self.ctx, cancelled=not self.finished)
         if self.opened_at:  # an unfinished stream was cancelled (client, Envoy or shutdown)
@@ -321,8 +360,10 @@ class ExtProcHandler:
 
     def __init__(self, director: Director, *, disable_subset_filter: bool = False,
                  serving: Callable[[], bool] | None = None,
-                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> None:
+                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+                 evictor: RequestEvictor | None = None) -> None:
         self.director = director
+        self.evictor = evictor  # in-flight eviction (flowControl.enableEviction); None: off
         self.disable_subset_filter = disable_subset_filter
         self.serving = serving or (lambda: True)
         self.max_request_body_bytes = max_request_body_bytes

@@ -12,6 +12,7 @@ frames, a write high-water mark above which reading pauses, handshake and idle t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -396,6 +397,7 @@ class H2Connection(asyncio.Protocol):
             return
         if self.handler.serving():
             call = Call(sid, self.handler.new_stream(), self.peer_window)
+            call.st.on_evict = functools.partial(self._evict, call)  # type: ignore[union-attr]
         else:  # a follower: UNAVAILABLE, answered once the first message is in (as grpcio's abort in the
             # handler), so a grpc client sees that status rather than its in-flight write failing
             call = Call(sid, None, self.peer_window)
@@ -595,8 +597,18 @@ class H2Connection(asyncio.Protocol):
             self._finish(call, UNKNOWN, "unexpected error in the ext_proc handler")
         else:
             self._reply(call, replies)
+            if not call.closed and call.st.evicted:  # type: ignore[union-attr] - evicted while this task ended
+                self._reply(call, call.st.evict())  # type: ignore[union-attr]
             if not call.closed:
                 self._pump(call)
+        self._drain()
+
+    def _evict(self, call: Call) -> None:
+        """The evictor ended this request: the state machine's last replies, then OK. While
+        a handler task still runs, _resumed sends them after its replies."""
+        if call.closed or call.task is not None:
+            return
+        self._reply(call, call.st.evict())  # type: ignore[union-attr]
         self._drain()
 
     def _reply(self, call: Call, replies: Sequence[bytes]) -> None:
