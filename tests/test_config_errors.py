@@ -35,6 +35,13 @@ PARAMETER_ERRORS = {
         ("{minCeiling: 0.1, domain: rankish}", "domain: unsupported 'rankish'"),
         ("{minCeiling: 0.1, shape: step}", "shape: unsupported 'step'"),
     ),
+    "program-aware-fairness": (
+        ("{strategy: wfq}", 'strategy: unknown scoring strategy \'wfq\': only "las" is supported'),
+        ("{evictionSweepSeconds: 0}", "evictionSweepSeconds: must be > 0"),
+        ("{lasWeightService: -1}", "lasWeightService: must be >= 0"),
+        ("{lasHalfLifeSeconds: -1}", "lasHalfLifeSeconds: must be >= 0"),
+        ("{evictionTtlSeconds: -1}", "evictionTtlSeconds: must be >= 0"),
+    ),
     "data-parallel-profile-handler": (
         ("{primaryPort: 70000}", "plugins[0].parameters.primaryPort: must be in [0, 65535], got 70000"),
         ("{primaryPort: -1}", "plugins[0].parameters.primaryPort: must be in [0, 65535], got -1"),
@@ -107,6 +114,24 @@ PARAMETER_ERRORS = {
     ("featureGates: ['flowControl=maybe']", "featureGates[0]: 'maybe' is not a valid value for the feature gate"),
     ("featureGates: ['haPopulateNonLeaderDatastore=false']", "featureGates[0]: haPopulateNonLeaderDatastore=false"),
     ("featureGates: {flowControl: true}", "featureGates: expected a list"),
+    # --------------------------------------------------------------- flowControl
+    ("featureGates: [flowControl]\nflowControl: {usageLimitPolicyPluginRef: fcfs-ordering-policy}",
+     "flowControl.usageLimitPolicyPluginRef: no usage-limit policy plugin named 'fcfs-ordering-policy'"),
+    ("featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: nope}]}",
+     "flowControl.priorityBands[0].fairnessPolicyRef: no fairness policy plugin named 'nope' in plugins"),
+    ("featureGates: [flowControl]\nplugins: [{type: queue-scorer}]\n"
+     "flowControl: {defaultPriorityBand: {orderingPolicyRef: queue-scorer}}",
+     "flowControl.defaultPriorityBand.orderingPolicyRef: plugin 'queue-scorer' (queue-scorer) is not an ordering"),
+    ("featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, "
+     "orderingPolicyRef: round-robin-fairness-policy}]}",
+     "flowControl.priorityBands[0].orderingPolicyRef: no ordering policy plugin named 'round-robin-fairness-policy'"),
+    ("plugins: [{type: static-usage-limit-policy, parameters: {threshold: .nan}}]", "threshold: must be a finite"),
+    ("flowControl: {defaultPriorityBand: {weight: 2}}", "flowControl.defaultPriorityBand.weight: unknown key"),
+    ("flowControl: {maxRequest: 2}", "flowControl.maxRequest: unknown key"),
+    ("flowControl: {enableEviction: yes please}", "flowControl.enableEviction: expected true or false"),
+    ("flowControl: {priorityBands: [{priority: 1, fairnessPolicy: round-robin, "
+     "fairnessPolicyRef: global-strict-fairness-policy}]}",
+     "flowControl.priorityBands[0].fairnessPolicy: not allowed together with fairnessPolicyRef"),
     # --------------------------------------------------------------- requestHandler / parser
     ("requestHandler: {parsers: [{pluginRef: nope}]}", "requestHandler.parsers[0].pluginRef: no plugin named 'nope'"),
     ("requestHandler: {parsers: [{pluginRef: queue-scorer}]}",

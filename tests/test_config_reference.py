@@ -240,29 +240,6 @@ flowControl:
     assert only_default.flow_control.band(-3).max_requests == 7
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("featureGates: [flowControl]\nflowControl: {usageLimitPolicyPluginRef: fcfs-ordering-policy}",
-     "flowControl.usageLimitPolicyPluginRef: no usage-limit policy plugin named 'fcfs-ordering-policy'"),
-    ("featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: nope}]}",
-     "flowControl.priorityBands[0].fairnessPolicyRef: no fairness policy plugin named 'nope' in plugins"),
-    ("featureGates: [flowControl]\nplugins: [{type: queue-scorer}]\n"
-     "flowControl: {defaultPriorityBand: {orderingPolicyRef: queue-scorer}}",
-     "flowControl.defaultPriorityBand.orderingPolicyRef: plugin 'queue-scorer' (queue-scorer) is not an ordering"),
-    ("featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, "
-     "orderingPolicyRef: round-robin-fairness-policy}]}",
-     "flowControl.priorityBands[0].orderingPolicyRef: no ordering policy plugin named 'round-robin-fairness-policy'"),
-    ("plugins: [{type: static-usage-limit-policy, parameters: {threshold: .nan}}]", "threshold: must be a finite"),
-    ("flowControl: {defaultPriorityBand: {weight: 2}}", "flowControl.defaultPriorityBand.weight: unknown key"),
-    ("flowControl: {maxRequest: 2}", "flowControl.maxRequest: unknown key"),
-    ("flowControl: {enableEviction: yes please}", "flowControl.enableEviction: expected true or false"),
-    ("flowControl: {priorityBands: [{priority: 1, fairnessPolicy: round-robin, "
-     "fairnessPolicyRef: global-strict-fairness-policy}]}",
-     "flowControl.priorityBands[0].fairnessPolicy: not allowed together with fairnessPolicyRef"),
-])
-def test_flow_control_refusals_name_the_key_and_the_feature(text, expected):
-    assert expected in errmsg(text)
-
-
 # --------------------------------------------------------------------------- requestHandler / parser
 @needs_parsers
 def test_request_handler_parsers_in_order_and_instantiated_by_type():

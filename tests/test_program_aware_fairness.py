@@ -14,7 +14,6 @@ from prometheus_client import generate_latest
 from epp.assembly import load_plugin_set
 from epp.flowcontrol.fairness import ProgramAwareParams, jain_index
 from epp.framework import InferenceRequest, PluginHandle, ResponseInfo
-from tests.helpers import plugin_set_error
 
 
 class Clock:
@@ -128,17 +127,6 @@ def test_metrics_series():
     assert "llm_d_epp_program_aware_jains_fairness_index 1.0" in text
     assert 'llm_d_epp_program_aware_attained_service_tokens{program_id="tenant-a"} 7.0' in text
     assert 'llm_d_epp_program_aware_avg_wait_time_milliseconds{program_id="tenant-a"} 0.0' in text
-
-
-@pytest.mark.parametrize("params, message", [
-    ("{strategy: wfq}", 'strategy: unknown scoring strategy \'wfq\': only "las" is supported'),
-    ("{evictionSweepSeconds: 0}", "evictionSweepSeconds: must be > 0"),
-    ("{lasWeightService: -1}", "lasWeightService: must be >= 0"),
-    ("{lasHalfLifeSeconds: -1}", "lasHalfLifeSeconds: must be >= 0"),
-    ("{evictionTtlSeconds: -1}", "evictionTtlSeconds: must be >= 0"),
-])
-def test_parameter_errors(params, message):
-    assert message in plugin_set_error(f"plugins: [{{type: program-aware-fairness, parameters: {params}}}]")
 
 
 def test_the_references_sample_config_loads_with_the_policy_on_the_default_band():
