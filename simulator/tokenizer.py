@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
+from epp.requestcontrol.producers.tokens_local import LocalTokenizer, TokenizerError, content_text
+
 VOCAB_SIZE = 128256  # Llama 3's vocabulary size
 SPECIAL_TOKENS = {
     "<|begin_of_text|>": 128000,
@@ -74,18 +76,8 @@ def decode_token(token_id: int) -> str:
 
 
 def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts: keep the text parts
-        parts = []
-        for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("message content parts must be {'type': 'text', 'text': str}")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ValueError("message content must be a string or a list of text parts")
+    """OpenAI content parts: the text parts, joined as they are. Raises ValueError."""
+    return content_text(content, sep="")
 
 
 def apply_chat_template(messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
@@ -128,9 +120,6 @@ class FileTokenizer:
     events) are exactly the ids the picker computes."""
 
     def __init__(self, directory: str) -> None:
-        from epp.requestcontrol.producers.tokens_local import LocalTokenizer, TokenizerError, content_text
-
-        self._error, self._text = TokenizerError, content_text
         self.local = LocalTokenizer.load(directory)
         self.local.require_chat_template()
         self.vocab_size = self.local.vocab_size
@@ -145,9 +134,9 @@ class FileTokenizer:
     def chat(self, messages: list, add_generation_prompt: bool = True) -> tuple[list[int], list[str]]:
         try:
             ids = self.local.encode(self.local.render_chat(messages, add_generation_prompt))
-        except self._error as e:
+        except TokenizerError as e:
             raise ValueError(str(e)) from None
-        return ids, self._pieces(self._text(messages[-1].get("content")))
+        return ids, self._pieces(content_text(messages[-1].get("content")))
 
 
 def prompt_tokenizer(directory: str | None) -> BuiltinTokenizer | FileTokenizer:

@@ -111,6 +111,21 @@ def test_piecewise_encoding_equals_whole_text_encoding(text_parts):
     assert tok.encode(text) == tok.encode(text)  # second time from the cache
 
 
+async def test_warm_encodes_long_new_pieces_off_the_loop_so_prepare_data_finds_them_cached():
+    p = build_plugin("token-producer", "tp", {"inProcess": {"path": str(FIXTURE)}}, PluginHandle(), "x")
+    long_system = "A long system prompt about routing and caches. " * 60  # > OFFLOAD_MIN_CHARS
+    req = request(chat("q", system=long_system))
+    piece = f"system\n{long_system}"
+    assert piece not in p.local.cache
+    await p.prefetch_request_data(req)
+    assert piece in p.local.cache
+    misses = p.local.cache.misses
+    ids, _ = produce(p, req)
+    assert p.local.cache.misses == misses and ids == tuple(LocalTokenizer.load(FIXTURE).tokenize_body("chat",
+                                                                                                      req.body))
+    await p.prefetch_request_data(request({"messages": "not a list"}))  # never raises
+
+
 def test_piece_cache_is_bounded_by_tokens():
     cache = PieceCache(max_tokens=10)
     for i in range(20):

@@ -15,7 +15,9 @@ TOKEN_IDS (for the precise prefix cache). Backends, one per instance:
 - `inProcess` (this project's; also `modelName` alone when its tokenizer is in the Hugging
   Face cache, and the reference's `udsTokenizerConfig`, whose tokenizer sidecar we replace
   by the same files loaded here): the `tokenizers` library in process (tokens_local.py),
-  no I/O on the hot path.
+  no I/O at request time. A long prompt piece not seen before is encoded in the director's
+  asynchronous step by the library's own threads, so the event loop is not held by it;
+  PrepareData then finds every piece cached (a repeated system prompt is encoded once).
 
 Token ids the client sent (completions with a token-id prompt, generate) are used as they
 are by every backend."""
@@ -218,6 +220,8 @@ class TokenProducer:
                          self.render.base)
             self.prefetch_request_data = self._prefetch  # the director awaits this before the cycle
         self.backend = "vllm" if self.render is not None else "inProcess" if self.local is not None else "estimate"
+        if self.backend == "inProcess":
+            self.prefetch_request_data = self._warm  # long uncached pieces are encoded off the event loop
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.tokens_published = 0
         self._prefetched: OrderedDict[str, tuple[int, ...] | str] = OrderedDict()
@@ -262,6 +266,14 @@ class TokenProducer:
         self._prefetched[request.request_id] = outcome
         while len(self._prefetched) > PREFETCHED_MAX:
             self._prefetched.popitem(last=False)
+
+    async def _warm(self, request: InferenceRequest) -> None:
+        body = request.body
+        if self.local is not None and isinstance(body, Mapping) and _token_ids(body) is None:
+            try:
+                await self.local.warm(request.kind, body)
+            except TokenizerError:
+                pass  # PrepareData falls back to the estimate for it
 
     def _warn(self, message: str) -> None:
         now = self.clock()

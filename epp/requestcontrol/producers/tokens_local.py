@@ -17,6 +17,7 @@ load time and, when it does not hold, every prompt is encoded whole."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -32,6 +33,8 @@ CONFIG_FILE = "tokenizer_config.json"
 # the piece cache's bounds: total token ids held, and pieces shorter than this are encoded each time
 PIECE_CACHE_TOKENS = 1 << 20
 PIECE_CACHE_MIN_CHARS = 256
+# an uncached piece at least this long is encoded off the event loop before the cycle (warm)
+OFFLOAD_MIN_CHARS = 2048
 
 
 class TokenizerError(ValueError):
@@ -112,9 +115,9 @@ TEMPLATES: dict[str, Callable[[Messages, bool, str], str]] = {
 TEMPLATE_NAMES = {CHATML_TEMPLATE: "chatml", LLAMA3_TEMPLATE: "llama3"}
 
 
-def content_text(content: Any) -> str:
+def content_text(content: Any, sep: str = "\n") -> str:
     """A message's content as vLLM's "string" content format gives it to the template:
-    a string as is, a list of text parts joined by newlines. Raises TokenizerError."""
+    a string as is, a list of text parts joined by newlines (`sep`). Raises TokenizerError."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -125,7 +128,7 @@ def content_text(content: Any) -> str:
             if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise TokenizerError("only text content parts ({'type': 'text', 'text': str}) can be tokenized")
             texts.append(part["text"])
-        return "\n".join(texts)
+        return sep.join(texts)
     raise TokenizerError("message content must be a string or a list of text parts")
 
 
@@ -162,6 +165,9 @@ class PieceCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, piece: str) -> bool:
+        return piece in self._items
 
     def get(self, piece: str) -> list[int] | None:
         ids = self._items.get(piece)
@@ -284,24 +290,42 @@ class LocalTokenizer:
         self.require_chat_template()
         return self._render(chat_messages(messages), add_generation_prompt, self.bos_token)  # type: ignore[misc]
 
-    def tokenize_body(self, kind: str, body: Mapping[str, Any]) -> list[int] | None:
-        """The prompt token ids vLLM would make of a request body: chat (template applied,
-        as /v1/chat/completions/render) or completions with a text prompt (special tokens
-        added, as /v1/completions/render). None for other APIs. Raises TokenizerError."""
+    def prompt(self, kind: str, body: Mapping[str, Any]) -> tuple[str, bool] | None:
+        """The text vLLM tokenizes for a request body and whether it adds special tokens:
+        chat (template applied, as /v1/chat/completions/render) or completions with a text
+        prompt (as /v1/completions/render). None for other APIs. Raises TokenizerError."""
         if kind == "chat":
             if body.get("continue_final_message") or body.get("chat_template") or body.get("tools"):
                 raise TokenizerError("continue_final_message, chat_template and tools are rendered by vLLM only")
             agp = body.get("add_generation_prompt", True)
             text = self.render_chat(body.get("messages"), add_generation_prompt=bool(agp))
-            return self.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
+            return text, bool(body.get("add_special_tokens", False))
         if kind == "completions":
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
-            if not isinstance(prompt, str):
-                return None
-            return self.encode(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))
+            if isinstance(prompt, str):
+                return prompt, bool(body.get("add_special_tokens", True))
         return None
+
+    def tokenize_body(self, kind: str, body: Mapping[str, Any]) -> list[int] | None:
+        """The prompt token ids vLLM would make of a request body (see prompt)."""
+        prompt = self.prompt(kind, body)
+        return self.encode(*prompt) if prompt is not None else None
+
+    async def warm(self, kind: str, body: Mapping[str, Any]) -> None:
+        """Encode the long pieces of the body's prompt that are not cached yet off the event
+        loop (the library's async_encode runs in its own threads), so the synchronous
+        tokenize_body that follows finds them cached. Raises TokenizerError."""
+        prompt = self.prompt(kind, body) if self.piecewise else None
+        if prompt is None:
+            return
+        for piece in self._split(prompt[0]):  # type: ignore[misc]
+            if len(piece) >= OFFLOAD_MIN_CHARS and piece not in self.cache and piece not in self._added:
+                encode = getattr(self.tokenizer, "async_encode", None)
+                enc = await (encode(piece, add_special_tokens=False) if encode is not None else
+                             asyncio.to_thread(self.tokenizer.encode, piece, add_special_tokens=False))
+                self.cache.put(piece, enc.ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
