@@ -52,6 +52,7 @@ def _loopback_pair() -> list[str]:
         try:
             for ip in ips:
                 with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZMQ binds
                     s.bind((ip, SOCKET_PORT))
         except OSError:
             continue
@@ -60,14 +61,15 @@ def _loopback_pair() -> list[str]:
 
 
 class Sim:
-    def __init__(self, ip: str, log_dir: Path) -> None:
+    def __init__(self, ip: str, log_dir: Path, *kv_args: str, block: int = BLOCK) -> None:
         self.ip, self.port = ip, free_port()
         self.hostport = f"{ip}:{self.port}"
         self.url = f"http://{self.hostport}"
+        kv = kv_args or ("--kv-events-endpoint", f"tcp://{ip}:{SOCKET_PORT}")
         self.proc = Process([*EPP, "sim", "--host", ip, "--port", str(self.port), "--model", "m1",
-                             "--block-size", str(BLOCK), "--num-gpu-blocks", str(GPU_BLOCKS), "--time-scale", "20",
-                             "--kv-events-endpoint", f"tcp://{ip}:{SOCKET_PORT}"],
-                            name=f"sim-{ip}", log_path=log_dir / f"sim-{ip}.log")
+                             "--block-size", str(block), "--num-gpu-blocks", str(GPU_BLOCKS), "--time-scale", "20",
+                             *kv], name=f"sim-{self.hostport}", log_path=log_dir / f"sim-{self.hostport}.log")
+        wait_until(lambda: http_ok(self.url + "/health"), 30, f"simulator {self.hostport}")
 
     def post(self, path: str, body: dict | None = None) -> int:
         return post(self.url + path, body or {})[0]
@@ -79,10 +81,9 @@ class Sim:
 
 @pytest.fixture
 def stack(e2e_logs, picker, envoy):
-    sims = [Sim(ip, e2e_logs.dir) for ip in _loopback_pair()]
+    sims: list[Sim] = []
     try:
-        for s in sims:
-            wait_until(lambda s=s: http_ok(s.url + "/health"), 30, f"simulator {s.hostport}")
+        sims += [Sim(ip, e2e_logs.dir) for ip in _loopback_pair()]
         p = picker(endpoints=[s.hostport for s in sims], config_text=GUIDE.read_text(),
                    extra_flags=["--tracing=false"])
         env = envoy("full-duplex", p)
@@ -175,3 +176,41 @@ def test_closed_event_streams_fall_back_to_the_approximate_guess(stack):
     for k in range(9, 13):
         send(env, prompt(k))
     assert "Traceback" not in p.log(2000)  # nothing failed on the way
+
+
+KIND = GUIDE.parent / "llm-d-router-sim-kvcache.yaml"
+# the kind development environment's picker flags (deploy/components/inference-gateway/deployment.yaml),
+# without the Kubernetes ones (--pool-name, --pool-namespace: static endpoints here)
+KIND_FLAGS = ["--v", "4", "--zap-encoder", "json", "--allow-experimental-plugins=true",
+              "--metrics-endpoint-auth=false", "--ha-enable-leader-election=false"]
+
+
+def test_kind_config_global_socket_routes_by_topic(e2e_logs, picker, envoy):
+    """The kind development config unchanged: the picker binds kvEventsConfig.zmqEndpoint
+    (tcp://0.0.0.0:5557) and the simulators publish into it (--kv-events-connect, as vLLM
+    connects to a non-wildcard address), each message's topic kv@<ip:port>@<model> naming
+    its endpoint."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZMQ binds
+        try:
+            s.bind(("0.0.0.0", SOCKET_PORT))  # noqa: S104 - the config's own address
+        except OSError:
+            pytest.skip("port 5557 is taken on this machine")
+    sims: list[Sim] = []
+    try:
+        sims += [Sim("127.0.0.1", e2e_logs.dir, "--kv-events-endpoint", f"tcp://127.0.0.1:{SOCKET_PORT}",
+                     "--kv-events-connect", block=16) for _ in range(2)]
+        p = picker(endpoints=[s.hostport for s in sims], config_text=KIND.read_text(), extra_flags=KIND_FLAGS)
+        env = envoy("full-duplex", p)
+        ids = [random.Random(3).randrange(1000, 30000) for _ in range(8 * 16)]
+        before = [s.requests() for s in sims]
+        send(env, ids)
+        x = landed(sims, before)
+        y = next(s for s in sims if s is not x)
+        wait_until(lambda: prefix_scores(p.api_port, ids) == {x.hostport: 1.0, y.hostport: 0.0}, 20,
+                   "the routed prefix scored on its server from the global socket's events")
+        assert x.post("/reset_prefix_cache") == 200
+        wait_until(lambda: prefix_scores(p.api_port, ids)[x.hostport] == 0.0, 20, "x's reset seen")
+    finally:
+        for s in sims:
+            s.proc.stop()

@@ -102,7 +102,9 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         self._approx_hashes = self.own_key("approx", list)
         self.intake: Any = None  # kvevents.KVEventIntake, made in the event loop at the first subscription
         self._fed: set[str] = set()  # endpoints fed in process (feed): precise without a stream
-        self._endpoints: dict[str, Endpoint] = {}  # name -> endpoint, for the global socket's topics
+        self._endpoints: dict[str, Endpoint] = {}  # name -> endpoint
+        self._global = bool(p.kvEventsConfig.zmqEndpoint)
+        self._pods: dict[str, str] = {}  # a global-socket topic's pod part (ip:port, address, name) -> name
         handle.metrics.add_collector(_StreamMetrics(self))
 
     # ------------------------------------------------------------------ events
@@ -136,10 +138,13 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
 
     def _resolve_topic(self, pod: str) -> str | None:
         """The endpoint a global-socket topic's pod part names (ip:port, address or name)."""
-        for ep in self._endpoints.values():
-            if pod in (ep.hostport, ep.name) or (pod == ep.address and _rank(ep) == 0):
-                return ep.name
-        return None
+        return self._pods.get(pod)
+
+    def _remember(self, endpoint: Endpoint) -> None:
+        self._endpoints[endpoint.name] = endpoint
+        self._pods[endpoint.hostport] = self._pods[endpoint.name] = endpoint.name
+        if _rank(endpoint) == 0:
+            self._pods.setdefault(endpoint.address, endpoint.name)
 
     async def start_background(self) -> None:
         """Open the global socket (kvEventsConfig.zmqEndpoint), if configured."""
@@ -157,7 +162,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         if event == "delete":
             self._forget(endpoint)
             return
-        self._endpoints[endpoint.name] = endpoint
+        self._remember(endpoint)
         pods = cfg.podDiscoveryConfig
         if cfg.zmqEndpoint:
             self._ensure_intake()
@@ -171,6 +176,9 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
 
     def _forget(self, endpoint: Endpoint) -> None:
         self._endpoints.pop(endpoint.name, None)
+        for pod in (endpoint.hostport, endpoint.name, endpoint.address):
+            if self._pods.get(pod) == endpoint.name:
+                del self._pods[pod]
         self._fed.discard(endpoint.name)
         if self.intake is not None:
             self.intake.unsubscribe(endpoint.name)
@@ -218,6 +226,10 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
     # PrepareData
     def prepare_request_data(self, cycle: CycleState, request: InferenceRequest,
                              endpoints: Sequence[Endpoint]) -> None:
+        if self._global:  # without endpoint-notification-source, the candidates name the topics' pods
+            for ep in endpoints:
+                if ep.name not in self._endpoints:
+                    self._remember(ep)
         keys, approx_hashes, info = self.match(cycle, request, endpoints)
         cycle.write(self.key, info)
         cycle.write(self._keys, keys)
