@@ -1,10 +1,11 @@
-"""`epp bench <routing|cluster|pd|goodput|precise|agree|soak|sim|scheduler|scrape|picker> [flags]`.
+"""`epp bench <routing|cluster|pd|goodput|precise|precise-stack|agree|soak|sim|scheduler|scrape|picker> [flags]`.
 
 routing   one workload and rate sweep through the real Envoy per routing strategy
 cluster   the virtual-time cluster simulation (engine model + the picker's real scheduler)
 pd        aggregated vs prefill/decode disaggregation in the cluster simulation (long prompts and outputs)
 goodput   SLO attainment and goodput on mixed and uniform pools in the cluster simulation (bench.goodput)
 precise   random vs approximate vs precise (KV-event) prefix-cache routing in the cluster simulation (bench.precise)
+precise-stack  the same through the real stack on 4-8 servers, reduced scale (bench.precise_stack)
 agree     the real stack and the cluster simulation agree within 15%
 soak      mixed and hostile requests through the real stack per ext_proc transport; nothing left in flight
 sim, scheduler, scrape, picker: the component cost benchmarks (bench.<name>_cost)
@@ -48,7 +49,7 @@ from bench.workloads import (
 
 PASS_THROUGH = {"sim": "bench.sim_cost", "scheduler": "bench.scheduler_cost", "scrape": "bench.scrape_cost",
                 "picker": "bench.picker_cost", "soak": "bench.soak", "goodput": "bench.goodput",
-                "precise": "bench.precise"}
+                "precise": "bench.precise", "precise-stack": "bench.precise_stack"}
 
 
 def _floats(text: str) -> list[float]:

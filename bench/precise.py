@@ -440,7 +440,8 @@ def plot(rows: Sequence[tuple[str, object, ClusterResult]], path: Path, title: s
               for scen in scens]
         ax.bar([i + k * width for i in range(len(scens))], ys, width, label=s)
     ax.set_xticks([i + width * (len(strategies) - 1) / 2 for i in range(len(scens))], scens, fontsize="small")
-    ax.set_ylabel("TTFT p90 (ms), stress variants")
+    rate = next((r.rate for _, r in stress), None)
+    ax.set_ylabel(f"TTFT p90 (ms), stress variants at {rate:g}/s" if rate else "TTFT p90 (ms), stress variants")
     ax.set_yscale("log")
     ax.legend(fontsize="small")
     _finish_rate_axes(plt, fig, axes[:3], path, title)

@@ -164,3 +164,17 @@ def test_benchmark_command_tiny(tmp_path, capsys):
         assert s in out
     assert (tmp_path / "p.md").read_text().count("precise") >= 4
     assert P.main(["--rates", "0"]) == 2 and P.main(["--strategies", "oracle"]) == 2
+
+
+def test_real_stack_config_wires_tokenizer_events_and_endpoints():
+    from bench.precise_stack import TOKENIZER, stack_config
+    from epp.assembly import load_plugin_set
+    from epp.requestcontrol.producers.precise_prefix import PrecisePrefixCacheProducer
+
+    ps = load_plugin_set(stack_config("tcp://127.0.0.1:5999"))
+    producer = ps.plugins["precise-prefix-cache-producer"]
+    assert isinstance(producer, PrecisePrefixCacheProducer) and producer.block_size == 16
+    assert producer.params.kvEventsConfig.zmqEndpoint == "tcp://127.0.0.1:5999" and producer.params.speculativeIndexing
+    assert [(src.name, [x.name for x in ex]) for src, ex in ps.data_sources if ex == [producer]] == [
+        ("endpoint-notification-source", ["precise-prefix-cache-producer"])]
+    assert ps.plugins["token-producer"].local is not None and (TOKENIZER / "tokenizer.json").exists()

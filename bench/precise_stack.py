@@ -1,0 +1,186 @@
+"""Random vs approximate vs precise prefix-cache routing through the real stack, reduced scale.
+
+Fresh `epp sim` servers for every run (cold caches), the real Envoy, and for the picker
+strategies the real picker (`epp serve`):
+  random       Envoy's RANDOM load balancer (no picker)
+  approximate  the picker with bench.precise.APPROX_CONFIG (approx-prefix-cache-producer)
+  precise      the picker with token-producer (in process, the tokenizer fixture the
+               servers use too) and precise-prefix-cache-producer, whose global socket
+               (kvEventsConfig.zmqEndpoint) the servers' KV-event publishers connect to, as
+               in the reference's kind configuration; endpoints reach it through
+               endpoint-notification-source.
+The servers tokenize with tests/fixtures/tokenizer, so token ids, block keys and the KV
+events meet; their KV memory (--num-gpu-blocks) is sized so that the workload's distinct
+system prompts take `--fill` of the pool. Optionally, servers reset their prefix cache in
+turn during the run (POST /reset_prefix_cache: AllBlocksCleared), the restart stress.
+
+`python -m bench.precise_stack` (or `epp bench precise-stack`) prints a table and writes
+bench/results/precise-stack.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from bench.loadgen import Progress, run_load
+from bench.precise import APPROX_CONFIG, HEADERS, STRATEGIES, precise_config
+from bench.report import Row, command_line, ms, num, pct, table, write_markdown
+from bench.workloads import DEFAULT_MODEL, LoadSpec, SharedPrefix, WorkItem, WorkloadSpec, generate
+from devstack.launch import envoy_binary, free_port
+from devstack.localstack import LocalStack, hit_rate, local_stack
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizer"
+BLOCK_SIZE = 16
+
+
+def stack_config(zmq_endpoint: str) -> str:
+    """precise_config with the in-process token-producer, the global KV-event socket and the
+    endpoint notifications that name the publishers."""
+    text = precise_config(BLOCK_SIZE, 2.0).replace(
+        "    speculativeTTL: 2s\n",
+        f"    speculativeTTL: 2s\n    kvEventsConfig:\n      zmqEndpoint: {zmq_endpoint}\n      discoverPods: false\n", 1)
+    text = text.replace("plugins:\n", f"plugins:\n- type: token-producer\n  parameters:\n    inProcess:\n"
+                                      f"      path: {TOKENIZER}\n- type: endpoint-notification-source\n", 1)
+    return text + ("dataLayer:\n  sources:\n  - pluginRef: endpoint-notification-source\n    extractors:\n"
+                   "    - pluginRef: precise-prefix-cache-producer\n")
+
+
+@contextlib.contextmanager
+def strategy_stack(strategy: str, n: int, gpu_blocks: int, time_scale: float) -> Iterator[LocalStack]:
+    flags = ["--tokenizer", str(TOKENIZER), "--num-gpu-blocks", str(gpu_blocks), "--block-size", str(BLOCK_SIZE)]
+    kw: dict = {}
+    if strategy == "random":
+        kw["envoy_mode"] = "random"
+    elif strategy == "approximate":
+        kw["config_text"] = APPROX_CONFIG
+    else:
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        kw["config_text"] = stack_config(endpoint)
+        flags += ["--kv-events-endpoint", endpoint, "--kv-events-connect"]
+    with local_stack(n, model=DEFAULT_MODEL, time_scale=time_scale, sim_flags=flags, **kw) as st:
+        yield st
+
+
+def prefix_tokens(items: Sequence[WorkItem]) -> int:
+    """Tokens of the distinct system prompts under the servers' tokenizer."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    return sum(len(tok.encode(s).ids) for s in {it.messages[0]["content"] for it in items})
+
+
+class Resetter:
+    """POSTs /reset_prefix_cache to the servers in turn every `every` wall seconds (a server
+    with requests running refuses; it is tried again at the next turn)."""
+
+    def __init__(self, st: LocalStack, every: float) -> None:
+        self.st, self.every = st, every
+        self.done = 0
+        self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Resetter:
+        if self.every > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        k = 0
+        while not self._stop.wait(self.every):
+            i = k % self.st.sims.n
+            k += 1
+            try:
+                req = urllib.request.Request(self.st.sims.url(i) + "/reset_prefix_cache", method="POST")
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    ok = r.status == 200
+            except OSError:
+                ok = False
+            if ok:
+                self.done += 1
+            else:
+                self.refused += 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.precise_stack", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--servers", type=int, default=4)
+    ap.add_argument("--rates", default="4,10", help="offered rates, requests per wall second (comma-separated)")
+    ap.add_argument("--requests", type=int, default=240, help="requests per run")
+    ap.add_argument("--groups", type=int, default=12, help="distinct system prompts")
+    ap.add_argument("--prefix-len", type=int, default=1500, help="system prompt length (workload tokens)")
+    ap.add_argument("--fill", type=float, default=0.75, help="fraction of the pool's KV memory the prompts take")
+    ap.add_argument("--time-scale", type=float, default=0.5, help="simulated seconds per wall second")
+    ap.add_argument("--reset-every", type=float, default=0.0,
+                    help="also run each strategy at the highest rate with a server cache reset every S wall seconds")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default="bench/results/precise-stack", help="output path prefix (.md)")
+    a = ap.parse_args(argv)
+    try:
+        rates = [float(x) for x in a.rates.split(",") if x]
+        strategies = [s for s in a.strategies.split(",") if s]
+        if not rates or any(r <= 0 for r in rates) or not 4 <= a.servers <= 8:
+            raise ValueError("positive --rates and 4-8 --servers expected")
+        for s in strategies:
+            if s not in STRATEGIES:
+                raise ValueError(f"unknown strategy {s!r} (known: {', '.join(STRATEGIES)})")
+        envoy_binary()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    spec = WorkloadSpec("shared_prefix", SharedPrefix(a.groups, 8, a.prefix_len, 40, 16), num_requests=a.requests,
+                        seed=a.seed)
+    items = generate(spec)
+    used = prefix_tokens(items) // BLOCK_SIZE
+    gpu_blocks = math.ceil(used / (a.fill * a.servers))
+    print(f"{a.servers} servers x {gpu_blocks} blocks x {BLOCK_SIZE} tokens; {a.groups} system prompts take {used} "
+          f"blocks = {used / (gpu_blocks * a.servers):.0%} of the pool's KV memory", flush=True)
+    runs = [(r, 0.0) for r in rates] + ([(max(rates), a.reset_every)] if a.reset_every > 0 else [])
+    rows: list[tuple[str, Row, object]] = []
+    t0 = time.perf_counter()
+    for rate, reset in runs:
+        scen = "baseline" if not reset else f"cache reset every {reset:g}s"
+        for s in strategies:
+            with strategy_stack(s, a.servers, gpu_blocks, a.time_scale) as st, Resetter(st, reset) as rs:
+                before = st.sims.counts()
+                run = asyncio.run(run_load(st.url, items, LoadSpec(rate=rate), seed=a.seed,
+                                           progress=Progress(f"{scen} {s} @{rate:g}/s", len(items))))
+                served = [x - y for x, y in zip(st.sims.counts(), before, strict=True)]
+            if reset:
+                scen_row = f"{scen} ({rs.done} done)"
+            rows.append((scen_row if reset else scen, Row(s, rate, run.summary(), hit_rate(served),
+                                                          [c.requests for c in served], run.results), None))
+    body = [[scen, r.strategy, num(r.rate, 1), ms(r.summary.ttft_p50), ms(r.summary.ttft_p90),
+             num(r.summary.output_tokens_per_s, 0), pct(r.hit_rate), str(r.summary.errors),
+             " ".join(str(int(c)) for c in r.per_server)] for scen, r, _ in rows]
+    text = table(HEADERS, body)
+    wall = time.perf_counter() - t0
+    print(text)
+    cmd = command_line(["python", "-m", "bench.precise_stack", *(argv if argv is not None else sys.argv[1:])])
+    out = Path(a.out).with_suffix(".md")
+    write_markdown(out, "Precise vs approximate prefix-cache routing (real stack, reduced scale)", cmd,
+                   f"{a.servers} simulator servers x {gpu_blocks} KV blocks of {BLOCK_SIZE} tokens; {a.groups} "
+                   f"system prompts take {used / (gpu_blocks * a.servers):.0%} of the pool's KV memory; "
+                   f"{a.requests} requests per run; time scale {a.time_scale:g} (latencies are wall-clock)."
+                   f"\n\n```\n{text}\n```", f"Wall time {wall:.0f} s.")
+    print(f"wrote {out} (wall {wall:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
