@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
 
 from epp.datalayer.datastore import Objective
@@ -93,21 +94,15 @@ async def test_evicted_while_waiting_for_the_response_headers():
         assert confirmed == evicted  # the stream's end confirms the revocation, once
 
 
-async def test_evicted_mid_response_body():
+@pytest.mark.parametrize("mode, mid_response", [(None, True), (BUFFERED, False)],
+                         ids=["full-duplex-mid-response-body", "buffered-awaiting-response"])
+async def test_evicted_mid_response_body_or_in_buffered_mode(mode, mid_response):
     async with EvictionHarness() as h:
-        call = await routed(h)
-        await call.write(response_headers_msg(content_type="text/event-stream"))
-        await call.write(response_body_msg(b"data: {}\n\n", False))
-        await read(call, 2)
-        assert h.evictor.evict_n(1, 10)
-        assert_eviction_reply(await asyncio.wait_for(call.read(), 10))
-        await ends_ok(call)
-        await h.assert_released()
-
-
-async def test_evicted_in_buffered_mode():
-    async with EvictionHarness() as h:
-        call = await routed(h, mode=BUFFERED)
+        call = await routed(h, mode=mode)
+        if mid_response:
+            await call.write(response_headers_msg(content_type="text/event-stream"))
+            await call.write(response_body_msg(b"data: {}\n\n", False))
+            await read(call, 2)
         assert h.evictor.evict_n(1, 10)
         assert_eviction_reply(await asyncio.wait_for(call.read(), 10))
         await ends_ok(call)

@@ -109,12 +109,14 @@ class RequestEvictor:
         self.on_terminated: Callable[[str], None] | None = None
         self._key = functools.cmp_to_key(lambda a, b: -1 if ordering.less(a, b) else 1 if ordering.less(b, a) else 0)
 
-    def track(self, item: EvictionItem) -> None:
+    def track(self, item: EvictionItem) -> bool:
+        """Track a routed request; whether the filter made it evictable."""
         self.in_flight[item.request_id] = item
         if self.filter.accept(item):
             self.evictable[item.request_id] = item
-        else:
-            self.evictable.pop(item.request_id, None)
+            return True
+        self.evictable.pop(item.request_id, None)
+        return False
 
     def untrack(self, request_id: str) -> None:
         self.in_flight.pop(request_id, None)

@@ -41,7 +41,7 @@ class GrpcioServicer:
         reading: asyncio.Future | None = None  # the pending read while an eviction may come
         try:
             while True:
-                if not st.tracked:
+                if not st.evictable:
                     msg = await read()
                 else:  # evictable: the next message or the eviction, whichever comes first
                     if evicted is None:

@@ -109,7 +109,7 @@ class ExtProcStream:
 
     __slots__ = ("handler", "director", "request_fds", "response_fds", "ctx", "chunks", "body_bytes", "subset",
                  "routed", "request_ended", "request_trailers_seen", "response_started", "response_ended",
-                 "finished", "opened_at", "evicted", "on_evict", "tracked")
+                 "finished", "opened_at", "evicted", "on_evict", "tracked", "evictable")
 
     def __init__(self, handler: ExtProcHandler) -> None:
         self.handler = handler
@@ -130,6 +130,7 @@ class ExtProcStream:
         self.evicted = ""  # the dropped reason, once the evictor chose this request
         self.on_evict: Callable[[], None] | None = None  # the transport's wake-up: send evict() now
         self.tracked = False  # in the evictor's in-flight set
+        self.evictable = False  # and the victim filter accepted it: the transport must answer on_evict
 
     def handle(self, msg: ProcessingRequest) -> Replies | Coroutine[Any, Any, Replies] | None:
         """Dispatch one message: the replies, a coroutine for the request-phase handlers
@@ -240,10 +241,9 @@ class ExtProcStream:
             log.exception("request_id=%s: unexpected failure while routing", ctx.request_id)
             return self._refuse(InferenceError("Internal", "unexpected failure in the endpoint picker"))
         evictor = self.handler.evictor
-        if evictor is not None:
-            target = ctx.targets[0]
-            evictor.track(EvictionItem(ctx.key, ctx.request.priority if ctx.request is not None else 0,
-                                       time.monotonic(), target.hostport, self._evicted))
+        if evictor is not None and ctx.request is not None:
+            self.evictable = evictor.track(EvictionItem(ctx.key, ctx.request.priority, time.monotonic(),
+                                                        ctx.targets[0].hostport, self._evicted))
             self.tracked = True
         out_body = ctx.new_body if ctx.new_body is not None else body
         replies = [self.handler.routing.reply(ctx, field, len(out_body) if ctx.new_body is not None else -1,

@@ -15,7 +15,7 @@ class Stream(Protocol):
     """One ext_proc stream's state machine (epp.handlers.stream.ExtProcStream)."""
 
     finished: bool  # done: the transport ends the RPC with OK
-    tracked: bool  # routed and evictable in flight: the transport must be able to answer on_evict
+    evictable: bool  # routed and evictable in flight: the transport must be able to answer on_evict
     evicted: str  # the evictor ended the request (its dropped reason): send evict() and end the RPC
     on_evict: Callable[[], None] | None  # set by the transport: called (on its own loop turn) when evicted
 
