@@ -13,14 +13,14 @@ Pool and flow-control gauges are computed at scrape time by custom collectors.
 
 Not registered here (their data comes with other issues, and an always-zero family would
 lie): plugin_data_scope_violations (no data-scope enforcement), flow_control
-revocation* / reclaim* / global_capacity_utilization_requests (eviction and a global
-maxRequests, issue 11), P/D, precise-prefix and predicted-latency
+global_capacity_utilization_requests (a global maxRequests, issue 11), P/D, precise-prefix and predicted-latency
 families (issues 11-13; those are plugin metrics anyway). The legacy
 inference_objective_request_ttft_seconds / _tpot_seconds are predicted-latency plugin
 metrics in both generations (v1.5 registered them in its core, but only that plugin
 recorded them), so they come with issue 13. Plugins register their own families through
 the handle: flow_control_stale_endpoints (utilization-detector), prefix_indexer_* (the
-approx prefix producer).
+approx prefix producer). The flow_control revocation* / reclaim* families are
+epp.flowcontrol.eviction's (in-flight eviction).
 """
 
 from __future__ import annotations
