@@ -40,6 +40,7 @@ from test_h2grpc import (
 )
 
 from epp.handlers.h2.connection import H2Connection
+from epp.handlers.h2.frames import ConnectionLimits
 from epp.handlers.h2.hpack import encode_literal
 from epp.handlers.h2.server import H2GrpcServer
 from epp.handlers.protocol import METHOD_PATH
@@ -59,7 +60,7 @@ class Native(Harness):
 async def h2_server(h: Native, **settings) -> AsyncIterator[tuple[H2GrpcServer, int]]:
     """A native ext_proc server over the harness with these settings on a free port (and
     its port), stopped on the way out."""
-    server = H2GrpcServer(h.ext_proc, **settings)
+    server = H2GrpcServer(h.ext_proc, limits=ConnectionLimits(**settings))
     port = await server.start("127.0.0.1", 0)
     try:
         yield server, port

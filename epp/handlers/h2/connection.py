@@ -95,6 +95,7 @@ def _trailers(status: int, message: str) -> bytes:
 class H2Connection(asyncio.Protocol):
     def __init__(self, server: H2GrpcServer) -> None:
         self.server = server
+        self.limits = server.limits
         self.handler = server.handler
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -126,9 +127,9 @@ class H2Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
-        transport.set_write_buffer_limits(self.server.write_high_water, self.server.write_low_water)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(self.limits.write_high_water, self.limits.write_low_water)  # type: ignore[attr-defined]
         transport.write(self.server.settings + self.server.window_update)  # type: ignore[attr-defined]
-        self.timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
+        self.timer = self.loop.call_later(self.limits.handshake_timeout, self._handshake_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -251,7 +252,7 @@ class H2Connection(asyncio.Protocol):
         self.timer = None
         if not self.settings_seen and not self.lost:
             log.warning("HTTP/2 handshake not completed within %gs: connection closed",
-                        self.server.handshake_timeout)
+                        self.limits.handshake_timeout)
             self.closing = True
             if self.transport is not None:
                 self.transport.abort()
@@ -260,7 +261,7 @@ class H2Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.idle_mark = self.last_sid
-        self.timer = self.loop.call_later(self.server.idle_timeout, self._idle_check)
+        self.timer = self.loop.call_later(self.limits.idle_timeout, self._idle_check)
 
     def _idle_check(self) -> None:
         """One timer per connection, every idle_timeout (nothing per stream): a connection with
@@ -270,13 +271,13 @@ class H2Connection(asyncio.Protocol):
         if self.lost or self.closing:
             return
         if not self.calls and self.last_sid == self.idle_mark:
-            log.info("HTTP/2 connection idle for %gs: closed", self.server.idle_timeout)
+            log.info("HTTP/2 connection idle for %gs: closed", self.limits.idle_timeout)
             self.goaway_sid = self.last_sid
             self.out.append(goaway(self.last_sid, NO_ERROR, "idle"))
             self._close_when_idle()
             return
         self.idle_mark = self.last_sid
-        self.timer = self.loop.call_later(self.server.idle_timeout, self._idle_check)
+        self.timer = self.loop.call_later(self.limits.idle_timeout, self._idle_check)
 
     # ------------------------------------------------------------------ frames
     def _idle_stream(self, sid: int) -> bool:
@@ -323,8 +324,8 @@ class H2Connection(asyncio.Protocol):
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on stream 0")
-        if len(payload) > self.server.max_header_block:  # checked here as for CONTINUATION: one frame can be 1 MiB
-            raise ConnectionError_(COMPRESSION_ERROR, f"header block over {self.server.max_header_block} bytes")
+        if len(payload) > self.limits.max_header_block:  # checked here as for CONTINUATION: one frame can be 1 MiB
+            raise ConnectionError_(COMPRESSION_ERROR, f"header block over {self.limits.max_header_block} bytes")
         pad = 0
         if flags & PADDED:
             if not payload:
@@ -349,8 +350,8 @@ class H2Connection(asyncio.Protocol):
         cont = self.continuation
         if cont is None or cont[0] != sid:
             raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
-        if len(cont[2]) + len(payload) > self.server.max_header_block:
-            raise ConnectionError_(COMPRESSION_ERROR, f"header block over {self.server.max_header_block} bytes")
+        if len(cont[2]) + len(payload) > self.limits.max_header_block:
+            raise ConnectionError_(COMPRESSION_ERROR, f"header block over {self.limits.max_header_block} bytes")
         self.continuation_frames += 1
         if self.continuation_frames > MAX_HEADER_FRAMES:
             raise ConnectionError_(ENHANCE_YOUR_CALM, f"header block in over {MAX_HEADER_FRAMES} CONTINUATION frames")
@@ -379,7 +380,7 @@ class H2Connection(asyncio.Protocol):
         if self.goaway_sid is not None:
             self.out.append(rst_stream(sid, REFUSED_STREAM))
             return
-        if len(self.calls) >= self.server.max_concurrent_streams:
+        if len(self.calls) >= self.limits.max_concurrent_streams:
             # RFC 9113 5.1.2: over the advertised limit; REFUSED_STREAM lets the client retry it
             self.out.append(rst_stream(sid, REFUSED_STREAM))
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from urllib.parse import quote
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -37,6 +38,18 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to the client's preface and SETT
 IDLE_TIMEOUT = 300.0  # a connection without streams for this long (up to twice) gets a graceful GOAWAY
 CLOSE_LINGER = 2.0  # seconds a failed connection drains the peer's bytes after GOAWAY before it is aborted
 GOAWAY_DEBUG_MAX = 256  # bytes of debug text in a GOAWAY
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """The bounds above that one server applies to each of its connections (tests narrow them)."""
+
+    max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
+    max_header_block: int = MAX_HEADER_BLOCK
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    write_high_water: int = WRITE_HIGH_WATER
+    write_low_water: int = WRITE_LOW_WATER
 
 U32 = struct.Struct(">I")
 SETTING = struct.Struct(">HI")

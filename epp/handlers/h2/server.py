@@ -40,10 +40,6 @@ from pathlib import Path
 from epp.handlers.h2.connection import H2Connection
 from epp.handlers.h2.frames import (
     CONNECTION_WINDOW_UPDATE,
-    HANDSHAKE_TIMEOUT,
-    IDLE_TIMEOUT,
-    MAX_CONCURRENT_STREAMS,
-    MAX_HEADER_BLOCK,
     MAX_MESSAGE_SLACK,
     OUR_MAX_FRAME,
     S_ENABLE_PUSH,
@@ -52,8 +48,7 @@ from epp.handlers.h2.frames import (
     S_MAX_FRAME_SIZE,
     S_MAX_HEADER_LIST_SIZE,
     STREAM_WINDOW,
-    WRITE_HIGH_WATER,
-    WRITE_LOW_WATER,
+    ConnectionLimits,
     settings_frame,
 )
 from epp.handlers.protocol import DEFAULT_MAX_REQUEST_BODY_BYTES
@@ -68,25 +63,17 @@ class H2GrpcServer:
     """The native ext_proc gRPC server: `await start(host, port)` -> bound port; `await stop(grace)`."""
 
     def __init__(self, handler: StreamHandler, *, ssl_context: ssl.SSLContext | None = None,
-                 max_message: int | None = None, max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
-                 max_header_block: int = MAX_HEADER_BLOCK, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT, write_high_water: int = WRITE_HIGH_WATER,
-                 write_low_water: int = WRITE_LOW_WATER) -> None:
+                 max_message: int | None = None, limits: ConnectionLimits | None = None) -> None:
         self.handler = handler
         self.ssl_context = ssl_context
         self.max_message = max_message if max_message is not None else \
             handler.max_request_body_bytes + MAX_MESSAGE_SLACK
         self.max_send_message = 0  # largest message sent, 0 = no limit (epp serve --grpc-max-send-msg-size)
-        self.max_concurrent_streams = max_concurrent_streams
-        self.max_header_block = max_header_block
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
-        self.write_high_water = write_high_water
-        self.write_low_water = write_low_water
+        self.limits = limits = limits or ConnectionLimits()  # read by each H2Connection
         self.settings = settings_frame({
-            S_ENABLE_PUSH: 0, S_MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            S_ENABLE_PUSH: 0, S_MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
             S_INITIAL_WINDOW_SIZE: STREAM_WINDOW, S_MAX_FRAME_SIZE: OUR_MAX_FRAME,
-            S_MAX_HEADER_LIST_SIZE: max_header_block})
+            S_MAX_HEADER_LIST_SIZE: limits.max_header_block})
         self.window_update = CONNECTION_WINDOW_UPDATE
         self.connections: set[H2Connection] = set()
         self._server: asyncio.base_events.Server | None = None
