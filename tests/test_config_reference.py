@@ -379,9 +379,8 @@ def test_tokenizer_alias_names_its_replacement():
     text = "plugins: [{type: tokenizer, parameters: {modelName: m}}]\n"
     if registered("token-producer"):
         assert load_config("plugins: [{type: tokenizer}]\n").plugin("tokenizer").type == "token-producer"
-        # a model name selects the reference's vllm /render backend: precise tokenization, issue 12
-        assert "plugins[0].parameters.modelName: the vllm tokenizer backend needs precise tokenization (issue 12)" \
-            in errmsg(text)
+        # a model name alone selects the reference's vllm /render backend (tests/test_tokenization.py)
+        assert load_config(text).plugin("tokenizer").type == "token-producer"
     else:
         assert "plugins[0].type: 'tokenizer' is a deprecated alias of 'token-producer', which is not built yet" \
             in errmsg(text)
