@@ -186,6 +186,13 @@ def test_model_name_alone_uses_the_hugging_face_cache_when_the_tokenizer_is_ther
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     assert build_plugin("token-producer", "t", {"modelName": MODEL}, PluginHandle(), "x").backend == "inProcess"
     assert build_plugin("token-producer", "t", {"modelName": "org/other"}, PluginHandle(), "x").backend == "vllm"
+    cfg = tmp_path / "models--org--jinja-only" / "snapshots" / "r1"
+    shutil.copytree(FIXTURE, cfg)
+    (cfg / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert build_plugin("token-producer", "t", {"modelName": "org/jinja-only"}, PluginHandle(), "x").backend == "vllm"
+    with pytest.raises(ValueError, match="loads the UDS sidecar's tokenizer files in process"):
+        build_plugin("token-producer", "t", {"modelName": "org/other", "udsTokenizerConfig": {"socketFile": "/s"}},
+                     PluginHandle(), "x")
     uds = build_plugin("token-producer", "t", {"modelName": "m", "udsTokenizerConfig": {
         "socketFile": "/tmp/tok.sock", "modelTokenizerMap": {"m": str(FIXTURE)}}}, PluginHandle(), "x")
     assert uds.backend == "inProcess" and uds.local.source == str(FIXTURE)

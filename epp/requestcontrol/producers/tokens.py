@@ -184,11 +184,17 @@ def load_local_tokenizer(p: TokenProducerParams, backend: str) -> LocalTokenizer
     if directory is None:
         if backend == "auto":
             return None
-        raise ValueError(f"{where}: no tokenizer.json for model {p.modelName!r} at {path or 'the Hugging Face cache'}")
+        sidecar = " (this picker loads the UDS sidecar's tokenizer files in process; it does not call the " \
+                  "socket)" if backend == "uds" else ""
+        raise ValueError(f"{where}: no tokenizer.json for model {p.modelName!r} at {path or 'the Hugging Face cache'}"
+                         f"{sidecar}")
     try:
         tok = LocalTokenizer.load(directory)
         tok.require_chat_template()
     except TokenizerError as e:
+        if backend == "auto":  # e.g. a chat template only vLLM renders: the reference's default backend then
+            log.info("%s: not tokenizing in process: %s", where, e)
+            return None
         raise ValueError(f"{where}: {e}") from None
     return tok
 
