@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", type=_csv, default=None,
                    help="hardware class(es), one or one per replica: " + ",".join(HARDWARE))
     p.add_argument("--role", "--roles", dest="roles", type=_csv, default=None,
-                   help="P/D role(s), one or one per replica: prefill, decode or both (default both)")
+                   help="P/D role(s), one or one per replica: prefill, decode, both (default) or encode")
     p.add_argument("--kv-transfer-bandwidth", type=float, default=None,
                    help=f"bytes/s of prompt KV pulled from a prefiller (default: the hardware's, "
                         f"else {d.kv_transfer_bandwidth:.0f})")

@@ -241,6 +241,8 @@ class ServerMetrics:
         pod = model + (("pod", self.pod),)
         sim = _labels(pod + tuple(extra_info))
         by_role = s.requests_by_role or {"both": s.num_requests_received}
+        if self.role == "encode":  # every pass an encoder's engine runs is an encoder pass
+            by_role = {"encode": sum(by_role.values())}
         counter("sim_requests", "Requests this simulated server accepted into its engine, by the role it "
                 "played: prefill (for a remote decoder), decode (prompt KV pulled), both (aggregated).",
                 [(_labels(pod + (("role", r),) + tuple(extra_info)), v) for r, v in sorted(by_role.items())

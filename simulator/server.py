@@ -27,6 +27,11 @@ sidecar (llm-d/llm-d-router pkg/sidecar/proxy: chat_completions.go, connector_ni
   cannot be reached, answers an error or omits kv_transfer_params, the request is
   prefilled locally (counted in sim_pd_local_fallbacks_total{reason}); the reference
   sidecar would return the prefiller's error instead. A prefill server has no sidecar.
+- E/P/D (simulator.encode): a decode or both server receiving `x-encoder-hosts-ports` on a
+  chat request with multimodal parts first sends each part to an encoder and carries their
+  `ec_transfer_params` on; an `--role encode` server answers as an encoder.
+- a data-parallel pod's primary port hands a request to the rank named in
+  `x-data-parallel-host-port` (simulator.data_parallel; `epp sim --data-parallel-size`).
 
 max_tokens (or max_completion_tokens) defaults to 16 when absent. Output text: in
 `random` mode max_tokens one-token words drawn deterministically from the prompt and the
@@ -54,12 +59,14 @@ from aiohttp import web
 from . import tokenizer
 from .clock import AsyncioClock
 from .data_parallel import rank_handler
+from .encode import ENCODERS_HEADER, EncoderError, encoder_answer, encoder_targets, fan_out, mm_items, \
+    placeholder_messages
 from .engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong
 from .kv_events import ZmqKVPublisher, topic_for
 from .metrics import ServerMetrics
 
 DEFAULT_MAX_TOKENS = 16
-ROLES = ("both", "prefill", "decode")
+ROLES = ("both", "prefill", "decode", "encode")
 ROLE_LABEL = "llm-d.ai/role"  # the reference's P/D role label (prefill-filter / decode-filter)
 # The sidecar's header naming the prefill endpoint: legacy name first (the sidecar trusts it first).
 PREFILLER_HEADERS = ("x-prefiller-host-port", "x-llm-d-prefiller-host-port")
@@ -317,6 +324,8 @@ class SimServer:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._admit(request)
         prompt = self._chat_prompt(body)
+        if self.config.role == "encode":
+            return await self._encode(request, body, prompt)
         return await self._generate(request, body, prompt, chat=True)
 
     async def _admit(self, request: web.Request) -> dict:
@@ -356,7 +365,8 @@ class SimServer:
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         try:
-            ids, pieces = self.tok.chat(messages, body.get("add_generation_prompt", True) is not False)
+            ids, pieces = self.tok.chat(placeholder_messages(messages),
+                                        body.get("add_generation_prompt", True) is not False)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         return _Prompt(ids, pieces)
@@ -397,6 +407,10 @@ class SimServer:
         if kv_params is not None and not isinstance(kv_params, dict):
             raise ApiError(400, "kv_transfer_params must be an object", param="kv_transfer_params")
         prefiller_cached: int | None = None
+        if chat and cfg.role in ("decode", "both"):
+            encoders = encoder_targets(request.headers.getall(ENCODERS_HEADER, []))
+            if encoders and mm_items(body):  # the routing sidecar's encode stage (E/P/D)
+                body = await self._remote_encode(body, encoders)
         if cfg.role != "prefill" and not (kv_params and kv_params.get("do_remote_decode") is True):
             target = _prefiller_target(request.headers)
             if target is not None:  # the routing sidecar's P/D protocol (NIXL v2)
@@ -488,6 +502,30 @@ class SimServer:
             if gen.done:
                 await resp.write_eof()
                 return resp
+
+    # ---- E/P/D disaggregation: the encode stage ------------------------------------
+
+    async def _remote_encode(self, body: dict, encoders: list[str]) -> dict:
+        """The sidecar's encode leg: every multimodal part to an encoder; their
+        ec_transfer_params ride on in the request (to the prefiller too)."""
+        try:
+            params = await fan_out(self._client, body, encoders, str(uuid.uuid4()), self.config.prefill_timeout)
+        except EncoderError as e:
+            raise ApiError(502, str(e)) from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return {**body, "ec_transfer_params": params} if params else body
+
+    async def _encode(self, request: web.Request, body: dict, prompt: _Prompt) -> web.Response:
+        """An encoder pass: the request runs for one token; the answer names this server's
+        encoder-cache entry for each multimodal part."""
+        one = {**body, "max_tokens": 1, "stream": False}
+        one.pop("max_completion_tokens", None)
+        one.pop("stream_options", None)
+        out = orjson.loads((await self._generate(request, one, prompt, chat=True)).body)
+        cfg = self.config
+        out["ec_transfer_params"] = encoder_answer(cfg.advertise_host or cfg.host, cfg.port, self.engine_id, body)
+        return _json(out)
 
     # ---- P/D disaggregation --------------------------------------------------------
 

@@ -259,7 +259,7 @@ def test_roles_and_hardware_per_replica_flags():
     # Defaults are unchanged: no P/D or hardware labels, the H100 timings.
     (plain,) = configs_from_args(build_parser().parse_args([]))
     assert plain.labels == {} and plain.hardware is None and plain.engine.step_overhead == 0.006
-    for bad in (["--replicas", "3", "--roles", "prefill,decode"], ["--role", "encode"], ["--hardware", "tpu"]):
+    for bad in (["--replicas", "3", "--roles", "prefill,decode"], ["--role", "encoder"], ["--hardware", "tpu"]):
         with pytest.raises(ValueError):
             configs_from_args(build_parser().parse_args(bad))
 
