@@ -153,8 +153,7 @@ class RequestEvictor:
             del self.in_flight[rid]
             self.pending.add(rid)
             loop.call_soon(victim.signal, EVICTED)
-            log.info("evicting in-flight request request_id=%s priority=%d endpoint=%s", rid, victim.priority,
-                     victim.target)
+            log.info("evicting an in-flight request of priority %d on %s", victim.priority, victim.target)
             evicted.append(rid)
         return evicted
 

@@ -277,8 +277,8 @@ class ExtProcStream:
             return []
         self.finished = True
         assert self.ctx is not None
-        log.info("request evicted by flow control request_id=%s phase=%s", self.ctx.request_id,
-                 "response" if self.response_started else "request")
+        log.info("request evicted by flow control request_id=%s (%s)", self.ctx.request_id,
+                 "its response was streaming" if self.response_started else "before its response")
         return [eviction_reply(self.evicted)]
 
     # ------------------------------------------------------------------ response phase

@@ -136,5 +136,6 @@ def test_a_sheddable_request_in_flight_is_evicted_for_a_critical_one(sim_servers
                                   outcome="confirmed") == 1, 5, "the revocation to be confirmed")
     wait_until(lambda: metric_sum(p.metrics(), "llm_d_epp_request_running") == 0, 5,
                "the picker's running-requests gauge to return to 0")
+    assert metric_sum(p.metrics(), "llm_d_epp_flow_control_queue_size") == 0
     status, _, body = post(url, {"model": "m1", "prompt": "after", "max_tokens": 2}, {OBJECTIVE_HEADER: "batch"})
     assert status == 200, body  # the picker keeps serving, sheddable requests too
