@@ -21,7 +21,8 @@ events, all in virtual time:
   recomputed from scratch (as a preemption), its prefix cache is emptied and it publishes
   AllBlocksCleared.
 
-`python -m bench.precise` runs the comparison (random, approximate, precise) over offered
+`python -m bench.precise` runs the comparison (random, approximate, precise with and without
+speculativeIndexing, the reference's default being without) over offered
 rates from light load to saturation plus two stress variants (servers restarting mid-run;
 two picker replicas), prints a table and writes bench/results/precise.{md,png}.
 """
@@ -49,7 +50,7 @@ from simulator.clock import VirtualClock
 from simulator.engine import Engine, EngineConfig
 from simulator.kv_events import encode_batch
 
-STRATEGIES = ("random", "approximate", "precise")
+STRATEGIES = ("random", "approximate", "precise", "precise-nospec")  # nospec: speculativeIndexing off
 SPLITS = ("round-robin", "random")
 
 
@@ -251,13 +252,14 @@ def factory(strategy: str, scenario: Scenario, cfg: ClusterConfig, horizon: floa
             probe.router = router
             return router
         feed = None
-        if strategy == "precise":
+        if strategy.startswith("precise"):
             feed = probe.feed = EventFeed(clock, engines, [e.name for e in endpoints], cfg.model, scenario.event_delay)
 
         def one(view: list[Endpoint]) -> Router:
             if feed is None:
                 return PickerRouter(view, APPROX_CONFIG, clock, rng)
-            r = PreciseRouter(view, clock, rng, cfg.engine.block_size, scenario.speculative_ttl)
+            ttl = None if strategy == "precise-nospec" else scenario.speculative_ttl
+            r = PreciseRouter(view, clock, rng, cfg.engine.block_size, ttl)
             feed.subscribe(r.producer.feed)
             return r
 
@@ -338,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prefix-len", type=int, default=3000, help="tokens per shared prefix")
     ap.add_argument("--fill", type=float, default=0.75, help="fraction of the pool's KV memory the prefixes take")
     ap.add_argument("--event-delay", type=float, default=0.005, help="KV-event delivery delay, seconds")
+    ap.add_argument("--speculative-ttl", type=float, default=2.0,
+                    help="precise: speculativeIndexing TTL, seconds (0: speculativeIndexing off)")
     ap.add_argument("--stress-rate", type=float, default=60.0, help="offered rate of the stress variants")
     ap.add_argument("--restart-every", type=float, default=5.0, help="seconds between server restarts (stress)")
     ap.add_argument("--replicas", type=int, default=2, help="picker replicas (stress)")
@@ -367,12 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"of the pool's KV memory", flush=True)
     cfg = ClusterConfig(servers=sizing.servers, seed=a.seed,
                         engine=EngineConfig(num_gpu_blocks=sizing.gpu_blocks, block_size=sizing.block_size))
-    base = Scenario("baseline", event_delay=a.event_delay)
+    common = {"event_delay": a.event_delay, "speculative_ttl": a.speculative_ttl or None}
+    base = Scenario("baseline", **common)
     runs: list[tuple[Scenario, float]] = [(base, r) for r in rates]
-    runs += [(Scenario(f"restart every {a.restart_every:g}s", event_delay=a.event_delay,
-                       restart_every=a.restart_every), a.stress_rate),
-             (Scenario(f"{a.replicas} replicas ({a.split})", event_delay=a.event_delay, replicas=a.replicas,
-                       split=a.split), a.stress_rate)]
+    runs += [(Scenario(f"restart every {a.restart_every:g}s", restart_every=a.restart_every, **common), a.stress_rate),
+             (Scenario(f"{a.replicas} replicas ({a.split})", replicas=a.replicas, split=a.split, **common), a.stress_rate)]
     from bench.report import Row
 
     rows: list[tuple[str, Row, ClusterResult]] = []

@@ -4,7 +4,8 @@ Fresh `epp sim` servers for every run (cold caches), the real Envoy, and for the
 strategies the real picker (`epp serve`):
   random       Envoy's RANDOM load balancer (no picker)
   approximate  the picker with bench.precise.APPROX_CONFIG (approx-prefix-cache-producer)
-  precise      the picker with token-producer (in process, the tokenizer fixture the
+  precise      (and precise-nospec: speculativeIndexing off, the reference's default)
+               the picker with token-producer (in process, the tokenizer fixture the
                servers use too) and precise-prefix-cache-producer, whose global socket
                (kvEventsConfig.zmqEndpoint) the servers' KV-event publishers connect to, as
                in the reference's kind configuration; endpoints reach it through
@@ -42,10 +43,10 @@ TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokeni
 BLOCK_SIZE = 16
 
 
-def stack_config(zmq_endpoint: str) -> str:
+def stack_config(zmq_endpoint: str, speculative: bool = True) -> str:
     """precise_config with the in-process token-producer, the global KV-event socket and the
     endpoint notifications that name the publishers."""
-    text = precise_config(BLOCK_SIZE, 2.0).replace(
+    text = precise_config(BLOCK_SIZE, 2.0 if speculative else None).replace(
         "    speculativeTTL: 2s\n",
         f"    speculativeTTL: 2s\n    kvEventsConfig:\n      zmqEndpoint: {zmq_endpoint}\n      discoverPods: false\n", 1)
     text = text.replace("plugins:\n", f"plugins:\n- type: token-producer\n  parameters:\n    inProcess:\n"
@@ -64,7 +65,7 @@ def strategy_stack(strategy: str, n: int, gpu_blocks: int, time_scale: float) ->
         kw["config_text"] = APPROX_CONFIG
     else:
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        kw["config_text"] = stack_config(endpoint)
+        kw["config_text"] = stack_config(endpoint, strategy != "precise-nospec")
         flags += ["--kv-events-endpoint", endpoint, "--kv-events-connect"]
     with local_stack(n, model=DEFAULT_MODEL, time_scale=time_scale, sim_flags=flags, **kw) as st:
         yield st
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--time-scale", type=float, default=0.5, help="simulated seconds per wall second")
     ap.add_argument("--reset-every", type=float, default=0.0,
                     help="also run each strategy at the highest rate with a server cache reset every S wall seconds")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--strategies", default="random,approximate,precise")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="bench/results/precise-stack", help="output path prefix (.md)")
     a = ap.parse_args(argv)
