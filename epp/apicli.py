@@ -148,6 +148,9 @@ def format_endpoints(resp: pb.ListEndpointsResponse) -> str:
         rows.append((e.name, f"{host}:{e.port}", str(m.waiting_queue_size), str(m.running_requests_size),
                      f"{m.kv_cache_usage * 100:.1f}", lora, blocks, age, "yes" if m.ok else "no",
                      str(e.in_flight_requests), str(e.in_flight_tokens), labels))
+        if e.status:  # what plugins report (e.g. the KV-event stream and its lag), under the row
+            rows.append(("", "", "", "", "", "", "", "", "", "", "",
+                         "  " + " ".join(f"{k}={v}" for k, v in sorted(e.status.items()))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(f"{len(resp.endpoints)} endpoints{'' if resp.synced else ' (endpoint source not synced yet)'}")
@@ -184,6 +187,10 @@ def format_explain(resp: pb.ExplainResponse) -> str:
             lines.append(f"  failed: {p.error}")
         elif p.picked:
             lines.append(f"  picker {p.picker or '-'} picked {', '.join(p.picked)}")
+    for m in resp.prefix_matches:
+        media = " ".join(f"{k}={v}" for k, v in sorted(m.blocks_by_medium.items()))
+        lines.append(f"prefix {m.producer}: {m.endpoint} holds {m.matched_blocks}/{m.total_blocks} blocks "
+                     f"of {m.block_size_tokens} tokens{f' ({media})' if media else ''}")
     if resp.truncated:
         lines.append("(per-endpoint lists cut to fit the response)")
     if resp.error_code:

@@ -312,7 +312,9 @@ class PickerServer:
         except ImportError:  # the project API is optional for ext_proc
             log.warning("project API (epp.handlers.api) not available; serving ext_proc only")
             return
-        add_api_servicer(server, ApiServicer(self.datastore, self.director.explain))
+        reporters = [f for f in (getattr(p, "endpoint_status", None) for p in self.pipeline.plugins.values()) if f]
+        add_api_servicer(server, ApiServicer(self.datastore, self.director.explain, endpoint_status=(
+            (lambda ep: {k: v for f in reporters for k, v in f(ep).items()}) if reporters else None)))
 
     async def _start_health(self) -> None:
         o = self.options

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/epp_api.proto\x12\nepp.api.v1\"=\n\x14ListEndpointsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"m\n\x15ListEndpointsResponse\x12+\n\tendpoints\x18\x01 \x03(\x0b\x32\x18.epp.api.v1.EndpointInfo\x12\x0e\n\x06synced\x18\x02 \x01(\x08\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\xbc\x02\n\x0c\x45ndpointInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.epp.api.v1.EndpointInfo.LabelsEntry\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x10\n\x08pod_name\x18\x06 \x01(\t\x12,\n\x07metrics\x18\x07 \x01(\x0b\x32\x1b.epp.api.v1.EndpointMetrics\x12\x1a\n\x12in_flight_requests\x18\x08 \x01(\x03\x12\x18\n\x10in_flight_tokens\x18\t \x01(\x03\x12\x11\n\ttruncated\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x81\x02\n\x0f\x45ndpointMetrics\x12\x1a\n\x12waiting_queue_size\x18\x01 \x01(\x03\x12\x1d\n\x15running_requests_size\x18\x02 \x01(\x03\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x1d\n\x15running_lora_adapters\x18\x04 \x03(\t\x12\x1d\n\x15waiting_lora_adapters\x18\x05 \x03(\t\x12\x10\n\x08max_lora\x18\x06 \x01(\x03\x12\x12\n\nblock_size\x18\x07 \x01(\x03\x12\x16\n\x0enum_gpu_blocks\x18\x08 \x01(\x03\x12\x13\n\x0b\x61ge_seconds\x18\t \x01(\x01\x12\n\n\x02ok\x18\n \x01(\x08\"\x88\x01\n\x0e\x45xplainRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x38\n\x07headers\x18\x02 \x03(\x0b\x32\'.epp.api.v1.ExplainRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe5\x02\n\x0f\x45xplainResponse\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.epp.api.v1.ParsedRequest\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12*\n\x08profiles\x18\x03 \x03(\x0b\x32\x18.epp.api.v1.ProfileTrace\x12\x17\n\x0fprimary_profile\x18\x04 \x01(\t\x12\x0f\n\x07targets\x18\x05 \x03(\t\x12\x39\n\x07headers\x18\x06 \x03(\x0b\x32(.epp.api.v1.ExplainResponse.HeadersEntry\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x13\n\x0bhttp_status\x18\t \x01(\x05\x12\x11\n\ttruncated\x18\n \x01(\x08\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x01\n\rParsedRequest\x12\x16\n\x0eincoming_model\x18\x01 \x01(\t\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tobjective\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06stream\x18\x06 \x01(\x08\x12\x14\n\x0cprompt_chars\x18\x07 \x01(\x03\"\xde\x01\n\x0cProfileTrace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x07\x66ilters\x18\x02 \x03(\x0b\x32\x17.epp.api.v1.FilterTrace\x12(\n\x07scorers\x18\x03 \x03(\x0b\x32\x17.epp.api.v1.ScorerTrace\x12)\n\x06totals\x18\x04 \x03(\x0b\x32\x19.epp.api.v1.EndpointScore\x12\x0e\n\x06picked\x18\x05 \x03(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0e\n\x06picker\x18\x07 \x01(\t\x12\x12\n\ncandidates\x18\x08 \x03(\t\"7\n\x0b\x46ilterTrace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0c\n\x04kept\x18\x03 \x03(\t\"d\n\x0bScorerTrace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12)\n\x06scores\x18\x04 \x03(\x0b\x32\x19.epp.api.v1.EndpointScore\"0\n\rEndpointScore\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x32\xaa\x01\n\x0e\x45ndpointPicker\x12T\n\rListEndpoints\x12 .epp.api.v1.ListEndpointsRequest\x1a!.epp.api.v1.ListEndpointsResponse\x12\x42\n\x07\x45xplain\x12\x1a.epp.api.v1.ExplainRequest\x1a\x1b.epp.api.v1.ExplainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/epp_api.proto\x12\nepp.api.v1\"=\n\x14ListEndpointsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"m\n\x15ListEndpointsResponse\x12+\n\tendpoints\x18\x01 \x03(\x0b\x32\x18.epp.api.v1.EndpointInfo\x12\x0e\n\x06synced\x18\x02 \x01(\x08\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\xa1\x03\n\x0c\x45ndpointInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.epp.api.v1.EndpointInfo.LabelsEntry\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x10\n\x08pod_name\x18\x06 \x01(\t\x12,\n\x07metrics\x18\x07 \x01(\x0b\x32\x1b.epp.api.v1.EndpointMetrics\x12\x1a\n\x12in_flight_requests\x18\x08 \x01(\x03\x12\x18\n\x10in_flight_tokens\x18\t \x01(\x03\x12\x11\n\ttruncated\x18\n \x01(\x08\x12\x34\n\x06status\x18\x14 \x03(\x0b\x32$.epp.api.v1.EndpointInfo.StatusEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x81\x02\n\x0f\x45ndpointMetrics\x12\x1a\n\x12waiting_queue_size\x18\x01 \x01(\x03\x12\x1d\n\x15running_requests_size\x18\x02 \x01(\x03\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x1d\n\x15running_lora_adapters\x18\x04 \x03(\t\x12\x1d\n\x15waiting_lora_adapters\x18\x05 \x03(\t\x12\x10\n\x08max_lora\x18\x06 \x01(\x03\x12\x12\n\nblock_size\x18\x07 \x01(\x03\x12\x16\n\x0enum_gpu_blocks\x18\x08 \x01(\x03\x12\x13\n\x0b\x61ge_seconds\x18\t \x01(\x01\x12\n\n\x02ok\x18\n \x01(\x08\"\x88\x01\n\x0e\x45xplainRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x38\n\x07headers\x18\x02 \x03(\x0b\x32\'.epp.api.v1.ExplainRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x03\n\x0f\x45xplainResponse\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.epp.api.v1.ParsedRequest\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12*\n\x08profiles\x18\x03 \x03(\x0b\x32\x18.epp.api.v1.ProfileTrace\x12\x17\n\x0fprimary_profile\x18\x04 \x01(\t\x12\x0f\n\x07targets\x18\x05 \x03(\t\x12\x39\n\x07headers\x18\x06 \x03(\x0b\x32(.epp.api.v1.ExplainResponse.HeadersEntry\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x13\n\x0bhttp_status\x18\t \x01(\x05\x12\x11\n\ttruncated\x18\n \x01(\x08\x12/\n\x0eprefix_matches\x18\x14 \x03(\x0b\x32\x17.epp.api.v1.PrefixMatch\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf8\x01\n\x0bPrefixMatch\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x16\n\x0ematched_blocks\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x03\x12\x19\n\x11\x62lock_size_tokens\x18\x05 \x01(\x03\x12\x45\n\x10\x62locks_by_medium\x18\x06 \x03(\x0b\x32+.epp.api.v1.PrefixMatch.BlocksByMediumEntry\x1a\x35\n\x13\x42locksByMediumEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x96\x01\n\rParsedRequest\x12\x16\n\x0eincoming_model\x18\x01 \x01(\t\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tobjective\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06stream\x18\x06 \x01(\x08\x12\x14\n\x0cprompt_chars\x18\x07 \x01(\x03\"\xde\x01\n\x0cProfileTrace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x07\x66ilters\x18\x02 \x03(\x0b\x32\x17.epp.api.v1.FilterTrace\x12(\n\x07scorers\x18\x03 \x03(\x0b\x32\x17.epp.api.v1.ScorerTrace\x12)\n\x06totals\x18\x04 \x03(\x0b\x32\x19.epp.api.v1.EndpointScore\x12\x0e\n\x06picked\x18\x05 \x03(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0e\n\x06picker\x18\x07 \x01(\t\x12\x12\n\ncandidates\x18\x08 \x03(\t\"7\n\x0b\x46ilterTrace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0c\n\x04kept\x18\x03 \x03(\t\"d\n\x0bScorerTrace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12)\n\x06scores\x18\x04 \x03(\x0b\x32\x19.epp.api.v1.EndpointScore\"0\n\rEndpointScore\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x32\xaa\x01\n\x0e\x45ndpointPicker\x12T\n\rListEndpoints\x12 .epp.api.v1.ListEndpointsRequest\x1a!.epp.api.v1.ListEndpointsResponse\x12\x42\n\x07\x45xplain\x12\x1a.epp.api.v1.ExplainRequest\x1a\x1b.epp.api.v1.ExplainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +33,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENDPOINTINFO_LABELSENTRY']._loaded_options = None
   _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_ENDPOINTINFO_STATUSENTRY']._loaded_options = None
+  _globals['_ENDPOINTINFO_STATUSENTRY']._serialized_options = b'8\001'
   _globals['_EXPLAINREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_EXPLAINRESPONSE_HEADERSENTRY']._loaded_options = None
   _globals['_EXPLAINRESPONSE_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_PREFIXMATCH_BLOCKSBYMEDIUMENTRY']._loaded_options = None
+  _globals['_PREFIXMATCH_BLOCKSBYMEDIUMENTRY']._serialized_options = b'8\001'
   _globals['_LISTENDPOINTSREQUEST']._serialized_start=35
   _globals['_LISTENDPOINTSREQUEST']._serialized_end=96
   _globals['_LISTENDPOINTSRESPONSE']._serialized_start=98
   _globals['_LISTENDPOINTSRESPONSE']._serialized_end=207
   _globals['_ENDPOINTINFO']._serialized_start=210
-  _globals['_ENDPOINTINFO']._serialized_end=526
-  _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_start=481
-  _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_end=526
-  _globals['_ENDPOINTMETRICS']._serialized_start=529
-  _globals['_ENDPOINTMETRICS']._serialized_end=786
-  _globals['_EXPLAINREQUEST']._serialized_start=789
-  _globals['_EXPLAINREQUEST']._serialized_end=925
-  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_start=879
-  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_end=925
-  _globals['_EXPLAINRESPONSE']._serialized_start=928
-  _globals['_EXPLAINRESPONSE']._serialized_end=1285
-  _globals['_EXPLAINRESPONSE_HEADERSENTRY']._serialized_start=879
-  _globals['_EXPLAINRESPONSE_HEADERSENTRY']._serialized_end=925
-  _globals['_PARSEDREQUEST']._serialized_start=1288
-  _globals['_PARSEDREQUEST']._serialized_end=1438
-  _globals['_PROFILETRACE']._serialized_start=1441
-  _globals['_PROFILETRACE']._serialized_end=1663
-  _globals['_FILTERTRACE']._serialized_start=1665
-  _globals['_FILTERTRACE']._serialized_end=1720
-  _globals['_SCORERTRACE']._serialized_start=1722
-  _globals['_SCORERTRACE']._serialized_end=1822
-  _globals['_ENDPOINTSCORE']._serialized_start=1824
-  _globals['_ENDPOINTSCORE']._serialized_end=1872
-  _globals['_ENDPOINTPICKER']._serialized_start=1875
-  _globals['_ENDPOINTPICKER']._serialized_end=2045
+  _globals['_ENDPOINTINFO']._serialized_end=627
+  _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_start=535
+  _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_end=580
+  _globals['_ENDPOINTINFO_STATUSENTRY']._serialized_start=582
+  _globals['_ENDPOINTINFO_STATUSENTRY']._serialized_end=627
+  _globals['_ENDPOINTMETRICS']._serialized_start=630
+  _globals['_ENDPOINTMETRICS']._serialized_end=887
+  _globals['_EXPLAINREQUEST']._serialized_start=890
+  _globals['_EXPLAINREQUEST']._serialized_end=1026
+  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_start=980
+  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_end=1026
+  _globals['_EXPLAINRESPONSE']._serialized_start=1029
+  _globals['_EXPLAINRESPONSE']._serialized_end=1435
+  _globals['_EXPLAINRESPONSE_HEADERSENTRY']._serialized_start=980
+  _globals['_EXPLAINRESPONSE_HEADERSENTRY']._serialized_end=1026
+  _globals['_PREFIXMATCH']._serialized_start=1438
+  _globals['_PREFIXMATCH']._serialized_end=1686
+  _globals['_PREFIXMATCH_BLOCKSBYMEDIUMENTRY']._serialized_start=1633
+  _globals['_PREFIXMATCH_BLOCKSBYMEDIUMENTRY']._serialized_end=1686
+  _globals['_PARSEDREQUEST']._serialized_start=1689
+  _globals['_PARSEDREQUEST']._serialized_end=1839
+  _globals['_PROFILETRACE']._serialized_start=1842
+  _globals['_PROFILETRACE']._serialized_end=2064
+  _globals['_FILTERTRACE']._serialized_start=2066
+  _globals['_FILTERTRACE']._serialized_end=2121
+  _globals['_SCORERTRACE']._serialized_start=2123
+  _globals['_SCORERTRACE']._serialized_end=2223
+  _globals['_ENDPOINTSCORE']._serialized_start=2225
+  _globals['_ENDPOINTSCORE']._serialized_end=2273
+  _globals['_ENDPOINTPICKER']._serialized_start=2276
+  _globals['_ENDPOINTPICKER']._serialized_end=2446
 # @@protoc_insertion_point(module_scope)

@@ -25,8 +25,15 @@ class ListEndpointsResponse(_message.Message):
     def __init__(self, endpoints: _Optional[_Iterable[_Union[EndpointInfo, _Mapping]]] = ..., synced: _Optional[bool] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class EndpointInfo(_message.Message):
-    __slots__ = ("name", "address", "port", "labels", "namespace", "pod_name", "metrics", "in_flight_requests", "in_flight_tokens", "truncated")
+    __slots__ = ("name", "address", "port", "labels", "namespace", "pod_name", "metrics", "in_flight_requests", "in_flight_tokens", "truncated", "status")
     class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class StatusEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +50,7 @@ class EndpointInfo(_message.Message):
     IN_FLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     port: int
@@ -53,7 +61,8 @@ class EndpointInfo(_message.Message):
     in_flight_requests: int
     in_flight_tokens: int
     truncated: bool
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., namespace: _Optional[str] = ..., pod_name: _Optional[str] = ..., metrics: _Optional[_Union[EndpointMetrics, _Mapping]] = ..., in_flight_requests: _Optional[int] = ..., in_flight_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    status: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., namespace: _Optional[str] = ..., pod_name: _Optional[str] = ..., metrics: _Optional[_Union[EndpointMetrics, _Mapping]] = ..., in_flight_requests: _Optional[int] = ..., in_flight_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., status: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class EndpointMetrics(_message.Message):
     __slots__ = ("waiting_queue_size", "running_requests_size", "kv_cache_usage", "running_lora_adapters", "waiting_lora_adapters", "max_lora", "block_size", "num_gpu_blocks", "age_seconds", "ok")
@@ -95,7 +104,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request", "candidates", "profiles", "primary_profile", "targets", "headers", "error_code", "error_message", "http_status", "truncated")
+    __slots__ = ("request", "candidates", "profiles", "primary_profile", "targets", "headers", "error_code", "error_message", "http_status", "truncated", "prefix_matches")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +122,7 @@ class ExplainResponse(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_MATCHES_FIELD_NUMBER: _ClassVar[int]
     request: ParsedRequest
     candidates: _containers.RepeatedScalarFieldContainer[str]
     profiles: _containers.RepeatedCompositeFieldContainer[ProfileTrace]
@@ -123,7 +133,31 @@ class ExplainResponse(_message.Message):
     error_message: str
     http_status: int
     truncated: bool
-    def __init__(self, request: _Optional[_Union[ParsedRequest, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[ProfileTrace, _Mapping]]] = ..., primary_profile: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., http_status: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    prefix_matches: _containers.RepeatedCompositeFieldContainer[PrefixMatch]
+    def __init__(self, request: _Optional[_Union[ParsedRequest, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[ProfileTrace, _Mapping]]] = ..., primary_profile: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., http_status: _Optional[int] = ..., truncated: _Optional[bool] = ..., prefix_matches: _Optional[_Iterable[_Union[PrefixMatch, _Mapping]]] = ...) -> None: ...
+
+class PrefixMatch(_message.Message):
+    __slots__ = ("producer", "endpoint", "matched_blocks", "total_blocks", "block_size_tokens", "blocks_by_medium")
+    class BlocksByMediumEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_BY_MEDIUM_FIELD_NUMBER: _ClassVar[int]
+    producer: str
+    endpoint: str
+    matched_blocks: int
+    total_blocks: int
+    block_size_tokens: int
+    blocks_by_medium: _containers.ScalarMap[str, int]
+    def __init__(self, producer: _Optional[str] = ..., endpoint: _Optional[str] = ..., matched_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., block_size_tokens: _Optional[int] = ..., blocks_by_medium: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ParsedRequest(_message.Message):
     __slots__ = ("incoming_model", "target_model", "kind", "objective", "priority", "stream", "prompt_chars")

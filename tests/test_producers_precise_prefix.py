@@ -108,6 +108,8 @@ def test_longest_prefix_weighted_by_medium_and_truncated():
     assert (m.total_blocks, m.block_size_tokens) == (4, BS)
     assert m.matches == {a: 4, b: 2}  # b: int(3 x 0.8); c holds a later block only
     assert m.longest == 4
+    assert m.by_medium == {a: {"gpu": 4}, b: {"cpu": 3}}  # what Explain shows
+    assert p.endpoint_status(a) == {"kv-events": "precise", "kv-events-lag": "0.000s"}
 
 
 def test_events_remove_and_clear():
@@ -171,7 +173,9 @@ def test_fallback_to_the_approximate_guess():
     p.pre_request(cycle, request, result(b))  # routed to b: the approximate index records it
     p.pre_request(run(p, PROMPT, [a, b], request)[0], request, result(a))
     # b has no event stream: its guess (4 of 4 blocks) scaled to the precise 4 blocks; a is precise: 0
-    assert run(p, PROMPT, [a, b], request)[1].matches == {b: 4}
+    m = run(p, PROMPT, [a, b], request)[1]
+    assert (m.matches, m.by_medium) == ({b: 4}, {b: {"approximate": 4}})
+    assert p.endpoint_status(b) == {"kv-events": "unsubscribed"}
     # no token ids at all: the whole match is the guess
     m = run(p, None, [a, b], request)[1]
     assert (m.matches, m.total_blocks) == ({a: 4, b: 4}, 4)

@@ -71,12 +71,15 @@ class PrefixCacheMatchInfo:
     """How much of the request's prefix each endpoint likely holds (the reference's
     PrefixCacheMatchInfo): `matches` maps an endpoint to the number of leading blocks it
     holds (endpoints with none are absent); `total_blocks` is the request's whole blocks
-    of `block_size_tokens` tokens each; `longest` is the largest count in `matches`."""
+    of `block_size_tokens` tokens each; `longest` is the largest count in `matches`.
+    `by_medium` (optional, the reference's CachedBlocksByTier): per matched endpoint, its
+    matched blocks by medium ("gpu", "cpu", "speculative"; "approximate" for a guess)."""
 
     matches: dict[Endpoint, int] = field(default_factory=dict)
     total_blocks: int = 0
     block_size_tokens: int = 0
     longest: int = 0
+    by_medium: dict[Endpoint, dict[str, int]] = field(default_factory=dict)
 
     @property
     def any_hit(self) -> bool:

@@ -20,6 +20,7 @@ import grpc
 from epp.datalayer.datastore import Datastore
 from epp.errors import HTTP_STATUS, InferenceError
 from epp.framework import Endpoint, InferenceRequest
+from epp.framework.datakeys import PrefixCacheMatchInfo
 from epp.requestcontrol.explain import ExplainResult
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
@@ -31,18 +32,21 @@ log = logging.getLogger("epp.handlers.api")
 
 
 ExplainFn = Callable[[Mapping[str, str], bytes], "ExplainResult | Awaitable[ExplainResult]"]
+StatusFn = Callable[[Endpoint], Mapping[str, str]]  # what plugins report about an endpoint
 
 
 class ApiServicer(pb_grpc.EndpointPickerServicer):
-    def __init__(self, datastore: Datastore, explain: ExplainFn, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, datastore: Datastore, explain: ExplainFn, clock: Callable[[], float] = time.monotonic,
+                 endpoint_status: StatusFn | None = None) -> None:
         self.datastore = datastore
         self.explain = explain
         self.clock = clock  # the clock the scraper stamps Metrics.update_time with
+        self.endpoint_status = endpoint_status  # what plugins report per endpoint (EndpointInfo.status)
 
     async def ListEndpoints(self, request: pb.ListEndpointsRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListEndpointsResponse:
         return list_endpoints(self.datastore.endpoints(), self.datastore.synced, self.clock(),
-                              request.page_size, request.page_token)
+                              request.page_size, request.page_token, self.endpoint_status)
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -78,6 +82,9 @@ class ApiServicer(pb_grpc.EndpointPickerServicer):
             out.request.CopyFrom(parsed_request(result.request))
         if result.trace is not None:
             out.profiles.extend(profile_trace(p) for p in result.trace.profiles)
+        for producer, info in sorted(result.prefix_matches.items()):
+            out.prefix_matches.extend(prefix_match(producer, ep, n, info)
+                                      for ep, n in sorted(info.matches.items(), key=lambda kv: kv[0].name))
         return out
 
 
@@ -103,7 +110,7 @@ def _cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:
 
 
 def list_endpoints(endpoints: Sequence[Endpoint], synced: bool, now: float, page_size: int = 0,
-                   page_token: str = "") -> pb.ListEndpointsResponse:
+                   page_token: str = "", status: StatusFn | None = None) -> pb.ListEndpointsResponse:
     """One page of `endpoints` (sorted by name, as the datastore keeps them): those after
     `page_token` (the last name of the previous page), at most `page_size` and
     MAX_RESPONSE_BYTES of them."""
@@ -113,6 +120,8 @@ def list_endpoints(endpoints: Sequence[Endpoint], synced: bool, now: float, page
     size = 0
     for i in range(start, len(endpoints)):
         info = endpoint_info(endpoints[i], now)
+        if status is not None:
+            info.status.update({_cut(k): _cut(v) for k, v in list(status(endpoints[i]).items())[:MAX_LABELS]})
         grown = size + info.ByteSize() + 8  # + field tag and length
         if len(out.endpoints) == limit or (out.endpoints and grown > MAX_RESPONSE_BYTES):
             out.next_page_token = out.endpoints[-1].name
@@ -129,6 +138,7 @@ def fit_explain(out: pb.ExplainResponse) -> pb.ExplainResponse:
         return out
     for keep in _CUT_STEPS:
         del out.candidates[keep:]
+        del out.prefix_matches[keep:]
         for p in out.profiles:
             del p.candidates[keep:]
             del p.totals[keep:]
@@ -147,6 +157,12 @@ def _adapters(names: frozenset[str]) -> tuple[list[str], bool]:
     shown = sorted(names)[:MAX_ADAPTERS]
     cut = [_cut(n) for n in shown]
     return cut, len(names) > MAX_ADAPTERS or cut != shown
+
+
+def prefix_match(producer: str, ep: Endpoint, matched: int, info: PrefixCacheMatchInfo) -> pb.PrefixMatch:
+    return pb.PrefixMatch(producer=_cut(producer), endpoint=ep.name, matched_blocks=matched,
+                          total_blocks=info.total_blocks, block_size_tokens=info.block_size_tokens,
+                          blocks_by_medium=info.by_medium.get(ep, {}))
 
 
 def endpoint_info(ep: Endpoint, now: float) -> pb.EndpointInfo:

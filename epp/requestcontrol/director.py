@@ -22,6 +22,7 @@ import orjson
 from epp.datalayer.datastore import Datastore
 from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, bad_request, service_unavailable
 from epp.framework import Endpoint, InferenceRequest, Parser, ResponseInfo, SchedulingResult
+from epp.framework.datakeys import PrefixCacheMatchInfo
 from epp.logsafe import clean
 from epp.netaddr import split_list
 from epp.requestcontrol import headers as control
@@ -358,11 +359,13 @@ class Director:
         candidates = self.reachable(self.datastore.endpoints())
         trace = SchedulingTrace()
         try:
-            _, result = self.plugins.run_cycle(request, candidates, trace=trace, commit=False)
+            cycle, result = self.plugins.run_cycle(request, candidates, trace=trace, commit=False)
         except InferenceError as err:  # keep the trace: it shows which filter emptied the set
             return ExplainResult(request=request, candidates=[e.name for e in candidates], trace=trace,
                                  error_code=err.code, error_message=err.message)
         return ExplainResult(request=request, candidates=[e.name for e in candidates], trace=trace,
                              primary_profile=result.primary_profile, targets=[e.name for e in result.targets],
-                             headers=dict(result.headers))
+                             headers=dict(result.headers),
+                             prefix_matches={k.partition("/")[2]: v for k, v in cycle.items()
+                                             if isinstance(v, PrefixCacheMatchInfo)})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from epp.framework import InferenceRequest
+from epp.framework.datakeys import PrefixCacheMatchInfo
 from epp.scheduling.scheduler import SchedulingTrace
 
 __all__ = ["ExplainResult"]
@@ -23,3 +24,4 @@ class ExplainResult:
     headers: dict[str, str] = field(default_factory=dict)  # headers the picker would set upstream
     error_code: str = ""  # an epp.errors code when the request would fail
     error_message: str = ""
+    prefix_matches: dict[str, PrefixCacheMatchInfo] = field(default_factory=dict)  # producer name -> its match

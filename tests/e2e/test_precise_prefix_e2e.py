@@ -31,6 +31,7 @@ import pytest
 
 from devstack.launch import Process, free_port, http_ok, wait_until
 from devstack.localstack import EPP
+from epp.apicli import format_endpoints, format_explain
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
 from tests.e2e.conftest import post
@@ -102,15 +103,20 @@ def body(ids: list[int]) -> dict:
     return {"model": "m1", "prompt": ids, "max_tokens": 1}
 
 
-def prefix_scores(api_port: int, ids: list[int]) -> dict[str, float]:
-    """hostport -> the prefix-cache-scorer's raw score for this prompt (Explain dry run)."""
+def explain(api_port: int, ids: list[int]) -> tuple[pb.ExplainResponse, pb.ListEndpointsResponse]:
     with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
         stub = pb_grpc.EndpointPickerStub(ch)
         resp = stub.Explain(pb.ExplainRequest(body=json.dumps(body(ids)).encode(),
                                               headers={":path": "/v1/completions"}), timeout=10)
-        names = {e.name: f"{e.address}:{e.port}" for e in
-                 stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10).endpoints}
+        endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10)
     assert not resp.error_code, resp.error_message
+    return resp, endpoints
+
+
+def prefix_scores(api_port: int, ids: list[int]) -> dict[str, float]:
+    """hostport -> the prefix-cache-scorer's raw score for this prompt (Explain dry run)."""
+    resp, endpoints = explain(api_port, ids)
+    names = {e.name: f"{e.address}:{e.port}" for e in endpoints.endpoints}
     scorer = next(s for s in resp.profiles[0].scorers if s.type == "prefix-cache-scorer")
     return {names.get(s.endpoint, s.endpoint): s.score for s in scorer.scores}
 
@@ -137,6 +143,17 @@ def test_reset_and_eviction_reach_the_picker_by_events(stack):
     # the server's BlockStored makes the prefix precise-cached there, and only there
     wait_until(lambda: prefix_scores(p.api_port, ids) == {x.hostport: 1.0, y.hostport: 0.0}, 20,
                "the routed prefix scored as cached on its server")
+    # Explain shows the matched blocks by medium; `epp endpoints` each stream's status and lag
+    resp, endpoints = explain(p.api_port, ids)
+    name = {f"{e.address}:{e.port}": e.name for e in endpoints.endpoints}
+    assert [(m.producer, m.endpoint, m.matched_blocks, m.total_blocks, m.block_size_tokens, dict(m.blocks_by_medium))
+            for m in resp.prefix_matches] == [("precise-prefix-cache-producer", name[x.hostport], 6, 6, BLOCK,
+                                               {"gpu": 6})]
+    assert f"prefix precise-prefix-cache-producer: {name[x.hostport]} holds 6/6 blocks of 64 tokens (gpu=6)" \
+        in format_explain(resp)
+    assert {e.status["kv-events"] for e in endpoints.endpoints} == {"precise", "waiting"}  # y: no batch yet
+    assert float(next(e for e in endpoints.endpoints if e.name == name[x.hostport]).status["kv-events-lag"][:-1]) < 5
+    assert "kv-events=precise kv-events-lag=" in format_endpoints(endpoints)
     assert y.post("/v1/completions", body(ids)) == 200  # y caches it too (outside the picker)
     wait_until(lambda: prefix_scores(p.api_port, ids) == {x.hostport: 1.0, y.hostport: 1.0}, 20,
                "y's events seen")

@@ -200,8 +200,8 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         guess = self.approx.match(approx_hashes)[0] if approx_hashes else {}
         tokens = cycle.read(TOKEN_IDS) or client_token_ids(request)
         if not tokens:
-            return [], approx_hashes, PrefixCacheMatchInfo(guess, len(approx_hashes), bs,
-                                                           max(guess.values(), default=0))
+            return [], approx_hashes, PrefixCacheMatchInfo(guess, len(approx_hashes), bs, max(guess.values(), default=0),
+                                                           {ep: {"approximate": n} for ep, n in guess.items()})
         try:
             keys = self.keyer.keys(tokens, request.target_model)
         except ValueError:  # a token id outside 32 bits: nothing a server would have cached
@@ -209,15 +209,23 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         total = len(keys)
         found = self.index.match_keys(keys, [e.name for e in endpoints]) if keys else {}
         matches: dict[Endpoint, int] = {}
+        media: dict[Endpoint, dict[str, int]] = {}
         for ep in endpoints:
             if self.is_precise(ep.name):
                 m = found.get(ep.name)
-                n = self._weighted(m) if m is not None else 0
+                if m is None:
+                    continue
+                n = self._weighted(m)
+                media[ep] = {k: v for k, v in (("gpu", m.gpu_blocks), ("cpu", m.cpu_blocks),
+                                               ("speculative", m.speculative_blocks)) if v}
             else:
                 n = guess.get(ep, 0) * total // len(approx_hashes) if approx_hashes else 0
+                media[ep] = {"approximate": n}
             if n:
                 matches[ep] = n
-        return keys, approx_hashes, PrefixCacheMatchInfo(matches, total, bs, max(matches.values(), default=0))
+            else:
+                del media[ep]
+        return keys, approx_hashes, PrefixCacheMatchInfo(matches, total, bs, max(matches.values(), default=0), media)
 
     def _weighted(self, m: PrefixMatch) -> int:
         """The reference's LongestPrefixScorer: the matched blocks weighted by medium."""
@@ -256,9 +264,12 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
                 self.index.speculate(ep.name, keys)
 
     # ------------------------------------------------------------------ introspection
-    def explain(self, request_keys: Sequence[int], endpoints: Sequence[Endpoint]) -> dict[str, PrefixMatch]:
-        """Per endpoint, the matched blocks by medium (for the Explain API)."""
-        return self.index.match_keys(request_keys, [e.name for e in endpoints]) if request_keys else {}
+    def endpoint_status(self, endpoint: Endpoint) -> dict[str, str]:
+        """The endpoint's event stream and the lag of its last batch (`epp endpoints`)."""
+        if self.intake is None and not self._fed:
+            return {}
+        status, lag = self.stream_status(endpoint.name)
+        return {"kv-events": status} | ({"kv-events-lag": f"{lag:.3f}s"} if lag is not None else {})
 
 
 class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
@@ -298,6 +309,9 @@ class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
     def extract_endpoint(self, event: str, endpoint: Endpoint) -> None:
         if self.peer is None:
             super().extract_endpoint(event, endpoint)
+
+    def endpoint_status(self, endpoint: Endpoint) -> dict[str, str]:
+        return super().endpoint_status(endpoint) if self.peer is None else {}
 
     def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None:
         if self.peer is None:
