@@ -331,14 +331,39 @@ def prefix_blocks(items: Sequence[WorkItem], block_size: int) -> int:
                // block_size for s in seen)
 
 
+def common_args(ap: argparse.ArgumentParser, *, rates: str, requests: int, prefix_len: int, strategies: str,
+                out: str) -> None:
+    """The flags bench.precise and bench.precise_stack share."""
+    ap.add_argument("--servers", type=int, default=4)
+    ap.add_argument("--prefix-len", type=int, default=prefix_len, help="tokens per shared system prompt")
+    ap.add_argument("--rates", default=rates, help="offered rates, requests/s (comma-separated)")
+    ap.add_argument("--requests", type=int, default=requests, help="requests per run")
+    ap.add_argument("--fill", type=float, default=0.75, help="fraction of the pool's KV memory the prefixes take")
+    ap.add_argument("--strategies", default=strategies, help=f"comma-separated, of {', '.join(STRATEGIES)}")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default=out, help="output path prefix")
+
+
+def rates_and_strategies(rates: str, strategies: str) -> tuple[list[float], list[str]]:
+    """--rates and --strategies, checked (ValueError with the reason)."""
+    try:
+        rs = [float(x) for x in rates.split(",") if x]
+    except ValueError:
+        raise ValueError(f"--rates: comma-separated numbers expected, got {rates!r}") from None
+    if not rs or any(not r > 0 for r in rs):
+        raise ValueError("--rates: positive numbers expected")
+    names = [x for x in strategies.split(",") if x]
+    for x in names:
+        if x not in STRATEGIES:
+            raise ValueError(f"unknown strategy {x!r} (known: {', '.join(STRATEGIES)})")
+    return rs, names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.precise", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", default="5,15,30,60,100,150", help="offered rates, requests/s (comma-separated)")
-    ap.add_argument("--requests", type=int, default=2000, help="requests per run")
-    ap.add_argument("--servers", type=int, default=4)
+    common_args(ap, rates="5,15,30,60,100,150", requests=2000, prefix_len=3000, strategies=",".join(STRATEGIES),
+                out="bench/results/precise")
     ap.add_argument("--gpu-blocks", type=int, default=2048, help="KV blocks per server (16 tokens each)")
-    ap.add_argument("--prefix-len", type=int, default=3000, help="tokens per shared prefix")
-    ap.add_argument("--fill", type=float, default=0.75, help="fraction of the pool's KV memory the prefixes take")
     ap.add_argument("--event-delay", type=float, default=0.005, help="KV-event delivery delay, seconds")
     ap.add_argument("--speculative-ttl", type=float, default=2.0,
                     help="precise: speculativeIndexing TTL, seconds (0: speculativeIndexing off)")
@@ -346,19 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--restart-every", type=float, default=5.0, help="seconds between server restarts (stress)")
     ap.add_argument("--replicas", type=int, default=2, help="picker replicas (stress)")
     ap.add_argument("--split", choices=SPLITS, default="round-robin")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/precise", help="output path prefix (.md, .png)")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
     try:
-        rates = [float(x) for x in a.rates.split(",") if x]
-        strategies = [s for s in a.strategies.split(",") if s]
-        for s in strategies:
-            if s not in STRATEGIES:
-                raise ValueError(f"unknown strategy {s!r} (known: {', '.join(STRATEGIES)})")
-        if not rates or any(r <= 0 for r in rates):
-            raise ValueError("--rates: positive numbers expected")
+        rates, strategies = rates_and_strategies(a.rates, a.strategies)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -413,7 +429,7 @@ def report(rows: Sequence[tuple[str, object, ClusterResult]]) -> str:
 
     body = [[scen, r.strategy, num(r.rate, 1), ms(r.summary.ttft_p50), ms(r.summary.ttft_p90),
              num(r.summary.output_tokens_per_s, 0), pct(r.hit_rate), str(r.summary.errors),
-             " ".join(str(c) for c in r.per_server)] for scen, r, _ in rows]
+             " ".join(str(int(c)) for c in r.per_server)] for scen, r, _ in rows]
     return table(HEADERS, body)
 
 

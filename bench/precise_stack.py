@@ -33,8 +33,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.loadgen import Progress, run_load
-from bench.precise import APPROX_CONFIG, HEADERS, STRATEGIES, precise_config
-from bench.report import Row, command_line, ms, num, pct, table, write_markdown
+from bench.precise import APPROX_CONFIG, common_args, precise_config, rates_and_strategies, report
+from bench.report import Row, command_line, write_markdown
 from bench.workloads import DEFAULT_MODEL, LoadSpec, SharedPrefix, WorkItem, WorkloadSpec, generate
 from devstack.launch import envoy_binary, free_port
 from devstack.localstack import LocalStack, hit_rate, local_stack
@@ -119,27 +119,17 @@ class Resetter:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.precise_stack", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--servers", type=int, default=4)
-    ap.add_argument("--rates", default="4,10", help="offered rates, requests per wall second (comma-separated)")
-    ap.add_argument("--requests", type=int, default=240, help="requests per run")
+    common_args(ap, rates="3,8", requests=200, prefix_len=1500, strategies="random,approximate,precise",
+                out="bench/results/precise-stack")
     ap.add_argument("--groups", type=int, default=12, help="distinct system prompts")
-    ap.add_argument("--prefix-len", type=int, default=1500, help="system prompt length (workload tokens)")
-    ap.add_argument("--fill", type=float, default=0.75, help="fraction of the pool's KV memory the prompts take")
     ap.add_argument("--time-scale", type=float, default=0.5, help="simulated seconds per wall second")
     ap.add_argument("--reset-every", type=float, default=0.0,
                     help="also run each strategy at the highest rate with a server cache reset every S wall seconds")
-    ap.add_argument("--strategies", default="random,approximate,precise")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/precise-stack", help="output path prefix (.md)")
     a = ap.parse_args(argv)
     try:
-        rates = [float(x) for x in a.rates.split(",") if x]
-        strategies = [s for s in a.strategies.split(",") if s]
-        if not rates or any(r <= 0 for r in rates) or not 4 <= a.servers <= 8:
-            raise ValueError("positive --rates and 4-8 --servers expected")
-        for s in strategies:
-            if s not in STRATEGIES:
-                raise ValueError(f"unknown strategy {s!r} (known: {', '.join(STRATEGIES)})")
+        rates, strategies = rates_and_strategies(a.rates, a.strategies)
+        if not 4 <= a.servers <= 8:
+            raise ValueError("--servers: 4 to 8")
         envoy_binary()
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -166,10 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scen_row = f"{scen} ({rs.done} done)"
             rows.append((scen_row if reset else scen, Row(s, rate, run.summary(), hit_rate(served),
                                                           [c.requests for c in served], run.results), None))
-    body = [[scen, r.strategy, num(r.rate, 1), ms(r.summary.ttft_p50), ms(r.summary.ttft_p90),
-             num(r.summary.output_tokens_per_s, 0), pct(r.hit_rate), str(r.summary.errors),
-             " ".join(str(int(c)) for c in r.per_server)] for scen, r, _ in rows]
-    text = table(HEADERS, body)
+    text = report(rows)
     wall = time.perf_counter() - t0
     print(text)
     cmd = command_line(["python", "-m", "bench.precise_stack", *(argv if argv is not None else sys.argv[1:])])
