@@ -103,6 +103,10 @@ def test_queue_wait_mean_is_kept_per_program_and_fairness_index():
     assert p.programs["a"].avg_wait_ms == pytest.approx(20.0) and p.programs["a"].in_flight == 2
     p.pre_request(None, req("b", "straight-through"), None)  # admitted without queueing: no wait observed
     assert p.programs["b"].waits == 0 and p.programs["b"].dispatched == 1
+    assert p.fairness_index() == 1.0  # one program with waits
+    assert p.pick_flow({"c": Queue([Head(req("c", "r2"), clock.now - 0.0605)])}, None) == "c"
+    p.pre_request(None, req("c", "r2"), None)
+    assert p.fairness_index() == pytest.approx((20 + 60) ** 2 / (2 * (20 ** 2 + 60 ** 2)))  # 0.8
     assert jain_index([10.0, 30.0]) == pytest.approx(40 ** 2 / (2 * 1000)) and jain_index([5.0]) == 1.0
 
 

@@ -142,7 +142,6 @@ class ProgramAwareFairness(ConfiguredPlugin[ProgramAwareParams]):
         self.programs: dict[str, Program] = {}
         self._waits: OrderedDict[str, float] = OrderedDict()  # request id -> its enqueue time
         self._last_sweep = self.clock()
-        self.fairness_index = 1.0
         handle.metrics.add_collector(_ProgramMetrics(self))
 
     def new_state(self) -> None:
@@ -189,8 +188,11 @@ class ProgramAwareFairness(ConfiguredPlugin[ProgramAwareParams]):
         self._waits[head.request.request_id] = head.enqueued
         if len(self._waits) > MAX_PENDING_WAITS:
             self._waits.popitem(last=False)
-        self.fairness_index = jain_index([q.avg_wait_ms for q in self.programs.values() if q.waits])
         return best
+
+    def fairness_index(self) -> float:
+        """Jain's index over the programs' mean queue waits (those with a wait observed)."""
+        return jain_index([q.avg_wait_ms for q in self.programs.values() if q.waits])
 
     # ------------------------------------------------------------------ PreRequest / ResponseComplete
     def pre_request(self, cycle: Any, request: InferenceRequest, result: Any) -> None:
@@ -239,7 +241,8 @@ class _ProgramMetrics(Collector):
     def collect(self) -> Iterable[Metric]:
         p = self.policy
         index = GaugeMetricFamily("llm_d_epp_program_aware_jains_fairness_index",
-                                  "Jain's Fairness Index over the average wait time per program.", value=p.fairness_index)
+                                  "Jain's Fairness Index over the average wait time per program.",
+                                  value=p.fairness_index())
         wait = GaugeMetricFamily("llm_d_epp_program_aware_avg_wait_time_milliseconds",
                                  "Cumulative mean of flow-control queue wait time per program in milliseconds.",
                                  labels=["program_id"])
