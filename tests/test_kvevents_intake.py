@@ -474,3 +474,43 @@ async def test_a_restarted_server_is_followed():
     finally:
         pub.close()
         await h.close()
+
+
+async def test_global_socket_routes_each_topic_to_its_endpoint_with_its_own_sequence():
+    """bind(): one SUB socket the publishers connect to (kvEventsConfig.zmqEndpoint); the
+    topic's pod part names the endpoint, sequence numbers are checked per endpoint, and a
+    topic naming no endpoint is counted and dropped."""
+    pods = {"10.0.0.1:8000": "a", "10.0.0.2:8000": "b"}
+    harness = Harness(resolve=pods.get)
+    port = free_port()
+    g = harness.intake.bind(f"tcp://127.0.0.1:{port}")
+    pubs = []
+    try:
+        for topic in (b"kv@10.0.0.1:8000@m", b"kv@10.0.0.2:8000@m", b"kv@10.9.9.9:8000@m"):
+            sock = harness.ctx.socket(zmq.PUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{port}")  # as vLLM connects to a non-wildcard address
+            pubs.append((topic, sock))
+
+        async def send(i: int, seq: int, payload: bytes) -> None:
+            topic, sock = pubs[i]
+            await sock.send_multipart([topic, seq.to_bytes(8, "big"), payload])
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while "a" not in harness.intake.streams or "b" not in harness.intake.streams or not g.unrouted:
+            assert asyncio.get_running_loop().time() < deadline, "publishers never joined"
+            for i in range(3):
+                await send(i, 0, batch())
+            await harness._briefly(lambda: False)
+        pa, pb = prompt(3, 1), prompt(2, 2)
+        await send(0, 1, batch(stored(pa)))
+        await send(1, 5, batch(stored(pb)))  # b's first batches were 0s: 5 is a gap for b only
+        await harness.until(lambda: held(harness.index, pa, "a") == 3 and held(harness.index, pb, "b") == 2)
+        a, b = harness.intake.streams["a"], harness.intake.streams["b"]
+        assert (a.gaps, b.gaps) == (0, 1) and harness.intake.status("a") == "precise"
+        assert harness.intake.status("b") == "stale"  # no replay on a global socket
+        assert held(harness.index, pa, "b") == 0
+    finally:
+        for _, sock in pubs:
+            sock.close(linger=0)
+        await harness.close()

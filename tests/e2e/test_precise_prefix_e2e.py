@@ -133,16 +133,22 @@ def landed(sims: list[Sim], before: list[int]) -> Sim:
     return moved[0]
 
 
-def test_reset_and_eviction_reach_the_picker_by_events(stack):
-    sims, p, env = stack
-    ids = prompt(1)
+def route_and_see_stored(env, p, sims: list[Sim], ids: list[int]) -> tuple[Sim, Sim]:
+    """Send the prompt through Envoy; (the server it landed on, the other) once the former's
+    BlockStored made the prefix precise-cached there, and only there."""
     before = [s.requests() for s in sims]
     send(env, ids)
     x = landed(sims, before)
     y = next(s for s in sims if s is not x)
-    # the server's BlockStored makes the prefix precise-cached there, and only there
     wait_until(lambda: prefix_scores(p.api_port, ids) == {x.hostport: 1.0, y.hostport: 0.0}, 20,
                "the routed prefix scored as cached on its server")
+    return x, y
+
+
+def test_reset_and_eviction_reach_the_picker_by_events(stack):
+    sims, p, env = stack
+    ids = prompt(1)
+    x, y = route_and_see_stored(env, p, sims, ids)
     # Explain shows the matched blocks by medium; `epp endpoints` each stream's status and lag
     resp, endpoints = explain(p.api_port, ids)
     name = {f"{e.address}:{e.port}": e.name for e in endpoints.endpoints}
@@ -154,6 +160,10 @@ def test_reset_and_eviction_reach_the_picker_by_events(stack):
     assert {e.status["kv-events"] for e in endpoints.endpoints} == {"precise", "waiting"}  # y: no batch yet
     assert float(next(e for e in endpoints.endpoints if e.name == name[x.hostport]).status["kv-events-lag"][:-1]) < 5
     assert "kv-events=precise kv-events-lag=" in format_endpoints(endpoints)
+    metrics = p.metrics()  # per-endpoint stream metrics
+    assert f'llm_d_epp_kv_cache_events_stream_precise{{pod_identifier="{name[x.hostport]}"}} 1.0' in metrics
+    assert f'llm_d_epp_kv_cache_events_dropped_batches_total{{pod_identifier="{name[x.hostport]}"}} 0.0' in metrics
+    assert f'llm_d_epp_kv_cache_events_lag_seconds{{pod_identifier="{name[x.hostport]}"}}' in metrics
     assert y.post("/v1/completions", body(ids)) == 200  # y caches it too (outside the picker)
     wait_until(lambda: prefix_scores(p.api_port, ids) == {x.hostport: 1.0, y.hostport: 1.0}, 20,
                "y's events seen")
@@ -219,13 +229,8 @@ def test_kind_config_global_socket_routes_by_topic(e2e_logs, picker, envoy):
                      "--kv-events-connect", block=16) for _ in range(2)]
         p = picker(endpoints=[s.hostport for s in sims], config_text=KIND.read_text(), extra_flags=KIND_FLAGS)
         env = envoy("full-duplex", p)
-        ids = [random.Random(3).randrange(1000, 30000) for _ in range(8 * 16)]
-        before = [s.requests() for s in sims]
-        send(env, ids)
-        x = landed(sims, before)
-        y = next(s for s in sims if s is not x)
-        wait_until(lambda: prefix_scores(p.api_port, ids) == {x.hostport: 1.0, y.hostport: 0.0}, 20,
-                   "the routed prefix scored on its server from the global socket's events")
+        ids = prompt(3, blocks=2)  # 8 blocks of the config's 16 tokens
+        x, _ = route_and_see_stored(env, p, sims, ids)  # from the global socket's events
         assert x.post("/reset_prefix_cache") == 200
         wait_until(lambda: prefix_scores(p.api_port, ids)[x.hostport] == 0.0, 20, "x's reset seen")
     finally:

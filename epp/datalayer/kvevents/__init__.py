@@ -5,14 +5,12 @@
 - index: block key -> endpoints holding it, by medium; longest-prefix match; speculation
 - intake: one ZMQ SUB per endpoint, sequence checks, replay or staleness, health
 
-Not wired into configuration or scheduling yet. A precise-prefix-cache producer would own
-one `BlockIndex(BlockKeyer(blockSizeTokens, hashSeed), speculative_ttl=...)` and one
-`KVEventIntake(index, topic_filter=...)`; subscribe each endpoint as it appears
-(`tcp://<address>:<socketPort>`) and unsubscribe it when it goes; per request, compute
-`keyer.keys(token_ids, model)` and call `index.match_keys(keys, candidates)` (or
-`index.match` for lazy keys), using the approximate guess for endpoints where
-`intake.is_precise(name)` is false; after routing, `index.speculate(name, keys)` and
-`intake.note_routed(name)`.
+Wired by precise-prefix-cache-producer (epp/requestcontrol/producers/precise_prefix.py):
+it owns one `BlockIndex(BlockKeyer(blockSizeTokens, hashSeed), speculative_ttl=...)` and
+one `KVEventIntake(index, topic_filter=...)`, subscribes each endpoint as it appears
+(`tcp://<address>:<socketPort>`) or binds the global socket (`intake.bind(zmqEndpoint)`),
+and per request matches `keyer.keys(token_ids, model)` with `index.match_keys`, using the
+approximate guess for endpoints where `intake.is_precise(name)` is false.
 """
 
 from epp.datalayer.kvevents.index import BlockIndex, IndexStats, PrefixMatch
