@@ -92,6 +92,7 @@ BUILTINS: dict[str, str] = {
     # flowControl.usageLimitPolicyPluginRef)
     "global-strict-fairness-policy": "epp.flowcontrol.fairness:GlobalStrictFairnessPolicy",
     "round-robin-fairness-policy": "epp.flowcontrol.fairness:RoundRobinFairnessPolicy",
+    "program-aware-fairness": "epp.flowcontrol.fairness:ProgramAwareFairness",
     "fcfs-ordering-policy": "epp.flowcontrol.ordering:FCFSOrderingPolicy",
     "edf-ordering-policy": "epp.flowcontrol.ordering:EDFOrderingPolicy",
     "slo-deadline-ordering-policy": "epp.flowcontrol.ordering:SLODeadlineOrderingPolicy",
@@ -135,10 +136,8 @@ ALIASES: dict[str, Alias] = {
     "tokenizer": Alias("token-producer", "v0.9.0", "v0.11.0"),
 }
 
-_FC = "flow-control policies (issue 11)"
 _PRECISE = "precise prefix-cache routing (issue 12)"
 FUTURE: dict[str, str] = {
-    **dict.fromkeys(("program-aware-fairness",), _FC),
     **dict.fromkeys(("mm-embeddings-cache-scorer",
                      "mm-embeddings-cache-producer"), _PRECISE),
 }
