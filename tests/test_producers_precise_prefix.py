@@ -237,3 +237,33 @@ schedulingProfiles:
     prod.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
     cycle, _ = run(prod, PROMPT, [a])
     assert scorer.score(cycle, req(), [a]) == [1.0]
+
+
+def test_affinity_filter_and_inflight_producer_read_it_by_name():
+    """prefix-cache-affinity-filter and inflight-load-producer name the precise producer with
+    prefixMatchInfoProducerName (the config loader orders it before the in-flight producer)."""
+    from epp.assembly import load_plugin_set
+    from epp.framework.datakeys import INFLIGHT_LOAD
+
+    ps = load_plugin_set("""
+plugins:
+- type: precise-prefix-cache-producer
+  parameters: {tokenProcessorConfig: {blockSize: 16}}
+- type: inflight-load-producer
+  parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
+- type: prefix-cache-affinity-filter
+  parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-affinity-filter
+  - pluginRef: max-score-picker
+""")
+    a, b = ep(1), ep(2)
+    prod = ps.plugins["precise-prefix-cache-producer"]
+    prod.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
+    prod.feed(b.name, [])
+    cycle, result = ps.run_cycle(req(body={"prompt": PROMPT}), [a, b], commit=False)
+    assert result.targets == [a]  # the affinity filter kept the endpoint holding the prefix
+    assert cycle.read(INFLIGHT_LOAD).uncached == {a: 0, b: 4 * BS}  # the precise match, in tokens
