@@ -267,3 +267,13 @@ schedulingProfiles:
     cycle, result = ps.run_cycle(req(body={"prompt": PROMPT}), [a, b], commit=False)
     assert result.targets == [a]  # the affinity filter kept the endpoint holding the prefix
     assert cycle.read(INFLIGHT_LOAD).uncached == {a: 0, b: 4 * BS}  # the precise match, in tokens
+
+
+def test_hostile_token_ids_match_nothing():
+    a = ep(1)
+    p = producer({"tokenProcessorConfig": {"blockSize": BS}, "speculativeIndexing": True})
+    p.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
+    for bad in ([-1] * (2 * BS), [2**40] * (2 * BS)):
+        cycle, m = run(p, None, [a], req(body={"prompt": bad}))
+        assert (m.matches, m.total_blocks) == ({}, 0)
+        p.pre_request(cycle, req(), result(a))  # nothing to speculate, no error

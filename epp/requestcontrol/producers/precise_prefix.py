@@ -193,7 +193,8 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
     # ------------------------------------------------------------------ per request
     def match(self, cycle: CycleState, request: InferenceRequest,
               endpoints: Sequence[Endpoint]) -> tuple[list[int], list[int], PrefixCacheMatchInfo]:
-        """(block keys, approximate block hashes, the match to publish)."""
+        """(block keys when speculativeIndexing needs them, approximate block hashes, the
+        match to publish)."""
         bs = self.block_size
         approx_hashes = block_hashes(request.prompt_text, request.target_model, request.cache_salt,
                                      bs * CHARS_PER_TOKEN, MAX_APPROX_BLOCKS, partial=True)
@@ -202,12 +203,16 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         if not tokens:
             return [], approx_hashes, PrefixCacheMatchInfo(guess, len(approx_hashes), bs, max(guess.values(), default=0),
                                                            {ep: {"approximate": n} for ep, n in guess.items()})
+        total = len(tokens) // bs
+        keys: list[int] = []
         try:
-            keys = self.keyer.keys(tokens, request.target_model)
+            if self.params.speculativeIndexing:  # every key: PreRequest marks them
+                keys = self.keyer.keys(tokens, request.target_model)
+            # else lazily: the lookup stops at the first block no candidate holds
+            found = self.index.match_keys(keys or self.keyer.iter_keys(tokens, request.target_model),
+                                          [e.name for e in endpoints]) if total else {}
         except ValueError:  # a token id outside 32 bits: nothing a server would have cached
-            keys = []
-        total = len(keys)
-        found = self.index.match_keys(keys, [e.name for e in endpoints]) if keys else {}
+            keys, found, total = [], {}, 0
         matches: dict[Endpoint, int] = {}
         media: dict[Endpoint, dict[str, int]] = {}
         for ep in endpoints:
@@ -256,11 +261,9 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
             seen.add(id(ep))
             if hashes:
                 self.approx.record(ep, hashes, ep.metrics.num_gpu_blocks or APPROX_CAPACITY)
-            if not keys:
-                continue
-            if self.intake is not None and (info is None or info.matches.get(ep, 0) < len(keys)):
+            if self.intake is not None and info is not None and info.matches.get(ep, 0) < info.total_blocks:
                 self.intake.note_routed(ep.name)  # new blocks to store: events should follow
-            if self.params.speculativeIndexing and profile in (result.primary_profile, PREFILL_PROFILE):
+            if keys and profile in (result.primary_profile, PREFILL_PROFILE):  # keys: speculativeIndexing
                 self.index.speculate(ep.name, keys)
 
     # ------------------------------------------------------------------ introspection
