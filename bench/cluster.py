@@ -321,7 +321,7 @@ class Oracle(Router):
             wait += 64 * step_time
         return wait, uncached
 
-    def route(self, item, prompt, request) -> int:
+    def choose(self, item: WorkItem, prompt: _Prompt) -> int:
         best = math.inf
         choice: list[int] = []
         for i in range(len(self.engines)):
@@ -331,7 +331,10 @@ class Oracle(Router):
                 choice = [i]
             elif abs(est - best) <= 1e-12:
                 choice.append(i)
-        i = choice[0] if len(choice) == 1 else choice[self.rng.randrange(len(choice))]
+        return choice[0] if len(choice) == 1 else choice[self.rng.randrange(len(choice))]
+
+    def route(self, item, prompt, request) -> int:
+        i = self.choose(item, prompt)  # a subclass may choose otherwise; the bookkeeping stays
         _, uncached = self.estimate(i, prompt)
         self.pending_tokens[i] += uncached
         pend = self.pending_blocks[i]

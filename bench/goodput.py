@@ -163,7 +163,7 @@ class SloOracle(Oracle):
         tpot_s += (self.pending_tokens[i] + uncached) * cfg.prefill_time_per_token / 64
         return ttft, tpot_s
 
-    def route(self, item, prompt, request) -> int:
+    def choose(self, item, prompt) -> int:
         slo = self.slos[item.index]
         fits, deficit = [], []
         for i in range(len(self.engines)):
@@ -171,14 +171,7 @@ class SloOracle(Oracle):
             if ttft * 1000 <= slo.ttft_ms and tp * 1000 <= slo.tpot_ms:
                 fits.append((self.estimate(i, prompt)[0], i))
             deficit.append((max(0.0, ttft * 1000 - slo.ttft_ms) + max(0.0, tp * 1000 - slo.tpot_ms), i))
-        _, i = min(fits) if fits else min(deficit)
-        _, uncached = self.estimate(i, prompt)
-        self.pending_tokens[i] += uncached
-        pend = self.pending_blocks[i]
-        for h in prompt.hashes:
-            pend[h] = pend.get(h, 0) + 1
-        self.routed[item.index] = (i, uncached, prompt.hashes)
-        return i
+        return min(fits)[1] if fits else min(deficit)[1]
 
 
 # --------------------------------------------------------------------------- latency library router
@@ -398,17 +391,8 @@ def plot(points: Sequence[Point], path: Path, title: str) -> None:
     _save(plt, fig, path)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench.cli import _floats
     from bench.report import RESULTS_DIR, command_line, table, write_markdown
 
     d = SloMix()
