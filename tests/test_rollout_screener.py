@@ -129,6 +129,19 @@ def test_the_plugin_set_runs_screeners_before_scheduling():
     assert e.value.code == "ServiceUnavailable" and e.value.message == "screeners eliminated all endpoint candidates"
 
 
+def test_explain_gives_the_verdict_without_storing_a_decision_or_counting_a_no_match():
+    ps = load_plugin_set(CONFIG, PluginHandle(rng=random.Random(1)))
+    s = ps.plugins["disaggregatedset-rollout-screener"]
+    pool = [pod(1, "A", "decode"), pod(2, "B", "decode")]
+    decided = req({"x-llm-d-revision-decision-id": "d1"})
+    _, preview = ps.run_cycle(decided, pool, commit=False)
+    with pytest.raises(InferenceError):
+        ps.run_cycle(req({"x-llm-d-disagg-revision": "C"}), pool, commit=False)
+    assert s.no_match == 0 and not s._decisions
+    _, served = ps.run_cycle(decided, pool)
+    assert dict(s._decisions) == {"d1": served.targets[0].labels[REV]} and preview.targets
+
+
 def test_the_wide_ep_guide_config_needs_the_experimental_flag_as_in_the_reference():
     from pathlib import Path
 

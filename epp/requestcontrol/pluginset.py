@@ -62,6 +62,8 @@ class PluginSet(Observed):
             point: [timed(point, p, getattr(p, HOOKS[point]), fn) for p in members]
             for point, members in self._members.items()}
         self._screen = calls["Screener"]
+        self._previews = [getattr(p, "preview", None) or call
+                          for p, call in zip(self._members["Screener"], self._screen, strict=True)]
         self._prepare = calls["PrepareData"]
         self._admit = calls["Admitter"]
         self._pre_request = calls["PreRequest"]
@@ -89,7 +91,7 @@ class PluginSet(Observed):
         if not candidates:
             raise service_unavailable("no candidate endpoints for the request", REJECTED_NO_ENDPOINTS)
         if self._screen:
-            candidates = self._screened(request, candidates)
+            candidates = self._screened(request, candidates, commit)
         cycle = CycleState()
         for prepare in self._prepare:
             prepare(cycle, request, candidates)
@@ -104,11 +106,14 @@ class PluginSet(Observed):
                 pre_request(cycle, request, result)
         return cycle, result
 
-    def _screened(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
+    def _screened(self, request: InferenceRequest, candidates: Sequence[Endpoint],
+                  commit: bool) -> Sequence[Endpoint]:
         """Each screener sees every candidate; an endpoint survives when all keep it (the reference's
-        runScreeners); none left is 503."""
+        runScreeners); none left is 503. Without commit (explain), a screener that keeps state offers
+        `preview(request, endpoints)`, the same verdict with nothing recorded."""
         kept = list(candidates)
-        for screen in self._screen:
+        screens = self._screen if commit else self._previews
+        for screen in screens:
             allowed = {id(e) for e in screen(request, candidates)}
             kept = [e for e in kept if id(e) in allowed]
         if not kept:

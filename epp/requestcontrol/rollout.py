@@ -189,12 +189,19 @@ class DisaggregatedSetRolloutScreener(ConfiguredPlugin[RolloutScreenerParams]):
 
     # ------------------------------------------------------------------ Screener
     def screen(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        return self._screen(request, endpoints, record=True)
+
+    def preview(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        """The verdict explain shows: no decision stored, no no-match counted."""
+        return self._screen(request, endpoints, record=False)
+
+    def _screen(self, request: InferenceRequest, endpoints: Sequence[Endpoint], record: bool) -> Sequence[Endpoint]:
         g = self.gating
         requested = request.headers.get(g.revisionHeaderName, "")
         if not g.active:
             if not requested:
                 return endpoints
-            return self._kept(endpoints, None, requested, strict=True)
+            return self._kept(endpoints, None, requested, strict=True, record=record)
         self.observe(endpoints)
         label = g.revisionLabelKey
         allowed = {e.labels.get(label, "") for e in endpoints} & self.shares.keys()
@@ -203,26 +210,29 @@ class DisaggregatedSetRolloutScreener(ConfiguredPlugin[RolloutScreenerParams]):
             chosen = pick_revision({rev: self.shares[rev] for rev in allowed}, self.rng.random())
             decision = request.headers.get(DECISION_ID_HEADER) or request.headers.get(REQUEST_ID_HEADER, "")
             if decision and chosen:
-                chosen = self._decide(decision, chosen)
-        return self._kept(endpoints, allowed, chosen, strict=bool(requested))
+                chosen = self._decide(decision, chosen, record)
+        return self._kept(endpoints, allowed, chosen, strict=bool(requested), record=record)
 
-    def _decide(self, decision: str, candidate: str) -> str:
+    def _decide(self, decision: str, candidate: str, record: bool) -> str:
         """The first revision chosen for a decision id wins (the reference's local GetOrSet)."""
         known = self._decisions.get(decision)
         if known is not None:
-            self._decisions.move_to_end(decision)
+            if record:
+                self._decisions.move_to_end(decision)
             return known
+        if not record:
+            return candidate
         self._decisions[decision] = candidate
         if len(self._decisions) > MAX_DECISIONS:
             self._decisions.popitem(last=False)
         return candidate
 
     def _kept(self, endpoints: Sequence[Endpoint], allowed: set[str] | None, chosen: str,
-              strict: bool) -> list[Endpoint]:
+              strict: bool, record: bool) -> list[Endpoint]:
         label = self.gating.revisionLabelKey
         kept = [e for e in endpoints if (allowed is None or e.labels.get(label, "") in allowed)
                 and (not chosen or e.labels.get(label, "") == chosen)]
-        if not kept and strict:
+        if not kept and strict and record:
             self.no_match += 1
         return kept
 
