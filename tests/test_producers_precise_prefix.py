@@ -216,21 +216,20 @@ def test_deprecated_scorer_alone_produces_and_scores():
     assert s.score(cycle, req(), [a, b]) == [1.0, 0.5]
 
 
-def test_deprecated_scorer_defers_to_a_configured_producer():
+def plugin_set(plugins: str, first: str):
+    """A plugin set of `plugins` (YAML list items) and one profile: `first`, max-score-picker."""
     from epp.assembly import load_plugin_set
 
-    ps = load_plugin_set("""
-plugins:
+    return load_plugin_set(f"plugins:{plugins}- type: max-score-picker\nschedulingProfiles:\n- name: default\n"
+                           f"  plugins:\n  - pluginRef: {first}\n  - pluginRef: max-score-picker\n")
+
+
+def test_deprecated_scorer_defers_to_a_configured_producer():
+    ps = plugin_set("""
 - type: precise-prefix-cache-producer
 - type: precise-prefix-cache-scorer
   parameters: {tokenProcessorConfig: {blockSize: 99}}
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: precise-prefix-cache-scorer
-  - pluginRef: max-score-picker
-""")
+""", "precise-prefix-cache-scorer")
     prod, scorer = ps.plugins["precise-prefix-cache-producer"], ps.plugins["precise-prefix-cache-scorer"]
     assert scorer.peer is prod and scorer.key == prod.key
     a = ep(1)
@@ -242,24 +241,16 @@ schedulingProfiles:
 def test_affinity_filter_and_inflight_producer_read_it_by_name():
     """prefix-cache-affinity-filter and inflight-load-producer name the precise producer with
     prefixMatchInfoProducerName (the config loader orders it before the in-flight producer)."""
-    from epp.assembly import load_plugin_set
     from epp.framework.datakeys import INFLIGHT_LOAD
 
-    ps = load_plugin_set("""
-plugins:
+    ps = plugin_set("""
 - type: precise-prefix-cache-producer
   parameters: {tokenProcessorConfig: {blockSize: 16}}
 - type: inflight-load-producer
   parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
 - type: prefix-cache-affinity-filter
   parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: prefix-cache-affinity-filter
-  - pluginRef: max-score-picker
-""")
+""", "prefix-cache-affinity-filter")
     a, b = ep(1), ep(2)
     prod = ps.plugins["precise-prefix-cache-producer"]
     prod.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
