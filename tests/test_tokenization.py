@@ -335,7 +335,9 @@ async def test_vllm_backend_renders_once_per_body_and_forwards_model_and_authori
     await p.prefetch_request_data(request({"prompt": "text"}, "completions", "r3"))
     assert renderer.seen[-1][0] == "/v1/completions/render"
     assert p.counts["rendered"] == 2 and p.counts["render_cached"] == 1
-    await p.render.close()
+    session = p.render._session
+    await p.stop_background()  # the server's shutdown closes the render session
+    assert session is not None and session.closed
 
 
 async def test_concurrent_identical_bodies_share_one_render(renderer):

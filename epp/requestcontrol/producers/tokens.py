@@ -321,6 +321,11 @@ class TokenProducer:
                 return tuple(ids)
         return None
 
+    async def stop_background(self) -> None:
+        """The server's shutdown: close the render service's HTTP session."""
+        if self.render is not None:
+            await self.render.close()
+
     def prepare_request_data(self, cycle: CycleState, request: InferenceRequest,
                              endpoints: Sequence[Endpoint]) -> None:
         ids = self.token_ids(request) if self.backend != "estimate" else None
