@@ -143,6 +143,29 @@ def test_server_block_a_multiple_of_the_pickers_block(index):
     assert index.stats.mismatched == 1
 
 
+def test_server_blocks_smaller_than_the_pickers(index):
+    """vLLM's 16-token blocks under the guide's blockSize 64: server blocks group into picker
+    blocks; a removal inside a group breaks the prefix there; an event continuing from inside
+    a group cannot be keyed, one continuing from a group's end chains."""
+    p, s = prompt(4), FakeServer(7, block_size=BS // 2)  # 8 server blocks
+    whole = s.store(p)
+    index.apply("a", [whole], "m")
+    assert index.match(p, "m")["a"].blocks == 4
+    index.apply("a", [s.remove(p, slice(2, 3))], "m")  # the first half of picker block 1
+    assert index.match(p, "m")["a"].blocks == 1
+    hs = s.hashes(p)
+    split = [BlockStored(tuple(hs[:4]), None, tuple(p[:4 * BS // 2]), BS // 2),
+             BlockStored(tuple(hs[4:]), hs[3], tuple(p[4 * BS // 2:]), BS // 2)]
+    index.apply("b", split, "m")
+    assert index.match(p, "m")["b"].blocks == 4
+    odd = [BlockStored(tuple(hs[:3]), None, tuple(p[:3 * BS // 2]), BS // 2),
+           BlockStored(tuple(hs[3:]), hs[2], tuple(p[3 * BS // 2:]), BS // 2)]
+    index.apply("c", odd, "m")
+    assert index.match(p, "m")["c"].blocks == 1 and index.stats.unchained == 1
+    index.apply("d", [BlockStored(tuple(hs[:1]), None, tuple(p[:BS // 2]), BS // 2)], "m")  # no whole picker block
+    assert "d" not in index.match(p, "m") and index.stats.mismatched == 1
+
+
 def test_other_kv_cache_groups_are_not_indexed(index):
     p = prompt(2)
     ev = FakeServer(1).store(p)

@@ -5,8 +5,8 @@ The picker runs the reference's precise-prefix-cache guide config unchanged
 (tests/fixtures/reference/configs/llm-d-precise-prefix-cache.yaml, blockSize 64, no
 kvEventsConfig: the defaults subscribe to tcp://<endpoint address>:5557). Each simulator
 therefore gets its own loopback address (127.x.y.1, 127.x.y.2) and publishes on its port
-5557 there, with 64-token blocks as the guide's servers. Prompts are token ids, which the
-producer keys exactly as the servers do.
+5557 there, with vLLM's default 16-token blocks (four make one of the picker's 64-token
+blocks). Prompts are token ids, which the producer keys exactly as the servers do.
 
 What is checked, by polling the picker's Explain dry run (never by sleeping):
 - a prefix the picker routed is scored as cached on that server only once its BlockStored
@@ -39,8 +39,9 @@ from tests.e2e.conftest import post
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 GUIDE = Path(__file__).parents[1] / "fixtures" / "reference" / "configs" / "llm-d-precise-prefix-cache.yaml"
-BLOCK = 64  # the guide's tokenProcessorConfig.blockSize, and the servers' block size
-GPU_BLOCKS = 24  # small enough to evict under a few prompts
+BLOCK = 64  # the guide's tokenProcessorConfig.blockSize
+SERVER_BLOCK = 16  # vLLM's default: four server blocks make one of the picker's
+KV_TOKENS = 24 * 64  # small enough to evict under a few prompts
 SOCKET_PORT = 5557  # kvEventsConfig.podDiscoveryConfig.socketPort's default
 
 
@@ -62,13 +63,13 @@ def _loopback_pair() -> list[str]:
 
 
 class Sim:
-    def __init__(self, ip: str, log_dir: Path, *kv_args: str, block: int = BLOCK) -> None:
+    def __init__(self, ip: str, log_dir: Path, *kv_args: str, block: int = SERVER_BLOCK) -> None:
         self.ip, self.port = ip, free_port()
         self.hostport = f"{ip}:{self.port}"
         self.url = f"http://{self.hostport}"
         kv = kv_args or ("--kv-events-endpoint", f"tcp://{ip}:{SOCKET_PORT}")
         self.proc = Process([*EPP, "sim", "--host", ip, "--port", str(self.port), "--model", "m1",
-                             "--block-size", str(block), "--num-gpu-blocks", str(GPU_BLOCKS), "--time-scale", "20",
+                             "--block-size", str(block), "--num-gpu-blocks", str(KV_TOKENS // block), "--time-scale", "20",
                              *kv], name=f"sim-{self.hostport}", log_path=log_dir / f"sim-{self.hostport}.log")
         wait_until(lambda: http_ok(self.url + "/health"), 30, f"simulator {self.hostport}")
 
@@ -226,7 +227,7 @@ def test_kind_config_global_socket_routes_by_topic(e2e_logs, picker, envoy):
     sims: list[Sim] = []
     try:
         sims += [Sim("127.0.0.1", e2e_logs.dir, "--kv-events-endpoint", f"tcp://127.0.0.1:{SOCKET_PORT}",
-                     "--kv-events-connect", block=16) for _ in range(2)]
+                     "--kv-events-connect") for _ in range(2)]
         p = picker(endpoints=[s.hostport for s in sims], config_text=KIND.read_text(), extra_flags=KIND_FLAGS)
         env = envoy("full-duplex", p)
         ids = prompt(3, blocks=2)  # 8 blocks of the config's 16 tokens

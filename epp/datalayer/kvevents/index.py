@@ -27,10 +27,12 @@ lookup or speculation, so there is no timer task.
 
 Not indexed: events of KV-cache groups other than 0 (hybrid models' secondary groups),
 BlockStored whose token count is not blocks x block_size or whose server block size is
-not a multiple of blockSizeTokens (counted in `mismatched`), and BlockStored whose parent
+neither a multiple nor a divisor of blockSizeTokens (counted in `mismatched`), the tail of
+an event of smaller server blocks that does not fill a picker block (as llm-d-kv-cache,
+which keys each event's tokens at its own block size), and BlockStored whose parent
 the endpoint never reported (stored before the subscription began, or in a lost batch):
 its key depends on the parent's tokens, so it is counted in `unchained` and that prefix
-stays invisible until the server stores the parent again.
+stays invisible until the server stores the parent again (or ends inside a picker block).
 """
 
 from __future__ import annotations
@@ -191,23 +193,29 @@ class BlockIndex:
                     self._or(key, bit)
             return
         ratio, rest = divmod(ev.block_size, self.keyer.block_size)
-        if rest or len(ev.token_ids) != len(ev.block_hashes) * ev.block_size:
+        group = self.keyer.block_size // ev.block_size if ratio == 0 and not self.keyer.block_size % ev.block_size \
+            else 1  # server blocks per picker block, when the server's are smaller
+        n_keys = len(ev.block_hashes) // group
+        if (rest and group == 1) or len(ev.token_ids) != len(ev.block_hashes) * ev.block_size or not n_keys:
             self.stats.mismatched += 1
             return
         parent = None
         if ev.parent_block_hash is not None:
             value = ep.engine.get(ev.parent_block_hash)
-            if value is None:
+            if value is None or type(value) is _Inner:  # unknown, or ends inside a picker block
                 self.stats.unchained += 1
                 return
             parent = value if isinstance(value, int) else value[-1]
         try:
-            keys = self.keyer.keys(ev.token_ids, ev.lora_name or model, parent,
-                                   _extras(ev.extra_keys, ev.lora_name, len(ev.block_hashes), ratio))
+            keys = self.keyer.keys(ev.token_ids[:n_keys * group * ev.block_size], ev.lora_name or model, parent,
+                                   _extras(ev.extra_keys, ev.lora_name, len(ev.block_hashes), ratio or 1, group))
         except ValueError:  # extras nested too deeply to encode: a key cannot be made
             self.stats.mismatched += 1
             return
-        for j, h in enumerate(ev.block_hashes):
+        if group > 1:  # a removal of any of a picker block's server blocks clears its key; the tail is not kept
+            for j, h in enumerate(ev.block_hashes[:n_keys * group]):
+                ep.engine[h] = keys[j // group] if j % group == group - 1 else _Inner(keys[j // group])
+        for j, h in enumerate(ev.block_hashes if group == 1 else ()):
             ep.engine[h] = keys[j] if ratio == 1 else tuple(keys[j * ratio:(j + 1) * ratio])
         for key in keys:
             self._or(key, bit)
@@ -359,9 +367,10 @@ def _tiers(masks: list[int], n: int, base: int) -> PrefixMatch:
 
 
 def _extras(extra_keys: tuple[object, ...] | None, lora_name: str | None, n_blocks: int,
-            ratio: int) -> list[object] | None:
+            ratio: int, group: int = 1) -> list[object] | None:
     """Per picker block, what taints its key beyond the tokens: vLLM's extra_keys entry for
-    the server block minus the LoRA name (already in the root), None when nothing is left."""
+    the server block minus the LoRA name (already in the root), None when nothing is left;
+    with `group` server blocks per picker block, their entries joined in order."""
     if not extra_keys:
         return None
     out: list[object] = []
@@ -369,4 +378,14 @@ def _extras(extra_keys: tuple[object, ...] | None, lora_name: str | None, n_bloc
         entry = extra_keys[j] if j < len(extra_keys) else None
         rest = None if entry is None else tuple(e for e in entry if e != lora_name) or None  # type: ignore[union-attr]
         out.extend([rest] * ratio)
+    if group > 1:
+        out = [tuple(e for part in out[i:i + group] if part for e in part) or None  # type: ignore[union-attr]
+               for i in range(0, len(out) - group + 1, group)]
     return out if any(e is not None for e in out) else None
+
+
+class _Inner(int):
+    """The key of the picker block a server block lies inside of, not at the end of: a
+    child event whose parent is such a block starts mid-block, so it cannot be keyed."""
+
+    __slots__ = ()
