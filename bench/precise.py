@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out)
     from bench.report import command_line, write_markdown
 
-    cmd = command_line(["python", "-m", "bench.precise", *(argv if argv is not None else sys.argv[1:])])
+    cmd = command_line(["bench", "precise", *(argv if argv is not None else sys.argv[1:])])
     write_markdown(out.with_suffix(".md"), "Precise vs approximate prefix-cache routing (cluster simulation)", cmd,
                    f"Pool: {sizing.servers} servers x {sizing.gpu_blocks} KV blocks of {sizing.block_size} tokens; "
                    f"{groups} shared prefixes of ~{sizing.prefix_len} tokens take {used / pool:.0%} of the pool's "
@@ -442,9 +442,12 @@ def plot(rows: Sequence[tuple[str, object, ClusterResult]], path: Path, title: s
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     base = [r for scen, r, _ in rows if scen == "baseline"]
     for name, rs, rates in _by_strategy_over_rate(base):
-        axes[0].plot(rates, [r.summary.ttft_p90 * 1000 for r in rs], marker="o", label=name)
-        axes[1].plot(rates, [r.summary.output_tokens_per_s for r in rs], marker="o", label=name)
-        axes[2].plot(rates, [r.hit_rate * 100 for r in rs], marker="o", label=name)
+        # dashed over solid: where approximate and precise coincide both stay visible
+        style = {"marker": "o", "label": name, "linestyle": "--" if name == "approximate" else "-",
+                 "linewidth": 3 if name == "precise" else 1.5, "zorder": 3 if name == "approximate" else 2}
+        axes[0].plot(rates, [r.summary.ttft_p90 * 1000 for r in rs], **style)
+        axes[1].plot(rates, [r.summary.output_tokens_per_s for r in rs], **style)
+        axes[2].plot(rates, [r.hit_rate * 100 for r in rs], **style)
     axes[0].set_ylabel("TTFT p90 (ms, log scale)")
     axes[0].set_yscale("log")
     axes[1].set_ylabel("output tokens/s")

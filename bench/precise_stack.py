@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(rows)
     wall = time.perf_counter() - t0
     print(text)
-    cmd = command_line(["python", "-m", "bench.precise_stack", *(argv if argv is not None else sys.argv[1:])])
+    cmd = command_line(["bench", "precise-stack", *(argv if argv is not None else sys.argv[1:])])
     out = Path(a.out).with_suffix(".md")
     write_markdown(out, "Precise vs approximate prefix-cache routing (real stack, reduced scale)", cmd,
                    f"{a.servers} simulator servers x {gpu_blocks} KV blocks of {BLOCK_SIZE} tokens; {a.groups} "
