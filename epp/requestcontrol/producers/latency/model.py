@@ -71,7 +71,7 @@ class ForgettingRidge:
     `relative` weighs each sample by 1/y^2, so the fit minimises relative error (MAPE's
     cousin) instead of letting the slowest requests dominate."""
 
-    __slots__ = ("size", "forgetting", "ridge", "relative", "samples", "weights", "scale", "_a", "_b")
+    __slots__ = ("size", "forgetting", "ridge", "relative", "samples", "weights", "scale", "floor", "_a", "_b")
 
     def __init__(self, size: int, *, forgetting: float = DEFAULT_FORGETTING, ridge: float = DEFAULT_RIDGE,
                  relative: bool = True) -> None:
@@ -81,6 +81,9 @@ class ForgettingRidge:
         self.samples = 0
         self.weights: tuple[float, ...] | None = None
         self.scale = 1.0  # published predictions are the fit times this (a quantile objective sets it)
+        # the fastest latency learnt: a fit extrapolating below it (collinear features, few samples in
+        # that corner) is not believed, so a prediction is never under it (nor 0, which passes any SLO)
+        self.floor = math.inf
         self._a = [[0.0] * (size - i) for i in range(size)]
         self._b = [0.0] * size
 
@@ -89,7 +92,7 @@ class ForgettingRidge:
         if w is None:
             return None
         y = sum(map(operator.mul, w, x))
-        return y * self.scale if y > 0.0 else 0.0
+        return max(y, self.floor) * self.scale
 
     def fit_value(self, x: Sequence[float]) -> float | None:
         """The regression's own value, before `scale`."""
@@ -105,6 +108,7 @@ class ForgettingRidge:
             a[i] = [r * lam + wx * xj for r, xj in zip(a[i], x[i:], strict=True)]  # row i holds j >= i
             b[i] = b[i] * lam + wx * y
         self.samples += 1
+        self.floor = min(self.floor, y)
 
     def add_batch(self, xs: Sequence[Sequence[float]], ys: Sequence[float]) -> None:
         """The same as add() for each pair in order, but one C-level loop per matrix entry
@@ -126,6 +130,7 @@ class ForgettingRidge:
                 row[j - i] = row[j - i] * decay + sum(map(operator.mul, wcol, cols[j]))
             b[i] = b[i] * decay + sum(map(operator.mul, wcol, ys))
         self.samples += n
+        self.floor = min(self.floor, *ys)
 
     def solve(self) -> None:
         """Jacobi-scaled ridge solve by Cholesky; a term never seen gets weight 0."""

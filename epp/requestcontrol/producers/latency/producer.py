@@ -59,7 +59,7 @@ from epp.framework.types import ResponseInfo
 from epp.units import duration_value
 
 from .features import LatencyFeatures, endpoint_class
-from .model import LatencyModel, Target
+from .model import POOL, LatencyModel, Target
 from .sidecar import SidecarClient, SidecarConfig
 from .trainer import Trainer
 
@@ -232,6 +232,10 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
             if info is not None:
                 out.endpoints[e] = info
         cycle.write(self.key, out)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: request %s slo ttft=%s tpot=%s: %s", self.name, request.request_id, request.slo_ttft_ms,
+                      request.slo_tpot_ms, {e.name: (round(i.ttft_ms, 1), round(i.tpot_ms, 2), i.valid)
+                                            for e, i in out.endpoints.items()})
 
     def features(self, cycle: CycleState, request: InferenceRequest,
                  endpoints: Sequence[Endpoint]) -> dict[Endpoint, _Candidate]:
@@ -337,6 +341,9 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         else:  # the whole request's latency stands for TTFT, as the reference trains it
             ttft_ms = (now - t.started) * 1000.0
             self.model.observe_ttft(c.endpoint_class, c.features, ttft_ms)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: request %s on %s (%s): ttft %.1f ms, tpot %.2f ms, predicted %s; %s", self.name,
+                      request.request_id, t.endpoint.name, c.endpoint_class, ttft_ms, tpot_ms, c.ttft_ms, c.features)
         if self.sidecar is not None:
             self.sidecar.add_sample(c.features, ttft_ms, tpot_ms, self._pod_type(t.endpoint))
         self._train()
@@ -373,12 +380,21 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
 
     # ------------------------------------------------------------------ introspection (`epp endpoints`, explain)
     def error_rows(self) -> list[dict[str, object]]:
-        """Recent prediction error per (hardware class, target), for metrics and `epp endpoints`."""
+        """Per (hardware class, target) the model has learnt from: the samples, and the recent
+        prediction error once it predicts (mape, p90_abs_error_ms, coverage; absent before)."""
+        errors = self.model.errors()
         rows = []
-        for (cls, target), s in self.model.errors().items():
-            rows.append({"class": cls, "target": str(target), "samples": s.samples, "mape": s.mape,
-                         "p90_abs_error_ms": s.p90_abs_error_ms, "coverage": s.coverage,
-                         "trained": self.model.samples(cls, Target(target))})
+        for cls in (POOL, *self.model.classes()):
+            for target in Target:
+                trained = self.model.samples(cls, target)
+                if not trained:
+                    continue
+                row: dict[str, object] = {"class": cls, "target": str(target), "trained": trained}
+                s = errors.get((cls, target))
+                if s is not None:
+                    row.update(samples=s.samples, mape=s.mape, p90_abs_error_ms=s.p90_abs_error_ms,
+                               coverage=s.coverage)
+                rows.append(row)
         return rows
 
 
@@ -407,5 +423,6 @@ class _ErrorCollector(Collector):
         for row in p.error_rows():
             values = [p.name, TYPE, str(row["class"]), str(row["target"])]
             for key, fam in fams.items():
-                fam.add_metric(values, float(row[key]))  # type: ignore[arg-type]
+                if key in row:
+                    fam.add_metric(values, float(row[key]))  # type: ignore[arg-type]
         return list(fams.values())

@@ -1,0 +1,249 @@
+"""Latency-aware routing through the real Envoy: the reference charts' latency-predictor
+variants start unchanged and route (with their predictor sidecars answering, and with the
+sidecar URLs pointing at nothing: the in-process model takes over), the latency-slo-admitter
+rejects a sheddable request whose TTFT SLO no endpoint can meet, and with an SLO the picker
+sends work to the endpoint with headroom (an H100-like server) over the slower one (A100-like)
+that the queue scorer likes as well."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from devstack.launch import free_ports, wait_until
+from tests.e2e.conftest import metric_sum, post
+from tests.e2e.test_reference_configs import REFERENCE, chart_args, localise
+
+pytestmark = pytest.mark.e2e
+
+GPU = "nvidia.com/gpu.product"
+
+
+class FakeSidecars:
+    """The reference predictor sidecars' HTTP API (training server: POST /add_training_data_bulk;
+    prediction server: POST /predict/bulk/strict), answering every prediction with TTFT_MS."""
+
+    TTFT_MS, TPOT_MS = 123.0, 4.0
+
+    def __init__(self) -> None:
+        self.entries: list[dict] = []
+        self.predict_requests: list[dict] = []
+        sidecars = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                if self.path == "/add_training_data_bulk":
+                    sidecars.entries.extend(body["entries"])
+                    self._reply(202, {"message": f"accepted {len(body['entries'])} entries"})
+                elif self.path == "/predict/bulk/strict":
+                    sidecars.predict_requests.extend(body["requests"])
+                    self._reply(200, {"predictions": [
+                        {"ttft_ms": sidecars.TTFT_MS, "tpot_ms": sidecars.TPOT_MS, "ttft_uncertainty": 0,
+                         "tpot_uncertainty": 0, "ttft_prediction_bounds": [0, 0], "tpot_prediction_bounds": [0, 0],
+                         "predicted_at": "2026-01-01T00:00:00Z", "model_type": "bayesian_ridge",
+                         "objective_type": "quantile", "quantile": 0.9, "last_model_load": None}
+                        for _ in body["requests"]], "total_requests": len(body["requests"]),
+                        "successful_predictions": len(body["requests"]), "failed_predictions": 0,
+                        "processing_time_ms": 1.0})
+                else:
+                    self._reply(404, {"detail": "Not Found"})
+
+            def _reply(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sidecars():
+    s = FakeSidecars()
+    yield s
+    s.stop()
+
+
+def send(url: str, n: int, *, prompt_words: int = 50, headers: dict[str, str] | None = None,
+         max_tokens: int = 2, workers: int = 8) -> list[int]:
+    tag = random.getrandbits(32)
+
+    def one(i: int) -> int:  # words of its own: no prefix-cache hit anywhere, so latencies are regular
+        prompt = " ".join(f"q{tag}x{i}w{k}" for k in range(prompt_words))
+        return post(f"{url}/v1/completions", {"model": "m1", "prompt": prompt, "max_tokens": max_tokens}, headers)[0]
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, range(n)))
+
+
+CHARTS = [("gie-v1.5-chart-latency-predictor.yaml", "gie-v1.5-inferencepool"),
+          ("llm-d-router-chart-latency-predictor.yaml", "llm-d-router-gateway")]
+
+
+@pytest.mark.parametrize("fixture, chart", CHARTS, ids=[c[0] for c in CHARTS])
+@pytest.mark.parametrize("with_sidecars", [True, False], ids=["sidecars", "sidecars-unreachable"])
+def test_chart_latency_variant_starts_unchanged_and_routes(fixture, chart, with_sidecars, module_sim_servers,
+                                                           picker, envoy, sidecars, monkeypatch):
+    sims = module_sim_servers
+    (dead,) = free_ports(1)
+    port = sidecars.port if with_sidecars else dead
+    # the environment the chart variant gives the picker container
+    monkeypatch.setenv("TRAINING_SERVER_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("PREDICTION_SERVER_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("LATENCY_MAX_SAMPLE_SIZE", "10000")
+    monkeypatch.setenv("LATENCY_MAX_CONCURRENT_DISPATCHES", "36")
+    monkeypatch.setenv("LATENCY_COALESCE_WINDOW_MS", "1")
+    monkeypatch.setenv("LATENCY_FLUSH_INTERVAL_SEC", "0.2")
+    p = picker(endpoints=sims.hostports,
+               extra_flags=localise(chart_args(chart, "latency-predictor"), REFERENCE / "configs" / fixture))
+    env = envoy("full-duplex", p)
+    assert send(env.url, 40) == [200] * 40
+    name = 'plugin_name="predicted-latency-producer"'
+    if with_sidecars:
+        wait_until(lambda: len(sidecars.entries) >= 40, 10, "training entries at the training server")
+        e = sidecars.entries[0]
+        assert {"kv_cache_percentage", "input_token_length", "num_request_waiting", "num_request_running",
+                "actual_ttft_ms", "actual_tpot_ms", "prefix_cache_score", "timestamp"} <= set(e)
+        assert e["actual_ttft_ms"] > 0 and e["actual_tpot_ms"] == 0  # not streaming: TTFT is the whole request
+        assert sidecars.predict_requests, "the prediction server was never asked"
+        # once its answers are cached, they are what the scorers see (the in-process model has < 64 samples)
+        assert send(env.url, 10) == [200] * 10
+        text = p.metrics()
+        count = metric_sum(text, "llm_d_epp_request_predicted_ttft_seconds_count")
+        assert count >= 1
+        assert metric_sum(text, "llm_d_epp_request_predicted_ttft_seconds_sum") == pytest.approx(
+            count * FakeSidecars.TTFT_MS / 1000)
+    else:  # nothing answers: the in-process model learns and predicts, and no request failed
+        assert send(env.url, 60) == [200] * 60
+        wait_until(lambda: metric_sum(p.metrics(), "llm_d_epp_latency_prediction_training_samples",
+                                      target="ttft", endpoint_class="*") >= 64, 10, "the in-process model to learn")
+        assert send(env.url, 10) == [200] * 10
+        assert metric_sum(p.metrics(), "llm_d_epp_request_predicted_ttft_seconds_count") >= 1
+        # the requests since are scored against the predictions made for them: the error gauges appear
+        wait_until(lambda: "llm_d_epp_latency_prediction_mape{" in p.metrics(), 10, "the prediction error")
+    assert name in p.metrics()
+    assert "Traceback" not in p.log()
+
+
+def endpoints_file(directory: Path, hostports: list[str], products: list[str]) -> str:
+    path = directory / "endpoints.json"
+    path.write_text(json.dumps({
+        "endpoints": [{"name": f"sim-{i}", "address": hp.rsplit(":", 1)[0], "port": int(hp.rsplit(":", 1)[1]),
+                       "labels": {GPU: gpu}} for i, (hp, gpu) in enumerate(zip(hostports, products, strict=True))],
+        "objectives": [{"name": "batch", "priority": -1}]}))
+    return str(path)
+
+
+ADMIT_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: predicted-latency-producer
+- type: latency-slo-admitter
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: queue-scorer}]
+"""
+
+
+def test_admitter_rejects_a_sheddable_request_no_endpoint_can_serve(sim_servers, picker, envoy, e2e_logs):
+    sims = sim_servers(2, time_scale=5, num_gpu_blocks=400)
+    p = picker(endpoints_file=endpoints_file(e2e_logs.dir, sims.hostports, ["h100", "h100"]),
+               config_text=ADMIT_CONFIG)
+    env = envoy("full-duplex", p)
+    assert send(env.url, 100) == [200] * 100  # the model learns from these
+    wait_until(lambda: metric_sum(p.metrics(), "llm_d_epp_latency_prediction_training_samples", target="ttft",
+                                  endpoint_class="*") >= 64, 10, "the in-process model to learn")
+    stop = threading.Event()
+
+    def load() -> None:  # keeps both servers busy (running > 0) and warm (KV >= 2 %)
+        while not stop.is_set():
+            post(f"{env.url}/v1/completions", {"model": "m1", "prompt": "busy " * 400, "max_tokens": 200})
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: all(metric_sum(sims.metrics(i), "vllm:num_requests_running") > 0 and
+                               metric_sum(sims.metrics(i), "vllm:kv_cache_usage_perc") >= 0.02 for i in range(2)),
+                   10, "both servers busy")
+        sheddable = {"x-llm-d-inference-objective": "batch", "x-llm-d-slo-ttft-ms": "1"}
+
+        def rejected() -> bool:
+            status, headers, body = post(f"{env.url}/v1/completions", {"model": "m1", "prompt": "hi",
+                                                                       "max_tokens": 1}, sheddable)
+            return status == 500 and body == (b"inference error: Internal - request cannot be admitted: "
+                                               b"no valid endpoint available to serve the request")
+
+        wait_until(rejected, 10, "the sheddable request with an unmeetable TTFT SLO to be rejected")
+        status, headers, _ = post(f"{env.url}/v1/completions", {"model": "m1", "prompt": "hi", "max_tokens": 1},
+                                  {"x-slo-ttft-ms": "1", "x-llm-d-inference-objective": "batch"})
+        assert status == 500 and "x-llm-d-request-dropped-reason" not in headers  # the older header, as the ref.
+        # not sheddable, no SLO, or an SLO that can be met: admitted
+        assert post(f"{env.url}/v1/completions", {"model": "m1", "prompt": "hi", "max_tokens": 1},
+                    {"x-llm-d-slo-ttft-ms": "1"})[0] == 200
+        assert post(f"{env.url}/v1/completions", {"model": "m1", "prompt": "hi", "max_tokens": 1},
+                    {"x-llm-d-inference-objective": "batch"})[0] == 200
+        assert post(f"{env.url}/v1/completions", {"model": "m1", "prompt": "hi", "max_tokens": 1},
+                    {**sheddable, "x-llm-d-slo-ttft-ms": "600000"})[0] == 200
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+
+HEADROOM_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: predicted-latency-producer
+- type: slo-headroom-tier-filter
+  parameters: {epsilonExploreNeg: 0}
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: slo-headroom-tier-filter}, {pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+"""
+
+
+def test_with_an_slo_the_endpoint_with_headroom_wins_over_the_queue_score(sim_servers, picker, envoy, e2e_logs):
+    """An H100-like and an A100-like server (the A100 prefills ~2.2x slower); equal queues, so
+    the queue scorer alone splits the requests between them. With a TTFT SLO between the two
+    servers' latencies, the A100 has no headroom and gets (almost) none of them."""
+    sims = sim_servers(2, time_scale=1, hardware="h100,a100")
+    p = picker(endpoints_file=endpoints_file(e2e_logs.dir, sims.hostports, ["h100", "a100"]),
+               config_text=HEADROOM_CONFIG)
+    env = envoy("full-duplex", p)
+    words = 120  # ~1,100 tokens: ~70 ms to the end on the H100, ~140 ms on the A100, when alone
+    # no SLO: no headroom anywhere, all kept, and the queue scorer's ties split the traffic; two at a
+    # time, so each server is learnt idle and with a request beside (one at a time below: idle)
+    assert send(env.url, 200, prompt_words=words, workers=2) == [200] * 200
+    before = sims.served("m1")
+    assert min(before) >= 64, before
+    wait_until(lambda: all(metric_sum(p.metrics(), "llm_d_epp_latency_prediction_training_samples", target="ttft",
+                                      endpoint_class=c) >= 64 for c in ("h100", "a100")), 10, "both classes learnt")
+    slo = {"x-llm-d-slo-ttft-ms": "120"}  # predicted (p90) ~70-100 ms on the H100, ~170-200 ms on the A100
+    assert send(env.url, 40, prompt_words=words, headers=slo, workers=1) == [200] * 40
+    after = sims.served("m1")
+    to_fast, to_slow = after[0] - before[0], after[1] - before[1]
+    assert to_fast >= 36 and to_slow <= 4, (to_fast, to_slow)
