@@ -191,6 +191,14 @@ def format_explain(resp: pb.ExplainResponse) -> str:
         media = " ".join(f"{k}={v}" for k, v in sorted(m.blocks_by_medium.items()))
         lines.append(f"prefix {m.producer}: {m.endpoint} holds {m.matched_blocks}/{m.total_blocks} blocks "
                      f"of {m.block_size_tokens} tokens{f' ({media})' if media else ''}")
+    if resp.latency_predictions:
+        slo = [f"{name} {_fmt(v)} ms" for name, v in (("TTFT", resp.slo_ttft_ms), ("TPOT", resp.slo_tpot_ms)) if v > 0]
+        lines.append(f"latency SLO: {', '.join(slo) or 'none (headroom = -predicted)'}")
+    for p in resp.latency_predictions:
+        tpot = f", TPOT {_fmt(p.tpot_ms)} ms (headroom {_fmt(p.tpot_headroom_ms)})" if p.tpot_ms else ""
+        lines.append(f"latency {p.producer}: {p.endpoint} TTFT {_fmt(p.ttft_ms)} ms (headroom "
+                     f"{_fmt(p.ttft_headroom_ms)}){tpot}, {'meets' if p.meets_slo else 'misses'} the SLO, "
+                     f"{p.dispatched_requests} running")
     if resp.truncated:
         lines.append("(per-endpoint lists cut to fit the response)")
     if resp.error_code:

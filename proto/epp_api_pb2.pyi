@@ -104,7 +104,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request", "candidates", "profiles", "primary_profile", "targets", "headers", "error_code", "error_message", "http_status", "truncated", "prefix_matches")
+    __slots__ = ("request", "candidates", "profiles", "primary_profile", "targets", "headers", "error_code", "error_message", "http_status", "truncated", "prefix_matches", "latency_predictions", "slo_ttft_ms", "slo_tpot_ms")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,9 @@ class ExplainResponse(_message.Message):
     HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_MATCHES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    SLO_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    SLO_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     request: ParsedRequest
     candidates: _containers.RepeatedScalarFieldContainer[str]
     profiles: _containers.RepeatedCompositeFieldContainer[ProfileTrace]
@@ -134,7 +137,30 @@ class ExplainResponse(_message.Message):
     http_status: int
     truncated: bool
     prefix_matches: _containers.RepeatedCompositeFieldContainer[PrefixMatch]
-    def __init__(self, request: _Optional[_Union[ParsedRequest, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[ProfileTrace, _Mapping]]] = ..., primary_profile: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., http_status: _Optional[int] = ..., truncated: _Optional[bool] = ..., prefix_matches: _Optional[_Iterable[_Union[PrefixMatch, _Mapping]]] = ...) -> None: ...
+    latency_predictions: _containers.RepeatedCompositeFieldContainer[LatencyPrediction]
+    slo_ttft_ms: float
+    slo_tpot_ms: float
+    def __init__(self, request: _Optional[_Union[ParsedRequest, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[ProfileTrace, _Mapping]]] = ..., primary_profile: _Optional[str] = ..., targets: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., http_status: _Optional[int] = ..., truncated: _Optional[bool] = ..., prefix_matches: _Optional[_Iterable[_Union[PrefixMatch, _Mapping]]] = ..., latency_predictions: _Optional[_Iterable[_Union[LatencyPrediction, _Mapping]]] = ..., slo_ttft_ms: _Optional[float] = ..., slo_tpot_ms: _Optional[float] = ...) -> None: ...
+
+class LatencyPrediction(_message.Message):
+    __slots__ = ("producer", "endpoint", "ttft_ms", "tpot_ms", "ttft_headroom_ms", "tpot_headroom_ms", "meets_slo", "dispatched_requests")
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_HEADROOM_MS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_HEADROOM_MS_FIELD_NUMBER: _ClassVar[int]
+    MEETS_SLO_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    producer: str
+    endpoint: str
+    ttft_ms: float
+    tpot_ms: float
+    ttft_headroom_ms: float
+    tpot_headroom_ms: float
+    meets_slo: bool
+    dispatched_requests: int
+    def __init__(self, producer: _Optional[str] = ..., endpoint: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., ttft_headroom_ms: _Optional[float] = ..., tpot_headroom_ms: _Optional[float] = ..., meets_slo: _Optional[bool] = ..., dispatched_requests: _Optional[int] = ...) -> None: ...
 
 class PrefixMatch(_message.Message):
     __slots__ = ("producer", "endpoint", "matched_blocks", "total_blocks", "block_size_tokens", "blocks_by_medium")

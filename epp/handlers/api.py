@@ -20,7 +20,7 @@ import grpc
 from epp.datalayer.datastore import Datastore
 from epp.errors import HTTP_STATUS, InferenceError
 from epp.framework import Endpoint, InferenceRequest
-from epp.framework.datakeys import PrefixCacheMatchInfo
+from epp.framework.datakeys import LatencyPredictionInfo, PrefixCacheMatchInfo
 from epp.requestcontrol.explain import ExplainResult
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
@@ -80,11 +80,15 @@ class ApiServicer(pb_grpc.EndpointPickerServicer):
         )
         if result.request is not None:
             out.request.CopyFrom(parsed_request(result.request))
+            out.slo_ttft_ms, out.slo_tpot_ms = result.request.slo_ttft_ms, result.request.slo_tpot_ms
         if result.trace is not None:
             out.profiles.extend(profile_trace(p) for p in result.trace.profiles)
         for producer, info in sorted(result.prefix_matches.items()):
             out.prefix_matches.extend(prefix_match(producer, ep, n, info)
                                       for ep, n in sorted(info.matches.items(), key=lambda kv: kv[0].name))
+        for producer, latency in sorted(result.latency_predictions.items()):
+            out.latency_predictions.extend(latency_prediction(producer, ep, i) for ep, i in
+                                           sorted(latency.endpoints.items(), key=lambda kv: kv[0].name))
         return out
 
 
@@ -139,6 +143,7 @@ def fit_explain(out: pb.ExplainResponse) -> pb.ExplainResponse:
     for keep in _CUT_STEPS:
         del out.candidates[keep:]
         del out.prefix_matches[keep:]
+        del out.latency_predictions[keep:]
         for p in out.profiles:
             del p.candidates[keep:]
             del p.totals[keep:]
@@ -163,6 +168,12 @@ def prefix_match(producer: str, ep: Endpoint, matched: int, info: PrefixCacheMat
     return pb.PrefixMatch(producer=_cut(producer), endpoint=ep.name, matched_blocks=matched,
                           total_blocks=info.total_blocks, block_size_tokens=info.block_size_tokens,
                           blocks_by_medium=info.by_medium.get(ep, {}))
+
+
+def latency_prediction(producer: str, ep: Endpoint, i: LatencyPredictionInfo) -> pb.LatencyPrediction:
+    return pb.LatencyPrediction(producer=_cut(producer), endpoint=ep.name, ttft_ms=i.ttft_ms, tpot_ms=i.tpot_ms,
+                                ttft_headroom_ms=i.ttft_headroom_ms, tpot_headroom_ms=i.tpot_headroom_ms,
+                                meets_slo=i.valid, dispatched_requests=i.dispatched_requests)
 
 
 def endpoint_info(ep: Endpoint, now: float) -> pb.EndpointInfo:

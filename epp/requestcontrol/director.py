@@ -22,7 +22,7 @@ import orjson
 from epp.datalayer.datastore import Datastore
 from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, bad_request, service_unavailable
 from epp.framework import Endpoint, InferenceRequest, Parser, ResponseInfo, SchedulingResult
-from epp.framework.datakeys import PrefixCacheMatchInfo
+from epp.framework.datakeys import LatencyPredictions, PrefixCacheMatchInfo
 from epp.logsafe import clean
 from epp.netaddr import split_list
 from epp.requestcontrol import headers as control
@@ -367,5 +367,7 @@ class Director:
                              primary_profile=result.primary_profile, targets=[e.name for e in result.targets],
                              headers=dict(result.headers),
                              prefix_matches={k.partition("/")[2]: v for k, v in cycle.items()
-                                             if isinstance(v, PrefixCacheMatchInfo)})
+                                             if isinstance(v, PrefixCacheMatchInfo)},
+                             latency_predictions={k.partition("/")[2]: v for k, v in cycle.items()
+                                                  if isinstance(v, LatencyPredictions)})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from epp.framework import InferenceRequest
-from epp.framework.datakeys import PrefixCacheMatchInfo
+from epp.framework.datakeys import LatencyPredictions, PrefixCacheMatchInfo
 from epp.scheduling.scheduler import SchedulingTrace
 
 __all__ = ["ExplainResult"]
@@ -25,3 +25,5 @@ class ExplainResult:
     error_code: str = ""  # an epp.errors code when the request would fail
     error_message: str = ""
     prefix_matches: dict[str, PrefixCacheMatchInfo] = field(default_factory=dict)  # producer name -> its match
+    # producer name -> the latencies it predicted per endpoint, with headroom against the request's SLOs
+    latency_predictions: dict[str, LatencyPredictions] = field(default_factory=dict)

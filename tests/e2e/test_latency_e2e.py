@@ -14,10 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
 import pytest
 
 from devstack.launch import free_ports, wait_until
 from tests.e2e.conftest import metric_sum, post
+from epp.apicli import format_endpoints, format_explain
+from proto import epp_api_pb2 as pb
+from proto import epp_api_pb2_grpc as pb_grpc
 from tests.e2e.test_reference_configs import REFERENCE, chart_args, localise
 
 pytestmark = pytest.mark.e2e
@@ -143,6 +147,17 @@ def test_chart_latency_variant_starts_unchanged_and_routes(fixture, chart, with_
     assert "Traceback" not in p.log()
 
 
+def explain_and_list(api_port: int, body: dict, headers: dict[str, str]
+                     ) -> tuple[pb.ExplainResponse, pb.ListEndpointsResponse]:
+    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
+        stub = pb_grpc.EndpointPickerStub(ch)
+        resp = stub.Explain(pb.ExplainRequest(body=json.dumps(body).encode(),
+                                              headers={":path": "/v1/completions", **headers}), timeout=10)
+        endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10)
+    assert not resp.error_code, resp.error_message
+    return resp, endpoints
+
+
 def endpoints_file(directory: Path, hostports: list[str], products: list[str]) -> str:
     path = directory / "endpoints.json"
     path.write_text(json.dumps({
@@ -243,6 +258,19 @@ def test_with_an_slo_the_endpoint_with_headroom_wins_over_the_queue_score(sim_se
     wait_until(lambda: all(metric_sum(p.metrics(), "llm_d_epp_latency_prediction_training_samples", target="ttft",
                                       endpoint_class=c) >= 64 for c in ("h100", "a100")), 10, "both classes learnt")
     slo = {"x-llm-d-slo-ttft-ms": "120"}  # predicted (p90) ~70-100 ms on the H100, ~170-200 ms on the A100
+    resp, endpoints = explain_and_list(p.api_port, {"model": "m1", "prompt": "q w " * words, "max_tokens": 2}, slo)
+    predicted = {x.endpoint: x for x in resp.latency_predictions}
+    assert set(predicted) == {"sim-0", "sim-1"} and resp.slo_ttft_ms == 120.0
+    assert predicted["sim-0"].ttft_ms < predicted["sim-1"].ttft_ms  # the H100 is the faster
+    for x in predicted.values():
+        assert x.ttft_headroom_ms == pytest.approx(120.0 - x.ttft_ms) and x.meets_slo == (x.ttft_ms < 120.0)
+    text = format_explain(resp)
+    assert "latency SLO: TTFT 120 ms" in text and "latency predicted-latency-producer: sim-1 TTFT" in text
+    status = {e.name: dict(e.status) for e in endpoints.endpoints}
+    assert status["sim-1"]["latency-class"] == "a100" and status["sim-0"]["latency-class"] == "h100"
+    assert status["sim-1"]["latency-ttft-samples"].endswith("(class)")
+    assert status["sim-1"]["latency-ttft-mape"].endswith("%") and "latency-ttft-p90-error" in status["sim-0"]
+    assert "latency-ttft-mape=" in format_endpoints(endpoints)
     assert send(env.url, 40, prompt_words=words, headers=slo, workers=1) == [200] * 40
     after = sims.served("m1")
     to_fast, to_slow = after[0] - before[0], after[1] - before[1]

@@ -70,6 +70,7 @@ MAX_TRACKED = 65_536            # requests between dispatch and completion; the 
 MAX_MODEL_LABELS = 32           # model names as metric labels; later ones count under "other"
 QUANTILE = 0.9                  # the reference sidecars' default objective: the 0.9 quantile
 TRAIN_POLL_S = 0.05
+ROWS_TTL_S = 1.0                # `epp endpoints` reuses the error summary this long
 _LATENCY_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30,
                     45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
 _TPOT_BUCKETS = (0.0005, 0.00205, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6,
@@ -181,12 +182,15 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         self.background_training = True
         self._train_thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.sidecar: SidecarClient | None = SidecarClient.from_env(SidecarConfig.from_env())
+        self.sidecar_config = SidecarConfig.from_env()
+        self.sidecar: SidecarClient | None = None  # started by start_background (the server)
         self.key = LATENCY_PREDICTIONS.of(self.name)
         self._prefix_key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
         self._load_key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)
         self._pending_key = self.own_key("pending", _Pending)
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
+        self._last: dict[Endpoint, _Candidate] = {}  # per endpoint, the prediction of its last dispatch
+        self._rows: tuple[float, list[dict[str, object]]] = (-ROWS_TTL_S, [])
         self.running = _Running()
         self._register_metrics(handle)
 
@@ -295,6 +299,7 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         self._tracked[request.request_id] = _Tracked(target, c, pending.started, request.slo_tpot_ms,
                                                      request.slo_ttft_ms)
         self.running.add(target, request.slo_tpot_ms)
+        self._last[target] = c
         if c.ttft_ms is not None:
             self._observe(0, request, c.ttft_ms / 1000.0)
             if self.streaming and c.tpot_ms is not None:
@@ -355,6 +360,8 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
     # EndpointsChanged
     def endpoints_removed(self, endpoints: Sequence[Endpoint]) -> None:
         self.running.forget(endpoints)
+        for e in endpoints:
+            self._last.pop(e, None)
 
     # ------------------------------------------------------------------ training
     def _train(self) -> None:
@@ -372,6 +379,15 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
                 self.trainer.maybe_train()
             except Exception:  # noqa: BLE001 - a failed fit keeps the last weights; the next one may succeed
                 log.exception("%s: training failed", self.name)
+
+    async def start_background(self) -> None:
+        if self.sidecar_config is not None and self.sidecar is None:
+            self.sidecar = SidecarClient(self.sidecar_config)
+            log.info("%s: predictor sidecars: training %s, prediction %s", self.name,
+                     self.sidecar_config.training_url or "-", ",".join(self.sidecar_config.prediction_urls) or "-")
+
+    async def stop_background(self) -> None:
+        self.close()
 
     def close(self) -> None:
         self._stop.set()
@@ -396,6 +412,38 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
                                coverage=s.coverage)
                 rows.append(row)
         return rows
+
+
+    def endpoint_status(self, endpoint: Endpoint) -> dict[str, str]:
+        """For `epp endpoints`: the endpoint's hardware class, the prediction of its last dispatch,
+        and the recent error of the model that predicts for it (its class's, else the pool's)."""
+        cls = endpoint_class(endpoint.labels)
+        out = {"latency-class": cls, "latency-running": str(self.running.count(endpoint))}
+        last = self._last.get(endpoint)
+        if last is not None and last.ttft_ms is not None:
+            out["latency-last-predicted-ttft"] = f"{last.ttft_ms:.1f}ms"
+            if self.streaming and last.tpot_ms is not None:
+                out["latency-last-predicted-tpot"] = f"{last.tpot_ms:.2f}ms"
+        now = self.clock()
+        if now - self._rows[0] >= ROWS_TTL_S:
+            self._rows = (now, self.error_rows())
+        rows = self._rows[1]
+        for target in Target:
+            row = next((r for r in rows if r["class"] == cls and r["target"] == target), None)
+            row = row if row is not None and row["trained"] >= self.model.min_samples else next(  # type: ignore[operator]
+                (r for r in rows if r["class"] == POOL and r["target"] == target), None)
+            if row is None:
+                continue
+            model = "pool" if row["class"] == POOL else "class"
+            out[f"latency-{target}-samples"] = f"{row['trained']} ({model})"
+            if "mape" in row:
+                out[f"latency-{target}-mape"] = f"{float(row['mape']) * 100:.1f}%"  # type: ignore[arg-type]
+                out[f"latency-{target}-p90-error"] = f"{float(row['p90_abs_error_ms']):.1f}ms"  # type: ignore[arg-type]
+        if self.sidecar is not None:
+            s = self.sidecar.status
+            out["latency-sidecars"] = (f"predictions={s.predictions} failures={s.prediction_failures} "
+                                       f"samples-sent={s.samples_sent}")
+        return out
 
 
 class _ErrorCollector(Collector):

@@ -113,10 +113,6 @@ class SidecarClient:
         self._thread = threading.Thread(target=self._run, name="latency-predictor-sidecars", daemon=True)
         self._thread.start()
 
-    @classmethod
-    def from_env(cls, config: SidecarConfig | None) -> SidecarClient | None:
-        return None if config is None else cls(config)
-
     # ------------------------------------------------------------------ hot path
     def lookup(self, features: LatencyFeatures) -> LatencyPrediction | None:
         if not self.config.prediction_urls:
