@@ -86,7 +86,8 @@ class PickerServer:
             raise StartupError(str(e)) from None
         try:
             self.pipeline = load_plugin_set(read_config_text(options),
-                                            PluginHandle(metrics=PluginMetrics(self.telemetry.registry)),
+                                            PluginHandle(metrics=PluginMetrics(self.telemetry.registry),
+                                                         endpoints=self.datastore.endpoints),
                                             observe=tracing_observer(self.tracing, self.telemetry.plugin_observer()),
                                             allow_experimental_plugins=options.allow_experimental_plugins)
         except ConfigError as e:

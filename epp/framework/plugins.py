@@ -211,14 +211,17 @@ class ConfiguredPlugin(Generic[P]):
 class PluginHandle:
     """What a plugin's constructor may use besides its parameters: other plugin
     instances by name (for plugins that compose, e.g. a profile handler finding its
-    decider), a monotonic clock (virtual in the cluster simulation), a random source
-    and the metrics facility a plugin registers its own Prometheus metrics through."""
+    decider), a monotonic clock (virtual in the cluster simulation), a random source,
+    the metrics facility a plugin registers its own Prometheus metrics through, and the
+    pool's endpoints as a read-only snapshot (the reference's Handle.PodList)."""
 
     plugins: Mapping[str, Plugin] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
     # Randomness for pickers and exploration; seed it for reproducible runs (simulation, tests).
     rng: random.Random = field(default_factory=lambda: random.Random())
     metrics: PluginMetrics = field(default_factory=PluginMetrics)  # default: a private registry
+    # The pool's endpoints now (a new tuple whenever the set changes); default: none known.
+    endpoints: Callable[[], Sequence[Endpoint]] = tuple
 
     def plugin(self, name: str) -> Plugin:
         return self.plugins[name]
