@@ -300,3 +300,32 @@ def test_reference_latency_configs_load_with_their_producers(fixture):
             "token-producer"} <= set(ps.plugins)
     if fixture != "llm-d-predicted-latency.yaml":
         assert {"slo-headroom-tier-filter", "latency-slo-admitter"} <= set(ps.plugins)
+
+
+def test_producer_metric_families_are_the_references():
+    """Streaming, with a TTFT SLO one producer's requests all miss: every family the reference's producer registers,
+    with its type, labels and buckets (tests/fixtures/reference/metrics.txt); two instances on one
+    registry share the families."""
+    from tests.test_metrics_reference import assert_matches_reference, reference
+    clock, metrics = Clock(), PluginMetrics()
+    producers = [build_plugin("predicted-latency-producer", name, {"streamingMode": True},
+                              PluginHandle(clock=clock, metrics=metrics), "t") for name in ("a", "b")]
+    e = ep(1)
+    for i, (p, ttft_slo) in enumerate(zip(producers * 100, [5.0, 500.0] * 100)):  # "a" misses every TTFT SLO
+        p.background_training = False
+        c, r = CycleState(), req(rid=f"r{i}", ttft_slo=ttft_slo, tpot_slo=50.0)
+        p.prepare_request_data(c, r, [e])
+        p.pre_request(c, r, result(e))
+        clock.t += 0.02
+        p.response_streaming(r, ResponseInfo(status=200), e)
+        clock.t += 0.1
+        p.response_complete(r, ResponseInfo(status=200, completion_tokens=11), e)
+    text = generate_latest(metrics.registry).decode()
+    ours = {n for n, (*_, scope) in reference().items() if scope == "plugin:predicted-latency-producer"}
+    assert assert_matches_reference(text, ours) == ours
+    assert 'llm_d_epp_request_slo_violation_total{model_name="m",plugin_name="a",plugin_type=' \
+           '"predicted-latency-producer",target_model_name="m",type="ttft"} 100.0' in text
+    assert 'inference_objective_request_slo_violation_total{model_name="m",target_model_name="m",type="ttft"} ' \
+           '100.0' in text
+    assert 'llm_d_epp_inference_request_metric{model_name="m",plugin_name="b",plugin_type=' \
+           '"predicted-latency-producer",target_model_name="m",type="tpot"} 0.01' in text  # 100 ms / 10 tokens

@@ -34,12 +34,10 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
 from epp.framework.datakeys import (
@@ -59,6 +57,7 @@ from epp.framework.types import ResponseInfo
 from epp.units import duration_value
 
 from .features import LatencyFeatures, endpoint_class
+from .metrics import ProducerMetrics
 from .model import POOL, LatencyModel, Target
 from .sidecar import SidecarClient, SidecarConfig
 from .trainer import Trainer
@@ -71,11 +70,7 @@ MAX_MODEL_LABELS = 32           # model names as metric labels; later ones count
 QUANTILE = 0.9                  # the reference sidecars' default objective: the 0.9 quantile
 TRAIN_POLL_S = 0.05
 ROWS_TTL_S = 1.0                # `epp endpoints` reuses the error summary this long
-_LATENCY_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30,
-                    45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
-_TPOT_BUCKETS = (0.0005, 0.00205, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6,
-                 0.8, 1, 1.5, 2, 3, 4.5, 6, 12, 18, 24, 30, 36, 48, 60, 90, 120, 180, 270, 360)
-_DURATION_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
 
 
 @dataclass(slots=True)
@@ -117,6 +112,7 @@ class _Pending:
     """What PrepareData learnt about a request, kept in the cycle until PreRequest commits it."""
     candidates: dict[Endpoint, _Candidate]
     started: float
+    predict_seconds: float  # spent predicting (recorded at dispatch: an explain dry run records nothing)
 
 
 @dataclass(slots=True)
@@ -192,29 +188,10 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         self._last: dict[Endpoint, _Candidate] = {}  # per endpoint, the prediction of its last dispatch
         self._rows: tuple[float, list[dict[str, object]]] = (-ROWS_TTL_S, [])
         self.running = _Running()
-        self._register_metrics(handle)
+        self.metrics = ProducerMetrics(handle.metrics, self.name, TYPE, self.error_rows)
+        self._models: set[str] = set()
 
     # ------------------------------------------------------------------ metrics
-    def _register_metrics(self, handle: PluginHandle) -> None:
-        m = handle.metrics
-        self._labels = {"plugin_name": self.name, "plugin_type": TYPE}
-        self._models: set[str] = set()
-        self._metrics = m
-        self._hist_names = (
-            ("llm_d_epp_request_predicted_ttft_seconds", "Inference model Predicted TTFT distribution in seconds "
-             "for each model and target model.", _LATENCY_BUCKETS),
-            ("llm_d_epp_request_predicted_tpot_seconds", "Inference model Predicted TPOT distribution in seconds "
-             "for each model and target model.", _TPOT_BUCKETS),
-            ("llm_d_epp_request_ttft_prediction_duration_seconds", "Duration taken to generate TTFT predictions "
-             "in seconds for each model and target model.", _DURATION_BUCKETS))
-        m.add_collector(_ErrorCollector(self))
-
-    def _observe(self, which: int, request: InferenceRequest, value: float) -> None:
-        name, doc, buckets = self._hist_names[which]
-        model, target = self._model_label(request.incoming_model), self._model_label(request.target_model)
-        labels = {**self._labels, "model_name": model, "target_model_name": target}
-        self._metrics.histogram(name, doc, buckets, labels).observe(value)
-
     def _model_label(self, model: str) -> str:
         if model in self._models:
             return model
@@ -225,9 +202,9 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
 
     # ------------------------------------------------------------------ PrepareData (hot path)
     def prepare_request_data(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
-        t0 = self.clock()
+        t0, p0 = self.clock(), time.perf_counter()
         candidates = self.features(cycle, request, endpoints)
-        cycle.write(self._pending_key, _Pending(candidates, t0))
+        cycle.write(self._pending_key, _Pending(candidates, t0, time.perf_counter() - p0))
         if not self.predict_enabled:
             return
         out = LatencyPredictions(ttft_slo_ms=request.slo_ttft_ms, tpot_slo_ms=request.slo_tpot_ms)
@@ -300,11 +277,10 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
                                                      request.slo_ttft_ms)
         self.running.add(target, request.slo_tpot_ms)
         self._last[target] = c
-        if c.ttft_ms is not None:
-            self._observe(0, request, c.ttft_ms / 1000.0)
-            if self.streaming and c.tpot_ms is not None:
-                self._observe(1, request, c.tpot_ms / 1000.0)
-        self._observe(2, request, max(self.clock() - pending.started, 0.0))
+        if self.predict_enabled:
+            model, target_model = self._model_label(request.incoming_model), self._model_label(request.target_model)
+            for kind in ("ttft_prediction_duration", "tpot_prediction_duration"):
+                self.metrics.observe(kind, model, target_model, pending.predict_seconds)
 
     def _expire(self, now: float) -> None:
         """Forget requests older than contextTTL (a response never seen) and beyond MAX_TRACKED."""
@@ -352,6 +328,22 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         if self.sidecar is not None:
             self.sidecar.add_sample(c.features, ttft_ms, tpot_ms, self._pod_type(t.endpoint))
         self._train()
+        self._record(request, t, ttft_ms, tpot_ms)
+
+    def _record(self, request: InferenceRequest, t: _Tracked, ttft_ms: float, tpot_ms: float) -> None:
+        """The reference's end-of-request metrics: observed and predicted TTFT (and TPOT when
+        measured), each observed one against its SLO when the request has one."""
+        m, c = self.metrics, t.candidate
+        model, target = self._model_label(request.incoming_model), self._model_label(request.target_model)
+        for kind, actual, predicted, slo in (("ttft", ttft_ms, c.ttft_ms, t.ttft_slo_ms),
+                                             ("tpot", tpot_ms, c.tpot_ms, t.tpot_slo_ms)):
+            if actual <= 0:
+                continue
+            m.observe(kind, model, target, actual / 1000.0)
+            if predicted is not None:
+                m.observe(f"predicted_{kind}", model, target, predicted / 1000.0)
+            if slo > 0:
+                m.slo(kind, model, target, actual, slo)
 
     def _pod_type(self, e: Endpoint) -> str:
         role = e.labels.get(self.role_label, "") if self.role_label else ""
@@ -444,33 +436,3 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
             out["latency-sidecars"] = (f"predictions={s.predictions} failures={s.prediction_failures} "
                                        f"samples-sent={s.samples_sent}")
         return out
-
-
-class _ErrorCollector(Collector):
-    """The model's prediction error as gauges, one series per (hardware class, target)."""
-
-    def __init__(self, producer: PredictedLatencyProducer) -> None:
-        self.producer = producer
-
-    def collect(self) -> Iterable[Metric]:
-        labels = ["plugin_name", "plugin_type", "endpoint_class", "target"]
-        fams = {
-            "mape": GaugeMetricFamily("llm_d_epp_latency_prediction_mape", "Mean absolute percentage error "
-                                      "(a fraction) of the in-process latency model's recent predictions, each "
-                                      "scored before it was learnt.", labels=labels),
-            "p90_abs_error_ms": GaugeMetricFamily("llm_d_epp_latency_prediction_p90_abs_error_milliseconds",
-                                                  "90th percentile of the absolute error of the latency model's "
-                                                  "recent predictions, in milliseconds.", labels=labels),
-            "coverage": GaugeMetricFamily("llm_d_epp_latency_prediction_coverage", "Fraction of recent actual "
-                                          "latencies at or below the prediction (the model predicts the 0.9 "
-                                          "quantile).", labels=labels),
-            "trained": GaugeMetricFamily("llm_d_epp_latency_prediction_training_samples", "Samples the latency "
-                                         "model has learnt from.", labels=labels),
-        }
-        p = self.producer
-        for row in p.error_rows():
-            values = [p.name, TYPE, str(row["class"]), str(row["target"])]
-            for key, fam in fams.items():
-                if key in row:
-                    fam.add_metric(values, float(row[key]))  # type: ignore[arg-type]
-        return list(fams.values())
