@@ -283,3 +283,77 @@ def test_lookup_agrees_with_a_brute_force_model(ops):
             if n:
                 want[e] = n
         assert {e: m.blocks for e, m in idx.match(p, "m").items()} == want
+
+
+def test_holders_per_key_are_an_lru_by_last_store():
+    """max_holders_per_key (inMemoryConfig.podCacheSize): a key keeps its most recently
+    stored entries; a GPU and a CPU copy on one endpoint are two entries, as in the reference."""
+    idx = BlockIndex(BlockKeyer(block_size=BS), max_holders_per_key=2)
+    p = prompt(2)
+    idx.apply("a", [FakeServer(1).store(p)], "m")
+    idx.apply("b", [FakeServer(2).store(p)], "m")
+    idx.apply("c", [FakeServer(3).store(p)], "m")  # a's entries are the least recently stored: dropped
+    assert set(idx.match(p, "m")) == {"b", "c"} and idx.stats.holder_evictions == 2
+    idx.apply("b", [FakeServer(2).store(p)], "m")  # stored again: b is now the most recent
+    idx.apply("a", [FakeServer(1).store(p, medium="CPU")], "m")  # c goes, not b
+    assert idx.match(p, "m") == {"a": PrefixMatch(2, 0, 2, 0), "b": PrefixMatch(2, 2, 0, 0)}
+    idx.apply("b", [FakeServer(2).store(p, medium="CPU")], "m")  # b's CPU entry pushes out its older GPU one
+    assert idx.match(p, "m") == {"a": PrefixMatch(2, 0, 2, 0), "b": PrefixMatch(2, 0, 2, 0)}
+    idx.apply("b", [FakeServer(2).remove(p, slice(0, 2), medium="CPU")], "m")
+    assert idx.match(p, "m") == {"a": PrefixMatch(2, 0, 2, 0)}
+    assert not idx._order  # noqa: SLF001 - no key has two entries left, so no order is kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from(["GPU", "CPU"]), st.integers(0, 2),
+                          st.integers(1, 4), st.booleans()), max_size=40))
+def test_holder_bound_agrees_with_a_per_key_lru_model(ops):
+    """Random stores and removals on four endpoints and two tiers with three entries per
+    key: each endpoint's match is the longest prefix of keys whose LRU still holds it."""
+    from collections import OrderedDict
+
+    idx = BlockIndex(BlockKeyer(block_size=BS), max_holders_per_key=3)
+    base = prompt(2, seed=77)
+    prompts = [base + prompt(2, seed=i) for i in range(3)]
+    servers = {e: FakeServer(seed) for seed, e in enumerate("abcd")}
+    lru: dict[tuple[int, ...], OrderedDict] = {}
+    for endpoint, medium, pi, n, remove in ops:
+        p, s = prompts[pi], servers[endpoint]
+        blocks = [tuple(p[:(b + 1) * BS]) for b in range(n)]
+        if remove:
+            idx.apply(endpoint, [s.remove(p, slice(0, n), medium)], "m")
+            for k in blocks:
+                lru.get(k, OrderedDict()).pop((endpoint, medium), None)
+        else:
+            idx.apply(endpoint, [s.store(p[:n * BS], medium=medium)], "m")
+            for k in blocks:
+                entries = lru.setdefault(k, OrderedDict())
+                entries[(endpoint, medium)] = None
+                entries.move_to_end((endpoint, medium))
+                if len(entries) > 3:
+                    entries.popitem(last=False)
+    for p in prompts:
+        want = {}
+        for e in "abcd":
+            n = 0
+            while n < 4 and any(h == e for h, _ in lru.get(tuple(p[:(n + 1) * BS]), ())):
+                n += 1
+            if n:
+                want[e] = n
+        assert {e: m.blocks for e, m in idx.match(p, "m").items()} == want
+
+
+def test_weighted_counts_each_block_at_its_best_tier():
+    """LongestPrefixScorer: per block the highest weight among the tiers holding it."""
+    now = [0.0]
+    idx = BlockIndex(BlockKeyer(block_size=BS), clock=lambda: now[0])
+    p = prompt(4)
+    idx.apply("a", [FakeServer(1).store(p[:2 * BS], medium="CPU")], "m")
+    idx.speculate("a", idx.keyer.keys(p, "m"))  # blocks 0-1 on CPU and speculative, 2-3 speculative
+    m = idx.match(p, "m")["a"]
+    assert m == PrefixMatch(4, 0, 2, 2)  # Explain's exclusive counts
+    assert m.weighted(1.0, 0.8, 1.0) == 4.0  # CPU + speculative counts 1.0, as the reference
+    ten_cpu = PrefixMatch(10, 0, 10, 0, bytes([2] * 10))
+    assert ten_cpu.weighted(1.0, 0.8, 1.0) == 7.999999999999999  # 0.8 added ten times, as Go does: int() is 7
+    assert m.weighted(1.0, 2.0, 1.0) == 6.0  # whichever tier weighs more
+    assert PrefixMatch(3, 1, 1, 1).weighted(1.0, 0.5, 0.25) == 1.75  # built without patterns

@@ -268,3 +268,164 @@ def test_hostile_token_ids_match_nothing():
         cycle, m = run(p, None, [a], req(body={"prompt": bad}))
         assert (m.matches, m.total_blocks) == ({}, 0)
         p.pre_request(cycle, req(), result(a))  # nothing to speculate, no error
+
+
+def test_a_block_on_cpu_and_speculative_counts_as_one():
+    """The reference's LongestPrefixScorer takes, per block, the highest weight among the
+    entries holding it: CPU (0.8) with a speculative entry (no medium: 1.0) counts 1.0."""
+    a = ep(1)
+    p = producer({"tokenProcessorConfig": {"blockSize": BS}, "speculativeIndexing": True})
+    p.feed(a.name, [stored(PROMPT, [11, 12, 13, 14], medium="CPU")], "m")
+    cycle, m = run(p, PROMPT, [a])
+    assert m.matches == {a: 3}  # int(4 x 0.8)
+    p.pre_request(cycle, req(), result(a))
+    m = run(p, PROMPT, [a])[1]
+    assert m.matches == {a: 4} and m.by_medium == {a: {"cpu": 4}}
+
+
+def test_pod_cache_size_bounds_the_endpoints_per_block():
+    """inMemoryConfig.podCacheSize: each block key keeps its most recently stored entries."""
+    a, b, c = ep(1), ep(2), ep(3)
+    p = producer({"tokenProcessorConfig": {"blockSize": BS},
+                  "indexerConfig": {"kvBlockIndexConfig": {"inMemoryConfig": {"podCacheSize": 2}}}})
+    for i, e in enumerate((a, b, c)):
+        p.feed(e.name, [stored(PROMPT, [10 * i + 1, 10 * i + 2, 10 * i + 3, 10 * i + 4])], "m")
+    assert run(p, PROMPT, [a, b, c])[1].matches == {b: 4, c: 4}
+    assert p.index.max_holders_per_key == 2 and producer().index.max_holders_per_key == 10  # the reference's default
+
+
+def with_handle(params: dict, endpoints=(), registry=None):
+    """A producer built with a handle listing `endpoints` as the pool and metrics in `registry`."""
+    import random
+
+    from prometheus_client import CollectorRegistry
+
+    from epp.assembly import build_plugin
+    from epp.framework import PluginHandle
+    from epp.framework.metrics import PluginMetrics
+
+    h = PluginHandle(rng=random.Random(1), endpoints=lambda: endpoints,
+                     metrics=PluginMetrics(registry if registry is not None else CollectorRegistry()))
+    return build_plugin("precise-prefix-cache-producer", None, params, h, "t")
+
+
+def test_enable_metrics_registers_and_counts_the_index_metrics():
+    from prometheus_client import CollectorRegistry
+
+    a = ep(1)
+    reg = CollectorRegistry()
+    p = with_handle({"tokenProcessorConfig": {"blockSize": BS},
+                     "indexerConfig": {"kvBlockIndexConfig": {"enableMetrics": True}}}, registry=reg)
+    p.feed(a.name, [stored(PROMPT, [11, 12, 13, 14]), BlockRemoved((14, 99), "GPU")], "m")
+    run(p, PROMPT, [a])
+    run(p, PROMPT[::-1], [a])  # a miss
+    for prefix in ("llm_d_epp_kv_cache_index_", "kvcache_index_"):
+        got = {n: reg.get_sample_value(f"{prefix}{n}_total") for n in
+               ("admissions", "evictions", "lookup_requests", "lookup_hits", "max_pod_hit_count")}
+        assert got == {"admissions": 4, "evictions": 2, "lookup_requests": 2, "lookup_hits": 3, "max_pod_hit_count": 3}
+        assert reg.get_sample_value(f"{prefix}lookup_latency_seconds_count") == 2
+    off = CollectorRegistry()
+    run(with_handle({"tokenProcessorConfig": {"blockSize": BS}}, registry=off), PROMPT, [a])
+    assert off.get_sample_value("llm_d_epp_kv_cache_index_lookup_requests_total") is None  # off: not registered
+
+
+async def test_metrics_logging_interval_logs_the_index_metrics(caplog):
+    import asyncio
+
+    p = with_handle({"indexerConfig": {"kvBlockIndexConfig": {"enableMetrics": True,
+                                                              "metricsLoggingInterval": 20_000_000}}})  # 20 ms
+    assert p.params.indexerConfig.kvBlockIndexConfig.logging_interval() == 0.02
+    caplog.set_level("INFO", logger="epp.requestcontrol.producers.precise_prefix")
+    await p.start_background()
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        while "kv-block index metrics: admissions=0" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, "no metrics line"
+            await asyncio.sleep(0.01)
+    finally:
+        await p.stop_background()
+    quiet = with_handle({"indexerConfig": {"kvBlockIndexConfig": {"metricsLoggingInterval": 20_000_000}}})
+    await quiet.start_background()  # without enableMetrics: no task, as the reference
+    assert quiet._beat is None  # noqa: SLF001
+    await quiet.stop_background()
+
+
+def test_concurrency_is_accepted_and_says_why_it_has_no_effect(caplog):
+    caplog.set_level("INFO", logger="epp.requestcontrol.producers.precise_prefix")
+    p = producer({"kvEventsConfig": {"concurrency": 8}})
+    assert p.params.kvEventsConfig.concurrency == 8
+    assert "kvEventsConfig.concurrency=8 has no effect here" in caplog.text
+
+
+async def test_pod_label_selector_and_namespace_choose_the_subscribed_endpoints():
+    """podDiscoveryConfig.podLabelSelector and podNamespace, when set, filter the endpoints
+    subscribed (llm-d-kv-cache's pod reconciler); unset, every endpoint is subscribed."""
+    from devstack.launch import free_port
+    from epp.framework import Endpoint
+
+    port = free_port()
+    e1 = Endpoint("e1", "127.0.0.1", 8001, labels={"app": "vllm"}, namespace="ns1")
+    e2 = Endpoint("e2", "127.0.0.1", 8002, labels={"app": "other"}, namespace="ns1")
+    e3 = Endpoint("e3", "127.0.0.1", 8003, labels={"app": "vllm"}, namespace="ns2")
+    p = producer({"kvEventsConfig": {"podDiscoveryConfig": {"podLabelSelector": "app in (vllm)",
+                                                            "podNamespace": "ns1", "socketPort": port}}})
+    try:
+        for e in (e1, e2, e3):
+            p.extract_endpoint("upsert", e)
+        assert set(p.intake.streams) == {"e1"}
+        e1.labels = {"app": "other"}  # relabelled out of the selector
+        p.extract_endpoint("upsert", e1)
+        assert set(p.intake.streams) == set()
+    finally:
+        await p.stop_background()
+    everyone = producer({"kvEventsConfig": {"podDiscoveryConfig": {"socketPort": port}}})
+    try:
+        for e in (e1, e2, e3):
+            everyone.extract_endpoint("upsert", e)
+        assert set(everyone.intake.streams) == {"e1", "e2", "e3"}
+    finally:
+        await everyone.stop_background()
+    assert "podLabelSelector" in plugin_set_error(
+        "plugins:\n- type: precise-prefix-cache-producer\n  parameters: {kvEventsConfig: {podDiscoveryConfig: "
+        "{podLabelSelector: 'a in (b'}}}\n- type: max-score-picker\nschedulingProfiles:\n- name: default\n"
+        "  plugins:\n  - pluginRef: max-score-picker\n")
+
+
+async def test_global_socket_counts_events_from_before_the_first_request():
+    """kvEventsConfig.zmqEndpoint without endpoint-notification-source: a topic's pod is
+    looked up among the pool's endpoints (PluginHandle.endpoints), so the events a server
+    publishes before any request reaches the picker are indexed, not dropped."""
+    import asyncio
+
+    import msgpack
+    import zmq
+    import zmq.asyncio
+
+    from devstack.launch import free_port
+    from epp.framework import Endpoint
+
+    a, b = Endpoint("a", "127.0.0.1", 8001), Endpoint("b", "127.0.0.1", 8002)
+    port = free_port()
+    p = with_handle({"tokenProcessorConfig": {"blockSize": BS}, "kvEventsConfig": {
+        "zmqEndpoint": f"tcp://127.0.0.1:{port}"}}, endpoints=(a, b))
+    await p.start_background()
+    ctx = zmq.asyncio.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        event = ["BlockStored", [11, 12, 13, 14], None, PROMPT, BS, None, "GPU", None]
+        deadline = asyncio.get_running_loop().time() + 10
+        seq = 0
+        while p.index.blocks_of("b") == 0:  # resent until the connection is up (ZMQ's slow joiner)
+            assert asyncio.get_running_loop().time() < deadline, "events never arrived"
+            await pub.send_multipart([b"kv@127.0.0.1:8002@m", seq.to_bytes(8, "big"),
+                                      msgpack.packb([0.0, [event], 0])])
+            seq += 1
+            await asyncio.sleep(0.02)
+        assert run(p, PROMPT, [a, b])[1].matches == {b: 4} and p.is_precise("b")
+        assert p.intake.global_stream.unrouted == 0
+    finally:
+        pub.close()
+        ctx.term()
+        await p.stop_background()

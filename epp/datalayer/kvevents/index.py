@@ -9,16 +9,22 @@ Structure and cost. One LRU map, block key -> holder mask: three bits per endpoi
 (GPU, CPU i.e. offloaded to any non-GPU medium, speculative). Per endpoint, a dict from
 the server's block hash to the key (or keys, when the server's block is a multiple of
 blockSizeTokens). Bounded by `max_blocks` keys (least recently stored or matched is
-evicted first) and `max_blocks_per_endpoint` server hashes per endpoint (an endpoint
+evicted first), `max_blocks_per_endpoint` server hashes per endpoint (an endpoint
 reporting more is cleared and counted in `overflows`: its view then refills from new
-events). Memory per block, measured by bench/kvindex_cost.py (tracemalloc, CPython,
+events) and `max_holders_per_key` entries (endpoint, tier) per key, the reference's
+inMemoryConfig.podCacheSize: a key's entries are an LRU by the time each was last stored,
+so the entry least recently stored is dropped when one more arrives (`holder_evictions`).
+A key with two or more entries keeps their order in a side table (a tuple of bit
+positions); a key held once keeps none. Memory per block, measured by bench/kvindex_cost.py (tracemalloc, CPython,
 64-bit): about 195 bytes with one endpoint holding it, 280 with two (185 and 270 MiB
 per million blocks), so the default max_blocks of 2 million is about 400-550 MiB.
 
 Lookup walks a prompt's keys in order and keeps, as one integer mask, the endpoints
 still matching: the match of an endpoint is the number of leading blocks it holds in
-any tier. It stops at the first key no candidate holds, so an uncached prompt costs one
-key. Matched keys are refreshed in the LRU.
+any tier; per block, the tiers it is held in (PrefixMatch.weighted: the reference's
+LongestPrefixScorer counts each block at the highest weight among its tiers). It stops
+at the first key no candidate holds, so an uncached prompt costs one key. Matched keys
+are refreshed in the LRU.
 
 Speculative entries: `speculate(endpoint, keys)` marks blocks as held by the endpoint
 a request was just routed to, for `speculative_ttl` seconds or until the server's
@@ -64,6 +70,20 @@ class PrefixMatch:
     gpu_blocks: int = 0
     cpu_blocks: int = 0  # held offloaded and not on GPU
     speculative_blocks: int = 0  # only speculatively held
+    # per matched block, in order, the 3-bit pattern of the tiers holding it (1 GPU, 2 CPU, 4 speculative)
+    tiers: bytes = field(default=b"", compare=False, repr=False)
+
+    def weighted(self, gpu: float, cpu: float, speculative: float) -> float:
+        """The matched blocks summed in order, each at the highest weight among its tiers
+        (the reference's LongestPrefixScorer with fillMaxWeights: the same float sum, so
+        the same truncation); without tiers, by the exclusive counts."""
+        if not self.tiers:
+            return self.gpu_blocks * gpu + self.cpu_blocks * cpu + self.speculative_blocks * speculative
+        table = [0.0] + [max(w for bit, w in ((1, gpu), (2, cpu), (4, speculative)) if p & bit) for p in range(1, 8)]
+        total = 0.0
+        for p in self.tiers:
+            total += table[p]
+        return total
 
 
 @dataclass(slots=True)
@@ -72,6 +92,8 @@ class IndexStats:
     removed_blocks: int = 0
     cleared: int = 0
     evictions: int = 0  # keys dropped by the max_blocks bound
+    holder_evictions: int = 0  # entries dropped by the max_holders_per_key bound (podCacheSize)
+    removed_hashes: int = 0  # server hashes named by BlockRemoved (group 0), known or not
     overflows: int = 0  # endpoints cleared by the max_blocks_per_endpoint bound
     unchained: int = 0  # BlockStored whose parent hash the endpoint never reported
     mismatched: int = 0  # BlockStored not indexable (token count, block size, extras)
@@ -91,10 +113,11 @@ class _Endpoint:
 class BlockIndex:
     def __init__(self, keyer: BlockKeyer | None = None, *, max_blocks: int = 2_000_000,
                  max_blocks_per_endpoint: int = 1_000_000, max_endpoints: int = 4096,
-                 speculative_ttl: float = 2.0, max_speculative_blocks: int = 1_000_000,
+                 max_holders_per_key: int = 10, speculative_ttl: float = 2.0, max_speculative_blocks: int = 1_000_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         for name, v in (("max_blocks", max_blocks), ("max_blocks_per_endpoint", max_blocks_per_endpoint),
-                        ("max_endpoints", max_endpoints), ("max_speculative_blocks", max_speculative_blocks)):
+                        ("max_endpoints", max_endpoints), ("max_holders_per_key", max_holders_per_key),
+                        ("max_speculative_blocks", max_speculative_blocks)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not speculative_ttl > 0:
@@ -103,11 +126,13 @@ class BlockIndex:
         self.max_blocks = max_blocks  # bound: keys in the index
         self.max_blocks_per_endpoint = max_blocks_per_endpoint  # bound: server hashes per endpoint
         self.max_endpoints = max_endpoints  # bound: endpoint slots
+        self.max_holders_per_key = max_holders_per_key  # bound: (endpoint, tier) entries per key
         self.max_speculative_blocks = max_speculative_blocks  # bound: pending speculative keys
         self.speculative_ttl = speculative_ttl
         self.clock = clock
         self.stats = IndexStats()
         self._map: OrderedDict[int, int] = OrderedDict()  # key -> holder mask, LRU first
+        self._order: dict[int, tuple[int, ...]] = {}  # key with >= 2 entries -> their bit positions, oldest first
         self._endpoints: dict[str, _Endpoint] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -191,6 +216,7 @@ class BlockIndex:
                 value = ep.engine.get(h)
                 for key in () if value is None else (value,) if isinstance(value, int) else value:
                     self._or(key, bit)
+                    self.stats.stored_blocks += 1
             return
         ratio, rest = divmod(ev.block_size, self.keyer.block_size)
         group = self.keyer.block_size // ev.block_size if ratio == 0 and not self.keyer.block_size % ev.block_size \
@@ -230,10 +256,12 @@ class BlockIndex:
             return
         ep = self._endpoints.get(endpoint)
         if ep is None:
+            self.stats.removed_hashes += len(ev.block_hashes)
             return
         base = _BITS * ep.slot
         tiers = 0b11 << base
         clear = ~(1 << (base + medium_tier(ev.medium)))
+        self.stats.removed_hashes += len(ev.block_hashes)
         for h in ev.block_hashes:
             value = ep.engine.get(h)
             if value is None:
@@ -245,16 +273,35 @@ class BlockIndex:
             if not held:
                 del ep.engine[h]
 
-    def _or(self, key: int, bits: int) -> None:
+    def _or(self, key: int, bit: int) -> None:
+        """Add one entry (a single bit) to a key, as its most recently stored; past
+        max_holders_per_key entries the least recently stored one is dropped."""
         m = self._map.get(key)
         if m is None:
-            self._map[key] = bits
+            self._map[key] = bit
             if len(self._map) > self.max_blocks:
-                self._map.popitem(last=False)
+                old, _ = self._map.popitem(last=False)
+                self._order.pop(old, None)
                 self.stats.evictions += 1
+            return
+        self._map.move_to_end(key)
+        pos = bit.bit_length() - 1
+        order = self._order.get(key) or (m.bit_length() - 1,)  # a key held once: its only entry
+        if m & bit:
+            if len(order) > 1 and order[-1] != pos:  # stored again: now the most recent
+                self._order[key] = (*(q for q in order if q != pos), pos)
+            return
+        m |= bit
+        order = (*order, pos)
+        if len(order) > self.max_holders_per_key:
+            m &= ~(1 << order[0])
+            order = order[1:]
+            self.stats.holder_evictions += 1
+        self._map[key] = m
+        if len(order) > 1:
+            self._order[key] = order
         else:
-            self._map[key] = m | bits
-            self._map.move_to_end(key)
+            self._order.pop(key, None)
 
     def _and(self, key: int, keep: int) -> int:
         """Clear bits of a key; the remaining mask (0 if the key is gone)."""
@@ -264,8 +311,16 @@ class BlockIndex:
         m &= keep
         if m:
             self._map[key] = m
+            order = self._order.get(key)
+            if order is not None:
+                order = tuple(q for q in order if m >> q & 1)
+                if len(order) > 1:
+                    self._order[key] = order
+                else:
+                    del self._order[key]
         else:
             del self._map[key]
+            self._order.pop(key, None)
         return m
 
     # --- lookup ----------------------------------------------------------------------
@@ -356,14 +411,10 @@ def _record(dropped: int, n: int, ended: dict[int, int]) -> None:
 
 
 def _tiers(masks: list[int], n: int, base: int) -> PrefixMatch:
-    gpu = cpu = 0
-    g, c = 1 << base, 1 << (base + 1)
-    for m in masks[:n]:
-        if m & g:
-            gpu += 1
-        elif m & c:
-            cpu += 1
-    return PrefixMatch(n, gpu, cpu, n - gpu - cpu)
+    tiers = bytes(m >> base & 0b111 for m in masks[:n])
+    gpu = tiers.count(1) + tiers.count(3) + tiers.count(5) + tiers.count(7)
+    spec = tiers.count(4)
+    return PrefixMatch(n, gpu, n - gpu - spec, spec, tiers)
 
 
 def _extras(extra_keys: tuple[object, ...] | None, lora_name: str | None, n_blocks: int,

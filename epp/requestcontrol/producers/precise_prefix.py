@@ -7,9 +7,11 @@ inflight-load-producer (`prefixMatchInfoProducerName`).
 PrepareData turns the prompt's token ids (TOKEN_IDS, published by token-producer when a
 real tokenizer ran; else the token ids the client sent) into block keys (kvevents.keys)
 and looks them up in the block index (kvevents.index). An endpoint's match is the
-reference's longest-prefix score: the leading blocks it holds, each weighted by its
-medium (indexerConfig.kvCacheBackendConfigs, default gpu 1.0, cpu 0.8; a speculative
-entry 1.0), summed and truncated to an integer.
+reference's longest-prefix score: the leading blocks it holds, each at the highest weight
+among the tiers holding it (indexerConfig.kvCacheBackendConfigs, default gpu 1.0, cpu
+0.8; a speculative entry has no medium, so 1.0 unless a backend is named ""), summed and
+truncated to an integer. inMemoryConfig.podCacheSize bounds the (endpoint, tier) entries
+per block key (kvevents.index).
 
 Fallback to the approximate guess: the producer also keeps the approximate index
 (prefix_index.PrefixIndex over prefix_blocks' text blocks, recorded on every routing
@@ -21,11 +23,13 @@ kvevents.intake) gets its approximate match scaled to the precise block count.
 Events reach the index three ways:
 - per endpoint (kvEventsConfig.discoverPods with podDiscoveryConfig, the default): bound
   as an extractor of endpoint-notification-source under dataLayer, each endpoint that
-  appears is subscribed at tcp://<address>:<socketPort + data-parallel rank> (and its
-  replay socket at replaySocketPort when set) and unsubscribed when it goes;
+  appears (and matches podLabelSelector and podNamespace when they are set) is
+  subscribed at tcp://<address>:<socketPort + data-parallel rank> (and its replay socket
+  at replaySocketPort when set) and unsubscribed when it goes;
 - global socket (kvEventsConfig.zmqEndpoint): one SUB socket bound there, publishers
   connect to it, and each message's topic kv@<endpoint>@<model> names the endpoint (its
-  ip:port, its address, or its name);
+  ip:port, its address, or its name), looked up among the pool's endpoints
+  (PluginHandle.endpoints), so events count from the first, before any request;
 - in process, with no ZMQ (the cluster simulation): `feed(endpoint_name, events, model)`
   applies decoded events (kvevents.wire types) and counts that endpoint as precise.
 
@@ -37,8 +41,11 @@ primary (and a "prefill" profile's) endpoint for speculativeTTL.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +55,7 @@ from epp.datalayer.kvevents.keys import BlockKeyer
 from epp.datalayer.kvevents.wire import KVEvent
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
 from epp.framework.datakeys import PREFIX_MATCH_INFO, TOKEN_IDS, TOKENS_CONSUMER, PrefixCacheMatchInfo
+from epp.framework.metrics import HistogramRecorder
 from epp.framework.plugins import ConfiguredPlugin
 from epp.requestcontrol.producers.precise_prefix_params import PrecisePrefixParams
 from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
@@ -81,6 +89,14 @@ def _rank(endpoint: Endpoint) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _name_pods(pods: dict[str, str], endpoint: Endpoint) -> None:
+    """Record the names a topic may give the endpoint: ip:port, its name, its address
+    (for data-parallel rank 0, whose address the other ranks share)."""
+    pods[endpoint.hostport] = pods[endpoint.name] = endpoint.name
+    if _rank(endpoint) == 0:
+        pods.setdefault(endpoint.address, endpoint.name)
+
+
 class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
     type_name = "precise-prefix-cache-producer"
     Params = PrecisePrefixParams
@@ -92,10 +108,23 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         self.block_size = p.block_size_tokens()
         self.clock = handle.clock
         self.keyer = BlockKeyer(self.block_size, p.hash_seed())
-        self.index = BlockIndex(self.keyer, max_blocks=p.indexerConfig.kvBlockIndexConfig.inMemoryConfig.max_blocks(),
+        memory = p.indexerConfig.kvBlockIndexConfig.inMemoryConfig
+        self.index = BlockIndex(self.keyer, max_blocks=memory.max_blocks(), max_holders_per_key=memory.podCacheSize,
                                 speculative_ttl=p.speculative_ttl(), clock=handle.clock)
         weights = p.indexerConfig.medium_weights()
-        self._w_gpu, self._w_cpu = weights.get("gpu", 1.0), weights.get("cpu", 1.0)
+        # a speculative entry's tier is "" in the reference: weight 1 unless a backend has that name
+        self._weights = (weights.get("gpu", 1.0), weights.get("cpu", 1.0), weights.get("", 1.0))
+        pods = p.kvEventsConfig.podDiscoveryConfig
+        self._selector = pods.selector() if pods is not None else None
+        self._pool = handle.endpoints
+        self._pool_seen: Sequence[Endpoint] | None = None
+        self._pool_pods: dict[str, str] = {}  # the pool's endpoints as topics name them -> endpoint name
+        kb = p.indexerConfig.kvBlockIndexConfig
+        self.index_metrics = _IndexMetrics.of(handle.metrics.registry, self) if kb.enableMetrics else None
+        self._beat: asyncio.Task | None = None  # metricsLoggingInterval's task
+        log.info("%s: kvEventsConfig.concurrency=%d has no effect here: the reference's Go workers apply events "
+                 "in parallel shards, while this picker applies each endpoint's stream in order in one event loop, "
+                 "where more workers would not run at once", self.name, p.kvEventsConfig.concurrency)
         self.approx = PrefixIndex()
         self.key = PREFIX_MATCH_INFO.of(self.name)
         self._keys = self.own_key("keys", list)
@@ -103,7 +132,6 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         self.intake: Any = None  # kvevents.KVEventIntake, made in the event loop at the first subscription
         self._fed: set[str] = set()  # endpoints fed in process (feed): precise without a stream
         self._endpoints: dict[str, Endpoint] = {}  # name -> endpoint
-        self._global = bool(p.kvEventsConfig.zmqEndpoint)
         self._pods: dict[str, str] = {}  # a global-socket topic's pod part (ip:port, address, name) -> name
         handle.metrics.add_collector(_StreamMetrics(self))
 
@@ -137,21 +165,42 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         return self.intake
 
     def _resolve_topic(self, pod: str) -> str | None:
-        """The endpoint a global-socket topic's pod part names (ip:port, address or name)."""
-        return self._pods.get(pod)
+        """The endpoint a global-socket topic's pod part names (ip:port, address or name):
+        one the data layer told of, else one of the pool's (re-read when the set changes)."""
+        name = self._pods.get(pod)
+        if name is None:
+            pool = self._pool()
+            if pool is not self._pool_seen:
+                self._pool_seen, self._pool_pods = pool, {}
+                for ep in pool:
+                    _name_pods(self._pool_pods, ep)
+            name = self._pool_pods.get(pod)
+        return name
 
     def _remember(self, endpoint: Endpoint) -> None:
         self._endpoints[endpoint.name] = endpoint
-        self._pods[endpoint.hostport] = self._pods[endpoint.name] = endpoint.name
-        if _rank(endpoint) == 0:
-            self._pods.setdefault(endpoint.address, endpoint.name)
+        _name_pods(self._pods, endpoint)
+
+    def _admits(self, endpoint: Endpoint) -> bool:
+        """podDiscoveryConfig's podNamespace and podLabelSelector, when set."""
+        pods = self.params.kvEventsConfig.podDiscoveryConfig
+        return pods is not None and (not pods.podNamespace or endpoint.namespace == pods.podNamespace) \
+            and self._selector is not None and self._selector.matches(endpoint.labels)
 
     async def start_background(self) -> None:
-        """Open the global socket (kvEventsConfig.zmqEndpoint), if configured."""
+        """Open the global socket (kvEventsConfig.zmqEndpoint), if configured; log the index
+        metrics every metricsLoggingInterval (with enableMetrics)."""
         if self.params.kvEventsConfig.zmqEndpoint:
             self._ensure_intake()
+        interval = self.params.indexerConfig.kvBlockIndexConfig.logging_interval()
+        if self.index_metrics is not None and interval > 0:
+            self._beat = asyncio.create_task(self.index_metrics.log_every(interval), name=f"{self.name} metrics log")
 
     async def stop_background(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            await asyncio.gather(self._beat, return_exceptions=True)
+            self._beat = None
         if self.intake is not None:
             await self.intake.close()
             self.intake = None
@@ -170,9 +219,14 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
             return
         host = f"[{endpoint.address}]" if ":" in endpoint.address else endpoint.address
         rank = _rank(endpoint)
+        address = f"tcp://{host}:{pods.socketPort + rank}"
+        if not self._admits(endpoint):  # relabelled out of the selector: its subscription ends
+            stream = self.intake.streams.get(endpoint.name) if self.intake is not None else None
+            if stream is not None and stream.address == address:
+                self.intake.unsubscribe(endpoint.name)
+            return
         replay = f"tcp://{host}:{pods.replaySocketPort + rank}" if pods.replaySocketPort > 0 else None
-        self._ensure_intake().subscribe(endpoint.name, f"tcp://{host}:{pods.socketPort + rank}",
-                                        replay_address=replay)
+        self._ensure_intake().subscribe(endpoint.name, address, replay_address=replay)
 
     def _forget(self, endpoint: Endpoint) -> None:
         self._endpoints.pop(endpoint.name, None)
@@ -209,8 +263,11 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
             if self.params.speculativeIndexing:  # every key: PreRequest marks them
                 keys = self.keyer.keys(tokens, request.target_model)
             # else lazily: the lookup stops at the first block no candidate holds
+            started = time.perf_counter()
             found = self.index.match_keys(keys or self.keyer.iter_keys(tokens, request.target_model),
                                           [e.name for e in endpoints]) if total else {}
+            if self.index_metrics is not None and total:
+                self.index_metrics.lookup(found, time.perf_counter() - started)
         except ValueError:  # a token id outside 32 bits: nothing a server would have cached
             keys, found, total = [], {}, 0
         matches: dict[Endpoint, int] = {}
@@ -220,7 +277,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
                 m = found.get(ep.name)
                 if m is None:
                     continue
-                n = self._weighted(m)
+                n = int(m.weighted(*self._weights))  # the reference's LongestPrefixScorer, truncated
                 media[ep] = {k: v for k, v in (("gpu", m.gpu_blocks), ("cpu", m.cpu_blocks),
                                                ("speculative", m.speculative_blocks)) if v}
             else:
@@ -232,17 +289,9 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
                 del media[ep]
         return keys, approx_hashes, PrefixCacheMatchInfo(matches, total, bs, max(matches.values(), default=0), media)
 
-    def _weighted(self, m: PrefixMatch) -> int:
-        """The reference's LongestPrefixScorer: the matched blocks weighted by medium."""
-        return int(m.gpu_blocks * self._w_gpu + m.cpu_blocks * self._w_cpu + m.speculative_blocks)
-
     # PrepareData
     def prepare_request_data(self, cycle: CycleState, request: InferenceRequest,
                              endpoints: Sequence[Endpoint]) -> None:
-        if self._global:  # without endpoint-notification-source, the candidates name the topics' pods
-            for ep in endpoints:
-                if ep.name not in self._endpoints:
-                    self._remember(ep)
         keys, approx_hashes, info = self.match(cycle, request, endpoints)
         cycle.write(self.key, info)
         cycle.write(self._keys, keys)
@@ -378,3 +427,81 @@ class _StreamMetrics:
                 lag.add_metric(labels, s.lag)
             precise.add_metric(labels, 1.0 if intake.is_precise(s.endpoint, now) else 0.0)
         return [active, received, reconnects, dropped, lag, precise]
+
+
+_INDEX_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # Go's prometheus.DefBuckets
+_INDEX_COUNTERS = (  # (name after llm_d_epp_kv_cache_index_ and kvcache_index_, help)
+    ("admissions", "Block keys added to the precise index (stored by events or speculatively)."),
+    ("evictions", "Entries taken out of the precise index (removed block hashes, expired speculative entries)."),
+    ("lookup_requests", "Lookups of a prompt's block keys in the precise index."),
+    ("max_pod_hit_count", "Summed per lookup: the longest run of leading blocks one endpoint holds."),
+    ("lookup_hits", "Summed per lookup: the leading blocks matched by the best endpoint."),
+)
+
+
+class _IndexMetrics:
+    """The precise index's metrics with indexerConfig.kvBlockIndexConfig.enableMetrics
+    (llm-d-kv-cache's instrumented index): llm_d_epp_kv_cache_index_* and the deprecated
+    kvcache_index_* aliases. One per registry, summed over the producers using it;
+    admissions and evictions are read from the indexes' counters when scraped."""
+
+    _by_registry: weakref.WeakKeyDictionary[Any, _IndexMetrics] = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.producers: list[PrecisePrefixCacheProducer] = []
+        self.lookups = 0
+        self.hits = 0
+        self.latency = HistogramRecorder("", "", _INDEX_LATENCY_BUCKETS)
+
+    @classmethod
+    def of(cls, registry: Any, producer: PrecisePrefixCacheProducer) -> _IndexMetrics:
+        metrics = cls._by_registry.get(registry)
+        if metrics is None:
+            metrics = cls._by_registry[registry] = cls()
+            registry.register(metrics)
+        metrics.producers.append(producer)
+        return metrics
+
+    def lookup(self, found: Mapping[str, PrefixMatch], seconds: float) -> None:
+        self.lookups += 1
+        self.hits += max((m.blocks for m in found.values()), default=0)
+        self.latency.observe(seconds)
+
+    def values(self) -> dict[str, float]:
+        stats = [p.index.stats for p in self.producers]
+        return {"admissions": sum(s.stored_blocks + s.speculated_blocks for s in stats),
+                "evictions": sum(s.removed_hashes + s.speculative_expired for s in stats),
+                "lookup_requests": self.lookups, "max_pod_hit_count": self.hits, "lookup_hits": self.hits}
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        values = self.values()
+        out: list[Any] = []
+        for what, doc in _INDEX_COUNTERS:
+            out.append(CounterMetricFamily(f"llm_d_epp_kv_cache_index_{what}", doc, value=values[what]))
+            out.append(CounterMetricFamily(f"kvcache_index_{what}", f"Deprecated: see llm_d_epp_kv_cache_index_"
+                                           f"{what}_total. {doc}", value=values[what]))
+        buckets, total = self.latency.cumulative(), self.latency._sum  # noqa: SLF001 - read only
+        doc = "Seconds per lookup in the precise index (key computation included)."
+        out.append(HistogramMetricFamily("llm_d_epp_kv_cache_index_lookup_latency_seconds", doc, buckets=buckets,
+                                         sum_value=total))
+        out.append(HistogramMetricFamily("kvcache_index_lookup_latency_seconds", "Deprecated: see "
+                                         "llm_d_epp_kv_cache_index_lookup_latency_seconds. " + doc, buckets=buckets,
+                                         sum_value=total))
+        return out
+
+    async def log_every(self, interval: float) -> None:
+        """metricsLoggingInterval: one line of the index metrics every interval."""
+        while True:
+            await asyncio.sleep(interval)
+            v = self.values()
+            count = self.latency.cumulative()[-1][1]
+            total = self.latency._sum  # noqa: SLF001 - read only
+            log.info("kv-block index metrics: admissions=%d evictions=%d lookups=%d hits=%d max_pod_hit_count=%d "
+                     "latency_count=%d latency_sum=%.6f latency_avg=%.6f", v["admissions"], v["evictions"],
+                     v["lookup_requests"], v["lookup_hits"], v["max_pod_hit_count"], count, total,
+                     total / count if count else 0.0)

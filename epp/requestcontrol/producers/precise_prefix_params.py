@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from epp.framework import bounded
+from epp.labelselector import LabelSelector
 from epp.units import UnitError, parse_duration
 
 DEFAULT_BLOCK_SIZE_TOKENS = 16  # kvblock defaultBlockSize
@@ -34,7 +35,7 @@ class TokenProcessorConfig:
 @dataclass(slots=True)
 class InMemoryIndexConfig:
     size: int = bounded(REFERENCE_INDEX_SIZE, gt=0)
-    podCacheSize: int = bounded(10, gt=0)  # accepted: one index entry holds every endpoint here
+    podCacheSize: int = bounded(10, gt=0)  # (endpoint, tier) entries per key, least recently stored dropped
 
     def max_blocks(self) -> int:
         return DEFAULT_MAX_BLOCKS if self.size == REFERENCE_INDEX_SIZE else self.size
@@ -45,13 +46,25 @@ class KVBlockIndexConfig:
     inMemoryConfig: InMemoryIndexConfig = field(default_factory=InMemoryIndexConfig)
     redisConfig: dict | None = None
     costAwareMemoryConfig: dict | None = None
-    enableMetrics: bool = False
-    metricsLoggingInterval: int | str = 0  # nanoseconds or a Go duration; accepted, the metrics are always on
+    enableMetrics: bool = False  # the llm_d_epp_kv_cache_index_* families (and kvcache_index_* aliases)
+    metricsLoggingInterval: int | str = 0  # nanoseconds or a Go duration; > 0 with enableMetrics: a log line each
 
     def validate(self) -> None:
         for key in ("redisConfig", "costAwareMemoryConfig"):
             if getattr(self, key) is not None:
                 raise ValueError(f"{key}: only the in-memory block index (inMemoryConfig) is built here")
+        self.logging_interval()
+
+    def logging_interval(self) -> float:
+        """Seconds between metric log lines; 0: none (as time.Duration, a bare number is nanoseconds)."""
+        v = self.metricsLoggingInterval
+        if isinstance(v, bool) or (isinstance(v, int) and v < 0):
+            raise ValueError(f"metricsLoggingInterval: expected nanoseconds or a duration, got {v!r}")
+        try:
+            seconds = v / 1e9 if isinstance(v, int) else parse_duration(v)
+        except UnitError as e:
+            raise ValueError(f"metricsLoggingInterval: {e}") from None
+        return max(seconds, 0.0)
 
 
 @dataclass(slots=True)
@@ -78,7 +91,11 @@ class IndexerConfig:
 
 @dataclass(slots=True)
 class PodDiscoveryConfig:
-    podLabelSelector: str = "llm-d.ai/inferenceServing=true"  # accepted: endpoints come from the data layer
+    # Set: only endpoints whose labels match (and, with podNamespace, in that namespace) are
+    # subscribed, as llm-d-kv-cache's pod reconciler filters pods. Unset (""): every endpoint
+    # the notification source reports, as the reference picker, which never reads its
+    # default "llm-d.ai/inference-serving=true" (its endpoints are the pool's already).
+    podLabelSelector: str = ""
     podNamespace: str = ""
     socketPort: int = bounded(DEFAULT_SOCKET_PORT, ge=1, le=65535)
     replaySocketPort: int = 0  # <= 0: no replay socket
@@ -86,13 +103,20 @@ class PodDiscoveryConfig:
     def validate(self) -> None:
         if self.socketPort > 65535 or self.replaySocketPort > 65535:
             raise ValueError("replaySocketPort: must be <= 65535")
+        try:
+            self.selector()
+        except ValueError as e:
+            raise ValueError(f"podLabelSelector: {e}") from None
+
+    def selector(self) -> LabelSelector:
+        return LabelSelector.parse(self.podLabelSelector)
 
 
 @dataclass(slots=True)
 class KVEventsConfig:
     zmqEndpoint: str = ""  # set: bind one SUB socket there; publishers connect to it (global socket mode)
     topicFilter: str = "kv@"
-    concurrency: int = bounded(4, gt=0)  # accepted: each endpoint's stream is applied in order by its own task
+    concurrency: int = bounded(4, gt=0)  # Go's worker shards; no effect in one event loop (logged at start-up)
     engineType: str = "vllm"
     discoverPods: bool = True
     podDiscoveryConfig: PodDiscoveryConfig | None = field(default_factory=PodDiscoveryConfig)
