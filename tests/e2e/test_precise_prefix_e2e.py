@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import socket
 import urllib.request
 from pathlib import Path
@@ -214,22 +215,37 @@ KIND_FLAGS = ["--v", "4", "--zap-encoder", "json", "--allow-experimental-plugins
 
 
 def test_kind_config_global_socket_routes_by_topic(e2e_logs, picker, envoy):
-    """The kind development config unchanged: the picker binds kvEventsConfig.zmqEndpoint
-    (tcp://0.0.0.0:5557) and the simulators publish into it (--kv-events-connect, as vLLM
-    connects to a non-wildcard address), each message's topic kv@<ip:port>@<model> naming
-    its endpoint."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZMQ binds
-        try:
-            s.bind(("0.0.0.0", SOCKET_PORT))  # noqa: S104 - the config's own address
-        except OSError:
-            pytest.skip("port 5557 is taken on this machine")
+    """The kind development config, its kvEventsConfig.zmqEndpoint localised: the picker
+    binds tcp://127.0.0.1:<a free port> instead of tcp://0.0.0.0:5557 (only that address
+    changes, as the other tests swap a chart's cluster-bound flags and fixed ports), and the
+    simulators publish into it (--kv-events-connect, as vLLM connects to a non-wildcard
+    address), each message's topic kv@<ip:port>@<model> naming its endpoint among the pool's,
+    so a prefix a server stores before the first request reaches the picker is scored."""
+    port = free_port()
+    text = KIND.read_text()
+    assert text.count("zmqEndpoint: tcp://0.0.0.0:5557\n") == 1
+    text = text.replace("zmqEndpoint: tcp://0.0.0.0:5557\n", f"zmqEndpoint: tcp://127.0.0.1:{port}\n")
     sims: list[Sim] = []
     try:
-        sims += [Sim("127.0.0.1", e2e_logs.dir, "--kv-events-endpoint", f"tcp://127.0.0.1:{SOCKET_PORT}",
+        sims += [Sim("127.0.0.1", e2e_logs.dir, "--kv-events-endpoint", f"tcp://127.0.0.1:{port}",
                      "--kv-events-connect") for _ in range(2)]
-        p = picker(endpoints=[s.hostport for s in sims], config_text=KIND.read_text(), extra_flags=KIND_FLAGS)
+        p = picker(endpoints=[s.hostport for s in sims], config_text=text, extra_flags=KIND_FLAGS)
         env = envoy("full-duplex", p)
+        # before any request reaches the picker, a server caches prompts of its own: the
+        # topics name endpoints of the pool, so their events are indexed (none is dropped)
+        x, y = sims
+        for k in range(100, 120):  # a new prefix each time: a batch may be lost while the connection forms
+            assert x.post("/v1/completions", body(prompt(k, blocks=2))) == 200
+            try:
+                wait_until(lambda: re.search(r'messages_received_total\{pod_identifier="[^"]+"\} [1-9]', p.metrics()),
+                           1, "a KV-event batch applied")
+                break
+            except TimeoutError:
+                continue
+        else:
+            pytest.fail("no KV-event batch reached the picker")
+        wait_until(lambda: prefix_scores(p.api_port, prompt(k, blocks=2)) == {x.hostport: 1.0, y.hostport: 0.0},
+                   20, "a prefix stored before the first request scored on its server")
         ids = prompt(3, blocks=2)  # 8 blocks of the config's 16 tokens
         x, _ = route_and_see_stored(env, p, sims, ids)  # from the global socket's events
         assert x.post("/reset_prefix_cache") == 200
