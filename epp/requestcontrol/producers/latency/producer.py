@@ -72,7 +72,6 @@ TRAIN_POLL_S = 0.05
 ROWS_TTL_S = 1.0                # `epp endpoints` reuses the error summary this long
 
 
-
 @dataclass(slots=True)
 class PredictedLatencyParams:
     samplingMean: float = 1000.0                 # deprecated in the reference, ignored

@@ -207,13 +207,6 @@ class SidecarClient:
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
 
-    def describe(self) -> dict[str, Any]:
-        s = self.status
-        return {"training_url": self.config.training_url, "prediction_urls": list(self.config.prediction_urls),
-                "samples_sent": s.samples_sent, "samples_dropped": s.samples_dropped,
-                "training_failures": s.training_failures, "predictions": s.predictions,
-                "prediction_failures": s.prediction_failures, "cache_hits": s.cache_hits, "last_error": s.last_error}
-
 
 __all__ = ["CACHE_SIZE", "PREDICTION_TTL_S", "PREDICT_TIMEOUT_S", "SidecarClient", "SidecarConfig", "cache_key",
            "SidecarStatus"]
