@@ -97,6 +97,19 @@ def test_chart_latency_variant_starts_unchanged_and_routes(fixture, chart, with_
     assert "Traceback" not in p.log()
 
 
+def test_predicted_latency_guide_starts_unchanged_and_routes_streams(module_sim_servers, picker, envoy):
+    """llm-d's predicted-latency guide (its router values; the guide's clients stream)."""
+    p = picker(endpoints=module_sim_servers.hostports, extra_flags=[
+        f"--config-file={REFERENCE / 'configs' / 'llm-d-predicted-latency.yaml'}", "--v=2"])
+    env = envoy("full-duplex", p)
+    for i in range(5):
+        status, headers, body = post(f"{env.url}/v1/completions", {"model": "m1", "prompt": f"stream {i}",
+                                                                   "max_tokens": 3, "stream": True},
+                                     {"x-llm-d-slo-ttft-ms": "500", "x-llm-d-slo-tpot-ms": "50"})
+        assert status == 200 and b"data: [DONE]" in body, body
+    assert "Traceback" not in p.log()
+
+
 def explain_and_list(api_port: int, body: dict, headers: dict[str, str]
                      ) -> tuple[pb.ExplainResponse, pb.ListEndpointsResponse]:
     with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
