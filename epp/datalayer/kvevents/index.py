@@ -16,8 +16,9 @@ inMemoryConfig.podCacheSize: a key's entries are an LRU by the time each was las
 so the entry least recently stored is dropped when one more arrives (`holder_evictions`).
 A key with two or more entries keeps their order in a side table (a tuple of bit
 positions); a key held once keeps none. Memory per block, measured by bench/kvindex_cost.py (tracemalloc, CPython,
-64-bit): about 195 bytes with one endpoint holding it, 280 with two (185 and 270 MiB
-per million blocks), so the default max_blocks of 2 million is about 400-550 MiB.
+64-bit): about 195 bytes with one endpoint holding it, 390 with two (185 and 372 MiB
+per million blocks; the second entry brings the key's order table), so the default
+max_blocks of 2 million is about 400-800 MiB.
 
 Lookup walks a prompt's keys in order and keeps, as one integer mask, the endpoints
 still matching: the match of an endpoint is the number of leading blocks it holds in
