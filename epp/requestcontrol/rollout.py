@@ -26,13 +26,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from epp.framework import ConfiguredPlugin, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
+from epp.framework.headers import REQUEST_ID
 from epp.labelselector import LabelSelector
 
 DEFAULT_REVISION_HEADER = "x-llm-d-disagg-revision"
 DEFAULT_REVISION_LABEL = "disaggregatedset.x-k8s.io/revision"
 DEFAULT_ROLE_LABEL = "disaggregatedset.x-k8s.io/role"
 DECISION_ID_HEADER = "x-llm-d-revision-decision-id"  # parallel sub-requests of one user request share it
-REQUEST_ID_HEADER = "x-request-id"
 SUM, MAX_ROLE, DISABLED = "sum", "max-role", "disabled"
 MAX_DECISIONS = 10_000  # decision id -> revision, least recently used dropped (the reference: 5 min staleness)
 MAX_REVISIONS = 64  # revisions with a share series; beyond that the gauge keeps the first ones
@@ -208,7 +208,7 @@ class DisaggregatedSetRolloutScreener(ConfiguredPlugin[RolloutScreenerParams]):
         chosen = requested
         if not chosen:
             chosen = pick_revision({rev: self.shares[rev] for rev in allowed}, self.rng.random())
-            decision = request.headers.get(DECISION_ID_HEADER) or request.headers.get(REQUEST_ID_HEADER, "")
+            decision = request.headers.get(DECISION_ID_HEADER) or request.headers.get(REQUEST_ID, "")
             if decision and chosen:
                 chosen = self._decide(decision, chosen, record)
         return self._kept(endpoints, allowed, chosen, strict=bool(requested), record=record)
