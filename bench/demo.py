@@ -35,7 +35,7 @@ from bench.report import (
     table,
 )
 from bench.strategies import stack
-from bench.workloads import DEFAULT_MODEL, LoadSpec, SharedPrefix, WorkloadSpec, generate
+from bench.workloads import LoadSpec, SharedPrefix, WorkloadSpec, generate
 from devstack.launch import envoy_binary, stop_all
 from devstack.localstack import hit_rate
 
@@ -45,31 +45,30 @@ OUT_DIR = Path("bench/out/demo")
 @dataclass(slots=True)
 class DemoSettings:
     servers: int = 4
-    requests: int = 240
-    rate: float = 6.0
     time_scale: float = 0.1
-    # the shared-prefix workload: 16 system prompts of 3,000 tokens, 8 prompts each, 40-token
-    # questions, 24 output tokens
-    prefix: SharedPrefix = field(default_factory=lambda: SharedPrefix(16, 8, 3000, 40, 24))
-    seed: int = 1
+    # each phase's workload: 240 requests at 6/s, shared-prefix with 16 system prompts of 3,000
+    # tokens, 8 prompts each, 40-token questions, 24 output tokens
+    workload: WorkloadSpec = field(default_factory=lambda: WorkloadSpec(
+        "shared_prefix", SharedPrefix(16, 8, 3000, 40, 24), num_requests=240, load=LoadSpec("poisson", rate=6.0)))
     out: Path = OUT_DIR
     plots: bool = True
 
 
 def parse_args(argv: list[str]) -> DemoSettings:
     d = DemoSettings()
+    dw = d.workload
     ap = argparse.ArgumentParser(prog="epp demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--servers", type=int, default=d.servers, help="simulated model servers")
-    ap.add_argument("--requests", type=int, default=d.requests, help="requests per phase")
-    ap.add_argument("--rate", type=float, default=d.rate, help="Poisson arrivals per wall second")
+    ap.add_argument("--requests", type=int, default=dw.num_requests, help="requests per phase")
+    ap.add_argument("--rate", type=float, default=dw.load.rate, help="Poisson arrivals per wall second")
     ap.add_argument("--time-scale", type=float, default=d.time_scale,
                     help="simulated seconds per wall second (0.1 = 10x slow motion)")
-    ap.add_argument("--groups", type=int, default=d.prefix.num_groups, help="distinct system prompts")
-    ap.add_argument("--prompts-per-group", type=int, default=d.prefix.num_prompts_per_group)
-    ap.add_argument("--system-prompt-len", type=int, default=d.prefix.system_prompt_len, help="tokens")
-    ap.add_argument("--question-len", type=int, default=d.prefix.question_len, help="tokens")
-    ap.add_argument("--output-len", type=int, default=d.prefix.output_len, help="tokens")
-    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--groups", type=int, default=dw.params.num_groups, help="distinct system prompts")
+    ap.add_argument("--prompts-per-group", type=int, default=dw.params.num_prompts_per_group)
+    ap.add_argument("--system-prompt-len", type=int, default=dw.params.system_prompt_len, help="tokens")
+    ap.add_argument("--question-len", type=int, default=dw.params.question_len, help="tokens")
+    ap.add_argument("--output-len", type=int, default=dw.params.output_len, help="tokens")
+    ap.add_argument("--seed", type=int, default=dw.seed)
     ap.add_argument("--out", type=Path, default=d.out, help="directory for the PNG plots")
     ap.add_argument("--no-plots", dest="plots", action="store_false")
     a = ap.parse_args(argv)
@@ -79,30 +78,25 @@ def parse_args(argv: list[str]) -> DemoSettings:
     if a.rate <= 0 or a.time_scale <= 0:
         ap.error("--rate and --time-scale must be > 0")
     prefix = SharedPrefix(a.groups, a.prompts_per_group, a.system_prompt_len, a.question_len, a.output_len)
-    return DemoSettings(servers=a.servers, requests=a.requests, rate=a.rate, time_scale=a.time_scale, prefix=prefix,
-                        seed=a.seed, out=a.out, plots=a.plots)
+    spec = WorkloadSpec("shared_prefix", prefix, num_requests=a.requests, seed=a.seed, load=LoadSpec("poisson", rate=a.rate))
+    return DemoSettings(servers=a.servers, time_scale=a.time_scale, workload=spec, out=a.out, plots=a.plots)
 
 
-def workload(s: DemoSettings) -> WorkloadSpec:
-    return WorkloadSpec(type="shared_prefix", params=s.prefix,
-                        num_requests=s.requests, seed=s.seed, model=DEFAULT_MODEL,
-                        load=LoadSpec(type="poisson", rate=s.rate))
-
-
-def run_phase(name: str, strategy: str, s: DemoSettings, spec: WorkloadSpec) -> Row:
+def run_phase(name: str, strategy: str, s: DemoSettings) -> Row:
+    spec = s.workload
     items = generate(spec)
     print(f"\n== {name}: starting {s.servers} simulator servers"
           f"{', the picker' if strategy.startswith('picker') else ''} and Envoy ...", flush=True)
     t0 = time.monotonic()
     with stack(strategy, s.servers, model=spec.model, time_scale=s.time_scale) as st:
         print(f"   up in {time.monotonic() - t0:.1f}s; Envoy at {st.url}; sending {len(items)} requests "
-              f"at {s.rate:g}/s", flush=True)
+              f"at {spec.load.rate:g}/s", flush=True)
         before = st.sims.counts()
         progress = Progress(f"   {name:<11}", len(items))
         run = asyncio.run(run_load(st.url, items, spec.load, seed=spec.seed, progress=progress))
         after = st.sims.counts()
     served = [a - b for a, b in zip(after, before, strict=True)]
-    return Row(name, s.rate, run.summary(), hit_rate(served), [c.requests for c in served], run.results)
+    return Row(name, spec.load.rate, run.summary(), hit_rate(served), [c.requests for c in served], run.results)
 
 
 def comparison_table(rows: list[Row]) -> str:
@@ -125,15 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"epp demo: {e}", file=sys.stderr)
         return 1
-    spec = workload(s)
+    spec, prefix = s.workload, s.workload.params
     print(f"epp demo: {s.servers} simulated H100 servers (Llama-3.1-8B timing) at time-scale {s.time_scale:g}"
-          f" ({1 / s.time_scale:g}x slow motion); {s.prefix.num_groups} system prompts of "
-          f"{s.prefix.system_prompt_len} tokens, {s.prefix.question_len}-token questions, "
-          f"{s.prefix.output_len} output tokens; {s.requests} requests per phase"
-          f" at {s.rate:g}/s.\nmachine: {machine()}", flush=True)
+          f" ({1 / s.time_scale:g}x slow motion); {prefix.num_groups} system prompts of "
+          f"{prefix.system_prompt_len} tokens, {prefix.question_len}-token questions, "
+          f"{prefix.output_len} output tokens; {spec.num_requests} requests per phase"
+          f" at {spec.load.rate:g}/s.\nmachine: {machine()}", flush=True)
     started = time.monotonic()
     try:
-        rows = [run_phase("picker", "picker", s, spec), run_phase("round-robin", "envoy-round-robin", s, spec)]
+        rows = [run_phase("picker", "picker", s), run_phase("round-robin", "envoy-round-robin", s)]
     except KeyboardInterrupt:
         stop_all()
         print("\nepp demo: interrupted; every process stopped", file=sys.stderr)
