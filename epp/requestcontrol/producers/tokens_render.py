@@ -8,7 +8,12 @@ the client's Authorization header forwarded, as the reference's native render do
 
 Rendered ids are kept in a bounded LRU keyed by a digest of what decides them (the
 render path and the body without its sampling fields), and concurrent renders of one body
-share one call."""
+share one call. Nothing is cached by prompt prefix here: a render answers for the whole
+prompt, so a new body costs one call whatever part of it was seen before, and joining a
+cached prefix's ids to the rest rendered apart is not a full render (a BPE merge can span
+the cut: with the fixture tokenizer, 27 of the 56 cuts of one sentence change its ids).
+The inProcess backend, which splits at special tokens, encodes a repeated system prompt
+once."""
 
 from __future__ import annotations
 
