@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.report import numeric_flags
 from devstack.envoy import start_envoy
 from devstack.launch import cpu_seconds
 from devstack.localstack import start_picker, start_sims
@@ -113,12 +114,8 @@ def start_trace_sink():
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.picker_cost", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--endpoints", type=int, default=8)
-    ap.add_argument("--prompt-chars", type=int, default=1000)
+    numeric_flags(ap, requests=2000, concurrency=8, endpoints=8, prompt_chars=1000, envoy_concurrency=1)
     ap.add_argument("--modes", default="direct,full-duplex,buffered")
-    ap.add_argument("--envoy-concurrency", type=int, default=1)
     ap.add_argument("--tls", action="store_true", help="picker serves TLS (self-signed), as by default in production")
     ap.add_argument("--transports", default="grpcio", help="comma-separated: grpcio, native")
     ap.add_argument("--tracing", choices=("off", "on"), default="off",

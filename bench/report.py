@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -29,6 +30,12 @@ def machine() -> str:
         pass
     return (f"nproc {os.cpu_count()}, CPU {cpu or 'unknown'}, Python {platform.python_version()}, "
             f"{platform.system()} {platform.release()}")
+
+
+def numeric_flags(ap: argparse.ArgumentParser, **defaults: float) -> None:
+    """One `--a-name N` flag per keyword (a_name=default), typed as its default (int or float)."""
+    for key, default in defaults.items():
+        ap.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

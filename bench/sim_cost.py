@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.report import numeric_flags
 from devstack.launch import cpu_seconds
 from devstack.localstack import start_sims
 
@@ -125,13 +126,8 @@ async def _page_size(url: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sim_cost", description=__doc__.split("\n\n")[0])
-    p.add_argument("--replicas", type=int, default=8)
-    p.add_argument("--requests", type=int, default=400)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--time-scale", type=float, default=1.0)
-    p.add_argument("--idle-seconds", type=float, default=2.0)
-    p.add_argument("--scrape-seconds", type=float, default=3.0)
+    numeric_flags(p, replicas=8, requests=400, concurrency=64, max_tokens=64, time_scale=1.0, idle_seconds=2.0,
+                  scrape_seconds=3.0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     r = measure(args)
