@@ -57,6 +57,7 @@ from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, 
 from epp.framework.datakeys import PREFIX_MATCH_INFO, TOKEN_IDS, TOKENS_CONSUMER, PrefixCacheMatchInfo
 from epp.framework.metrics import HistogramRecorder
 from epp.framework.plugins import ConfiguredPlugin
+from epp.labelselector import LabelSelector
 from epp.requestcontrol.producers.precise_prefix_params import PrecisePrefixParams
 from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
 from epp.requestcontrol.producers.prefix_index import PrefixIndex
@@ -115,7 +116,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         # a speculative entry's tier is "" in the reference: weight 1 unless a backend has that name
         self._weights = (weights.get("gpu", 1.0), weights.get("cpu", 1.0), weights.get("", 1.0))
         pods = p.kvEventsConfig.podDiscoveryConfig
-        self._selector = pods.selector() if pods is not None else None
+        self._selector = pods.selector() if pods is not None else LabelSelector()  # empty: every endpoint
         self._pool = handle.endpoints
         self._pool_seen: Sequence[Endpoint] | None = None
         self._pool_pods: dict[str, str] = {}  # the pool's endpoints as topics name them -> endpoint name
@@ -183,9 +184,8 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
 
     def _admits(self, endpoint: Endpoint) -> bool:
         """podDiscoveryConfig's podNamespace and podLabelSelector, when set."""
-        pods = self.params.kvEventsConfig.podDiscoveryConfig
-        return pods is not None and (not pods.podNamespace or endpoint.namespace == pods.podNamespace) \
-            and self._selector is not None and self._selector.matches(endpoint.labels)
+        namespace = self.params.kvEventsConfig.podDiscoveryConfig.podNamespace
+        return (not namespace or endpoint.namespace == namespace) and self._selector.matches(endpoint.labels)
 
     async def start_background(self) -> None:
         """Open the global socket (kvEventsConfig.zmqEndpoint), if configured; log the index
