@@ -136,3 +136,32 @@ def test_command_runs_every_strategy(tmp_path, capsys):
     for s in ("round-robin", "picker", "latency-lib", "oracle-slo", "mixed", "uniform"):
         assert s in text
     assert "attainment" in capsys.readouterr().out
+
+
+def test_latency_plugins_learn_inline_in_virtual_time():
+    import threading
+
+    from bench.cluster import PickerRouter
+    from epp.requestcontrol.producers.latency import POOL, Target
+
+    made = []
+    config = goodput.TUNED_CONFIG.read_text()
+    EXTRA_ROUTERS["test-latency"] = lambda clock, engines, endpoints, rng: (
+        made.append(PickerRouter(endpoints, config, clock, rng)) or made[-1])
+    try:
+        items = generate(WorkloadSpec("slo_mix", SloMix(doc_min_prompt_len=500, doc_max_prompt_len=900),
+                                      num_requests=150, seed=4))
+        r = simulate("test-latency", items, LoadSpec(rate=10.0), ClusterConfig(servers=2, hardware=("h100", "a100")))
+    finally:
+        del EXTRA_ROUTERS["test-latency"]
+    assert all(x.ok for x in r.results)
+    producer = made[0].pipeline.plugins["predicted-latency-producer"]
+    assert producer.background_training is False
+    assert not any("trainer" in t.name for t in threading.enumerate())
+    # every response was learnt from (TTFT at the first chunk, TPOT at the end; the last few still
+    # waiting for the next due training), and fits were published
+    model = producer.model
+    assert model.samples(POOL, Target.TTFT) + model.samples(POOL, Target.TPOT) + model.pending == 2 * len(items)
+    assert model.pending < len(items) // 2
+    assert sorted(model.classes()) == sorted({HARDWARE["h100"].gpu_product, HARDWARE["a100"].gpu_product})
+    assert model.coefficients(POOL, Target.TTFT) is not None
