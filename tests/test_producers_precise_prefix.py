@@ -429,3 +429,23 @@ async def test_global_socket_counts_events_from_before_the_first_request():
         pub.close()
         ctx.term()
         await p.stop_background()
+
+
+async def test_queue_depth_is_the_messages_waiting_on_every_stream():
+    """llm_d_epp_kv_cache_events_pool_queue_depth: the reference's gauge of messages queued
+    for the event workers; here the messages each endpoint's stream holds unapplied."""
+    from prometheus_client import CollectorRegistry
+
+    from devstack.launch import free_port
+    from epp.framework import Endpoint
+
+    reg = CollectorRegistry()
+    p = with_handle({"kvEventsConfig": {"podDiscoveryConfig": {"socketPort": free_port()}}}, registry=reg)
+    try:
+        for i in (1, 2):
+            p.extract_endpoint("upsert", Endpoint(f"e{i}", "127.0.0.1", 8000 + i))
+        assert reg.get_sample_value("llm_d_epp_kv_cache_events_pool_queue_depth") == 0
+        p.intake.streams["e1"].queued, p.intake.streams["e2"].queued = 3, 2
+        assert reg.get_sample_value("llm_d_epp_kv_cache_events_pool_queue_depth") == 5
+    finally:
+        await p.stop_background()

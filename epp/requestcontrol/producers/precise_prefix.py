@@ -417,6 +417,9 @@ class _StreamMetrics:
         precise = GaugeMetricFamily(pre + "stream_precise", "1 when the endpoint's event stream is trusted for "
                                     "scoring, 0 when scoring falls back to the approximate guess.",
                                     labels=["pod_identifier"])
+        bound = intake.global_stream if intake is not None else None  # the global socket queues before routing
+        depth = GaugeMetricFamily(pre + "pool_queue_depth", "KV-event messages received and not yet applied, "
+                                  "all endpoints.", value=sum(s.queued for s in streams) + (bound.queued if bound else 0))
         now = self.producer.clock()
         for s in streams:
             labels = [s.endpoint]
@@ -426,7 +429,7 @@ class _StreamMetrics:
             if s.lag is not None:
                 lag.add_metric(labels, s.lag)
             precise.add_metric(labels, 1.0 if intake.is_precise(s.endpoint, now) else 0.0)
-        return [active, received, reconnects, dropped, lag, precise]
+        return [active, received, reconnects, dropped, lag, precise, depth]
 
 
 _INDEX_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # Go's prometheus.DefBuckets
