@@ -34,9 +34,9 @@ from bench.report import (
     plot_pd,
     plot_per_server,
     plot_ttft_cdf,
+    publish,
     summary_rows,
     table,
-    write_markdown,
 )
 from bench.workloads import (
     DEFAULT_MODEL,
@@ -176,16 +176,18 @@ def cmd_cluster(argv: list[str]) -> int:
             + table(SUMMARY_HEADERS, summary_rows(rows), markdown=True)
             + "\n\nWall time of each simulation:\n\n"
             + table(["strategy", "rate/s", "wall s", "routing s", "simulated s"], timing, markdown=True))
-    md = a.out / f"{a.name}.md"
-    write_markdown(md, "Cluster simulation (virtual time)", command_line(["bench", "cluster", *argv]), body)
-    print(f"\nresults: {md}")
-    if a.plots:
-        if len(rates) > 1:
-            plot_latency_vs_rate(rows, a.out / f"{a.name}_latency_vs_rate.png",
-                                 f"Cluster simulation, {a.servers} servers")
+
+    def plots(stem: Path) -> list[Path]:
         top = [r for r in rows if r.rate == rates[-1]]
-        plot_ttft_cdf(top, a.out / f"{a.name}_ttft_cdf.png", f"TTFT at {rates[-1] or 'closed loop'} req/s")
-        plot_per_server(top, a.out / f"{a.name}_per_server.png", "Requests per server")
+        paths = [Path(f"{stem}_ttft_cdf.png"), Path(f"{stem}_per_server.png")]
+        plot_ttft_cdf(top, paths[0], f"TTFT at {rates[-1] or 'closed loop'} req/s")
+        plot_per_server(top, paths[1], "Requests per server")
+        if len(rates) > 1:
+            paths.append(Path(f"{stem}_latency_vs_rate.png"))
+            plot_latency_vs_rate(rows, paths[-1], f"Cluster simulation, {a.servers} servers")
+        return paths
+
+    publish(a, "Cluster simulation (virtual time)", command_line(["bench", "cluster", *argv]), body, plots)
     return 0
 
 
@@ -269,14 +271,14 @@ def cmd_pd(argv: list[str]) -> int:
             + table(side_headers, side, markdown=True)
             + "\n\nDetail (work per server: requests served in each role, as the engines count them):\n\n"
             + table(detail_headers, detail, markdown=True) + f"\n\n{verdict}")
-    md = a.out / f"{a.name}.md"
-    write_markdown(md, "Aggregated vs P/D disaggregation (cluster simulation, virtual time)",
-                   command_line(["bench", "pd", *argv]), body)
-    print(f"\nresults: {md}")
-    if a.plots:
-        png = a.out / f"{a.name}_latency_vs_rate.png"
+
+    def plots(stem: Path) -> list[Path]:
+        png = Path(f"{stem}_latency_vs_rate.png")
         plot_pd(rows, png, f"Aggregated vs P/D, {a.servers} servers, long prompts and outputs")
-        print(f"plot: {png}")
+        return [png]
+
+    publish(a, "Aggregated vs P/D disaggregation (cluster simulation, virtual time)",
+            command_line(["bench", "pd", *argv]), body, plots)
     return 0
 
 
@@ -338,13 +340,14 @@ def cmd_routing(argv: list[str]) -> int:
     body = (f"{_describe(spec)}; {a.servers} `epp sim` servers at --time-scale {a.time_scale:g} behind the real "
             f"Envoy; every run on fresh servers. Times are wall-clock.\n\n"
             + table(SUMMARY_HEADERS, summary_rows(rows), markdown=True))
-    md = a.out / f"{a.name}.md"
-    write_markdown(md, "Routing through the real stack", command_line(["bench", "routing", *argv]), body)
-    print(f"\nresults: {md}")
-    if a.plots:
-        plot_latency_vs_rate(rows, a.out / f"{a.name}_latency_vs_rate.png", "Real stack (Envoy + picker + epp sim)")
-        top = [r for r in rows if r.rate == max(a.rates)]
-        plot_ttft_cdf(top, a.out / f"{a.name}_ttft_cdf.png", f"TTFT at {max(a.rates):g} req/s")
+
+    def plots(stem: Path) -> list[Path]:
+        paths = [Path(f"{stem}_latency_vs_rate.png"), Path(f"{stem}_ttft_cdf.png")]
+        plot_latency_vs_rate(rows, paths[0], "Real stack (Envoy + picker + epp sim)")
+        plot_ttft_cdf([r for r in rows if r.rate == max(a.rates)], paths[1], f"TTFT at {max(a.rates):g} req/s")
+        return paths
+
+    publish(a, "Routing through the real stack", command_line(["bench", "routing", *argv]), body, plots)
     return 0
 
 
@@ -391,9 +394,7 @@ def cmd_agree(argv: list[str]) -> int:
     body = (f"{_describe(spec)}; strategy {a.strategy}; {a.servers} servers; real stack at --time-scale "
             f"{a.time_scale:g} (wall seconds); the simulation's virtual seconds divided by the time scale.\n\n"
             + table(headers, rows, markdown=True) + f"\n\n{verdict}")
-    md = a.out / f"{a.name}.md"
-    write_markdown(md, "Agreement: real stack vs. cluster simulation", command_line(["bench", "agree", *argv]), body)
-    print(f"results: {md}")
+    publish(a, "Agreement: real stack vs. cluster simulation", command_line(["bench", "agree", *argv]), body)
     return 0 if ag.ok else 1
 
 

@@ -9,7 +9,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +101,18 @@ def write_markdown(path: Path, title: str, command: str, body: str, notes: str =
     if notes:
         text += f"\n{notes}\n"
     path.write_text(text)
+
+
+def publish(a: argparse.Namespace, title: str, command: str, body: str,
+            plots: Callable[[Path], Sequence[Path]] | None = None) -> None:
+    """A benchmark's results: <a.out>/<a.name>.md, then, unless --no-plots, the PNG files
+    `plots(<a.out>/<a.name>)` draws; each path printed."""
+    md = a.out / f"{a.name}.md"
+    write_markdown(md, title, command, body)
+    print(f"\nresults: {md}")
+    if plots is not None and a.plots:
+        for png in plots(a.out / a.name):
+            print(f"plot: {png}")
 
 
 # --------------------------------------------------------------------------- plots
