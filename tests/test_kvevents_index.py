@@ -356,4 +356,8 @@ def test_weighted_counts_each_block_at_its_best_tier():
     ten_cpu = PrefixMatch(10, 0, 10, 0, bytes([2] * 10))
     assert ten_cpu.weighted(1.0, 0.8, 1.0) == 7.999999999999999  # 0.8 added ten times, as Go does: int() is 7
     assert m.weighted(1.0, 2.0, 1.0) == 6.0  # whichever tier weighs more
-    assert PrefixMatch(3, 1, 1, 1).weighted(1.0, 0.5, 0.25) == 1.75  # built without patterns
+    assert PrefixMatch(3, 1, 1, 1).weighted(1.0, 0.5, 0.25) == 1.75  # built without tiers
+    # per tier, the leading blocks held there with no gap, while some tier holds them all
+    assert m.by_tier() == {"cpu": 2, "speculative": 4}
+    assert PrefixMatch(3, 1, 2, 0, bytes([1, 2, 2])).by_tier() == {"gpu": 1}  # no tier holds blocks 0-1: stop
+    assert PrefixMatch(3, 1, 2, 0, bytes([3, 2, 2])).by_tier() == {"gpu": 1, "cpu": 3}

@@ -280,7 +280,7 @@ def test_a_block_on_cpu_and_speculative_counts_as_one():
     assert m.matches == {a: 3}  # int(4 x 0.8)
     p.pre_request(cycle, req(), result(a))
     m = run(p, PROMPT, [a])[1]
-    assert m.matches == {a: 4} and m.by_medium == {a: {"cpu": 4}}
+    assert m.matches == {a: 4} and m.by_medium == {a: {"cpu": 4, "speculative": 4}}  # CachedBlocksByTier
 
 
 def test_pod_cache_size_bounds_the_endpoints_per_block():

@@ -86,6 +86,24 @@ class PrefixMatch:
             total += table[p]
         return total
 
+    def by_tier(self) -> dict[str, int]:
+        """Per tier, the leading blocks held in it with no gap, counted while some tier
+        still holds every block so far (the reference's CachedBlocksByTier); without
+        tiers, the exclusive counts."""
+        if not self.tiers:
+            counts = {"gpu": self.gpu_blocks, "cpu": self.cpu_blocks, "speculative": self.speculative_blocks}
+            return {k: v for k, v in counts.items() if v}
+        out: dict[str, int] = {}
+        alive = 0b111
+        for p in self.tiers:
+            alive &= p
+            if not alive:
+                break
+            for bit, name in ((1, "gpu"), (2, "cpu"), (4, "speculative")):
+                if alive & bit:
+                    out[name] = out.get(name, 0) + 1
+        return out
+
 
 @dataclass(slots=True)
 class IndexStats:

@@ -278,8 +278,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
                 if m is None:
                     continue
                 n = int(m.weighted(*self._weights))  # the reference's LongestPrefixScorer, truncated
-                media[ep] = {k: v for k, v in (("gpu", m.gpu_blocks), ("cpu", m.cpu_blocks),
-                                               ("speculative", m.speculative_blocks)) if v}
+                media[ep] = m.by_tier()
             else:
                 n = guess.get(ep, 0) * total // len(approx_hashes) if approx_hashes else 0
                 media[ep] = {"approximate": n}
