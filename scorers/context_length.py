@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epp.framework import CONTEXT_LENGTH_RANGE_LABEL, CycleState, Endpoint, InferenceRequest, PluginHandle
+from epp.framework import CONTEXT_LENGTH_RANGE_LABEL, CycleState, Endpoint, InferenceRequest
 from epp.framework.datakeys import TOKENIZED_PROMPT, TOKENS_CONSUMER
 from epp.framework.plugins import ConfiguredPlugin
 
@@ -60,15 +60,11 @@ class ContextLengthAware(ConfiguredPlugin[ContextLengthParams]):
     Params = ContextLengthParams
     consumes = (TOKENS_CONSUMER,)
 
-    def configure(self, p: ContextLengthParams, handle: PluginHandle) -> None:
-        self.filtering = p.enableFiltering
-        self.label = p.label
-
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         n = cycle.read(TOKENIZED_PROMPT) or 0
         out = []
         for e in endpoints:
-            text = e.labels.get(self.label)
+            text = e.labels.get(self.params.label)
             if text is None:
                 out.append(0.5)
                 continue
@@ -77,12 +73,12 @@ class ContextLengthAware(ConfiguredPlugin[ContextLengthParams]):
         return out
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
-        if not self.filtering:
+        if not self.params.enableFiltering:
             return endpoints
         n = cycle.read(TOKENIZED_PROMPT) or 0
         kept = []
         for e in endpoints:
-            text = e.labels.get(self.label)
+            text = e.labels.get(self.params.label)
             if text is None:
                 kept.append(e)
                 continue

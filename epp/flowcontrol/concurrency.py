@@ -60,10 +60,9 @@ class ConcurrencyDetector(ConfiguredPlugin[ConcurrencyParams]):
     consumes = (INFLIGHT_LOAD_CONSUMER,)
 
     def configure(self, p: ConcurrencyParams, handle: PluginHandle) -> None:
-        self.mode = p.concurrencyMode
-        self.max_requests = p.maxConcurrency
-        self.max_tokens = p.maxTokenConcurrency
-        self.headroom = p.headroom
+        # the filter's limits: maxConcurrency and maxTokenConcurrency raised by the headroom
+        self.request_limit = int(p.maxConcurrency * (1.0 + p.headroom))
+        self.token_limit = int(p.maxTokenConcurrency * (1.0 + p.headroom))
         self.producer_name = p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER
         self._key = INFLIGHT_LOAD.of(self.producer_name)
         self._plugins = handle.plugins  # the live instance map: the producer may be built after this plugin
@@ -76,25 +75,23 @@ class ConcurrencyDetector(ConfiguredPlugin[ConcurrencyParams]):
         if not endpoints:
             return 1.0
         requests, tokens = self._counts()
-        n = len(endpoints)
-        if self.mode == "tokens":
-            return _ratio(sum(tokens.get(e, 0) for e in endpoints), n * self.max_tokens)
-        if self.mode == "hybrid":
-            return sum(max(requests.get(e, 0) / self.max_requests, tokens.get(e, 0) / self.max_tokens)
+        n, p = len(endpoints), self.params
+        if p.concurrencyMode == "tokens":
+            return _ratio(sum(tokens.get(e, 0) for e in endpoints), n * p.maxTokenConcurrency)
+        if p.concurrencyMode == "hybrid":
+            return sum(max(requests.get(e, 0) / p.maxConcurrency, tokens.get(e, 0) / p.maxTokenConcurrency)
                        for e in endpoints) / n
-        return _ratio(sum(requests.get(e, 0) for e in endpoints), n * self.max_requests)
+        return _ratio(sum(requests.get(e, 0) for e in endpoints), n * p.maxConcurrency)
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         load = cycle.read(self._key)
         requests = load.requests if isinstance(load, InFlightLoadInfo) else {}
         tokens = load.tokens if isinstance(load, InFlightLoadInfo) else {}
-        req_limit = int(self.max_requests * (1.0 + self.headroom))
-        tok_limit = int(self.max_tokens * (1.0 + self.headroom))
-        mode = self.mode
+        mode = self.params.concurrencyMode
         kept = []
         for e in endpoints:
-            r_ok = requests.get(e, 0) < req_limit
-            t_ok = tokens.get(e, 0) < tok_limit
+            r_ok = requests.get(e, 0) < self.request_limit
+            t_ok = tokens.get(e, 0) < self.token_limit
             if (mode == "requests" and r_ok) or (mode == "tokens" and t_ok) or (mode == "hybrid" and r_ok and t_ok):
                 kept.append(e)
         return kept

@@ -183,23 +183,23 @@ P = TypeVar("P")
 
 
 class ConfiguredPlugin(Generic[P]):
-    """Base for plugins with parameters: keeps the name and hands `configure` the parsed
-    `Params` (the dataclass's defaults when the config gives none), checked by their
-    `validate()` when they have one, and the handle."""
+    """Base for plugins with parameters: keeps the name and the parsed `Params` (the
+    dataclass's defaults when the config gives none; `self.params`), checked by their
+    `validate()` when they have one, and hands them and the handle to `configure`."""
 
     type_name: ClassVar[str]
     Params: ClassVar[type]
 
     def __init__(self, name: str, params: P | None, handle: PluginHandle) -> None:
         self.name = name
-        p = params if params is not None else self.Params()
-        validate = getattr(p, "validate", None)
+        self.params: P = params if params is not None else self.Params()
+        validate = getattr(self.params, "validate", None)
         if validate is not None:
             validate()
-        self.configure(p, handle)
+        self.configure(self.params, handle)
 
     def configure(self, p: P, handle: PluginHandle) -> None:
-        raise NotImplementedError
+        """What the plugin derives from its parameters and the handle; nothing by default."""
 
     def own_key(self, what: str, value_type: type[T]) -> DataKey[T]:
         """A CycleState key private to this plugin instance ("<type>-<what>/<name>")."""
