@@ -23,10 +23,12 @@ class Server:
         self.max_active = 0
         self.finished: list[tuple[str, float]] = []  # (first user message, finish time)
         self.started: list[tuple[str, float]] = []
+        self.slo_ttft: list[str | None] = []  # each request's x-llm-d-slo-ttft-ms header
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         key = body["messages"][-1]["content"]
+        self.slo_ttft.append(request.headers.get("x-llm-d-slo-ttft-ms"))
         if body.get("model") == "fail":
             return web.json_response({"error": {"message": "boom", "type": "server_error", "code": 503}}, status=503)
         self.started.append((key, time.monotonic()))
@@ -88,6 +90,15 @@ async def test_ttft_itl_e2e_and_usage_are_measured(server):
     assert FIRST_DELAY <= summ.ttft_p50 < FIRST_DELAY + 0.5
     assert TOKEN_GAP * 0.9 <= summ.itl_p50 < TOKEN_GAP + 0.5
     assert summ.cached_fraction == pytest.approx(0.64)
+
+
+async def test_item_headers_are_sent(server):
+    s, url = server
+    work = items(2)
+    work[0].headers = {"x-llm-d-slo-ttft-ms": "500", "x-llm-d-slo-tpot-ms": "30"}
+    run = await run_load(url, work, LoadSpec(type="concurrency", concurrency=1))
+    assert all(r.ok for r in run.results)
+    assert s.slo_ttft == ["500", None]
 
 
 async def test_errors_are_recorded_not_raised(server):
