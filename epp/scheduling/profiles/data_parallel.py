@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from epp.framework import (
+    ConfiguredPlugin,
     CycleState,
     InferenceRequest,
     PluginHandle,
@@ -34,18 +35,15 @@ class DataParallelParams:
     primaryPort: int = bounded(8000, ge=0, le=65535)  # the reference: 0 is accepted as is
 
 
-class DataParallelProfileHandler:
+class DataParallelProfileHandler(ConfiguredPlugin[DataParallelParams]):
     """Exactly one scheduling profile; its picks are sent to their pod's primary port."""
 
     type_name = "data-parallel-profile-handler"
     Params = DataParallelParams
 
-    def __init__(self, name: str, params: DataParallelParams | None, handle: PluginHandle) -> None:
-        p = params or DataParallelParams()
-        self.name = name
-        self.primary_port = p.primaryPort
+    def configure(self, p: DataParallelParams, handle: PluginHandle) -> None:
         log.info("data-parallel-profile-handler %r is deprecated in the reference: use single-profile-handler "
-                 "with Istio >= 1.28.1", name)
+                 "with Istio >= 1.28.1", self.name)
 
     def check_profiles(self, names: Sequence[str]) -> None:
         if len(names) != 1:
@@ -65,6 +63,6 @@ class DataParallelProfileHandler:
         if picked is None or not picked.targets:
             return SchedulingResult(profile_results={name: None} if name else {}, primary_profile=name)
         out = SchedulingResult(profile_results={name: picked}, primary_profile=name,
-                               destination_port=self.primary_port)
+                               destination_port=self.params.primaryPort)
         out.headers[DATA_PARALLEL_HEADER] = picked.targets[0].hostport
         return out

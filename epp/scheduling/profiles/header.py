@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from epp.framework import (
+    ConfiguredPlugin,
     CycleState,
     InferenceRequest,
     PluginHandle,
@@ -29,7 +30,7 @@ class HeaderProfileParams:
     defaultProfile: str = ""  # "" = decode; run when the header is missing or blank
 
 
-class HeaderProfileHandler:
+class HeaderProfileHandler(ConfiguredPlugin[HeaderProfileParams]):
     """With one configured profile, that one runs. Otherwise the header's (trimmed)
     value names the profile, the default profile when missing or blank; a value naming
     no profile schedules nothing (the request fails, as the reference's)."""
@@ -37,9 +38,7 @@ class HeaderProfileHandler:
     type_name = "header-profile-handler"
     Params = HeaderProfileParams
 
-    def __init__(self, name: str, params: HeaderProfileParams | None, handle: PluginHandle) -> None:
-        p = params or HeaderProfileParams()
-        self.name = name
+    def configure(self, p: HeaderProfileParams, handle: PluginHandle) -> None:
         self.header = p.headerName.strip().lower() or DEFAULT_HEADER.lower()
         self.default = p.defaultProfile.strip() or DEFAULT_PROFILE
 
