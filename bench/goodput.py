@@ -248,7 +248,8 @@ class LatencyLibRouter(Router):
             idle = [h for h in head if self.dispatched[h[0]] == 0]
             buckets = [idle, [h for h in head if h[1] >= 0], [h for h in head if h[2] >= 0], head]
             bucket = next(b for b in buckets if b)
-        # least |headroom| (bin-packing among positives, least deficit among negatives)
+        # by |headroom|, min-max normalised: "least" packs onto the endpoint nearest its SLO, "most"
+        # spreads; without positive headroom always the least deficit (the latency-scorer's rules)
         lo_t, hi_t = min(abs(h[1]) for h in bucket), max(abs(h[1]) for h in bucket)
         lo_p, hi_p = min(abs(h[2]) for h in bucket), max(abs(h[2]) for h in bucket)
 
