@@ -81,28 +81,30 @@ class PrefixMatch:
         if not self.tiers:
             return self.gpu_blocks * gpu + self.cpu_blocks * cpu + self.speculative_blocks * speculative
         table = [0.0] + [max(w for bit, w in ((1, gpu), (2, cpu), (4, speculative)) if p & bit) for p in range(1, 8)]
+        if all(table[p] == 1.0 for p in range(1, 8) if p in self.tiers):
+            return float(len(self.tiers))  # a sum of ones is exact in any order
         total = 0.0
         for p in self.tiers:
             total += table[p]
         return total
 
     def by_tier(self) -> dict[str, int]:
-        """Per tier, the leading blocks held in it with no gap, counted while some tier
-        still holds every block so far (the reference's CachedBlocksByTier); without
-        tiers, the exclusive counts."""
+        """Per tier, the leading blocks held in it with no gap (the reference's
+        CachedBlocksByTier, which counts them while some tier still holds every block so
+        far: that is each tier's own run); without tiers, the exclusive counts."""
         if not self.tiers:
             counts = {"gpu": self.gpu_blocks, "cpu": self.cpu_blocks, "speculative": self.speculative_blocks}
             return {k: v for k, v in counts.items() if v}
         out: dict[str, int] = {}
-        alive = 0b111
-        for p in self.tiers:
-            alive &= p
-            if not alive:
-                break
-            for bit, name in ((1, "gpu"), (2, "cpu"), (4, "speculative")):
-                if alive & bit:
-                    out[name] = out.get(name, 0) + 1
+        for name, has in _HAS_TIER.items():
+            run = self.tiers.translate(has).find(0)
+            if run:
+                out[name] = len(self.tiers) if run < 0 else run
         return out
+
+
+_HAS_TIER = {name: bytes(1 if p & bit else 0 for p in range(256))  # bytes.translate tables: pattern -> has tier
+             for name, bit in (("gpu", 1), ("cpu", 2), ("speculative", 4))}
 
 
 @dataclass(slots=True)
