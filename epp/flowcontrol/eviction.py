@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -164,24 +164,25 @@ class _Revocation:
     issued_at: float
 
 
+@dataclass(eq=False)
 class ReclamationController:
     """Decides when eviction fires and how many requests it ends (reclamation.go):
     stop-and-wait pacing, sizing from the saturation deficit over the mean footprint of a
     request in flight."""
 
-    def __init__(self, evictor: RequestEvictor, metrics: EvictionMetrics | None, *, grace: float,
-                 max_revocations: int = MAX_REVOCATIONS_PER_DECISION, timeout: float = CONFIRMATION_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.evictor = evictor
-        self.metrics = metrics
-        self.grace = grace
-        self.max_revocations = max_revocations
-        self.timeout = timeout
-        self.clock = clock
-        self.outstanding: dict[str, _Revocation] = {}
-        self.cooling: list[tuple[float, float]] = []  # (credit, expires at)
-        self.pending_reclaim = 0.0
-        evictor.on_terminated = self.confirm
+    evictor: RequestEvictor
+    metrics: EvictionMetrics | None
+    _: KW_ONLY
+    grace: float
+    max_revocations: int = MAX_REVOCATIONS_PER_DECISION
+    timeout: float = CONFIRMATION_TIMEOUT
+    clock: Callable[[], float] = time.monotonic
+    outstanding: dict[str, _Revocation] = field(default_factory=dict, init=False)
+    cooling: list[tuple[float, float]] = field(default_factory=list, init=False)  # (credit, expires at)
+    pending_reclaim: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self.evictor.on_terminated = self.confirm
 
     def gate_open(self, now: float) -> bool:
         """Open only when every issued revocation is confirmed and its grace has passed."""
