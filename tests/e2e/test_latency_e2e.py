@@ -36,13 +36,17 @@ def sidecars():
     s.stop()
 
 
+def body(tag: str, prompt_words: int, max_tokens: int = 2) -> dict:
+    """A completion whose words are its own: no prefix-cache hit anywhere, so latencies are regular."""
+    return {"model": "m1", "prompt": " ".join(f"q{tag}w{k}" for k in range(prompt_words)), "max_tokens": max_tokens}
+
+
 def send(url: str, n: int, *, prompt_words: int = 50, headers: dict[str, str] | None = None,
          max_tokens: int = 2, workers: int = 8) -> list[int]:
     tag = random.getrandbits(32)
 
-    def one(i: int) -> int:  # words of its own: no prefix-cache hit anywhere, so latencies are regular
-        prompt = " ".join(f"q{tag}x{i}w{k}" for k in range(prompt_words))
-        return post(f"{url}/v1/completions", {"model": "m1", "prompt": prompt, "max_tokens": max_tokens}, headers)[0]
+    def one(i: int) -> int:
+        return post(f"{url}/v1/completions", body(f"{tag}x{i}", prompt_words, max_tokens), headers)[0]
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, range(n)))
@@ -220,21 +224,30 @@ def test_with_an_slo_the_endpoint_with_headroom_wins_over_the_queue_score(sim_se
     assert min(before) >= 64, before
     wait_until(lambda: all(metric_sum(p.metrics(), "llm_d_epp_latency_prediction_training_samples", target="ttft",
                                       endpoint_class=c) >= 64 for c in ("h100", "a100")), 10, "both classes learnt")
-    slo = {"x-llm-d-slo-ttft-ms": "120"}  # predicted (p90) ~70-100 ms on the H100, ~170-200 ms on the A100
-    resp, endpoints = explain_and_list(p.api_port, {"model": "m1", "prompt": "q w " * words, "max_tokens": 2}, slo)
+    # the SLO: halfway between the two servers' predicted TTFTs for such a request (p90; ~80 and ~180 ms)
+    resp, _ = explain_and_list(p.api_port, body("probe", words), {})
+    fast, slow = (next(x.ttft_ms for x in resp.latency_predictions if x.endpoint == n) for n in ("sim-0", "sim-1"))
+    assert slow > 1.3 * fast, (fast, slow)  # the A100 is the slower, and the model knows it
+    slo_ms = round((fast + slow) / 2)
+    slo = {"x-llm-d-slo-ttft-ms": str(slo_ms)}
+    resp, endpoints = explain_and_list(p.api_port, body("probe", words), slo)
     predicted = {x.endpoint: x for x in resp.latency_predictions}
-    assert set(predicted) == {"sim-0", "sim-1"} and resp.slo_ttft_ms == 120.0
-    assert predicted["sim-0"].ttft_ms < predicted["sim-1"].ttft_ms  # the H100 is the faster
+    assert resp.slo_ttft_ms == slo_ms and predicted["sim-0"].meets_slo and not predicted["sim-1"].meets_slo
     for x in predicted.values():
-        assert x.ttft_headroom_ms == pytest.approx(120.0 - x.ttft_ms) and x.meets_slo == (x.ttft_ms < 120.0)
+        assert x.ttft_headroom_ms == pytest.approx(slo_ms - x.ttft_ms)
     text = format_explain(resp)
-    assert "latency SLO: TTFT 120 ms" in text and "latency predicted-latency-producer: sim-1 TTFT" in text
+    assert f"latency SLO: TTFT {slo_ms} ms" in text and "latency predicted-latency-producer: sim-1 TTFT" in text
     status = {e.name: dict(e.status) for e in endpoints.endpoints}
     assert status["sim-1"]["latency-class"] == "a100" and status["sim-0"]["latency-class"] == "h100"
     assert status["sim-1"]["latency-ttft-samples"].endswith("(class)")
     assert status["sim-1"]["latency-ttft-mape"].endswith("%") and "latency-ttft-p90-error" in status["sim-0"]
     assert "latency-ttft-mape=" in format_endpoints(endpoints)
-    assert send(env.url, 40, prompt_words=words, headers=slo, workers=1) == [200] * 40
+    with grpc.insecure_channel(f"127.0.0.1:{p.api_port}") as ch:  # one at a time, each on an idle pool
+        stub = pb_grpc.EndpointPickerStub(ch)
+        for i in range(40):
+            wait_until(lambda: not any(e.in_flight_requests for e in stub.ListEndpoints(
+                pb.ListEndpointsRequest(), timeout=5).endpoints), 10, "the previous request to complete")
+            assert post(f"{env.url}/v1/completions", body(f"slo{i}", words), slo)[0] == 200
     after = sims.served("m1")
     to_fast, to_slow = after[0] - before[0], after[1] - before[1]
     assert to_fast >= 36 and to_slow <= 4, (to_fast, to_slow)
