@@ -166,6 +166,9 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
 
     def configure(self, p: PredictedLatencyParams, handle: PluginHandle) -> None:
         self.params = p
+        if p.samplingMean != 1000.0 or p.maxDecodeTokenSamplesForPrediction != 0:
+            log.info("%s: deprecated: samplingMean and maxDecodeTokenSamplesForPrediction are ignored (as in the "
+                     "reference, which removed mid-stream TPOT predictions)", self.name)
         self.buffer = p.sloBufferFactor
         self.streaming = p.streamingMode
         self.role_label = p.endpointRoleLabel

@@ -40,6 +40,9 @@ PREDICTION_TTL_S = 2.0       # a cached sidecar prediction is used this long
 PREDICT_TIMEOUT_S = 0.5      # a bulk prediction call's deadline
 PREDICT_POLL_S = 0.01        # how often the background loop looks for vectors to ask for
 MAX_URLS = 16
+# the reference client's tuning of its per-request dispatch, which this background client does not have
+UNUSED_ENV = ("LATENCY_MAX_CONCURRENT_DISPATCHES", "LATENCY_COALESCE_WINDOW_MS", "LATENCY_MAX_COALESCED_ROWS",
+              "LATENCY_METRICS_INTERVAL_SEC", "LATENCY_USE_NATIVE_XGBOOST")
 
 
 def _env_number(name: str, default: float, minimum: float) -> float:
@@ -71,6 +74,10 @@ class SidecarConfig:
         training, prediction = os.environ.get("TRAINING_SERVER_URL", ""), os.environ.get("PREDICTION_SERVER_URL", "")
         if not training and not prediction:
             return None
+        unused = [n for n in UNUSED_ENV if os.environ.get(n)]
+        if unused:
+            log.info("latency predictor sidecars: %s not used by this client (its calls are few and batched in "
+                     "the background)", ", ".join(unused))
         return cls(training_url=(_urls(training) or ("",))[0], prediction_urls=_urls(prediction),
                    max_sample_size=int(_env_number("LATENCY_MAX_SAMPLE_SIZE", 1000, 1)),
                    flush_interval_s=_env_number("LATENCY_FLUSH_INTERVAL_SEC", 1.0, 0.01),
