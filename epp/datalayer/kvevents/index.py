@@ -48,6 +48,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from epp.datalayer.kvevents.keys import BlockKeyer
 from epp.datalayer.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -83,10 +84,8 @@ class PrefixMatch:
         table = [0.0] + [max(w for bit, w in ((1, gpu), (2, cpu), (4, speculative)) if p & bit) for p in range(1, 8)]
         if all(table[p] == 1.0 for p in range(1, 8) if p in self.tiers):
             return float(len(self.tiers))  # a sum of ones is exact in any order
-        total = 0.0
-        for p in self.tiers:
-            total += table[p]
-        return total
+        # one addition after another (in C), as Go's loop; not sum(), which compensates since 3.12
+        return deque(accumulate(map(table.__getitem__, self.tiers)), maxlen=1)[0]
 
     def by_tier(self) -> dict[str, int]:
         """Per tier, the leading blocks held in it with no gap (the reference's
@@ -432,7 +431,7 @@ def _record(dropped: int, n: int, ended: dict[int, int]) -> None:
 
 
 def _tiers(masks: list[int], n: int, base: int) -> PrefixMatch:
-    tiers = bytes(m >> base & 0b111 for m in masks[:n])
+    tiers = bytes([m >> base & 0b111 for m in masks[:n]])
     gpu = tiers.count(1) + tiers.count(3) + tiers.count(5) + tiers.count(7)
     spec = tiers.count(4)
     return PrefixMatch(n, gpu, n - gpu - spec, spec, tiers)
