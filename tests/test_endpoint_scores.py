@@ -7,7 +7,13 @@ metadata carries the destination alone. Never an HTTP header."""
 from __future__ import annotations
 
 import pytest
-from test_extproc_protocol import (
+
+from epp.assembly import load_plugin_set
+from epp.datalayer.datastore import Datastore, EndpointSpec
+from epp.framework import InferenceRequest, Metrics
+from epp.options import parse_args
+from epp.server import PickerServer
+from tests.extproc import (
     BUFFERED,
     IPS,
     Harness,
@@ -16,15 +22,10 @@ from test_extproc_protocol import (
     destination,
     headers_msg,
     read,
+    send_request,
     set_headers,
     transport,  # noqa: F401 - the autouse fixture: every protocol test runs against both transports
 )
-
-from epp.assembly import load_plugin_set
-from epp.datalayer.datastore import Datastore, EndpointSpec
-from epp.framework import InferenceRequest, Metrics
-from epp.options import parse_args
-from epp.server import PickerServer
 
 SCORES = "x-gateway-destination-endpoint-scores"
 # totals = 1 * queue-scorer (min-max inverse of the waiting queue) + 2 * (1 - KV utilisation)
@@ -71,9 +72,7 @@ def scores(reply) -> dict[str, float]:
 
 async def route_fds(h: Harness, **headers_kw):
     call = h.stream()
-    await call.write(headers_msg(**headers_kw))
-    await call.write(body_msg(completion(), True))
-    hdr, _ = await read(call, 2)
+    hdr, _ = await send_request(call, **headers_kw)
     assert hdr.WhichOneof("response") == "request_headers"
     call.cancel()
     return hdr

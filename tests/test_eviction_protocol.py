@@ -1,5 +1,5 @@
 """In-flight eviction on the ext_proc stream, over a real gRPC channel and both transports
-(the autouse `transport` fixture of test_extproc_protocol): once routed, a sheddable
+(the autouse `transport` fixture of tests/extproc.py): once routed, a sheddable
 request the evictor picks gets the reference's ImmediateResponse (429, "request evicted
 by flow control", x-llm-d-request-dropped-reason: evicted) pushed unprompted on its
 stream, in whatever phase it is, and the RPC then ends with OK; everything it held is
@@ -16,8 +16,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
 from epp.datalayer.datastore import Objective
 from epp.errors import DROPPED_REASON_HEADER
 from epp.flowcontrol.eviction import EVICTION_BODY, ReclamationController, RequestEvictor, build_eviction
-from tests.test_extproc_protocol import (  # noqa: F401 - `transport` runs every test on both transports
+from tests.extproc import (  # noqa: F401 - `transport` runs every test on both transports
     BUFFERED,
+    FDS,
     Harness,
     body_msg,
     completion,
@@ -25,6 +26,7 @@ from tests.test_extproc_protocol import (  # noqa: F401 - `transport` runs every
     read,
     response_body_msg,
     response_headers_msg,
+    send_request,
     transport,
 )
 
@@ -41,19 +43,10 @@ class EvictionHarness(Harness):
         self.datastore.set_objective(Objective("critical", 10))
 
 
-async def routed(h: EvictionHarness, objective: str = "batch", mode=None):
+async def routed(h: EvictionHarness, objective: str = "batch", mode=FDS):
     """A request routed (replies read) and tracked by the evictor."""
     call = h.stream()
-    extra = {OBJECTIVE: objective}
-    if mode is None:
-        await call.write(headers_msg(extra=extra))
-        await call.write(body_msg(completion(), True))
-        await read(call, 2)  # the headers reply with the destination, the body
-    else:
-        await call.write(headers_msg(mode, extra=extra))
-        await read(call, 1)  # CONTINUE
-        await call.write(body_msg(completion(), True))
-        await read(call, 1)  # the body reply with the destination
+    await send_request(call, mode, extra={OBJECTIVE: objective})
     for _ in range(100):
         if h.evictor.stats()[0]:
             break
@@ -94,7 +87,7 @@ async def test_evicted_while_waiting_for_the_response_headers():
         assert confirmed == evicted  # the stream's end confirms the revocation, once
 
 
-@pytest.mark.parametrize("mode, mid_response", [(None, True), (BUFFERED, False)],
+@pytest.mark.parametrize("mode, mid_response", [(FDS, True), (BUFFERED, False)],
                          ids=["full-duplex-mid-response-body", "buffered-awaiting-response"])
 async def test_evicted_mid_response_body_or_in_buffered_mode(mode, mid_response):
     async with EvictionHarness() as h:

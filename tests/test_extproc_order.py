@@ -10,7 +10,9 @@ import logging
 import grpc
 import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpTrailers, ProcessingRequest
-from test_extproc_protocol import (
+
+from epp.errors import HTTP_STATUS
+from tests.extproc import (
     BUFFERED,
     FDS,
     Harness,
@@ -21,10 +23,9 @@ from test_extproc_protocol import (
     read,
     response_body_msg,
     response_headers_msg,
+    send_request,
     transport,  # noqa: F401 - the autouse fixture: every test runs against both transports
 )
-
-from epp.errors import HTTP_STATUS
 
 
 async def expect_invalid_argument(call) -> str:
@@ -58,11 +59,7 @@ async def test_repeated_request_headers_end_the_stream_and_release_everything(mo
     async with Harness() as h:
         for _ in range(5):
             call = h.stream()
-            await call.write(headers_msg(mode))
-            if mode == BUFFERED:
-                await read(call, 1)
-            await call.write(body_msg(completion(), True))
-            await read(call, 2 if mode == FDS else 1)
+            await send_request(call, mode)
             assert sum(h.in_flight()) == 1 and h.admission.in_flight == 1
             await call.write(headers_msg(mode))
             assert "request_headers received twice" in await expect_invalid_argument(call)

@@ -20,7 +20,9 @@ import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpTrailers, ProcessingRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_extproc_protocol import (
+
+from epp.handlers.protocol import METHOD_PATH
+from tests.extproc import (
     BUFFERED,
     FDS,
     Harness,
@@ -31,8 +33,6 @@ from test_extproc_protocol import (
     response_body_msg,
     response_headers_msg,
 )
-
-from epp.handlers.protocol import METHOD_PATH
 
 BODY_LIMIT = 4096
 EXAMPLES = settings(max_examples=40, deadline=None, derandomize=True,

@@ -17,7 +17,6 @@ import h2.connection
 import h2.events
 import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
-from test_extproc_protocol import FLOW_CONTROL, Harness, body_msg, completion, destination, headers_msg
 from test_h2grpc import (
     CONTINUATION,
     DATA,
@@ -44,6 +43,7 @@ from epp.handlers.h2.frames import ConnectionLimits
 from epp.handlers.h2.hpack import encode_literal
 from epp.handlers.h2.server import H2GrpcServer
 from epp.handlers.protocol import METHOD_PATH
+from tests.extproc import FLOW_CONTROL, Harness, body_msg, completion, destination, headers_msg
 
 U32 = struct.Struct(">I")
 PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = 0x1, 0x3, 0x5, 0x6

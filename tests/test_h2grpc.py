@@ -14,7 +14,13 @@ import grpc
 import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
-from test_extproc_protocol import (
+
+from epp.handlers.h2.frames import PREFACE
+from epp.handlers.h2.hpack import Decoder, HpackError, encode_literal, huffman_decode, huffman_encode
+from epp.handlers.h2.server import H2GrpcServer, ssl_context
+from epp.handlers.protocol import METHOD_PATH
+from epp.tls import self_signed
+from tests.extproc import (
     FLOW_CONTROL,
     Harness,
     body_msg,
@@ -23,12 +29,6 @@ from test_extproc_protocol import (
     headers_msg,
     streamed,
 )
-
-from epp.handlers.h2.frames import PREFACE
-from epp.handlers.h2.hpack import Decoder, HpackError, encode_literal, huffman_decode, huffman_encode
-from epp.handlers.h2.server import H2GrpcServer, ssl_context
-from epp.handlers.protocol import METHOD_PATH
-from epp.tls import self_signed
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM = ACK = 0x1

@@ -21,6 +21,17 @@ from epp.assembly import load_plugin_set
 from epp.datalayer.datastore import Datastore, EndpointSpec
 from epp.errors import REJECTED_SATURATED, InferenceError
 from epp.requestcontrol.director import Director, RequestContext
+from tests.extproc import (  # not the autouse `transport` fixture: traced_harness picks the transport
+    BUFFERED,
+    Harness,
+    body_msg,
+    completion,
+    headers_msg,
+    read,
+    response_body_msg,
+    response_headers_msg,
+    set_headers,
+)
 
 CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -294,8 +305,6 @@ def test_an_unbuildable_exporter_stops_start_up_with_one_line(env, monkeypatch):
 # ------------------------------------------------------------------ through the ext_proc stream (both transports)
 @pytest.fixture(params=["grpcio", "native"])
 def traced_harness(request):
-    from tests.test_extproc_protocol import Harness
-
     class TracedHarness(Harness):
         transport = request.param
 
@@ -321,15 +330,6 @@ def traced_harness(request):
 
 
 async def test_routing_reply_carries_traceparent_and_a_full_exchange_completes(traced_harness):
-    from tests.test_extproc_protocol import (
-        body_msg,
-        completion,
-        headers_msg,
-        read,
-        response_body_msg,
-        response_headers_msg,
-        set_headers,
-    )
 
     async with traced_harness() as h:
         call = h.stream()
@@ -349,14 +349,6 @@ async def test_routing_reply_carries_traceparent_and_a_full_exchange_completes(t
 
 @pytest.mark.parametrize("phase", ["body", "response_body"])
 async def test_a_cancelled_stream_ends_the_span(traced_harness, phase):
-    from tests.test_extproc_protocol import (
-        BUFFERED,
-        body_msg,
-        completion,
-        headers_msg,
-        read,
-        response_headers_msg,
-    )
 
     async with traced_harness() as h:
         call = h.stream()
