@@ -27,7 +27,7 @@ sidecar (llm-d/llm-d-router pkg/sidecar/proxy: chat_completions.go, connector_ni
   cannot be reached, answers an error or omits kv_transfer_params, the request is
   prefilled locally (counted in sim_pd_local_fallbacks_total{reason}); the reference
   sidecar would return the prefiller's error instead. A prefill server has no sidecar.
-- E/P/D (simulator.encode): a decode or both server receiving `x-encoder-hosts-ports` on a
+- E/P/D (simulator.encoder): a decode or both server receiving `x-encoder-hosts-ports` on a
   chat request with multimodal parts first sends each part to an encoder and carries their
   `ec_transfer_params` on; an `--role encode` server answers as an encoder.
 - a data-parallel pod's primary port hands a request to the rank named in
@@ -59,7 +59,7 @@ from aiohttp import web
 from . import tokenizer
 from .clock import AsyncioClock
 from .data_parallel import rank_handler
-from .encode import ENCODERS_HEADER, EncoderError, encoder_answer, encoder_targets, fan_out, mm_items, \
+from .encoder import ENCODERS_HEADER, EncoderError, encoder_answer, encoder_targets, fan_out, mm_items, \
     placeholder_messages
 from .engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong
 from .kv_events import ZmqKVPublisher, topic_for

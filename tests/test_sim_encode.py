@@ -2,7 +2,7 @@
 (pkg/sidecar/proxy/connector_ec_common.go: mmTypes, URL dedup, buildEncoderRequest,
 PrimeSingleTokenRequest, the header's comma list)."""
 
-from simulator.encode import encoder_request, encoder_targets, item_hash, mm_items, placeholder_messages
+from simulator.encoder import encoder_request, encoder_targets, item_hash, mm_items, placeholder_messages
 
 
 def img(url):
