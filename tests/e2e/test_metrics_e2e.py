@@ -10,6 +10,7 @@ from devstack.launch import wait_until
 from tests.e2e.test_routing import check_openai_round_trip, client
 from tests.test_metrics_reference import (
     DETECTOR_FAMILIES,
+    EVICTION_FAMILIES,
     IMPLEMENTED,
     PREFIX_FAMILIES,
     STREAM_FAMILIES,
@@ -49,7 +50,7 @@ def test_metrics_after_requests_through_envoy_have_the_references_shape(module_s
     text = p.metrics()
     present = assert_matches_reference(text, AFTER_REQUESTS)
     # every family is on the page (the default config's prefix producer's too), nothing else
-    assert present == IMPLEMENTED | STREAM_FAMILIES | PREFIX_FAMILIES | DETECTOR_FAMILIES
+    assert present == IMPLEMENTED | STREAM_FAMILIES | PREFIX_FAMILIES | DETECTOR_FAMILIES | EVICTION_FAMILIES
     page = exposition(text)
     assert {tuple(sorted(s)) for s in page["llm_d_epp_request_ttft_seconds"][1]} == {
         ("fairness_id", "model_name", "priority", "streaming", "target_model_name")}
