@@ -1,5 +1,5 @@
 """Small builders shared by the plugin tests: an endpoint, a plugin built through the
-registry with a seeded handle; and by the admission tests: a saturation-detector config, an
+registry with a seeded handle, a model rewrite; and by the admission tests: a saturation-detector config, an
 admission controller built from a config, a bounded wait for a condition."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 
 from epp.assembly import build_plugin, load_plugin_set
 from epp.config import ConfigError, load_config
+from epp.datalayer.datastore import ModelRewrite, RewriteRule, RewriteTarget
 from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.framework import Endpoint, Metrics, Plugin, PluginHandle, ProfileRunResult, SchedulingResult
 
@@ -38,6 +39,13 @@ def result(target: Endpoint | None, profile: str = "default", **others: Endpoint
     pr = {profile: ProfileRunResult([target]) if target is not None else None}
     pr.update({k: ProfileRunResult([v]) for k, v in others.items()})
     return SchedulingResult(pr, profile)
+
+
+def rewrite(matches: Sequence[str], *targets: str | tuple[str, int], name: str = "rw") -> ModelRewrite:
+    """A one-rule InferenceModelRewrite: a request for any of `matches` (none: every model)
+    goes to one of `targets`, each a model name (weight 1) or (name, weight)."""
+    weighted = (RewriteTarget(t) if isinstance(t, str) else RewriteTarget(*t) for t in targets)
+    return ModelRewrite(name, (RewriteRule(tuple(matches), tuple(weighted)),))
 
 
 def errmsg(text: str) -> str:

@@ -5,14 +5,15 @@ from collections import Counter
 
 import pytest
 
-from epp.datalayer.datastore import Datastore, ModelRewrite, RewriteRule, RewriteTarget
+from epp.datalayer.datastore import Datastore
+from tests.helpers import rewrite
 
 DRAWS = 5000
 
 
 def drawn(targets: list[tuple[str, int]], seed: int = 7) -> dict[str, float]:
     ds = Datastore()
-    ds.set_rewrite(ModelRewrite("rw", (RewriteRule(("m",), tuple(RewriteTarget(t, w) for t, w in targets)),)))
+    ds.set_rewrite(rewrite(["m"], *targets))
     rng = random.Random(seed)
     counts = Counter(ds.rewrite_model("m", rng) for _ in range(DRAWS))
     return {t: counts[t] / DRAWS for t, _ in targets}
@@ -33,5 +34,5 @@ def test_draws_follow_the_weights(targets):
 
 def test_a_single_target_and_no_rule():
     ds = Datastore()
-    ds.set_rewrite(ModelRewrite("rw", (RewriteRule(("m",), (RewriteTarget("only", 5),)),)))
+    ds.set_rewrite(rewrite(["m"], ("only", 5)))
     assert ds.rewrite_model("m", random.Random(1)) == "only" and ds.rewrite_model("other") is None

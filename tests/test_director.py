@@ -12,20 +12,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from epp.assembly import load_plugin_set
-from epp.datalayer.datastore import (
-    Datastore,
-    EndpointSpec,
-    ModelRewrite,
-    Objective,
-    RewriteRule,
-    RewriteTarget,
-)
+from epp.datalayer.datastore import Datastore, EndpointSpec, Objective
 from epp.errors import InferenceError, service_unavailable
 from epp.flowcontrol.admission import release_once
 from epp.framework import CycleState, Endpoint, InferenceRequest, Metrics, ProfileRunResult, SchedulingResult
 from epp.logsafe import MAX_LOGGED_CHARS, clean
 from epp.requestcontrol.director import Director, RequestContext
 from epp.telemetry import DEFAULT_MAX_MODEL_LABELS, OVERFLOW_MODEL_LABEL, Telemetry, pool_models
+from tests.helpers import rewrite
 
 ACTIVE_REQUEST_CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -189,7 +183,7 @@ def model_labels(registry) -> set[str]:
 
 def known_pool() -> Datastore:
     ds = datastore(1)
-    ds.set_rewrite(ModelRewrite("rw", (RewriteRule(("alias",), (RewriteTarget("served-v2"),)),)))
+    ds.set_rewrite(rewrite(["alias"], "served-v2"))
     ds.set_objective(Objective("batch", priority=-1))
     ep = ds.endpoints()[0]
     ds.set_metrics(ep, Metrics(running_lora_adapters=frozenset({"lora-a"}),

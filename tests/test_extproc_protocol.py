@@ -16,7 +16,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 
-from epp.datalayer.datastore import EndpointSpec, ModelRewrite, RewriteRule, RewriteTarget
+from epp.datalayer.datastore import EndpointSpec
 from epp.handlers.replies import streamed_body_reply
 from tests.extproc import (  # noqa: F401 - `transport`: every test runs against both transports
     BUFFERED,
@@ -39,6 +39,7 @@ from tests.extproc import (  # noqa: F401 - `transport`: every test runs against
     streamed,
     transport,
 )
+from tests.helpers import rewrite
 
 
 # ------------------------------------------------------------------ tests
@@ -166,7 +167,7 @@ async def test_buffered_continues_headers_and_routes_in_body_reply():
 @pytest.mark.parametrize("mode", [FDS, BUFFERED])
 async def test_model_rewrite_changes_body_and_restores_name_in_response(mode):
     async with Harness() as h:
-        h.datastore.replace_rewrites([ModelRewrite("rw", (RewriteRule(("m1",), (RewriteTarget("m1-v2"),)),))])
+        h.datastore.replace_rewrites([rewrite(["m1"], "m1-v2")])
         call = h.stream()
         replies = await send_request(call, mode, completion(model="m1"))
         common = getattr(replies[0], replies[0].WhichOneof("response")).response
@@ -328,7 +329,7 @@ async def test_local_reply_without_body_phase_completes():
 
 async def test_response_trailers_end_the_response_and_flush_held_bytes():
     async with Harness() as h:
-        h.datastore.replace_rewrites([ModelRewrite("rw", (RewriteRule((), (RewriteTarget("m2"),)),))])
+        h.datastore.replace_rewrites([rewrite([], "m2")])
         call = h.stream()
         await call.write(headers_msg())
         await call.write(body_msg(completion(model="m1"), True))

@@ -21,6 +21,7 @@ from epp.handlers.stream import ExtProcHandler
 from epp.options import parse_args
 from epp.requestcontrol.director import Director
 from epp.telemetry import Telemetry
+from tests.helpers import rewrite
 from tests.test_admission import controller, flow_config, pool, req, set_saturated, until
 from tests.test_director import FirstEndpoint, OpenGate, body, headers
 
@@ -568,12 +569,10 @@ def test_timed_plugins_record_through_the_bound_series_once_they_run():
 
 
 async def test_model_rewrite_decisions_name_the_rule_and_not_the_header():
-    from epp.datalayer.datastore import ModelRewrite, RewriteRule, RewriteTarget
-
     tel = Telemetry()
     ds = Datastore()
     ds.upsert(EndpointSpec(name="ep0", address="10.0.0.1", port=8000))
-    ds.set_rewrite(ModelRewrite("canary", (RewriteRule(("alias",), (RewriteTarget("served-v2"),)),)))
+    ds.set_rewrite(rewrite(["alias"], "served-v2", name="canary"))
     director = Director(ds, FirstEndpoint(), admission=OpenGate(), telemetry=tel)
     ctx = director.new_context(headers())
     await director.route(ctx, body("alias"), None)
