@@ -16,18 +16,15 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
 from epp.datalayer.datastore import Objective
 from epp.errors import DROPPED_REASON_HEADER
 from epp.flowcontrol.eviction import EVICTION_BODY, ReclamationController, RequestEvictor, build_eviction
-from tests.extproc import (  # noqa: F401 - `transport` runs every test on both transports
+from tests.extproc import (
     BUFFERED,
     FDS,
     Harness,
-    body_msg,
-    completion,
-    headers_msg,
     read,
     response_body_msg,
     response_headers_msg,
     send_request,
-    transport,
+    transport,  # noqa: F401 - the autouse fixture: every test runs against both transports
 )
 
 OBJECTIVE = "x-gateway-inference-objective"

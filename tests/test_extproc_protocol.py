@@ -18,13 +18,12 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 
 from epp.datalayer.datastore import EndpointSpec
 from epp.handlers.replies import streamed_body_reply
-from tests.extproc import (  # noqa: F401 - `transport`: every test runs against both transports
+from tests.extproc import (
     BUFFERED,
     DEST,
     FDS,
     FLOW_CONTROL,
     IPS,
-    STREAMED,
     Harness,
     body_msg,
     completion,
@@ -37,7 +36,7 @@ from tests.extproc import (  # noqa: F401 - `transport`: every test runs against
     send_request,
     set_headers,
     streamed,
-    transport,
+    transport,  # noqa: F401 - the autouse fixture: every test runs against both transports
 )
 from tests.helpers import rewrite
 

@@ -30,6 +30,7 @@ from tests.extproc import (  # not the autouse `transport` fixture: traced_harne
     read,
     response_body_msg,
     response_headers_msg,
+    send_request,
     set_headers,
 )
 
@@ -330,12 +331,9 @@ def traced_harness(request):
 
 
 async def test_routing_reply_carries_traceparent_and_a_full_exchange_completes(traced_harness):
-
     async with traced_harness() as h:
         call = h.stream()
-        await call.write(headers_msg(extra={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}))
-        await call.write(body_msg(completion(), True))
-        reply, _ = await read(call, 2)
+        reply, _ = await send_request(call, extra={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
         up = set_headers(reply.request_headers.response)
         await call.write(response_headers_msg())
         await call.write(response_body_msg(b'{"model": "m1"}', True))
@@ -349,7 +347,6 @@ async def test_routing_reply_carries_traceparent_and_a_full_exchange_completes(t
 
 @pytest.mark.parametrize("phase", ["body", "response_body"])
 async def test_a_cancelled_stream_ends_the_span(traced_harness, phase):
-
     async with traced_harness() as h:
         call = h.stream()
         if phase == "body":  # buffered: the headers' reply tells the picker has the request
