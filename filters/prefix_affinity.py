@@ -28,6 +28,8 @@ from epp.framework.datakeys import (
 from epp.framework.plugins import ConfiguredPlugin
 
 PREFILL_THROUGHPUT, LATENCY_PREDICTOR = "prefillThroughput", "latencyPredictor"
+# not Required: predictions are read only with ttftSource latencyPredictor
+LATENCY_CONSUMER = ProducerParam("latencyPredictionInfoProducerName", PREDICTED_LATENCY_PRODUCER)
 
 
 @dataclass(slots=True)
@@ -53,19 +55,18 @@ class PrefixAffinityParams:
 class PrefixCacheAffinityFilter(ConfiguredPlugin[PrefixAffinityParams]):
     type_name = "prefix-cache-affinity-filter"
     Params = PrefixAffinityParams
-    consumes = (PREFIX_MATCH_CONSUMER, INFLIGHT_LOAD_CONSUMER,
-                ProducerParam("latencyPredictionInfoProducerName", PREDICTED_LATENCY_PRODUCER))
+    consumes = (PREFIX_MATCH_CONSUMER, INFLIGHT_LOAD_CONSUMER, LATENCY_CONSUMER)
 
     def configure(self, p: PrefixAffinityParams, handle: PluginHandle) -> None:
         self.threshold = p.affinityThreshold
         self.exploration = p.explorationProbability
         self.max_penalty_ms = p.maxTTFTPenaltyMs
         self.use_predictor = p.ttftSource == LATENCY_PREDICTOR
-        self._latency_key = LATENCY_PREDICTIONS.of(p.latencyPredictionInfoProducerName or PREDICTED_LATENCY_PRODUCER)
+        self._latency_key = self.producer_key(LATENCY_PREDICTIONS, LATENCY_CONSUMER)
         self.ms_per_token = 1000.0 / p.peakPrefillThroughput if p.peakPrefillThroughput else 0.0
         self.rng = handle.rng
-        self._key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
-        self._load_key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)
+        self._key = self.producer_key(PREFIX_MATCH_INFO, PREFIX_MATCH_CONSUMER)
+        self._load_key = self.producer_key(INFLIGHT_LOAD, INFLIGHT_LOAD_CONSUMER)
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         if len(endpoints) <= 1 or self.threshold <= 0:

@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, bounded
-from epp.framework.datakeys import LATENCY_PREDICTIONS, PREDICTED_LATENCY_CONSUMER, PREDICTED_LATENCY_PRODUCER
+from epp.framework.datakeys import LATENCY_PREDICTIONS, PREDICTED_LATENCY_CONSUMER, PredictionConsumerParams
 from epp.framework.plugins import ConfiguredPlugin
 
 
 @dataclass(slots=True)
-class SLOHeadroomTierParams:
+class SLOHeadroomTierParams(PredictionConsumerParams):
     epsilonExploreNeg: float = bounded(0.01, ge=0, le=1)
-    latencyPredictionInfoProducerName: str = ""
 
 
 class SLOHeadroomTierFilter(ConfiguredPlugin[SLOHeadroomTierParams]):
@@ -30,7 +29,7 @@ class SLOHeadroomTierFilter(ConfiguredPlugin[SLOHeadroomTierParams]):
     def configure(self, p: SLOHeadroomTierParams, handle: PluginHandle) -> None:
         self.epsilon = p.epsilonExploreNeg
         self.rng = handle.rng
-        self._key = LATENCY_PREDICTIONS.of(p.latencyPredictionInfoProducerName or PREDICTED_LATENCY_PRODUCER)
+        self._key = self.producer_key(LATENCY_PREDICTIONS, PREDICTED_LATENCY_CONSUMER)
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         if len(endpoints) <= 1:

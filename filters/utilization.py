@@ -16,7 +16,6 @@ from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.datakeys import (
     INFLIGHT_LOAD,
     INFLIGHT_LOAD_CONSUMER,
-    INFLIGHT_LOAD_PRODUCER,
     InFlightLoadInfo,
 )
 from epp.framework.plugins import ConfiguredPlugin
@@ -77,7 +76,7 @@ class UtilizationFilter(ConfiguredPlugin[UtilizationFilterParams]):
     def configure(self, p: UtilizationFilterParams, handle: PluginHandle) -> None:
         self.conditions = [(c.metric, float(c.maxValue)) for c in p.conditions if c.maxValue is not None]
         self.fallback = p.fallbackOnEmpty
-        self._key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)
+        self._key = self.producer_key(INFLIGHT_LOAD, INFLIGHT_LOAD_CONSUMER)
 
     def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         load = cycle.read(self._key)

@@ -45,7 +45,7 @@ class ActiveRequestScorer(ConfiguredPlugin[ActiveRequestParams]):
             log.warning("%s: maxBusyScore %s is outside [0, 1], 1.0 is used", self.name, busy)
             busy = 1.0
         self.max_busy = busy
-        self._key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)
+        self._key = self.producer_key(INFLIGHT_LOAD, INFLIGHT_LOAD_CONSUMER)
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         load = cycle.read(self._key)

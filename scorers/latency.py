@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.datakeys import (
-    APPROX_PREFIX_PRODUCER,
     LATENCY_PREDICTIONS,
     PREDICTED_LATENCY_CONSUMER,
-    PREDICTED_LATENCY_PRODUCER,
     PREFIX_MATCH_CONSUMER,
     PREFIX_MATCH_INFO,
     LatencyPredictionInfo,
+    PredictionConsumerParams,
 )
 from epp.framework.plugins import ConfiguredPlugin
 
@@ -40,14 +39,13 @@ EPS = 1e-9
 
 
 @dataclass(slots=True)
-class LatencyScorerParams:
+class LatencyScorerParams(PredictionConsumerParams):
     ttftWeight: float = 0.8
     tpotWeight: float = 0.2
     headroomSelectionStrategy: str = LEAST
     compositeKVWeight: float = 1.0
     compositeQueueWeight: float = 1.0
     compositePrefixWeight: float = 1.0
-    latencyPredictionInfoProducerName: str = ""
     prefixMatchInfoProducerName: str = ""
 
     def validate(self) -> None:
@@ -71,10 +69,9 @@ class LatencyScorer(ConfiguredPlugin[LatencyScorerParams]):
     consumes = (PREDICTED_LATENCY_CONSUMER, PREFIX_MATCH_CONSUMER)
 
     def configure(self, p: LatencyScorerParams, handle: PluginHandle) -> None:
-        self.params = p
         self.weights = normalized_weights(p.ttftWeight, p.tpotWeight)
-        self._key = LATENCY_PREDICTIONS.of(p.latencyPredictionInfoProducerName or PREDICTED_LATENCY_PRODUCER)
-        self._prefix_key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
+        self._key = self.producer_key(LATENCY_PREDICTIONS, PREDICTED_LATENCY_CONSUMER)
+        self._prefix_key = self.producer_key(PREFIX_MATCH_INFO, PREFIX_MATCH_CONSUMER)
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         published = cycle.read(self._key)

@@ -65,7 +65,7 @@ class TokenLoadScorer(ConfiguredPlugin[TokenLoadParams]):
 
     def configure(self, p: TokenLoadParams, handle: PluginHandle) -> None:
         self.threshold = p.queueThresholdTokens if p.queueThresholdTokens > 0 else 4194304
-        self._key = INFLIGHT_LOAD.of(p.inFlightLoadProducerName or INFLIGHT_LOAD_PRODUCER)
+        self._key = self.producer_key(INFLIGHT_LOAD, INFLIGHT_LOAD_CONSUMER)
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         load = cycle.read(self._key)

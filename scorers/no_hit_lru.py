@@ -35,7 +35,7 @@ class NoHitLRUScorer(ConfiguredPlugin[NoHitLRUParams]):
 
     def configure(self, p: NoHitLRUParams, handle: PluginHandle) -> None:
         self.size = p.lruSize if p.lruSize > 0 else DEFAULT_LRU_SIZE
-        self._key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
+        self._key = self.producer_key(PREFIX_MATCH_INFO, PREFIX_MATCH_CONSUMER)
         self._cold: DataKey[bool] = self.own_key("cold", bool)
         self._lru: OrderedDict[Endpoint, None] = OrderedDict()  # oldest cold assignment first
 

@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, bounded
-from epp.framework.datakeys import APPROX_PREFIX_PRODUCER, PREFIX_MATCH_INFO, ProducerParam
+from epp.framework.datakeys import (
+    APPROX_PREFIX_PRODUCER,
+    PREFIX_MATCH_INFO,
+    PREFIX_MATCH_PRODUCER,
+    ProducerParam,
+)
 from epp.framework.plugins import ConfiguredPlugin
 
 _MOVED = ("blockSize", "blockSizeTokens", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune")
@@ -47,7 +52,7 @@ class PrefixCacheScorer(ConfiguredPlugin[PrefixScorerParams]):
                               required=True, moved_defaults=(("legacyV15", True),)),)
 
     def configure(self, p: PrefixScorerParams, handle: PluginHandle) -> None:
-        self._key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
+        self._key = self.producer_key(PREFIX_MATCH_INFO, PREFIX_MATCH_PRODUCER)
         self.weight = p.matchLengthWeight
         self.scale = p.matchLengthScaleTokens
 

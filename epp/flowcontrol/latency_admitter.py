@@ -12,28 +12,22 @@ header: the reference sets one only for flow-control and no-endpoint rejections)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.framework.datakeys import LATENCY_PREDICTIONS, PREDICTED_LATENCY_CONSUMER, PREDICTED_LATENCY_PRODUCER
+from epp.framework.datakeys import LATENCY_PREDICTIONS, PREDICTED_LATENCY_CONSUMER, PredictionConsumerParams
 from epp.framework.plugins import ConfiguredPlugin
 
 COLD_KV_CACHE = 0.02
 DENIED = "no valid endpoint available to serve the request"
 
 
-@dataclass(slots=True)
-class LatencySLOAdmitterParams:
-    latencyPredictionInfoProducerName: str = ""
-
-
-class LatencySLOAdmitter(ConfiguredPlugin[LatencySLOAdmitterParams]):
+class LatencySLOAdmitter(ConfiguredPlugin[PredictionConsumerParams]):
     type_name = "latency-slo-admitter"
-    Params = LatencySLOAdmitterParams
+    Params = PredictionConsumerParams
     consumes = (PREDICTED_LATENCY_CONSUMER,)
 
-    def configure(self, p: LatencySLOAdmitterParams, handle: PluginHandle) -> None:
-        self._key = LATENCY_PREDICTIONS.of(p.latencyPredictionInfoProducerName or PREDICTED_LATENCY_PRODUCER)
+    def configure(self, p: PredictionConsumerParams, handle: PluginHandle) -> None:
+        self._key = self.producer_key(LATENCY_PREDICTIONS, PREDICTED_LATENCY_CONSUMER)
 
     def admit_request(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> str | None:
         """None to admit, else the reason for denying."""

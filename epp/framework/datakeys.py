@@ -187,5 +187,14 @@ class LatencyPredictions:
 
 PREDICTED_LATENCY_CONSUMER = ProducerParam("latencyPredictionInfoProducerName", PREDICTED_LATENCY_PRODUCER,
                                            required=True)
+
+
+@dataclass(slots=True)
+class PredictionConsumerParams:
+    """The parameter of every plugin reading LATENCY_PREDICTIONS: the producer instance it
+    reads ("": predicted-latency-producer)."""
+
+    latencyPredictionInfoProducerName: str = ""
+
 LATENCY_PREDICTIONS: DataKey[LatencyPredictions] = DataKey("LatencyPredictionInfoDataKey", LatencyPredictions).of(
     PREDICTED_LATENCY_PRODUCER)

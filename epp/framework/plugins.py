@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
-from epp.framework.datakeys import DataKey
+from epp.framework.datakeys import DataKey, ProducerParam
 from epp.framework.metrics import PluginMetrics
 from epp.framework.types import (
     CycleState,
@@ -204,6 +204,11 @@ class ConfiguredPlugin(Generic[P]):
     def own_key(self, what: str, value_type: type[T]) -> DataKey[T]:
         """A CycleState key private to this plugin instance ("<type>-<what>/<name>")."""
         return DataKey(f"{self.type_name}-{what}/{self.name}", value_type)
+
+    def producer_key(self, data: DataKey[T], consumer: ProducerParam) -> DataKey[T]:
+        """`data` as published by the producer instance this plugin reads: the one its
+        parameter `consumer.param` names, else the default instance (`consumer.producer_type`)."""
+        return data.of(getattr(self.params, consumer.param, "") or consumer.producer_type)
 
 
 # --------------------------------------------------------------------------- handle

@@ -44,6 +44,7 @@ from epp.framework.datakeys import (
     APPROX_PREFIX_PRODUCER,
     INFLIGHT_LOAD,
     PREFIX_MATCH_INFO,
+    PREFIX_MATCH_PRODUCER,
     TOKENIZED_PROMPT,
     TOKENS_CONSUMER,
     DataKey,
@@ -143,7 +144,7 @@ class InFlightLoadProducer(ConfiguredPlugin[InFlightLoadParams]):
     def configure(self, p: InFlightLoadParams, handle: PluginHandle) -> None:
         self.params = p
         self.key = INFLIGHT_LOAD.of(self.name)
-        self._prefix_key = PREFIX_MATCH_INFO.of(p.prefixMatchInfoProducerName or APPROX_PREFIX_PRODUCER)
+        self._prefix_key = self.producer_key(PREFIX_MATCH_INFO, PREFIX_MATCH_PRODUCER)
         self._costs: DataKey[dict[Endpoint, int]] = self.own_key("costs", dict)
         self.requests: dict[Endpoint, int] = {}
         self.tokens: dict[Endpoint, int] = {}
