@@ -17,9 +17,9 @@ events, all in virtual time:
 - Replicas: several picker replicas behind a load balancer (round-robin or random split),
   each with its own endpoint view (in-flight counts), approximate index and block index;
   every block index is fed by the same events.
-- restart(): a server restart as far as the cache is concerned: its in-flight requests are
-  recomputed from scratch (as a preemption), its prefix cache is emptied and it publishes
-  AllBlocksCleared.
+- restarts: a server restart as far as the cache is concerned (simulator.engine's
+  Engine.restart: its in-flight requests are recomputed from scratch as a preemption, its
+  prefix cache is emptied and it publishes AllBlocksCleared).
 
 `python -m bench.precise` runs the comparison (random, approximate, precise with and without
 speculativeIndexing, the reference's default being without) over offered
@@ -202,16 +202,6 @@ class Replicas(Router):
         self.routers[self.owner.pop(id(request))].complete(server, item, prompt, request, info)
 
 
-# --------------------------------------------------------------------------- restarts
-def restart(engine: Engine) -> None:
-    """The server lost its KV cache: running requests start over (recompute, as a
-    preemption), every cached block is dropped, AllBlocksCleared is published."""
-    for req in list(engine.running):
-        engine._preempt(req)
-    if not engine.reset_prefix_cache():
-        raise RuntimeError("restart: blocks still referenced after preempting every running request")
-
-
 # --------------------------------------------------------------------------- scenarios
 @dataclass(frozen=True, slots=True)
 class Scenario:
@@ -276,7 +266,7 @@ def _schedule_restarts(clock: VirtualClock, engines: list[Engine], scenario: Sce
     """Restart servers in turn every scenario.restart_every seconds until `horizon`."""
     def fire(k: int) -> None:
         i = k % len(engines)
-        restart(engines[i])
+        engines[i].restart()
         probe.restarts.append((clock.now(), i))
 
     every = scenario.restart_every

@@ -764,6 +764,16 @@ class Engine:
         self._flush_events()
         return True
 
+    def restart(self) -> None:
+        """A server restart as far as the KV cache is concerned: running requests start over
+        (recomputed, as a preemption), every cached block is dropped and AllBlocksCleared is
+        published. RuntimeError if blocks stay referenced (a remote-prefill load or a
+        held transfer)."""
+        for req in list(self.running):
+            self._preempt(req)
+        if not self.reset_prefix_cache():
+            raise RuntimeError("restart: blocks still referenced after preempting every running request")
+
     def _flush_events(self) -> None:
         if self._events:
             events, self._events = self._events, []

@@ -70,7 +70,7 @@ def test_restart_clears_the_cache_recomputes_running_requests_and_the_index_foll
     running = list(range(9000, 9000 + 64))
     loop.submit(_request(1, running, out=200, done=done))
     clock.run_until(lambda: engine.running and engine.running[0].num_output > 2, limit=5.0)
-    P.restart(engine)
+    engine.restart()
     assert engine.num_cached_blocks == 0 and not engine.running and engine.num_preemptions_total == 1
     clock.run(until=clock.now() + 0.01)  # AllBlocksCleared delivered (and nothing re-stored yet)
     assert "s0" not in index.match(warm, MODEL)

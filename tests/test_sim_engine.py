@@ -7,6 +7,7 @@ import random
 import pytest
 
 from simulator import (
+    AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     Engine,
@@ -154,6 +155,19 @@ def test_decode_growth_past_capacity_preempts_and_still_completes():
     assert run.engine.num_preemptions_total >= 1
     assert all(len(run.tokens[r]) == 40 for r in ("a", "b"))
     assert run.engine.kv_cache_usage() == 0.0
+
+
+def test_restart_recomputes_running_requests_empties_the_cache_and_publishes_all_blocks_cleared():
+    run = Run(num_gpu_blocks=64)
+    run.submit("a", toks(64, 62), max_tokens=100)
+    run.clock.run_until(lambda: len(run.tokens["a"]) >= 2, limit=5.0)
+    assert run.engine.num_cached_blocks == 4
+    run.engine.restart()
+    assert run.engine.num_cached_blocks == 0 and not run.engine.running
+    assert run.reqs["a"].num_preemptions == 1 and run.engine.waiting[0] is run.reqs["a"]
+    assert isinstance(run.events[-1], AllBlocksCleared)
+    run.clock.run_until_idle()
+    assert len(run.tokens["a"]) == 100 and run.engine.num_cached_blocks == 4  # recomputed, stored again
 
 
 def test_request_for_non_resident_adapter_waits_for_a_lora_slot():
