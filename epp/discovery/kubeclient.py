@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import orjson
 import urllib3
@@ -147,24 +147,27 @@ class _Gone(Exception):
     """410: the resourceVersion we watch from was compacted away; re-list."""
 
 
+@dataclass(eq=False)
 class Reflector:
-    """List then watch one resource in one namespace, on a thread of its own."""
+    """List then watch one resource in one namespace, on a thread of its own; `on_list` and
+    `on_event` are called on `loop`."""
 
-    def __init__(self, api: client.ApiClient, resource: Resource, namespace: str, loop: asyncio.AbstractEventLoop,
-                 on_list: Callable[[list[dict]], None], on_event: Callable[[str, dict], None], *,
-                 field_selector: str | None = None, backoff: Backoff | None = None) -> None:
-        self.api = api
-        self.resource = resource
-        self.namespace = namespace
-        self.field_selector = field_selector
-        self._loop = loop
-        self._on_list = on_list
-        self._on_event = on_event
-        self._backoff = backoff or Backoff()
+    api: client.ApiClient
+    resource: Resource
+    namespace: str
+    loop: asyncio.AbstractEventLoop
+    on_list: Callable[[list[dict]], None]
+    on_event: Callable[[str, dict], None]
+    _: KW_ONLY
+    field_selector: str | None = None
+    backoff: Backoff | None = None  # None: a default Backoff
+
+    def __post_init__(self) -> None:
+        self.backoff = self.backoff or Backoff()
         self._stop = threading.Event()
         self._response: urllib3.HTTPResponse | None = None
         self._last_rv = ""
-        self._thread = threading.Thread(target=self._run, name=f"watch-{resource.plural}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"watch-{self.resource.plural}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -188,7 +191,7 @@ class Reflector:
         if self._stop.is_set():
             return
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
+            self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # loop closed
             self._stop.set()
 
@@ -211,14 +214,14 @@ class Reflector:
             except ApiException as e:
                 if self._stop.is_set():
                     return
-                delay = self._backoff.next()
+                delay = self.backoff.next()
                 level = logging.ERROR if e.status in (401, 403, 404) else logging.WARNING
                 log.log(level, "%s; retrying in %.1fs", describe_api_error(e, verb, self.resource, self.namespace),
                         delay)
             except Exception as e:  # noqa: BLE001 - network errors, stream drops, bad JSON
                 if self._stop.is_set():
                     return
-                delay = self._backoff.next()
+                delay = self.backoff.next()
                 log.warning("%s %s: %s: %s; reconnecting in %.1fs", verb, self.resource, type(e).__name__, e, delay)
             if verb == "watch":
                 rv = self._last_rv  # resume the watch where the dropped stream left off
@@ -235,7 +238,7 @@ class Reflector:
         finally:
             resp.release_conn()
         items = body.get("items") or []
-        self._deliver(self._on_list, items)
+        self._deliver(self.on_list, items)
         return (body.get("metadata") or {}).get("resourceVersion", "")
 
     def _watch(self, rv: str) -> None:
@@ -248,7 +251,7 @@ class Reflector:
                 raise _Gone() from e
             raise
         self._response = resp
-        self._backoff.reset()
+        self.backoff.reset()
         try:
             if self._stop.is_set():  # stop() ran before the response was visible to it
                 return
@@ -273,7 +276,7 @@ class Reflector:
                 raise _Gone()
             raise ApiException(status=obj.get("code") or 500, reason=obj.get("message") or "watch error")
         if etype in ("ADDED", "MODIFIED", "DELETED"):
-            self._deliver(self._on_event, etype, obj)
+            self._deliver(self.on_event, etype, obj)
         self._last_rv = (obj.get("metadata") or {}).get("resourceVersion") or self._last_rv
 
 
