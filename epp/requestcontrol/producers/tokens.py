@@ -32,6 +32,7 @@ from typing import Any
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.datakeys import TOKEN_IDS, TOKENIZED_PROMPT
+from epp.framework.plugins import ConfiguredPlugin
 from epp.units import duration_value
 
 from .tokens_local import LocalTokenizer, TokenizerError, find_tokenizer_dir
@@ -199,13 +200,12 @@ def load_local_tokenizer(p: TokenProducerParams, backend: str) -> LocalTokenizer
     return tok
 
 
-class TokenProducer:
+class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
     type_name = "token-producer"
     Params = TokenProducerParams
 
-    def __init__(self, name: str, params: TokenProducerParams | None, handle: PluginHandle) -> None:
-        p = params or TokenProducerParams()
-        self.name = name
+    def configure(self, p: TokenProducerParams, handle: PluginHandle) -> None:
+        name = self.name
         self.key = TOKENIZED_PROMPT.of(name)
         self.ids_key = TOKEN_IDS.of(name)
         self.model = p.modelName
