@@ -170,37 +170,32 @@ async def _hot_rows(label: str, token_params: dict, chars: int, shared: str,
     render_cached: every timed body is sent through once untimed first (vllm's cache)."""
     cached, uncached = HotPath(token_params), HotPath(token_params)
     try:
-        return await _hot_pair(label, chars, cached, uncached, shared, fresh, render_cached, rounds)
+        warm = request(shared, "warm", "w")
+        await cached.run(warm)
+        cached.hold(warm)
+        asks = [request(shared, f"new question {i}", f"h{i}") for i in range(rounds)]
+        news = [fresh(i) for i in range(rounds)]
+        if render_cached:
+            for r in asks:
+                await cached.run(r)
+            for r in news:
+                await uncached.run(r)
+
+        async def hit(i: int) -> dict[str, float]:
+            parts = await cached.run(asks[i])
+            assert cached.matched() > 0, "cached prefix not matched in the block index"
+            return parts
+
+        async def miss(i: int) -> dict[str, float]:
+            parts = await uncached.run(news[i])
+            assert uncached.matched() == 0, "uncached prefix matched"
+            return parts
+
+        return [(label, chars, "cached", await _median(hit, rounds)),
+                (label, chars, "uncached", await _median(miss, rounds))]
     finally:
         await cached.close()
         await uncached.close()
-
-
-async def _hot_pair(label: str, chars: int, cached: HotPath, uncached: HotPath, shared: str,
-                    fresh: Callable[[int], InferenceRequest], render_cached: bool, rounds: int) -> list[Row]:
-    warm = request(shared, "warm", "w")
-    await cached.run(warm)
-    cached.hold(warm)
-    asks = [request(shared, f"new question {i}", f"h{i}") for i in range(rounds)]
-    news = [fresh(i) for i in range(rounds)]
-    if render_cached:
-        for r in asks:
-            await cached.run(r)
-        for r in news:
-            await uncached.run(r)
-
-    async def hit(i: int) -> dict[str, float]:
-        parts = await cached.run(asks[i])
-        assert cached.matched() > 0, "cached prefix not matched in the block index"
-        return parts
-
-    async def miss(i: int) -> dict[str, float]:
-        parts = await uncached.run(news[i])
-        assert uncached.matched() == 0, "uncached prefix matched"
-        return parts
-
-    return [(label, chars, "cached", await _median(hit, rounds)),
-            (label, chars, "uncached", await _median(miss, rounds))]
 
 
 async def measure(tokenizer_dir: Path, rounds: int) -> tuple[list[Row], list[Row]]:
