@@ -21,11 +21,11 @@ from epp.framework import (
     InferenceRequest,
     PluginHandle,
     ProfileRunResult,
-    SchedulerProfile,
     SchedulingResult,
     bounded,
 )
 from epp.framework.types import DATA_PARALLEL_HEADER
+from epp.scheduling.profiles.single import SingleProfileHandler
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,8 @@ class DataParallelProfileHandler(ConfiguredPlugin[DataParallelParams]):
             raise ValueError(f"schedulingProfiles: the data-parallel profile handler needs exactly one scheduling "
                              f"profile, got {len(names)}")
 
-    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
-                      results: Mapping[str, ProfileRunResult | None]) -> Mapping[str, SchedulerProfile]:
-        if results or len(profiles) != 1:
-            return {}
-        return profiles
+    # the one profile, once (check_profiles made sure there is exactly one)
+    pick_profiles = SingleProfileHandler.pick_profiles
 
     def process_results(self, cycle: CycleState, request: InferenceRequest,
                         results: Mapping[str, ProfileRunResult | None]) -> SchedulingResult:
