@@ -12,6 +12,8 @@ The tests reuse the law (tests/test_latency_model*.py).
 Candidates:
   ridge-knee      the shipped model (epp/requestcontrol/producers/latency): forgetting ridge on
                   the knee bases, relative (1/y^2) weights
+  ridge-knee-p90  the same with the quantile objective 0.9 (LATENCY_OBJECTIVE_TYPE quantile): the
+                  typical-latency fit times a calibrated quantile of recent actual/predicted ratios
   ridge-knee-abs  the same, plain least squares (shows what relative weighting buys)
   ridge-raw       ridge on the reference's raw columns, no knee terms (its bayesian_ridge)
   gbt             gradient-boosted trees (depth 3, 100 rounds, lr 0.1, 32 histogram bins) on
@@ -28,6 +30,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from epp.requestcontrol.producers.latency import (
     ForgettingRidge,
@@ -75,10 +78,16 @@ class VllmLaw:
                 self.tpot_mean(f) * math.exp(rng.gauss(0.0, self.tpot_noise)))
 
 
-def noise_floor_mape(sigma: float) -> float:
-    """MAPE of a perfect predictor of the median under lognormal noise: E|e^Z - 1|, Z ~ N(0, sigma)."""
-    rng = random.Random(0)
-    return sum(abs(math.exp(rng.gauss(0.0, sigma)) - 1.0) for _ in range(200_000)) / 200_000
+def noise_floor_mape(sigma: float, quantile: float = 0.5) -> float:
+    """MAPE of a perfect predictor of the median (or of another quantile) under lognormal noise:
+    E|e^(sigma (z_q - Z)) - 1|, Z ~ N(0, 1), z_q the standard normal's quantile."""
+    rng, z_q = random.Random(0), NormalDist().inv_cdf(quantile)
+    return sum(abs(math.exp(sigma * (z_q - rng.gauss(0.0, 1.0))) - 1.0) for _ in range(200_000)) / 200_000
+
+
+def coverage(predicted: Sequence[float | None], actual: Sequence[float]) -> float:
+    """The fraction of actual latencies at or under their prediction (a p90 predictor aims at 0.9)."""
+    return sum(1 for p, a in zip(predicted, actual, strict=True) if p is not None and a <= p) / len(actual)
 
 
 def accuracy(predicted: Sequence[float | None], actual: Sequence[float]) -> tuple[float, float]:
@@ -103,8 +112,8 @@ class Candidate:
 
 
 class ShippedModel(Candidate):
-    def __init__(self, name: str = "ridge-knee", relative: bool = True) -> None:
-        self.name, self.model = name, LatencyModel(relative=relative)
+    def __init__(self, name: str = "ridge-knee", relative: bool = True, quantile: float | None = None) -> None:
+        self.name, self.model = name, LatencyModel(relative=relative, quantile=quantile)
 
     def observe(self, f: LatencyFeatures, ttft: float, tpot: float) -> None:
         self.model.observe_ttft("h100", f, ttft)
@@ -259,6 +268,7 @@ class GradientBoosted(Candidate):
 
 CANDIDATES: dict[str, Callable[[], Candidate]] = {
     "ridge-knee": ShippedModel,
+    "ridge-knee-p90": lambda: ShippedModel("ridge-knee-p90", quantile=0.9),
     "ridge-knee-abs": lambda: ShippedModel("ridge-knee-abs", relative=False),
     "ridge-raw": RawRidge,
     "gbt": GradientBoosted,
@@ -274,6 +284,8 @@ class Result:
     tpot_p90_ms: float
     predict_us: float
     train_ms_per_1k: float
+    ttft_coverage: float    # fraction of fresh latencies at or under the prediction
+    tpot_coverage: float
 
 
 def run(name: str, train_n: int, seed: int, law: VllmLaw, train_every: int = 1_000, test_n: int = 2_000) -> Result:
@@ -297,7 +309,9 @@ def run(name: str, train_n: int, seed: int, law: VllmLaw, train_every: int = 1_0
             cand.predict_ttft(f)
             cand.predict_tpot(f)
     predict_us = (time.perf_counter() - t0) / (reps * len(feats) * 2) * 1e6
-    return Result(name, tm, tp, pm, pp, predict_us, train_s / train_n * 1e6)
+    return Result(name, tm, tp, pm, pp, predict_us, train_s / train_n * 1e6,
+                  coverage([cand.predict_ttft(f) for f, _, _ in test], [t for _, t, _ in test]),
+                  coverage([cand.predict_tpot(f) for f, _, _ in test], [t for _, _, t in test]))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -311,14 +325,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"law (knee {law.knee}): noise floor MAPE TTFT {noise_floor_mape(law.ttft_noise):.1%}, TPOT "
           f"{noise_floor_mape(law.tpot_noise):.1%}; {args.train} training samples, 2000 test samples, seed {args.seed}")
     print(f"{'candidate':16} {'TTFT MAPE':>9} {'TTFT p90|e|':>11} {'TPOT MAPE':>9} {'TPOT p90|e|':>11} "
-          f"{'predict':>10} {'train/1k samples':>17}")
+          f"{'predict':>10} {'train/1k samples':>17} {'coverage TTFT/TPOT':>19}")
     for name in args.only or CANDIDATES:
         if name == "gbt" and importlib.util.find_spec("numpy") is None:
             print(f"{name:16} skipped: numpy is not installed")
             continue
         r = run(name, args.train, args.seed, law)
         print(f"{r.name:16} {r.ttft_mape:9.1%} {r.ttft_p90_ms:9.1f}ms {r.tpot_mape:9.1%} {r.tpot_p90_ms:9.2f}ms "
-              f"{r.predict_us:7.2f} us {r.train_ms_per_1k:14.1f} ms")
+              f"{r.predict_us:7.2f} us {r.train_ms_per_1k:14.1f} ms {r.ttft_coverage:9.1%}/{r.tpot_coverage:.1%}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import types
 
 import pytest
 
-from bench.latency_model_cost import VllmLaw, accuracy
+from bench.latency_model_cost import VllmLaw, accuracy, noise_floor_mape
 from epp.requestcontrol.producers.latency import (
     DEFAULT_CLASS,
     ERROR_WINDOW,
@@ -30,6 +30,7 @@ from epp.requestcontrol.producers.latency import (
     endpoint_class,
     ttft_basis,
 )
+from epp.requestcontrol.producers.latency.model import objective_from_env
 from epp.requestcontrol.producers.latency.trainer import Trainer
 
 H100, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"
@@ -152,6 +153,56 @@ def test_a_quantile_objective_covers_that_fraction_of_fresh_latencies(quantile):
         assert abs(covered - quantile) < 0.05, (target, covered)
     # the error it exports reports the same coverage
     assert abs(model.errors()[(H100, Target.TTFT)].coverage - quantile) < 0.06
+
+
+def test_a_p90_prediction_is_the_typical_one_plus_a_residual_quantile_calibrated_per_magnitude():
+    """Noise that is wide on short latencies (sigma 0.35 under 150 ms) and narrow on long ones
+    (0.05): one quantile of the residuals over all would over-cover the long requests and
+    under-cover the short ones; calibrated per octave of the typical prediction, each group is
+    covered ~90 % and its MAPE is near what a perfect p90 predictor of that noise scores."""
+    law, rng = VllmLaw(), random.Random(21)
+    sigma = lambda mean: 0.35 if mean < 150.0 else 0.05  # noqa: E731
+
+    def sample():
+        f = law.state(rng)
+        mean = law.ttft_mean(f)
+        return f, mean, mean * math.exp(rng.gauss(0.0, sigma(mean)))
+
+    model, typical = LatencyModel(quantile=0.9), LatencyModel()
+    for i in range(4_000):
+        f, _, ttft = sample()
+        model.observe_ttft(H100, f, ttft)
+        typical.observe_ttft(H100, f, ttft)
+        if (i + 1) % 256 == 0:
+            model.train()
+            typical.train()
+    model.train()
+    typical.train()
+    groups: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+    for _ in range(3_000):
+        f, mean, ttft = sample()
+        groups[mean < 150.0].append((model.predict_ttft(H100, f), typical.predict_ttft(H100, f), ttft))
+    for short, rows in groups.items():
+        assert len(rows) > 300, (short, len(rows))
+        covered = sum(1 for p90, _, y in rows if y <= p90) / len(rows)
+        assert abs(covered - 0.9) < 0.05, (short, covered)
+        assert all(p90 >= t for p90, t, _ in rows)  # the typical prediction plus a positive residual quantile
+        mape = sum(abs(p90 - y) / y for p90, _, y in rows) / len(rows)
+        floor = noise_floor_mape(0.35 if short else 0.05, 0.9)
+        assert mape < floor + 0.05, (short, mape, floor)
+    assert abs(model.errors()[(H100, Target.TTFT)].coverage - 0.9) < 0.05
+
+
+def test_the_objective_comes_from_the_reference_servers_environment():
+    assert objective_from_env({}) == 0.9  # their default: quantile, alpha 0.9
+    assert objective_from_env({"LATENCY_OBJECTIVE_TYPE": "mean", "LATENCY_QUANTILE_ALPHA": "0.5"}) is None
+    assert objective_from_env({"LATENCY_OBJECTIVE_TYPE": "quantile", "LATENCY_QUANTILE_ALPHA": "0.75"}) == 0.75
+    for env, message in (({"LATENCY_OBJECTIVE_TYPE": "median"}, "LATENCY_OBJECTIVE_TYPE: must be 'quantile' or"),
+                         ({"LATENCY_QUANTILE_ALPHA": "1"}, "LATENCY_QUANTILE_ALPHA: must be a number in"),
+                         ({"LATENCY_QUANTILE_ALPHA": "nan"}, "LATENCY_QUANTILE_ALPHA"),
+                         ({"LATENCY_QUANTILE_ALPHA": "high"}, "LATENCY_QUANTILE_ALPHA")):
+        with pytest.raises(ValueError, match=message):
+            objective_from_env(env)
 
 
 def test_the_default_objective_is_not_a_high_quantile():

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from epp.assembly import build_plugin
+from epp.config import ConfigError
 from epp.framework import CycleState, InferenceRequest, PluginHandle
 from epp.framework.datakeys import (
     LATENCY_PREDICTIONS,
@@ -289,6 +290,54 @@ def test_producer_forgets_requests_it_never_hears_back_from():
     assert p.running.count(e) == 1 and list(p._tracked) == ["late"]  # noqa: SLF001
     p.response_complete(req(rid="late"), ResponseInfo(status=200), e)
     assert p.running.count(e) == 0
+
+
+def test_producer_objective_follows_the_reference_servers_environment(monkeypatch):
+    for name in ("LATENCY_OBJECTIVE_TYPE", "LATENCY_QUANTILE_ALPHA"):
+        monkeypatch.delenv(name, raising=False)
+    assert plugin("predicted-latency-producer").model.quantile == 0.9  # the servers' default: quantile 0.9
+    monkeypatch.setenv("LATENCY_OBJECTIVE_TYPE", "mean")  # what both reference charts set
+    assert plugin("predicted-latency-producer").model.quantile is None
+    monkeypatch.setenv("LATENCY_OBJECTIVE_TYPE", "quantile")
+    monkeypatch.setenv("LATENCY_QUANTILE_ALPHA", "0.8")
+    assert plugin("predicted-latency-producer").model.quantile == 0.8
+    monkeypatch.setenv("LATENCY_OBJECTIVE_TYPE", "p90")  # the chart's config refuses to start, saying why
+    with pytest.raises(ConfigError, match="LATENCY_OBJECTIVE_TYPE: must be 'quantile' or 'mean', got 'p90'"):
+        load_plugin_set((CONFIGS / "llm-d-router-chart-latency-predictor.yaml").read_text())
+
+
+def test_producer_counts_decode_tokens_in_flight_from_first_chunk_to_completion():
+    clock = Clock()
+    p = plugin("predicted-latency-producer", {"streamingMode": True, "contextTTL": "10s"}, clock=clock)
+    p.background_training = False
+    e, other = ep(1), ep(2)
+
+    def dispatch(rid: str, tokens: int) -> None:
+        c = CycleState()
+        c.write(TOKENIZED_PROMPT, tokens)
+        p.prepare_request_data(c, req(rid=rid), [e, other])
+        p.pre_request(c, req(rid=rid), result(e))
+
+    def decoding(endpoint) -> float:
+        return p.features(CycleState(), req(rid="probe"), [endpoint])[endpoint].features.decode_tokens_in_flight
+
+    dispatch("a", 300)
+    dispatch("b", 500)
+    assert decoding(e) == 0  # both still in prefill
+    for _ in range(2):  # later chunks do not count again
+        p.response_streaming(req(rid="a"), ResponseInfo(status=200), e)
+    assert (decoding(e), decoding(other)) == (300, 0)
+    p.response_streaming(req(rid="b"), ResponseInfo(status=200), e)
+    assert decoding(e) == 800
+    clock.t += 0.5
+    p.response_complete(req(rid="a"), ResponseInfo(status=200, completion_tokens=10), e)
+    assert decoding(e) == 500
+    clock.t += 11  # b never completes: forgotten after contextTTL, and its tokens with it
+    dispatch("c", 100)
+    assert decoding(e) == 0
+    p.response_streaming(req(rid="c"), ResponseInfo(status=200), e)
+    p.endpoints_removed([e])
+    assert decoding(e) == 0 and p._decode_tokens == {}  # noqa: SLF001
 
 
 # --------------------------------------------------------------------------- configs

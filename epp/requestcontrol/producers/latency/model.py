@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -49,9 +50,15 @@ MAX_LATENCY_MS = 3_600_000.0   # a latency above an hour is a broken clock, not 
 DEFAULT_FORGETTING = 0.999     # effective memory ~1/(1-f) = 1,000 samples
 DEFAULT_RIDGE = 1e-6           # relative to each feature's own scale (diagonal), so units do not matter
 MIN_SAMPLES = 64               # samples before a regression answers (its basis has 13-16 terms)
-QUANTILE_MIN_SAMPLES = 50     # errors in the window before a quantile objective rescales
+QUANTILE_MIN_SAMPLES = 50     # residuals in a band (or in all) before the quantile objective uses them
+BAND_WINDOW = 256              # most recent residuals kept per octave band of the typical prediction
+BAND_RANGE = (-8, 24)          # octave bands 2^-8 .. 2^24 ms; predictions beyond share the end bands
 LATENCY_FLOOR_MS = 0.1         # relative weighting divides by max(latency, floor)
 POOL = "*"                     # the pool-wide model's key in errors()
+# The objective, from the environment variables of the reference's predictor servers, with their defaults
+# (latencypredictor/prediction_server.py and training_server.py; both reference charts set "mean").
+OBJECTIVE_ENV, QUANTILE_ALPHA_ENV = "LATENCY_OBJECTIVE_TYPE", "LATENCY_QUANTILE_ALPHA"
+DEFAULT_OBJECTIVE, DEFAULT_QUANTILE_ALPHA = "quantile", 0.9
 
 
 class Target(StrEnum):
@@ -71,16 +78,18 @@ class ForgettingRidge:
     `relative` weighs each sample by 1/y^2, so the fit minimises relative error (MAPE's
     cousin) instead of letting the slowest requests dominate."""
 
-    __slots__ = ("size", "forgetting", "ridge", "relative", "samples", "weights", "scale", "floor", "_a", "_b")
+    __slots__ = ("size", "forgetting", "ridge", "relative", "samples", "weights", "calibration", "floor", "_a",
+                 "_b")
 
     def __init__(self, size: int, *, forgetting: float = DEFAULT_FORGETTING, ridge: float = DEFAULT_RIDGE,
-                 relative: bool = True) -> None:
+                 relative: bool = True, quantile: float | None = None) -> None:
         if not 0.0 < forgetting <= 1.0 or ridge < 0.0:
             raise ValueError("forgetting must be in (0, 1] and ridge >= 0")
         self.size, self.forgetting, self.ridge, self.relative = size, forgetting, ridge, relative
         self.samples = 0
         self.weights: tuple[float, ...] | None = None
-        self.scale = 1.0  # published predictions are the fit times this (a quantile objective sets it)
+        # a quantile objective: predictions are the typical latency times a calibrated residual quantile
+        self.calibration = None if quantile is None else ResidualQuantile(quantile)
         # the fastest latency learnt: a fit extrapolating below it (collinear features, few samples in
         # that corner) is not believed, so a prediction is never under it (nor 0, which passes any SLO)
         self.floor = math.inf
@@ -92,12 +101,14 @@ class ForgettingRidge:
         if w is None:
             return None
         y = sum(map(operator.mul, w, x))
-        return max(y, self.floor) * self.scale
+        y = y if y > self.floor else self.floor
+        c = self.calibration
+        return y if c is None else c.apply(y)
 
-    def fit_value(self, x: Sequence[float]) -> float | None:
-        """The regression's own value, before `scale`."""
+    def typical(self, x: Sequence[float]) -> float | None:
+        """The typical latency (the objective "mean"): the fit, never under the fastest latency learnt."""
         w = self.weights
-        return None if w is None else sum(map(operator.mul, w, x))
+        return None if w is None else max(sum(map(operator.mul, w, x)), self.floor)
 
     def add(self, x: Sequence[float], y: float) -> None:
         lam = self.forgetting
@@ -180,19 +191,16 @@ class ErrorStats:
 
 
 class ErrorWindow:
-    __slots__ = ("_err", "_rel", "_ratio")
+    __slots__ = ("_err", "_rel")
 
     def __init__(self, size: int = ERROR_WINDOW) -> None:
         self._err: deque[float] = deque(maxlen=size)     # predicted - actual
         self._rel: deque[float] = deque(maxlen=size)     # |predicted - actual| / actual
-        self._ratio: deque[float] = deque(maxlen=size)   # actual / the regression's own value
 
-    def add(self, predicted: float, actual: float, fit_value: float | None = None) -> None:
+    def add(self, predicted: float, actual: float) -> None:
         err = predicted - actual
         self._err.append(err)
         self._rel.append(abs(err) / actual)
-        if fit_value is not None and fit_value > 0.0:
-            self._ratio.append(actual / fit_value)
 
     def stats(self) -> ErrorStats | None:
         if not self._err:
@@ -201,9 +209,69 @@ class ErrorWindow:
         return ErrorStats(n, sum(self._rel) / n, _quantile(sorted(map(abs, self._err)), 0.9),
                           sum(1 for e in self._err if e >= 0.0) / n)
 
-    def ratio_quantile(self, q: float) -> float | None:
-        """The q-quantile of actual / fit over the window: the scale that makes the fit a q-quantile."""
-        return _quantile(sorted(self._ratio), q) if len(self._ratio) >= QUANTILE_MIN_SAMPLES else None
+
+
+class ResidualQuantile:
+    """Turns a typical-latency prediction into a q-quantile one: typical x exp(the q-quantile of
+    recent residuals log(actual / typical)), learnt per octave band of the typical prediction
+    (a loose fit misses a 50 ms prediction by another factor than a 5 s one), else over all
+    bands while a band is young. Each residual is against the typical prediction consumers saw
+    before the sample was learnt. Bounded: the most recent BAND_WINDOW residuals per band (at
+    most BAND_RANGE's bands) and ERROR_WINDOW over all. `apply` is the hot path (one frexp
+    and one dict lookup); `update` (training) publishes new factors."""
+    __slots__ = ("q", "_bands", "_all", "factors", "factor")
+
+    def __init__(self, q: float) -> None:
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"quantile must be in (0, 1), got {q}")
+        self.q = q
+        self._bands: dict[int, deque[float]] = {}
+        self._all: deque[float] = deque(maxlen=ERROR_WINDOW)
+        self.factors: dict[int, float] = {}   # per band with enough residuals
+        self.factor = 1.0                     # over all bands (1 until enough residuals)
+
+    def add(self, typical: float, actual: float) -> None:
+        r = math.log(actual / typical)
+        band = self._bands.get(b := _band(typical))
+        if band is None:
+            band = self._bands[b] = deque(maxlen=BAND_WINDOW)
+        band.append(r)
+        self._all.append(r)
+
+    def update(self) -> None:
+        q = self.q
+        if len(self._all) >= QUANTILE_MIN_SAMPLES:
+            self.factor = math.exp(_quantile(sorted(self._all), q))
+        self.factors = {b: math.exp(_quantile(sorted(d), q)) for b, d in self._bands.items()
+                        if len(d) >= QUANTILE_MIN_SAMPLES}
+
+    def apply(self, typical: float) -> float:
+        return typical * self.factors.get(_band(typical), self.factor)
+
+
+def _band(latency_ms: float) -> int:
+    """The octave of a (positive) latency, clamped to BAND_RANGE."""
+    lo, hi = BAND_RANGE
+    return min(max(math.frexp(latency_ms)[1], lo), hi)
+
+
+def objective_from_env(env: Mapping[str, str] = os.environ) -> float | None:
+    """The objective as the reference's predictor servers read it from their environment:
+    LATENCY_OBJECTIVE_TYPE "quantile" (the default) predicts the LATENCY_QUANTILE_ALPHA quantile
+    (default 0.9); "mean" predicts the typical latency (None). Anything else raises ValueError."""
+    kind = env.get(OBJECTIVE_ENV, DEFAULT_OBJECTIVE)
+    if kind == "mean":
+        return None
+    if kind != "quantile":
+        raise ValueError(f"{OBJECTIVE_ENV}: must be 'quantile' or 'mean', got {kind!r}")
+    raw = env.get(QUANTILE_ALPHA_ENV, str(DEFAULT_QUANTILE_ALPHA))
+    try:
+        alpha = float(raw)
+    except ValueError:
+        alpha = math.nan
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"{QUANTILE_ALPHA_ENV}: must be a number in (0, 1), got {raw!r}")
+    return alpha
 
 
 def _quantile(ordered: list[float], q: float) -> float:
@@ -215,9 +283,9 @@ class _Regressions:
     """The TTFT and TPOT regressions of one class (or of the pool), with their errors."""
     __slots__ = ("ridge", "errors")
 
-    def __init__(self, forgetting: float, ridge: float, relative: bool) -> None:
-        self.ridge = {t: ForgettingRidge(len(names), forgetting=forgetting, ridge=ridge, relative=relative)
-                      for t, (_, names) in BASES.items()}
+    def __init__(self, forgetting: float, ridge: float, relative: bool, quantile: float | None) -> None:
+        self.ridge = {t: ForgettingRidge(len(names), forgetting=forgetting, ridge=ridge, relative=relative,
+                                         quantile=quantile) for t, (_, names) in BASES.items()}
         self.errors = {t: ErrorWindow() for t in Target}
 
 
@@ -242,13 +310,13 @@ class LatencyModel:
                  min_samples: int = MIN_SAMPLES, relative: bool = True, max_classes: int = MAX_CLASSES,
                  pending_max: int = PENDING_MAX, quantile: float | None = None) -> None:
         """`quantile` None predicts the typical latency (the reference's objective "mean"); a
-        fraction such as 0.9 predicts that quantile (its default objective, quantile 0.9) by
-        scaling the fit with the recent ratios of actual to fitted latency."""
+        fraction such as 0.9 predicts that quantile (its default objective, quantile 0.9): the
+        typical prediction times a residual quantile calibrated online (ResidualQuantile)."""
         if not 0.0 < forgetting <= 1.0 or ridge < 0.0 or min_samples < 1 or max_classes < 0 or pending_max < 1 \
                 or not (quantile is None or 0.0 < quantile < 1.0):
             raise ValueError("invalid latency model parameters")
         self.quantile = quantile
-        self._args = (forgetting, ridge, relative)
+        self._args = (forgetting, ridge, relative, quantile)
         self.min_samples, self.max_classes = min_samples, max_classes
         self._pool = _Regressions(*self._args)
         self._classes: dict[str, _Regressions] = {}
@@ -330,15 +398,19 @@ class LatencyModel:
                 n += 1
             solved = 0
             for reg, (window, xs, ys) in batches.items():
+                cal = reg.calibration
                 if reg.samples >= self.min_samples and reg.weights is not None:
-                    for x, y in zip(xs, ys, strict=True):  # scored by the weights consumers saw
-                        window.add(reg.predict(x) or 0.0, y, reg.fit_value(x))
+                    for x, y in zip(xs, ys, strict=True):  # against the weights consumers saw
+                        typical = reg.typical(x) or 0.0
+                        window.add(typical if cal is None else cal.apply(typical), y)
+                        if cal is not None:
+                            cal.add(typical, y)
                 reg.add_batch(xs, ys)
                 if reg.samples >= min(self.min_samples, reg.size + 1):
                     reg.solve()
                     solved += 1
-                if self.quantile is not None:
-                    reg.scale = window.ratio_quantile(self.quantile) or reg.scale
+                if cal is not None:
+                    cal.update()
             return TrainReport(n, solved)
 
     def _class(self, endpoint_class: str) -> _Regressions | None:

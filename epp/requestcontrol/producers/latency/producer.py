@@ -23,7 +23,17 @@ As the reference:
 - features: the endpoint's KV utilisation and waiting queue, the requests and prefill tokens
   this picker has in flight there (inflight-load-producer; else the scraped running count),
   the prompt's tokens (token-producer) and the prefix match (approx-prefix-cache-producer),
-  all as at dispatch; the endpoint's hardware class (accelerator label) picks its model.
+  all as at dispatch; the endpoint's hardware class (accelerator label) picks its model;
+- objective: the environment variables of the reference's predictor servers, with their
+  defaults: LATENCY_OBJECTIVE_TYPE quantile and LATENCY_QUANTILE_ALPHA 0.9 predict the 0.9
+  quantile (the typical prediction times a residual quantile calibrated online, model.py);
+  "mean" predicts the typical latency, which is what both reference charts set for their
+  predictor servers. A bad value refuses to start.
+
+Deviation: the reference sends decode_tokens_in_flight as 0 ("only accurate in pure streaming
+mode"); here it is the prompt tokens of the requests this picker has dispatched to the
+endpoint whose first response chunk has arrived and that have not completed (requests in
+their decode phase, holding their context in the KV cache), so TPOT can learn from it.
 
 Virtual time (the cluster simulation): the clock is the handle's; set `background_training
 = False` before the first request and training runs inline at each completion when due
@@ -58,7 +68,7 @@ from epp.units import duration_value
 
 from .features import LatencyFeatures, endpoint_class
 from .metrics import ProducerMetrics
-from .model import POOL, LatencyModel, Target
+from .model import POOL, LatencyModel, Target, objective_from_env
 from .sidecar import SidecarClient, SidecarConfig
 from .trainer import Trainer
 
@@ -67,7 +77,6 @@ log = logging.getLogger(__name__)
 TYPE = "predicted-latency-producer"
 MAX_TRACKED = 65_536            # requests between dispatch and completion; the oldest are forgotten
 MAX_MODEL_LABELS = 32           # model names as metric labels; later ones count under "other"
-QUANTILE = 0.9                  # the reference sidecars' default objective: the 0.9 quantile
 TRAIN_POLL_S = 0.05
 ROWS_TTL_S = 1.0                # `epp endpoints` reuses the error summary this long
 
@@ -123,6 +132,7 @@ class _Tracked:
     tpot_slo_ms: float
     ttft_slo_ms: float
     first_chunk: float = 0.0
+    decoding: bool = False     # its first chunk arrived: it counts in its endpoint's decode tokens in flight
 
 
 class _Running:
@@ -175,7 +185,7 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         self.predict_enabled = p.predictInProduce if p.predictInPrepareData is None else p.predictInPrepareData
         self.context_ttl = duration_value(p.contextTTL, "contextTTL", ValueError)
         self.clock = handle.clock
-        self.model = LatencyModel(quantile=QUANTILE)
+        self.model = LatencyModel(quantile=objective_from_env())
         self.trainer = Trainer(self.model, clock=handle.clock)
         self.background_training = True
         self._train_thread: threading.Thread | None = None
@@ -188,6 +198,7 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         self._pending_key = self.own_key("pending", _Pending)
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
         self._last: dict[Endpoint, _Candidate] = {}  # per endpoint, the prediction of its last dispatch
+        self._decode_tokens: dict[Endpoint, int] = {}  # per endpoint, prompt tokens of requests past their first chunk
         self._rows: tuple[float, list[dict[str, object]]] = (-ROWS_TTL_S, [])
         self.running = _Running()
         self.metrics = ProducerMetrics(handle.metrics, self.name, TYPE, self.error_rows)
@@ -233,7 +244,8 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
             f = LatencyFeatures(
                 kv_cache_usage=min(max(m.kv_cache_usage_percent, 0.0), 1.0), waiting_requests=m.waiting_queue_size,
                 running_requests=running, input_tokens=tokens, prefix_match=prefix.score(e) if prefix else 0.0,
-                prefill_tokens_in_flight=load.tokens.get(e, 0) if load is not None else 0)
+                prefill_tokens_in_flight=load.tokens.get(e, 0) if load is not None else 0,
+                decode_tokens_in_flight=self._decode_tokens.get(e, 0))
             cls = endpoint_class(e.labels)
             pred = sidecar.lookup(f) if sidecar is not None else None
             if pred is None:
@@ -297,13 +309,24 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         t = self._tracked.pop(rid, None)
         if t is not None:
             self.running.remove(t.endpoint, t.tpot_slo_ms)
+            if t.decoding:
+                self._add_decode_tokens(t, -1)
         return t
+
+    def _add_decode_tokens(self, t: _Tracked, sign: int) -> None:
+        e = t.endpoint
+        left = self._decode_tokens.get(e, 0) + sign * int(t.candidate.features.input_tokens)
+        if left > 0:
+            self._decode_tokens[e] = left
+        else:
+            self._decode_tokens.pop(e, None)
 
     # ------------------------------------------------------------------ response hooks
     def response_streaming(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
         t = self._tracked.get(request.request_id)
-        if t is not None and not t.first_chunk:
-            t.first_chunk = self.clock()
+        if t is not None and not t.decoding:
+            t.first_chunk, t.decoding = self.clock(), True
+            self._add_decode_tokens(t, +1)
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
         t = self._forget(request.request_id)
@@ -356,6 +379,7 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         self.running.forget(endpoints)
         for e in endpoints:
             self._last.pop(e, None)
+            self._decode_tokens.pop(e, None)
 
     # ------------------------------------------------------------------ training
     def _train(self) -> None:
