@@ -27,11 +27,25 @@ from typing import Any
 
 import yaml
 
-from epp import units
+from epp.configvalues import (
+    ConfigError,
+    check_bool,
+    check_list,
+    check_mapping,
+    check_number,
+    check_str,
+    parse_duration,
+    parse_quantity,  # noqa: F401 - part of epp.config's API (tests, callers)
+)
+from epp.flowcontrol.config import (
+    FlowControlConfig,
+    PriorityBandConfig,  # noqa: F401 - part of epp.config's API
+    parse_flow_control,
+    resolve_flow_policies,
+)
 from epp.framework import EXTENSION_POINTS, PluginError, extension_points, params_from_mapping, plugin_params
 from epp.framework.datakeys import ProducerParam
 from epp.framework.registry import ALIASES, ALPHA, BUILTINS, FUTURE, FUTURE_PARAMS, plugin_class, stability
-from epp.yamlcheck import expect_int, expect_list
 
 log = logging.getLogger("epp.config")
 
@@ -50,23 +64,8 @@ DEFAULT_SATURATION_DETECTOR = "utilization-detector"
 DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
 METRICS_SOURCE = "metrics-data-source"
 METRICS_EXTRACTOR = "core-metrics-extractor"
-DEFAULT_BAND_MAX_BYTES = 1_000_000_000
-DEFAULT_BAND_MAX_REQUESTS = 5000  # the reference's per-band default (flowcontrol/registry/config.go)
-DEFAULT_REQUEST_TTL = 60.0
-# the flow-control policy plugins the reference adds under their type names when a config
-# does not declare them (config/loader/defaults.go), and the types this project's earlier
-# band key fairnessPolicy (global-strict | round-robin) stands for
-LEGACY_FAIRNESS_POLICIES = {"global-strict": "global-strict-fairness-policy",
-                            "round-robin": "round-robin-fairness-policy"}
-DEFAULT_FAIRNESS_POLICY = "global-strict-fairness-policy"
-DEFAULT_ORDERING_POLICY = "fcfs-ordering-policy"
-DEFAULT_USAGE_LIMIT_POLICY = "static-usage-limit-policy"
 
 _DEFAULT_SCORERS = (("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0))
-
-
-class ConfigError(ValueError):
-    """Bad configuration: the message names the key path."""
 
 
 # --------------------------------------------------------------------------- typed config
@@ -91,66 +90,6 @@ class ProfilePluginRef:
 class ProfileSpec:
     name: str
     plugins: list[ProfilePluginRef]
-
-
-@dataclass(slots=True)
-class PriorityBandConfig:
-    priority: int
-    max_bytes: int = DEFAULT_BAND_MAX_BYTES  # "0" or unset in the YAML: this default
-    max_requests: int = DEFAULT_BAND_MAX_REQUESTS  # "0" or unset in the YAML: this default
-    fairness_policy_ref: str = DEFAULT_FAIRNESS_POLICY  # plugin names
-    ordering_policy_ref: str = DEFAULT_ORDERING_POLICY
-
-
-@dataclass(slots=True)
-class FlowControlConfig:
-    max_bytes: int = 0  # across all bands; 0 = unlimited
-    max_requests: int = 0  # across all bands; 0 = unlimited
-    default_request_ttl: float = DEFAULT_REQUEST_TTL  # seconds; 0 = no expiry
-    no_endpoint_request_ttl: float | None = None  # while the pool has no endpoint; None = default_request_ttl
-    usage_limit_policy_ref: str = DEFAULT_USAGE_LIMIT_POLICY  # plugin name
-    priority_bands: list[PriorityBandConfig] = field(default_factory=list)
-    # templates for the bands not listed (defaultPriorityBand / defaultNegativePriorityBand)
-    default_band: PriorityBandConfig | None = None
-    default_negative_band: PriorityBandConfig | None = None
-    enable_eviction: bool = False  # evict sheddable requests in flight for blocked higher bands
-
-    def band(self, priority: int) -> PriorityBandConfig:
-        for b in self.priority_bands:
-            if b.priority == priority:
-                return b
-        template = self.default_negative_band if priority < 0 else self.default_band
-        if template is not None:
-            return PriorityBandConfig(priority, template.max_bytes, template.max_requests,
-                                      template.fairness_policy_ref, template.ordering_policy_ref)
-        if priority < 0 and self.default_band is not None:  # negative priorities fall back to the default band
-            return self.band_from(self.default_band, priority)
-        return PriorityBandConfig(priority=priority)
-
-    @staticmethod
-    def band_from(template: PriorityBandConfig, priority: int) -> PriorityBandConfig:
-        return PriorityBandConfig(priority, template.max_bytes, template.max_requests,
-                                  template.fairness_policy_ref, template.ordering_policy_ref)
-
-    @property
-    def endpointless_ttl(self) -> float:
-        """The queue-wait budget while the pool has no endpoint."""
-        return self.default_request_ttl if self.no_endpoint_request_ttl is None else self.no_endpoint_request_ttl
-
-    def policy_refs(self) -> list[tuple[str, str, str]]:
-        """(key path, plugin name, policy kind) of every policy reference."""
-        bands = [(f"flowControl.priorityBands[{i}]", b) for i, b in enumerate(self.priority_bands)]
-        for key, b in (("defaultPriorityBand", self.default_band),
-                       ("defaultNegativePriorityBand", self.default_negative_band)):
-            if b is not None:
-                bands.append((f"flowControl.{key}", b))
-        refs = [("flowControl.usageLimitPolicyPluginRef", self.usage_limit_policy_ref, "usage-limit"),
-                ("flowControl", DEFAULT_FAIRNESS_POLICY, "fairness"),  # the bands no config describes
-                ("flowControl", DEFAULT_ORDERING_POLICY, "ordering")]
-        for where, b in bands:
-            refs.append((f"{where}.fairnessPolicyRef", b.fairness_policy_ref, "fairness"))
-            refs.append((f"{where}.orderingPolicyRef", b.ordering_policy_ref, "ordering"))
-        return refs
 
 
 @dataclass(slots=True)
@@ -193,58 +132,6 @@ class EndpointPickerConfig:
         raise KeyError(name)
 
 
-# --------------------------------------------------------------------------- value parsers
-def parse_quantity(value: Any, where: str) -> int:
-    """Kubernetes quantity ("10Gi", "500M", 1e9, 1024) -> an integer count of bytes."""
-    return units.parse_quantity(value, where, ConfigError)
-
-
-def parse_duration(value: Any, where: str) -> float:
-    """Go duration ("60s", "1m30s", "200ms") or a number of seconds -> seconds."""
-    return units.duration_value(value, where, ConfigError)
-
-
-# --------------------------------------------------------------------------- structural checks
-def _mapping(value: Any, where: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-    for key in value:
-        if key not in allowed:
-            prefix = f"{where}." if where else ""
-            raise ConfigError(f"{prefix}{key}: unknown key (allowed: {', '.join(allowed)})")
-    return value
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    return expect_list(value, where, ConfigError)
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _int(value: Any, where: str) -> int:
-    return expect_int(value, where, ConfigError)
-
-
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    return float(value)
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
 # --------------------------------------------------------------------------- loading
 _TOP_KEYS = ("apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "dataLayer", "flowControl",
              "requestHandler", "saturationDetector", "parser", "engineMetrics", "data")
@@ -281,7 +168,7 @@ def load_config(text: str | None) -> EndpointPickerConfig:
         raise ConfigError(f"config: not valid YAML: {e}") from None
     if doc is None:
         doc = {}
-    doc = _mapping(doc, "", _TOP_KEYS)
+    doc = check_mapping(doc, "", _TOP_KEYS)
     raw = _Raw()
     raw.api_version = doc.get("apiVersion", API_VERSION)
     if raw.api_version not in API_VERSIONS:
@@ -300,7 +187,7 @@ def load_config(text: str | None) -> EndpointPickerConfig:
     raw.engine_metrics = dict(engine_metrics)
     fc_saturation = None
     if doc.get("flowControl") is not None:
-        raw.flow, fc_saturation, raw.flow_settings = _parse_flow_control(doc["flowControl"])
+        raw.flow, fc_saturation, raw.flow_settings = parse_flow_control(doc["flowControl"])
     if doc.get("saturationDetector") is not None:
         log.warning("DEPRECATION: top-level saturationDetector is deprecated, use flowControl.saturationDetector "
                     "instead. If both are set, the new field is used.")
@@ -327,9 +214,9 @@ def _default_plugins() -> list[PluginSpec]:
 def _parse_gates(raw: Any) -> dict[str, bool]:
     """`featureGates: [name, name=bool, ...]` (the reference's list; a bare name turns it on)."""
     gates: dict[str, bool] = {}
-    for i, item in enumerate(_list(raw if raw is not None else [], "featureGates")):
+    for i, item in enumerate(check_list(raw if raw is not None else [], "featureGates")):
         where = f"featureGates[{i}]"
-        name, sep, value = _str(item, where).partition("=")
+        name, sep, value = check_str(item, where).partition("=")
         if name not in FEATURE_GATES:
             raise ConfigError(f"{where}: unknown feature gate {name!r} (registered: {', '.join(FEATURE_GATES)})")
         on = True
@@ -347,7 +234,7 @@ def _parse_gates(raw: Any) -> dict[str, bool]:
 
 
 def _parse_plugins(raw: Any, aliases: dict[str, list[PluginSpec]]) -> list[PluginSpec]:
-    items = _list(raw or [], "plugins")
+    items = check_list(raw or [], "plugins")
     # A type whose feature another issue builds is the most useful thing to say about a config.
     for i, item in enumerate(items):
         ptype = item.get("type") if isinstance(item, Mapping) else None
@@ -357,11 +244,11 @@ def _parse_plugins(raw: Any, aliases: dict[str, list[PluginSpec]]) -> list[Plugi
     seen: set[str] = set()
     for i, item in enumerate(items):
         where = f"plugins[{i}]"
-        item = _mapping(item, where, ("type", "name", "parameters"))
+        item = check_mapping(item, where, ("type", "name", "parameters"))
         if "type" not in item:
             raise ConfigError(f"{where}.type: required")
-        ptype = _str(item["type"], f"{where}.type")
-        name = _str(item["name"], f"{where}.name") if item.get("name") is not None else ptype
+        ptype = check_str(item["type"], f"{where}.type")
+        name = check_str(item["name"], f"{where}.name") if item.get("name") is not None else ptype
         if name in seen:
             raise ConfigError(f"{where}.name: duplicate plugin name {name!r}")
         seen.add(name)
@@ -422,12 +309,12 @@ def _map_alias(spec: PluginSpec, aliases: dict[str, list[PluginSpec]]) -> None:
 
 
 def _by_label(params: dict[str, Any], where: str) -> dict[str, Any]:
-    p = _mapping(params, where, ("label", "validValues", "allowsNoLabel"))
+    p = check_mapping(params, where, ("label", "validValues", "allowsNoLabel"))
     if p.get("label") is None:
         raise ConfigError(f"{where}.label: required")
-    label = _str(p["label"], f"{where}.label")
-    values = [_str(v, f"{where}.validValues[{i}]")
-              for i, v in enumerate(_list(p.get("validValues") or [], f"{where}.validValues"))]
+    label = check_str(p["label"], f"{where}.label")
+    values = [check_str(v, f"{where}.validValues[{i}]")
+              for i, v in enumerate(check_list(p.get("validValues") or [], f"{where}.validValues"))]
     allows = p.get("allowsNoLabel", False)
     if not isinstance(allows, bool):
         raise ConfigError(f"{where}.allowsNoLabel: expected true or false, got {allows!r}")
@@ -447,28 +334,28 @@ _PD_PARAMS = ("decodeProfile", "prefillProfile", "prefixPluginType", "prefixPlug
 
 
 def _pd_profile_handler(params: dict[str, Any], where: str) -> dict[str, Any]:
-    p = _mapping(params, where, _PD_PARAMS)
+    p = check_mapping(params, where, _PD_PARAMS)
     port = p.get("primaryPort") or 0
     if port:
         raise ConfigError(f"{where}.primaryPort: the data-parallel primary port needs disaggregated serving as the "
                           "reference has it today (issue 11)")
-    out = {k: _str(p[k], f"{where}.{k}") for k in ("decodeProfile", "prefillProfile") if p.get(k) is not None}
+    out = {k: check_str(p[k], f"{where}.{k}") for k in ("decodeProfile", "prefillProfile") if p.get(k) is not None}
     # the reference's pd-profile-handler defaults its decider to prefix-based-pd-decider
-    out["deciderPluginName"] = _str(p["deciderPluginName"], f"{where}.deciderPluginName") \
+    out["deciderPluginName"] = check_str(p["deciderPluginName"], f"{where}.deciderPluginName") \
         if p.get("deciderPluginName") else "prefix-based-pd-decider"
     # The prefix plugin names only declare what the decider reads: they must name plugins (checked with
     # the other references, see _check_alias_refs); the decider carries its own producer name.
-    out["_refs"] = {k: _str(p[k], f"{where}.{k}") for k in ("prefixPluginName", "prefixMatchInfoProducerName")
+    out["_refs"] = {k: check_str(p[k], f"{where}.{k}") for k in ("prefixPluginName", "prefixMatchInfoProducerName")
                     if p.get(k)}
     if "prefixPluginName" not in out["_refs"] and p.get("prefixPluginType"):
-        out["_refs"]["prefixPluginType"] = _str(p["prefixPluginType"], f"{where}.prefixPluginType")
+        out["_refs"]["prefixPluginType"] = check_str(p["prefixPluginType"], f"{where}.prefixPluginType")
     return out
 
 
 def _headers_handler(params: dict[str, Any], where: str) -> dict[str, Any]:
-    p = _mapping(params, where, ("prefillProfile", "encodeProfile"))
-    out = {k: _str(p[k], f"{where}.{k}") for k in ("prefillProfile",) if p.get(k) is not None}
-    out["_refs"] = {"encodeProfile": _str(p["encodeProfile"], f"{where}.encodeProfile")
+    p = check_mapping(params, where, ("prefillProfile", "encodeProfile"))
+    out = {k: check_str(p[k], f"{where}.{k}") for k in ("prefillProfile",) if p.get(k) is not None}
+    out["_refs"] = {"encodeProfile": check_str(p["encodeProfile"], f"{where}.encodeProfile")
                     if p.get("encodeProfile") is not None else "encode"}
     return out
 
@@ -517,19 +404,19 @@ def _parse_profiles(raw: Any) -> list[ProfileSpec] | None:
         return None
     profiles: list[ProfileSpec] = []
     seen: set[str] = set()
-    for i, item in enumerate(_list(raw, "schedulingProfiles")):
+    for i, item in enumerate(check_list(raw, "schedulingProfiles")):
         where = f"schedulingProfiles[{i}]"
-        item = _mapping(item, where, ("name", "plugins"))
-        name = _str(item.get("name"), f"{where}.name")
+        item = check_mapping(item, where, ("name", "plugins"))
+        name = check_str(item.get("name"), f"{where}.name")
         if name in seen:
             raise ConfigError(f"{where}.name: duplicate profile name {name!r}")
         seen.add(name)
         refs = []
-        for j, ref in enumerate(_list(item.get("plugins") or [], f"{where}.plugins")):
+        for j, ref in enumerate(check_list(item.get("plugins") or [], f"{where}.plugins")):
             rwhere = f"{where}.plugins[{j}]"
-            ref = _mapping(ref, rwhere, ("pluginRef", "weight"))
-            plugin_ref = _str(ref.get("pluginRef"), f"{rwhere}.pluginRef")
-            weight = _number(ref["weight"], f"{rwhere}.weight") if ref.get("weight") is not None else 1.0
+            ref = check_mapping(ref, rwhere, ("pluginRef", "weight"))
+            plugin_ref = check_str(ref.get("pluginRef"), f"{rwhere}.pluginRef")
+            weight = check_number(ref["weight"], f"{rwhere}.weight") if ref.get("weight") is not None else 1.0
             refs.append(ProfilePluginRef(plugin_ref, weight))
         profiles.append(ProfileSpec(name, refs))
     return profiles or None
@@ -539,16 +426,16 @@ def _parse_request_handler(handler: Any, parser: Any) -> list[tuple[str, str]] |
     """requestHandler.parsers, else the deprecated top-level parser (one pluginRef)."""
     refs: list[tuple[str, str]] = []
     if handler is not None:
-        handler = _mapping(handler, "requestHandler", ("parsers",))
-        for i, item in enumerate(_list(handler.get("parsers") or [], "requestHandler.parsers")):
+        handler = check_mapping(handler, "requestHandler", ("parsers",))
+        for i, item in enumerate(check_list(handler.get("parsers") or [], "requestHandler.parsers")):
             where = f"requestHandler.parsers[{i}]"
-            item = _mapping(item, where, ("pluginRef",))
-            refs.append((_str(item.get("pluginRef"), f"{where}.pluginRef"), f"{where}.pluginRef"))
+            item = check_mapping(item, where, ("pluginRef",))
+            refs.append((check_str(item.get("pluginRef"), f"{where}.pluginRef"), f"{where}.pluginRef"))
     if parser is not None:
         log.warning("DEPRECATION: top-level parser is deprecated, use requestHandler.parsers instead. "
                     "If both are set, the new field is used.")
-        parser = _mapping(parser, "parser", ("pluginRef",))
-        ref = _str(parser.get("pluginRef"), "parser.pluginRef")
+        parser = check_mapping(parser, "parser", ("pluginRef",))
+        ref = check_str(parser.get("pluginRef"), "parser.pluginRef")
         if not refs:
             refs = [(ref, "parser.pluginRef")]
     return refs or None
@@ -556,27 +443,27 @@ def _parse_request_handler(handler: Any, parser: Any) -> list[tuple[str, str]] |
 
 def _parse_data_layer(raw: Any) -> tuple[DataLayerConfig, list[tuple[str, str, str]]]:
     where = "dataLayer"
-    raw = _mapping(raw, where, ("injectDefaults", "sources", "discovery", "peerDiscovery",
+    raw = check_mapping(raw, where, ("injectDefaults", "sources", "discovery", "peerDiscovery",
                                 "crossReplicaSyncerPluginRef", "crossReplicaSyncInterval"))
     dl = DataLayerConfig()
     refs: list[tuple[str, str, str]] = []
     if raw.get("injectDefaults") is not None:
-        dl.inject_defaults = _bool(raw["injectDefaults"], f"{where}.injectDefaults")
-    for i, src in enumerate(_list(raw.get("sources") or [], f"{where}.sources")):
+        dl.inject_defaults = check_bool(raw["injectDefaults"], f"{where}.injectDefaults")
+    for i, src in enumerate(check_list(raw.get("sources") or [], f"{where}.sources")):
         sw = f"{where}.sources[{i}]"
-        src = _mapping(src, sw, ("pluginRef", "extractors"))
-        ref = _str(src.get("pluginRef"), f"{sw}.pluginRef")
+        src = check_mapping(src, sw, ("pluginRef", "extractors"))
+        ref = check_str(src.get("pluginRef"), f"{sw}.pluginRef")
         refs.append((f"{sw}.pluginRef", ref, "DataSource"))
         extractors = []
-        for j, ext in enumerate(_list(src.get("extractors") or [], f"{sw}.extractors")):
+        for j, ext in enumerate(check_list(src.get("extractors") or [], f"{sw}.extractors")):
             ew = f"{sw}.extractors[{j}]"
-            name = _str(_mapping(ext, ew, ("pluginRef",)).get("pluginRef"), f"{ew}.pluginRef")
+            name = check_str(check_mapping(ext, ew, ("pluginRef",)).get("pluginRef"), f"{ew}.pluginRef")
             refs.append((f"{ew}.pluginRef", name, "Extractor"))
             extractors.append(name)
         dl.sources.append(DataSourceSpec(ref, extractors))
     if raw.get("discovery") is not None:
         dw = f"{where}.discovery"
-        dl.discovery = _str(_mapping(raw["discovery"], dw, ("pluginRef",)).get("pluginRef"), f"{dw}.pluginRef")
+        dl.discovery = check_str(check_mapping(raw["discovery"], dw, ("pluginRef",)).get("pluginRef"), f"{dw}.pluginRef")
         refs.append((f"{dw}.pluginRef", dl.discovery, "EndpointDiscovery"))
     for key in ("peerDiscovery", "crossReplicaSyncerPluginRef"):
         if raw.get(key):
@@ -586,93 +473,6 @@ def _parse_data_layer(raw: Any) -> tuple[DataLayerConfig, list[tuple[str, str, s
         dl.cross_replica_sync_interval = parse_duration(raw["crossReplicaSyncInterval"],
                                                         f"{where}.crossReplicaSyncInterval")
     return dl, refs
-
-
-_FLOW_KEYS = ("maxBytes", "maxRequests", "defaultRequestTTL", "noEndpointRequestTTL", "defaultPriorityBand",
-              "defaultNegativePriorityBand", "priorityBands", "usageLimitPolicyPluginRef", "saturationDetector",
-              "enableEviction")
-_BAND_KEYS = ("priority", "maxBytes", "maxRequests", "fairnessPolicyRef", "orderingPolicyRef",
-              "fairnessPolicy")  # fairnessPolicy: this project's earlier form (global-strict | round-robin)
-
-
-def _parse_flow_control(raw: Any) -> tuple[FlowControlConfig, Any, bool]:
-    """-> (config, the saturationDetector under it, whether settings besides that are set)."""
-    where = "flowControl"
-    raw = _mapping(raw, where, _FLOW_KEYS)
-    fc = FlowControlConfig()
-    if raw.get("maxBytes") is not None:
-        fc.max_bytes = parse_quantity(raw["maxBytes"], f"{where}.maxBytes")
-    if raw.get("maxRequests") is not None:
-        fc.max_requests = _count(raw["maxRequests"], f"{where}.maxRequests")
-    if raw.get("defaultRequestTTL") is not None:
-        fc.default_request_ttl = parse_duration(raw["defaultRequestTTL"], f"{where}.defaultRequestTTL")
-    if raw.get("noEndpointRequestTTL") is not None:
-        fc.no_endpoint_request_ttl = parse_duration(raw["noEndpointRequestTTL"], f"{where}.noEndpointRequestTTL")
-    if raw.get("defaultPriorityBand") is not None:
-        fc.default_band = _parse_band(raw["defaultPriorityBand"], f"{where}.defaultPriorityBand", None)
-    if raw.get("defaultNegativePriorityBand") is not None:
-        fc.default_negative_band = _parse_band(raw["defaultNegativePriorityBand"],
-                                               f"{where}.defaultNegativePriorityBand", None)
-    seen: set[int] = set()
-    for i, band in enumerate(_list(raw.get("priorityBands") or [], f"{where}.priorityBands")):
-        cfg = _parse_band(band, f"{where}.priorityBands[{i}]", seen)
-        fc.priority_bands.append(cfg)
-    ref = raw.get("usageLimitPolicyPluginRef")
-    if ref:
-        fc.usage_limit_policy_ref = _str(ref, f"{where}.usageLimitPolicyPluginRef")
-    if raw.get("enableEviction") is not None:
-        fc.enable_eviction = _bool(raw["enableEviction"], f"{where}.enableEviction")
-    settings = any(raw.get(k) is not None for k in _FLOW_KEYS if k != "saturationDetector")
-    saturation = raw.get("saturationDetector")
-    if saturation is not None:
-        saturation = _mapping(saturation, f"{where}.saturationDetector", ("pluginRef",))
-    return fc, saturation, settings
-
-
-def _parse_band(band: Any, bw: str, seen: set[int] | None) -> PriorityBandConfig:
-    """One priority band; `seen` is None for the default band templates (no priority)."""
-    band = _mapping(band, bw, _BAND_KEYS)
-    prio = 0
-    if seen is not None:
-        if "priority" not in band:
-            raise ConfigError(f"{bw}.priority: required")
-        prio = _int(band["priority"], f"{bw}.priority")
-        if prio in seen:
-            raise ConfigError(f"{bw}.priority: duplicate band priority {prio}")
-        seen.add(prio)
-    elif band.get("priority") is not None:
-        _int(band["priority"], f"{bw}.priority")
-    cfg = PriorityBandConfig(priority=prio)
-    # "0" is unset: the system default (the reference's resolveQuantity > 0 check)
-    if band.get("maxBytes") is not None:
-        cfg.max_bytes = parse_quantity(band["maxBytes"], f"{bw}.maxBytes") or DEFAULT_BAND_MAX_BYTES
-    if band.get("maxRequests") is not None:
-        cfg.max_requests = _count(band["maxRequests"], f"{bw}.maxRequests") or DEFAULT_BAND_MAX_REQUESTS
-    if band.get("fairnessPolicy") is not None:
-        if band.get("fairnessPolicyRef") is not None:
-            raise ConfigError(f"{bw}.fairnessPolicy: not allowed together with fairnessPolicyRef")
-        policy = _str(band["fairnessPolicy"], f"{bw}.fairnessPolicy")
-        if policy not in LEGACY_FAIRNESS_POLICIES:
-            raise ConfigError(f"{bw}.fairnessPolicy: expected global-strict or round-robin, got {policy!r}")
-        cfg.fairness_policy_ref = LEGACY_FAIRNESS_POLICIES[policy]
-    if band.get("fairnessPolicyRef"):
-        cfg.fairness_policy_ref = _str(band["fairnessPolicyRef"], f"{bw}.fairnessPolicyRef")
-    if band.get("orderingPolicyRef"):
-        cfg.ordering_policy_ref = _str(band["orderingPolicyRef"], f"{bw}.orderingPolicyRef")
-    return cfg
-
-
-def _count(value: Any, where: str) -> int:
-    """A request count: an integer or a Kubernetes quantity ("1k"), not negative."""
-    if isinstance(value, str):
-        try:
-            value = parse_quantity(value, where)
-        except ConfigError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    n = _int(value, where)
-    if n < 0:
-        raise ConfigError(f"{where}: must not be negative")
-    return n
 
 
 # --------------------------------------------------------------------------- default rules
@@ -845,7 +645,7 @@ def _resolve(raw: _Raw) -> EndpointPickerConfig:
     flow = raw.flow
     if gates[FLOW_CONTROL_GATE]:
         flow = flow if flow is not None else FlowControlConfig()
-        _resolve_flow_policies(flow, by_name, add_implicit)
+        resolve_flow_policies(flow, by_name, add_implicit)
     elif raw.flow_settings:
         log.warning("the flowControl config section is set but the %s feature gate is off: its settings "
                     "(other than saturationDetector) are ignored", FLOW_CONTROL_GATE)
@@ -865,29 +665,6 @@ def _resolve(raw: _Raw) -> EndpointPickerConfig:
     )
 
 
-# the method each flow-control policy kind has (epp.flowcontrol.queues' protocols)
-_POLICY_METHODS = {"fairness": "pick_flow", "ordering": "order_key", "usage-limit": "compute_limit"}
-
-
-def _resolve_flow_policies(flow: FlowControlConfig, by_name: dict[str, PluginSpec],
-                           add_implicit: Callable[..., str]) -> None:
-    """Every policy reference names a plugin of that kind. A built-in policy type named but
-    not declared is added under its type name, as the reference's loader adds the defaults
-    (always added here: the bands no config describes use them); the reference wants other
-    types declared, this project's earlier `fairnessPolicy: round-robin` relies on it. Any
-    other unknown name stops start-up."""
-    for where, ref, kind in flow.policy_refs():
-        spec = by_name.get(ref)
-        if spec is None:
-            if ref not in BUILTINS or not callable(getattr(plugin_class(ref), _POLICY_METHODS[kind], None)):
-                raise ConfigError(f"{where}: no {kind} policy plugin named {ref!r} in plugins")
-            add_implicit(ref)
-            continue
-        if not callable(getattr(plugin_class(spec.type), _POLICY_METHODS[kind], None)):
-            article = "an" if kind[0] in "aeiou" else "a"
-            raise ConfigError(f"{where}: plugin {ref!r} ({spec.type}) is not {article} {kind} policy")
-
-
 _LEGACY_DETECTOR_KEYS = ("queueDepthThreshold", "kvCacheUtilThreshold", "metricsStalenessThreshold", "headroom")
 
 
@@ -895,7 +672,7 @@ def _resolve_saturation(raw: Any, where: str, by_name: dict[str, PluginSpec], ki
                         add_implicit: Callable[..., str]) -> str:
     """`{pluginRef}` (empty or absent: utilization-detector, added when no plugin has that
     name); older configs put the detector's thresholds inline at the top level."""
-    raw = _mapping(raw if raw is not None else {}, where, ("pluginRef", *_LEGACY_DETECTOR_KEYS))
+    raw = check_mapping(raw if raw is not None else {}, where, ("pluginRef", *_LEGACY_DETECTOR_KEYS))
     inline = {k: v for k, v in raw.items() if k != "pluginRef"}
     if inline:
         if raw.get("pluginRef") is not None:
@@ -905,7 +682,7 @@ def _resolve_saturation(raw: Any, where: str, by_name: dict[str, PluginSpec], ki
         except PluginError as e:
             raise ConfigError(str(e)) from None
         return add_implicit(DEFAULT_SATURATION_DETECTOR, dict(inline))
-    ref = _str(raw["pluginRef"], f"{where}.pluginRef") if raw.get("pluginRef") not in (None, "") else ""
+    ref = check_str(raw["pluginRef"], f"{where}.pluginRef") if raw.get("pluginRef") not in (None, "") else ""
     if not ref or (ref == DEFAULT_SATURATION_DETECTOR and ref not in by_name):
         return add_implicit(DEFAULT_SATURATION_DETECTOR)
     if ref not in by_name:
