@@ -463,7 +463,8 @@ def _parse_data_layer(raw: Any) -> tuple[DataLayerConfig, list[tuple[str, str, s
         dl.sources.append(DataSourceSpec(ref, extractors))
     if raw.get("discovery") is not None:
         dw = f"{where}.discovery"
-        dl.discovery = check_str(check_mapping(raw["discovery"], dw, ("pluginRef",)).get("pluginRef"), f"{dw}.pluginRef")
+        dl.discovery = check_str(check_mapping(raw["discovery"], dw, ("pluginRef",)).get("pluginRef"),
+                                 f"{dw}.pluginRef")
         refs.append((f"{dw}.pluginRef", dl.discovery, "EndpointDiscovery"))
     for key in ("peerDiscovery", "crossReplicaSyncerPluginRef"):
         if raw.get(key):
