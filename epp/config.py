@@ -29,14 +29,14 @@ import yaml
 
 from epp.configvalues import (
     ConfigError,
-    check_bool,
     check_list,
     check_mapping,
     check_number,
     check_str,
-    parse_duration,
+    parse_duration,  # noqa: F401 - part of epp.config's API (tests, callers)
     parse_quantity,  # noqa: F401 - part of epp.config's API (tests, callers)
 )
+from epp.datalayer.config import DataLayerConfig, parse_data_layer, resolve_data_layer
 from epp.flowcontrol.config import (
     FlowControlConfig,
     PriorityBandConfig,  # noqa: F401 - part of epp.config's API
@@ -62,8 +62,6 @@ DEFAULT_PICKER = "max-score-picker"
 DEFAULT_PROFILE_HANDLER = "single-profile-handler"
 DEFAULT_SATURATION_DETECTOR = "utilization-detector"
 DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
-METRICS_SOURCE = "metrics-data-source"
-METRICS_EXTRACTOR = "core-metrics-extractor"
 
 _DEFAULT_SCORERS = (("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0))
 
@@ -90,24 +88,6 @@ class ProfilePluginRef:
 class ProfileSpec:
     name: str
     plugins: list[ProfilePluginRef]
-
-
-@dataclass(slots=True)
-class DataSourceSpec:
-    plugin_ref: str  # a data source plugin (e.g. metrics-data-source)
-    extractors: list[str] = field(default_factory=list)  # extractor plugin names, in order
-    implicit: bool = False
-
-
-@dataclass(slots=True)
-class DataLayerConfig:
-    """The reference's `dataLayer`: polled sources with their extractors, and the endpoint
-    discovery plugin (instead of the pool flags). Plugin names, resolved against plugins."""
-
-    inject_defaults: bool = True
-    sources: list[DataSourceSpec] = field(default_factory=list)
-    discovery: str = ""  # an endpoint-discovery plugin name ("" = the pool/endpoint flags)
-    cross_replica_sync_interval: float | None = None  # seconds; only read with a syncer
 
 
 @dataclass(slots=True)
@@ -197,7 +177,7 @@ def load_config(text: str | None) -> EndpointPickerConfig:
         raw.saturation = doc.get("saturationDetector")
     raw.parsers = _parse_request_handler(doc.get("requestHandler"), doc.get("parser"))
     if doc.get("dataLayer") is not None:
-        raw.data_layer, raw.data_layer_refs = _parse_data_layer(doc["dataLayer"])
+        raw.data_layer, raw.data_layer_refs = parse_data_layer(doc["dataLayer"])
     data = doc.get("data") or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"data: expected a mapping, got {data!r}")
@@ -441,41 +421,6 @@ def _parse_request_handler(handler: Any, parser: Any) -> list[tuple[str, str]] |
     return refs or None
 
 
-def _parse_data_layer(raw: Any) -> tuple[DataLayerConfig, list[tuple[str, str, str]]]:
-    where = "dataLayer"
-    raw = check_mapping(raw, where, ("injectDefaults", "sources", "discovery", "peerDiscovery",
-                                "crossReplicaSyncerPluginRef", "crossReplicaSyncInterval"))
-    dl = DataLayerConfig()
-    refs: list[tuple[str, str, str]] = []
-    if raw.get("injectDefaults") is not None:
-        dl.inject_defaults = check_bool(raw["injectDefaults"], f"{where}.injectDefaults")
-    for i, src in enumerate(check_list(raw.get("sources") or [], f"{where}.sources")):
-        sw = f"{where}.sources[{i}]"
-        src = check_mapping(src, sw, ("pluginRef", "extractors"))
-        ref = check_str(src.get("pluginRef"), f"{sw}.pluginRef")
-        refs.append((f"{sw}.pluginRef", ref, "DataSource"))
-        extractors = []
-        for j, ext in enumerate(check_list(src.get("extractors") or [], f"{sw}.extractors")):
-            ew = f"{sw}.extractors[{j}]"
-            name = check_str(check_mapping(ext, ew, ("pluginRef",)).get("pluginRef"), f"{ew}.pluginRef")
-            refs.append((f"{ew}.pluginRef", name, "Extractor"))
-            extractors.append(name)
-        dl.sources.append(DataSourceSpec(ref, extractors))
-    if raw.get("discovery") is not None:
-        dw = f"{where}.discovery"
-        dl.discovery = check_str(check_mapping(raw["discovery"], dw, ("pluginRef",)).get("pluginRef"),
-                                 f"{dw}.pluginRef")
-        refs.append((f"{dw}.pluginRef", dl.discovery, "EndpointDiscovery"))
-    for key in ("peerDiscovery", "crossReplicaSyncerPluginRef"):
-        if raw.get(key):
-            raise ConfigError(f"{where}.{key}: sharing data-layer state across replicas is not supported here "
-                              "(no plugin type provides it)")
-    if raw.get("crossReplicaSyncInterval") is not None:
-        dl.cross_replica_sync_interval = parse_duration(raw["crossReplicaSyncInterval"],
-                                                        f"{where}.crossReplicaSyncInterval")
-    return dl, refs
-
-
 # --------------------------------------------------------------------------- default rules
 _KINDS = {"Filter": "filter", "Scorer": "scorer", "Picker": "picker", "ProfileHandler": "handler",
           "SaturationDetector": "saturation"}
@@ -639,7 +584,7 @@ def _resolve(raw: _Raw) -> EndpointPickerConfig:
 
     detector = _resolve_saturation(raw.saturation, raw.saturation_where, by_name, kinds, add_implicit)
     parsers = _resolve_parsers(raw.parsers, by_name, add_implicit)
-    data_layer = _resolve_data_layer(raw.data_layer or DataLayerConfig(), raw.data_layer_refs, by_name,
+    data_layer = resolve_data_layer(raw.data_layer or DataLayerConfig(), raw.data_layer_refs, by_name,
                                      add_implicit)
 
     gates = {**FEATURE_GATES, **raw.gates}
@@ -724,34 +669,6 @@ def _resolve_parsers(refs: list[tuple[str, str]] | None, by_name: dict[str, Plug
 
 # What the data layer runtime (epp.datalayer.runtime) binds: a source declares the payload
 # kind it yields, an extractor the kind it reads, a discovery plugin builds the discovery.
-_DATA_ROLES: dict[str, Callable[[type], bool]] = {
-    "DataSource": lambda cls: isinstance(getattr(cls, "output_kind", None), str),
-    "Extractor": lambda cls: isinstance(getattr(cls, "input_kind", None), str),
-    "EndpointDiscovery": lambda cls: callable(getattr(cls, "discovery", None)),
-}
-_DATA_ROLE_NAMES = {"DataSource": "data source", "Extractor": "data extractor",
-                    "EndpointDiscovery": "endpoint discovery plugin"}
-
-
-def _resolve_data_layer(dl: DataLayerConfig, refs: list[tuple[str, str, str]], by_name: dict[str, PluginSpec],
-                        add_implicit: Callable[..., str]) -> DataLayerConfig:
-    for where, name, role in refs:
-        if name not in by_name:
-            raise ConfigError(f"{where}: no plugin named {name!r} in plugins")
-        if not _DATA_ROLES[role](plugin_class(by_name[name].type)):
-            raise ConfigError(f"{where}: {name!r} is not a {_DATA_ROLE_NAMES[role]}")
-    # The reference injects metrics-data-source -> core-metrics-extractor unless a source of
-    # that name is configured or injectDefaults is false. Until both types are registered the
-    # built-in metrics collector (engineMetrics) does this job.
-    if dl.inject_defaults and all(s.plugin_ref != METRICS_SOURCE for s in dl.sources) \
-            and METRICS_SOURCE in BUILTINS and METRICS_EXTRACTOR in BUILTINS:
-        for ptype in (METRICS_SOURCE, METRICS_EXTRACTOR):
-            if ptype not in by_name:
-                add_implicit(ptype)
-        dl.sources.append(DataSourceSpec(METRICS_SOURCE, [METRICS_EXTRACTOR], implicit=True))
-    return dl
-
-
 def check_stability(config: EndpointPickerConfig, allow_experimental_plugins: bool) -> None:
     """Alpha plugin types need --allow-experimental-plugins (the reference checks every
     instantiated plugin, implicit ones included, at start-up)."""
