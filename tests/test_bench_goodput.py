@@ -165,3 +165,45 @@ def test_latency_plugins_learn_inline_in_virtual_time():
     assert model.pending < len(items) // 2
     assert sorted(model.classes()) == sorted({HARDWARE["h100"].gpu_product, HARDWARE["a100"].gpu_product})
     assert model.coefficients(POOL, Target.TTFT) is not None
+
+
+def test_latency_strategies_run_with_their_objective_and_report_their_model_error(monkeypatch):
+    """latency runs the chart's config with no LATENCY_* environment (the servers' default, the 0.9
+    quantile), latency-mean with LATENCY_OBJECTIVE_TYPE=mean as the charts set it; the caller's
+    environment neither leaks in nor is lost; each run reports its model's error per class."""
+    import os
+
+    monkeypatch.setenv("LATENCY_OBJECTIVE_TYPE", "quantile")
+    monkeypatch.setenv("LATENCY_QUANTILE_ALPHA", "0.7")
+    items = generate(WorkloadSpec("slo_mix", SloMix(doc_min_prompt_len=500, doc_max_prompt_len=900),
+                                  num_requests=200, seed=4))
+    made: list = []
+    goodput.register(items, made)
+    cfg = ClusterConfig(servers=2, hardware=("h100", "a100"))
+    quantiles = {}
+    for strategy in ("latency", "latency-mean"):
+        with goodput.environment(strategy):
+            simulate(strategy, items, LoadSpec(rate=10.0), cfg)
+        producer = made[-1].pipeline.plugins["predicted-latency-producer"]
+        quantiles[strategy] = producer.model.quantile
+        errors = goodput.model_errors(made[-1])
+        assert {(HARDWARE[hw].gpu_product, "ttft") for hw in ("h100", "a100")} <= set(errors)
+    assert quantiles == {"latency": 0.9, "latency-mean": None}
+    assert (os.environ["LATENCY_OBJECTIVE_TYPE"], os.environ["LATENCY_QUANTILE_ALPHA"]) == ("quantile", "0.7")
+    assert goodput.model_errors(None) == {}
+
+
+def test_the_report_explains_a_losing_chart_config_from_the_run_figures():
+    from types import SimpleNamespace
+
+    def point(strategy, gp, per_server):
+        g = goodput.Goodput(10, 10, 1.0, gp, 0.0, 0.0, 0, {})
+        return goodput.Point("mixed", strategy, 1.0, g, SimpleNamespace(per_server=per_server))
+
+    pts = [point("picker", 5.0, [30, 30, 20, 20]), point("latency", 4.0, [25, 25, 25, 25]),
+           point("latency-mean", 6.0, [35, 35, 15, 15])]
+    why = goodput.explain_latency(pts, goodput.verdict(pts))
+    assert "the H100s served 50% of the requests over these rates, 70% with the mean objective" in why
+    assert "60% with the default config" in why and "LATENCY_OBJECTIVE_TYPE=mean" in why
+    pts[1] = point("latency", 6.0, [25, 25, 25, 25])  # it wins: nothing to explain
+    assert goodput.explain_latency(pts, goodput.verdict(pts)) == ""

@@ -2,7 +2,7 @@
 (TPOT) for a request, learnt from the latencies the picker observes. A library for the
 predicted-latency-producer (not a plugin yet: nothing here is registered).
 
-    model = LatencyModel(quantile=0.9)          # one per pool; quantile None = typical latency
+    model = LatencyModel(quantile=0.9)          # one per pool; quantile None = typical latency ("mean")
     cls = endpoint_class(endpoint.labels)       # hardware class: accelerator label
     f = LatencyFeatures(kv_cache_usage=..., waiting_requests=..., running_requests=...,
                         input_tokens=..., prefix_match=..., prefill_tokens_in_flight=...,
@@ -45,8 +45,10 @@ Reference facts (kubernetes-sigs/gateway-api-inference-extension v1.5.0), for th
   /model/{ttft,tpot}/xgb/json, /model/{ttft,tpot}/lgb/txt; POST /flush. LATENCY_MODEL_TYPE
   bayesian_ridge | xgboost (default: 200 trees, depth 6, lr 0.05) | lightgbm;
   LATENCY_OBJECTIVE_TYPE quantile (default, LATENCY_QUANTILE_ALPHA 0.9: it predicts p90) or
-  mean; refit every LATENCY_RETRAINING_INTERVAL_SEC (1800) once LATENCY_MIN_SAMPLES_FOR_RETRAIN
-  (1000) samples; samples kept per bucket (waiting 0/1-2/3-5/6-10/11+ x KV 20 bins x prefix 4
+  mean (what both charts set for both servers: GIE v1.5 config/charts/epplib/values.yaml,
+  llm-d-router config/charts/routerlib/values.yaml); refit every
+  LATENCY_RETRAINING_INTERVAL_SEC (1800) once LATENCY_MIN_SAMPLES_FOR_RETRAIN (1000) samples;
+  samples kept per bucket (waiting 0/1-2/3-5/6-10/11+ x KV 20 bins x prefix 4
   bins) up to LATENCY_MAX_TRAINING_DATA_SIZE_PER_BUCKET (500), 10 % held out as test data
   (at most 1000); "ensemble mode" fits queued and no-queue sub-models apart. TTFT columns:
   is_queued, kv_cache_percentage, input_token_length, num_request_waiting,
@@ -71,10 +73,15 @@ Reference facts (kubernetes-sigs/gateway-api-inference-extension v1.5.0), for th
   its client in .../predictedlatency/latencypredictorclient (entries and requests gain
   encoder_input_size, encoder_matched_size); the Python service moved to
   llm-d/llm-d-latency-predictor. With bayesian_ridge the client predicts in process from
-  the cached coefficients; xgboost/lightgbm go over HTTP bulk calls.
-Objective: by default this model predicts the typical latency (relative least squares, the
-reference's "mean"); LatencyModel(quantile=0.9) matches the reference's default p90 by
-scaling each fit with the 0.9-quantile of recent actual/fitted ratios."""
+  the cached coefficients; xgboost/lightgbm go over HTTP bulk calls. Its PreRequest sets
+  decode_tokens_in_flight to 0 ("only accurate in pure streaming mode"; the producer here
+  counts the prompt tokens of requests past their first chunk instead).
+Objective: LatencyModel() predicts the typical latency (relative least squares, the
+reference's "mean"); LatencyModel(quantile=0.9) predicts the 0.9 quantile (the reference
+servers' default): the typical prediction times exp(the 0.9 quantile of recent residuals
+log(actual / typical)), per octave band of the typical prediction (model.ResidualQuantile).
+The predicted-latency-producer picks it as the servers do, from LATENCY_OBJECTIVE_TYPE and
+LATENCY_QUANTILE_ALPHA (model.objective_from_env)."""
 
 from .features import (
     DEFAULT_CLASS,
