@@ -203,7 +203,7 @@ def test_the_report_explains_a_losing_chart_config_from_the_run_figures():
     pts = [point("picker", 5.0, [30, 30, 20, 20]), point("latency", 4.0, [25, 25, 25, 25]),
            point("latency-mean", 6.0, [35, 35, 15, 15])]
     why = goodput.explain_latency(pts, goodput.verdict(pts))
-    assert "the H100s served 50% of the requests over these rates, 70% with the mean objective" in why
+    assert "the H100s served 50% of the requests over these rates, 70% with the mean objective" in why, why
     assert "60% with the default config" in why and "LATENCY_OBJECTIVE_TYPE=mean" in why
     pts[1] = point("latency", 6.0, [25, 25, 25, 25])  # it wins: nothing to explain
     assert goodput.explain_latency(pts, goodput.verdict(pts)) == ""
