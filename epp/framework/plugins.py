@@ -145,6 +145,15 @@ class ProfileHandler(Plugin, Protocol):
     ) -> SchedulingResult: ...
 
 
+class EveryProfileOnce:
+    """A profile handler's pick_profiles that runs every configured profile once, together
+    (single-profile-handler; data-parallel-profile-handler, whose one profile is checked)."""
+
+    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
+                      results: Mapping[str, ProfileRunResult | None]) -> Mapping[str, SchedulerProfile]:
+        return {} if results else profiles
+
+
 # extension point -> the method a plugin implements to take part in it
 EXTENSION_POINTS: dict[str, str] = {
     "Screener": "screen",  # once per request before PrepareData: screen(request, endpoints) -> the endpoints kept

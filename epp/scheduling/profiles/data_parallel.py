@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from epp.framework import (
     ConfiguredPlugin,
     CycleState,
+    EveryProfileOnce,
     InferenceRequest,
     PluginHandle,
     ProfileRunResult,
@@ -25,7 +26,6 @@ from epp.framework import (
     bounded,
 )
 from epp.framework.types import DATA_PARALLEL_HEADER
-from epp.scheduling.profiles.single import SingleProfileHandler
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class DataParallelParams:
     primaryPort: int = bounded(8000, ge=0, le=65535)  # the reference: 0 is accepted as is
 
 
-class DataParallelProfileHandler(ConfiguredPlugin[DataParallelParams]):
+class DataParallelProfileHandler(EveryProfileOnce, ConfiguredPlugin[DataParallelParams]):
     """Exactly one scheduling profile; its picks are sent to their pod's primary port."""
 
     type_name = "data-parallel-profile-handler"
@@ -49,9 +49,6 @@ class DataParallelProfileHandler(ConfiguredPlugin[DataParallelParams]):
         if len(names) != 1:
             raise ValueError(f"schedulingProfiles: the data-parallel profile handler needs exactly one scheduling "
                              f"profile, got {len(names)}")
-
-    # the one profile, once (check_profiles made sure there is exactly one)
-    pick_profiles = SingleProfileHandler.pick_profiles
 
     def process_results(self, cycle: CycleState, request: InferenceRequest,
                         results: Mapping[str, ProfileRunResult | None]) -> SchedulingResult:

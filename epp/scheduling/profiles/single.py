@@ -6,22 +6,16 @@ from collections.abc import Mapping
 
 from epp.framework import (
     CycleState,
+    EveryProfileOnce,
     InferenceRequest,
     NamedPlugin,
     ProfileRunResult,
-    SchedulerProfile,
     SchedulingResult,
 )
 
 
-class SingleProfileHandler(NamedPlugin):
+class SingleProfileHandler(EveryProfileOnce, NamedPlugin):
     type_name = "single-profile-handler"
-
-    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulerProfile],
-                      results: Mapping[str, ProfileRunResult | None]) -> Mapping[str, SchedulerProfile]:
-        if results:
-            return {}
-        return profiles
 
     def process_results(self, cycle: CycleState, request: InferenceRequest,
                         results: Mapping[str, ProfileRunResult | None]) -> SchedulingResult:
