@@ -59,8 +59,15 @@ from aiohttp import web
 from . import tokenizer
 from .clock import AsyncioClock
 from .data_parallel import rank_handler
-from .encoder import ENCODERS_HEADER, EncoderError, encoder_answer, encoder_targets, fan_out, mm_items, \
-    placeholder_messages
+from .encoder import (
+    ENCODERS_HEADER,
+    EncoderError,
+    encoder_answer,
+    encoder_targets,
+    fan_out,
+    mm_items,
+    placeholder_messages,
+)
 from .engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong
 from .kv_events import ZmqKVPublisher, topic_for
 from .metrics import ServerMetrics

@@ -11,7 +11,12 @@ import pytest
 
 from devstack.launch import free_ports, wait_until
 from epp.requestcontrol.producers.latency import LatencyFeatures
-from epp.requestcontrol.producers.latency.sidecar import PREDICT_TIMEOUT_S, SidecarClient, SidecarConfig, cache_key
+from epp.requestcontrol.producers.latency.sidecar import (
+    PREDICT_TIMEOUT_S,
+    SidecarClient,
+    SidecarConfig,
+    cache_key,
+)
 from tests.latency_sidecars import FakeSidecars
 
 F = LatencyFeatures(kv_cache_usage=0.31, waiting_requests=2, running_requests=3, input_tokens=900,

@@ -17,10 +17,10 @@ import grpc
 import pytest
 
 from devstack.launch import free_ports, wait_until
-from tests.e2e.conftest import metric_sum, post
 from epp.apicli import format_endpoints, format_explain
 from proto import epp_api_pb2 as pb
 from proto import epp_api_pb2_grpc as pb_grpc
+from tests.e2e.conftest import metric_sum, post
 from tests.e2e.test_reference_configs import REFERENCE, chart_args, localise
 from tests.latency_sidecars import FakeSidecars
 
