@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host in the KV-events topic kv@<host>:<port>@<model> (default $POD_IP, else --host)")
     p.add_argument("--kv-events-connect", action="store_true",
                    help="connect the PUB socket to --kv-events-endpoint (a picker's global socket, as vLLM does for "
-                        "a non-wildcard address) instead of binding it; every replica connects to the same address")
+                        "a non-wildcard address) instead of binding it; every replica connects to the same address (a comma "
+                        "list: to each, e.g. one global socket per picker replica)")
     p.add_argument("--kv-events-replay-endpoint", default=None,
                    help="bind vLLM's replay ROUTER socket here, e.g. tcp://*:5558 (replica i binds port+i)")
     return p

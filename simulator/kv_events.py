@@ -112,8 +112,9 @@ class ZmqKVPublisher:
         self._socket = ctx.socket(zmq.PUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 100_000)
-        if connect:
-            self._socket.connect(endpoint)
+        if connect:  # a comma list: several pickers' global sockets, each gets every batch (PUB fans out)
+            for ep in endpoint.split(","):
+                self._socket.connect(ep)
         else:
             self._socket.bind(endpoint)
         self.seq = 0
