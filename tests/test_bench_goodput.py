@@ -157,6 +157,7 @@ def test_latency_plugins_learn_inline_in_virtual_time():
     assert all(x.ok for x in r.results)
     producer = made[0].pipeline.plugins["predicted-latency-producer"]
     assert producer.background_training is False
+    assert producer._train_thread is None  # noqa: SLF001
     assert not any("trainer" in t.name for t in threading.enumerate())
     # every response was learnt from (TTFT at the first chunk, TPOT at the end; the last few still
     # waiting for the next due training), and fits were published
@@ -168,27 +169,27 @@ def test_latency_plugins_learn_inline_in_virtual_time():
 
 
 def test_latency_strategies_run_with_their_objective_and_report_their_model_error(monkeypatch):
-    """latency runs the chart's config with no LATENCY_* environment (the servers' default, the 0.9
-    quantile), latency-mean with LATENCY_OBJECTIVE_TYPE=mean as the charts set it; the caller's
+    """latency runs the chart's config with no LATENCY_* environment (the default objective, mean,
+    as the charts deploy it), latency-p90 with LATENCY_OBJECTIVE_TYPE=quantile (0.9); the caller's
     environment neither leaks in nor is lost; each run reports its model's error per class."""
     import os
 
     monkeypatch.setenv("LATENCY_OBJECTIVE_TYPE", "quantile")
-    monkeypatch.setenv("LATENCY_QUANTILE_ALPHA", "0.7")
+    monkeypatch.setenv("LATENCY_QUANTILE_ALPHA", "0.7")  # the caller's: neither strategy sees it
     items = generate(WorkloadSpec("slo_mix", SloMix(doc_min_prompt_len=500, doc_max_prompt_len=900),
                                   num_requests=200, seed=4))
     made: list = []
     goodput.register(items, made)
     cfg = ClusterConfig(servers=2, hardware=("h100", "a100"))
     quantiles = {}
-    for strategy in ("latency", "latency-mean"):
+    for strategy in ("latency", "latency-p90"):
         with goodput.environment(strategy):
             simulate(strategy, items, LoadSpec(rate=10.0), cfg)
         producer = made[-1].pipeline.plugins["predicted-latency-producer"]
         quantiles[strategy] = producer.model.quantile
         errors = goodput.model_errors(made[-1])
         assert {(HARDWARE[hw].gpu_product, "ttft") for hw in ("h100", "a100")} <= set(errors)
-    assert quantiles == {"latency": 0.9, "latency-mean": None}
+    assert quantiles == {"latency": None, "latency-p90": 0.9}
     assert (os.environ["LATENCY_OBJECTIVE_TYPE"], os.environ["LATENCY_QUANTILE_ALPHA"]) == ("quantile", "0.7")
     assert goodput.model_errors(None) == {}
 
@@ -200,10 +201,14 @@ def test_the_report_explains_a_losing_chart_config_from_the_run_figures():
         g = goodput.Goodput(10, 10, 1.0, gp, 0.0, 0.0, 0, {})
         return goodput.Point("mixed", strategy, 1.0, g, SimpleNamespace(per_server=per_server))
 
-    pts = [point("picker", 5.0, [30, 30, 20, 20]), point("latency", 4.0, [25, 25, 25, 25]),
-           point("latency-mean", 6.0, [35, 35, 15, 15])]
+    pts = [point("picker", 5.0, [30, 30, 20, 20]), point("latency-p90", 4.0, [25, 25, 25, 25]),
+           point("latency", 6.0, [35, 35, 15, 15])]
     why = goodput.explain_latency(pts, goodput.verdict(pts))
-    assert "the H100s served 50% of the requests over these rates, 70% with the mean objective" in why, why
+    assert why.startswith("Why `latency-p90`"), why
+    assert "the H100s served 50% of the requests over these rates, 70% with the default mean objective" in why
     assert "60% with the default config" in why and "LATENCY_OBJECTIVE_TYPE=mean" in why
-    pts[1] = point("latency", 6.0, [25, 25, 25, 25])  # it wins: nothing to explain
+    pts[1] = point("latency-p90", 6.0, [25, 25, 25, 25])  # it wins: nothing to explain
     assert goodput.explain_latency(pts, goodput.verdict(pts)) == ""
+    # the default `latency` losing is not explained as the quantile objective's fault
+    assert goodput.explain_latency([pts[0], point("latency", 4.0, [25, 25, 25, 25])],
+                                   goodput.verdict(pts)) == ""

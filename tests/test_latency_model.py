@@ -194,7 +194,9 @@ def test_a_p90_prediction_is_the_typical_one_plus_a_residual_quantile_calibrated
 
 
 def test_the_objective_comes_from_the_reference_servers_environment():
-    assert objective_from_env({}) == 0.9  # their default: quantile, alpha 0.9
+    assert objective_from_env({}) is None  # unset: mean, what both reference charts deploy
+    assert objective_from_env({"LATENCY_QUANTILE_ALPHA": "0.8"}) is None  # alpha alone: still mean
+    assert objective_from_env({"LATENCY_OBJECTIVE_TYPE": "quantile"}) == 0.9  # the servers' code default alpha
     assert objective_from_env({"LATENCY_OBJECTIVE_TYPE": "mean", "LATENCY_QUANTILE_ALPHA": "0.5"}) is None
     assert objective_from_env({"LATENCY_OBJECTIVE_TYPE": "quantile", "LATENCY_QUANTILE_ALPHA": "0.75"}) == 0.75
     for env, message in (({"LATENCY_OBJECTIVE_TYPE": "median"}, "LATENCY_OBJECTIVE_TYPE: must be 'quantile' or"),

@@ -2,7 +2,7 @@
 (TPOT) for a request, learnt from the latencies the picker observes. A library for the
 predicted-latency-producer (not a plugin yet: nothing here is registered).
 
-    model = LatencyModel(quantile=0.9)          # one per pool; quantile None = typical latency ("mean")
+    model = LatencyModel()                      # one per pool: typical latency ("mean"); quantile=0.9: p90
     cls = endpoint_class(endpoint.labels)       # hardware class: accelerator label
     f = LatencyFeatures(kv_cache_usage=..., waiting_requests=..., running_requests=...,
                         input_tokens=..., prefix_match=..., prefill_tokens_in_flight=...,
@@ -44,9 +44,10 @@ Reference facts (kubernetes-sigs/gateway-api-inference-extension v1.5.0), for th
   /data/status, /models/list, /model/download/info, /model/{name}/info, /model/{name}/download,
   /model/{ttft,tpot}/xgb/json, /model/{ttft,tpot}/lgb/txt; POST /flush. LATENCY_MODEL_TYPE
   bayesian_ridge | xgboost (default: 200 trees, depth 6, lr 0.05) | lightgbm;
-  LATENCY_OBJECTIVE_TYPE quantile (default, LATENCY_QUANTILE_ALPHA 0.9: it predicts p90) or
-  mean (what both charts set for both servers: GIE v1.5 config/charts/epplib/values.yaml,
-  llm-d-router config/charts/routerlib/values.yaml); refit every
+  LATENCY_OBJECTIVE_TYPE quantile (the code default, LATENCY_QUANTILE_ALPHA 0.9: it predicts
+  p90) or mean (what both charts set for both servers: GIE v1.5 config/charts/epplib/values.yaml,
+  llm-d-router config/charts/routerlib/values.yaml; the EPP container gets only
+  PREDICTION_SERVER_URL, TRAINING_SERVER_URL and the chart's eppEnv); refit every
   LATENCY_RETRAINING_INTERVAL_SEC (1800) once LATENCY_MIN_SAMPLES_FOR_RETRAIN (1000) samples;
   samples kept per bucket (waiting 0/1-2/3-5/6-10/11+ x KV 20 bins x prefix 4
   bins) up to LATENCY_MAX_TRAINING_DATA_SIZE_PER_BUCKET (500), 10 % held out as test data
@@ -78,10 +79,10 @@ Reference facts (kubernetes-sigs/gateway-api-inference-extension v1.5.0), for th
   counts the prompt tokens of requests past their first chunk instead).
 Objective: LatencyModel() predicts the typical latency (relative least squares, the
 reference's "mean"); LatencyModel(quantile=0.9) predicts the 0.9 quantile (the reference
-servers' default): the typical prediction times exp(the 0.9 quantile of recent residuals
+servers' code default): the typical prediction times exp(the 0.9 quantile of recent residuals
 log(actual / typical)), per octave band of the typical prediction (model.ResidualQuantile).
-The predicted-latency-producer picks it as the servers do, from LATENCY_OBJECTIVE_TYPE and
-LATENCY_QUANTILE_ALPHA (model.objective_from_env)."""
+The predicted-latency-producer reads LATENCY_OBJECTIVE_TYPE and LATENCY_QUANTILE_ALPHA
+(model.objective_from_env); unset, the objective is "mean", what the reference charts deploy."""
 
 from .features import (
     DEFAULT_CLASS,

@@ -55,10 +55,13 @@ BAND_WINDOW = 256              # most recent residuals kept per octave band of t
 BAND_RANGE = (-8, 24)          # octave bands 2^-8 .. 2^24 ms; predictions beyond share the end bands
 LATENCY_FLOOR_MS = 0.1         # relative weighting divides by max(latency, floor)
 POOL = "*"                     # the pool-wide model's key in errors()
-# The objective, from the environment variables of the reference's predictor servers, with their defaults
-# (latencypredictor/prediction_server.py and training_server.py; both reference charts set "mean").
+# The objective, from the environment variables of the reference's predictor servers. Unset, it is what
+# both reference charts deploy them with: "mean" (GIE v1.5 config/charts/epplib/values.yaml, llm-d-router
+# config/charts/routerlib/values.yaml; the charts put it on the sidecars, not on the picker's container).
+# The servers' own code default is "quantile" with alpha 0.9 (latencypredictor/prediction_server.py); the
+# alpha default applies when LATENCY_OBJECTIVE_TYPE=quantile is set without LATENCY_QUANTILE_ALPHA.
 OBJECTIVE_ENV, QUANTILE_ALPHA_ENV = "LATENCY_OBJECTIVE_TYPE", "LATENCY_QUANTILE_ALPHA"
-DEFAULT_OBJECTIVE, DEFAULT_QUANTILE_ALPHA = "quantile", 0.9
+DEFAULT_OBJECTIVE, DEFAULT_QUANTILE_ALPHA = "mean", 0.9
 
 
 class Target(StrEnum):
@@ -256,13 +259,12 @@ def _band(latency_ms: float) -> int:
 
 
 def objective_from_env(env: Mapping[str, str] = os.environ) -> float | None:
-    """The objective as the reference's predictor servers read it from their environment:
-    LATENCY_OBJECTIVE_TYPE "quantile" (the default) predicts the LATENCY_QUANTILE_ALPHA quantile
-    (default 0.9); "mean" predicts the typical latency (None). Anything else raises ValueError."""
+    """The objective from the predictor servers' environment variables: LATENCY_OBJECTIVE_TYPE
+    "mean" (the default: what both reference charts deploy) predicts the typical latency (None);
+    "quantile" predicts the LATENCY_QUANTILE_ALPHA quantile (default 0.9). Anything else, or an
+    alpha outside (0, 1) whichever the objective, raises ValueError."""
     kind = env.get(OBJECTIVE_ENV, DEFAULT_OBJECTIVE)
-    if kind == "mean":
-        return None
-    if kind != "quantile":
+    if kind not in ("quantile", "mean"):
         raise ValueError(f"{OBJECTIVE_ENV}: must be 'quantile' or 'mean', got {kind!r}")
     raw = env.get(QUANTILE_ALPHA_ENV, str(DEFAULT_QUANTILE_ALPHA))
     try:
@@ -271,7 +273,7 @@ def objective_from_env(env: Mapping[str, str] = os.environ) -> float | None:
         alpha = math.nan
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"{QUANTILE_ALPHA_ENV}: must be a number in (0, 1), got {raw!r}")
-    return alpha
+    return alpha if kind == "quantile" else None
 
 
 def _quantile(ordered: list[float], q: float) -> float:
@@ -309,9 +311,10 @@ class LatencyModel:
     def __init__(self, *, forgetting: float = DEFAULT_FORGETTING, ridge: float = DEFAULT_RIDGE,
                  min_samples: int = MIN_SAMPLES, relative: bool = True, max_classes: int = MAX_CLASSES,
                  pending_max: int = PENDING_MAX, quantile: float | None = None) -> None:
-        """`quantile` None predicts the typical latency (the reference's objective "mean"); a
-        fraction such as 0.9 predicts that quantile (its default objective, quantile 0.9): the
-        typical prediction times a residual quantile calibrated online (ResidualQuantile)."""
+        """`quantile` None predicts the typical latency (the reference's objective "mean", which
+        its charts deploy); a fraction such as 0.9 predicts that quantile (the objective
+        "quantile", its servers' code default): the typical prediction times a residual quantile
+        calibrated online (ResidualQuantile)."""
         if not 0.0 < forgetting <= 1.0 or ridge < 0.0 or min_samples < 1 or max_classes < 0 or pending_max < 1 \
                 or not (quantile is None or 0.0 < quantile < 1.0):
             raise ValueError("invalid latency model parameters")

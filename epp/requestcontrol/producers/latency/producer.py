@@ -24,11 +24,13 @@ As the reference:
   this picker has in flight there (inflight-load-producer; else the scraped running count),
   the prompt's tokens (token-producer) and the prefix match (approx-prefix-cache-producer),
   all as at dispatch; the endpoint's hardware class (accelerator label) picks its model;
-- objective: the environment variables of the reference's predictor servers, with their
-  defaults: LATENCY_OBJECTIVE_TYPE quantile and LATENCY_QUANTILE_ALPHA 0.9 predict the 0.9
-  quantile (the typical prediction times a residual quantile calibrated online, model.py);
-  "mean" predicts the typical latency, which is what both reference charts set for their
-  predictor servers. A bad value refuses to start.
+- objective: the environment variables of the reference's predictor servers. Unset, it is
+  "mean" (the typical latency), what both reference charts deploy: they set
+  LATENCY_OBJECTIVE_TYPE "mean" on the predictor sidecars this model replaces, not on the
+  picker's container. LATENCY_OBJECTIVE_TYPE=quantile in the picker's environment predicts the
+  LATENCY_QUANTILE_ALPHA (default 0.9, the servers' code default) quantile: the typical
+  prediction times a residual quantile calibrated online (model.py). A bad value refuses to
+  start.
 
 Deviation: the reference sends decode_tokens_in_flight as 0 ("only accurate in pure streaming
 mode"); here it is the prompt tokens of the requests this picker has dispatched to the
@@ -51,11 +53,11 @@ from dataclasses import dataclass
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
 from epp.framework.datakeys import (
+    APPROX_PREFIX_PRODUCER,
     INFLIGHT_LOAD,
     INFLIGHT_LOAD_PRODUCER,
     LATENCY_PREDICTIONS,
     PREFIX_MATCH_INFO,
-    APPROX_PREFIX_PRODUCER,
     TOKENIZED_PROMPT,
     TOKENS_CONSUMER,
     LatencyPredictionInfo,
@@ -78,6 +80,7 @@ TYPE = "predicted-latency-producer"
 MAX_TRACKED = 65_536            # requests between dispatch and completion; the oldest are forgotten
 MAX_MODEL_LABELS = 32           # model names as metric labels; later ones count under "other"
 TRAIN_POLL_S = 0.05
+CLOSE_TIMEOUT_S = 5.0           # close() waits this long at most for a fit under way
 ROWS_TTL_S = 1.0                # `epp endpoints` reuses the error summary this long
 
 
@@ -408,7 +411,11 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         self.close()
 
     def close(self) -> None:
+        """Stop the trainer thread (waiting for a fit under way) and the sidecar client."""
         self._stop.set()
+        thread = self._train_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=CLOSE_TIMEOUT_S)
         if self.sidecar is not None:
             self.sidecar.close()
 
