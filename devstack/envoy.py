@@ -4,6 +4,7 @@ The ext_proc modes follow ../shared/envoy/*.yaml, verified against the real bina
   full-duplex    FULL_DUPLEX_STREAMED bodies, trailers SEND, ORIGINAL_DST cluster
   buffered       BUFFERED request body, STREAMED response body, ORIGINAL_DST cluster
   override-host  full-duplex + override_host LB policy: a comma list of endpoints gives retry fallback
+Any of them with several picker replicas: the ext_proc cluster lists each, round robin.
 Plain Envoy load balancing without a picker (what users would otherwise run):
   round-robin, least-request, random over `backends`; direct = one backend.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import tempfile
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,9 +74,12 @@ def _ext_proc_filter(mode: str, message_timeout: str) -> dict[str, Any]:
     }
 
 
-def _epp_cluster(epp_port: int, tls: bool) -> dict[str, Any]:
+def _epp_cluster(epp_ports: Sequence[int], tls: bool) -> dict[str, Any]:
+    """The picker's cluster: one host, or several replicas behind it (as a Service with several
+    EPP pods); each ext_proc stream (one per HTTP request) goes to one replica, round robin."""
+    extra: dict[str, Any] = {"lb_policy": "ROUND_ROBIN"} if len(epp_ports) > 1 else {}
     cluster = _static_cluster(
-        "epp", [f"127.0.0.1:{epp_port}"],
+        "epp", [f"127.0.0.1:{p}" for p in epp_ports], **extra,
         typed_extension_protocol_options={
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -125,19 +130,21 @@ def _override_host_cluster(backends: list[str]) -> dict[str, Any]:
     }}]})
 
 
-def bootstrap(mode: str, *, listen_port: int, admin_port: int, epp_port: int = 0, epp_tls: bool = False,
-              backends: list[str] | None = None, buffer_limit: int | None = None,
+def bootstrap(mode: str, *, listen_port: int, admin_port: int, epp_port: int | Sequence[int] = 0,
+              epp_tls: bool = False, backends: list[str] | None = None, buffer_limit: int | None = None,
               message_timeout: str = "10s") -> dict[str, Any]:
-    """An Envoy bootstrap (as a dict; JSON is valid YAML) for `mode`."""
+    """An Envoy bootstrap (as a dict; JSON is valid YAML) for `mode`; `epp_port` may list
+    several picker replicas."""
+    epp_ports = [epp_port] if isinstance(epp_port, int) else list(epp_port)
     backends = list(backends or [])
     http_filters: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
     route: dict[str, Any] = {"cluster": "pool", "timeout": "0s"}
     if mode in EXT_PROC_MODES:
-        if not epp_port:
+        if not epp_ports or not all(epp_ports):
             raise ValueError(f"mode {mode} needs epp_port")
         http_filters.append(_ext_proc_filter(mode, message_timeout))
-        clusters.append(_epp_cluster(epp_port, epp_tls))
+        clusters.append(_epp_cluster(epp_ports, epp_tls))
         if mode == "override-host":
             clusters.append(_override_host_cluster(backends))
             route["retry_policy"] = {"retry_on": "connect-failure,reset,refused-stream", "num_retries": 2}
@@ -213,7 +220,7 @@ class Envoy:
         self.stop()
 
 
-def start_envoy(mode: str, *, epp_port: int = 0, epp_tls: bool = False, backends: list[str] | None = None,
+def start_envoy(mode: str, *, epp_port: int | Sequence[int] = 0, epp_tls: bool = False, backends: list[str] | None = None,
                 port: int = 0, concurrency: int = 1, log_dir: str | Path | None = None,
                 log_level: str = "warning", timeout: float = 30.0, **bootstrap_kw: Any) -> Envoy:
     """Start Envoy on free 127.0.0.1 ports and wait until its admin says LIVE and the

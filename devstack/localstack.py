@@ -6,6 +6,7 @@ up in time) stops the process and raises with the tail of its log.
     with local_stack(4, model="m", time_scale=0.1) as st:          # sims + picker + Envoy
         ... st.url ...
     with local_stack(4, model="m", envoy_mode="round-robin") as st: # sims + Envoy, no picker
+    with local_stack(4, model="m", replicas=2) as st:               # two pickers behind one Envoy
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from devstack.envoy import LB_MODES, Envoy, start_envoy
@@ -229,33 +230,42 @@ class LocalStack:
     url: str  # Envoy's listener
     sims: SimServers
     envoy: Envoy
-    picker: PickerProcess | None  # None when Envoy balances by itself (an LB mode)
+    picker: PickerProcess | None  # None when Envoy balances by itself (an LB mode); else the first replica
+    pickers: list[PickerProcess] = field(default_factory=list)  # every replica, in Envoy's ext_proc cluster
 
 
 @contextlib.contextmanager
 def local_stack(n: int, *, model: str, time_scale: float = 1.0, envoy_mode: str = "full-duplex",
-                config_text: str | None = None, picker_flags: Sequence[str] = (),
-                sim_flags: Sequence[str] | Mapping[str, object] = (),
+                config_text: str | Callable[[int], str] | None = None, picker_flags: Sequence[str] = (),
+                sim_flags: Sequence[str] | Mapping[str, object] = (), replicas: int = 1,
                 log_dir: Path | None = None) -> Iterator[LocalStack]:
     """Fresh simulator servers (cold caches), the picker unless `envoy_mode` is one of Envoy's
     own load balancers (devstack.envoy.LB_MODES), and Envoy in front; everything stopped
-    when the block exits, however it exits."""
+    when the block exits, however it exits. `replicas` pickers (each on its own ports; a
+    callable config_text gives replica i its own configuration) share Envoy's ext_proc
+    cluster, as several EPP pods behind one Service."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
     tmp = None
     if log_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="epp-stack-")
         log_dir = Path(tmp.name)
-    sims = picker = env = None
+    sims = env = None
+    pickers: list[PickerProcess] = []
     try:
         sims = start_sims(n, model=model, time_scale=time_scale, log_dir=log_dir, flags=sim_flags)
         if envoy_mode in LB_MODES:
             env = start_envoy(envoy_mode, backends=sims.hostports, log_dir=log_dir)
         else:
-            picker = start_picker(endpoints=sims.hostports, config_text=config_text, extra_flags=picker_flags,
-                                  log_dir=log_dir)
-            env = start_envoy(envoy_mode, epp_port=picker.grpc_port, log_dir=log_dir)
-        yield LocalStack(env.url, sims, env, picker)
+            for i in range(replicas):
+                text = config_text(i) if callable(config_text) else config_text
+                pickers.append(start_picker(endpoints=sims.hostports, config_text=text, extra_flags=picker_flags,
+                                            log_dir=log_dir))
+            ports = [p.grpc_port for p in pickers]
+            env = start_envoy(envoy_mode, epp_port=ports[0] if replicas == 1 else ports, log_dir=log_dir)
+        yield LocalStack(env.url, sims, env, pickers[0] if pickers else None, pickers)
     finally:
-        for part in (env, picker, sims):
+        for part in (env, *pickers, sims):
             if part is not None:
                 part.stop()
         if tmp is not None:

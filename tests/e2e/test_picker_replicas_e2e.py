@@ -1,0 +1,82 @@
+"""Two picker replicas behind one Envoy (devstack local_stack(replicas=2)), as several EPP
+pods behind one Service: Envoy's ext_proc cluster lists both and sends each request's stream
+to one of them, round robin.
+
+With the precise configuration of `epp bench precise-stack` (each replica binds its own
+global KV-event socket, every server's publisher connects to both), a prefix routed by one
+replica is stored on its server, and the server's BlockStored events reach the other replica
+too: that replica, which never routed the prefix, scores it on the holder and routes it
+there. This is what lets precise routing keep its hit rate when replicas split the traffic.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from bench.precise_stack import strategy_stack
+from devstack.launch import wait_until
+from devstack.localstack import metric_sum
+from proto import epp_api_pb2 as pb
+from proto import epp_api_pb2_grpc as pb_grpc
+from tests.e2e.conftest import post
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SYSTEM = " ".join(f"rule {i}: answer in the voice of a careful clerk number {i * 7}." for i in range(40))
+
+
+def chat(user: str) -> dict:
+    return {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_tokens": 4,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]}
+
+
+def prefix_scores(api_port: int, body: dict) -> dict[str, float]:
+    """hostport -> prefix-cache-scorer's raw score for `body` (this replica's Explain dry run)."""
+    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
+        stub = pb_grpc.EndpointPickerStub(ch)
+        resp = stub.Explain(pb.ExplainRequest(body=json.dumps(body).encode(),
+                                              headers={":path": "/v1/chat/completions"}), timeout=10)
+        endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10)
+    assert not resp.error_code, resp.error_message
+    names = {e.name: f"{e.address}:{e.port}" for e in endpoints.endpoints}
+    scorer = next(s for s in resp.profiles[0].scorers if s.type == "prefix-cache-scorer")
+    return {names.get(s.endpoint, s.endpoint): s.score for s in scorer.scores}
+
+
+def handled(picker) -> float:
+    return metric_sum(picker.metrics(), "inference_objective_request_total")
+
+
+def test_two_replicas_split_requests_and_both_route_a_prefix_to_its_holder(e2e_logs):
+    with strategy_stack("precise-nospec", 3, 4096, 10.0, replicas=2, log_dir=e2e_logs.dir) as st:
+        a, b = st.pickers
+        assert st.picker is a and a.grpc_port != b.grpc_port and a.api_port != b.api_port
+        status, _, text = post(st.url + "/v1/chat/completions", chat("first question"))
+        assert status == 200, text
+        first = a if handled(a) == 1 else b
+        other = b if first is a else a
+        assert (handled(first), handled(other)) == (1, 0)
+        holder = next(h for h, n in zip(st.sims.hostports, st.sims.served(), strict=True) if n == 1)
+
+        # the holder's events reach both replicas; the other never routed this prefix
+        probe = chat("a question nobody asked yet")
+        for p in (first, other):
+            wait_until(lambda p=p: (s := prefix_scores(p.api_port, probe))[holder] > 0.5
+                       and sorted(s.values())[:2] == [0.0, 0.0], 20, f"replica {p.grpc_port} sees the stored prefix")
+        assert metric_sum(other.metrics(), "inference_objective_request_total") == 0
+
+        before = st.sims.served()
+        for k in range(8):
+            status, _, text = post(st.url + "/v1/chat/completions", chat(f"follow-up {k}"))
+            assert status == 200, text
+        after = st.sims.served()
+        # both replicas routed, and every request went to the holder
+        assert handled(a) > 1 and handled(b) > 1 and handled(a) + handled(b) == 9
+        assert [y - x for x, y in zip(before, after, strict=True)] == [
+            8 if h == holder else 0 for h in st.sims.hostports]
+    for p in st.pickers:
+        assert not p.process.alive()
+    assert not st.sims.process.alive() and not st.envoy.process.alive()
