@@ -261,8 +261,7 @@ def local_stack(n: int, *, model: str, time_scale: float = 1.0, envoy_mode: str 
                 text = config_text(i) if callable(config_text) else config_text
                 pickers.append(start_picker(endpoints=sims.hostports, config_text=text, extra_flags=picker_flags,
                                             log_dir=log_dir))
-            ports = [p.grpc_port for p in pickers]
-            env = start_envoy(envoy_mode, epp_port=ports[0] if replicas == 1 else ports, log_dir=log_dir)
+            env = start_envoy(envoy_mode, epp_port=[p.grpc_port for p in pickers], log_dir=log_dir)
         yield LocalStack(env.url, sims, env, pickers[0] if pickers else None, pickers)
     finally:
         for part in (env, *pickers, sims):
