@@ -362,6 +362,37 @@ def test_producer_counts_decode_tokens_in_flight_from_first_chunk_to_completion(
     assert decoding(e) == 0 and p._decode_tokens == {}  # noqa: SLF001
 
 
+def test_producer_learns_ttft_at_the_first_chunk_in_streaming_mode():
+    """streamingMode: the TTFT sample is learnt when the first chunk arrives (the reference's
+    processFirstTokenForLatencyPrediction), not held back until the response completes; the
+    completion adds only TPOT. Without streamingMode the whole latency is learnt at the end."""
+    clock = Clock()
+    p = plugin("predicted-latency-producer", {"streamingMode": True}, clock=clock)
+    p.background_training = False
+    e = ep(1)
+    c = CycleState()
+    c.write(TOKENIZED_PROMPT, 100)
+    p.prepare_request_data(c, req(rid="a"), [e])
+    p.pre_request(c, req(rid="a"), result(e))
+    clock.t += 0.25
+    p.response_streaming(req(rid="a"), ResponseInfo(status=200), e)
+    assert p.model.pending == 1  # the TTFT sample, before the response completes
+    clock.t += 0.5  # under the trainer's 1 s interval: nothing trained inline yet
+    p.response_complete(req(rid="a"), ResponseInfo(status=200, completion_tokens=5), e)
+    assert p.model.pending == 2  # + TPOT, and TTFT not twice
+    p.model.train()
+    assert p.model.samples("*", "ttft") == 1 and p.model.samples("*", "tpot") == 1
+    q = plugin("predicted-latency-producer", {}, clock=clock)
+    q.background_training = False
+    q.prepare_request_data(c, req(rid="b"), [e])
+    q.pre_request(c, req(rid="b"), result(e))
+    q.response_streaming(req(rid="b"), ResponseInfo(status=200), e)
+    assert q.model.pending == 0
+    clock.t += 0.3
+    q.response_complete(req(rid="b"), ResponseInfo(status=200, completion_tokens=5), e)
+    assert q.model.pending == 1
+
+
 # --------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("fixture", ["gie-v1.5-chart-latency-predictor.yaml",
                                      "llm-d-router-chart-latency-predictor.yaml", "llm-d-predicted-latency.yaml"])

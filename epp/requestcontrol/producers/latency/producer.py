@@ -17,7 +17,8 @@ As the reference:
   the tightest TPOT SLO of the requests running there when > 0) x sloBufferFactor; without
   streamingMode, or on an endpoint whose endpointRoleLabel says prefill, TPOT is neutral
   (valid, headroom 0);
-- trained targets: streamingMode: TTFT from the request to its first response chunk, TPOT =
+- trained targets: streamingMode: TTFT from the request to its first response chunk, learnt
+  when that chunk arrives (a request that then fails still teaches its TTFT), TPOT =
   (end - first chunk) / (generated tokens - 1); otherwise TTFT is the whole request's latency
   and TPOT is not trained;
 - features: the endpoint's KV utilisation and waiting queue, the requests and prefill tokens
@@ -135,6 +136,7 @@ class _Tracked:
     tpot_slo_ms: float
     ttft_slo_ms: float
     first_chunk: float = 0.0
+    ttft_ms: float = 0.0       # streamingMode: learnt at the first chunk
     decoding: bool = False     # its first chunk arrived: it counts in its endpoint's decode tokens in flight
 
 
@@ -327,9 +329,17 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
     # ------------------------------------------------------------------ response hooks
     def response_streaming(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
         t = self._tracked.get(request.request_id)
-        if t is not None and not t.decoding:
-            t.first_chunk, t.decoding = self.clock(), True
-            self._add_decode_tokens(t, +1)
+        if t is None or t.decoding:
+            return
+        t.first_chunk, t.decoding = self.clock(), True
+        self._add_decode_tokens(t, +1)
+        # streamingMode: TTFT is learnt at the first chunk, as the reference records it then (its
+        # processFirstTokenForLatencyPrediction), not when the whole response has come
+        if self.streaming and not response.end_of_stream and 200 <= response.status < 300:
+            t.ttft_ms = (t.first_chunk - t.started) * 1000.0
+            c = t.candidate
+            self.model.observe_ttft(c.endpoint_class, c.features, t.ttft_ms)
+            self._train()
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, target: Endpoint | None) -> None:
         t = self._forget(request.request_id)
@@ -339,10 +349,9 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         c = t.candidate
         ttft_ms = tpot_ms = 0.0
         if self.streaming:
-            if not t.first_chunk:
+            if not t.ttft_ms:  # TTFT learnt at the first chunk (response_streaming); none came: nothing to learn
                 return
-            ttft_ms = (t.first_chunk - t.started) * 1000.0
-            self.model.observe_ttft(c.endpoint_class, c.features, ttft_ms)
+            ttft_ms = t.ttft_ms
             generated = response.completion_tokens
             if generated >= 2 and now > t.first_chunk:
                 tpot_ms = (now - t.first_chunk) * 1000.0 / (generated - 1)
