@@ -22,9 +22,9 @@ Strategies:
                   objective the charts deploy: mean (the typical latency)
   latency-p90     the same config with LATENCY_OBJECTIVE_TYPE=quantile LATENCY_QUANTILE_ALPHA=0.9,
                   the predictor servers' code default, for comparison
-  latency-tuned   the chart's config with two parameters a user sets for streamed SLO traffic
+  latency-tuned   the chart's config with three settings a user makes for streamed SLO traffic
                   (bench/examples/latency-aware.yaml): streamingMode true, headroomSelectionStrategy
-                  most; no LATENCY_* environment (mean)
+                  most, max-score-picker for weighted-random-picker; no LATENCY_* environment (mean)
   latency-lib     not a config: the latency model library (epp.requestcontrol.producers.latency)
                   driven directly with its typical-latency objective (no p90 scaling), features
                   from the scraped metrics, the prompt, an approximate prefix match and this
