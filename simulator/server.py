@@ -1,9 +1,10 @@
 """The HTTP front of one simulated vLLM server (aiohttp), driving an Engine in real time.
 
 Endpoints: POST /v1/completions, /v1/chat/completions (JSON or SSE), GET /v1/models,
-/health, /metrics, POST /tokenize, /v1/completions/render, /v1/chat/completions/render (vLLM's
-render endpoints: the prompt's token ids), /v1/load_lora_adapter, /v1/unload_lora_adapter,
-/reset_prefix_cache. Prompts are tokenized by the built-in tokenizer, or with --tokenizer by a
+/health, /metrics, POST /tokenize, /v1/completions/render, /v1/chat/completions/render,
+/v1/messages/render (vLLM's render endpoints: the prompt's token ids), /v1/messages (the
+Anthropic Messages API, text content, without streaming, tokenized as vLLM converts it to
+chat), /v1/load_lora_adapter, /v1/unload_lora_adapter, /reset_prefix_cache. Prompts are tokenized by the built-in tokenizer, or with --tokenizer by a
 model directory's tokenizer.json and chat template (simulator.tokenizer).
 Test controls: POST /sim/hang (every other request then waits
 until POST /sim/unhang), POST /sim/die (the server closes its port and stops), POST
@@ -55,6 +56,8 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+
+from epp.requestcontrol.producers.tokens_messages import messages_to_chat
 
 from . import tokenizer
 from .clock import AsyncioClock
@@ -290,6 +293,8 @@ class SimServer:
             web.post("/tokenize", self.tokenize),
             web.post("/v1/completions/render", self.render_completion),
             web.post("/v1/chat/completions/render", self.render_chat),
+            web.post("/v1/messages", self.messages),
+            web.post("/v1/messages/render", self.render_messages),
             web.post("/v1/load_lora_adapter", self.load_lora),
             web.post("/v1/unload_lora_adapter", self.unload_lora),
             web.post("/reset_prefix_cache", self.reset_prefix_cache),
@@ -377,6 +382,37 @@ class SimServer:
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         return _Prompt(ids, pieces)
+
+    def _messages_chat(self, body: dict) -> dict:
+        """An Anthropic Messages body as the chat body vLLM's /v1/messages serves it with
+        (epp/requestcontrol/producers/tokens_messages.py: text content only)."""
+        try:
+            chat = {"messages": messages_to_chat(body)}
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        if "max_tokens" in body:
+            chat["max_tokens"] = body["max_tokens"]
+        if body.get("model") is not None:
+            chat["model"] = body["model"]
+        return chat
+
+    # vLLM's /v1/messages (non-streaming; the Anthropic answer, usage.input_tokens the prompt's count)
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self._admit(request)
+        if body.get("stream") is True:
+            raise ApiError(400, "stream: the simulator answers /v1/messages without streaming", param="stream")
+        chat = self._messages_chat(body)
+        resp = await self._generate(request, chat, self._chat_prompt(chat), chat=True)
+        if resp.status != 200:
+            return resp
+        out = orjson.loads(resp.body)
+        choice, usage = out["choices"][0], out["usage"]
+        return _json({"id": "msg_" + out["id"].removeprefix("chatcmpl-"), "type": "message", "role": "assistant",
+                      "content": [{"type": "text", "text": choice["message"]["content"]}], "model": out["model"],
+                      "stop_reason": {"stop": "end_turn", "length": "max_tokens"}.get(choice["finish_reason"],
+                                                                                     "end_turn"),
+                      "stop_sequence": None,
+                      "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}})
 
     def _max_tokens(self, body: dict, chat: bool) -> int:
         names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
@@ -684,6 +720,10 @@ class SimServer:
     async def render_chat(self, request: web.Request) -> web.Response:
         body = await self._render_body(request)
         return _json(self._generate_request(body, self._chat_prompt(body)))
+
+    async def render_messages(self, request: web.Request) -> web.Response:
+        body = await self._render_body(request)
+        return _json(self._generate_request(body, self._chat_prompt(self._messages_chat(body))))
 
     async def load_lora(self, request: web.Request) -> web.Response:
         body = await _read_json(request)

@@ -31,7 +31,9 @@ from epp.requestcontrol.producers.tokens_local import (
     TokenizerError,
     find_tokenizer_dir,
 )
+from epp.requestcontrol.producers.tokens_messages import messages_to_chat
 from epp.requestcontrol.producers.tokens_render import (
+    MESSAGES_RENDER_PATH,
     RenderCache,
     RenderError,
     parse_render_response,
@@ -288,6 +290,7 @@ class FakeRenderer:
 
     def __init__(self, ids=(1, 2, 3)) -> None:
         self.ids, self.delay, self.status, self.calls, self.seen = list(ids), 0.0, 200, 0, []
+        self.statuses: dict[str, int] = {}  # path -> status, overriding `status`
 
     async def handle(self, request: web.Request) -> web.Response:
         self.calls += 1
@@ -295,7 +298,7 @@ class FakeRenderer:
         await asyncio.sleep(self.delay)
         doc = {"request_id": "x", "token_ids": self.ids, "sampling_params": {}}
         return web.json_response([doc] if request.path.endswith("/v1/completions/render") else doc,
-                                 status=self.status)
+                                 status=self.statuses.get(request.path, self.status))
 
 
 @pytest.fixture
@@ -303,7 +306,8 @@ async def renderer():
     fake = FakeRenderer()
     app = web.Application()
     app.add_routes([web.post("/v1/chat/completions/render", fake.handle),
-                    web.post("/v1/completions/render", fake.handle)])
+                    web.post("/v1/completions/render", fake.handle),
+                    web.post("/v1/messages/render", fake.handle)])
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -409,3 +413,155 @@ async def test_simulator_renders_and_tokenizes_with_the_same_ids_as_the_in_proce
 def test_simulator_file_tokenizer_refuses_a_bad_directory(tmp_path):
     with pytest.raises(ValueError):
         FileTokenizer(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- Anthropic Messages
+def anthropic(user, system=SYSTEM, **extra) -> dict:
+    return {"model": MODEL, "max_tokens": 4, "system": system, "messages": [{"role": "user", "content": user}],
+            **extra}
+
+
+def test_messages_convert_to_chat_as_vllm_does():
+    body = {"system": [{"type": "text", "text": "x-anthropic-billing-header: cch=1;"}, {"type": "text", "text": "A"},
+                       {"type": "image", "source": {}}, {"type": "text", "text": ""}, {"type": "text", "text": "B"}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "one"}]},
+                         {"role": "assistant", "content": []},
+                         {"role": "user", "content": [{"type": "text", "text": ""}]},
+                         {"role": "user", "content": [{"type": "text", "text": "p"}, {"type": "text", "text": "q"}]}]}
+    assert messages_to_chat(body) == [
+        {"role": "system", "content": "AB"}, {"role": "user", "content": "one"}, {"role": "assistant"},
+        {"role": "user", "content": [{"type": "text", "text": "p"}, {"type": "text", "text": "q"}]}]
+    assert messages_to_chat({"system": "", "messages": [{"role": "user", "content": "hi"}]}) == [
+        {"role": "user", "content": "hi"}]
+    for bad, where in ((anthropic([{"type": "image", "source": {}}]), "messages[0].content[0]"),
+                       ({"messages": [{"role": "system", "content": "s"}]}, "messages[0].role"),
+                       (anthropic("q", tools=[{"name": "t"}]), "tools"),
+                       (anthropic("q", system=7), "system"),
+                       ({"messages": [{"role": "user", "content": []}]}, "no content"),
+                       ({"messages": []}, "messages")):
+        with pytest.raises(TokenizerError, match=where.replace("[", r"\[").replace("]", r"\]")):
+            messages_to_chat(bad)
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                            lambda c: st.lists(c, max_size=4) | st.dictionaries(
+                                st.sampled_from(["role", "content", "type", "text", "system"]), c, max_size=4),
+                            max_leaves=30)
+
+
+@given(st.dictionaries(st.sampled_from(["messages", "system", "tools"]), _json_values, max_size=3)
+       | st.builds(lambda m, s: {"messages": m, "system": s}, st.lists(_json_values, max_size=5), _json_values))
+@settings(max_examples=300, deadline=None)
+def test_hostile_messages_bodies_convert_or_raise_a_clear_error(body):
+    try:
+        out = messages_to_chat(body)
+    except TokenizerError as e:
+        assert str(e)
+        return
+    assert 0 < len(out) <= len(body["messages"]) + 1  # bounded by the input: one message each, plus system
+    assert all(m["role"] in ("system", "user", "assistant") for m in out)
+
+
+def test_in_process_backend_tokenizes_messages_as_chat_of_their_conversion(tok):
+    body = anthropic([{"type": "text", "text": "Which endpoint?"}])
+    converted = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which endpoint?"}]}
+    assert tok.tokenize_body("messages", body) == tok.tokenize_body("chat", converted)
+    p = build_plugin("token-producer", "tp", {"inProcess": {"path": str(FIXTURE)}}, PluginHandle(), "x")
+    ids, n = produce(p, request(body, "messages"))
+    assert ids == tuple(tok.tokenize_body("chat", converted)) and n == len(ids)
+    ids, n = produce(p, request(anthropic([{"type": "image", "source": {}}]), "messages", "r2"))
+    assert ids is None and p.counts["estimated"] == 1  # not convertible here: the estimate
+
+
+async def test_native_and_legacy_messages_modes_post_where_the_reference_does(renderer):
+    body = anthropic("q", temperature=0.5)
+    native = vllm_producer(renderer.url, messagesRenderMode="native")
+    req = request(body, "messages")
+    req.target_model = "adapter"
+    await native.prefetch_request_data(req)
+    assert produce(native, req) == ((1, 2, 3), 3)
+    assert renderer.seen == [(MESSAGES_RENDER_PATH, "Bearer k", {**body, "model": "adapter"})]
+    legacy = vllm_producer(renderer.url, messagesRenderMode="legacy")
+    req = request(body, "messages", "r2")
+    req.target_model = "adapter"
+    await legacy.prefetch_request_data(req)
+    assert produce(legacy, req) == ((1, 2, 3), 3)
+    assert renderer.seen[-1] == ("/v1/chat/completions/render", "Bearer k",
+                                 {"messages": messages_to_chat(body), "model": MODEL})  # modelName, as the reference
+    req = request(anthropic([{"type": "image", "source": {}}]), "messages", "r3")
+    await legacy.prefetch_request_data(req)  # the conversion takes text only: the estimate, no call
+    assert produce(legacy, req)[0] is None and legacy.counts["fallback_error"] == 1 and renderer.calls == 2
+    for p in (native, legacy):
+        await p.stop_background()
+
+
+@pytest.mark.parametrize("messages_status, chat_status, mode", [
+    (200, 200, "native"), (404, 200, "legacy"), (405, 200, "legacy"), (500, 200, ""), (404, 500, "")])
+async def test_auto_mode_probes_once_and_picks_native_or_legacy(renderer, messages_status, chat_status, mode):
+    renderer.statuses = {MESSAGES_RENDER_PATH: messages_status, "/v1/chat/completions/render": chat_status}
+    p = vllm_producer(renderer.url)  # messagesRenderMode: auto, the default
+    assert p.messages_mode.mode == ""
+    req = request(anthropic("q"), "messages")
+    await p.prefetch_request_data(req)  # unknown: the request waits for one probe, as the reference's
+    probe = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "warmup"}]}
+    assert renderer.seen[0] == (MESSAGES_RENDER_PATH, "Bearer k", probe)
+    assert p.messages_mode.mode == mode
+    ids, _ = produce(p, req)
+    if mode:
+        assert ids == (1, 2, 3) and p.counts["rendered"] == 1
+        assert renderer.seen[-1][0] == (MESSAGES_RENDER_PATH if mode == "native" else "/v1/chat/completions/render")
+        calls = renderer.calls
+        req = request(anthropic("other"), "messages", "r2")
+        await p.prefetch_request_data(req)
+        assert renderer.calls == calls + 1 and produce(p, req)[0] == (1, 2, 3)  # no second probe
+    else:  # any other outcome: unknown, the estimate for this request, a new probe next time
+        assert ids is None and p.counts["fallback_error"] == 1
+        renderer.statuses = {}
+        req = request(anthropic("q"), "messages", "r2")
+        await p.prefetch_request_data(req)
+        assert p.messages_mode.mode == "native" and produce(p, req)[0] == (1, 2, 3)
+    await p.stop_background()
+
+
+async def test_auto_mode_probes_at_start_in_the_background(renderer, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "probe-key")
+    renderer.statuses = {MESSAGES_RENDER_PATH: 404}
+    p = vllm_producer(renderer.url)
+    await p.start_background()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while p.messages_mode.mode == "" and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert p.messages_mode.mode == "legacy"
+    assert [(path, auth) for path, auth, _ in renderer.seen] == [
+        (MESSAGES_RENDER_PATH, "Bearer probe-key"), ("/v1/chat/completions/render", "Bearer probe-key")]
+    await p.stop_background()
+    assert p._probe_task.done()
+
+
+async def test_simulator_serves_messages_with_the_in_process_backends_ids(tok):
+    port = free_port()
+    sim = SimServer(SimConfig(port=port, tokenizer=str(FIXTURE), model=MODEL))
+    await sim.start(AsyncioClock(asyncio.get_running_loop(), 1.0))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        body = anthropic([{"type": "text", "text": "same ids?"}, {"type": "text", "text": "twice"}],
+                         system=[{"type": "text", "text": SYSTEM}])
+        want = tok.tokenize_body("messages", body)
+        p = vllm_producer(url, messagesRenderMode="native")
+        req = request(body, "messages")
+        await p.prefetch_request_data(req)
+        assert produce(p, req)[0] == tuple(want)
+        async with aiohttp.ClientSession() as s:
+            r = await (await s.post(f"{url}/v1/messages/render", json=body)).json()
+            assert r["token_ids"] == want and r["model"] == MODEL
+            done = await (await s.post(f"{url}/v1/messages", json=body)).json()
+            assert done["type"] == "message" and done["content"][0]["type"] == "text"
+            assert done["usage"]["input_tokens"] == len(want) and done["stop_reason"] == "max_tokens"
+            bad = await s.post(f"{url}/v1/messages", json=anthropic([{"type": "image", "source": {}}]))
+            assert bad.status == 400 and "content[0]" in (await bad.json())["error"]["message"]
+            streamed = await s.post(f"{url}/v1/messages", json={**body, "stream": True})
+            assert streamed.status == 400
+        await p.stop_background()
+    finally:
+        await sim.stop()

@@ -3,7 +3,9 @@
 the vllm backend renders on the simulator's /v1/chat/completions/render, the in-process
 backend tokenizes in the picker; either way the ids the picker publishes are as many as the
 simulator's own prompt count (and not the 4-bytes-per-token estimate), read from the picker's
-/metrics (epp_token_producer_*) after each request."""
+/metrics (epp_token_producer_*) after each request. Anthropic /v1/messages likewise, with each
+vllm.messagesRenderMode (native on /v1/messages/render, legacy converted to chat, auto probing
+at start) and in process, against the simulator's usage.input_tokens."""
 
 from __future__ import annotations
 
@@ -81,3 +83,22 @@ def test_a_render_service_that_is_down_falls_back_to_the_estimate(sim_servers, p
     chat(env.url, "Still routed?")
     counts = producer_counts(p.metrics())
     assert counts["fallback_error"] == 1 and counts["estimated"] == 1 and counts["published_tokens"] == 0
+
+
+@pytest.mark.parametrize("backend", ["native", "legacy", "auto", "inProcess"])
+def test_anthropic_messages_are_tokenized_as_the_simulator_does(backend, sim_servers, picker, envoy):
+    sims = sim_servers(1, time_scale=1.0, tokenizer=str(FIXTURE))
+    params = {"inProcess": {"path": str(FIXTURE)}} if backend == "inProcess" else \
+        {"modelName": "m1", "vllm": {"url": sims.url(0), "timeout": "5s", "messagesRenderMode": backend}}
+    p = picker(endpoints=sims.hostports, config_text=CONFIG.replace("PARAMS", json.dumps(params)))
+    env = envoy("full-duplex", p)
+    question = "Which endpoint has the warmest cache?"
+    body = {"model": "m1", "max_tokens": 2, "system": [{"type": "text", "text": SYSTEM}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": question}]}]}
+    status, _, data = post(f"{env.url}/v1/messages", body)
+    assert status == 200, data
+    n = json.loads(data)["usage"]["input_tokens"]
+    counts = producer_counts(p.metrics())
+    real = "tokenized" if backend == "inProcess" else "rendered"
+    assert counts[real] == 1 and counts["estimated"] == 0 and counts["published_tokens"] == n
+    assert n != -(-len((SYSTEM + "user" + question).encode()) // 4)  # not the estimate

@@ -8,10 +8,11 @@ TOKEN_IDS (for the precise prefix cache). Backends, one per instance:
 - `vllm` (or `modelName` alone when the model's tokenizer is not on this machine): vLLM's
   render endpoints, the reference's vllm_http.go (tokens_render.py). PrepareData is
   synchronous, so the call is made in the director's asynchronous step before the cycle
-  (`prefetch_request_data`), bounded by `vllm.timeout` (chat: the larger of it and
-  `vllm.mmTimeout`); rendered ids are cached (bounded), so a repeated body is rendered
+  (`prefetch_request_data`), bounded by `vllm.timeout` (chat and messages: the larger of it
+  and `vllm.mmTimeout`); rendered ids are cached (bounded), so a repeated body is rendered
   once. A slow or failing render falls back to the estimate for that request (no ids),
-  counted and logged.
+  counted and logged. Anthropic Messages bodies follow `vllm.messagesRenderMode`
+  (tokens_render.MessagesMode: /v1/messages/render, or converted to chat).
 - `inProcess` (this project's; also `modelName` alone when its tokenizer is in the Hugging
   Face cache, and the reference's `udsTokenizerConfig`, whose tokenizer sidecar we replace
   by the same files loaded here): the `tokenizers` library in process (tokens_local.py),
@@ -24,7 +25,9 @@ are by every backend."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,9 +39,13 @@ from epp.framework.plugins import ConfiguredPlugin
 from epp.units import duration_value
 
 from .tokens_local import LocalTokenizer, TokenizerError, find_tokenizer_dir
+from .tokens_messages import messages_to_chat
 from .tokens_render import (
     DEFAULT_URL,
+    LEGACY_WARNING,
+    MESSAGES_MODES,
     RENDER_PATHS,
+    MessagesMode,
     RenderClient,
     RenderError,
     RenderSettings,
@@ -127,13 +134,13 @@ class TokenProducerParams:
         if v.get("endpointDiscovery") is not None:
             raise _ParamError(f"vllm.endpointDiscovery: rendering on the discovered endpoints is {_ISSUE12}; set "
                               "vllm.url")
-        mode = v.get("messagesRenderMode", "auto")
-        if mode not in ("auto", "native", "legacy"):
+        mode = v.get("messagesRenderMode") or "auto"
+        if mode not in MESSAGES_MODES:
             raise _ParamError(f"vllm.messagesRenderMode: must be auto, native or legacy, got {mode!r}")
         url = _str(v.get("url") or v.get("http"), "vllm.url") or DEFAULT_URL
         if not url.startswith(("http://", "https://")):
             raise _ParamError(f"vllm.url: must be an http:// or https:// URL, got {url!r}")
-        s = RenderSettings(url=url)
+        s = RenderSettings(url=url, messages_mode=mode)
         for key, attr in (("timeout", "timeout"), ("mmTimeout", "mm_timeout")):
             if v.get(key) is not None:
                 seconds = duration_value(v[key], f"vllm.{key}", _ParamError)
@@ -213,6 +220,8 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
         backend = p.backend()
         self.local: LocalTokenizer | None = None
         self.render: RenderClient | None = None
+        self.messages_mode: MessagesMode | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         if backend in ("inProcess", "uds", "auto"):
             self.local = load_local_tokenizer(p, backend)
             if backend == "uds":
@@ -221,6 +230,9 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
                          (p.udsTokenizerConfig or {}).get("socketFile"))
         if backend == "vllm" or (backend == "auto" and self.local is None):
             self.render = RenderClient(p.render_settings())
+            self.messages_mode = MessagesMode(self.render.settings.messages_mode, self.render, p.modelName)
+            if self.messages_mode.mode == "legacy":
+                log.warning("%s: vllm.messagesRenderMode legacy%s", name, LEGACY_WARNING)
             if backend == "auto":
                 log.info("%s: no local tokenizer for %r, rendering with vLLM at %s", name, p.modelName,
                          self.render.base)
@@ -241,34 +253,51 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
                 "(a count).", lambda: self.tokens_published, me)
 
     # ------------------------------------------------------------------ vllm: the async step
-    def _render_target(self, request: InferenceRequest) -> tuple[str, Mapping[str, Any]] | None:
+    async def start_background(self) -> None:
+        """vllm.messagesRenderMode auto: probe the render service once at start, in the background
+        (with VLLM_API_KEY as a Bearer token when set, as the reference's warmup)."""
+        if self.messages_mode is not None and not self.messages_mode.mode and self._probe_task is None:
+            key = os.environ.get("VLLM_API_KEY", "")
+            self._probe_task = asyncio.create_task(self.messages_mode.probe_at_start(f"Bearer {key}" if key else ""),
+                                                   name=f"{self.name} messages render probe")
+
+    def _render_target(self, request: InferenceRequest) -> tuple[str, Mapping[str, Any], str] | None:
+        """(render kind, body, model) of the request, or None when nothing is rendered for it.
+        Raises TokenizerError for a Messages body the legacy conversion cannot take."""
         body = request.body
-        if request.kind in RENDER_PATHS and isinstance(body, Mapping) and _token_ids(body) is None:
-            return request.kind, body
-        return None
+        if request.kind not in RENDER_PATHS or not isinstance(body, Mapping) or _token_ids(body) is not None:
+            return None
+        if request.kind == "messages" and self.messages_mode is not None and self.messages_mode.mode == "legacy":
+            return "chat", {"messages": messages_to_chat(body)}, self.model  # as the reference: modelName
+        return request.kind, body, request.target_model or self.model
 
     async def _prefetch(self, request: InferenceRequest) -> None:
         """Render the request's prompt (or find it cached) before the cycle; never raises."""
-        target = self._render_target(request)
-        if target is None or self.render is None:
+        if self.render is None or request.kind not in RENDER_PATHS:
             return
-        kind, body = target
-        model = request.target_model or self.model
-        key = render_key(kind, body, model)
-        ids = self.render.cache.get(key)
-        if ids is not None:
-            outcome: tuple[int, ...] | str = ids
-            self.counts["render_cached"] += 1
-        else:
-            try:
-                outcome = await self.render.render(kind, body, model, request.headers.get("authorization", ""), key)
+        auth = request.headers.get("authorization", "")
+        kind = request.kind
+        try:
+            if kind == "messages" and self.messages_mode is not None:
+                await self.messages_mode.resolve(auth)  # at once once known; else one probe, shared
+            target = self._render_target(request)
+            if target is None:
+                return
+            kind, body, model = target
+            key = render_key(kind, body, model)
+            ids = self.render.cache.get(key)
+            if ids is not None:
+                outcome: tuple[int, ...] | str = ids
+                self.counts["render_cached"] += 1
+            else:
+                outcome = await self.render.render(kind, body, model, auth, key)
                 self.counts["rendered"] += 1
-            except TimeoutError:
-                outcome = "fallback_timeout"
-                self._warn(f"render timed out after {self.render.timeout_for(kind)}s")
-            except RenderError as e:
-                outcome = "fallback_error"
-                self._warn(str(e))
+        except TimeoutError:
+            outcome = "fallback_timeout"
+            self._warn(f"render timed out after {self.render.timeout_for(kind)}s")
+        except (RenderError, TokenizerError) as e:
+            outcome = "fallback_error"
+            self._warn(str(e))
         self._prefetched[request.request_id] = outcome
         while len(self._prefetched) > PREFETCHED_MAX:
             self._prefetched.popitem(last=False)
@@ -294,10 +323,13 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
         if isinstance(outcome, str):
             self.counts[outcome] += 1
             return None
-        target = self._render_target(request)  # not prefetched (explain): only what is cached
+        try:
+            target = self._render_target(request)  # not prefetched (explain): only what is cached
+        except TokenizerError:
+            return None
         if target is None or self.render is None:
             return None
-        ids = self.render.cache.get(render_key(target[0], target[1], request.target_model or self.model))
+        ids = self.render.cache.get(render_key(*target))
         if ids is not None:
             self.counts["render_cached"] += 1
         return ids
@@ -322,7 +354,10 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
         return None
 
     async def stop_background(self) -> None:
-        """The server's shutdown: close the render service's HTTP session."""
+        """The server's shutdown: stop the start-up probe, close the render service's HTTP session."""
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
         if self.render is not None:
             await self.render.close()
 

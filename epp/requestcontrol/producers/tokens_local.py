@@ -292,14 +292,19 @@ class LocalTokenizer:
 
     def prompt(self, kind: str, body: Mapping[str, Any]) -> tuple[str, bool] | None:
         """The text vLLM tokenizes for a request body and whether it adds special tokens:
-        chat (template applied, as /v1/chat/completions/render) or completions with a text
-        prompt (as /v1/completions/render). None for other APIs. Raises TokenizerError."""
+        chat (template applied, as /v1/chat/completions/render), Anthropic messages (converted
+        to chat, as /v1/messages/render) or completions with a text prompt (as
+        /v1/completions/render). None for other APIs. Raises TokenizerError."""
         if kind == "chat":
             if body.get("continue_final_message") or body.get("chat_template") or body.get("tools"):
                 raise TokenizerError("continue_final_message, chat_template and tools are rendered by vLLM only")
             agp = body.get("add_generation_prompt", True)
             text = self.render_chat(body.get("messages"), add_generation_prompt=bool(agp))
             return text, bool(body.get("add_special_tokens", False))
+        if kind == "messages":  # as vLLM's /v1/messages: converted to chat, the template applied
+            from .tokens_messages import messages_to_chat  # (that module imports this one)
+
+            return self.render_chat(messages_to_chat(body)), False
         if kind == "completions":
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):

@@ -1,7 +1,9 @@
 """The vllm backend of token-producer: vLLM's render endpoints over HTTP (the reference's
 tokenizer/vllm_http.go). A completions body goes to POST /v1/completions/render, which
 answers a JSON list of vLLM GenerateRequest objects; a chat body to
-POST /v1/chat/completions/render, which answers one GenerateRequest. The prompt's token ids
+POST /v1/chat/completions/render, which answers one GenerateRequest, as does
+POST /v1/messages/render for an Anthropic Messages body (MessagesMode below picks it or the
+deprecated conversion to chat, `vllm.messagesRenderMode`). The prompt's token ids
 are its `token_ids` (the first element's for completions). The body is sent as the client
 sent it, with `model` set to the model the request is routed for (after any rewrite), and
 the client's Authorization header forwarded, as the reference's native render does.
@@ -18,6 +20,7 @@ once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -28,9 +31,12 @@ import aiohttp
 import orjson
 import xxhash
 
+log = logging.getLogger(__name__)
+
 COMPLETIONS_RENDER_PATH = "/v1/completions/render"
 CHAT_RENDER_PATH = "/v1/chat/completions/render"
-RENDER_PATHS = {"completions": COMPLETIONS_RENDER_PATH, "chat": CHAT_RENDER_PATH}
+MESSAGES_RENDER_PATH = "/v1/messages/render"
+RENDER_PATHS = {"completions": COMPLETIONS_RENDER_PATH, "chat": CHAT_RENDER_PATH, "messages": MESSAGES_RENDER_PATH}
 DEFAULT_URL = "http://localhost:8000"
 DEFAULT_TIMEOUT = 5.0  # the reference's vllm.timeout
 DEFAULT_MM_TIMEOUT = 30.0  # vllm.mmTimeout; chat uses the larger of the two, as the reference
@@ -48,7 +54,11 @@ _NOT_RENDERED = frozenset((
 
 
 class RenderError(Exception):
-    """A render call that gave no token ids (message says why)."""
+    """A render call that gave no token ids (message says why; `status` the HTTP status, if one came)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def parse_render_response(kind: str, data: bytes) -> tuple[int, ...]:
@@ -121,6 +131,7 @@ class RenderSettings:
     client_cert_path: str = ""
     client_key_path: str = ""
     insecure_skip_verify: bool = False
+    messages_mode: str = "auto"  # vllm.messagesRenderMode (MessagesMode)
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         if not self.url.startswith("https://"):
@@ -162,7 +173,7 @@ class RenderClient:
 
     def timeout_for(self, kind: str) -> float:
         s = self.settings
-        return max(s.timeout, s.mm_timeout) if kind == "chat" else s.timeout
+        return max(s.timeout, s.mm_timeout) if kind != "completions" else s.timeout
 
     async def render(self, kind: str, body: Mapping[str, Any], model: str, authorization: str = "",
                      key: bytes | None = None) -> tuple[int, ...]:
@@ -206,7 +217,7 @@ class RenderClient:
                     raise RenderError(f"render answer larger than {MAX_RESPONSE_BYTES} bytes")
                 if not 200 <= resp.status < 300:
                     snippet = data[:1024].decode("utf-8", "replace")
-                    raise RenderError(f"vLLM render returned status {resp.status}: {snippet}")
+                    raise RenderError(f"vLLM render returned status {resp.status}: {snippet}", resp.status)
         except aiohttp.ClientError as e:
             raise RenderError(f"post {RENDER_PATHS[kind]}: {type(e).__name__}: {e}") from None
         return parse_render_response(kind, data)
@@ -214,3 +225,71 @@ class RenderClient:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+MESSAGES_MODES = ("auto", "native", "legacy")
+PROBE_ATTEMPTS = 24  # the reference's warmup: this many probes at start, this far apart, until one answers
+PROBE_INTERVAL = 5.0
+_MISSING_ROUTE = (404, 405)  # a render service without /v1/messages/render
+
+
+class MessagesMode:
+    """vllm.messagesRenderMode, as the reference's configureLegacyMessages / useLegacy: `native`
+    posts the Messages body to /v1/messages/render; `legacy` (deprecated) converts it to a chat
+    body (tokens_messages.py) for /v1/chat/completions/render with `model` = modelName; `auto`
+    (the default) probes /v1/messages/render with a one-message text body for modelName:
+    success selects native; a 404 or 405 selects legacy when the same body renders on the chat
+    path; any other outcome leaves the mode unknown, and the next Messages request (or the
+    start-up probe's next attempt) probes again, concurrent callers sharing one probe."""
+
+    def __init__(self, configured: str, client: RenderClient, model: str) -> None:
+        self.configured = configured
+        self.mode = "" if configured == "auto" else configured  # "" until a probe answers
+        self.client, self.model = client, model
+        self._probe: asyncio.Future[str] | None = None
+
+    async def resolve(self, authorization: str = "") -> str:
+        """native or legacy; probes first while unknown. Raises RenderError or TimeoutError."""
+        if self.mode:
+            return self.mode
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._discover(authorization))
+        return await asyncio.shield(self._probe)
+
+    async def _discover(self, authorization: str) -> str:
+        probe = {"model": self.model, "max_tokens": 1, "messages": [{"role": "user", "content": "warmup"}]}
+        client, mode = self.client, "native"
+        try:
+            await asyncio.wait_for(client._post("messages", probe, authorization), client.timeout_for("messages"))
+        except RenderError as e:
+            if e.status not in _MISSING_ROUTE:
+                raise RenderError(f"discover Messages rendering: {e}", e.status) from None
+            mode = "legacy"  # confirm the chat path renders this model before converting to it
+            try:
+                await asyncio.wait_for(client._post("chat", probe, authorization), client.timeout_for("chat"))
+            except RenderError as e2:
+                raise RenderError(f"discover legacy Messages rendering: {e2}", e2.status) from None
+        self.mode = mode
+        log.log(logging.WARNING if mode == "legacy" else logging.INFO,
+                "%s: Messages rendering: %s%s", client.base, mode, LEGACY_WARNING if mode == "legacy" else "")
+        return mode
+
+    async def probe_at_start(self, authorization: str) -> None:
+        """The start-up probe (background): up to PROBE_ATTEMPTS tries, PROBE_INTERVAL apart,
+        stopping at the first answer or at a 401/403 (which retrying does not clear)."""
+        for _ in range(PROBE_ATTEMPTS):
+            try:
+                await self.resolve(authorization)
+                return
+            except RenderError as e:
+                if e.status in (401, 403):
+                    log.info("%s: Messages render probe needs authentication (%s); the first Messages request "
+                             "probes with its own credentials", self.client.base, e)
+                    return
+            except TimeoutError:
+                pass
+            await asyncio.sleep(PROBE_INTERVAL)
+
+
+LEGACY_WARNING = (" (deprecated: the conversion to chat does not guarantee the token ids vLLM's /v1/messages uses; "
+                  "use native with a renderer serving /v1/messages/render)")
