@@ -48,6 +48,9 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+PORT_RACE_ATTEMPTS = 3  # starts on fresh ports when one found free was taken before the bind
+
+
 def _wait_started(proc: Process, up: Callable[[], bool], timeout: float, what: str) -> None:
     """Wait for up(), failing fast if the process exits; on any failure stop it and say why."""
     try:
@@ -136,6 +139,20 @@ def start_sims(n: int, *, model: str, log_dir: Path, time_scale: float = 1.0,
     """One `epp sim --replicas n` process. Returns once every replica has printed its
     `sim ready:` line (listening) and, if `healthy`, answers /health with 200 (pass
     healthy=False for a server still in its --startup-delay)."""
+    for attempt in range(PORT_RACE_ATTEMPTS):
+        try:
+            return _start_sims_once(n, model, log_dir, time_scale, flags, kv_events, healthy, name, timeout)
+        except RuntimeError as e:
+            # a port found free was taken before the process bound it (e.g. as another
+            # connection's ephemeral source port): start again on other ports
+            if "address already in use" not in str(e) or attempt + 1 == PORT_RACE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_sims_once(n: int, model: str, log_dir: Path, time_scale: float,
+                     flags: Sequence[str] | Mapping[str, object], kv_events: bool, healthy: bool, name: str,
+                     timeout: float) -> SimServers:
     base = free_port_range(n)
     kv_port = free_port_range(n) if kv_events else None
     argv = [*EPP, "sim", "--host", HOST, "--port", str(base), "--model", model, "--replicas", str(n),
