@@ -1,9 +1,8 @@
 """Through the real Envoy: the default parser chain routes Anthropic /v1/messages (with
 prefix affinity on its system prompt) and bodies no parser understands (passthrough);
 the canonical and the old objective headers both select priority, and a shed request
-carries x-llm-d-request-dropped-reason. The simulator does not serve /v1/messages: where
-a request went is read from the verifier's served-endpoint header, which the picker sets
-on every response, also a 404."""
+carries x-llm-d-request-dropped-reason. Where a request went is read from the verifier's
+served-endpoint header, which the picker sets on every response."""
 
 from __future__ import annotations
 
@@ -54,7 +53,7 @@ def test_anthropic_messages_are_routed_with_prefix_affinity(mode, module_sim_ser
         system = f"You are agent number {k} of {mode}; answer briefly and precisely. " * 30
         for question in ("What is the capital of France?", "And of Italy?"):
             status, headers, body = post(url, messages(system, question))
-            assert status in (200, 404), body  # 404: the simulator has no /v1/messages; the picker routed it
+            assert status == 200, body
             assert headers.get(SERVED_HEADER) in sims.hostports, headers
             served.setdefault(k, []).append(headers[SERVED_HEADER])
     assert all(a == b for a, b in served.values()), served
