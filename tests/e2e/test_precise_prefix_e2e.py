@@ -46,12 +46,14 @@ KV_TOKENS = 24 * 64  # small enough to evict under a few prompts
 SOCKET_PORT = 5557  # kvEventsConfig.podDiscoveryConfig.socketPort's default
 
 
-def _loopback_pair() -> list[str]:
-    """Two loopback addresses whose port 5557 is free (other test runs may hold some)."""
+def _loopback_ips(n: int = 2) -> list[str]:
+    """n loopback addresses whose port 5557 is free (other test runs may hold some). The
+    port is outside the kernel's ephemeral range, so no bind(0) or outgoing connection
+    anywhere on the machine takes it between this check and the bind (a free_port() can)."""
     rng = random.Random()
     for _ in range(50):
         base = f"127.{rng.randrange(16, 250)}.{rng.randrange(1, 250)}"
-        ips = [f"{base}.1", f"{base}.2"]
+        ips = [f"{base}.{i}" for i in range(1, n + 1)]
         try:
             for ip in ips:
                 with socket.socket() as s:
@@ -60,7 +62,7 @@ def _loopback_pair() -> list[str]:
         except OSError:
             continue
         return ips
-    raise RuntimeError("no free loopback address pair with port 5557")
+    raise RuntimeError(f"no {n} free loopback addresses with port {SOCKET_PORT}")
 
 
 class Sim:
@@ -86,7 +88,7 @@ class Sim:
 def stack(e2e_logs, picker, envoy):
     sims: list[Sim] = []
     try:
-        sims += [Sim(ip, e2e_logs.dir) for ip in _loopback_pair()]
+        sims += [Sim(ip, e2e_logs.dir) for ip in _loopback_ips()]
         p = picker(endpoints=[s.hostport for s in sims], config_text=GUIDE.read_text(),
                    extra_flags=["--tracing=false"])
         env = envoy("full-duplex", p)
@@ -216,18 +218,20 @@ KIND_FLAGS = ["--v", "4", "--zap-encoder", "json", "--allow-experimental-plugins
 
 def test_kind_config_global_socket_routes_by_topic(e2e_logs, picker, envoy):
     """The kind development config, its kvEventsConfig.zmqEndpoint localised: the picker
-    binds tcp://127.0.0.1:<a free port> instead of tcp://0.0.0.0:5557 (only that address
-    changes, as the other tests swap a chart's cluster-bound flags and fixed ports), and the
+    binds tcp://127.a.b.1:5557 (a loopback address of its own) instead of tcp://0.0.0.0:5557
+    (only that address changes, as the other tests swap a chart's cluster-bound flags), and the
     simulators publish into it (--kv-events-connect, as vLLM connects to a non-wildcard
     address), each message's topic kv@<ip:port>@<model> naming its endpoint among the pool's,
     so a prefix a server stores before the first request reaches the picker is scored."""
-    port = free_port()
+    # not 127.0.0.1:<free_port()>: until the picker binds it (after both servers start) any
+    # process's bind(0) may be handed that port, and the picker then fails to start
+    zmq_endpoint = f"tcp://{_loopback_ips(1)[0]}:{SOCKET_PORT}"
     text = KIND.read_text()
     assert text.count("zmqEndpoint: tcp://0.0.0.0:5557\n") == 1
-    text = text.replace("zmqEndpoint: tcp://0.0.0.0:5557\n", f"zmqEndpoint: tcp://127.0.0.1:{port}\n")
+    text = text.replace("zmqEndpoint: tcp://0.0.0.0:5557\n", f"zmqEndpoint: {zmq_endpoint}\n")
     sims: list[Sim] = []
     try:
-        sims += [Sim("127.0.0.1", e2e_logs.dir, "--kv-events-endpoint", f"tcp://127.0.0.1:{port}",
+        sims += [Sim("127.0.0.1", e2e_logs.dir, "--kv-events-endpoint", zmq_endpoint,
                      "--kv-events-connect") for _ in range(2)]
         p = picker(endpoints=[s.hostport for s in sims], config_text=text, extra_flags=KIND_FLAGS)
         env = envoy("full-duplex", p)
