@@ -254,6 +254,9 @@ class MessagesMode:
             return self.mode
         if self._probe is None or self._probe.done():
             self._probe = asyncio.ensure_future(self._discover(authorization))
+            # every waiter may be gone (cancelled at shutdown) when it fails: its error is read here,
+            # so asyncio never logs it as "never retrieved"
+            self._probe.add_done_callback(lambda f: f.cancelled() or f.exception())
         return await asyncio.shield(self._probe)
 
     async def _discover(self, authorization: str) -> str:
