@@ -58,8 +58,11 @@ class ProbabilisticAdmitter(ConfiguredPlugin[ProbabilisticAdmitterParams]):
         return total / len(endpoints)
 
     def reject_probability(self, endpoints: Sequence[Endpoint]) -> float:
+        return self._probability(self.pool_saturation(endpoints))
+
+    def _probability(self, saturation: float) -> float:
         try:
-            return min(self.pool_saturation(endpoints) ** self.power * self.k, 1.0)
+            return min(saturation ** self.power * self.k, 1.0)
         except OverflowError:
             return 1.0
 
@@ -68,7 +71,7 @@ class ProbabilisticAdmitter(ConfiguredPlugin[ProbabilisticAdmitterParams]):
         if request.priority >= 0 or not endpoints:
             return None
         sat = self.pool_saturation(endpoints)
-        prob = self.reject_probability(endpoints)
+        prob = self._probability(sat)
         if self.rng.random() < prob:
             return f"probabilistic-admitter: rejected, saturation={sat:.3f} prob={prob:.2f}"
         return None
