@@ -64,8 +64,7 @@ class FlowControlConfig:
                 return b
         template = self.default_negative_band if priority < 0 else self.default_band
         if template is not None:
-            return PriorityBandConfig(priority, template.max_bytes, template.max_requests,
-                                      template.fairness_policy_ref, template.ordering_policy_ref)
+            return self.band_from(template, priority)
         if priority < 0 and self.default_band is not None:  # negative priorities fall back to the default band
             return self.band_from(self.default_band, priority)
         return PriorityBandConfig(priority=priority)
