@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from epp.netaddr import join_hostport
+
 if TYPE_CHECKING:
     from .server import SimServer
 
@@ -20,8 +22,7 @@ DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
 
 def hostport(server: SimServer) -> str:
     cfg = server.config
-    host = cfg.advertise_host or cfg.host
-    return f"[{host}]:{cfg.port}" if ":" in host else f"{host}:{cfg.port}"
+    return join_hostport(cfg.advertise_host or cfg.host, cfg.port)
 
 
 def wire(servers: Sequence[SimServer], size: int) -> None:

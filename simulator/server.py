@@ -57,6 +57,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from epp.netaddr import join_hostport
 from epp.requestcontrol.producers.tokens_messages import messages_to_chat
 
 from . import tokenizer
@@ -644,7 +645,7 @@ class SimServer:
         task.add_done_callback(self._notifications.discard)
 
     async def _send_notify(self, host: str, port: int, request_id: str, engine_id: str) -> None:
-        url = f"http://{_url_host(host)}:{port}/sim/nixl/notify"
+        url = f"http://{join_hostport(host, port)}/sim/nixl/notify"
         try:
             async with self._client.post(url, data=orjson.dumps({"remote_request_id": request_id,
                                                                   "remote_engine_id": engine_id}),
@@ -805,10 +806,6 @@ def _prefiller_target(headers) -> str | None:
     return None
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 def _prefiller_url(target: str, path: str) -> str | None:
     """http://host:port<path> for a `host:port` (IPv6 in brackets), or None if malformed."""
     target = target.removeprefix("http://")
@@ -818,7 +815,7 @@ def _prefiller_url(target: str, path: str) -> str | None:
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not bare or len(bare) > 253 or not all(c.isalnum() or c in ".-:_" for c in bare):
         return None
-    return f"http://{_url_host(bare)}:{int(port)}{path}"
+    return f"http://{join_hostport(bare, int(port))}{path}"
 
 
 def _remote_source(params: dict) -> tuple[str, int, str | None, str] | None:
