@@ -29,6 +29,7 @@ import yaml
 
 from epp.configvalues import (
     ConfigError,
+    check_bool,
     check_list,
     check_mapping,
     check_number,
@@ -43,7 +44,7 @@ from epp.flowcontrol.config import (
     parse_flow_control,
     resolve_flow_policies,
 )
-from epp.framework import EXTENSION_POINTS, PluginError, extension_points, params_from_mapping, plugin_params
+from epp.framework import PluginError, extension_points, params_from_mapping, plugin_params
 from epp.framework.datakeys import ProducerParam
 from epp.framework.registry import ALIASES, ALPHA, BUILTINS, FUTURE, FUTURE_PARAMS, plugin_class, stability
 
@@ -295,9 +296,7 @@ def _by_label(params: dict[str, Any], where: str) -> dict[str, Any]:
     label = check_str(p["label"], f"{where}.label")
     values = [check_str(v, f"{where}.validValues[{i}]")
               for i, v in enumerate(check_list(p.get("validValues") or [], f"{where}.validValues"))]
-    allows = p.get("allowsNoLabel", False)
-    if not isinstance(allows, bool):
-        raise ConfigError(f"{where}.allowsNoLabel: expected true or false, got {allows!r}")
+    allows = check_bool(p.get("allowsNoLabel", False), f"{where}.allowsNoLabel")
     if not values and not allows:
         raise ConfigError(f"{where}: either validValues must be non-empty or allowsNoLabel must be true")
     if values and allows:
@@ -651,9 +650,6 @@ def _resolve_parsers(refs: list[tuple[str, str]] | None, by_name: dict[str, Plug
     """The parser chain by plugin name. A pluginRef naming no configured plugin but a
     parser type gets an instance of that type, as the reference's loader does."""
     if refs is None:
-        # Until the parser plugins are registered the director parses OpenAI bodies itself.
-        if not all(t in BUILTINS for t in DEFAULT_PARSERS):
-            return []
         refs = [(t, "(default requestHandler.parsers)") for t in DEFAULT_PARSERS]
     names: list[str] = []
     for ref, where in refs:
@@ -661,14 +657,12 @@ def _resolve_parsers(refs: list[tuple[str, str]] | None, by_name: dict[str, Plug
             if not _known(ref):
                 raise ConfigError(f"{where}: no plugin named {ref!r} in plugins")
             add_implicit(ref)
-        if "Parser" not in EXTENSION_POINTS or "Parser" not in extension_points(plugin_class(by_name[ref].type)):
+        if "Parser" not in extension_points(plugin_class(by_name[ref].type)):
             raise ConfigError(f"{where}: {ref!r} is not a parser plugin")
         names.append(ref)
     return names
 
 
-# What the data layer runtime (epp.datalayer.runtime) binds: a source declares the payload
-# kind it yields, an extractor the kind it reads, a discovery plugin builds the discovery.
 def check_stability(config: EndpointPickerConfig, allow_experimental_plugins: bool) -> None:
     """Alpha plugin types need --allow-experimental-plugins (the reference checks every
     instantiated plugin, implicit ones included, at start-up)."""

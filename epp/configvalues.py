@@ -60,7 +60,3 @@ def check_number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     return float(value)
-
-
-def join_key(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
