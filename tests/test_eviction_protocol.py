@@ -26,6 +26,7 @@ from tests.extproc import (
     send_request,
     transport,  # noqa: F401 - the autouse fixture: every test runs against both transports
 )
+from tests.helpers import until
 
 OBJECTIVE = "x-gateway-inference-objective"
 
@@ -44,10 +45,7 @@ async def routed(h: EvictionHarness, objective: str = "batch", mode=FDS):
     """A request routed (replies read) and tracked by the evictor."""
     call = h.stream()
     await send_request(call, mode, extra={OBJECTIVE: objective})
-    for _ in range(100):
-        if h.evictor.stats()[0]:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: h.evictor.stats()[0], 1.0)
     return call
 
 
@@ -77,10 +75,7 @@ async def test_evicted_while_waiting_for_the_response_headers():
         await ends_ok(call)
         await h.assert_released()
         assert h.evictor.stats() == (0, 0)
-        for _ in range(100):
-            if confirmed:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: confirmed, 1.0)
         assert confirmed == evicted  # the stream's end confirms the revocation, once
 
 
@@ -126,10 +121,7 @@ async def test_a_stream_gone_before_the_signal_is_untracked_and_confirmed():
         h.evictor.on_terminated = confirmed.append
         evicted = h.evictor.evict_n(1, 10)
         call.cancel()  # Envoy went away at the same moment
-        for _ in range(200):
-            if confirmed:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: confirmed, 2.0)
         assert confirmed == evicted
         await h.assert_released()
         assert h.evictor.stats() == (0, 0) and not h.evictor.pending

@@ -44,6 +44,7 @@ from epp.handlers.h2.hpack import encode_literal
 from epp.handlers.h2.server import H2GrpcServer
 from epp.handlers.protocol import METHOD_PATH
 from tests.extproc import FLOW_CONTROL, Harness, body_msg, completion, destination, headers_msg
+from tests.helpers import until
 
 U32 = struct.Struct(">I")
 PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = 0x1, 0x3, 0x5, 0x6
@@ -105,14 +106,6 @@ async def assert_still_serving(h: Harness, port: int) -> None:
     assert trailers["grpc-status"] == "0"
     destination(replies[0])
     await h.assert_released()
-
-
-async def eventually(predicate, timeout: float = 10.0) -> None:
-    """Poll a condition another party makes true (the server, on its own loop turns)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def handshake(port: int) -> Client:
@@ -276,7 +269,7 @@ async def test_data_after_end_stream_is_a_stream_error():
     async with Native(FLOW_CONTROL) as h:  # the request waits in the queue: the stream stays open
         c = await handshake(h.server.port)
         c.open_stream(1, headers_msg(), body_msg(completion(), True), end=True)
-        await eventually(lambda: h.admission.queue_size == 1)
+        await until(lambda: h.admission.queue_size == 1, 10.0)
         c.send(frame(DATA, 0, 1, b"late"))
         await c.until(lambda f: f[0] == RST_STREAM and f[2] == 1 and U32.unpack(f[3])[0] == STREAM_CLOSED)
         await h.assert_released()
@@ -292,7 +285,7 @@ async def test_max_concurrent_streams_is_enforced_with_refused_stream():
         for sid in (1, 3, 5):
             c.open_stream(sid, headers_msg(), body_msg(completion(), True))
         await c.until(lambda f: f[0] == RST_STREAM and f[2] == 5 and U32.unpack(f[3])[0] == REFUSED_STREAM)
-        await eventually(lambda: h.admission.queue_size == 2)  # the refused stream never reached the picker
+        await until(lambda: h.admission.queue_size == 2, 10.0)  # the refused stream never reached the picker
         c.send(frame(RST_STREAM, 0, 1, U32.pack(8)))  # one ends: room for a new one
         await c.sync()
         c.open_stream(7, headers_msg(), body_msg(completion(), True))
@@ -309,7 +302,7 @@ async def test_handshake_timeout_closes_a_silent_connection():
         writer.write(b"PRI * HTTP/2.0\r\n")  # half a preface, then nothing
         await asyncio.wait_for(reader.read(), 5)  # returns at EOF: the server gave up
         writer.close()
-        await eventually(lambda: not server.connections)
+        await until(lambda: not server.connections, 10.0)
         await assert_still_serving(h, port)
 
 
@@ -339,7 +332,7 @@ async def test_a_peer_that_does_not_read_stops_the_server_reading():
             for i in range(streams):
                 c.open_stream(2 * i + 1, headers_msg(), body_msg(body, True))
             (conn,) = server.connections
-            await eventually(lambda: not conn.transport.is_reading())  # it read until its buffer passed the mark
+            await until(lambda: not conn.transport.is_reading(), 10.0)  # it read until its buffer passed the mark
             buffered = conn.transport.get_write_buffer_size()
             assert buffered < high + 2 * (len(body) + 4096) * 2  # at most the mark plus what one read produced
             # a reader appears: everything is delivered and every stream is routed
