@@ -482,26 +482,7 @@ class Engine:
             if need > self._num_free + len(self._evictable) - hit_evictable:
                 break  # FCFS: nothing behind it is admitted either
             waiting.popleft()
-            hashes = req.block_hashes
-            refs = self._refs
-            for h in hashes[:hit]:
-                r = refs[h]
-                if r == 0:
-                    del self._evictable[h]
-                refs[h] = r + 1
-            req._held = list(hashes[:hit])
-            req._registered = hit
-            self._allocate(need)
-            req._private = need
-            req._nblocks = hit + need
-            req.num_computed = computed
-            if req.scheduled_at is None:
-                req.scheduled_at = now
-                req.cached_tokens = computed
-                self.prefix_cache_queries_total += len(req.prompt_token_ids)
-                self.prefix_cache_hits_total += computed
-                if hit:
-                    self.prefix_cache_hit_requests_total += 1
+            self._take_blocks(req, hit, need, now)
             if lora is not None:
                 loads += self._lora_acquire(lora)
             req.state = RUNNING
@@ -523,32 +504,40 @@ class Engine:
         if need > self._num_free + len(self._evictable) - hit_evictable:
             return False
         self.waiting.popleft()
-        refs = self._refs
-        for h in req.block_hashes[:hit]:
-            r = refs[h]
-            if r == 0:
-                del self._evictable[h]
-            refs[h] = r + 1
-        req._held = list(req.block_hashes[:hit])
-        req._registered = hit
-        self._allocate(need)
-        req._private = need
-        req._nblocks = hit + need
-        computed = hit * bs
-        req.num_computed = computed
-        req.scheduled_at = now
-        req.cached_tokens = computed
-        self.prefix_cache_queries_total += req.num_prompt
-        self.prefix_cache_hits_total += computed
-        if hit:
-            self.prefix_cache_hit_requests_total += 1
-        req.kv_bytes = (req.num_prompt - computed) * cfg.kv_bytes_per_token
+        self._take_blocks(req, hit, need, now)  # first admission: counts its prefix-cache lookup
+        req.kv_bytes = (req.num_prompt - req.num_computed) * cfg.kv_bytes_per_token
         start = max(now, self._link_free_at)
         req.load_started_at = start
         req.load_done_at = self._link_free_at = start + req.kv_bytes / cfg.kv_transfer_bandwidth
         req.state = LOADING
         self._loading.append(req)
         return True
+
+    def _take_blocks(self, req: EngineRequest, hit: int, need: int, now: float) -> None:
+        """Give an admitted request its `hit` cached prefix blocks (referenced) and `need`
+        new ones; its cached prefix counts as computed. On its first admission this is its
+        prefix-cache lookup (scheduled_at, cached_tokens and the hit counters)."""
+        hashes = req.block_hashes
+        refs = self._refs
+        for h in hashes[:hit]:
+            r = refs[h]
+            if r == 0:
+                del self._evictable[h]
+            refs[h] = r + 1
+        req._held = list(hashes[:hit])
+        req._registered = hit
+        self._allocate(need)
+        req._private = need
+        req._nblocks = hit + need
+        computed = hit * self.config.block_size
+        req.num_computed = computed
+        if req.scheduled_at is None:
+            req.scheduled_at = now
+            req.cached_tokens = computed
+            self.prefix_cache_queries_total += req.num_prompt
+            self.prefix_cache_hits_total += computed
+            if hit:
+                self.prefix_cache_hit_requests_total += 1
 
     def _complete_loads(self, now: float) -> None:
         emit = self.on_kv_events is not None
