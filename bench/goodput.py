@@ -514,8 +514,8 @@ def plot(points: Sequence[Point], path: Path, title: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.cli import _floats
-    from bench.report import RESULTS_DIR, command_line, table, write_markdown
+    from bench.cli import _floats, _results_args
+    from bench.report import command_line, publish, table
 
     d = SloMix()
     ap = argparse.ArgumentParser(prog="epp bench goodput", description=__doc__.split("\n\n")[0],
@@ -532,9 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g = ap.add_argument_group("workload (slo_mix)")
     for f, v in ((f, getattr(d, f)) for f in SloMix.__dataclass_fields__):
         g.add_argument("--" + f.replace("_", "-"), dest=f, type=type(v), default=v)
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--name", default="goodput")
-    ap.add_argument("--no-plots", dest="plots", action="store_false")
+    _results_args(ap, "goodput")
     a = ap.parse_args(argv)
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
     pools = [p.strip() for p in a.pools.split(",") if p.strip()]
@@ -570,14 +568,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             + "\n\nLatency model error per hardware class at the end of each run (its last 1,000 samples, each "
             "scored before it was learnt; coverage = share of latencies at or under the prediction):\n\n"
             + table(ERROR_HEADERS, error_rows(points), markdown=True))
-    md = a.out / f"{a.name}.md"
-    write_markdown(md, "Goodput under TTFT/TPOT SLOs, mixed and uniform pools (cluster simulation)",
-                   command_line(["bench", "goodput", *(argv if argv is not None else sys.argv[1:])]), body)
-    print(f"\nresults: {md}")
-    if a.plots:
-        png = a.out / f"{a.name}.png"
+
+    def plots(stem: Path) -> list[Path]:
+        png = Path(f"{stem}.png")
         plot(points, png, f"Goodput under SLOs, {a.servers} servers (mixed: half H100, half A100)")
-        print(f"plot: {png}")
+        return [png]
+
+    publish(a, "Goodput under TTFT/TPOT SLOs, mixed and uniform pools (cluster simulation)",
+            command_line(["bench", "goodput", *(argv if argv is not None else sys.argv[1:])]), body, plots)
     return 0
 
 
