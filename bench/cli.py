@@ -29,6 +29,7 @@ from bench.report import (
     command_line,
     ms,
     num,
+    numeric_flags,
     pct,
     plot_latency_vs_rate,
     plot_pd,
@@ -197,7 +198,6 @@ def cmd_pd(argv: list[str]) -> int:
     from bench.loadgen import Progress, percentile
     from bench.workloads import LongPrompts, WorkloadSpec, generate
 
-    d = LongPrompts()
     ap = argparse.ArgumentParser(prog="epp bench pd",
                                  description="aggregated vs P/D in the virtual-time cluster simulation")
     ap.add_argument("--servers", type=int, default=4)
@@ -208,10 +208,7 @@ def cmd_pd(argv: list[str]) -> int:
     ap.add_argument("--aggregated", default="picker", help="strategy of the aggregated setup (default config)")
     ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--seed", type=int, default=1)
-    g = ap.add_argument_group("workload (long_prompt)")
-    for f in ("num_groups", "shared_prefix_len", "min_prompt_len", "max_prompt_len", "min_output_len",
-              "max_output_len"):
-        g.add_argument("--" + f.replace("_", "-"), dest=f, type=int, default=getattr(d, f))
+    numeric_flags(ap.add_argument_group("workload (long_prompt)"), **dataclasses.asdict(LongPrompts()))
     _results_args(ap, "pd")
     a = ap.parse_args(argv)
     try:

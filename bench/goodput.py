@@ -47,7 +47,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.cluster import EXTRA_ROUTERS, ClusterConfig, ClusterResult, Oracle, PickerRouter, Router, simulate
@@ -515,9 +515,8 @@ def plot(points: Sequence[Point], path: Path, title: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from bench.cli import _floats, _results_args
-    from bench.report import command_line, publish, table
+    from bench.report import command_line, numeric_flags, publish, table
 
-    d = SloMix()
     ap = argparse.ArgumentParser(prog="epp bench goodput", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--servers", type=int, default=4)
@@ -529,9 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "oracle, least-queue, random, picker:<path>")
     ap.add_argument("--pools", default=",".join(POOLS), help="mixed, uniform")
     ap.add_argument("--seed", type=int, default=1)
-    g = ap.add_argument_group("workload (slo_mix)")
-    for f, v in ((f, getattr(d, f)) for f in SloMix.__dataclass_fields__):
-        g.add_argument("--" + f.replace("_", "-"), dest=f, type=type(v), default=v)
+    numeric_flags(ap.add_argument_group("workload (slo_mix)"), **asdict(SloMix()))
     _results_args(ap, "goodput")
     a = ap.parse_args(argv)
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]

@@ -32,8 +32,9 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}")
 
 
-def numeric_flags(ap: argparse.ArgumentParser, **defaults: float) -> None:
-    """One `--a-name N` flag per keyword (a_name=default), typed as its default (int or float)."""
+def numeric_flags(ap: argparse._ActionsContainer, **defaults: float) -> None:
+    """One `--a-name N` flag per keyword (a_name=default), typed as its default (int or float),
+    on a parser or one of its argument groups."""
     for key, default in defaults.items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
 
