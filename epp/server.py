@@ -497,16 +497,12 @@ def grpc_options(options: Options) -> tuple[tuple[str, Any], ...]:
 def scrape_tls(options: Options) -> Any:
     """--model-server-metrics-scheme=https (v1.5): the scrape's TLS context, verifying the
     model servers' certificates unless --model-server-metrics-https-insecure-skip-verify
-    (default true, as the reference)."""
-    if options.model_server_metrics_scheme != "https":
-        return None
-    import ssl
+    (default true, as the reference): the same context a metrics-data-source builds."""
+    from epp.datalayer.sources import HttpSourceParams, client_ssl_context
 
-    context = ssl.create_default_context()
-    if options.model_server_metrics_https_insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    return client_ssl_context(HttpSourceParams(
+        scheme=options.model_server_metrics_scheme,
+        insecureSkipVerify=options.model_server_metrics_https_insecure_skip_verify))
 
 
 def apply_metric_flags(specs: dict[str, Any], flags: dict[str, str]) -> dict[str, Any]:

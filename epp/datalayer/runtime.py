@@ -144,9 +144,6 @@ class DataLayer:
         self.pollers.append(collector)
         return collector
 
-    def has_metrics_source(self) -> bool:
-        return any(isinstance(p, MetricsCollector) for p in self.pollers)
-
     @property
     def metrics(self) -> MetricsCollector | None:
         return next((p for p in self.pollers if isinstance(p, MetricsCollector)), None)
