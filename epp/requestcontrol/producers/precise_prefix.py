@@ -58,6 +58,7 @@ from epp.framework.datakeys import PREFIX_MATCH_INFO, TOKEN_IDS, TOKENS_CONSUMER
 from epp.framework.metrics import HistogramRecorder
 from epp.framework.plugins import ConfiguredPlugin
 from epp.labelselector import LabelSelector
+from epp.netaddr import bracket
 from epp.requestcontrol.producers.precise_prefix_params import PrecisePrefixParams
 from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
 from epp.requestcontrol.producers.prefix_index import PrefixIndex
@@ -217,7 +218,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
             self._ensure_intake()
         if not cfg.discoverPods or pods is None or not endpoint.address:
             return
-        host = f"[{endpoint.address}]" if ":" in endpoint.address else endpoint.address
+        host = bracket(endpoint.address)
         rank = _rank(endpoint)
         address = f"tcp://{host}:{pods.socketPort + rank}"
         if not self._admits(endpoint):  # relabelled out of the selector: its subscription ends
