@@ -60,15 +60,17 @@ from epp.framework.plugins import ConfiguredPlugin
 from epp.labelselector import LabelSelector
 from epp.netaddr import bracket
 from epp.requestcontrol.producers.precise_prefix_params import PrecisePrefixParams
-from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
-from epp.requestcontrol.producers.prefix_index import PrefixIndex
+from epp.requestcontrol.producers.prefix_blocks import (
+    CHARS_PER_TOKEN,
+    DEFAULT_MAX_PREFIX_BLOCKS,
+    block_hashes,
+)
+from epp.requestcontrol.producers.prefix_index import DEFAULT_LRU_CAPACITY, PrefixIndex
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PrecisePrefixCacheProducer", "PrecisePrefixCacheScorer", "client_token_ids", "endpoint_streams"]
 
-MAX_APPROX_BLOCKS = 2048  # the fallback's per-request block cap (approx-prefix-cache-producer's default)
-APPROX_CAPACITY = 31250  # blocks per endpoint in the fallback index without a reported KV size
 PREFILL_PROFILE = "prefill"  # the reference's experimentalPrefillProfile: seeded speculatively too
 _RANK = re.compile(r"-rank-(\d+)$")
 
@@ -252,7 +254,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         match to publish)."""
         bs = self.block_size
         approx_hashes = block_hashes(request.prompt_text, request.target_model, request.cache_salt,
-                                     bs * CHARS_PER_TOKEN, MAX_APPROX_BLOCKS, partial=True)
+                                     bs * CHARS_PER_TOKEN, DEFAULT_MAX_PREFIX_BLOCKS, partial=True)
         guess = self.approx.match(approx_hashes)[0] if approx_hashes else {}
         tokens = cycle.read(TOKEN_IDS) or client_token_ids(request)
         if not tokens:
@@ -309,7 +311,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
             ep = r.targets[0]
             seen.add(id(ep))
             if hashes:
-                self.approx.record(ep, hashes, ep.metrics.num_gpu_blocks or APPROX_CAPACITY)
+                self.approx.record(ep, hashes, ep.metrics.num_gpu_blocks or DEFAULT_LRU_CAPACITY)
             if self.intake is not None and info is not None and info.matches.get(ep, 0) < info.total_blocks:
                 self.intake.note_routed(ep.name)  # new blocks to store: events should follow
             if keys and profile in (result.primary_profile, PREFILL_PROFILE):  # keys: speculativeIndexing

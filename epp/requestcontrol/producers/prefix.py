@@ -17,8 +17,12 @@ from dataclasses import dataclass
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult, bounded
 from epp.framework.datakeys import PREFIX_MATCH_INFO, DataKey, PrefixCacheMatchInfo
 from epp.framework.plugins import ConfiguredPlugin
-from epp.requestcontrol.producers.prefix_blocks import CHARS_PER_TOKEN, block_hashes
-from epp.requestcontrol.producers.prefix_index import PrefixIndex
+from epp.requestcontrol.producers.prefix_blocks import (
+    CHARS_PER_TOKEN,
+    DEFAULT_MAX_PREFIX_BLOCKS,
+    block_hashes,
+)
+from epp.requestcontrol.producers.prefix_index import DEFAULT_LRU_CAPACITY, PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ _BYTES_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 3
 
 MIN_BLOCK_SIZE_TOKENS = 64  # the reference's floor (#1158): one index entry per (endpoint, block)
 UNLIMITED_BLOCKS = 1 << 31  # both caps 0: the whole prompt (bounded by the request body limit)
+DEFAULT_MAX_PREFIX_TOKENS = 131072  # the reference's maxPrefixTokensToMatch default
 V15_MAX_PREFIX_BLOCKS = 256  # GIE v1.5.0's default, kept for configs in the v1.5 form (see legacyV15)
 
 
@@ -56,7 +61,7 @@ class PrefixProducerParams:
     blockSize: int | None = bounded(None, ge=0)  # deprecated
     maxPrefixTokensToMatch: int | None = bounded(None, ge=0)  # None: 131072 (legacyV15: 0)
     maxPrefixBlocksToMatch: int | None = bounded(None, ge=0)  # None: 2048 (legacyV15: 256)
-    lruCapacityPerServer: int = bounded(31250, ge=0)  # 0: the default
+    lruCapacityPerServer: int = bounded(DEFAULT_LRU_CAPACITY, ge=0)  # 0: the default
     legacyV15: bool = False
 
 
@@ -71,11 +76,6 @@ def resolve_max_blocks(p: PrefixProducerParams, block_size_tokens: int) -> int:
     if blocks is None:
         blocks = V15_MAX_PREFIX_BLOCKS if p.legacyV15 else DEFAULT_MAX_PREFIX_BLOCKS
     return blocks if blocks > 0 else UNLIMITED_BLOCKS
-
-
-DEFAULT_MAX_PREFIX_TOKENS = 131072
-DEFAULT_MAX_PREFIX_BLOCKS = 2048
-DEFAULT_LRU_CAPACITY = 31250
 
 
 class ApproxPrefixCacheProducer(ConfiguredPlugin[PrefixProducerParams]):

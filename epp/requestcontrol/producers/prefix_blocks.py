@@ -18,6 +18,7 @@ from struct import Struct
 from xxhash import xxh64_intdigest
 
 CHARS_PER_TOKEN = 4
+DEFAULT_MAX_PREFIX_BLOCKS = 2048  # blocks matched per request: the reference's maxPrefixBlocksToMatch default
 _LE_U64 = Struct("<Q")
 
 # Many prompts share long prefixes (system prompts, chat history), so block hashes are

@@ -24,7 +24,9 @@ from operator import ne
 
 from epp.framework import Endpoint
 
-__all__ = ["PrefixIndex"]
+__all__ = ["DEFAULT_LRU_CAPACITY", "PrefixIndex"]
+
+DEFAULT_LRU_CAPACITY = 31250  # blocks per endpoint whose KV size is unknown: the reference's lruCapacityPerServer
 
 
 class _Run:
