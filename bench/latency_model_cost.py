@@ -299,8 +299,10 @@ def run(name: str, train_n: int, seed: int, law: VllmLaw, train_every: int = 1_0
             cand.train()
     train_s = time.perf_counter() - t0
     test = [law.sample(rng) for _ in range(test_n)]
-    tm, tp = accuracy([cand.predict_ttft(f) for f, _, _ in test], [t for _, t, _ in test])
-    pm, pp = accuracy([cand.predict_tpot(f) for f, _, _ in test], [t for _, _, t in test])
+    ttft_pred, ttft = [cand.predict_ttft(f) for f, _, _ in test], [t for _, t, _ in test]
+    tpot_pred, tpot = [cand.predict_tpot(f) for f, _, _ in test], [t for _, _, t in test]
+    tm, tp = accuracy(ttft_pred, ttft)
+    pm, pp = accuracy(tpot_pred, tpot)
     feats = [f for f, _, _ in test[:500]]
     reps = 4
     t0 = time.perf_counter()
@@ -309,9 +311,8 @@ def run(name: str, train_n: int, seed: int, law: VllmLaw, train_every: int = 1_0
             cand.predict_ttft(f)
             cand.predict_tpot(f)
     predict_us = (time.perf_counter() - t0) / (reps * len(feats) * 2) * 1e6
-    return Result(name, tm, tp, pm, pp, predict_us, train_s / train_n * 1e6,
-                  coverage([cand.predict_ttft(f) for f, _, _ in test], [t for _, t, _ in test]),
-                  coverage([cand.predict_tpot(f) for f, _, _ in test], [t for _, _, t in test]))
+    return Result(name, tm, tp, pm, pp, predict_us, train_s / train_n * 1e6, coverage(ttft_pred, ttft),
+                  coverage(tpot_pred, tpot))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
