@@ -47,6 +47,10 @@ class OpenGate:
 class FirstEndpoint:
     """A plugin set that picks the first candidate and has no hooks."""
 
+    prefetches = ()
+
+    async def prefetch(self, request) -> None: ...
+
     def run_cycle(self, request, candidates, *, trace=None, commit=True):
         if not candidates:
             raise service_unavailable("no candidate endpoints for the request")

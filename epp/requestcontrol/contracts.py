@@ -3,7 +3,7 @@ admission gate. Narrow on purpose: the director needs nothing else from them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, ResponseInfo, SchedulingResult
@@ -16,7 +16,13 @@ ResponseHook = Callable[[InferenceRequest, ResponseInfo, Endpoint], None]
 
 
 class RequestPlugins(Protocol):
-    """The plugin set one request runs through: a scheduling cycle, then the response hooks."""
+    """The plugin set one request runs through: the producers' asynchronous step (awaited only
+    when `prefetches` is not empty), a scheduling cycle, then the response hooks."""
+
+    @property
+    def prefetches(self) -> Sequence[Callable[[InferenceRequest], Awaitable[None]]]: ...
+
+    async def prefetch(self, request: InferenceRequest) -> None: ...
 
     def run_cycle(self, request: InferenceRequest, candidates: Sequence[Endpoint], *,
                   trace: SchedulingTrace | None = None,

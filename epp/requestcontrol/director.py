@@ -204,7 +204,7 @@ class Director:
         ctx.release = await self.admission.admit(request, candidates)
         if not candidates:  # queued while the pool had no endpoint (flow control): route to those there now
             candidates = self.candidates(subset)
-        if getattr(self.plugins, "prefetches", None):  # e.g. token-producer's render call, bounded by the producer
+        if self.plugins.prefetches:  # e.g. token-producer's render call, bounded by the producer
             await self.plugins.prefetch(request)
         t0 = time.perf_counter()
         try:
