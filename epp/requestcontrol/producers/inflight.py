@@ -26,6 +26,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from weakref import WeakKeyDictionary
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -56,6 +57,7 @@ from epp.framework.metrics import PluginMetrics
 from epp.framework.plugins import ConfiguredPlugin
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 DEFAULT_OUTPUT_RATIO = 1.5
 PREFILL_PROFILE = "prefill"  # the reference's hard-coded prefill profile name
@@ -110,14 +112,6 @@ class _Gauges(Collector):
     def __init__(self) -> None:
         self.requests: dict[tuple[str, ...], int] = {}
         self.tokens: dict[tuple[str, ...], int] = {}
-
-    @staticmethod
-    def add(series: dict[tuple[str, ...], int], labels: tuple[str, ...], delta: int) -> None:
-        v = series.get(labels, 0) + delta
-        if v > 0:
-            series[labels] = v
-        else:
-            series.pop(labels, None)
 
     def collect(self) -> Iterable[Metric]:
         out = []
@@ -197,8 +191,8 @@ class InFlightLoadProducer(ConfiguredPlugin[InFlightLoadParams]):
             charge = _Charge(ep, profile, tokens, labels)
             self.requests[ep] = self.requests.get(ep, 0) + 1
             self.tokens[ep] = self.tokens.get(ep, 0) + tokens
-            self._gauges.add(self._gauges.requests, labels, 1)
-            self._gauges.add(self._gauges.tokens, labels, tokens)
+            _add(self._gauges.requests, labels, 1)
+            _add(self._gauges.tokens, labels, tokens)
             charges.append(charge)
         if not charges:
             return
@@ -238,12 +232,12 @@ class InFlightLoadProducer(ConfiguredPlugin[InFlightLoadParams]):
     # ------------------------------------------------------------------ release
     def _release(self, c: _Charge, *, requests: bool) -> None:
         if c.tokens:
-            _sub(self.tokens, c.endpoint, c.tokens)
-            self._gauges.add(self._gauges.tokens, c.labels, -c.tokens)
+            _add(self.tokens, c.endpoint, -c.tokens)
+            _add(self._gauges.tokens, c.labels, -c.tokens)
             c.tokens = 0
         if requests and c.requests:
-            _sub(self.requests, c.endpoint, c.requests)
-            self._gauges.add(self._gauges.requests, c.labels, -c.requests)
+            _add(self.requests, c.endpoint, -c.requests)
+            _add(self._gauges.requests, c.labels, -c.requests)
             c.requests = 0
 
     def _release_all(self, rid: str) -> None:
@@ -253,9 +247,10 @@ class InFlightLoadProducer(ConfiguredPlugin[InFlightLoadParams]):
             self._release(c, requests=True)
 
 
-def _sub(counts: dict[Endpoint, int], endpoint: Endpoint, n: int) -> None:
-    v = counts.get(endpoint, 0) - n
+def _add(counts: dict[K, int], key: K, delta: int) -> None:
+    """Add to a count; a count that falls to 0 (or below) goes, so none is ever left at 0."""
+    v = counts.get(key, 0) + delta
     if v > 0:
-        counts[endpoint] = v
+        counts[key] = v
     else:
-        counts.pop(endpoint, None)
+        counts.pop(key, None)
