@@ -29,6 +29,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -613,25 +614,20 @@ class Telemetry:
         children = self.plugin_duration
         cache: dict[tuple[str, str, str], Any] = {}  # the pending child's bound observe, per label set
 
-        def observe(point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
+        def recorder(point: str, plugin_type: str, plugin_name: str) -> Callable[[float], None]:
             key = (point, plugin_type, plugin_name)
             fn = cache.get(key)
             if fn is None:
                 fn = cache[key] = children.get(EXTENSION_POINT_LABELS.get(point, point), plugin_type,
                                                plugin_name).observe
-            fn(seconds)
+            return fn
+
+        def observe(point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
+            fn = cache.get((point, plugin_type, plugin_name))
+            (fn or recorder(point, plugin_type, plugin_name))(seconds)
 
         def bind(point: str, plugin_type: str, plugin_name: str) -> Callable[[], Callable[[float], None]]:
-            key = (point, plugin_type, plugin_name)
-
-            def resolve() -> Callable[[float], None]:  # epp.timing resolves at a plugin's first call
-                fn = cache.get(key)
-                if fn is None:
-                    fn = cache[key] = children.get(EXTENSION_POINT_LABELS.get(point, point), plugin_type,
-                                                   plugin_name).observe
-                return fn
-
-            return resolve
+            return partial(recorder, point, plugin_type, plugin_name)  # epp.timing resolves at the first call
 
         observe.bind = bind  # type: ignore[attr-defined]
         return observe
