@@ -8,7 +8,6 @@ or pooling a fast and a slow class costs well over those 5 points, so those must
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import gc
 import math
@@ -356,16 +355,10 @@ def test_trainer_trains_by_count_and_by_time():
     assert trainer.maybe_train().samples == 10 and trainer.runs == 2
 
 
-async def test_trainer_runs_off_the_event_loop_until_stopped():
-    model, stop = LatencyModel(), asyncio.Event()
+def test_trainer_learns_every_waiting_sample_in_one_fit():
+    model = LatencyModel()
     for _ in range(300):
         model.observe_ttft(H100, LatencyFeatures(input_tokens=100), 30.0)
-    reports = []
-
-    def on_train(report):
-        reports.append(report)
-        stop.set()
-
-    await asyncio.wait_for(Trainer(model, every_samples=100).run(stop, on_train=on_train), 10)
-    assert reports[0].samples == 300 and model.pending == 0
+    report = Trainer(model, every_samples=100).maybe_train()
+    assert report.samples == 300 and model.pending == 0
     assert model.predict_ttft(H100, LatencyFeatures(input_tokens=100)) == pytest.approx(30.0, rel=1e-3)

@@ -1,6 +1,6 @@
 """Online, in-process latency prediction: each endpoint's TTFT and time per output token
-(TPOT) for a request, learnt from the latencies the picker observes. A library for the
-predicted-latency-producer (not a plugin yet: nothing here is registered).
+(TPOT) for a request, learnt from the latencies the picker observes: the model behind
+predicted-latency-producer (producer.py), which trains it in its own background thread.
 
     model = LatencyModel()                      # one per pool: typical latency ("mean"); quantile=0.9: p90
     cls = endpoint_class(endpoint.labels)       # hardware class: accelerator label
@@ -10,7 +10,7 @@ predicted-latency-producer (not a plugin yet: nothing here is registered).
     model.predict(cls, f)                       # hot path: LatencyPrediction(ttft_ms, tpot_ms), None until learnt
     model.observe_ttft(cls, f, ttft_ms)         # response path, O(1); f as at dispatch
     model.observe_tpot(cls, f, tpot_ms)
-    Trainer(model).run(stop) / .maybe_train()   # background
+    Trainer(model).maybe_train()                # off the hot path: trains when enough samples wait
     model.errors()                              # per (class, target): MAPE, p90 |error|, coverage
 
 Method (chosen by `python -m bench.latency_model_cost`, 4,000 samples of a vLLM-like law

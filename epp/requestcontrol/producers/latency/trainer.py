@@ -4,7 +4,6 @@ sidecar every second; the sidecar refits every LATENCY_RETRAINING_INTERVAL_SEC).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
@@ -12,7 +11,6 @@ from .model import LatencyModel, TrainReport
 
 DEFAULT_EVERY_SAMPLES = 256    # train as soon as this many samples wait
 DEFAULT_INTERVAL_S = 1.0       # ... or when a sample has waited this long
-DEFAULT_POLL_S = 0.05          # how often run() looks
 
 
 class Trainer:
@@ -32,24 +30,7 @@ class Trainer:
         """Train now if due (for a caller that already runs off the hot path)."""
         if not self.due():
             return None
-        return self._trained(self.model.train())
-
-    def _trained(self, report: TrainReport) -> TrainReport:
+        report = self.model.train()
         self.last = self.clock()
         self.runs += 1
         return report
-
-    async def run(self, stop: asyncio.Event, *, poll_s: float = DEFAULT_POLL_S,
-                  on_train: Callable[[TrainReport], None] | None = None) -> None:
-        """Until `stop` is set: train in a worker thread whenever due, so the event loop
-        serving requests is never held by a fit."""
-        while not stop.is_set():
-            if self.due():
-                report = self._trained(await asyncio.to_thread(self.model.train))
-                if on_train is not None:
-                    on_train(report)
-                continue
-            try:
-                await asyncio.wait_for(stop.wait(), poll_s)
-            except TimeoutError:
-                pass
