@@ -101,7 +101,7 @@ class PodDiscoveryConfig:
     replaySocketPort: int = 0  # <= 0: no replay socket
 
     def validate(self) -> None:
-        if self.socketPort > 65535 or self.replaySocketPort > 65535:
+        if self.replaySocketPort > 65535:  # socketPort: its bounds
             raise ValueError("replaySocketPort: must be <= 65535")
         try:
             self.selector()
