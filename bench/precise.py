@@ -301,15 +301,15 @@ class Sizing:
     output_len: int = 32
 
 
-def workload(s: Sizing, requests: int, seed: int) -> tuple[list[WorkItem], int, int]:
+def workload(s: Sizing, requests: int, seed: int) -> tuple[list[WorkItem], int]:
     """The shared-prefix workload whose prefixes fill `s.fill` of the pool's KV memory:
-    (items, number of prefixes, tokens the prefixes take in the pool's blocks)."""
+    (items, number of prefixes); prefix_blocks(items) counts the blocks they take."""
     pool_blocks = s.servers * s.gpu_blocks
     per_prefix = math.ceil(s.prefix_len / s.block_size)
     groups = max(1, round(s.fill * pool_blocks / per_prefix))
     spec = WorkloadSpec("shared_prefix", SharedPrefix(groups, s.questions, s.prefix_len, s.question_len,
                                                       s.output_len), num_requests=requests, seed=seed)
-    return generate(spec), groups, groups * per_prefix
+    return generate(spec), groups
 
 
 def prefix_blocks(items: Sequence[WorkItem], block_size: int) -> int:
@@ -369,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sizing = Sizing(servers=a.servers, gpu_blocks=a.gpu_blocks, prefix_len=a.prefix_len, fill=a.fill)
-    items, groups, _ = workload(sizing, a.requests, a.seed)
+    items, groups = workload(sizing, a.requests, a.seed)
     pool = sizing.servers * sizing.gpu_blocks
     used = prefix_blocks(items, sizing.block_size)
     print(f"pool: {sizing.servers} servers x {sizing.gpu_blocks} blocks x {sizing.block_size} tokens = "

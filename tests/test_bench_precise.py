@@ -80,7 +80,7 @@ def test_restart_clears_the_cache_recomputes_running_requests_and_the_index_foll
 
 def _items(n: int = 48, groups: int = 4):
     sizing = P.Sizing(servers=2, gpu_blocks=512, prefix_len=400, questions=4, output_len=4)
-    items, _, _ = P.workload(sizing, n, 3)
+    items, _ = P.workload(sizing, n, 3)
     return items[:n]
 
 
