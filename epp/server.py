@@ -497,12 +497,16 @@ def grpc_options(options: Options) -> tuple[tuple[str, Any], ...]:
 def scrape_tls(options: Options) -> Any:
     """--model-server-metrics-scheme=https (v1.5): the scrape's TLS context, verifying the
     model servers' certificates unless --model-server-metrics-https-insecure-skip-verify
-    (default true, as the reference): the same context a metrics-data-source builds."""
-    from epp.datalayer.sources import HttpSourceParams, client_ssl_context
+    (default true, as the reference)."""
+    if options.model_server_metrics_scheme != "https":
+        return None
+    import ssl
 
-    return client_ssl_context(HttpSourceParams(
-        scheme=options.model_server_metrics_scheme,
-        insecureSkipVerify=options.model_server_metrics_https_insecure_skip_verify))
+    context = ssl.create_default_context()
+    if options.model_server_metrics_https_insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def apply_metric_flags(specs: dict[str, Any], flags: dict[str, str]) -> dict[str, Any]:
