@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from epp.framework.datakeys import DataKey
+from epp.netaddr import join_hostport
 
 T = TypeVar("T")
 
@@ -171,7 +172,7 @@ class SchedulingResult:
         targets, port = self.targets, self.destination_port
         if port is None:
             return targets[0].hostport if len(targets) == 1 else ",".join(t.hostport for t in targets)
-        return ",".join(f"{t.hostport.rpartition(':')[0]}:{port}" for t in targets)
+        return ",".join(join_hostport(t.address, port) for t in targets)
 
 
 @dataclass(slots=True)
