@@ -21,12 +21,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from epp.framework import ConfiguredPlugin, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
 from epp.framework.headers import REQUEST_ID
+from epp.framework.metrics import PluginMetrics
 from epp.labelselector import LabelSelector
 
 DEFAULT_REVISION_HEADER = "x-llm-d-disagg-revision"
@@ -140,7 +142,7 @@ class _Metrics(Collector):
         return [no_match, share]
 
 
-_METRICS: dict[object, _Metrics] = {}  # per metrics facility (one registry)
+_METRICS: WeakKeyDictionary[PluginMetrics, _Metrics] = WeakKeyDictionary()  # per metrics facility (one registry)
 
 
 class DisaggregatedSetRolloutScreener(ConfiguredPlugin[RolloutScreenerParams]):
