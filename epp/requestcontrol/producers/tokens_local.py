@@ -21,10 +21,11 @@ import asyncio
 import json
 import os
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tokenizers import Tokenizer
 
@@ -153,39 +154,51 @@ def _special_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-# --------------------------------------------------------------------------- the piece cache
-class PieceCache:
-    """LRU of piece text -> token ids, bounded by the total token ids it holds."""
+# --------------------------------------------------------------------------- the caches
+K = TypeVar("K", str, bytes)
+V = TypeVar("V", list[int], tuple[int, ...])
 
-    def __init__(self, max_tokens: int = PIECE_CACHE_TOKENS) -> None:
-        self.max_tokens = max_tokens
+
+class IdsCache(Generic[K, V]):
+    """LRU of key -> token ids, bounded by the total ids it holds and by `max_entries`
+    (the piece cache here, the vllm backend's RenderCache). An empty key is never kept."""
+
+    def __init__(self, max_tokens: int, max_entries: int = sys.maxsize) -> None:
+        self.max_tokens, self.max_entries = max_tokens, max_entries
         self.tokens = 0
-        self._items: OrderedDict[str, list[int]] = OrderedDict()
+        self._items: OrderedDict[K, V] = OrderedDict()
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, piece: str) -> bool:
-        return piece in self._items
+    def __contains__(self, key: K) -> bool:
+        return key in self._items
 
-    def get(self, piece: str) -> list[int] | None:
-        ids = self._items.get(piece)
+    def get(self, key: K) -> V | None:
+        ids = self._items.get(key)
         if ids is None:
             self.misses += 1
             return None
         self.hits += 1
-        self._items.move_to_end(piece)
+        self._items.move_to_end(key)
         return ids
 
-    def put(self, piece: str, ids: list[int]) -> None:
-        if len(ids) > self.max_tokens or piece in self._items:
+    def put(self, key: K, ids: V) -> None:
+        if not key or key in self._items or len(ids) > self.max_tokens:
             return
-        self._items[piece] = ids
+        self._items[key] = ids
         self.tokens += len(ids)
-        while self.tokens > self.max_tokens:
+        while len(self._items) > self.max_entries or self.tokens > self.max_tokens:
             _, old = self._items.popitem(last=False)
             self.tokens -= len(old)
+
+
+class PieceCache(IdsCache[str, list[int]]):
+    """Piece text -> token ids, bounded by the total token ids it holds."""
+
+    def __init__(self, max_tokens: int = PIECE_CACHE_TOKENS) -> None:
+        super().__init__(max_tokens)
 
 
 # --------------------------------------------------------------------------- the tokenizer

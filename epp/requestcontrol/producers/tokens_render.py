@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,8 @@ from typing import Any
 import aiohttp
 import orjson
 import xxhash
+
+from .tokens_local import IdsCache
 
 log = logging.getLogger(__name__)
 
@@ -94,31 +95,11 @@ def render_key(kind: str, body: Mapping[str, Any], model: str) -> bytes:
     return kind.encode() + xxhash.xxh3_128_digest(raw)
 
 
-class RenderCache:
+class RenderCache(IdsCache[bytes, tuple[int, ...]]):
     """LRU of render key -> token ids, bounded by entries and by total ids."""
 
     def __init__(self, max_entries: int = RENDER_CACHE_ENTRIES, max_tokens: int = RENDER_CACHE_TOKENS) -> None:
-        self.max_entries, self.max_tokens = max_entries, max_tokens
-        self.tokens = 0
-        self._items: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: bytes) -> tuple[int, ...] | None:
-        ids = self._items.get(key)
-        if ids is not None:
-            self._items.move_to_end(key)
-        return ids
-
-    def put(self, key: bytes, ids: tuple[int, ...]) -> None:
-        if not key or key in self._items or len(ids) > self.max_tokens:
-            return
-        self._items[key] = ids
-        self.tokens += len(ids)
-        while len(self._items) > self.max_entries or self.tokens > self.max_tokens:
-            _, old = self._items.popitem(last=False)
-            self.tokens -= len(old)
+        super().__init__(max_tokens, max_entries)
 
 
 @dataclass(slots=True)
