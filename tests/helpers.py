@@ -4,9 +4,7 @@ admission controller built from a config, a bounded wait for a condition."""
 
 from __future__ import annotations
 
-import asyncio
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
@@ -16,6 +14,7 @@ from epp.config import ConfigError, load_config
 from epp.datalayer.datastore import ModelRewrite, RewriteRule, RewriteTarget
 from epp.flowcontrol.admission import AdmissionController, gated_flow_control
 from epp.framework import Endpoint, Metrics, Plugin, PluginHandle, ProfileRunResult, SchedulingResult
+from tests.servers import eventually
 
 
 def ep(i: int, labels: Mapping[str, str] | None = None, namespace: str = "default", **metrics) -> Endpoint:
@@ -85,9 +84,5 @@ def admission_controller(text: str, pool: Callable[[], Sequence[Endpoint]] | Non
 
 
 async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait (polling every 2 ms) until pred() holds; TimeoutError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.002)
+    """Wait until pred() holds; fails after `timeout` seconds (tests.servers.eventually)."""
+    await eventually(pred, "the condition", timeout)
