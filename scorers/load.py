@@ -15,6 +15,9 @@ _waiting = attrgetter("metrics.waiting_queue_size")
 _running = attrgetter("metrics.running_requests_size")
 _kv = attrgetter("metrics.kv_cache_usage_percent")
 
+DEFAULT_QUEUE_THRESHOLD_TOKENS = 4194304  # token-load-scorer's queueThresholdTokens
+DEFAULT_LOAD_THRESHOLD = 128  # load-aware-scorer's threshold
+
 
 def min_max_inverse(values: Sequence[float]) -> list[float]:
     """(max - v) / (max - min): the least loaded scores 1.0, the most 0.0; all equal: 1.0."""
@@ -50,7 +53,7 @@ class KVCacheUtilizationScorer(NamedPlugin):
 
 @dataclass(slots=True)
 class TokenLoadParams:
-    queueThresholdTokens: int = 4194304  # <= 0: the default, as the reference
+    queueThresholdTokens: int = DEFAULT_QUEUE_THRESHOLD_TOKENS  # <= 0: the default, as the reference
     inFlightLoadProducerName: str = INFLIGHT_LOAD_PRODUCER
 
 
@@ -64,7 +67,7 @@ class TokenLoadScorer(ConfiguredPlugin[TokenLoadParams]):
     consumes = (INFLIGHT_LOAD_CONSUMER,)
 
     def configure(self, p: TokenLoadParams, handle: PluginHandle) -> None:
-        self.threshold = p.queueThresholdTokens if p.queueThresholdTokens > 0 else 4194304
+        self.threshold = p.queueThresholdTokens if p.queueThresholdTokens > 0 else DEFAULT_QUEUE_THRESHOLD_TOKENS
         self._key = self.producer_key(INFLIGHT_LOAD, INFLIGHT_LOAD_CONSUMER)
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
@@ -77,7 +80,7 @@ class TokenLoadScorer(ConfiguredPlugin[TokenLoadParams]):
 
 @dataclass(slots=True)
 class LoadAwareParams:
-    threshold: int = 128  # <= 0: the default, as the reference
+    threshold: int = DEFAULT_LOAD_THRESHOLD  # <= 0: the default, as the reference
 
 
 class LoadAwareScorer(ConfiguredPlugin[LoadAwareParams]):
@@ -87,7 +90,7 @@ class LoadAwareScorer(ConfiguredPlugin[LoadAwareParams]):
     Params = LoadAwareParams
 
     def configure(self, p: LoadAwareParams, handle: PluginHandle) -> None:
-        self.threshold = p.threshold if p.threshold > 0 else 128
+        self.threshold = p.threshold if p.threshold > 0 else DEFAULT_LOAD_THRESHOLD
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         t = self.threshold
