@@ -1,6 +1,6 @@
 """Small builders shared by the plugin tests: an endpoint, a plugin built through the
-registry with a seeded handle, a model rewrite; and by the admission tests: a saturation-detector config, an
-admission controller built from a config, a bounded wait for a condition."""
+registry with a seeded handle, a model rewrite, a clock moved by hand; and by the admission tests: a
+saturation-detector config, an admission controller built from a config, a bounded wait for a condition."""
 
 from __future__ import annotations
 
@@ -30,6 +30,16 @@ def plugin(ptype: str, params: Mapping | None = None, clock: Callable[[], float]
     if clock is not None:
         h.clock = clock
     return build_plugin(ptype, None, params, h, where)
+
+
+class Clock:
+    """A clock the test moves by hand: it reads `now` (seconds)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def result(target: Endpoint | None, profile: str = "default", **others: Endpoint) -> SchedulingResult:

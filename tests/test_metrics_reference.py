@@ -21,9 +21,9 @@ from epp.handlers.stream import ExtProcHandler
 from epp.options import parse_args
 from epp.requestcontrol.director import Director
 from epp.telemetry import Telemetry
-from tests.helpers import rewrite
-from tests.test_admission import controller, flow_config, pool, req, set_saturated, until
-from tests.test_director import FirstEndpoint, OpenGate, body, headers
+from tests.helpers import Clock, rewrite, until
+from tests.test_admission import controller, flow_config, pool, req, set_saturated
+from tests.test_director import FirstEndpoint, OpenGate, body, datastore, headers
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "metrics.txt"
 
@@ -163,25 +163,15 @@ def test_stream_families_only_with_the_flag():
 
 
 # ------------------------------------------------------------------ a picker, exercised
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def flow_controlled_picker(grpc_stream_metrics: bool = False):
     tel = Telemetry(grpc_stream_metrics=grpc_stream_metrics)
-    ds = Datastore()
-    for i in range(2):
-        ds.upsert(EndpointSpec(name=f"ep{i}", address=f"10.0.0.{i + 1}", port=8000))
+    ds = datastore(2)
     admission = controller(flow_config(bands="[{priority: 0, maxRequests: 4, maxBytes: 1000}]"))
     admission.observe_flow = tel.flow_control_observer()
     admission.observe_dispatch_cycle = tel.flow_control_dispatch_cycle.observe
     tel.add_pool_collector(ds, "pool", staleness=60)
     tel.add_picker_collector(admission)
-    director = Director(ds, FirstEndpoint(), admission=OpenGate(), telemetry=tel, clock=Clock())
+    director = Director(ds, FirstEndpoint(), admission=OpenGate(), telemetry=tel, clock=Clock(100.0))
     return tel, ds, admission, director
 
 

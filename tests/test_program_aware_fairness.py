@@ -14,14 +14,7 @@ from prometheus_client import generate_latest
 from epp.assembly import load_plugin_set
 from epp.flowcontrol.fairness import ProgramAwareParams, jain_index
 from epp.framework import InferenceRequest, PluginHandle, ResponseInfo
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock
 
 
 @dataclass
