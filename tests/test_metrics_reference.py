@@ -22,6 +22,7 @@ from epp.options import parse_args
 from epp.requestcontrol.director import Director
 from epp.telemetry import Telemetry
 from tests.helpers import Clock, rewrite, until
+from tests.servers import RawServer, length_response
 from tests.test_admission import controller, flow_config, pool, req, set_saturated
 from tests.test_director import FirstEndpoint, OpenGate, body, datastore, headers
 
@@ -420,35 +421,25 @@ def test_datalayer_errors_and_info():
 
 
 async def test_the_collector_reports_poll_errors():
-    from aiohttp import web
-
     from epp.datalayer.collector import MetricsCollector
 
-    pages = {"/metrics": (500, "")}
+    async def fail(_reader, writer, _conn, _n, _head) -> bool:
+        writer.write(length_response(b"", "500 Internal Server Error"))
+        await writer.drain()
+        return True
 
-    async def serve(request: web.Request) -> web.Response:
-        status, text = pages[request.path]
-        return web.Response(status=status, text=text)
-
-    app = web.Application()
-    app.router.add_get("/metrics", serve)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
-    tel = Telemetry()
-    ds = Datastore()
-    ds.upsert(EndpointSpec(name="ep", address="127.0.0.1", port=port))
-    collector = MetricsCollector(ds, interval=0.01)
-    collector.on_error = tel.datalayer_error
-    await collector.start()
-    try:
-        await until(lambda: (value(tel, "llm_d_epp_datalayer_poll_errors_total",
-                                   source_type="metrics-data-source") or 0) >= 1)
-    finally:
-        await collector.stop()
-        await runner.cleanup()
+    async with RawServer(fail) as server:
+        tel = Telemetry()
+        ds = Datastore()
+        ds.upsert(EndpointSpec(name="ep", address="127.0.0.1", port=server.port))
+        collector = MetricsCollector(ds, interval=0.01)
+        collector.on_error = tel.datalayer_error
+        await collector.start()
+        try:
+            await until(lambda: (value(tel, "llm_d_epp_datalayer_poll_errors_total",
+                                       source_type="metrics-data-source") or 0) >= 1)
+        finally:
+            await collector.stop()
 
 
 def test_grpc_stream_families():
