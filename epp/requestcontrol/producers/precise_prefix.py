@@ -69,7 +69,7 @@ from epp.requestcontrol.producers.prefix_index import DEFAULT_LRU_CAPACITY, Pref
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrecisePrefixCacheProducer", "PrecisePrefixCacheScorer", "client_token_ids", "endpoint_streams"]
+__all__ = ["PrecisePrefixCacheProducer", "PrecisePrefixCacheScorer", "client_token_ids"]
 
 PREFILL_PROFILE = "prefill"  # the reference's experimentalPrefillProfile: seeded speculatively too
 _RANK = re.compile(r"-rank-(\d+)$")
@@ -135,7 +135,6 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         self._approx_hashes = self.own_key("approx", list)
         self.intake: Any = None  # kvevents.KVEventIntake, made in the event loop at the first subscription
         self._fed: set[str] = set()  # endpoints fed in process (feed): precise without a stream
-        self._endpoints: dict[str, Endpoint] = {}  # name -> endpoint
         self._pods: dict[str, str] = {}  # a global-socket topic's pod part (ip:port, address, name) -> name
         handle.metrics.add_collector(_StreamMetrics(self))
 
@@ -181,10 +180,6 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
             name = self._pool_pods.get(pod)
         return name
 
-    def _remember(self, endpoint: Endpoint) -> None:
-        self._endpoints[endpoint.name] = endpoint
-        _name_pods(self._pods, endpoint)
-
     def _admits(self, endpoint: Endpoint) -> bool:
         """podDiscoveryConfig's podNamespace and podLabelSelector, when set."""
         namespace = self.params.kvEventsConfig.podDiscoveryConfig.podNamespace
@@ -214,7 +209,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         if event == "delete":
             self._forget(endpoint)
             return
-        self._remember(endpoint)
+        _name_pods(self._pods, endpoint)
         pods = cfg.podDiscoveryConfig
         if cfg.zmqEndpoint:
             self._ensure_intake()
@@ -232,7 +227,6 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         self._ensure_intake().subscribe(endpoint.name, address, replay_address=replay)
 
     def _forget(self, endpoint: Endpoint) -> None:
-        self._endpoints.pop(endpoint.name, None)
         for pod in (endpoint.hostport, endpoint.name, endpoint.address):
             if self._pods.get(pod) == endpoint.name:
                 del self._pods[pod]
@@ -378,14 +372,6 @@ class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
     async def stop_background(self) -> None:
         if self.peer is None:
             await super().stop_background()
-
-
-def endpoint_streams(producer: PrecisePrefixCacheProducer) -> dict[str, tuple[str, float | None]]:
-    """Endpoint name -> (stream status, lag seconds) for the endpoints the producer knows."""
-    names = set(producer._endpoints) | producer._fed  # noqa: SLF001 - same module
-    if producer.intake is not None:
-        names |= set(producer.intake.streams)
-    return {n: producer.stream_status(n) for n in sorted(names)}
 
 
 class _StreamMetrics:
