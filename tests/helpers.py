@@ -24,12 +24,13 @@ def ep(i: int, labels: Mapping[str, str] | None = None, namespace: str = "defaul
 
 
 def plugin(ptype: str, params: Mapping | None = None, clock: Callable[[], float] | None = None,
-           where: str = "test", seed: int = 3) -> Plugin:
-    """A plugin of type `ptype` built as the config loader builds it (handle seeded)."""
+           where: str = "test", seed: int = 3, name: str | None = None) -> Plugin:
+    """A plugin of type `ptype` (named `name`, by default its type) built as the config loader
+    builds it (handle seeded)."""
     h = PluginHandle(rng=random.Random(seed))
     if clock is not None:
         h.clock = clock
-    return build_plugin(ptype, None, params, h, where)
+    return build_plugin(ptype, name, params, h, where)
 
 
 class Clock:

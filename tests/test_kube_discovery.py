@@ -312,8 +312,7 @@ async def test_k8s_notification_source_delivers_object_events(kube, kubeconfig, 
     its extractor of objects present at start, adds, updates and deletes; a kind the
     server does not serve is a start-up error naming the source."""
     from epp.datalayer.runtime import DataLayer
-    from epp.framework import plugin_params
-    from epp.framework.registry import plugin_class
+    from tests.helpers import plugin
     from tests.test_datalayer_sources import Recorder
 
     def configmap(name: str, data: dict, namespace: str = "default") -> dict:
@@ -321,8 +320,7 @@ async def test_k8s_notification_source_delivers_object_events(kube, kubeconfig, 
                 "data": data}
 
     def source(params: dict):
-        cls = plugin_class("k8s-notification-source")
-        return cls("cm-events", plugin_params(cls, "k8s-notification-source", params, "p"), None)
+        return plugin("k8s-notification-source", params, where="p", name="cm-events")
 
     kube.apply(inference_pool("pool", {"app": "vllm"}, [8000]))
     kube.apply(configmap("first", {"a": "1"}))

@@ -13,6 +13,7 @@ from epp.discovery.static import (
     parse_hostport,
 )
 from epp.framework import ENGINE_TYPE_LABEL, ROLE_LABEL
+from tests.helpers import plugin
 from tests.servers import eventually
 
 FILE = textwrap.dedent("""\
@@ -214,11 +215,7 @@ REFERENCE_FILE = textwrap.dedent("""\
 
 
 def file_discovery(parameters: dict):
-    from epp.framework import plugin_params
-    from epp.framework.registry import plugin_class
-
-    cls = plugin_class("file-discovery")
-    return cls("file-discovery", plugin_params(cls, "file-discovery", parameters, "plugins[0].parameters"), None)
+    return plugin("file-discovery", parameters, where="plugins[0]")
 
 
 async def test_file_discovery_reads_the_references_format_once_without_watch_file(tmp_path):
