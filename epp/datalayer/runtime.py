@@ -32,7 +32,14 @@ from typing import Any, Protocol
 
 from epp.datalayer.collector import EndpointPoller, MetricsCollector
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.kinds import ENDPOINT_EVENTS, K8S_NOTIFICATIONS, OPENAI_MODELS, PROMETHEUS_TEXT
+from epp.datalayer.kinds import (
+    DELETE,
+    ENDPOINT_EVENTS,
+    K8S_NOTIFICATIONS,
+    OPENAI_MODELS,
+    PROMETHEUS_TEXT,
+    UPSERT,
+)
 from epp.datalayer.models import ModelsCollector
 from epp.datalayer.specs import EngineMetricSpec
 from epp.framework import Endpoint
@@ -40,7 +47,6 @@ from epp.framework import Endpoint
 log = logging.getLogger("epp.datalayer")
 
 DEFAULT_POLL_TIMEOUT = 1.0  # seconds per poll (the reference's per-step timeout)
-UPSERT, DELETE = "upsert", "delete"  # endpoint events
 
 
 class Source(Protocol):

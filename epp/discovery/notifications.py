@@ -17,11 +17,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from epp.datalayer.kinds import DELETE, UPSERT
 from epp.discovery.kubeclient import Backoff, Reflector, Resource, served_resources
 
 log = logging.getLogger("epp.discovery.kubernetes")
-
-UPSERT, DELETE = "upsert", "delete"
 
 
 class NotificationWatch:
