@@ -29,7 +29,7 @@ from epp.framework.params import PluginError
 from epp.framework.types import ResponseInfo
 from epp.requestcontrol import headers as control
 from epp.requestcontrol.producers.latency.producer import PredictedLatencyProducer
-from tests.helpers import ep, load_plugin_set, plugin, result
+from tests.helpers import Clock, ep, load_plugin_set, plugin, result
 
 CONFIGS = Path(__file__).parent / "fixtures" / "reference" / "configs"
 
@@ -228,14 +228,6 @@ def test_producer_headroom_and_validity_follow_the_reference():
     assert s.judge(e, _Candidate("default", LatencyFeatures(), None, None), req()) is None
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def law_ms(hw: str, waiting: int, tokens: int, prefix: float, kv: float) -> float:
     """A synthetic TTFT law: queueing + uncached prefill, slower on the older class, with a KV knee."""
     slow = 2.2 if hw == "a100" else 1.0
@@ -271,7 +263,7 @@ def test_producer_learns_a_synthetic_latency_law_and_reports_its_error(monkeypat
         predicted = pub.endpoints[e].ttft_ms if e in pub.endpoints else math.nan
         if learn:
             p.pre_request(c, r, result(e))
-            clock.t += truth * math.exp(rng.gauss(0, 0.05)) / 1000.0
+            clock.now += truth * math.exp(rng.gauss(0, 0.05)) / 1000.0
             p.response_complete(r, ResponseInfo(status=200, completion_tokens=5), e)
         return hw, predicted, truth
 
@@ -303,7 +295,7 @@ def test_producer_forgets_requests_it_never_hears_back_from():
         p.prepare_request_data(c, req(rid=f"r{i}"), [e])
         p.pre_request(c, req(rid=f"r{i}"), result(e))
     assert p.running.count(e) == 3
-    clock.t += 11
+    clock.now += 11
     c = CycleState()
     p.prepare_request_data(c, req(rid="late"), [e])
     p.pre_request(c, req(rid="late"), result(e))
@@ -351,10 +343,10 @@ def test_producer_counts_decode_tokens_in_flight_from_first_chunk_to_completion(
     assert (decoding(e), decoding(other)) == (300, 0)
     p.response_streaming(req(rid="b"), ResponseInfo(status=200), e)
     assert decoding(e) == 800
-    clock.t += 0.5
+    clock.now += 0.5
     p.response_complete(req(rid="a"), ResponseInfo(status=200, completion_tokens=10), e)
     assert decoding(e) == 500
-    clock.t += 11  # b never completes: forgotten after contextTTL, and its tokens with it
+    clock.now += 11  # b never completes: forgotten after contextTTL, and its tokens with it
     dispatch("c", 100)
     assert decoding(e) == 0
     p.response_streaming(req(rid="c"), ResponseInfo(status=200), e)
@@ -374,10 +366,10 @@ def test_producer_learns_ttft_at_the_first_chunk_in_streaming_mode():
     c.write(TOKENIZED_PROMPT, 100)
     p.prepare_request_data(c, req(rid="a"), [e])
     p.pre_request(c, req(rid="a"), result(e))
-    clock.t += 0.25
+    clock.now += 0.25
     p.response_streaming(req(rid="a"), ResponseInfo(status=200), e)
     assert p.model.pending == 1  # the TTFT sample, before the response completes
-    clock.t += 0.5  # under the trainer's 1 s interval: nothing trained inline yet
+    clock.now += 0.5  # under the trainer's 1 s interval: nothing trained inline yet
     p.response_complete(req(rid="a"), ResponseInfo(status=200, completion_tokens=5), e)
     assert p.model.pending == 2  # + TPOT, and TTFT not twice
     p.model.train()
@@ -388,7 +380,7 @@ def test_producer_learns_ttft_at_the_first_chunk_in_streaming_mode():
     q.pre_request(c, req(rid="b"), result(e))
     q.response_streaming(req(rid="b"), ResponseInfo(status=200), e)
     assert q.model.pending == 0
-    clock.t += 0.3
+    clock.now += 0.3
     q.response_complete(req(rid="b"), ResponseInfo(status=200, completion_tokens=5), e)
     assert q.model.pending == 1
 
@@ -418,9 +410,9 @@ def test_producer_metric_families_are_the_references():
         c, r = CycleState(), req(rid=f"r{i}", ttft_slo=ttft_slo, tpot_slo=50.0)
         p.prepare_request_data(c, r, [e])
         p.pre_request(c, r, result(e))
-        clock.t += 0.02
+        clock.now += 0.02
         p.response_streaming(r, ResponseInfo(status=200), e)
-        clock.t += 0.1
+        clock.now += 0.1
         p.response_complete(r, ResponseInfo(status=200, completion_tokens=11), e)
     text = generate_latest(metrics.registry).decode()
     ours = {n for n, (*_, scope) in reference().items() if scope == "plugin:predicted-latency-producer"}

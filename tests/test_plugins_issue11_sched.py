@@ -23,19 +23,11 @@ from epp.framework.params import PluginError
 from epp.framework.registry import ALPHA_TYPES, stability
 from epp.framework.sessionaffinity import MAX_SESSIONS
 from tests import helpers
-from tests.helpers import ep, result
+from tests.helpers import Clock, ep, result
 
 
 def req(headers=None, rid="r"):
     return InferenceRequest(rid, "m", "m", "completions", "x" * 100, headers or {})
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def plugin(ptype, params=None, clock=None):
@@ -135,7 +127,7 @@ def test_session_filter_ttl_defaults_and_sweep():
     assert (f.bindings.ttl, f.bindings.sweep_every) == (300.0, 10.0)
     eps = [ep(1), ep(2)]
     route(f, [eps[1]], {"x-session-id": "old"})
-    clock.t += 301
+    clock.now += 301
     route(f, eps, {"x-session-id": "new"})  # a commit sweeps
     assert f.bindings.get("old") is None and f.bindings.get("new") == "default/e1"
     assert list(f.filter(CycleState(), req({"x-session-id": "old"}), eps)) == eps
