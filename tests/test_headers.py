@@ -5,7 +5,6 @@ on every rejection by admission, flow control or scheduling."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import orjson
 import pytest
@@ -23,6 +22,7 @@ from epp.handlers.protocol import DESTINATION_HEADER, SYSTEM_HEADERS
 from epp.handlers.replies import REQUEST_BODY, RoutingReplies, immediate_reply
 from epp.requestcontrol import headers as control
 from epp.requestcontrol.director import Director, RequestContext
+from tests.helpers import until
 from tests.test_admission import controller, flow_config, pool, req
 from tests.test_director import FirstEndpoint, OpenGate
 
@@ -166,9 +166,7 @@ async def test_admission_rejections_carry_their_reason():
     full = controller(flow_config(bands="[{priority: 0, maxRequests: 1}]"))
     endpoints = pool(True)
     queued = asyncio.create_task(full.admit(req("c"), endpoints))
-    deadline = time.monotonic() + 5
-    while full.queue_size != 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.002)
+    await until(lambda: full.queue_size == 1)
     assert await reason_of(full.admit(req("d"), endpoints)) == (429, "rejected-saturated")
     await full.close()
     assert await reason_of(queued) == (503, "rejected-shutting-down")
