@@ -3,7 +3,6 @@ error status on failures, the OTEL_* configuration, and nothing at all when off.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from epp import tracing
 from epp.assembly import load_plugin_set
-from epp.datalayer.datastore import Datastore, EndpointSpec
 from epp.errors import REJECTED_SATURATED, InferenceError
 from epp.requestcontrol.director import Director, RequestContext
 from tests.extproc import (  # not the autouse `transport` fixture: traced_harness picks the transport
@@ -33,6 +31,8 @@ from tests.extproc import (  # not the autouse `transport` fixture: traced_harne
     send_request,
     set_headers,
 )
+from tests.servers import eventually
+from tests.test_director import OpenGate, datastore
 
 CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -46,11 +46,6 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 
 
-class OpenGate:
-    async def admit(self, request, candidates):
-        return lambda: None
-
-
 def traced(sampler=ALWAYS_ON) -> tuple[tracing.Tracing, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=sampler)
@@ -59,11 +54,8 @@ def traced(sampler=ALWAYS_ON) -> tuple[tracing.Tracing, InMemorySpanExporter]:
 
 
 def director(t: tracing.Tracing | None, endpoints: int = 2) -> Director:
-    ds = Datastore()
-    for i in range(endpoints):
-        ds.upsert(EndpointSpec(name=f"ep{i}", address=f"10.0.0.{i + 1}", port=8000))
     plugins = load_plugin_set(CONFIG, observe=tracing.observer(t, None))
-    return Director(ds, plugins, admission=OpenGate(), tracing=t)
+    return Director(datastore(endpoints), plugins, admission=OpenGate(), tracing=t)
 
 
 async def serve(d: Director, headers: dict[str, str], status: int = 200) -> RequestContext:
@@ -319,13 +311,13 @@ def traced_harness(request):
                                      telemetry=self.telemetry, tracing=self.tracing)
             self.ext_proc = ExtProcHandler(self.director)
 
+        def request_spans(self) -> list:
+            return [s for s in self.exporter.get_finished_spans() if s.name == "gateway.request"]
+
         async def request_span(self):
-            for _ in range(500):  # the server side sees the cancel a moment after the client
-                done = [s for s in self.exporter.get_finished_spans() if s.name == "gateway.request"]
-                if done:
-                    return done[0]
-                await asyncio.sleep(0.01)
-            raise AssertionError("the request span never ended")
+            # the server side sees the cancel a moment after the client
+            await eventually(self.request_spans, "the request span to end", timeout=5)
+            return self.request_spans()[0]
 
     return TracedHarness
 
