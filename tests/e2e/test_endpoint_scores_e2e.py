@@ -10,6 +10,7 @@ import pytest
 
 from filters.conformance import SELECTION_HEADER
 from tests.e2e.conftest import post
+from tests.e2e.test_scenarios import delta
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -44,5 +45,5 @@ def test_routing_follows_the_pick_with_scores_emitted(mode, module_sim_servers, 
             status, _, body = post(url, {"model": "m1", "prompt": f"scored {i}", "max_tokens": 2},
                                    {SELECTION_HEADER: sims.hostports[target]})
             assert status == 200, body
-        delta = [a - b for a, b in zip(sims.served(), before, strict=True)]
-        assert delta == [4 if i == target else 0 for i in range(3)], (mode, target, delta)
+        landed = delta(sims.served(), before)
+        assert landed == [4 if i == target else 0 for i in range(3)], (mode, target, landed)

@@ -12,25 +12,17 @@ import random
 import threading
 from pathlib import Path
 
-import grpc
 import pytest
 
 from devstack.launch import wait_until
-from proto import epp_api_pb2 as pb
-from proto import epp_api_pb2_grpc as pb_grpc
 from tests.e2e.conftest import post
+from tests.e2e.test_scenarios import in_flight
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "reference" / "configs" / "llm-d-optimized-baseline.yaml"
 SERVERS, PER_SERVER = 3, 3
 MAX_TOKENS = 600  # ~3.6 s of decoding at the simulator's 6 ms per step: all stay in flight
-
-
-def in_flight(api_port: int) -> dict[str, int]:
-    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
-        resp = pb_grpc.EndpointPickerStub(ch).ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
-    return {f"{e.address}:{e.port}": e.in_flight_requests for e in resp.endpoints}
 
 
 def test_optimized_baseline_spreads_concurrent_long_requests_by_in_flight_tokens(sim_servers, picker, envoy):
@@ -49,12 +41,12 @@ def test_optimized_baseline_spreads_concurrent_long_requests_by_in_flight_tokens
         t.start()
         threads.append(t)
         # the next one is routed only once this one is counted, so each pick sees the earlier ones
-        wait_until(lambda n=k + 1: sum(in_flight(p.api_port).values()) == n, 20, f"request {k + 1} in flight",
+        wait_until(lambda n=k + 1: sum(in_flight(p).values()) == n, 20, f"request {k + 1} in flight",
                    interval=0.02)
-    landing = in_flight(p.api_port)
+    landing = in_flight(p)
     for t in threads:
         t.join(60)
     assert results == [200] * (SERVERS * PER_SERVER)
     # least in-flight tokens first: exactly PER_SERVER each (random: 3-3-3 in 8.5% of runs)
     assert sorted(landing.values()) == [PER_SERVER] * SERVERS, landing
-    wait_until(lambda: sum(in_flight(p.api_port).values()) == 0, 20, "nothing in flight", interval=0.05)
+    wait_until(lambda: sum(in_flight(p).values()) == 0, 20, "nothing in flight", interval=0.05)

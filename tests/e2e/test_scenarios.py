@@ -51,6 +51,11 @@ def pool_view(p: Picker) -> dict[str, pb.EndpointInfo]:
     return {f"{e.address}:{e.port}": e for e in resp.endpoints}
 
 
+def in_flight(p: Picker) -> dict[str, int]:
+    """Requests in flight per endpoint (ip:port), as the picker counts them."""
+    return {hp: e.in_flight_requests for hp, e in pool_view(p).items()}
+
+
 def wait_for_view(p: Picker, predicate: Callable[[dict[str, pb.EndpointInfo]], bool], what: str,
                   timeout: float = 30) -> None:
     wait_until(lambda: predicate(pool_view(p)), timeout, what, interval=POLL)

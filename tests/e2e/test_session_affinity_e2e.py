@@ -12,13 +12,11 @@ from __future__ import annotations
 import base64
 import threading
 
-import grpc
 import pytest
 
 from devstack.launch import wait_until
-from proto import epp_api_pb2 as pb
-from proto import epp_api_pb2_grpc as pb_grpc
-from tests.e2e.conftest import SimServers, metric_sum, post
+from tests.e2e.conftest import SimServers, post
+from tests.e2e.test_scenarios import in_flight
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,28 +34,17 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 """
 SERVERS, FOLLOW_UPS = 3, 5
-SUCCESS = "vllm:request_success_total"
-
-
-def in_flight(api_port: int) -> dict[str, int]:
-    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
-        resp = pb_grpc.EndpointPickerStub(ch).ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
-    return {f"{e.address}:{e.port}": e.in_flight_requests for e in resp.endpoints}
-
-
-def served(sims: SimServers) -> list[float]:
-    return [metric_sum(sims.metrics(i), SUCCESS) for i in range(sims.n)]
 
 
 def send(sims: SimServers, url: str, headers: dict[str, str], prompt: str) -> tuple[int, dict[str, str]]:
     """One short request; (the index of the server that counted it, the response headers)."""
-    before = served(sims)
+    before = sims.served()
     status, response_headers, _ = post(url, {"model": "m1", "prompt": prompt, "max_tokens": 2}, headers=headers)
     assert status == 200
     after: list[float] = []
 
     def counted() -> bool:
-        after[:] = served(sims)
+        after[:] = sims.served()
         return sum(after) - sum(before) == 1
 
     wait_until(counted, 20, "the request counted by a server", interval=0.02)
@@ -78,13 +65,13 @@ def test_same_session_sticks_different_sessions_spread(sim_servers, picker, envo
             post(url, b, headers={"x-session-id": s}, timeout=60)[0]))
         t.start()
         threads.append(t)
-        wait_until(lambda n=k + 1: sum(in_flight(p.api_port).values()) == n, 20, f"session {k} in flight",
+        wait_until(lambda n=k + 1: sum(in_flight(p).values()) == n, 20, f"session {k} in flight",
                    interval=0.02)
-    assert sorted(in_flight(p.api_port).values()) == [1] * SERVERS  # spread one per server
+    assert sorted(in_flight(p).values()) == [1] * SERVERS  # spread one per server
     for t in threads:
         t.join(60)
     assert statuses == [200] * SERVERS
-    wait_until(lambda: sum(in_flight(p.api_port).values()) == 0, 20, "nothing in flight", interval=0.05)
+    wait_until(lambda: sum(in_flight(p).values()) == 0, 20, "nothing in flight", interval=0.05)
 
     where: dict[str, list[int]] = {sid: [] for sid in sessions}
     for turn in range(FOLLOW_UPS):
