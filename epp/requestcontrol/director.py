@@ -17,10 +17,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import orjson
-
 from epp.datalayer.datastore import Datastore
-from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, bad_request, service_unavailable
+from epp.errors import REJECTED_NO_ENDPOINTS, InferenceError, service_unavailable
 from epp.framework import Endpoint, InferenceRequest, Parser, ResponseInfo, SchedulingResult
 from epp.framework.datakeys import LatencyPredictions, PrefixCacheMatchInfo
 from epp.logsafe import clean
@@ -30,6 +28,7 @@ from epp.requestcontrol.contracts import AdmissionGate, Release, RequestPlugins,
 from epp.requestcontrol.explain import ExplainResult
 from epp.requestcontrol.inflight import InFlightCharge
 from epp.requestcontrol.parsers import ParserChain, default_parsers
+from epp.requestcontrol.parsers.common import dump_bytes
 from epp.requestcontrol.responses import ModelNameRestorer, UsageParser
 from epp.scheduling.scheduler import SchedulingTrace
 from epp.telemetry import RequestSeries, Telemetry, pool_models
@@ -46,10 +45,7 @@ def rewritten_body(request: InferenceRequest) -> bytes:
     as the reference rewrites only parsed payload maps."""
     data = dict(request.body or {})
     data["model"] = request.target_model
-    try:
-        return orjson.dumps(data)
-    except orjson.JSONEncodeError:  # orjson writes 255 levels of nesting, reads 1024
-        raise bad_request("request body nests too deeply") from None
+    return dump_bytes(data)
 
 
 def subset_ips(hint: Sequence[str]) -> frozenset[str]:

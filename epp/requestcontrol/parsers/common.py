@@ -80,10 +80,15 @@ def json_request(request_id: str, body: bytes, data: Mapping[str, Any], kind: st
                             cache_salt=cache_salt_of(data), max_tokens=budget, size_bytes=len(body))
 
 
-def dumps(value: Any) -> str:
-    """JSON text of a part of the body. orjson reads 1024 levels of nesting but writes 255:
-    a deeper part is the client's 400, not the picker's failure."""
+def dump_bytes(value: Any) -> bytes:
+    """JSON of (a part of) the body. orjson reads 1024 levels of nesting but writes 255:
+    a deeper one is the client's 400, not the picker's failure."""
     try:
-        return orjson.dumps(value).decode()
+        return orjson.dumps(value)
     except orjson.JSONEncodeError:
         raise bad_request("request body nests too deeply") from None
+
+
+def dumps(value: Any) -> str:
+    """JSON text of a part of the body (dump_bytes, decoded)."""
+    return dump_bytes(value).decode()
