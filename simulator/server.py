@@ -162,7 +162,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 @dataclass
 class _Prompt:
     token_ids: list[int]
-    echo_pieces: list[str]
+    echo_pieces: list[str]  # the text the echo mode answers with, one piece a token; [] in other modes
 
 
 class _Generation:
@@ -360,15 +360,16 @@ class SimServer:
         return body
 
     def _completion_prompt(self, body: dict) -> _Prompt:
+        echo = self.config.mode == "echo"  # the pieces are only read in echo mode
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids, pieces = self.tok.completion(prompt, body.get("add_special_tokens", True) is not False)
+            ids, pieces = self.tok.completion(prompt, body.get("add_special_tokens", True) is not False, echo)
             return _Prompt(ids, pieces)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < self.tok.vocab_size
                                                        for t in prompt):
-            return _Prompt(list(prompt), [tokenizer.decode_token(t) or " x" for t in prompt])
+            return _Prompt(list(prompt), [tokenizer.decode_token(t) or " x" for t in prompt] if echo else [])
         if isinstance(prompt, list) and len(prompt) > 1:
             raise ApiError(400, "prompt: only one prompt per request is supported", param="prompt")
         raise ApiError(400, "prompt must be a string or a list of token ids", param="prompt")
@@ -379,7 +380,8 @@ class SimServer:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         try:
             ids, pieces = self.tok.chat(placeholder_messages(messages),
-                                        body.get("add_generation_prompt", True) is not False)
+                                        body.get("add_generation_prompt", True) is not False,
+                                        echo=self.config.mode == "echo")
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         return _Prompt(ids, pieces)
@@ -469,7 +471,7 @@ class SimServer:
         if cfg.mode == "echo":
             pieces = prompt.echo_pieces[:max_tokens] or [" "]
             finish = "stop" if len(pieces) < max_tokens else "length"
-            out_ids = self.tok.completion("".join(pieces), False)[0][: len(pieces)]
+            out_ids = self.tok.completion("".join(pieces), False, echo=False)[0][: len(pieces)]
         else:
             rng = random.Random(cfg.seed * 1_000_003 + zlib.crc32(repr(prompt.token_ids[-64:]).encode()))
             choices = rng.choices(tokenizer.OUTPUT_VOCAB, k=max_tokens)
@@ -692,7 +694,7 @@ class SimServer:
             prompt = self._chat_prompt(body)
         elif isinstance(body.get("prompt"), str):
             special = body.get("add_special_tokens", True) is not False
-            prompt = _Prompt(self.tok.completion(body["prompt"], special)[0], [])
+            prompt = _Prompt(self.tok.completion(body["prompt"], special, echo=False)[0], [])
         else:
             raise ApiError(400, "tokenize needs 'prompt' (a string) or 'messages'", param="prompt")
         return _json({"count": len(prompt.token_ids), "max_model_len": self.config.engine.max_model_len,

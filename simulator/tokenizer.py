@@ -105,13 +105,17 @@ class BuiltinTokenizer:
 
     vocab_size = VOCAB_SIZE
 
-    def completion(self, prompt: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
-        return encode_with_pieces(prompt)
+    def completion(self, prompt: str, add_special_tokens: bool = True,
+                   echo: bool = True) -> tuple[list[int], list[str]]:
+        """Token ids of the prompt and, if `echo`, its pieces (else [])."""
+        return encode_with_pieces(prompt) if echo else (encode(prompt), [])
 
-    def chat(self, messages: list, add_generation_prompt: bool = True) -> tuple[list[int], list[str]]:
-        """Token ids of the rendered conversation and the pieces of its last message (echo mode)."""
-        text = apply_chat_template(messages, add_generation_prompt)
-        return encode(text), pieces(_content_text(messages[-1].get("content")))
+    def chat(self, messages: list, add_generation_prompt: bool = True,
+             echo: bool = True) -> tuple[list[int], list[str]]:
+        """Token ids of the rendered conversation and, if `echo`, the pieces of its last
+        message (else [])."""
+        ids = encode(apply_chat_template(messages, add_generation_prompt))
+        return ids, pieces(_content_text(messages[-1].get("content"))) if echo else []
 
 
 class FileTokenizer:
@@ -128,15 +132,18 @@ class FileTokenizer:
         enc = self.local.tokenizer.encode(text, add_special_tokens=False)
         return [text[s:e] for s, e in enc.offsets]
 
-    def completion(self, prompt: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
-        return self.local.encode(prompt, add_special_tokens), self._pieces(prompt)
+    # The pieces (echo mode only) cost a second pass of the tokenizer: done only if `echo`.
+    def completion(self, prompt: str, add_special_tokens: bool = True,
+                   echo: bool = True) -> tuple[list[int], list[str]]:
+        return self.local.encode(prompt, add_special_tokens), self._pieces(prompt) if echo else []
 
-    def chat(self, messages: list, add_generation_prompt: bool = True) -> tuple[list[int], list[str]]:
+    def chat(self, messages: list, add_generation_prompt: bool = True,
+             echo: bool = True) -> tuple[list[int], list[str]]:
         try:
             ids = self.local.encode(self.local.render_chat(messages, add_generation_prompt))
         except TokenizerError as e:
             raise ValueError(str(e)) from None
-        return ids, self._pieces(content_text(messages[-1].get("content")))
+        return ids, self._pieces(content_text(messages[-1].get("content"))) if echo else []
 
 
 def prompt_tokenizer(directory: str | None) -> BuiltinTokenizer | FileTokenizer:
