@@ -165,9 +165,8 @@ class PickerServer:
         specs = apply_metric_flags(specs, o.engine_metric_flags)
         # dataLayer: every configured source with its extractors (the config adds the reference's
         # default metrics source); the flags and engineMetrics set what a default source leaves open
-        scrape = ScrapeDefaults(specs=specs, path=o.model_server_metrics_path, port=o.model_server_metrics_port,
-                                ssl=scrape_tls(o))
-        layer = DataLayer(self.datastore, base_interval=o.refresh_metrics_interval, scrape_defaults=scrape)
+        layer = DataLayer(self.datastore, base_interval=o.refresh_metrics_interval, scrape_defaults=ScrapeDefaults(
+            specs=specs, path=o.model_server_metrics_path, port=o.model_server_metrics_port, ssl=scrape_tls(o)))
         configured = self.pipeline.discovery  # dataLayer.discovery wins over the pool flags, as in the reference
         try:
             for i, (source, extractors) in enumerate(self.pipeline.data_sources):
@@ -175,9 +174,6 @@ class PickerServer:
             layer.check_kubernetes(configured is None and bool(o.pool_name or o.endpoint_selector))
         except ValueError as e:
             raise StartupError(f"config error: {e}") from None
-        if not self.pipeline.data_sources and self.pipeline.config.data_layer.inject_defaults:
-            layer.add_metrics(specs=scrape.specs, port_override=scrape.port, path=scrape.path,
-                              ssl=scrape.ssl)  # no data-layer plugin types
         if configured is not None:
             self.discovery = configured.discovery(self.datastore)
         elif o.pool_name or o.endpoint_selector:

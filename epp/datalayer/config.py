@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from epp.configvalues import ConfigError, check_bool, check_list, check_mapping, check_str, parse_duration
-from epp.framework.registry import BUILTINS, plugin_class
+from epp.framework.registry import plugin_class
 
 if TYPE_CHECKING:
     from epp.config import PluginSpec
@@ -88,10 +88,8 @@ def resolve_data_layer(dl: DataLayerConfig, refs: list[tuple[str, str, str]], by
         if not _DATA_ROLES[role](plugin_class(by_name[name].type)):
             raise ConfigError(f"{where}: {name!r} is not a {_DATA_ROLE_NAMES[role]}")
     # The reference injects metrics-data-source -> core-metrics-extractor unless a source of
-    # that name is configured or injectDefaults is false. Until both types are registered the
-    # built-in metrics collector (engineMetrics) does this job.
-    if dl.inject_defaults and all(s.plugin_ref != METRICS_SOURCE for s in dl.sources) \
-            and METRICS_SOURCE in BUILTINS and METRICS_EXTRACTOR in BUILTINS:
+    # that name is configured or injectDefaults is false.
+    if dl.inject_defaults and all(s.plugin_ref != METRICS_SOURCE for s in dl.sources):
         for ptype in (METRICS_SOURCE, METRICS_EXTRACTOR):
             if ptype not in by_name:
                 add_implicit(ptype)

@@ -143,13 +143,6 @@ class DataLayer:
         for poller in self.pollers:
             poller.on_error = (lambda kind, p=poller: hook(kind, p.source_type, p.extractor_type))
 
-    def add_metrics(self, **collector_args: Any) -> MetricsCollector:
-        """A metrics scraper not configured as plugins (flags, the project's engineMetrics)."""
-        collector = MetricsCollector(self.datastore, interval=self.base_interval, timeout=self.timeout,
-                                     **collector_args)
-        self.pollers.append(collector)
-        return collector
-
     @property
     def metrics(self) -> MetricsCollector | None:
         return next((p for p in self.pollers if isinstance(p, MetricsCollector)), None)
