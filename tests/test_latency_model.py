@@ -47,21 +47,18 @@ def feed(model: LatencyModel, law: VllmLaw, rng: random.Random, n: int, cls: str
     model.train()
 
 
-def test_accuracy(model, law, rng, cls=H100, transform=lambda f: f, n=1_000):
+def held_out_mape(model, law, rng, cls=H100, transform=lambda f: f, n=1_000):
     test = [law.sample(rng) for _ in range(n)]
     ttft = accuracy([model.predict_ttft(cls, transform(f)) for f, _, _ in test], [t for _, t, _ in test])
     tpot = accuracy([model.predict_tpot(cls, transform(f)) for f, _, _ in test], [t for _, _, t in test])
     return ttft[0], tpot[0]
 
 
-test_accuracy.__test__ = False  # a helper, not a test
-
-
 def test_converges_on_the_synthetic_law_within_five_points_of_the_noise_floor():
     model, law, rng = LatencyModel(), VllmLaw(), random.Random(7)
     assert model.predict_ttft(H100, law.state(rng)) is None  # nothing learnt: no guess
     feed(model, law, rng, 2_000)
-    ttft_mape, tpot_mape = test_accuracy(model, law, rng)
+    ttft_mape, tpot_mape = held_out_mape(model, law, rng)
     assert ttft_mape < TTFT_BOUND and tpot_mape < TPOT_BOUND, (ttft_mape, tpot_mape)
     # the prequential error it will export agrees, and p90 absolute error is a latency in ms
     errors = model.errors()
@@ -76,7 +73,7 @@ def test_a_model_that_ignores_an_input_of_the_law_fails_the_same_bound(ignored):
     model, law, rng = LatencyModel(), VllmLaw(), random.Random(7)
     blind = lambda f: dataclasses.replace(f, **{ignored: 0.0})  # noqa: E731
     feed(model, law, rng, 2_000, transform=blind)
-    ttft_mape, _ = test_accuracy(model, law, rng, transform=blind)
+    ttft_mape, _ = held_out_mape(model, law, rng, transform=blind)
     assert ttft_mape > TTFT_BOUND, ttft_mape
 
 
@@ -103,7 +100,7 @@ def test_fast_and_slow_hardware_are_learnt_apart():
             model.train()
     model.train()
     for cls, law in ((H100, fast), (A100, slow)):
-        ttft_mape, tpot_mape = test_accuracy(model, law, rng, cls=cls)
+        ttft_mape, tpot_mape = held_out_mape(model, law, rng, cls=cls)
         assert ttft_mape < TTFT_BOUND and tpot_mape < TPOT_BOUND, (cls, ttft_mape, tpot_mape)
     f = LatencyFeatures(kv_cache_usage=0.5, running_requests=20, waiting_requests=1, input_tokens=2_000,
                         prefill_tokens_in_flight=800, decode_tokens_in_flight=15_000)
@@ -126,7 +123,7 @@ def test_pooling_fast_and_slow_hardware_fails_the_bound():
             model.observe_ttft(cls, f, ttft)
     model.train()
     assert model.classes() == []
-    ttft_fast, _ = test_accuracy(model, fast, rng, cls=H100)
+    ttft_fast, _ = held_out_mape(model, fast, rng, cls=H100)
     assert ttft_fast > TTFT_BOUND, ttft_fast
 
 
@@ -137,8 +134,8 @@ def test_forgetting_follows_a_server_that_slows_down():
         feed(model, VllmLaw(speed=1.0), rng, 5_000)
         feed(model, VllmLaw(speed=2.0), rng, 3_000)
     now = VllmLaw(speed=2.0)
-    assert test_accuracy(forgetting, now, random.Random(1))[0] < TTFT_BOUND
-    assert test_accuracy(frozen, now, random.Random(1))[0] > TTFT_BOUND + 0.1
+    assert held_out_mape(forgetting, now, random.Random(1))[0] < TTFT_BOUND
+    assert held_out_mape(frozen, now, random.Random(1))[0] > TTFT_BOUND + 0.1
 
 
 @pytest.mark.parametrize("quantile", [0.5, 0.9])
