@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -25,8 +24,7 @@ from tests.helpers import Clock, rewrite, until
 from tests.servers import RawServer, length_response
 from tests.test_admission import controller, flow_config, pool, req, set_saturated
 from tests.test_director import FirstEndpoint, OpenGate, body, datastore, headers
-
-FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "metrics.txt"
+from tests.test_reference_fixtures import rows
 
 # The reference's core families this picker registers (its data exists here). The rest of
 # metrics.txt's core families wait for the issue that brings their data (see DEFERRED).
@@ -82,10 +80,7 @@ DEFERRED = {
 def reference() -> dict[str, tuple[str, tuple[str, ...], tuple[float, ...] | None, str]]:
     """name -> (type, label names, buckets or None, scope) from metrics.txt."""
     out = {}
-    for line in FIXTURE.read_text().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, kind, labels, buckets, _gist, scope, _file = line.split("\t")
+    for name, kind, labels, buckets, _gist, scope, _file in rows("metrics.txt", 7):
         out[name] = (kind, tuple(labels.split(",")) if labels != "-" else (),
                      tuple(float(b) for b in buckets.split(",")) if buckets != "-" and "default" not in buckets
                      else None, scope)

@@ -5,27 +5,21 @@ checked-in facts in tests/fixtures/reference/ (flags.txt, flags-v1.5.txt, chart-
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from epp.datalayer.specs import DEFAULT_SPECS
 from epp.options import FLAG_BY_NAME, IGNORED_REFERENCE_FLAGS, METRIC_FLAGS, Options, parse_args
 from epp.units import parse_duration
+from tests.test_reference_fixtures import rows
 
-REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 BASE = ["--endpoints=127.0.0.1:8000"]
 
 
 def reference_flags() -> list[tuple[str, str, str, str, str]]:
     """(generation, name, type, default, where) of every flag of both generations."""
-    rows = []
-    for generation, file in (("current", "flags.txt"), ("v1.5", "flags-v1.5.txt")):
-        for line in (REFERENCE / file).read_text().splitlines():
-            if line.strip() and not line.startswith("#"):
-                name, kind, default, where = line.split("\t")
-                rows.append((generation, name, kind, default, where))
-    return rows
+    return [(generation, *cells) for generation, file in (("current", "flags.txt"), ("v1.5", "flags-v1.5.txt"))
+            for cells in rows(file, 4)]
 
 
 FLAGS = [r for r in reference_flags() if r[1] != "help"]  # -h/--help prints and exits, as pflag's
@@ -159,12 +153,7 @@ def test_defaults_are_the_references(generation, name, kind, default, where):
 
 
 def chart_rows() -> list[tuple[str, str, list[str]]]:
-    rows = []
-    for line in (REFERENCE / "chart-args.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            chart, variant, _, argv = line.split("\t")
-            rows.append((chart, variant, json.loads(argv)))
-    return rows
+    return [(chart, variant, json.loads(argv)) for chart, variant, _, argv in rows("chart-args.txt", 4)]
 
 
 def swap_pool_flags(argv: list[str]) -> list[str]:

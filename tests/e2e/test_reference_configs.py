@@ -15,6 +15,7 @@ import pytest
 from devstack.launch import wait_until
 from epp.framework.registry import BUILTINS
 from tests.e2e.conftest import metric_sum, post
+from tests.test_options_reference import chart_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -25,12 +26,9 @@ SWAPPED = {"--pool-name", "--pool-namespace", "--pool-group", "--endpoint-select
 
 
 def chart_args(chart: str, variant: str) -> list[str]:
-    for line in (REFERENCE / "chart-args.txt").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        cols = line.split("\t")
-        if (cols[0], cols[1]) == (chart, variant):
-            return json.loads(cols[3])
+    for row_chart, row_variant, argv in chart_rows():
+        if (row_chart, row_variant) == (chart, variant):
+            return argv
     raise KeyError((chart, variant))
 
 
