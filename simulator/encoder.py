@@ -97,6 +97,18 @@ def encoder_request(body: Mapping[str, Any], part: Mapping[str, Any]) -> dict:
     return out
 
 
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body (StreamReader.read(n) returns whatever has arrived, maybe a part), or
+    None if it is longer than limit. The sidecar's prefill leg reads with it too."""
+    parts, size = [], 0
+    async for chunk in content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def encoder_answer(host: str, port: int, engine_id: str, body: Mapping[str, Any]) -> dict:
     """What an encoder returns in `ec_transfer_params`: its cache entry per multimodal part."""
     return {item_hash(p): {"peer_host": host, "peer_port": port, "engine_id": engine_id} for p in mm_items(body)}
@@ -117,11 +129,11 @@ async def fan_out(session: aiohttp.ClientSession, body: Mapping[str, Any], encod
         try:
             async with session.post(url, data=orjson.dumps(encoder_request(body, part)), headers=headers,
                                     timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                raw = await r.content.read(ENCODER_RESPONSE_LIMIT + 1)
+                raw = await read_bounded(r.content, ENCODER_RESPONSE_LIMIT)
                 status = r.status
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
             raise EncoderError(f"encoder request failed for item {i} at {target}: {e!r}") from None
-        if status >= 400 or len(raw) > ENCODER_RESPONSE_LIMIT:
+        if status >= 400 or raw is None:
             raise EncoderError(f"encoder request failed for item {i} with status {status}")
         try:
             params = orjson.loads(raw).get("ec_transfer_params")

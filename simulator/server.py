@@ -71,6 +71,7 @@ from .encoder import (
     fan_out,
     mm_items,
     placeholder_messages,
+    read_bounded,
 )
 from .engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong
 from .kv_events import ZmqKVPublisher, topic_for
@@ -599,7 +600,7 @@ class SimServer:
             async with self._client.post(url, data=orjson.dumps(pbody), headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=self.config.prefill_timeout)) as r:
                 status = r.status
-                raw = await _read_bounded(r.content, PREFILL_RESPONSE_LIMIT)
+                raw = await read_bounded(r.content, PREFILL_RESPONSE_LIMIT)
         except TimeoutError:
             self._fallback("prefiller_timeout")
             return None, None
@@ -829,17 +830,6 @@ def _remote_source(params: dict) -> tuple[str, int, str | None, str] | None:
             and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
         return None
     return host, port, rid if isinstance(rid, str) else None, engine
-
-
-async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes | None:
-    """The body, or None if it is longer than limit."""
-    parts, size = [], 0
-    async for chunk in content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def _sse(obj: dict) -> bytes:
