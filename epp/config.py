@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -46,7 +46,7 @@ from epp.flowcontrol.config import (
 )
 from epp.framework import PluginError, extension_points, params_from_mapping, plugin_params
 from epp.framework.datakeys import ProducerParam
-from epp.framework.registry import ALIASES, ALPHA, BUILTINS, FUTURE, FUTURE_PARAMS, plugin_class, stability
+from epp.framework.registry import ALIASES, ALPHA, BUILTINS, FUTURE, plugin_class, stability
 
 log = logging.getLogger("epp.config")
 
@@ -248,29 +248,10 @@ def _check_plugin(spec: PluginSpec) -> type:
     """Resolve the type and validate the parameters now, so start-up fails early."""
     try:
         cls = plugin_class(spec.type, f"{spec.where}.type")
-        _future_params(cls, spec)
         plugin_params(cls, spec.type, spec.parameters, f"{spec.where}.parameters")
     except PluginError as e:
-        if spec.alias and spec.type not in BUILTINS:
-            raise ConfigError(f"{spec.where}.type: {spec.alias!r} is a deprecated alias of {spec.type!r}, "
-                              f"which is not built yet") from None
         raise ConfigError(str(e)) from None
     return cls
-
-
-def _future_params(cls: type, spec: PluginSpec) -> None:
-    """A parameter of the reference that another issue builds: refused naming it, unless
-    its value means what is built here (then it is consumed)."""
-    future = FUTURE_PARAMS.get(spec.type)
-    params_cls = getattr(cls, "Params", None)
-    if not future or not is_dataclass(params_cls):
-        return
-    known = {f.name for f in fields(params_cls)}
-    for key in [k for k in spec.parameters if k in future and k not in known]:
-        feature, same = future[key]
-        if spec.parameters[key] not in same:
-            raise ConfigError(f"{spec.where}.parameters.{key}: needs {feature}, not built yet")
-        del spec.parameters[key]
 
 
 # --------------------------------------------------------------------------- deprecated plugin types

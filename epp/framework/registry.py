@@ -142,11 +142,6 @@ FUTURE: dict[str, str] = {
                      "mm-embeddings-cache-producer"), _PRECISE),
 }
 
-# Parameters of built-in types whose feature another issue builds: type -> parameter ->
-# (feature, the values that mean what is built here, e.g. a penalty of 0 = off). Used only
-# while the type's Params lacks the parameter.
-FUTURE_PARAMS: dict[str, dict[str, tuple[str, tuple[object, ...]]]] = {}
-
 # The stability column of BUILTINS: the rows the reference registers as Alpha (the rest are Beta).
 ALPHA_TYPES: frozenset[str] = frozenset({"session-affinity-scorer", "session-affinity-filter",
                                          "multicluster-session-affinity-filter", "utilization-filter",
