@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.envoy import Envoy, start_envoy
 from devstack.localstack import PickerProcess, SimServers, metric_sum, start_picker, start_sims
@@ -155,3 +157,9 @@ def post(url: str, body: bytes | dict, headers: dict[str, str] | None = None,
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
     except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
         return 0, {}, repr(e).encode()
+
+
+def health(port: int, service: str) -> int:
+    """The picker's gRPC health status of `service` ("" for the server as a whole)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status

@@ -7,21 +7,16 @@ from __future__ import annotations
 import signal
 import time
 
-import grpc
 import openai
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from devstack.launch import wait_until
+from tests.e2e.conftest import health
 
 pytestmark = pytest.mark.e2e
 
 DRAIN = 4.0
-
-
-def health(port: int, service: str) -> int:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
 
 
 def test_sigterm_drains_through_envoy(sim_servers, picker, envoy):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import re
 
-import grpc
 import openai
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from devstack.launch import wait_until
+from tests.e2e.conftest import health
 from tests.kubeapi import KubeApiStandIn, inference_pool, model_rewrite
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -36,11 +36,6 @@ def register_sim_pods(kube: KubeApiStandIn, ports: list[int]) -> list[str]:
                      annotations={ACTIVE_PORTS: str(port)})
         names.append(name)
     return names
-
-
-def health(port: int, service: str) -> int:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
 
 
 def ready_pods(p) -> float:
