@@ -126,7 +126,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     if args.data_parallel_size < 1 or args.replicas % args.data_parallel_size:
         raise ValueError(f"--data-parallel-size must be >= 1 and divide --replicas ({args.replicas}), "
                          f"got {args.data_parallel_size}")
-    if args.tokenizer:  # loaded here once to refuse a bad directory before any server starts
+    if args.tokenizer:  # loaded (once, shared by the servers) to refuse a bad directory before any starts
         prompt_tokenizer(args.tokenizer)
     names = args.pod_names or [f"{args.pod_prefix}-{i}" for i in range(args.replicas)]
     if len(names) != args.replicas:

@@ -146,6 +146,9 @@ class FileTokenizer:
         return ids, self._pieces(content_text(messages[-1].get("content"))) if echo else []
 
 
+@lru_cache(maxsize=8)
 def prompt_tokenizer(directory: str | None) -> BuiltinTokenizer | FileTokenizer:
-    """The server's prompt tokenizer: the model directory's, or the built-in one."""
+    """The server's prompt tokenizer: the model directory's, or the built-in one. Loaded once
+    per directory and shared by the servers of a process (`epp sim --replicas n` would
+    otherwise load tokenizer.json n + 1 times, each copy with its own piece cache)."""
     return FileTokenizer(directory) if directory else BuiltinTokenizer()
