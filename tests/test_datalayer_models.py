@@ -14,10 +14,10 @@ from epp.datalayer import models as models_module
 from epp.datalayer.datastore import Datastore, EndpointSpec
 from epp.datalayer.models import MAX_MODEL_ENTRIES, MAX_MODEL_NAME, ModelsError, parse_models
 from epp.datalayer.runtime import DataLayer
-from epp.framework import CycleState, InferenceRequest, plugin_params
-from epp.framework.registry import plugin_class
+from epp.framework import CycleState, InferenceRequest
 from epp.framework.types import ServedModels
 from epp.telemetry import pool_models
+from tests.helpers import plugin
 from tests.servers import RawServer, eventually, length_response
 
 VLLM_MODELS = json.dumps({"object": "list", "data": [
@@ -26,11 +26,6 @@ VLLM_MODELS = json.dumps({"object": "list", "data": [
     {"id": "sql-lora", "object": "model", "created": 1, "owned_by": "vllm", "root": "/adapters/sql",
      "parent": "base", "max_model_len": 2048},
 ]}).encode()
-
-
-def build(type_name: str, parameters: dict | None = None):
-    cls = plugin_class(type_name)
-    return cls(type_name, plugin_params(cls, type_name, parameters, "plugins[0].parameters"), None)
 
 
 def test_vllm_answer_lists_base_models_and_adapters_with_their_parent():
@@ -112,7 +107,7 @@ class ModelsServer(RawServer):
 async def run_models(servers: list[ModelsServer], params: dict | None = None) -> tuple[Datastore, DataLayer]:
     ds = Datastore()
     layer = DataLayer(ds, base_interval=0.02, timeout=0.5)
-    layer.bind(build("models-data-source", params), [build("models-data-extractor")], "dataLayer.sources[0]")
+    layer.bind(plugin("models-data-source", params), [plugin("models-data-extractor")], "dataLayer.sources[0]")
     ds.replace_all([EndpointSpec(f"ep{i}", "127.0.0.1", s.port) for i, s in enumerate(servers)])
     await layer.start()
     return ds, layer
@@ -174,7 +169,7 @@ async def test_hostile_answers_fail_per_endpoint_bounded_without_traceback(mode,
 def test_body_cap_applies_to_the_client(monkeypatch):
     ds = Datastore()
     layer = DataLayer(ds)
-    layer.bind(build("models-data-source"), [build("models-data-extractor")])
+    layer.bind(plugin("models-data-source"), [plugin("models-data-extractor")])
     poller = layer.pollers[0]
     ep = ds.upsert(EndpointSpec("a", "127.0.0.1", 8000))
     assert poller._client(ep).max_body == models_module.MAX_MODELS_BODY  # noqa: SLF001
@@ -194,7 +189,7 @@ def test_lora_affinity_prefers_the_endpoint_that_lists_the_adapter():
     room = Endpoint("room", "10.0.0.2", 8000, metrics=Metrics(max_active_models=2, ok=True))
     running = Endpoint("running", "10.0.0.3", 8000,
                        metrics=Metrics(max_active_models=2, running_lora_adapters=frozenset({"sql-lora"}), ok=True))
-    scorer = build("lora-affinity-scorer")
+    scorer = plugin("lora-affinity-scorer")
     scores = scorer.score(CycleState(), request("sql-lora"), [listed, room, running])
     assert scores == [0.9, 0.8, 1.0]
     assert scorer.score(CycleState(), request("other"), [listed]) == [0.8]

@@ -17,14 +17,14 @@ from epp.datalayer.datastore import Datastore, EndpointSpec
 from epp.datalayer.extract import parse_metrics
 from epp.datalayer.runtime import DataLayer
 from epp.datalayer.specs import DEFAULT_SPECS
-from epp.framework import PluginError, plugin_params
+from epp.framework import PluginError
 from epp.framework.registry import plugin_class
+from tests.helpers import plugin
 from tests.servers import GOOD_PAGE, RawServer, eventually, length_response
 
 
 def build(type_name: str, parameters: dict | None = None, name: str | None = None):
-    cls = plugin_class(type_name)
-    return cls(name or type_name, plugin_params(cls, type_name, parameters, "plugins[0].parameters"), None)
+    return plugin(type_name, parameters, where="plugins[0]", name=name)
 
 
 def test_every_data_layer_type_is_registered():
