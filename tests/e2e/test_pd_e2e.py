@@ -31,6 +31,16 @@ def config() -> str:
     return out
 
 
+def endpoints_file(directory: Path, prefill, decode) -> str:
+    """An endpoints file: the prefill server p0 and decode servers d0, d1, ... labelled by role."""
+    eps = [{"name": "p0", "address": "127.0.0.1", "port": prefill.ports[0], "labels": {ROLE: "prefill"}}] + [
+        {"name": f"d{i}", "address": "127.0.0.1", "port": port, "labels": {ROLE: "decode"}}
+        for i, port in enumerate(decode.ports)]
+    path = directory / "endpoints.yaml"
+    path.write_text(json.dumps({"endpoints": eps}))
+    return str(path)
+
+
 def requests_by_role(sims, i: int) -> dict[str, float]:
     text = sims.metrics(i)
     return {role: metric_sum(text, "sim_requests_total", role=role) for role in ("prefill", "decode", "both")}
@@ -55,12 +65,7 @@ def test_pd_through_envoy_long_prompt_disaggregated_short_stays_prefill_loss_deg
                                                                                        tmp_path):
     prefill = sim_servers(1, role="prefill")
     decode = sim_servers(2, roles="decode,decode")
-    eps = [{"name": "p0", "address": "127.0.0.1", "port": prefill.ports[0], "labels": {ROLE: "prefill"}}] + [
-        {"name": f"d{i}", "address": "127.0.0.1", "port": port, "labels": {ROLE: "decode"}}
-        for i, port in enumerate(decode.ports)]
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text(json.dumps({"endpoints": eps}))
-    p = picker(endpoints_file=str(endpoints), config_text=config())
+    p = picker(endpoints_file=endpoints_file(tmp_path, prefill, decode), config_text=config())
     url = f"{envoy('full-duplex', p).url}/v1/completions"
 
     def totals():
@@ -101,16 +106,11 @@ def test_mostly_cached_long_prompt_stays_on_its_decode_server(sim_servers, picke
     # the decode profile scores the prefix too, so a follow-up lands where its prefix is cached;
     # the decider then finds fewer than nonCachedTokens uncached tokens there: no prefill leg
     prefill, decode = sim_servers(1, role="prefill"), sim_servers(2, roles="decode,decode")
-    eps = [{"name": "p0", "address": "127.0.0.1", "port": prefill.ports[0], "labels": {ROLE: "prefill"}}] + [
-        {"name": f"d{i}", "address": "127.0.0.1", "port": port, "labels": {ROLE: "decode"}}
-        for i, port in enumerate(decode.ports)]
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text(json.dumps({"endpoints": eps}))
     text = config().replace("- type: token-load-scorer\n", "- type: token-load-scorer\n- type: prefix-cache-scorer\n")
     text = text.replace("  - pluginRef: decode-filter\n", "  - pluginRef: decode-filter\n  - pluginRef: prefix-cache-scorer\n"
                         "    weight: 5\n")
     assert text.count("prefix-cache-scorer") == 2
-    p = picker(endpoints_file=str(endpoints), config_text=text)
+    p = picker(endpoints_file=endpoints_file(tmp_path, prefill, decode), config_text=text)
     url = f"{envoy('full-duplex', p).url}/v1/completions"
     conversation = "a long shared conversation " * 400  # ~2700 tokens
     assert stream(url, conversation, 4)[0] == 200
@@ -126,11 +126,7 @@ def test_mostly_cached_long_prompt_stays_on_its_decode_server(sim_servers, picke
 def test_pd_guide_config_unchanged_disaggregates_every_request(sim_servers, picker, envoy, tmp_path):
     # the guide's always-disagg-pd-decider: even a short prompt is prefilled apart
     prefill, decode = sim_servers(1, role="prefill"), sim_servers(1, role="decode")
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text(json.dumps({"endpoints": [
-        {"name": "p0", "address": "127.0.0.1", "port": prefill.ports[0], "labels": {ROLE: "prefill"}},
-        {"name": "d0", "address": "127.0.0.1", "port": decode.ports[0], "labels": {ROLE: "decode"}}]}))
-    p = picker(endpoints_file=str(endpoints), config_text=GUIDE.read_text())
+    p = picker(endpoints_file=endpoints_file(tmp_path, prefill, decode), config_text=GUIDE.read_text())
     url = f"{envoy('full-duplex', p).url}/v1/completions"
     status, _, body = post(url, {"model": "m1", "prompt": "short prompt", "max_tokens": 5}, timeout=60)
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 5
