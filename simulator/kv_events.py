@@ -90,11 +90,6 @@ def topic_for(host: str, port: int, model: str) -> str:
     return f"kv@{host}:{port}@{model}"
 
 
-def vllm_binds(endpoint: str) -> bool:
-    """vLLM's heuristic: bind a wildcard, ipc or inproc address, connect to any other."""
-    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
-
-
 class ZmqKVPublisher:
     """A PUB socket bound to (or, with `connect`, connecting to) `endpoint`, and optionally
     vLLM's replay ROUTER at `replay_endpoint`. Sends never block: with no subscriber or a
