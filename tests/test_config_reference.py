@@ -12,14 +12,10 @@ import pytest
 
 from epp.assembly import load_plugin_set
 from epp.config import ConfigError, check_stability, load_config
-from epp.framework.registry import BUILTINS, PluginError, plugin_class
+from epp.framework.registry import PluginError, plugin_class
 from tests.helpers import errmsg
 
 CONFIGS = Path(__file__).parent / "fixtures" / "reference" / "configs"
-
-
-def registered(*types: str) -> bool:
-    return all(t in BUILTINS for t in types)
 
 
 def has_param(type_name: str, param: str) -> bool:
@@ -32,11 +28,8 @@ def has_param(type_name: str, param: str) -> bool:
 
 
 PARSERS = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
-DATA = ("metrics-data-source", "core-metrics-extractor")
-needs_parsers = pytest.mark.skipif(not registered(*PARSERS), reason="the parser plugins are not registered yet")
-needs_data = pytest.mark.skipif(not registered(*DATA), reason="the data-layer plugins are not registered yet")
-_producers_missing = not (registered("inflight-load-producer") and has_param("approx-prefix-cache-producer",
-                                                                             "maxPrefixTokensToMatch"))
+
+
 
 
 # --------------------------------------------------------------------------- the fixtures
@@ -44,8 +37,6 @@ CHART_DEFAULTS = ["llm-d-router-chart-gateway.yaml", "llm-d-router-chart-standal
                   "gie-v1.5-chart-default.yaml"]
 
 
-@needs_parsers
-@needs_data
 @pytest.mark.parametrize("fixture", CHART_DEFAULTS)
 def test_chart_default_configs_load_with_the_reference_defaults(fixture):
     cfg = load_config((CONFIGS / fixture).read_text())
@@ -64,8 +55,6 @@ def test_chart_default_configs_load_with_the_reference_defaults(fixture):
     assert [p.name for p in cfg.plugins].count("metrics-data-source") == 1
 
 
-@needs_parsers
-@needs_data
 def test_payload_agnostic_config_loads_with_only_its_parser():
     cfg = load_config((CONFIGS / "llm-d-router-chart-payload-agnostic.yaml").read_text())
     assert cfg.parsers == ["passthrough-parser"]
@@ -77,8 +66,6 @@ def test_payload_agnostic_config_loads_with_only_its_parser():
     check_stability(cfg, True)
 
 
-@pytest.mark.xfail(_producers_missing, strict=True,
-                   reason="inflight-load-producer / maxPrefixTokensToMatch come with the producers helper")
 def test_optimized_baseline_loads():
     cfg = load_config((CONFIGS / "llm-d-optimized-baseline.yaml").read_text())
     assert cfg.plugin("approx-prefix-cache-producer").parameters["maxPrefixTokensToMatch"] == 40960
@@ -98,8 +85,6 @@ def test_every_fixture_is_covered():
     assert {p.name for p in CONFIGS.glob("*.yaml")} == covered
 
 
-@pytest.mark.xfail(not registered("inflight-load-producer"), strict=True,
-                   reason="inflight-load-producer comes with the producers helper")
 def test_flow_control_guide_loads_with_the_default_policies():
     # Every flow-control setting of the guide is a reference default the queues here implement
     # (global-strict fairness, FCFS, static usage limit); non-default policies name issue 11.
@@ -235,7 +220,6 @@ flowControl:
 
 
 # --------------------------------------------------------------------------- requestHandler / parser
-@needs_parsers
 def test_request_handler_parsers_in_order_and_instantiated_by_type():
     cfg = load_config("plugins: [{name: p, type: passthrough-parser}]\n"
                       "requestHandler: {parsers: [{pluginRef: anthropic-parser}, {pluginRef: p}]}\n")
@@ -244,7 +228,6 @@ def test_request_handler_parsers_in_order_and_instantiated_by_type():
     assert "openai-parser" not in {p.name for p in cfg.plugins}
 
 
-@needs_parsers
 def test_deprecated_parser_is_mapped_and_the_new_field_wins(caplog):
     with caplog.at_level(logging.WARNING, logger="epp.config"):
         old = load_config("parser: {pluginRef: vllmhttp-parser}\n")
@@ -255,9 +238,7 @@ def test_deprecated_parser_is_mapped_and_the_new_field_wins(caplog):
     assert sum("top-level parser is deprecated" in r.getMessage() for r in caplog.records) == 2
 
 
-@needs_parsers
 # --------------------------------------------------------------------------- dataLayer
-@needs_data
 def test_data_layer_defaults_are_injected_unless_opted_out():
     cfg = load_config("plugins: [{type: queue-scorer}]\n")
     (source,) = cfg.data_layer.sources
@@ -267,7 +248,6 @@ def test_data_layer_defaults_are_injected_unless_opted_out():
     assert off.data_layer.sources == [] and "metrics-data-source" not in {p.name for p in off.plugins}
 
 
-@needs_data
 def test_data_layer_sources_and_extractors_as_written():
     cfg = load_config("""
 plugins:
@@ -281,7 +261,6 @@ dataLayer:
         ("scrape", ["ex"], False), ("metrics-data-source", ["core-metrics-extractor"], True)]
 
 
-@needs_data
 # --------------------------------------------------------------------------- deprecated aliases
 def test_by_label_maps_to_label_selector_filter_with_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="epp.config"):
@@ -371,13 +350,9 @@ def test_headers_handler_refusals():
 
 def test_tokenizer_alias_names_its_replacement():
     text = "plugins: [{type: tokenizer, parameters: {modelName: m}}]\n"
-    if registered("token-producer"):
-        assert load_config("plugins: [{type: tokenizer}]\n").plugin("tokenizer").type == "token-producer"
-        # a model name alone selects the reference's vllm /render backend (tests/test_tokenization.py)
-        assert load_config(text).plugin("tokenizer").type == "token-producer"
-    else:
-        assert "plugins[0].type: 'tokenizer' is a deprecated alias of 'token-producer', which is not built yet" \
-            in errmsg(text)
+    assert load_config("plugins: [{type: tokenizer}]\n").plugin("tokenizer").type == "token-producer"
+    # a model name alone selects the reference's vllm /render backend (tests/test_tokenization.py)
+    assert load_config(text).plugin("tokenizer").type == "token-producer"
 
 
 # --------------------------------------------------------------------------- stability, other issues' types
@@ -399,12 +374,7 @@ def test_types_of_other_issues_are_refused_naming_the_feature(ptype, feature):
         f"plugins: [{{type: queue-scorer}}, {{type: {ptype}}}]")
 
 
-def test_parameters_of_other_issues_refused_unless_they_mean_what_is_built():
-    if not has_param("prefix-cache-affinity-filter", "maxTTFTPenaltyMs"):
-        cfg = load_config("plugins: [{type: prefix-cache-affinity-filter, parameters: {maxTTFTPenaltyMs: 0}}]")
-        assert "maxTTFTPenaltyMs" not in cfg.plugin("prefix-cache-affinity-filter").parameters
-        assert "plugins[0].parameters.maxTTFTPenaltyMs: needs the remaining scheduling plugins (issue 11)" in errmsg(
-            "plugins: [{type: prefix-cache-affinity-filter, parameters: {maxTTFTPenaltyMs: 5000}}]")
+def test_disagg_stage_order_is_checked_not_refused():
     # disagg-profile-handler's stageOrder is built (tests/test_profiles_disagg.py): checked, not refused
     assert "plugins[0].parameters.stageOrder: expected a string" in errmsg(
         "plugins: [{type: disagg-profile-handler, parameters: {stageOrder: [prefill, decode]}}]")
