@@ -370,11 +370,17 @@ class Engine:
         return True
 
     def expire_transfers(self, now: float) -> int:
-        """Release every held transfer whose deadline has passed."""
-        due = [rid for rid, (_, deadline) in self._transfers.items() if deadline <= now]
-        for rid in due:
+        """Release every held transfer whose deadline has passed. Holds are kept in finish
+        order and all last kv_hold_time, so deadlines ascend: the due ones lead (this runs
+        every step while any is held)."""
+        due = 0
+        while self._transfers:
+            rid, (_, deadline) = next(iter(self._transfers.items()))
+            if deadline > now:
+                break
             self.release_transfer(rid, expired=True)
-        return len(due)
+            due += 1
+        return due
 
     @property
     def num_held_transfers(self) -> int:
