@@ -113,7 +113,8 @@ class ZmqKVPublisher:
         else:
             self._socket.bind(endpoint)
         self.seq = 0
-        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)  # bound: batches kept for replay
+        # bound: batches kept for replay; none without a replay socket to serve them
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps if replay_endpoint else 0)
         self._replay_thread: threading.Thread | None = None
         self._running = True
         if replay_endpoint:
