@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from epp.framework.headers import REQUEST_ID
@@ -214,16 +214,39 @@ class Tracing:
         self.provider.shutdown()
 
     def observer(self, inner: Observer | None) -> Observer:
-        """The plugin-duration observer that also feeds the running cycle's sampled span."""
+        """The plugin-duration observer that also feeds the running cycle's sampled span. It
+        carries `bind` (epp.timing) whenever the inner observer does, so tracing keeps the
+        inner observer's bound fast path (one resolved series per plugin call)."""
+
+        def collect(key: tuple[str, str], seconds: float) -> None:
+            times = self.collecting
+            if times is not None:
+                times[key] = times.get(key, 0.0) + seconds
 
         def observe(point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
             if inner is not None:
                 inner(point, plugin_type, plugin_name, seconds)
-            times = self.collecting
-            if times is not None:
-                key = (point, plugin_name)
-                times[key] = times.get(key, 0.0) + seconds
+            collect((point, plugin_name), seconds)
 
+        inner_bind = getattr(inner, "bind", None)
+        if inner is None or inner_bind is not None:
+            def bind(point: str, plugin_type: str, plugin_name: str) -> Callable[[], Callable[[float], None]]:
+                key = (point, plugin_name)
+                resolve_inner = inner_bind(point, plugin_type, plugin_name) if inner_bind is not None else None
+
+                def resolve() -> Callable[[float], None]:
+                    record_inner = resolve_inner() if resolve_inner is not None else None
+
+                    def record(seconds: float) -> None:
+                        if record_inner is not None:
+                            record_inner(seconds)
+                        collect(key, seconds)
+
+                    return record
+
+                return resolve
+
+            observe.bind = bind  # type: ignore[attr-defined]
         return observe
 
     # ------------------------------------------------------------------ per request

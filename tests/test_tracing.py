@@ -373,3 +373,25 @@ async def test_hostile_trace_headers_are_dropped_without_echoing_them_to_the_log
             assert len(ctx.upstream_headers.get("baggage", "")) <= 8192
     assert not [r for r in caplog.records if r.name.startswith("opentelemetry") and r.levelno >= logging.WARNING]
     assert sum(len(r.getMessage()) for r in caplog.records) < 20000
+
+
+def test_the_tracing_observer_keeps_the_inner_observers_bound_fast_path():
+    from types import SimpleNamespace
+
+    from epp import timing
+
+    t, _ = traced()
+    seen: list[tuple[str, ...]] = []
+
+    def inner(point, plugin_type, plugin_name, seconds):
+        seen.append(("per-call", point, plugin_type, plugin_name))
+
+    inner.bind = lambda point, ptype, name: lambda: lambda seconds: seen.append(("bound", point, ptype, name))
+    call = timing.timed("Scorer", SimpleNamespace(type_name="queue-scorer", name="q"), lambda: 7, t.observer(inner))
+    t.collecting = {}
+    assert call() == 7 and call() == 7
+    assert seen == [("bound", "Scorer", "queue-scorer", "q")] * 2  # the inner's bound series, not per-call
+    assert list(t.collecting) == [("Scorer", "q")] and t.collecting[("Scorer", "q")] > 0  # and the span's sum
+    t.collecting = None
+    assert call() == 7 and len(seen) == 3  # no sampled cycle: the inner series alone
+    assert not hasattr(t.observer(lambda *a: None), "bind")  # an inner without bind keeps the per-call path
