@@ -23,6 +23,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from epp.httpbody import read_bounded
+
 ENCODERS_HEADER = "x-encoder-hosts-ports"
 MM_TYPES = frozenset({"image_url", "audio_url", "video_url", "input_audio"})  # the sidecar's mmTypes
 MAX_ITEMS = 64  # multimodal parts fanned out per request; beyond, the request is refused (400)
@@ -95,18 +97,6 @@ def encoder_request(body: Mapping[str, Any], part: Mapping[str, Any]) -> dict:
     out.pop("stream_options", None)
     out.pop("ec_transfer_params", None)
     return out
-
-
-async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes | None:
-    """The whole body (StreamReader.read(n) returns whatever has arrived, maybe a part), or
-    None if it is longer than limit. The sidecar's prefill leg reads with it too."""
-    parts, size = [], 0
-    async for chunk in content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def encoder_answer(host: str, port: int, engine_id: str, body: Mapping[str, Any]) -> dict:

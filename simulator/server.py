@@ -57,6 +57,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from epp.httpbody import read_bounded
 from epp.netaddr import join_hostport
 from epp.requestcontrol.producers.tokens_messages import messages_to_chat
 
@@ -71,7 +72,6 @@ from .encoder import (
     fan_out,
     mm_items,
     placeholder_messages,
-    read_bounded,
 )
 from .engine import Engine, EngineConfig, EngineLoop, EngineRequest, PromptTooLong
 from .kv_events import ZmqKVPublisher, topic_for

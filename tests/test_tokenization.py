@@ -322,6 +322,22 @@ def vllm_producer(url, **vllm):
                         PluginHandle(), "x")
 
 
+async def test_a_render_answer_arriving_in_many_chunks_is_read_whole_and_an_oversized_one_refused(renderer,
+                                                                                                    monkeypatch):
+    import epp.requestcontrol.producers.tokens_render as tokens_render
+
+    renderer.ids = list(range(100_000))  # ~0.6 MB of JSON: more than one read's worth of the socket
+    p = vllm_producer(renderer.url)
+    req = request(chat("a long one"))
+    await p.prefetch_request_data(req)
+    assert produce(p, req) == (tuple(renderer.ids), 100_000) and p.counts["rendered"] == 1
+    monkeypatch.setattr(tokens_render, "MAX_RESPONSE_BYTES", 100_000)
+    req = request(chat("too long an answer"), rid="r2")
+    await p.prefetch_request_data(req)
+    assert produce(p, req)[0] is None and p.counts["fallback_error"] == 1  # refused: the estimate instead
+    await p.stop_background()
+
+
 async def test_vllm_backend_renders_once_per_body_and_forwards_model_and_authorization(renderer):
     p = vllm_producer(renderer.url)
     body = chat("q", temperature=0.5)

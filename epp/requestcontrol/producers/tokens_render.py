@@ -30,6 +30,8 @@ import aiohttp
 import orjson
 import xxhash
 
+from epp.httpbody import read_bounded
+
 from .tokens_local import IdsCache
 
 log = logging.getLogger(__name__)
@@ -193,8 +195,8 @@ class RenderClient:
         url = self.base + RENDER_PATHS[kind]
         try:
             async with self._session.post(url, data=orjson.dumps(body), headers=headers) as resp:
-                data = await resp.content.read(MAX_RESPONSE_BYTES + 1)
-                if len(data) > MAX_RESPONSE_BYTES:
+                data = await read_bounded(resp.content, MAX_RESPONSE_BYTES)
+                if data is None:
                     raise RenderError(f"render answer larger than {MAX_RESPONSE_BYTES} bytes")
                 if not 200 <= resp.status < 300:
                     snippet = data[:1024].decode("utf-8", "replace")
