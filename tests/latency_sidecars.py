@@ -19,6 +19,7 @@ class FakeSidecars:
         self.delay_s = delay_s  # how long each answer takes (a slow sidecar)
         self.entries: list[dict] = []
         self.predict_requests: list[dict] = []
+        self.padding = 0  # extra bytes in each prediction answer (an oversized answer)
         sidecars = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,7 +41,7 @@ class FakeSidecars:
                          "objective_type": "quantile", "quantile": 0.9, "last_model_load": None}
                         for _ in body["requests"]], "total_requests": len(body["requests"]),
                         "successful_predictions": len(body["requests"]), "failed_predictions": 0,
-                        "processing_time_ms": 1.0})
+                        "processing_time_ms": 1.0, **({"padding": "x" * sidecars.padding} if sidecars.padding else {})})
                 else:
                     self._reply(404, {"detail": "Not Found"})
 

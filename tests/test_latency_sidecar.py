@@ -12,6 +12,7 @@ import pytest
 from devstack.launch import free_ports, wait_until
 from epp.requestcontrol.producers.latency import LatencyFeatures
 from epp.requestcontrol.producers.latency.sidecar import (
+    MAX_PREDICT_RESPONSE_BYTES,
     PREDICT_TIMEOUT_S,
     SidecarClient,
     SidecarConfig,
@@ -86,3 +87,17 @@ def test_unreachable_sidecars_fail_quietly():
         assert client.status.last_error.startswith(("prediction: ", "training: "))
     finally:
         client.close()
+
+
+def test_an_oversized_prediction_answer_is_refused():
+    sidecars = FakeSidecars()
+    sidecars.padding = MAX_PREDICT_RESPONSE_BYTES
+    url = f"http://127.0.0.1:{sidecars.port}"
+    client = SidecarClient(SidecarConfig(url, (url,), flush_interval_s=0.05))
+    try:
+        client.lookup(F)
+        wait_until(lambda: client.status.prediction_failures >= 1, 5, "the oversized answer refused")
+        assert client.lookup(F) is None and "larger than" in client.status.last_error
+    finally:
+        client.close()
+        sidecars.stop()

@@ -18,6 +18,7 @@ PREDICT_TIMEOUT_S), never a request's latency."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -27,6 +28,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from epp.httpbody import read_bounded
 
 from .features import LatencyFeatures
 from .model import LatencyPrediction
@@ -38,6 +41,7 @@ CACHE_SIZE = 4_096           # feature vectors with a sidecar prediction kept
 WANTED_MAX = 1_024           # feature vectors waiting to be asked for
 PREDICTION_TTL_S = 2.0       # a cached sidecar prediction is used this long
 PREDICT_TIMEOUT_S = 0.5      # a bulk prediction call's deadline
+MAX_PREDICT_RESPONSE_BYTES = 4 << 20  # a bulk prediction answer larger than this is refused
 PREDICT_POLL_S = 0.01        # how often the background loop looks for vectors to ask for
 MAX_URLS = 16
 # the reference client's tuning of its per-request dispatch, which this background client does not have
@@ -195,7 +199,10 @@ class SidecarClient:
                                     timeout=aiohttp.ClientTimeout(total=PREDICT_TIMEOUT_S)) as r:
                 if r.status >= 300:
                     raise RuntimeError(f"{url}: HTTP {r.status}")
-                body = await r.json(content_type=None)
+                raw = await read_bounded(r.content, MAX_PREDICT_RESPONSE_BYTES)
+            if raw is None:
+                raise RuntimeError(f"{url}: answer larger than {MAX_PREDICT_RESPONSE_BYTES} bytes")
+            body = json.loads(raw)  # as aiohttp's json() decodes it
             predictions = body.get("predictions") if isinstance(body, dict) else None
             if not isinstance(predictions, list) or len(predictions) != len(batch):
                 raise RuntimeError(f"{url}: expected {len(batch)} predictions")
