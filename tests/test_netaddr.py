@@ -17,7 +17,7 @@ ports = st.integers(1, 65535)
 names = st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){0,3}", fullmatch=True)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(host=st.one_of(ipv4, ipv6), port=ports)
 def test_written_addresses_parse_back(host, port):
     text = join_hostport(host, port)
@@ -44,7 +44,7 @@ def splits_or_fails_cleanly(text: str) -> None:
         assert 0 < p < 65536 and ipaddress.ip_address(h).compressed == h
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=40))
 def test_any_text_splits_or_fails_cleanly(text):
     splits_or_fails_cleanly(text)

@@ -16,7 +16,7 @@ UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "
 QUANTITY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(parts=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(sorted(UNITS))), min_size=1, max_size=4))
 def test_go_durations_sum_their_parts(parts):
     text = "".join(f"{n}{unit}" for n, unit in parts)
@@ -31,7 +31,7 @@ def test_plain_seconds(seconds):
     assert duration_value(seconds, "k") == seconds
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(text=st.text(max_size=80))
 @example("nan")
 @example("inf")
@@ -49,13 +49,13 @@ def test_any_text_is_a_finite_duration_or_a_clean_error(text):
         assert math.isfinite(seconds) and seconds >= 0
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(n=st.integers(0, 10**6), unit=st.sampled_from(sorted(QUANTITY_UNITS)))
 def test_quantities_scale_by_their_suffix(n, unit):
     assert parse_quantity(f"{n}{unit}", "k") == n * QUANTITY_UNITS[unit]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(value=st.one_of(st.text(max_size=80), st.floats(), st.integers(), st.booleans(), st.none()))
 @example("1e400")
 @example(float("nan"))
