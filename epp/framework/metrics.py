@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+C = TypeVar("C", bound=Collector)
 
 _INF = float("inf")
 
@@ -94,6 +96,7 @@ class PluginMetrics:
         self._histograms: dict[str, HistogramRecorder] = {}
         self._gauges: dict[str, _SummedGauge] = {}
         self._labelled: dict[str, _LabelledHistogram | _LabelledSummedGauge] = {}
+        self._shared: dict[type, Any] = {}
 
     def histogram(self, name: str, doc: str, buckets: Sequence[float],
                   labels: Mapping[str, str] | None = None) -> HistogramRecorder:
@@ -136,3 +139,13 @@ class PluginMetrics:
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
+
+    def shared(self, kind: type[C]) -> C:
+        """The one `kind()` collector of this facility, shared by every plugin instance that
+        reports through it (e.g. summing over instances when scraped): made and registered at
+        its first use."""
+        found = self._shared.get(kind)
+        if found is None:
+            found = self._shared[kind] = kind()
+            self.add_collector(found)
+        return found

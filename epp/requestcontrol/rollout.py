@@ -21,14 +21,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from weakref import WeakKeyDictionary
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from epp.framework import ConfiguredPlugin, Endpoint, InferenceRequest, PluginHandle, ResponseInfo
 from epp.framework.headers import REQUEST_ID
-from epp.framework.metrics import PluginMetrics
 from epp.labelselector import LabelSelector
 
 DEFAULT_REVISION_HEADER = "x-llm-d-disagg-revision"
@@ -142,7 +140,6 @@ class _Metrics(Collector):
         return [no_match, share]
 
 
-_METRICS: WeakKeyDictionary[PluginMetrics, _Metrics] = WeakKeyDictionary()  # per metrics facility (one registry)
 
 
 class DisaggregatedSetRolloutScreener(ConfiguredPlugin[RolloutScreenerParams]):
@@ -162,11 +159,7 @@ class DisaggregatedSetRolloutScreener(ConfiguredPlugin[RolloutScreenerParams]):
         self._pool_labels: list[Mapping[str, str]] = [{}]  # never equal to a pool: the first call counts
         self._decisions: OrderedDict[str, str] = OrderedDict()
         self.no_match = 0
-        metrics = _METRICS.get(handle.metrics)
-        if metrics is None:
-            metrics = _METRICS[handle.metrics] = _Metrics()
-            handle.metrics.add_collector(metrics)
-        metrics.screeners.append(self)
+        handle.metrics.shared(_Metrics).screeners.append(self)
 
     # ------------------------------------------------------------------ the pods seen
     def observe(self, endpoints: Sequence[Endpoint]) -> None:

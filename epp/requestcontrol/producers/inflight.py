@@ -27,7 +27,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-from weakref import WeakKeyDictionary
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -53,7 +52,6 @@ from epp.framework.datakeys import (
     PrefixCacheMatchInfo,
     ProducerParam,
 )
-from epp.framework.metrics import PluginMetrics
 from epp.framework.plugins import ConfiguredPlugin
 
 log = logging.getLogger(__name__)
@@ -127,7 +125,6 @@ class _Gauges(Collector):
 
 
 # One collector per metrics facility, shared by the producer instances that report to it.
-_GAUGES: WeakKeyDictionary[PluginMetrics, _Gauges] = WeakKeyDictionary()
 
 
 class InFlightLoadProducer(ConfiguredPlugin[InFlightLoadParams]):
@@ -144,11 +141,7 @@ class InFlightLoadProducer(ConfiguredPlugin[InFlightLoadParams]):
         self.tokens: dict[Endpoint, int] = {}
         self._tracked: OrderedDict[str, list[_Charge]] = OrderedDict()  # request id -> its charges
         self._started: set[str] = set()  # requests whose first response chunk came
-        gauges = _GAUGES.get(handle.metrics)
-        if gauges is None:
-            gauges = _GAUGES[handle.metrics] = _Gauges()
-            handle.metrics.add_collector(gauges)
-        self._gauges = gauges
+        self._gauges = handle.metrics.shared(_Gauges)
 
     # ------------------------------------------------------------------ costs
     def _input_tokens(self, cycle: CycleState) -> int:

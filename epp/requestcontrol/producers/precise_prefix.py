@@ -45,7 +45,6 @@ import asyncio
 import logging
 import re
 import time
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -124,7 +123,9 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         self._pool_seen: Sequence[Endpoint] | None = None
         self._pool_pods: dict[str, str] = {}  # the pool's endpoints as topics name them -> endpoint name
         kb = p.indexerConfig.kvBlockIndexConfig
-        self.index_metrics = _IndexMetrics.of(handle.metrics.registry, self) if kb.enableMetrics else None
+        self.index_metrics = handle.metrics.shared(_IndexMetrics) if kb.enableMetrics else None
+        if self.index_metrics is not None:
+            self.index_metrics.producers.append(self)
         self._beat: asyncio.Task | None = None  # metricsLoggingInterval's task
         log.info("%s: kvEventsConfig.concurrency=%d has no effect here: the reference's Go workers apply events "
                  "in parallel shards, while this picker applies each endpoint's stream in order in one event loop, "
@@ -436,22 +437,11 @@ class _IndexMetrics:
     kvcache_index_* aliases. One per registry, summed over the producers using it;
     admissions and evictions are read from the indexes' counters when scraped."""
 
-    _by_registry: weakref.WeakKeyDictionary[Any, _IndexMetrics] = weakref.WeakKeyDictionary()
-
     def __init__(self) -> None:
         self.producers: list[PrecisePrefixCacheProducer] = []
         self.lookups = 0
         self.hits = 0
         self.latency = HistogramRecorder("", "", _INDEX_LATENCY_BUCKETS)
-
-    @classmethod
-    def of(cls, registry: Any, producer: PrecisePrefixCacheProducer) -> _IndexMetrics:
-        metrics = cls._by_registry.get(registry)
-        if metrics is None:
-            metrics = cls._by_registry[registry] = cls()
-            registry.register(metrics)
-        metrics.producers.append(producer)
-        return metrics
 
     def lookup(self, found: Mapping[str, PrefixMatch], seconds: float) -> None:
         self.lookups += 1

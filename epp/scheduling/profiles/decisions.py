@@ -6,7 +6,6 @@ one decision per scheduled request whose decode stage picked an endpoint."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from weakref import WeakKeyDictionary
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
@@ -57,12 +56,7 @@ class DecisionCounters:
         return [family, legacy]
 
 
-_COUNTERS: WeakKeyDictionary[PluginMetrics, DecisionCounters] = WeakKeyDictionary()
 
 
 def decision_counters(metrics: PluginMetrics) -> DecisionCounters:
-    counters = _COUNTERS.get(metrics)
-    if counters is None:
-        counters = _COUNTERS[metrics] = DecisionCounters()
-        metrics.add_collector(counters)
-    return counters
+    return metrics.shared(DecisionCounters)

@@ -10,7 +10,6 @@ producer (MAX_MODEL_LABELS), types by the table below, classes by the model (MAX
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,7 +44,6 @@ ERROR_FAMILIES = {  # error row key -> (family, help)
     "trained": ("llm_d_epp_latency_prediction_training_samples", "Samples the latency model has learnt from."),
 }
 
-_shared: weakref.WeakKeyDictionary[PluginMetrics, _Shared] = weakref.WeakKeyDictionary()
 
 
 class _Shared(Collector):
@@ -95,10 +93,7 @@ class ProducerMetrics:
 
     def __init__(self, metrics: PluginMetrics, name: str, type_name: str,
                  error_rows: Callable[[], list[dict[str, Any]]]) -> None:
-        shared = _shared.get(metrics)
-        if shared is None:
-            shared = _shared[metrics] = _Shared()
-            metrics.add_collector(shared)
+        shared = metrics.shared(_Shared)
         shared.error_rows[name] = error_rows
         self._shared, self._metrics, self._plugin = shared, metrics, (name, type_name)
 
