@@ -279,8 +279,9 @@ async def test_llmd_group_objectives_and_rewrites_are_preferred_when_installed(k
     assert ds.rewrite_model("m") == "from-llmd"
     assert {r.group for r in disc.crd_resources.values()} == {LLMD}
     assert sum("IGNORING legacy resources" in r.getMessage() for r in caplog.records) == 2
-    assert kube.requests("watch", "inferenceobjectives") and not any(
-        g == LEGACY and r in ("inferenceobjectives", "inferencemodelrewrites") for _, g, r in kube.audit)
+    # the watch follows the initial list that synced the datastore: wait for it, not race it
+    await eventually(lambda: kube.requests("watch", "inferenceobjectives"), "the llm-d.ai objectives watched")
+    assert not any(g == LEGACY and r in ("inferenceobjectives", "inferencemodelrewrites") for _, g, r in kube.audit)
     kube.apply(objective("new", "pool", priority=-2, group=LLMD))
     await eventually(lambda: ds.objectives["new"].priority == -2, "llm-d.ai objective updated")
     kube.delete("inferenceobjectives", "new", group=LLMD)
