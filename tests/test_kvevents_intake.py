@@ -239,6 +239,8 @@ async def test_garbage_is_counted_and_a_broken_stream_is_not_precise(h):
 async def test_restart_and_duplicates(h):
     pub = h.publisher()
     s = await h.join(pub)
+    cleared: list[str] = []
+    h.index.on_server_cleared = cleared.append
     p, q = prompt(2, 8), prompt(2, 9)
     seq = await pub.send(batch(stored(p)))
     await h.until(lambda: held(h.index, p) == 2)
@@ -246,6 +248,7 @@ async def test_restart_and_duplicates(h):
     await pub.send(batch(stored(q)), seq=0)  # the publisher restarted
     await h.until(lambda: held(h.index, q) == 2)
     assert s.duplicates == 1 and s.restarts == 1 and held(h.index, p) == 0
+    assert cleared == ["a"]  # the restart told the index's owner (whose guesses go too)
 
 
 async def test_silence_after_routing_marks_the_endpoint_not_precise(h):

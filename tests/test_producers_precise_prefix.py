@@ -179,6 +179,12 @@ def test_fallback_to_the_approximate_guess():
     # no token ids at all: the whole match is the guess
     m = run(p, None, [a, b], request)[1]
     assert (m.matches, m.total_blocks) == ({a: 4, b: 4}, 4)
+    # b's server clears its cache (an AllBlocksCleared reached the index, b's stream still
+    # not trusted): the guess that b holds the prefix goes too; a's guess stays
+    p.index.apply(b.name, [AllBlocksCleared()])
+    assert not p.is_precise(b.name)
+    assert run(p, None, [a, b], request)[1].matches == {a: 4}
+    assert run(p, PROMPT, [a, b], request)[1].matches == {}
 
 
 def test_endpoint_removal_forgets_its_blocks():

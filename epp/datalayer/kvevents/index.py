@@ -160,6 +160,7 @@ class BlockIndex:
         self._slot_mask = 0  # bit 3s set for every slot s in use
         self._spec_queue: deque[tuple[float, _Endpoint, tuple[int, ...]]] = deque()
         self._spec_pending = 0
+        self.on_server_cleared: Callable[[str], None] | None = None  # told of server_cleared
 
     # --- endpoints -------------------------------------------------------------------
 
@@ -203,6 +204,14 @@ class BlockIndex:
         ep.spec.clear()
         self.stats.cleared += 1
 
+    def server_cleared(self, name: str) -> None:
+        """The server itself dropped its whole cache (AllBlocksCleared, or its publisher
+        restarted): forget its blocks and tell `on_server_cleared`, whose guesses about that
+        server are wrong now too."""
+        self.clear_endpoint(name)
+        if self.on_server_cleared is not None:
+            self.on_server_cleared(name)
+
     def remove_endpoint(self, name: str) -> None:
         ep = self._endpoints.get(name)
         if ep is None:
@@ -223,7 +232,7 @@ class BlockIndex:
             elif isinstance(ev, BlockRemoved):
                 self.removed(endpoint, ev)
             elif isinstance(ev, AllBlocksCleared):
-                self.clear_endpoint(endpoint)
+                self.server_cleared(endpoint)
 
     def stored(self, endpoint: str, ev: BlockStored, model: str = "") -> None:
         if ev.group_idx:

@@ -343,7 +343,7 @@ class KVEventIntake:
                 return
             if seq < last:
                 s.restarts += 1
-                self.index.clear_endpoint(s.endpoint)
+                self.index.server_cleared(s.endpoint)
             elif seq > last + 1:
                 s.gaps += 1
                 await self._recover(s, last + 1, seq)

@@ -18,7 +18,8 @@ Fallback to the approximate guess: the producer also keeps the approximate index
 decision, as approx-prefix-cache-producer does). Without token ids the whole match is
 the approximate one; an endpoint whose event stream is not `precise` (no batch yet,
 disconnected, broken, stale after lost batches, silent after being routed to; see
-kvevents.intake) gets its approximate match scaled to the precise block count.
+kvevents.intake) gets its approximate match scaled to the precise block count. A server's
+AllBlocksCleared (or its publisher restarting) drops its approximate guess as well.
 
 Events reach the index three ways:
 - per endpoint (kvEventsConfig.discoverPods with podDiscoveryConfig, the default): bound
@@ -114,6 +115,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         memory = p.indexerConfig.kvBlockIndexConfig.inMemoryConfig
         self.index = BlockIndex(self.keyer, max_blocks=memory.max_blocks(), max_holders_per_key=memory.podCacheSize,
                                 speculative_ttl=p.speculative_ttl(), clock=handle.clock)
+        self.index.on_server_cleared = self._drop_guess
         weights = p.indexerConfig.medium_weights()
         # a speculative entry's tier is "" in the reference: weight 1 unless a backend has that name
         self._weights = (weights.get("gpu", 1.0), weights.get("cpu", 1.0), weights.get("", 1.0))
@@ -144,6 +146,14 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         """Apply an endpoint's decoded events in process (no ZMQ); it counts as precise."""
         self._fed.add(endpoint)
         self.index.apply(endpoint, events, model)
+
+    def _drop_guess(self, endpoint: str) -> None:
+        """The server cleared its cache (AllBlocksCleared, or restarted): the approximate
+        guess of what it holds goes too, so a fallback to it (the stream stale or silent
+        later) does not score prefixes the server dropped."""
+        for ep in self.approx.endpoints():
+            if ep.name == endpoint:
+                self.approx.purge(ep)
 
     def is_precise(self, endpoint: str) -> bool:
         return endpoint in self._fed or (self.intake is not None and self.intake.is_precise(endpoint))

@@ -107,6 +107,10 @@ class PrefixIndex:
             return frozenset()
         return frozenset(v) if type(v) is _Shared else frozenset((v.endpoint,))
 
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints holding blocks."""
+        return list(self._lrus)
+
     def endpoint_size(self, endpoint: Endpoint) -> int:
         lru = self._lrus.get(endpoint)
         return lru.size if lru is not None else 0
