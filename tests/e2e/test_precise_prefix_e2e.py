@@ -235,21 +235,29 @@ def test_kind_config_global_socket_routes_by_topic(e2e_logs, picker, envoy):
                      "--kv-events-connect") for _ in range(2)]
         p = picker(endpoints=[s.hostport for s in sims], config_text=text, extra_flags=KIND_FLAGS)
         env = envoy("full-duplex", p)
-        # before any request reaches the picker, a server caches prompts of its own: the
-        # topics name endpoints of the pool, so their events are indexed (none is dropped)
-        x, y = sims
-        for k in range(100, 120):  # a new prefix each time: a batch may be lost while the connection forms
-            assert x.post("/v1/completions", body(prompt(k, blocks=2))) == 200
-            try:
-                wait_until(lambda: re.search(r'messages_received_total\{pod_identifier="[^"]+"\} [1-9]', p.metrics()),
-                           1, "a KV-event batch applied")
-                break
-            except TimeoutError:
-                continue
-        else:
-            pytest.fail("no KV-event batch reached the picker")
-        wait_until(lambda: prefix_scores(p.api_port, prompt(k, blocks=2)) == {x.hostport: 1.0, y.hostport: 0.0},
-                   20, "a prefix stored before the first request scored on its server")
+        # before any request reaches the picker, each server caches prompts of its own: the
+        # topics name endpoints of the pool, so their events are indexed (none is dropped).
+        # Both streams deliver before the first routed request: a server whose publisher is
+        # still connecting would lose its events, and its score would stay the approximate guess.
+        _, endpoints = explain(p.api_port, prompt(0, blocks=2))
+        names = {f"{e.address}:{e.port}": e.name for e in endpoints.endpoints}
+        own: dict[str, list[int]] = {}
+        for i, s in enumerate(sims):
+            for k in range(100 * (i + 1), 100 * (i + 1) + 20):  # a new prefix each time: a batch may be
+                assert s.post("/v1/completions", body(prompt(k, blocks=2))) == 200  # lost while connecting
+                applied = f'messages_received_total{{pod_identifier="{names[s.hostport]}"}} '
+                try:
+                    wait_until(lambda a=applied: re.search(re.escape(a) + "[1-9]", p.metrics()), 1,
+                               f"a KV-event batch of {s.hostport} applied")
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                pytest.fail(f"no KV-event batch of {s.hostport} reached the picker")
+            own[s.hostport] = prompt(k, blocks=2)
+        for s in sims:
+            wait_until(lambda s=s: prefix_scores(p.api_port, own[s.hostport]) == {t.hostport: float(t is s) for t in sims},
+                       20, f"a prefix {s.hostport} stored before the first request scored on it")
         ids = prompt(3, blocks=2)  # 8 blocks of the config's 16 tokens
         x, _ = route_and_see_stored(env, p, sims, ids)  # from the global socket's events
         assert x.post("/reset_prefix_cache") == 200
