@@ -496,13 +496,9 @@ def scrape_tls(options: Options) -> Any:
     (default true, as the reference)."""
     if options.model_server_metrics_scheme != "https":
         return None
-    import ssl
+    from epp.tls import client_context
 
-    context = ssl.create_default_context()
-    if options.model_server_metrics_https_insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    return client_context(insecure_skip_verify=options.model_server_metrics_https_insecure_skip_verify)
 
 
 def apply_metric_flags(specs: dict[str, Any], flags: dict[str, str]) -> dict[str, Any]:

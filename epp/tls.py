@@ -183,6 +183,32 @@ def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
             raise ValueError(f"certificate and key do not load: {e}") from None
 
 
+def client_context(ca_path: str = "", insecure_skip_verify: bool = False, cert_path: str = "",
+                   key_path: str = "") -> ssl.SSLContext:
+    """A TLS client context: the server's certificate is verified against `ca_path` (else
+    the system CAs) unless `insecure_skip_verify`; `cert_path` + `key_path` are presented
+    for mTLS. A file that cannot be used raises ValueError starting with the reference's
+    parameter name (caCertPath: or clientCertPath:)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif ca_path:
+        try:
+            ctx.load_verify_locations(cafile=ca_path)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"caCertPath: cannot load CA bundle {ca_path}: {e}") from None
+    else:
+        ctx.load_default_certs()
+    if cert_path:
+        try:
+            ctx.load_cert_chain(cert_path, key_path or None)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"clientCertPath: cannot load client certificate {cert_path} "
+                             f"with key {key_path}: {e}") from None
+    return ctx
+
+
 class CertReloader:
     """--enable-cert-reload: watches `cert_path`/tls.crt and tls.key (by stat, so the
     symlink swap of a Kubernetes Secret volume counts) and, once a changed pair loads,

@@ -17,9 +17,10 @@ DEV_TOOLING = ("devstack", "bench", "simulator")
 PLUGIN_PACKAGES = ("filters", "scorers")
 # What a plugin module may import from epp: the contracts and small utilities, never a runtime layer.
 # The KV-event library (wire decoding, block keys, block index, ZMQ intake) and the data
-# layer's payload-kind names are libraries a producer owns instances of, not a runtime layer.
+# layer's payload-kind names are libraries a producer owns instances of, not a runtime layer;
+# epp.tls gives the HTTP sources their client TLS context.
 PLUGIN_MAY_USE = ("epp.framework", "epp.units", "epp.netaddr", "epp.labelselector", "epp.errors", "epp.httpbody",
-                  "epp.datalayer.kvevents", "epp.datalayer.kinds")
+                  "epp.datalayer.kvevents", "epp.datalayer.kinds", "epp.tls")
 
 
 def module_name(path: Path, root: Path) -> str:

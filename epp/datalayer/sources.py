@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from epp.datalayer.kinds import ENDPOINT_EVENTS, K8S_NOTIFICATIONS, OPENAI_MODELS, PROMETHEUS_TEXT
 from epp.framework import PluginError, PluginHandle
+from epp.tls import client_context
 from epp.units import UnitError, parse_duration
 
 
@@ -57,24 +58,7 @@ def client_ssl_context(p: HttpSourceParams) -> ssl.SSLContext | None:
     that cannot be used raises ValueError starting with the parameter's name."""
     if p.scheme != "https":
         return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if p.insecureSkipVerify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    elif p.caCertPath:
-        try:
-            ctx.load_verify_locations(cafile=p.caCertPath)
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"caCertPath: cannot load CA bundle {p.caCertPath}: {e}") from None
-    else:
-        ctx.load_default_certs()
-    if p.clientCertPath:
-        try:
-            ctx.load_cert_chain(p.clientCertPath, p.clientKeyPath)
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"clientCertPath: cannot load client certificate {p.clientCertPath} "
-                             f"with key {p.clientKeyPath}: {e}") from None
-    return ctx
+    return client_context(p.caCertPath, p.insecureSkipVerify, p.clientCertPath, p.clientKeyPath)
 
 
 class HttpPollingSource:

@@ -119,13 +119,10 @@ class RenderSettings:
     def ssl_context(self) -> ssl.SSLContext | bool:
         if not self.url.startswith("https://"):
             return True  # aiohttp's default
-        ctx = ssl.create_default_context(cafile=self.ca_cert_path or None)
-        if self.insecure_skip_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if self.client_cert_path:
-            ctx.load_cert_chain(self.client_cert_path, self.client_key_path)
-        return ctx
+        from epp.tls import client_context
+
+        return client_context(self.ca_cert_path, self.insecure_skip_verify, self.client_cert_path,
+                              self.client_key_path)
 
 
 def render_body(body: Mapping[str, Any], model: str, prefill_only: bool) -> dict[str, Any]:
