@@ -39,7 +39,7 @@ class SLOHeadroomTierFilter(ConfiguredPlugin[SLOHeadroomTierParams]):
         positive, negative = [], []
         for e in endpoints:
             info = predictions.get(e)
-            if info is not None and info.ttft_headroom_ms >= 0 and info.tpot_headroom_ms >= 0:
+            if info is not None and info.positive_headroom:
                 positive.append(e)
             else:
                 negative.append(e)

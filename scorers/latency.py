@@ -78,7 +78,7 @@ class LatencyScorer(ConfiguredPlugin[LatencyScorerParams]):
         infos = [published.endpoints.get(e) for e in endpoints] if published is not None else []
         if not any(i is not None for i in infos):
             return self.composite(cycle, endpoints)
-        positive = [k for k, i in enumerate(infos) if i is None or (i.ttft_headroom_ms >= 0 and i.tpot_headroom_ms >= 0)]
+        positive = [k for k, i in enumerate(infos) if i is None or i.positive_headroom]
         scores = [0.0] * len(endpoints)
         if positive:
             self._score_bucket(positive, infos, scores, force_least=False)

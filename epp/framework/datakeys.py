@@ -170,6 +170,12 @@ class LatencyPredictionInfo:
     def valid(self) -> bool:
         return self.ttft_valid and self.tpot_valid
 
+    @property
+    def positive_headroom(self) -> bool:
+        """TTFT and TPOT headroom both >= 0: the positive tier of latency-scorer and
+        slo-headroom-tier-filter."""
+        return self.ttft_headroom_ms >= 0 and self.tpot_headroom_ms >= 0
+
 
 @dataclass(slots=True)
 class LatencyPredictions:
