@@ -137,6 +137,20 @@ def test_client_token_ids_serve_when_no_tokenizer_published_them():
     assert run(p, None, [a], req(body={"prompt": PROMPT}))[1].matches == {a: 4}
 
 
+def test_client_token_ids_reach_it_through_the_default_token_producer():
+    """The implicit token-producer (estimate backend) publishes the client's ids, an
+    embeddings input too, under TOKEN_IDS; the producer reads them from there."""
+    ps = plugin_set("\n- type: precise-prefix-cache-producer\n  parameters: {tokenProcessorConfig: {blockSize: 16}}\n",
+                    "precise-prefix-cache-producer")
+    tokens, prod = ps.plugins["token-producer"], ps.plugins["precise-prefix-cache-producer"]
+    a = ep(1)
+    prod.feed(a.name, [stored(PROMPT, [11, 12, 13, 14])], "m")
+    cycle, request = CycleState(), InferenceRequest("r", "m", "m", "embeddings", "x", {}, body={"input": PROMPT})
+    for p in (tokens, prod):
+        p.prepare_request_data(cycle, request, [a])
+    assert cycle.read(TOKEN_IDS) == tuple(PROMPT) and cycle.read(prod.key).matches == {a: 4}
+
+
 def test_speculative_entries_until_ttl_and_prefill_profile_too():
     clock = Clock()
     a, b, pf = ep(1), ep(2), ep(3)

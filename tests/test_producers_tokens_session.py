@@ -19,7 +19,7 @@ from epp.framework import (
     PluginHandle,
     ResponseInfo,
 )
-from epp.framework.datakeys import SESSION_ID, TOKENIZED_PROMPT
+from epp.framework.datakeys import SESSION_ID, TOKEN_IDS, TOKENIZED_PROMPT
 from tests.helpers import result
 
 
@@ -41,6 +41,20 @@ def test_estimate_is_four_bytes_per_token_rounded_up():
     assert tokens(req("é" * 4)) == 2  # 8 UTF-8 bytes
     assert tokens(req("x" * 400), {"estimate": {}}) == 100
     assert tokens(req("ignored text", body={"prompt": [1, 2, 3]})) == 3  # the client's token ids
+
+
+@pytest.mark.parametrize("body", [{"prompt": [1, 2, 3]}, {"input": [1, 2, 3]}, {"token_ids": [1, 2, 3]},
+                                  {"prompt_token_ids": [1, 2, 3]}])
+def test_the_estimate_backend_publishes_the_clients_token_ids(body):
+    """As the reference's estimate backend passes pre-tokenized prompts through: the ids
+    under TOKEN_IDS (what precise-prefix-cache-producer reads), counted as client_ids."""
+    p = build_plugin("token-producer", None, None, PluginHandle(), "t")
+    cycle = CycleState()
+    p.prepare_request_data(cycle, req("ignored text", body=body), [])
+    assert cycle.read(TOKEN_IDS) == (1, 2, 3) and cycle.read(TOKENIZED_PROMPT) == 3
+    assert p.counts["client_ids"] == 1 and p.counts["estimated"] == 0 and p.tokens_published == 3
+    p.prepare_request_data(cycle := CycleState(), req("abcdefgh", body={"prompt": [1, True]}), [])
+    assert cycle.read(TOKEN_IDS) is None and cycle.read(TOKENIZED_PROMPT) == 2 and p.counts["estimated"] == 1
 
 
 def test_deprecated_tokenizer_alias_is_the_token_producer():

@@ -180,7 +180,7 @@ def test_in_process_backend_publishes_ids_and_count_and_falls_back_to_the_estima
                                              body={"messages": [{"role": "user", "content": [{"type": "x"}]}]}))
     assert ids is None and count == 2  # estimate: ceil(8 / 4)
     assert produce(p, request({"prompt": [5, 6, 7]}, "completions")) == ((5, 6, 7), 3)  # the client's ids
-    assert p.counts["tokenized"] == 2 and p.counts["estimated"] == 1
+    assert p.counts["tokenized"] == 2 and p.counts["estimated"] == 1 and p.counts["client_ids"] == 1
 
 
 def test_model_name_alone_uses_the_hugging_face_cache_when_the_tokenizer_is_there(tmp_path, monkeypatch):

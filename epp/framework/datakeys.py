@@ -10,9 +10,9 @@ default instance name)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from epp.framework.types import Endpoint
@@ -138,9 +138,23 @@ TOKEN_PRODUCER = "token-producer"
 TOKENIZED_PROMPT: DataKey[int] = DataKey("tokenized-prompt", int).of(TOKEN_PRODUCER)  # the prompt's token count
 TOKENS_CONSUMER = ProducerParam("", TOKEN_PRODUCER, required=True)  # no parameter: always the default instance
 # the prompt's token ids as the model server's tokenizer makes them (chat template applied), published by
-# token-producer when a real tokenizer backend ran (vllm render service or in-process tokenizers); absent
-# when only the estimate ran, so consumers that need exact ids (precise prefix cache) fall back
+# token-producer when a real tokenizer backend ran (vllm render service or in-process tokenizers), and by
+# every backend when the client sent token ids (client_token_ids); absent when only the estimate ran
 TOKEN_IDS: DataKey[tuple] = DataKey("token-ids", tuple).of(TOKEN_PRODUCER)
+
+
+def client_token_ids(body: Mapping[str, Any] | None) -> Sequence[int] | None:
+    """The prompt as the client sent it when it is token ids (completions' prompt, embeddings'
+    input, generate's token_ids; prompt_token_ids too): a non-empty list of integers, exactly
+    what the server will cache. None otherwise."""
+    if not isinstance(body, Mapping):
+        return None
+    for key in ("prompt", "input", "token_ids", "prompt_token_ids"):
+        v = body.get(key)
+        if isinstance(v, list) and v and all(type(t) is int for t in v):
+            return v
+    return None
+
 
 # --------------------------------------------------------------------------- session id
 SESSION_ID_PRODUCER = "session-id-producer"

@@ -5,8 +5,8 @@ preciseprefixcache), for prefix-cache-scorer, prefix-cache-affinity-filter and
 inflight-load-producer (`prefixMatchInfoProducerName`).
 
 PrepareData turns the prompt's token ids (TOKEN_IDS, published by token-producer when a
-real tokenizer ran; else the token ids the client sent) into block keys (kvevents.keys)
-and looks them up in the block index (kvevents.index). An endpoint's match is the
+real tokenizer ran or the client sent ids; read from the body when no token-producer ran)
+into block keys (kvevents.keys) and looks them up in the block index (kvevents.index). An endpoint's match is the
 reference's longest-prefix score: the leading blocks it holds, each at the highest weight
 among the tiers holding it (indexerConfig.kvCacheBackendConfigs, default gpu 1.0, cpu
 0.8; a speculative entry has no medium, so 1.0 unless a backend is named ""), summed and
@@ -54,7 +54,13 @@ from epp.datalayer.kvevents.index import BlockIndex, PrefixMatch
 from epp.datalayer.kvevents.keys import BlockKeyer
 from epp.datalayer.kvevents.wire import KVEvent
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle, SchedulingResult
-from epp.framework.datakeys import PREFIX_MATCH_INFO, TOKEN_IDS, TOKENS_CONSUMER, PrefixCacheMatchInfo
+from epp.framework.datakeys import (
+    PREFIX_MATCH_INFO,
+    TOKEN_IDS,
+    TOKENS_CONSUMER,
+    PrefixCacheMatchInfo,
+    client_token_ids,
+)
 from epp.framework.metrics import HistogramRecorder
 from epp.framework.plugins import ConfiguredPlugin
 from epp.labelselector import LabelSelector
@@ -69,23 +75,10 @@ from epp.requestcontrol.producers.prefix_index import DEFAULT_LRU_CAPACITY, Pref
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrecisePrefixCacheProducer", "PrecisePrefixCacheScorer", "client_token_ids"]
+__all__ = ["PrecisePrefixCacheProducer", "PrecisePrefixCacheScorer"]
 
 PREFILL_PROFILE = "prefill"  # the reference's experimentalPrefillProfile: seeded speculatively too
 _RANK = re.compile(r"-rank-(\d+)$")
-
-
-def client_token_ids(request: InferenceRequest) -> Sequence[int] | None:
-    """The prompt as token ids when the client sent it so (completions, generate): exactly
-    what the server will cache."""
-    body = request.body
-    if not isinstance(body, Mapping):
-        return None
-    for key in ("prompt", "prompt_token_ids", "token_ids"):
-        ids = body.get(key)
-        if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
-            return ids
-    return None
 
 
 def _rank(endpoint: Endpoint) -> int:
@@ -261,7 +254,8 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         approx_hashes = block_hashes(request.prompt_text, request.target_model, request.cache_salt,
                                      bs * CHARS_PER_TOKEN, DEFAULT_MAX_PREFIX_BLOCKS, partial=True)
         guess = self.approx.match(approx_hashes)[0] if approx_hashes else {}
-        tokens = cycle.read(TOKEN_IDS) or client_token_ids(request)
+        # token-producer publishes the client's ids too; read from the body only when none ran
+        tokens = cycle.read(TOKEN_IDS) or client_token_ids(request.body)
         if not tokens:
             return [], approx_hashes, PrefixCacheMatchInfo(guess, len(approx_hashes), bs, max(guess.values(), default=0),
                                                            {ep: {"approximate": n} for ep, n in guess.items()})

@@ -20,8 +20,9 @@ TOKEN_IDS (for the precise prefix cache). Backends, one per instance:
   asynchronous step by the library's own threads, so the event loop is not held by it;
   PrepareData then finds every piece cached (a repeated system prompt is encoded once).
 
-Token ids the client sent (completions with a token-id prompt, generate) are used as they
-are by every backend."""
+Token ids the client sent (datakeys.client_token_ids: completions with a token-id prompt,
+embeddings, generate) are published as they are by every backend, the estimate's too (as
+the reference's backends pass them through), counted as outcome `client_ids`."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
-from epp.framework.datakeys import TOKEN_IDS, TOKENIZED_PROMPT
+from epp.framework.datakeys import TOKEN_IDS, TOKENIZED_PROMPT, client_token_ids
 from epp.framework.plugins import ConfiguredPlugin
 from epp.units import duration_value
 
@@ -62,7 +63,7 @@ _VLLM_KEYS = ("url", "http", "timeout", "mmTimeout", "prefillOnly", "messagesRen
               "clientCertPath", "clientKeyPath", "insecureSkipVerify", "endpointDiscovery")
 _UDS_KEYS = ("socketFile", "useTCP", "modelTokenizerMap", "huggingFaceToken", "tokenizersCacheDir")
 _IN_PROCESS_KEYS = ("path", "hfCacheDir")
-OUTCOMES = ("tokenized", "rendered", "render_cached", "estimated", "fallback_timeout", "fallback_error")
+OUTCOMES = ("client_ids", "tokenized", "rendered", "render_cached", "estimated", "fallback_timeout", "fallback_error")
 
 
 class _ParamError(ValueError):
@@ -160,21 +161,8 @@ class TokenProducerParams:
         return s
 
 
-def _token_ids(body: Mapping[str, Any] | None) -> Sequence[Any] | None:
-    """The client's own token ids, when the prompt is given as a list of integers."""
-    if not body:
-        return None
-    for key in ("prompt", "input", "token_ids", "prompt_token_ids"):
-        v = body.get(key)
-        if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-            return v
-    return None
-
-
 def estimate_tokens(request: InferenceRequest) -> int:
-    ids = _token_ids(request.body if isinstance(request.body, Mapping) else None)
-    if ids is not None:
-        return len(ids)
+    """The prompt's token count by the estimate (the client's token ids are published instead)."""
     n = len(request.prompt_text.encode("utf-8", "surrogatepass"))
     return -(-n // BYTES_PER_TOKEN)
 
@@ -249,8 +237,8 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
         for outcome in OUTCOMES:
             m.gauge("epp_token_producer_requests", "Requests token-producer handled, by outcome (a count).",
                     lambda o=outcome: self.counts[o], {**me, "outcome": outcome})
-        m.gauge("epp_token_producer_published_tokens", "Token ids token-producer published from a real tokenizer "
-                "(a count).", lambda: self.tokens_published, me)
+        m.gauge("epp_token_producer_published_tokens", "Token ids token-producer published, from a real tokenizer "
+                "or as the client sent them (a count).", lambda: self.tokens_published, me)
 
     # ------------------------------------------------------------------ vllm: the async step
     async def start_background(self) -> None:
@@ -265,7 +253,7 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
         """(render kind, body, model) of the request, or None when nothing is rendered for it.
         Raises TokenizerError for a Messages body the legacy conversion cannot take."""
         body = request.body
-        if request.kind not in RENDER_PATHS or not isinstance(body, Mapping) or _token_ids(body) is not None:
+        if request.kind not in RENDER_PATHS or not isinstance(body, Mapping) or client_token_ids(body) is not None:
             return None
         if request.kind == "messages" and self.messages_mode is not None and self.messages_mode.mode == "legacy":
             return "chat", {"messages": messages_to_chat(body)}, self.model  # as the reference: modelName
@@ -304,7 +292,7 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
 
     async def _warm(self, request: InferenceRequest) -> None:
         body = request.body
-        if self.local is not None and isinstance(body, Mapping) and _token_ids(body) is None:
+        if self.local is not None and isinstance(body, Mapping) and client_token_ids(body) is None:
             try:
                 await self.local.warm(request.kind, body)
             except TokenizerError:
@@ -338,9 +326,6 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
     def token_ids(self, request: InferenceRequest) -> tuple[int, ...] | None:
         """The prompt's token ids from the configured tokenizer, or None (estimate)."""
         body = request.body if isinstance(request.body, Mapping) else None
-        client = _token_ids(body)
-        if client is not None:
-            return tuple(client)
         if self.render is not None:
             return self._rendered(request)
         if self.local is not None and body is not None:
@@ -363,7 +348,12 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
 
     def prepare_request_data(self, cycle: CycleState, request: InferenceRequest,
                              endpoints: Sequence[Endpoint]) -> None:
-        ids = self.token_ids(request) if self.backend != "estimate" else None
+        ids = client_token_ids(request.body)
+        if ids is not None:
+            ids = tuple(ids)
+            self.counts["client_ids"] += 1
+        elif self.backend != "estimate":
+            ids = self.token_ids(request)
         if ids is None:
             self.counts["estimated"] += 1
             cycle.write(self.key, estimate_tokens(request))
