@@ -37,6 +37,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from epp.datalayer.datastore import Datastore
+from epp.framework.metrics import OVERFLOW_LABEL, BoundedLabels
 
 # Buckets, as the reference's (pkg/epp/metrics/metrics.go and llm_d_router_metrics.go).
 LATENCY = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45,
@@ -85,7 +86,7 @@ METRICS_EXTRACTOR_TYPE = "core-metrics-extractor"
 # llm_d_epp_* families together): 32 -> ~1.4 MB of /metrics at most. Pools serve few names
 # beyond the ones they know (those always keep their label), so 32 leaves room for those.
 DEFAULT_MAX_MODEL_LABELS = 32
-OVERFLOW_MODEL_LABEL = "other"
+OVERFLOW_MODEL_LABEL = OVERFLOW_LABEL
 MAX_MODEL_LABEL_CHARS = 256  # a longer model name is counted under OVERFLOW_MODEL_LABEL, never printed
 KNOWN_MODELS_REFRESH = 1.0  # seconds between re-reads of the models the pool knows
 
@@ -118,8 +119,8 @@ class ModelLabels:
         self.limit = limit
         self.known = known  # the pool's models; read at most every KNOWN_MODELS_REFRESH seconds
         self._clock = clock
-        self._labelled: set[str] = set()  # first-come names, at most `limit`
-        self._pinned: set[str] = set()  # known names, at most `limit`
+        self._labelled = BoundedLabels(limit, OVERFLOW_MODEL_LABEL)  # first-come names
+        self._pinned = BoundedLabels(limit, OVERFLOW_MODEL_LABEL)  # known names
         self._known: frozenset[str] = frozenset()
         self._known_at = -KNOWN_MODELS_REFRESH
 
@@ -128,13 +129,9 @@ class ModelLabels:
             return model
         if len(model) > MAX_MODEL_LABEL_CHARS:
             return OVERFLOW_MODEL_LABEL
-        if model in self._known_models() and len(self._pinned) < self.limit:
-            self._pinned.add(model)
+        if model in self._known_models() and self._pinned.admit(model):
             return model
-        if len(self._labelled) < self.limit:
-            self._labelled.add(model)
-            return model
-        return OVERFLOW_MODEL_LABEL
+        return self._labelled(model)
 
     def _known_models(self) -> frozenset[str]:
         now = self._clock()

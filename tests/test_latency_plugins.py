@@ -423,3 +423,25 @@ def test_producer_metric_families_are_the_references():
            '100.0' in text
     assert 'llm_d_epp_inference_request_metric{model_name="m",plugin_name="b",plugin_type=' \
            '"predicted-latency-producer",target_model_name="m",type="tpot"} 0.01' in text  # 100 ms / 10 tokens
+
+
+def test_producer_model_labels_are_capped():
+    """Past MAX_MODEL_LABELS distinct model names, a request's model is counted under "other"."""
+    from epp.requestcontrol.producers.latency.producer import MAX_MODEL_LABELS
+    clock, metrics = Clock(), PluginMetrics()
+    p = build_plugin("predicted-latency-producer", "a", {}, PluginHandle(clock=clock, metrics=metrics), "t")
+    p.background_training = False
+    e = ep(1)
+    for i in range(MAX_MODEL_LABELS + 5):
+        model = f"model-{i}"
+        r = InferenceRequest(f"r{i}", model, model, "completions", "x" * 400, {})
+        r.slo_ttft_ms = 5.0
+        c = CycleState()
+        p.prepare_request_data(c, r, [e])
+        p.pre_request(c, r, result(e))
+        clock.now += 0.1
+        p.response_complete(r, ResponseInfo(status=200, completion_tokens=11), e)
+    text = generate_latest(metrics.registry).decode()
+    named = {line.split('model_name="')[1].split('"')[0]
+             for line in text.splitlines() if line.startswith("llm_d_epp_request_slo_violation_total{")}
+    assert named == {f"model-{i}" for i in range(MAX_MODEL_LABELS)} | {"other"}

@@ -22,6 +22,38 @@ from prometheus_client.utils import floatToGoString
 C = TypeVar("C", bound=Collector)
 
 _INF = float("inf")
+OVERFLOW_LABEL = "other"  # the label value of every name past a BoundedLabels' cap
+
+
+class BoundedLabels:
+    """A metric label whose values are capped: the first `limit` distinct values keep their
+    own label (for good, so a gauge's inc and dec meet the same child), later ones get
+    `overflow`, so made-up names (a request's model) cannot grow /metrics."""
+
+    __slots__ = ("limit", "overflow", "_values")
+
+    def __init__(self, limit: int, overflow: str = OVERFLOW_LABEL) -> None:
+        self.limit = limit
+        self.overflow = overflow
+        self._values: set[str] = set()
+
+    def admit(self, value: str) -> bool:
+        """Whether `value` has (or now gets) its own label."""
+        if value in self._values:
+            return True
+        if len(self._values) < self.limit:
+            self._values.add(value)
+            return True
+        return False
+
+    def __call__(self, value: str) -> str:
+        return value if self.admit(value) else self.overflow
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 class HistogramRecorder(Collector):

@@ -10,13 +10,13 @@ from collections.abc import Iterable
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from epp.framework import PluginMetrics
+from epp.framework.metrics import BoundedLabels
 
 DECODE_ONLY, PREFILL_DECODE = "decode-only", "prefill-decode"
 ENCODE_DECODE, ENCODE_PREFILL_DECODE = "encode-decode", "encode-prefill-decode"
 FAMILY = "llm_d_epp_disagg_decision"
 LEGACY_FAMILY = "llm_d_inference_scheduler_disagg_decision"
 MAX_MODELS = 256  # distinct model_name values counted; later models count under "other"
-_OTHER = "other"
 
 
 def decision_type(encoded: bool, prefilled: bool) -> str:
@@ -30,15 +30,10 @@ class DecisionCounters:
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str, str, str], int] = {}  # (name, type, model, decision) -> n
-        self._models: set[str] = set()
+        self._models = BoundedLabels(MAX_MODELS)
 
     def record(self, plugin_name: str, plugin_type: str, model: str, decision: str) -> None:
-        model = model or "unknown"
-        if model not in self._models:
-            if len(self._models) >= MAX_MODELS:
-                model = _OTHER
-            else:
-                self._models.add(model)
+        model = self._models(model or "unknown")
         key = (plugin_name, plugin_type, model, decision)
         self.counts[key] = self.counts.get(key, 0) + 1
 

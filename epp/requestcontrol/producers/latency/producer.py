@@ -65,6 +65,7 @@ from epp.framework.datakeys import (
     LatencyPredictions,
     ProducerParam,
 )
+from epp.framework.metrics import BoundedLabels
 from epp.framework.plugins import ConfiguredPlugin
 from epp.framework.types import ResponseInfo
 from epp.units import duration_value
@@ -207,16 +208,7 @@ class PredictedLatencyProducer(ConfiguredPlugin[PredictedLatencyParams]):
         self._rows: tuple[float, list[dict[str, object]]] = (-ROWS_TTL_S, [])
         self.running = _Running()
         self.metrics = ProducerMetrics(handle.metrics, self.name, TYPE, self.error_rows)
-        self._models: set[str] = set()
-
-    # ------------------------------------------------------------------ metrics
-    def _model_label(self, model: str) -> str:
-        if model in self._models:
-            return model
-        if len(self._models) < MAX_MODEL_LABELS:
-            self._models.add(model)
-            return model
-        return "other"
+        self._model_label = BoundedLabels(MAX_MODEL_LABELS)  # model names as metric label values
 
     # ------------------------------------------------------------------ PrepareData (hot path)
     def prepare_request_data(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
