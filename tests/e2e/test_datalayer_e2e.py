@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import pytest
 
 from devstack.launch import wait_until
-from proto import epp_api_pb2 as pb
-from proto import epp_api_pb2_grpc as pb_grpc
+from tests.e2e.api import explain, scorer_scores
 from tests.e2e.conftest import Picker, post
 from tests.e2e.test_scenarios import POLL, delta, fresh, wait_for_view
 
@@ -47,15 +45,8 @@ ADAPTER = "sql-new"
 
 def lora_scores(p: Picker, model: str) -> dict[str, float]:
     """The lora-affinity-scorer's raw score per endpoint for a request to `model` (Explain)."""
-    body = json.dumps({"model": model, "prompt": "hi", "max_tokens": 2}).encode()
-    with grpc.insecure_channel(f"127.0.0.1:{p.api_port}") as ch:
-        resp = pb_grpc.EndpointPickerStub(ch).Explain(
-            pb.ExplainRequest(body=body, headers={":path": "/v1/completions"}), timeout=5)
-    for profile in resp.profiles:
-        for scorer in profile.scorers:
-            if scorer.type == "lora-affinity-scorer":
-                return {s.endpoint: s.score for s in scorer.scores}
-    return {}
+    resp, _ = explain(p.api_port, {"model": model, "prompt": "hi", "max_tokens": 2})
+    return scorer_scores(resp, "lora-affinity-scorer")
 
 
 def test_adapter_listed_only_by_v1_models_attracts_its_requests(sim_servers, picker, envoy):

@@ -11,17 +11,14 @@ there. This is what lets precise routing keep its hit rate when replicas split t
 
 from __future__ import annotations
 
-import json
 import re
 
-import grpc
 import pytest
 
 from bench.precise_stack import strategy_stack
 from devstack.launch import wait_until
 from devstack.localstack import metric_sum
-from proto import epp_api_pb2 as pb
-from proto import epp_api_pb2_grpc as pb_grpc
+from tests.e2e.api import prefix_scores
 from tests.e2e.conftest import post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -32,19 +29,6 @@ SYSTEM = " ".join(f"rule {i}: answer in the voice of a careful clerk number {i *
 def chat(user: str) -> dict:
     return {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_tokens": 4,
             "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]}
-
-
-def prefix_scores(api_port: int, body: dict) -> dict[str, float]:
-    """hostport -> prefix-cache-scorer's raw score for `body` (this replica's Explain dry run)."""
-    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
-        stub = pb_grpc.EndpointPickerStub(ch)
-        resp = stub.Explain(pb.ExplainRequest(body=json.dumps(body).encode(),
-                                              headers={":path": "/v1/chat/completions"}), timeout=10)
-        endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10)
-    assert not resp.error_code, resp.error_message
-    names = {e.name: f"{e.address}:{e.port}" for e in endpoints.endpoints}
-    scorer = next(s for s in resp.profiles[0].scorers if s.type == "prefix-cache-scorer")
-    return {names.get(s.endpoint, s.endpoint): s.score for s in scorer.scores}
 
 
 def handled(picker) -> float:
@@ -92,7 +76,7 @@ def test_two_replicas_split_requests_and_both_route_a_prefix_to_its_holder(e2e_l
         # the holder's events reach both replicas; the other never routed this prefix
         probe = chat("a question nobody asked yet")
         for p in (first, other):
-            wait_until(lambda p=p: (s := prefix_scores(p.api_port, probe))[holder] > 0.5
+            wait_until(lambda p=p: (s := prefix_scores(p.api_port, probe, path="/v1/chat/completions"))[holder] > 0.5
                        and sorted(s.values())[:2] == [0.0, 0.0], 20, f"replica {p.grpc_port} sees the stored prefix")
         assert metric_sum(other.metrics(), "inference_objective_request_total") == 0
 

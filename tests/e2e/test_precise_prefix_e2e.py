@@ -27,14 +27,12 @@ import socket
 import urllib.request
 from pathlib import Path
 
-import grpc
 import pytest
 
 from devstack.launch import Process, free_port, http_ok, wait_until
 from devstack.localstack import EPP
 from epp.apicli import format_endpoints, format_explain
-from proto import epp_api_pb2 as pb
-from proto import epp_api_pb2_grpc as pb_grpc
+from tests.e2e import api
 from tests.e2e.conftest import post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -107,22 +105,9 @@ def body(ids: list[int]) -> dict:
     return {"model": "m1", "prompt": ids, "max_tokens": 1}
 
 
-def explain(api_port: int, ids: list[int]) -> tuple[pb.ExplainResponse, pb.ListEndpointsResponse]:
-    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
-        stub = pb_grpc.EndpointPickerStub(ch)
-        resp = stub.Explain(pb.ExplainRequest(body=json.dumps(body(ids)).encode(),
-                                              headers={":path": "/v1/completions"}), timeout=10)
-        endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10)
-    assert not resp.error_code, resp.error_message
-    return resp, endpoints
-
-
 def prefix_scores(api_port: int, ids: list[int]) -> dict[str, float]:
     """hostport -> the prefix-cache-scorer's raw score for this prompt (Explain dry run)."""
-    resp, endpoints = explain(api_port, ids)
-    names = {e.name: f"{e.address}:{e.port}" for e in endpoints.endpoints}
-    scorer = next(s for s in resp.profiles[0].scorers if s.type == "prefix-cache-scorer")
-    return {names.get(s.endpoint, s.endpoint): s.score for s in scorer.scores}
+    return api.prefix_scores(api_port, body(ids))
 
 
 def send(env, ids: list[int]) -> None:
@@ -154,7 +139,7 @@ def test_reset_and_eviction_reach_the_picker_by_events(stack):
     ids = prompt(1)
     x, y = route_and_see_stored(env, p, sims, ids)
     # Explain shows the matched blocks by medium; `epp endpoints` each stream's status and lag
-    resp, endpoints = explain(p.api_port, ids)
+    resp, endpoints = api.explain(p.api_port, body(ids))
     name = {f"{e.address}:{e.port}": e.name for e in endpoints.endpoints}
     assert [(m.producer, m.endpoint, m.matched_blocks, m.total_blocks, m.block_size_tokens, dict(m.blocks_by_medium))
             for m in resp.prefix_matches] == [("precise-prefix-cache-producer", name[x.hostport], 6, 6, BLOCK,
@@ -239,7 +224,7 @@ def test_kind_config_global_socket_routes_by_topic(e2e_logs, picker, envoy):
         # topics name endpoints of the pool, so their events are indexed (none is dropped).
         # Both streams deliver before the first routed request: a server whose publisher is
         # still connecting would lose its events, and its score would stay the approximate guess.
-        _, endpoints = explain(p.api_port, prompt(0, blocks=2))
+        _, endpoints = api.explain(p.api_port, body(prompt(0, blocks=2)))
         names = {f"{e.address}:{e.port}": e.name for e in endpoints.endpoints}
         own: dict[str, list[int]] = {}
         for i, s in enumerate(sims):
