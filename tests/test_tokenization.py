@@ -128,6 +128,24 @@ async def test_warm_encodes_long_new_pieces_off_the_loop_so_prepare_data_finds_t
     await p.prefetch_request_data(request({"messages": "not a list"}))  # never raises
 
 
+@pytest.mark.parametrize("system", [SYSTEM, "A long system prompt about routing and caches. " * 60])
+async def test_in_process_backend_renders_the_chat_template_once_per_request(system):
+    p = build_plugin("token-producer", "tp", {"inProcess": {"path": str(FIXTURE)}}, PluginHandle(), "x")
+    renders = []
+    render_chat = p.local.render_chat
+    p.local.render_chat = lambda *a, **k: renders.append(1) or render_chat(*a, **k)
+    req = request(chat("q", system=system))
+    await p.prefetch_request_data(req)
+    ids, count = produce(p, req)
+    assert len(renders) == 1 and ids == tuple(LocalTokenizer.load(FIXTURE).tokenize_body("chat", req.body))
+    bad = request({"messages": [{"role": "user", "content": [{"type": "x"}]}]}, rid="bad")
+    await p.prefetch_request_data(bad)
+    assert produce(p, bad)[0] is None and len(renders) == 2 and p.counts["estimated"] == 1
+    assert not p._prefetched  # taken by PrepareData
+    produce(p, request(chat("explain me"), rid="not prefetched"))
+    assert len(renders) == 3 and p.counts["tokenized"] == 2
+
+
 def test_piece_cache_is_bounded_by_tokens():
     cache = PieceCache(max_tokens=10)
     for i in range(20):

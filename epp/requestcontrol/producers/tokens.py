@@ -16,9 +16,11 @@ TOKEN_IDS (for the precise prefix cache). Backends, one per instance:
 - `inProcess` (this project's; also `modelName` alone when its tokenizer is in the Hugging
   Face cache, and the reference's `udsTokenizerConfig`, whose tokenizer sidecar we replace
   by the same files loaded here): the `tokenizers` library in process (tokens_local.py),
-  no I/O at request time. A long prompt piece not seen before is encoded in the director's
-  asynchronous step by the library's own threads, so the event loop is not held by it;
-  PrepareData then finds every piece cached (a repeated system prompt is encoded once).
+  no I/O at request time. The director's asynchronous step renders the prompt (chat
+  template) and encodes a long piece not seen before by the library's own threads, so the
+  event loop is not held by it; PrepareData then encodes that rendered prompt, every long
+  piece found cached (a repeated system prompt is encoded once), the template not rendered
+  again.
 
 Token ids the client sent (datakeys.client_token_ids: completions with a token-id prompt,
 embeddings, generate) are published as they are by every backend, the estimate's too (as
@@ -56,13 +58,14 @@ from .tokens_render import (
 log = logging.getLogger(__name__)
 
 BYTES_PER_TOKEN = 4
-PREFETCHED_MAX = 4096  # rendered ids waiting for their request's PrepareData (bounded)
+PREFETCHED_MAX = 4096  # rendered ids or prompts waiting for their request's PrepareData (bounded)
 FAILURE_LOG_INTERVAL = 30.0  # seconds between repeated render-failure warnings
 _ISSUE12 = "not built yet"
 _VLLM_KEYS = ("url", "http", "timeout", "mmTimeout", "prefillOnly", "messagesRenderMode", "caCertPath",
               "clientCertPath", "clientKeyPath", "insecureSkipVerify", "endpointDiscovery")
 _UDS_KEYS = ("socketFile", "useTCP", "modelTokenizerMap", "huggingFaceToken", "tokenizersCacheDir")
 _IN_PROCESS_KEYS = ("path", "hfCacheDir")
+_NOT_PREFETCHED = object()
 OUTCOMES = ("client_ids", "tokenized", "rendered", "render_cached", "estimated", "fallback_timeout", "fallback_error")
 
 
@@ -230,7 +233,9 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
             self.prefetch_request_data = self._warm  # long uncached pieces are encoded off the event loop
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.tokens_published = 0
-        self._prefetched: OrderedDict[str, tuple[int, ...] | str] = OrderedDict()
+        # request id -> what the asynchronous step made of it: rendered ids or a fallback outcome
+        # (vllm), the rendered prompt or None when it cannot be rendered (inProcess)
+        self._prefetched: OrderedDict[str, Any] = OrderedDict()
         self._last_warning = float("-inf")
         m = handle.metrics
         me = {"plugin_name": name, "plugin_type": self.type_name}
@@ -286,17 +291,22 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
         except (RenderError, TokenizerError) as e:
             outcome = "fallback_error"
             self._warn(str(e))
-        self._prefetched[request.request_id] = outcome
+        self._keep(request, outcome)
+
+    def _keep(self, request: InferenceRequest, prefetched: Any) -> None:
+        self._prefetched[request.request_id] = prefetched
         while len(self._prefetched) > PREFETCHED_MAX:
             self._prefetched.popitem(last=False)
 
     async def _warm(self, request: InferenceRequest) -> None:
+        """Render the request's prompt once, its long new pieces encoded off the event loop."""
         body = request.body
         if self.local is not None and isinstance(body, Mapping) and client_token_ids(body) is None:
             try:
-                await self.local.warm(request.kind, body)
+                prompt = await self.local.warm(request.kind, body)
             except TokenizerError:
-                pass  # PrepareData falls back to the estimate for it
+                prompt = None  # PrepareData falls back to the estimate for it
+            self._keep(request, prompt)
 
     def _warn(self, message: str) -> None:
         now = self.clock()
@@ -329,13 +339,15 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
         if self.render is not None:
             return self._rendered(request)
         if self.local is not None and body is not None:
-            try:
-                ids = self.local.tokenize_body(request.kind, body)
-            except TokenizerError:
-                return None
-            if ids is not None:
+            prompt = self._prefetched.pop(request.request_id, _NOT_PREFETCHED)
+            if prompt is _NOT_PREFETCHED:  # (explain) rendered here
+                try:
+                    prompt = self.local.prompt(request.kind, body)
+                except TokenizerError:
+                    return None
+            if prompt is not None:
                 self.counts["tokenized"] += 1
-                return tuple(ids)
+                return tuple(self.local.encode(*prompt))
         return None
 
     async def stop_background(self) -> None:

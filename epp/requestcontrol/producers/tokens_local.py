@@ -331,19 +331,20 @@ class LocalTokenizer:
         prompt = self.prompt(kind, body)
         return self.encode(*prompt) if prompt is not None else None
 
-    async def warm(self, kind: str, body: Mapping[str, Any]) -> None:
-        """Encode the long pieces of the body's prompt that are not cached yet off the event
-        loop (the library's async_encode runs in its own threads), so the synchronous
-        tokenize_body that follows finds them cached. Raises TokenizerError."""
-        prompt = self.prompt(kind, body) if self.piecewise else None
-        if prompt is None:
-            return
+    async def warm(self, kind: str, body: Mapping[str, Any]) -> tuple[str, bool] | None:
+        """The body's prompt (see prompt), its long pieces not cached yet encoded off the
+        event loop (the library's async_encode runs in its own threads), so that `encode`
+        of the returned prompt finds them cached. Raises TokenizerError."""
+        prompt = self.prompt(kind, body)
+        if prompt is None or not self.piecewise:
+            return prompt
         for piece in self._split(prompt[0]):  # type: ignore[misc]
             if len(piece) >= OFFLOAD_MIN_CHARS and piece not in self.cache and piece not in self._added:
                 encode = getattr(self.tokenizer, "async_encode", None)
                 enc = await (encode(piece, add_special_tokens=False) if encode is not None else
                              asyncio.to_thread(self.tokenizer.encode, piece, add_special_tokens=False))
                 self.cache.put(piece, enc.ids)
+        return prompt
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
