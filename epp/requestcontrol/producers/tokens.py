@@ -33,25 +33,21 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, PluginHandle
 from epp.framework.datakeys import TOKEN_IDS, TOKENIZED_PROMPT, client_token_ids
 from epp.framework.plugins import ConfiguredPlugin
-from epp.units import duration_value
 
 from .tokens_local import LocalTokenizer, TokenizerError, find_tokenizer_dir
 from .tokens_messages import messages_to_chat
+from .tokens_params import TokenProducerParams
 from .tokens_render import (
-    DEFAULT_URL,
     LEGACY_WARNING,
-    MESSAGES_MODES,
     RENDER_PATHS,
     MessagesMode,
     RenderClient,
     RenderError,
-    RenderSettings,
     render_key,
 )
 
@@ -60,108 +56,8 @@ log = logging.getLogger(__name__)
 BYTES_PER_TOKEN = 4
 PREFETCHED_MAX = 4096  # rendered ids or prompts waiting for their request's PrepareData (bounded)
 FAILURE_LOG_INTERVAL = 30.0  # seconds between repeated render-failure warnings
-_ISSUE12 = "not built yet"
-_VLLM_KEYS = ("url", "http", "timeout", "mmTimeout", "prefillOnly", "messagesRenderMode", "caCertPath",
-              "clientCertPath", "clientKeyPath", "insecureSkipVerify", "endpointDiscovery")
-_UDS_KEYS = ("socketFile", "useTCP", "modelTokenizerMap", "huggingFaceToken", "tokenizersCacheDir")
-_IN_PROCESS_KEYS = ("path", "hfCacheDir")
 _NOT_PREFETCHED = object()
 OUTCOMES = ("client_ids", "tokenized", "rendered", "render_cached", "estimated", "fallback_timeout", "fallback_error")
-
-
-class _ParamError(ValueError):
-    pass
-
-
-def _check_keys(section: str, value: Any, known: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise _ParamError(f"{section}: must be a mapping")
-    for key in value:
-        if key not in known:
-            raise _ParamError(f"{section}.{key}: unknown parameter (known: {', '.join(known)})")
-    return dict(value)
-
-
-def _str(value: Any, where: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _ParamError(f"{where}: must be a string")
-    return value
-
-
-@dataclass(slots=True)
-class TokenProducerParams:
-    modelName: str = ""
-    vllm: dict[str, Any] | None = None
-    estimate: dict[str, Any] | None = None
-    udsTokenizerConfig: dict[str, Any] | None = None  # deprecated in the reference
-    inProcess: dict[str, Any] | None = None  # this project's: {path, hfCacheDir}
-
-    def backend(self) -> str:
-        """estimate | vllm | uds | inProcess | auto (modelName alone: inProcess when found locally, else vllm)."""
-        uds_on = bool(self.udsTokenizerConfig and self.udsTokenizerConfig.get("socketFile"))
-        set_ = [k for k, on in (("estimate", self.estimate is not None), ("vllm", self.vllm is not None),
-                                ("udsTokenizerConfig", uds_on), ("inProcess", self.inProcess is not None)) if on]
-        if len(set_) > 1:
-            raise _ParamError(f"{set_[1]}: only one of 'estimate', 'vllm', 'udsTokenizerConfig' or 'inProcess' "
-                              "may be set")
-        if set_:
-            return {"udsTokenizerConfig": "uds"}.get(set_[0], set_[0])
-        return "auto" if self.modelName else "estimate"
-
-    def validate(self) -> None:
-        _str(self.modelName, "modelName")
-        backend = self.backend()
-        for key in (self.estimate or {}):
-            if key in ("image", "video", "audio"):
-                raise _ParamError(f"estimate.{key}: multimodal token estimation is {_ISSUE12}")
-            raise _ParamError(f"estimate.{key}: unknown parameter (known: image, video, audio)")
-        if self.vllm is not None:
-            self.render_settings()
-        if self.udsTokenizerConfig is not None:
-            uds = _check_keys("udsTokenizerConfig", self.udsTokenizerConfig, _UDS_KEYS)
-            m = uds.get("modelTokenizerMap")
-            if m is not None and not (isinstance(m, Mapping) and all(isinstance(v, str) for v in m.values())):
-                raise _ParamError("udsTokenizerConfig.modelTokenizerMap: must map model names to paths")
-        if self.inProcess is not None:
-            for key, value in _check_keys("inProcess", self.inProcess, _IN_PROCESS_KEYS).items():
-                _str(value, f"inProcess.{key}")
-        if backend in ("vllm", "uds") and not self.modelName:
-            raise _ParamError(f"modelName: must be specified for the {backend} backend")
-        if backend == "inProcess" and not (self.inProcess or {}).get("path") and not self.modelName:
-            raise _ParamError("inProcess.path: a tokenizer directory (or modelName, looked up in the Hugging Face "
-                              "cache) is required")
-
-    def render_settings(self) -> RenderSettings:
-        v = _check_keys("vllm", self.vllm or {}, _VLLM_KEYS)
-        if v.get("endpointDiscovery") is not None:
-            raise _ParamError(f"vllm.endpointDiscovery: rendering on the discovered endpoints is {_ISSUE12}; set "
-                              "vllm.url")
-        mode = v.get("messagesRenderMode") or "auto"
-        if mode not in MESSAGES_MODES:
-            raise _ParamError(f"vllm.messagesRenderMode: must be auto, native or legacy, got {mode!r}")
-        url = _str(v.get("url") or v.get("http"), "vllm.url") or DEFAULT_URL
-        if not url.startswith(("http://", "https://")):
-            raise _ParamError(f"vllm.url: must be an http:// or https:// URL, got {url!r}")
-        s = RenderSettings(url=url, messages_mode=mode)
-        for key, attr in (("timeout", "timeout"), ("mmTimeout", "mm_timeout")):
-            if v.get(key) is not None:
-                seconds = duration_value(v[key], f"vllm.{key}", _ParamError)
-                if seconds <= 0:
-                    raise _ParamError(f"vllm.{key}: must be positive")
-                setattr(s, attr, seconds)
-        for key, attr in (("caCertPath", "ca_cert_path"), ("clientCertPath", "client_cert_path"),
-                          ("clientKeyPath", "client_key_path")):
-            setattr(s, attr, _str(v.get(key), f"vllm.{key}"))
-        if bool(s.client_cert_path) != bool(s.client_key_path):
-            raise _ParamError("vllm.clientCertPath: clientCertPath and clientKeyPath must be set together")
-        for key, attr in (("prefillOnly", "prefill_only"), ("insecureSkipVerify", "insecure_skip_verify")):
-            if v.get(key) is not None:
-                if not isinstance(v[key], bool):
-                    raise _ParamError(f"vllm.{key}: must be true or false")
-                setattr(s, attr, v[key])
-        return s
 
 
 def estimate_tokens(request: InferenceRequest) -> int:
@@ -173,12 +69,12 @@ def estimate_tokens(request: InferenceRequest) -> int:
 def load_local_tokenizer(p: TokenProducerParams, backend: str) -> LocalTokenizer | None:
     """The in-process tokenizer the parameters name (None when `auto` finds none). Raises ValueError."""
     where, path, hub = "inProcess.path", "", ""
-    if backend == "inProcess":
-        path, hub = (p.inProcess or {}).get("path", ""), (p.inProcess or {}).get("hfCacheDir", "")
-    elif backend == "uds":
-        uds = p.udsTokenizerConfig or {}
-        path = (uds.get("modelTokenizerMap") or {}).get(p.modelName, "")
-        hub, where = uds.get("tokenizersCacheDir", ""), "udsTokenizerConfig.modelTokenizerMap"
+    if backend == "inProcess" and p.inProcess is not None:
+        path, hub = p.inProcess.path, p.inProcess.hfCacheDir
+    elif backend == "uds" and p.udsTokenizerConfig is not None:
+        uds = p.udsTokenizerConfig
+        path = (uds.modelTokenizerMap or {}).get(p.modelName, "")
+        hub, where = uds.tokenizersCacheDir, "udsTokenizerConfig.modelTokenizerMap"
     directory = find_tokenizer_dir(path, p.modelName, hub)
     if directory is None:
         if backend == "auto":
@@ -218,7 +114,7 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
             if backend == "uds":
                 log.info("%s: udsTokenizerConfig is deprecated in the reference; its tokenizer files are loaded in "
                          "process from %s (the socket %s is not used)", name, self.local.source,
-                         (p.udsTokenizerConfig or {}).get("socketFile"))
+                         p.udsTokenizerConfig.socketFile if p.udsTokenizerConfig else "")
         if backend == "vllm" or (backend == "auto" and self.local is None):
             self.render = RenderClient(p.render_settings())
             self.messages_mode = MessagesMode(self.render.settings.messages_mode, self.render, p.modelName)
