@@ -517,3 +517,66 @@ async def test_global_socket_routes_each_topic_to_its_endpoint_with_its_own_sequ
         for _, sock in pubs:
             sock.close(linger=0)
         await harness.close()
+
+
+async def test_global_socket_and_own_subscription_run_side_by_side(h):
+    """Both configured (a zmqEndpoint with discoverPods, the reference's default): the
+    reference runs its global socket's subscriber beside the per-pod ones, both feeding
+    the one index. Subscribing an endpoint the global socket already delivers for keeps
+    that stream and the blocks it brought; either source's events count for the endpoint,
+    each stream with its own sequence; unsubscribe ends only the endpoint's own
+    subscription, forget (the endpoint gone) both and its blocks."""
+    h.intake.resolve = {"10.0.0.1:8000": "a"}.get
+    port = free_port()
+    h.intake.bind(f"tcp://127.0.0.1:{port}")
+    into_global = h.ctx.socket(zmq.PUB)
+    into_global.setsockopt(zmq.LINGER, 0)
+    into_global.connect(f"tcp://127.0.0.1:{port}")
+    seq = iter(range(10_000))
+    p, q = prompt(3, 21), prompt(2, 22)
+    try:
+        while held(h.index, p) < 3:  # resent until the publisher has joined
+            await into_global.send_multipart([b"kv@10.0.0.1:8000@m", next(seq).to_bytes(8, "big"),
+                                              batch(stored(p))])
+            await h._briefly(lambda: held(h.index, p) == 3)
+        routed = h.intake.routed["a"]
+        own_pub = h.publisher(topic=b"kv@pod-a@m")
+        own = h.intake.subscribe("a", own_pub.address)
+        assert h.intake.routed["a"] is routed and held(h.index, p) == 3  # neither replaced nor cleared
+        assert h.intake.stream("a") is routed and h.intake.status("a") == "precise"  # its own: still waiting
+        await into_global.send_multipart([b"kv@10.0.0.1:8000@m", next(seq).to_bytes(8, "big"),
+                                          batch(removed(p, slice(2, 3)))])
+        await h.until(lambda: held(h.index, p) == 2)
+        while held(h.index, q) < 2:  # the endpoint's own publisher, its own sequence from 0
+            await own_pub.send(batch(stored(q)))
+            await h._briefly(lambda: held(h.index, q) == 2)
+        assert own.batches > 0 and (own.gaps, routed.gaps, own.restarts, routed.restarts) == (0, 0, 0, 0)
+        h.intake.unsubscribe("a")  # e.g. relabelled out of podLabelSelector
+        assert "a" not in h.intake.subscribed and h.intake.status("a") == "precise"
+        assert (held(h.index, p), held(h.index, q)) == (2, 2)  # kept: the global socket still delivers
+        h.intake.forget("a")
+        assert h.intake.status("a") == "unsubscribed" and held(h.index, p) == held(h.index, q) == 0
+    finally:
+        into_global.close(linger=0)
+
+
+def test_an_endpoint_with_two_streams_is_judged_by_the_precise_one_else_the_latest():
+    """stream()/status(): of the endpoint's own subscription and the global socket's stream
+    for it, the precise one; neither precise: the one that delivered last (its own on a
+    tie); note_routed starts silence detection on both."""
+    ctx = zmq.asyncio.Context()
+    intake = KVEventIntake(BlockIndex(BlockKeyer(block_size=BS)), context=ctx, clock=lambda: 50.0,
+                           silence_timeout=3.0)
+    own = EndpointStream("a", "tcp://10.0.0.1:5557", batches=1, connected=True, last_batch_at=20.0)
+    routed = EndpointStream("a", "tcp://0.0.0.0:5557", batches=1, connected=True, last_batch_at=10.0)
+    intake.subscribed["a"], intake.routed["a"] = own, routed
+    assert intake.stream("a") is own and intake.status("a") == "precise"  # both precise: the latest
+    own.stale_until = 60.0
+    assert intake.stream("a") is routed and intake.status("a") == "precise"
+    routed.connected = False
+    assert intake.stream("a") is own and intake.status("a") == "stale"  # neither: the latest
+    routed.last_batch_at = 30.0
+    assert intake.status("a") == "disconnected" and intake.streams == {"a": routed}
+    intake.note_routed("a")
+    assert own.routed_at == routed.routed_at == 50.0
+    ctx.term()

@@ -469,3 +469,48 @@ async def test_queue_depth_is_the_messages_waiting_on_every_stream():
         assert reg.get_sample_value("llm_d_epp_kv_cache_events_pool_queue_depth") == 5
     finally:
         await p.stop_background()
+
+
+async def test_global_socket_and_per_endpoint_subscriptions_run_together():
+    """zmqEndpoint plus discoverPods (its default) with endpoints from endpoint-notification-
+    source: as the reference (producer.go New starts the global "local-subscriber" whatever
+    discoverPods says; extractor.go Extract adds per-pod subscribers beside it), both run.
+    A server publishing into the global socket is precise whether its own subscription came
+    before its events (a) or after (b, whose blocks it does not clear); its delete ends both."""
+    import asyncio
+
+    import msgpack
+    import zmq
+    import zmq.asyncio
+
+    from devstack.launch import free_port
+    from epp.framework import Endpoint
+
+    a, b = Endpoint("a", "127.0.0.1", 8001), Endpoint("b", "127.0.0.1", 8002)
+    port = free_port()
+    p = with_handle({"tokenProcessorConfig": {"blockSize": BS}, "kvEventsConfig": {
+        "zmqEndpoint": f"tcp://127.0.0.1:{port}", "podDiscoveryConfig": {"socketPort": free_port()}}}, endpoints=(a, b))
+    await p.start_background()
+    ctx = zmq.asyncio.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(f"tcp://127.0.0.1:{port}")
+    event = msgpack.packb([0.0, [["BlockStored", [11, 12, 13, 14], None, PROMPT, BS, None, "GPU", None]], 0])
+    seq = iter(range(10_000))
+    try:
+        p.extract_endpoint("upsert", a)  # subscribed before its first event
+        for e in (a, b):
+            deadline = asyncio.get_running_loop().time() + 10
+            while p.index.blocks_of(e.name) == 0:  # resent until the connection is up
+                assert asyncio.get_running_loop().time() < deadline, "events never arrived"
+                await pub.send_multipart([f"kv@{e.hostport}@m".encode(), next(seq).to_bytes(8, "big"), event])
+                await asyncio.sleep(0.02)
+        p.extract_endpoint("upsert", b)  # subscribed after its events
+        assert set(p.intake.subscribed) == set(p.intake.routed) == {"a", "b"}
+        assert run(p, PROMPT, [a, b])[1].matches == {a: 4, b: 4} and p.is_precise("a") and p.is_precise("b")
+        p.extract_endpoint("delete", b)
+        assert "b" not in p.intake.streams and p.index.blocks_of("b") == 0 and p.stream_status("b")[0] == "unsubscribed"
+    finally:
+        pub.close()
+        ctx.term()
+        await p.stop_background()

@@ -8,7 +8,7 @@
 Wired by precise-prefix-cache-producer (epp/requestcontrol/producers/precise_prefix.py):
 it owns one `BlockIndex(BlockKeyer(blockSizeTokens, hashSeed), speculative_ttl=...)` and
 one `KVEventIntake(index, topic_filter=...)`, subscribes each endpoint as it appears
-(`tcp://<address>:<socketPort>`) or binds the global socket (`intake.bind(zmqEndpoint)`),
+(`tcp://<address>:<socketPort>`) and/or binds the global socket (`intake.bind(zmqEndpoint)`),
 and per request matches `keyer.keys(token_ids, model)` with `index.match_keys`, using the
 approximate guess for endpoints where `intake.is_precise(name)` is false.
 """

@@ -38,6 +38,14 @@ kv@<pod>@<model> names its endpoint through `resolve(pod)` (None: counted in the
 stream's `unrouted` and dropped); sequence checks then run per endpoint as above (no
 replay: a global socket has no replay address).
 
+Both at once (the reference's default discoverPods with a zmqEndpoint): the global socket
+runs beside the per-endpoint subscriptions, as the reference's "local-subscriber" runs
+beside its per-pod subscribers, and both feed the endpoint's entries in the one index. An
+endpoint then has up to two streams, each with its own sequence and health: `subscribed`
+(its own subscription) and `routed` (the global socket's stream for it). Subscribing an
+endpoint leaves its global-socket stream and blocks alone; it is judged (`stream`,
+`status`) by whichever stream is precise, else the one that delivered last.
+
 Counters are plain attributes of `EndpointStream` (metrics are wired elsewhere).
 """
 
@@ -127,7 +135,8 @@ class KVEventIntake:
         self.listener = listener
         self.resolve = resolve
         self.global_stream: EndpointStream | None = None
-        self.streams: dict[str, EndpointStream] = {}
+        self.subscribed: dict[str, EndpointStream] = {}  # endpoint -> its own subscription's stream
+        self.routed: dict[str, EndpointStream] = {}  # endpoint -> the global socket's stream for it
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
         self._subs: dict[str, _Sub] = {}
@@ -139,14 +148,14 @@ class KVEventIntake:
         """Start receiving `endpoint`'s events from `address` (call inside the event loop).
         Subscribing again with the same address keeps the stream; a new address
         replaces it and forgets what the old one reported (another server, or one whose
-        events in between are unknown)."""
-        old = self.streams.get(endpoint)
+        events in between are unknown). The global socket's stream for it is not touched."""
+        old = self.subscribed.get(endpoint)
         if old is not None:
             if old.address == address and old.replay_address == replay_address and old.model == model:
                 return old
             self._stop(endpoint)
             self.index.clear_endpoint(endpoint)
-        stream = self.streams[endpoint] = EndpointStream(endpoint, address, model, replay_address)
+        stream = self.subscribed[endpoint] = EndpointStream(endpoint, address, model, replay_address)
         self._start(endpoint, stream, bound=False)
         return stream
 
@@ -187,12 +196,20 @@ class KVEventIntake:
         return sock, monitor
 
     def unsubscribe(self, endpoint: str) -> None:
-        """Stop the endpoint's stream and forget its blocks."""
+        """Stop the endpoint's own subscription; forget its blocks unless the global socket
+        delivers its events too (they stay, kept current by that stream)."""
         self._stop(endpoint)
+        if endpoint not in self.routed:
+            self.index.remove_endpoint(endpoint)
+
+    def forget(self, endpoint: str) -> None:
+        """The endpoint is gone: its subscription and global-socket stream end, its blocks go."""
+        self._stop(endpoint)
+        self.routed.pop(endpoint, None)
         self.index.remove_endpoint(endpoint)
 
     def _stop(self, endpoint: str) -> None:
-        self.streams.pop(endpoint, None)
+        self.subscribed.pop(endpoint, None)
         sub = self._subs.pop(endpoint, None)
         if sub is None:
             return
@@ -205,6 +222,7 @@ class KVEventIntake:
         for endpoint in list(self._subs):
             self._stop(endpoint)
         self.global_stream = None
+        self.routed.clear()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
@@ -215,24 +233,43 @@ class KVEventIntake:
 
     def note_routed(self, endpoint: str) -> None:
         """A request was routed to the endpoint: events should follow (silence detection)."""
-        s = self.streams.get(endpoint)
-        if s is not None and s.routed_at is None:
-            s.routed_at = self.clock()
+        for s in (self.subscribed.get(endpoint), self.routed.get(endpoint)):
+            if s is not None and s.routed_at is None:
+                s.routed_at = self.clock()
+
+    @property
+    def streams(self) -> dict[str, EndpointStream]:
+        """Each endpoint's stream as `stream` picks it, by endpoint."""
+        now = self.clock()
+        return {name: self.stream(name, now) for name in dict.fromkeys([*self.subscribed, *self.routed])}
+
+    def stream(self, endpoint: str, now: float | None = None) -> EndpointStream | None:
+        """The stream the endpoint is judged by: its own subscription's or the global
+        socket's, whichever is precise, else the one that delivered last (its own on a tie)."""
+        own, routed = self.subscribed.get(endpoint), self.routed.get(endpoint)
+        if own is None or routed is None:
+            return own or routed
+        now = self.clock() if now is None else now
+        own_ok, routed_ok = self._status(own, now) == "precise", self._status(routed, now) == "precise"
+        if own_ok != routed_ok:
+            return own if own_ok else routed
+        return routed if _delivered(routed) > _delivered(own) else own
 
     def status(self, endpoint: str, now: float | None = None) -> str:
         """"precise", or why not: "unsubscribed", "waiting" (no batch yet), "broken",
         "disconnected", "stale" (lost batches recently) or "silent" (routed to, no event
         since)."""
-        s = self.streams.get(endpoint)
-        if s is None:
-            return "unsubscribed"
+        now = self.clock() if now is None else now
+        s = self.stream(endpoint, now)
+        return "unsubscribed" if s is None else self._status(s, now)
+
+    def _status(self, s: EndpointStream, now: float) -> str:
         if s.batches == 0:
             return "waiting"
         if s.broken:
             return "broken"
         if not s.connected:
             return "disconnected"
-        now = self.clock() if now is None else now
         if now < s.stale_until:
             return "stale"
         if s.routed_at is not None and now - s.routed_at > self.silence_timeout:
@@ -380,9 +417,9 @@ class KVEventIntake:
         if name is None:
             g.unrouted += 1
             return None
-        s = self.streams.get(name)
+        s = self.routed.get(name)
         if s is None:
-            s = self.streams[name] = EndpointStream(name, g.address, connected=True)
+            s = self.routed[name] = EndpointStream(name, g.address, connected=True)
         s.topic = g.topic
         return s
 
@@ -460,6 +497,11 @@ class _Sub:
 def _close(*sockets: zmq.asyncio.Socket) -> None:
     for sock in sockets:
         sock.close(linger=0)
+
+
+def _delivered(s: EndpointStream) -> float:
+    """When the stream last applied a batch (intake clock); -inf if never."""
+    return -float("inf") if s.last_batch_at is None else s.last_batch_at
 
 
 def _topic_model(topic: str) -> str:

@@ -31,6 +31,10 @@ Events reach the index three ways:
   connect to it, and each message's topic kv@<endpoint>@<model> names the endpoint (its
   ip:port, its address, or its name), looked up among the pool's endpoints
   (PluginHandle.endpoints), so events count from the first, before any request;
+  with both configured (discoverPods defaults to true, so a zmqEndpoint plus an
+  endpoint-notification-source binding), both run side by side as in the reference: an
+  endpoint's events count from either, each stream checked on its own (kvevents.intake),
+  and its own subscription neither replaces nor clears what the global socket delivered;
 - in process, with no ZMQ (the cluster simulation): `feed(endpoint_name, events, model)`
   applies decoded events (kvevents.wire types) and counts that endpoint as precise.
 
@@ -157,7 +161,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
             return "precise", 0.0
         if self.intake is None:
             return "unsubscribed", None
-        s = self.intake.streams.get(endpoint)
+        s = self.intake.stream(endpoint)
         return self.intake.status(endpoint), None if s is None else s.lag
 
     def _ensure_intake(self) -> Any:
@@ -222,9 +226,8 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
         host = bracket(endpoint.address)
         rank = _rank(endpoint)
         address = f"tcp://{host}:{pods.socketPort + rank}"
-        if not self._admits(endpoint):  # relabelled out of the selector: its subscription ends
-            stream = self.intake.streams.get(endpoint.name) if self.intake is not None else None
-            if stream is not None and stream.address == address:
+        if not self._admits(endpoint):  # relabelled out of the selector: its own subscription ends
+            if self.intake is not None and endpoint.name in self.intake.subscribed:
                 self.intake.unsubscribe(endpoint.name)
             return
         replay = f"tcp://{host}:{pods.replaySocketPort + rank}" if pods.replaySocketPort > 0 else None
@@ -236,7 +239,7 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
                 del self._pods[pod]
         self._fed.discard(endpoint.name)
         if self.intake is not None:
-            self.intake.unsubscribe(endpoint.name)
+            self.intake.forget(endpoint.name)
         self.index.remove_endpoint(endpoint.name)
         self.approx.purge(endpoint)
 
@@ -410,9 +413,10 @@ class _StreamMetrics:
         precise = GaugeMetricFamily(pre + "stream_precise", "1 when the endpoint's event stream is trusted for "
                                     "scoring, 0 when scoring falls back to the approximate guess.",
                                     labels=["pod_identifier"])
-        bound = intake.global_stream if intake is not None else None  # the global socket queues before routing
+        # each subscription's queue, and the global socket's (it queues before routing)
+        queues = [*intake.subscribed.values(), *filter(None, [intake.global_stream])] if intake is not None else []
         depth = GaugeMetricFamily(pre + "pool_queue_depth", "KV-event messages received and not yet applied, "
-                                  "all endpoints.", value=sum(s.queued for s in streams) + (bound.queued if bound else 0))
+                                  "all endpoints.", value=sum(s.queued for s in queues))
         now = self.producer.clock()
         for s in streams:
             labels = [s.endpoint]
