@@ -11,6 +11,7 @@ import json
 import pytest
 
 from devstack.launch import wait_until
+from tests.e2e.api import endpoint, write_endpoints
 from tests.e2e.conftest import metric_sum, post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -40,11 +41,9 @@ def image(url: str) -> dict:
 
 def test_a_multimodal_request_is_encoded_then_prefilled_and_decoded(sim_servers, picker, envoy, tmp_path):
     encode, prefill, decode = (sim_servers(1, role=r) for r in ("encode", "prefill", "decode"))
-    eps = [{"name": role, "address": "127.0.0.1", "port": s.ports[0], "labels": {ROLE: role}}
-           for role, s in (("encode", encode), ("prefill", prefill), ("decode", decode))]
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text(json.dumps({"endpoints": eps}))
-    p = picker(endpoints_file=str(endpoints), config_text=CONFIG)
+    endpoints = write_endpoints(tmp_path / "endpoints.yaml", [
+        endpoint(role, s.ports[0], {ROLE: role}) for role, s in (("encode", encode), ("prefill", prefill), ("decode", decode))])
+    p = picker(endpoints_file=endpoints, config_text=CONFIG)
     url = f"{envoy('full-duplex', p).url}/v1/chat/completions"
 
     def counts() -> tuple[float, float, float, float]:

@@ -29,6 +29,7 @@ import pytest
 
 from devstack.launch import wait_until
 from epp.errors import DROPPED_REASON_HEADER
+from tests.e2e.api import endpoint, objectives, write_endpoints
 from tests.e2e.conftest import metric_sum, post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -51,12 +52,8 @@ flowControl:
 
 
 def endpoints_file(directory: Path, hostports: list[str]) -> str:
-    path = directory / "endpoints.json"
-    path.write_text(json.dumps({
-        "endpoints": [{"name": f"sim-{i}", "address": hp.rsplit(":", 1)[0], "port": int(hp.rsplit(":", 1)[1])}
-                      for i, hp in enumerate(hostports)],
-        "objectives": [{"name": "batch", "priority": -1}, {"name": "critical", "priority": 10}]}))
-    return str(path)
+    return write_endpoints(directory / "endpoints.json", [endpoint(f"sim-{i}", hp) for i, hp in enumerate(hostports)],
+                           objectives=objectives(batch=-1, critical=10))
 
 
 def stream_until_closed(host: str, port: int, body: dict, headers: dict[str, str],

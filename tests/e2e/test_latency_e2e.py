@@ -7,19 +7,16 @@ that the queue scorer likes as well."""
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
 
 from devstack.launch import free_ports, wait_until
 from epp.apicli import format_endpoints, format_explain
-from proto import epp_api_pb2 as pb
-from proto import epp_api_pb2_grpc as pb_grpc
+from tests.e2e.api import endpoint, explain, list_endpoints, objectives, write_endpoints
 from tests.e2e.conftest import metric_sum, post
 from tests.e2e.test_reference_configs import REFERENCE, chart_args, localise
 from tests.latency_sidecars import FakeSidecars
@@ -114,24 +111,10 @@ def test_predicted_latency_guide_starts_unchanged_and_routes_streams(module_sim_
     assert "Traceback" not in p.log()
 
 
-def explain_and_list(api_port: int, body: dict, headers: dict[str, str]
-                     ) -> tuple[pb.ExplainResponse, pb.ListEndpointsResponse]:
-    with grpc.insecure_channel(f"127.0.0.1:{api_port}") as ch:
-        stub = pb_grpc.EndpointPickerStub(ch)
-        resp = stub.Explain(pb.ExplainRequest(body=json.dumps(body).encode(),
-                                              headers={":path": "/v1/completions", **headers}), timeout=10)
-        endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10)
-    assert not resp.error_code, resp.error_message
-    return resp, endpoints
-
-
 def endpoints_file(directory: Path, hostports: list[str], products: list[str]) -> str:
-    path = directory / "endpoints.json"
-    path.write_text(json.dumps({
-        "endpoints": [{"name": f"sim-{i}", "address": hp.rsplit(":", 1)[0], "port": int(hp.rsplit(":", 1)[1]),
-                       "labels": {GPU: gpu}} for i, (hp, gpu) in enumerate(zip(hostports, products, strict=True))],
-        "objectives": [{"name": "batch", "priority": -1}]}))
-    return str(path)
+    return write_endpoints(directory / "endpoints.json",
+                           [endpoint(f"sim-{i}", hp, {GPU: gpu}) for i, (hp, gpu) in enumerate(zip(hostports, products, strict=True))],
+                           objectives=objectives(batch=-1))
 
 
 ADMIT_CONFIG = """
@@ -225,12 +208,12 @@ def test_with_an_slo_the_endpoint_with_headroom_wins_over_the_queue_score(sim_se
     wait_until(lambda: all(metric_sum(p.metrics(), "llm_d_epp_latency_prediction_training_samples", target="ttft",
                                       endpoint_class=c) >= 64 for c in ("h100", "a100")), 10, "both classes learnt")
     # the SLO: halfway between the two servers' predicted TTFTs for such a request (p90; ~80 and ~180 ms)
-    resp, _ = explain_and_list(p.api_port, body("probe", words), {})
+    resp, _ = explain(p.api_port, body("probe", words), {})
     fast, slow = (next(x.ttft_ms for x in resp.latency_predictions if x.endpoint == n) for n in ("sim-0", "sim-1"))
     assert slow > 1.3 * fast, (fast, slow)  # the A100 is the slower, and the model knows it
     slo_ms = round((fast + slow) / 2)
     slo = {"x-llm-d-slo-ttft-ms": str(slo_ms)}
-    resp, endpoints = explain_and_list(p.api_port, body("probe", words), slo)
+    resp, endpoints = explain(p.api_port, body("probe", words), slo)
     predicted = {x.endpoint: x for x in resp.latency_predictions}
     assert resp.slo_ttft_ms == slo_ms and predicted["sim-0"].meets_slo and not predicted["sim-1"].meets_slo
     for x in predicted.values():
@@ -242,12 +225,10 @@ def test_with_an_slo_the_endpoint_with_headroom_wins_over_the_queue_score(sim_se
     assert status["sim-1"]["latency-ttft-samples"].endswith("(class)")
     assert status["sim-1"]["latency-ttft-mape"].endswith("%") and "latency-ttft-p90-error" in status["sim-0"]
     assert "latency-ttft-mape=" in format_endpoints(endpoints)
-    with grpc.insecure_channel(f"127.0.0.1:{p.api_port}") as ch:  # one at a time, each on an idle pool
-        stub = pb_grpc.EndpointPickerStub(ch)
-        for i in range(40):
-            wait_until(lambda: not any(e.in_flight_requests for e in stub.ListEndpoints(
-                pb.ListEndpointsRequest(), timeout=5).endpoints), 10, "the previous request to complete")
-            assert post(f"{env.url}/v1/completions", body(f"slo{i}", words), slo)[0] == 200
+    for i in range(40):  # one at a time, each on an idle pool
+        wait_until(lambda: not any(e.in_flight_requests for e in list_endpoints(p.api_port).endpoints), 10,
+                   "the previous request to complete")
+        assert post(f"{env.url}/v1/completions", body(f"slo{i}", words), slo)[0] == 200
     after = sims.served("m1")
     to_fast, to_slow = after[0] - before[0], after[1] - before[1]
     assert to_fast >= 36 and to_slow <= 4, (to_fast, to_slow)

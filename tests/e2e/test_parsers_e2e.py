@@ -7,14 +7,13 @@ served-endpoint header, which the picker sets on every response."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from devstack.launch import wait_until
 from epp.errors import DROPPED_REASON_HEADER as DROPPED_REASON
 from filters.conformance import SERVED_HEADER
+from tests.e2e.api import by_port, objectives, write_endpoints
 from tests.e2e.conftest import metric_sum, post
 from tests.e2e.test_scenarios import fresh, hot_queue_seen, overloaded_pool, run_concurrently, wait_for_view
 
@@ -83,12 +82,7 @@ def test_canonical_and_old_objective_headers_both_shed_and_say_why(overloaded_po
     whichever header names it; the canonical name wins when both are sent."""
     pool = overloaded_pool
     path = e2e_logs.dir / "endpoints.yaml"
-    doc = {"endpoints": [{"name": f"sim-{hp.rsplit(':', 1)[1]}", "address": "127.0.0.1",
-                          "port": int(hp.rsplit(":", 1)[1])} for hp in pool.hostports],
-           "objectives": [{"name": "batch", "priority": -1}, {"name": "interactive", "priority": 10}]}
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    write_endpoints(path, by_port(pool.hostports), objectives=objectives(batch=-1, interactive=10))
     p = picker(endpoints_file=str(path))
     env = envoy("full-duplex", p)
     wait_for_view(p, lambda v: len(v) == 3 and hot_queue_seen(pool)(v) and all(fresh(e) for e in v.values()),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from devstack.launch import wait_until
+from tests.e2e.api import endpoint, write_endpoints
 from tests.e2e.conftest import metric_sum, post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -33,12 +34,8 @@ def config() -> str:
 
 def endpoints_file(directory: Path, prefill, decode) -> str:
     """An endpoints file: the prefill server p0 and decode servers d0, d1, ... labelled by role."""
-    eps = [{"name": "p0", "address": "127.0.0.1", "port": prefill.ports[0], "labels": {ROLE: "prefill"}}] + [
-        {"name": f"d{i}", "address": "127.0.0.1", "port": port, "labels": {ROLE: "decode"}}
-        for i, port in enumerate(decode.ports)]
-    path = directory / "endpoints.yaml"
-    path.write_text(json.dumps({"endpoints": eps}))
-    return str(path)
+    return write_endpoints(directory / "endpoints.yaml", [endpoint("p0", prefill.ports[0], {ROLE: "prefill"})] + [
+        endpoint(f"d{i}", port, {ROLE: "decode"}) for i, port in enumerate(decode.ports)])
 
 
 def requests_by_role(sims, i: int) -> dict[str, float]:

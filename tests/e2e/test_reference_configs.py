@@ -14,6 +14,7 @@ import pytest
 
 from devstack.launch import wait_until
 from epp.framework.registry import BUILTINS
+from tests.e2e.api import by_port, write_endpoints
 from tests.e2e.conftest import metric_sum, post
 from tests.test_options_reference import chart_rows
 
@@ -112,9 +113,7 @@ def test_data_layer_discovery_and_sources_are_wired_into_serve(module_sim_server
     not serve shows up as the reference's poll-error counter of that source type."""
     sims = module_sim_servers
     path = e2e_logs.dir / "endpoints.yaml"
-    path.write_text(json.dumps({"endpoints": [
-        {"name": f"sim-{hp.rsplit(':', 1)[1]}", "namespace": "ns", "address": "127.0.0.1",
-         "port": int(hp.rsplit(":", 1)[1])} for hp in sims.hostports]}))
+    write_endpoints(path, [{**e, "namespace": "ns"} for e in by_port(sims.hostports)])
     config = f"""
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig

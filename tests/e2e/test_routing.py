@@ -12,6 +12,7 @@ import pytest
 
 from devstack.launch import wait_until
 from filters.conformance import SELECTION_HEADER, SERVED_HEADER
+from tests.e2e.api import endpoint, write_endpoints
 from tests.e2e.conftest import post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -122,11 +123,9 @@ def test_model_rewrite_from_endpoints_file(mode, module_sim_servers, picker, env
     """The server sees the rewritten model (it only serves m1); the client gets its own name back."""
     sims = module_sim_servers
     path = e2e_logs.dir / "endpoints.yaml"
-    path.write_text(json.dumps({
-        "endpoints": [{"name": f"sim-{i}", "address": "127.0.0.1", "port": port} for i, port in enumerate(sims.ports)],
-        "modelRewrites": [{"name": "alias", "rules": [{"matches": [{"model": {"type": "Exact", "value": "my-alias"}}],
-                                                        "targets": [{"modelRewrite": "m1", "weight": 1}]}]}],
-    }))
+    write_endpoints(path, [endpoint(f"sim-{i}", port) for i, port in enumerate(sims.ports)], modelRewrites=[
+        {"name": "alias", "rules": [{"matches": [{"model": {"type": "Exact", "value": "my-alias"}}],
+                                     "targets": [{"modelRewrite": "m1", "weight": 1}]}]}])
     p = picker(endpoints_file=str(path))
     env = envoy(mode, p)
     before = sum(sims.served("m1"))

@@ -15,20 +15,17 @@ ListEndpoints) or the servers' metrics, never by sleeping.
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-import grpc
 import pytest
 
 from devstack.launch import port_open, wait_until
 from proto import epp_api_pb2 as pb
-from proto import epp_api_pb2_grpc as pb_grpc
+from tests.e2e.api import by_port, list_endpoints, objectives, write_endpoints
 from tests.e2e.conftest import Logs, Picker, SimServers, _failed, _start_sims, metric_sum, post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -46,9 +43,7 @@ def run_concurrently(fn: Callable[[int], tuple[int, dict[str, str], bytes]], n: 
 
 def pool_view(p: Picker) -> dict[str, pb.EndpointInfo]:
     """The picker's own view of its endpoints (project API on the ext_proc port), by ip:port."""
-    with grpc.insecure_channel(f"127.0.0.1:{p.api_port}") as ch:
-        resp = pb_grpc.EndpointPickerStub(ch).ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
-    return {f"{e.address}:{e.port}": e for e in resp.endpoints}
+    return {f"{e.address}:{e.port}": e for e in list_endpoints(p.api_port).endpoints}
 
 
 def in_flight(p: Picker) -> dict[str, int]:
@@ -333,12 +328,7 @@ def test_sheddable_request_gets_429_while_saturated(overloaded_pool, picker, env
     path = e2e_logs.dir / "endpoints.yaml"
 
     def write(hostports: Sequence[str]) -> None:
-        doc = {"endpoints": [{"name": f"sim-{hp.rsplit(':', 1)[1]}", "address": "127.0.0.1",
-                              "port": int(hp.rsplit(":", 1)[1])} for hp in hostports],
-               "objectives": [{"name": "batch", "priority": -1}, {"name": "interactive", "priority": 10}]}
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)  # rename-replace, as editors and ConfigMap updates do
+        write_endpoints(path, by_port(hostports), objectives=objectives(batch=-1, interactive=10))
 
     write(pool.idle.hostports)
     p = picker(endpoints_file=str(path))

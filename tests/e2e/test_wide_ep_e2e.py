@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from devstack.launch import wait_until
+from tests.e2e.api import endpoint, write_endpoints
 from tests.e2e.conftest import metric_sum, post
 from tests.e2e.test_reference_configs import chart_args, localise
 
@@ -34,13 +35,12 @@ def served(sims, i: int, role: str) -> float:
 
 def test_wide_ep_guide_pins_a_rollout_revision_through_envoy(sim_servers, picker, envoy, tmp_path):
     prefill, decode = sim_servers(1, role="prefill"), sim_servers(2, roles="decode,decode")
-    eps = [{"name": "p-a", "address": "127.0.0.1", "port": prefill.ports[0], "labels": pod_labels("A", "prefill")},
-           {"name": "d-a", "address": "127.0.0.1", "port": decode.ports[0], "labels": pod_labels("A", "decode")},
-           {"name": "d-b", "address": "127.0.0.1", "port": decode.ports[1], "labels": pod_labels("B", "decode")}]
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text(json.dumps({"endpoints": eps}))
+    endpoints = write_endpoints(tmp_path / "endpoints.yaml", [
+        endpoint("p-a", prefill.ports[0], pod_labels("A", "prefill")),
+        endpoint("d-a", decode.ports[0], pod_labels("A", "decode")),
+        endpoint("d-b", decode.ports[1], pod_labels("B", "decode"))])
     flags = [*localise(chart_args("llm-d-guide", "optimized-baseline"), GUIDE), "--allow-experimental-plugins"]
-    p = picker(endpoints_file=str(endpoints), extra_flags=flags)
+    p = picker(endpoints_file=endpoints, extra_flags=flags)
     url = f"{envoy('full-duplex', p).url}/v1/completions"
 
     for k in range(4):
