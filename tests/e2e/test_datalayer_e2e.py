@@ -30,10 +30,7 @@ plugins:
 - type: max-score-picker
 schedulingProfiles:
 - name: default
-  plugins:
-  - {pluginRef: lora-affinity-scorer, weight: 10}
-  - {pluginRef: queue-scorer, weight: 1}
-  - {pluginRef: max-score-picker}
+  plugins: [{pluginRef: lora-affinity-scorer, weight: 10}, {pluginRef: queue-scorer, weight: 1}, {pluginRef: max-score-picker}]
 dataLayer:
   sources:
   - pluginRef: models-data-source

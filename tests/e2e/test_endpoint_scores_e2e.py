@@ -25,11 +25,7 @@ plugins:
 - type: max-score-picker
 schedulingProfiles:
 - name: default
-  plugins:
-  - pluginRef: header-based-testing-filter
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: max-score-picker
+  plugins: [{pluginRef: header-based-testing-filter}, {pluginRef: queue-scorer, weight: 2}, {pluginRef: max-score-picker}]
 """
 
 

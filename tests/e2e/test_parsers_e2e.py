@@ -29,10 +29,7 @@ plugins:
 - type: max-score-picker
 schedulingProfiles:
 - name: default
-  plugins:
-  - pluginRef: prefix-cache-scorer
-    weight: 1
-  - pluginRef: max-score-picker
+  plugins: [{pluginRef: prefix-cache-scorer, weight: 1}, {pluginRef: max-score-picker}]
 """
 
 

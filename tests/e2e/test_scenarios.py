@@ -211,11 +211,8 @@ plugins:
 - type: prefix-cache-scorer
 schedulingProfiles:
 - name: default
-  plugins:
-  - {pluginRef: lora-affinity-scorer, weight: 10}
-  - {pluginRef: queue-scorer, weight: 2}
-  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
-  - {pluginRef: prefix-cache-scorer, weight: 3}
+  plugins: [{pluginRef: lora-affinity-scorer, weight: 10}, {pluginRef: queue-scorer, weight: 2},
+            {pluginRef: kv-cache-utilization-scorer, weight: 2}, {pluginRef: prefix-cache-scorer, weight: 3}]
 """
 ADAPTERS = ("sql-a", "sql-b", "sql-c")
 
