@@ -146,6 +146,27 @@ async def test_in_process_backend_renders_the_chat_template_once_per_request(sys
     assert len(renders) == 3 and p.counts["tokenized"] == 2
 
 
+async def test_prefetched_results_wait_per_request_object_and_are_bounded(monkeypatch):
+    """Two requests with the same id header each get their own prompt; results a failed
+    cycle never took (no PrepareData) are bounded by count and by size."""
+    from epp.requestcontrol.producers import tokens
+
+    p = build_plugin("token-producer", "tp", {"inProcess": {"path": str(FIXTURE)}}, PluginHandle(), "x")
+    a, b = request(chat("first question")), request(chat("another question entirely"))  # both id "r"
+    await p.prefetch_request_data(a)
+    await p.prefetch_request_data(b)
+    expected = LocalTokenizer.load(FIXTURE)
+    assert produce(p, a)[0] == tuple(expected.tokenize_body("chat", a.body))
+    assert produce(p, b)[0] == tuple(expected.tokenize_body("chat", b.body))
+    assert not p._prefetched and p._prefetched_units == 0
+    monkeypatch.setattr(tokens, "PREFETCHED_MAX_UNITS", 3 * len(expected.prompt("chat", a.body)[0]))
+    left = [request(chat("first question"), rid=f"r{i}") for i in range(10)]  # their cycles failed
+    for r in left:
+        await p.prefetch_request_data(r)
+    assert len(p._prefetched) == 3 and p._prefetched_units <= tokens.PREFETCHED_MAX_UNITS
+    assert produce(p, left[-1])[0] is not None and produce(p, left[0])[0] is not None  # evicted: rendered again
+
+
 def test_piece_cache_is_bounded_by_tokens():
     cache = PieceCache(max_tokens=10)
     for i in range(20):

@@ -54,7 +54,8 @@ from .tokens_render import (
 log = logging.getLogger(__name__)
 
 BYTES_PER_TOKEN = 4
-PREFETCHED_MAX = 4096  # rendered ids or prompts waiting for their request's PrepareData (bounded)
+PREFETCHED_MAX = 4096  # bound: requests whose asynchronous step's result waits for their PrepareData
+PREFETCHED_MAX_UNITS = 8_000_000  # bound: token ids plus prompt characters those results hold, in all
 FAILURE_LOG_INTERVAL = 30.0  # seconds between repeated render-failure warnings
 _NOT_PREFETCHED = object()
 OUTCOMES = ("client_ids", "tokenized", "rendered", "render_cached", "estimated", "fallback_timeout", "fallback_error")
@@ -129,9 +130,13 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
             self.prefetch_request_data = self._warm  # long uncached pieces are encoded off the event loop
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.tokens_published = 0
-        # request id -> what the asynchronous step made of it: rendered ids or a fallback outcome
-        # (vllm), the rendered prompt or None when it cannot be rendered (inProcess)
-        self._prefetched: OrderedDict[str, Any] = OrderedDict()
+        # what the asynchronous step made of a request, until its PrepareData takes it (normally
+        # the same event-loop turn; a cycle that fails before PrepareData leaves it to the bounds):
+        # id(request) -> (the request, its size, rendered ids or a fallback outcome (vllm), the
+        # rendered prompt or None when it cannot be rendered (inProcess)). Keyed by the request
+        # object, not its id header, which two clients may send alike.
+        self._prefetched: OrderedDict[int, tuple[InferenceRequest, int, Any]] = OrderedDict()
+        self._prefetched_units = 0
         self._last_warning = float("-inf")
         m = handle.metrics
         me = {"plugin_name": name, "plugin_type": self.type_name}
@@ -187,12 +192,25 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
         except (RenderError, TokenizerError) as e:
             outcome = "fallback_error"
             self._warn(str(e))
-        self._keep(request, outcome)
+        self._keep(request, outcome, len(outcome) if isinstance(outcome, tuple) else 0)
 
-    def _keep(self, request: InferenceRequest, prefetched: Any) -> None:
-        self._prefetched[request.request_id] = prefetched
-        while len(self._prefetched) > PREFETCHED_MAX:
-            self._prefetched.popitem(last=False)
+    def _keep(self, request: InferenceRequest, prefetched: Any, size: int = 0) -> None:
+        """Hold the asynchronous step's result for the request's PrepareData; `size` counts
+        its token ids or prompt characters against PREFETCHED_MAX_UNITS."""
+        self._take(request)  # a second prefetch of the same request replaces the first
+        self._prefetched[id(request)] = (request, size, prefetched)
+        self._prefetched_units += size
+        while len(self._prefetched) > PREFETCHED_MAX or self._prefetched_units > PREFETCHED_MAX_UNITS:
+            _, (_, old, _) = self._prefetched.popitem(last=False)
+            self._prefetched_units -= old
+
+    def _take(self, request: InferenceRequest) -> Any:
+        """The request's held result (taken), or _NOT_PREFETCHED."""
+        held = self._prefetched.pop(id(request), None)  # the entry holds the request: its id is not reused
+        if held is None:
+            return _NOT_PREFETCHED
+        self._prefetched_units -= held[1]
+        return held[2]
 
     async def _warm(self, request: InferenceRequest) -> None:
         """Render the request's prompt once, its long new pieces encoded off the event loop."""
@@ -202,7 +220,7 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
                 prompt = await self.local.warm(request.kind, body)
             except TokenizerError:
                 prompt = None  # PrepareData falls back to the estimate for it
-            self._keep(request, prompt)
+            self._keep(request, prompt, len(prompt[0]) if prompt is not None else 0)
 
     def _warn(self, message: str) -> None:
         now = self.clock()
@@ -211,7 +229,7 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
             log.warning("%s: falling back to the token estimate: %s", self.name, message)
 
     def _rendered(self, request: InferenceRequest) -> tuple[int, ...] | None:
-        outcome = self._prefetched.pop(request.request_id, None)
+        outcome = self._take(request)
         if isinstance(outcome, tuple):
             return outcome
         if isinstance(outcome, str):
@@ -235,7 +253,7 @@ class TokenProducer(ConfiguredPlugin[TokenProducerParams]):
         if self.render is not None:
             return self._rendered(request)
         if self.local is not None and body is not None:
-            prompt = self._prefetched.pop(request.request_id, _NOT_PREFETCHED)
+            prompt = self._take(request)
             if prompt is _NOT_PREFETCHED:  # (explain) rendered here
                 try:
                     prompt = self.local.prompt(request.kind, body)
