@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 BYTES_PER_TOKEN = 4
 PREFETCHED_MAX = 4096  # bound: requests whose asynchronous step's result waits for their PrepareData
-PREFETCHED_MAX_UNITS = 8_000_000  # bound: token ids plus prompt characters those results hold, in all
+PREFETCHED_MAX_UNITS = 2_000_000  # bound: token ids plus prompt characters those results hold, in all (~72 MB of ids)
 FAILURE_LOG_INTERVAL = 30.0  # seconds between repeated render-failure warnings
 _NOT_PREFETCHED = object()
 OUTCOMES = ("client_ids", "tokenized", "rendered", "render_cached", "estimated", "fallback_timeout", "fallback_error")
