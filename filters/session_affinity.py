@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from epp.framework import CycleState, Endpoint, InferenceRequest
-from epp.framework.sessionaffinity import SessionAffinityBase, decode_token, endpoint_id
+from epp.scheduling.sessionaffinity import SessionAffinityBase, decode_token, endpoint_id
 
 
 class SessionAffinityFilter(SessionAffinityBase):

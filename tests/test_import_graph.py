@@ -18,9 +18,11 @@ PLUGIN_PACKAGES = ("filters", "scorers")
 # What a plugin module may import from epp: the contracts and small utilities, never a runtime layer.
 # The KV-event library (wire decoding, block keys, block index, ZMQ intake) and the data
 # layer's payload-kind names are libraries a producer owns instances of, not a runtime layer;
-# epp.tls gives the HTTP sources their client TLS context.
+# epp.tls gives the HTTP sources their client TLS context; epp.scheduling.sessionaffinity is the
+# session-affinity filter's and scorer's shared binding store (the reference's util/sessionaffinity).
 PLUGIN_MAY_USE = ("epp.framework", "epp.units", "epp.netaddr", "epp.labelselector", "epp.errors", "epp.httpbody",
-                  "epp.datalayer.kvevents", "epp.datalayer.kinds", "epp.tls")
+                  "epp.datalayer.kvevents", "epp.datalayer.kinds", "epp.tls",
+                  "epp.scheduling.sessionaffinity")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -21,7 +21,7 @@ from epp.framework import (
 from epp.framework.datakeys import INFLIGHT_LOAD, SESSION_ID, InFlightLoadInfo
 from epp.framework.params import PluginError
 from epp.framework.registry import ALPHA_TYPES, stability
-from epp.framework.sessionaffinity import MAX_SESSIONS
+from epp.scheduling.sessionaffinity import MAX_SESSIONS
 from tests import helpers
 from tests.helpers import Clock, ep, result
 
