@@ -108,7 +108,10 @@ async def test_watch_stream_drop_resumes_from_last_resource_version(kube, kubeco
     kube.apply(inference_pool("pool", {"app": "vllm"}, [8000]))
     kube.put_pod("p-0", "10.0.0.1", {"app": "vllm"})
     _, ds = await run_discovery(pool_options(kubeconfig))
-    await eventually(lambda: ds.synced and kube.open_watches("pods"), "synced and watching")
+    # every watch (pool, pods, objectives, rewrites) open before the drop: each follows its own
+    # initial list, so the pod watch alone being open does not mean the others are yet
+    await eventually(lambda: ds.synced and kube.open_watches("pods") and kube.open_watches() >= 4,
+                     "synced and watching")
     watches_before = sum(1 for r, _ in kube.watch_starts if r == "pods")
     with kube.forbidden("watch", "pods"):  # keep the picker out until the changes are made
         assert kube.drop_watches() >= 4
