@@ -131,7 +131,7 @@ async def test_follows_endpoint_set_changes_and_stops(servers):
     assert collector.scraping() == frozenset()
     hits = a.hits
     await asyncio.sleep(0.1)
-    assert a.hits == hits
+    assert a.hits <= hits + 1  # at most the scrape already sent when the collector stopped (as b above)
 
 
 async def test_port_override_path_and_unknown_engine(servers):

@@ -246,6 +246,9 @@ async def test_role_matches_the_calls_the_code_makes(kube, kubeconfig, run_disco
             await eventually(lambda d=ds, e=elector: d.synced and e.is_leader, "synced and leading")
             for plural in ("inferencepools", "pods", "inferenceobjectives", "inferencemodelrewrites"):
                 await eventually(lambda p=plural: kube.open_watches(p), f"{plural} watched")
+            if llmd:  # the previous pass's legacy-group watches may still be open: wait for this group's own
+                for plural in ("inferenceobjectives", "inferencemodelrewrites"):
+                    await eventually(lambda p=plural: ("watch", LLMD, p) in kube.audit, f"llm-d.ai {plural} watched")
             await eventually(lambda: kube.requests("update", "leases") >= 1, "a lease renewal")
         finally:
             await elector.stop()

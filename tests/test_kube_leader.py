@@ -61,6 +61,9 @@ async def test_one_leader_and_takeover_after_clean_stop(kube, electors):
     await leader.stop()  # releases the lease
     await eventually(lambda: follower.is_leader, "the follower takes over", timeout=TIMING["lease_duration"] + 5)
     assert holder(kube) == follower.identity
+    # on_change is delivered to the loop after the flag flips (call_soon_threadsafe): wait for it
+    await eventually(lambda: changes[leader.identity] == [True, False] and changes[follower.identity] == [True],
+                     "both leadership changes delivered")
     assert changes[leader.identity] == [True, False] and changes[follower.identity] == [True]
 
 
@@ -86,4 +89,5 @@ async def test_leader_steps_down_when_it_cannot_renew(kube, electors):
     await eventually(lambda: a.is_leader, "a leads")
     kube.forbid("get", "leases")
     await eventually(lambda: not a.is_leader, "a steps down", timeout=TIMING["renew_deadline"] + 5)
+    await eventually(lambda: changes["a"] == [True, False], "the step-down delivered")
     assert changes["a"] == [True, False]

@@ -31,7 +31,7 @@ def test_sigterm_drains_through_envoy(sim_servers, picker, envoy):
     first = next(chunks)  # the request is in flight: its ext_proc stream is open (full duplex)
     sent = time.monotonic()
     p.process.proc.send_signal(signal.SIGTERM)
-    wait_until(lambda: health(p.health_port, "readiness") == not_serving, 1.0, "NOT_SERVING at once")
+    wait_until(lambda: health(p.health_port, "readiness") == not_serving, 3.0, "NOT_SERVING at once")
     assert health(p.health_port, "") == not_serving
     assert health(p.health_port, "liveness") == serving  # not restarted mid-drain
 
