@@ -78,7 +78,7 @@ def test_chart_latency_variant_starts_unchanged_and_routes(fixture, chart, with_
         assert {"kv_cache_percentage", "input_token_length", "num_request_waiting", "num_request_running",
                 "actual_ttft_ms", "actual_tpot_ms", "prefix_cache_score", "timestamp"} <= set(e)
         assert e["actual_ttft_ms"] > 0 and e["actual_tpot_ms"] == 0  # not streaming: TTFT is the whole request
-        assert sidecars.predict_requests, "the prediction server was never asked"
+        wait_until(lambda: sidecars.predict_requests, 10, "the prediction server asked (from the client's thread)")
         # once its answers are cached, they are what the scorers see (the in-process model has < 64 samples)
         assert send(env.url, 10) == [200] * 10
         text = p.metrics()

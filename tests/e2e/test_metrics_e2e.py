@@ -46,8 +46,13 @@ def test_metrics_after_requests_through_envoy_have_the_references_shape(module_s
     env = envoy("full-duplex", p)
     wait_until(lambda: 'llm_d_epp_std_dev_queue_size{name="static"}' in p.metrics(), 10, "pool gauges")
     check_openai_round_trip(client(env), "m1")
-    wait_until(lambda: "llm_d_epp_extproc_streams_total{" in p.metrics(), 10, "stream metrics")
-    text = p.metrics()
+    # one page with the stream metrics and the pool gauges (written only while some endpoint's
+    # scraped metrics are fresh, so a later page of a stalled machine could lack them)
+    pages: list[str] = []
+    wait_until(lambda: pages.append(p.metrics()) or ("llm_d_epp_extproc_streams_total{" in pages[-1] and
+                                                     'llm_d_epp_std_dev_queue_size{name="static"}' in pages[-1]),
+               10, "stream metrics and pool gauges on one page")
+    text = pages[-1]
     present = assert_matches_reference(text, AFTER_REQUESTS)
     # every family is on the page (the default config's prefix producer's too), nothing else
     assert present == IMPLEMENTED | STREAM_FAMILIES | PREFIX_FAMILIES | DETECTOR_FAMILIES | EVICTION_FAMILIES
