@@ -269,17 +269,13 @@ class PickerServer:
 
     def _add_port(self, server: grpc.aio.Server, port: int, cert: tuple[bytes, bytes] | None, flag: str) -> int:
         address = join_hostport(self.options.bind_address, port)
+        creds = None
         if cert is not None:
             if self.cert_reloader is not None:
                 creds = self.cert_reloader.grpc_credentials(cert[0], cert[1])
             else:
                 creds = grpc.ssl_server_credentials([(cert[1], cert[0])])
-            bound = server.add_secure_port(address, creds)
-        else:
-            bound = server.add_insecure_port(address)
-        if not bound:
-            raise StartupError(f"{flag}: cannot listen on {address}")
-        return bound
+        return _grpc_port(server, address, flag, creds)
 
     async def _start_native(self, cert: tuple[bytes, bytes] | None) -> None:
         """ext_proc on epp.handlers.h2.server; the project API (grpc.aio) cannot share that port."""
@@ -318,10 +314,7 @@ class PickerServer:
         o = self.options
         server = self.health_server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        address = join_hostport(o.bind_address, o.grpc_health_port)
-        self.health_port = server.add_insecure_port(address)
-        if not self.health_port:
-            raise StartupError(f"--grpc-health-port: cannot listen on {address}")
+        self.health_port = _grpc_port(server, join_hostport(o.bind_address, o.grpc_health_port), "--grpc-health-port")
         await server.start()
         await self._update_health()
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="health")
@@ -371,7 +364,11 @@ class PickerServer:
         runner = self.metrics_runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, o.bind_address, o.metrics_port, ssl_context=self._metrics_tls())
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(f"--metrics-port: cannot listen on {join_hostport(o.bind_address, o.metrics_port)}: "
+                               f"{e.strerror}") from None
         sockets = site._server.sockets if site._server else []  # noqa: SLF001 - the bound port when 0
         self.metrics_port = sockets[0].getsockname()[1] if sockets else o.metrics_port
 
@@ -480,6 +477,18 @@ async def serve(options: Options) -> int:
     finally:
         await picker.stop(STOP_GRACE)
     return 0
+
+
+def _grpc_port(server: grpc.aio.Server, address: str, flag: str, creds: grpc.ServerCredentials | None = None) -> int:
+    """Bind a grpc.aio server's port; a port that cannot be bound (grpcio returns 0 or, in
+    newer releases, raises RuntimeError) is a start-up error naming the flag."""
+    try:
+        bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise StartupError(f"{flag}: cannot listen on {address}: {e}") from None
+    if not bound:
+        raise StartupError(f"{flag}: cannot listen on {address}")
+    return bound
 
 
 def grpc_options(options: Options) -> tuple[tuple[str, Any], ...]:

@@ -175,6 +175,19 @@ async def assert_refuses_to_start(flags: list[str], match: str) -> None:
         await server.stop(0)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("flag", ["--grpc-port", "--grpc-health-port", "--metrics-port", "--api-port"])
+async def test_a_port_in_use_is_a_start_up_error_naming_its_flag(flag, transport):
+    """Each listening port the picker binds, taken by another process: a one-line start-up
+    error naming the flag (grpcio raises RuntimeError from add_insecure_port; aiohttp OSError)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        await assert_refuses_to_start(["--secure-serving=false", f"--ext-proc-transport={transport}",
+                                       f"{flag}={port}"], f"^{flag}: cannot listen on 127.0.0.1:{port}")
+
+
 @pytest.mark.parametrize("flag", ["--tls-min-version=VersionTLS13",
                                   "--tls-cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"])
 async def test_grpcio_refuses_tls_settings_it_cannot_honour(flag):
