@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devstack.launch import Process, envoy_binary, free_port, wait_until
+from devstack.launch import Process, envoy_binary, free_port, on_fresh_ports, wait_until
 from epp.handlers.protocol import DESTINATION_HEADER
 from epp.netaddr import parse_hostport
 
@@ -223,10 +223,20 @@ class Envoy:
 def start_envoy(mode: str, *, epp_port: int | Sequence[int] = 0, epp_tls: bool = False, backends: list[str] | None = None,
                 port: int = 0, concurrency: int = 1, log_dir: str | Path | None = None,
                 log_level: str = "warning", timeout: float = 30.0, **bootstrap_kw: Any) -> Envoy:
-    """Start Envoy on free 127.0.0.1 ports and wait until its admin says LIVE and the
-    listener accepts connections."""
+    """Start Envoy on free 127.0.0.1 ports (the listener on `port` when given) and wait until
+    its admin says LIVE and the listener accepts connections."""
+    def start() -> Envoy:
+        return _start_envoy_once(mode, port or free_port(), epp_port=epp_port, epp_tls=epp_tls, backends=backends,
+                                 concurrency=concurrency, log_dir=log_dir, log_level=log_level, timeout=timeout,
+                                 **bootstrap_kw)
+
+    return on_fresh_ports(start)
+
+
+def _start_envoy_once(mode: str, port: int, *, epp_port: int | Sequence[int], epp_tls: bool,
+                      backends: list[str] | None, concurrency: int, log_dir: str | Path | None, log_level: str,
+                      timeout: float, **bootstrap_kw: Any) -> Envoy:
     tmp = tempfile.TemporaryDirectory(prefix="epp-envoy-")
-    port = port or free_port()
     admin_port = free_port()
     config = bootstrap(mode, listen_port=port, admin_port=admin_port, epp_port=epp_port, epp_tls=epp_tls,
                        backends=backends, **bootstrap_kw)
@@ -242,12 +252,14 @@ def start_envoy(mode: str, *, epp_port: int | Sequence[int] = 0, epp_tls: bool =
 
     def ready() -> bool:
         if not process.alive():
-            raise RuntimeError(f"envoy exited: {process.log_tail()}")
+            return True  # said below, at once (not as a poll's last error after the timeout)
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
             return r.status == 200
 
     try:
         wait_until(ready, timeout, f"envoy ({mode}) on port {port}")
+        if not process.alive():
+            raise RuntimeError(f"envoy exited: {process.log_tail()}")
     except BaseException:
         envoy.stop()
         raise

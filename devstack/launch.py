@@ -17,8 +17,26 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 _LIVE: dict[int, subprocess.Popen] = {}
+
+
+T = TypeVar("T")
+PORT_RACE_ATTEMPTS = 3  # starts on fresh ports when one found free was taken before the bind
+
+
+def on_fresh_ports(start: Callable[[], T]) -> T:
+    """start(), again (it picks new ports each time) when a port found free was taken before
+    the process bound it (e.g. as another connection's ephemeral source port): start raises
+    RuntimeError with the exited process's log tail, which says "address already in use"."""
+    for attempt in range(PORT_RACE_ATTEMPTS):
+        try:
+            return start()
+        except RuntimeError as e:
+            if "address already in use" not in str(e).lower() or attempt + 1 == PORT_RACE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 def free_port() -> int:

@@ -19,15 +19,21 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from devstack.envoy import LB_MODES, Envoy, start_envoy
-from devstack.launch import Process, free_port_range, free_ports, http_ok, port_open, wait_until
+from devstack.launch import (
+    Process,
+    free_port_range,
+    free_ports,
+    http_ok,
+    on_fresh_ports,
+    port_open,
+    wait_until,
+)
 
 EPP = [sys.executable, "-m", "epp.cli"]
 STARTUP_TIMEOUT = 60.0  # two busy cores shared with other jobs: be patient, never sleep blindly
 HOST = "127.0.0.1"
-T = TypeVar("T")
 
 
 def scrape(url: str) -> str:
@@ -50,7 +56,6 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
-PORT_RACE_ATTEMPTS = 3  # starts on fresh ports when one found free was taken before the bind
 
 
 def _wait_started(proc: Process, up: Callable[[], bool], timeout: float, what: str) -> None:
@@ -141,20 +146,8 @@ def start_sims(n: int, *, model: str, log_dir: Path, time_scale: float = 1.0,
     """One `epp sim --replicas n` process. Returns once every replica has printed its
     `sim ready:` line (listening) and, if `healthy`, answers /health with 200 (pass
     healthy=False for a server still in its --startup-delay)."""
-    return _on_fresh_ports(lambda: _start_sims_once(n, model, log_dir, time_scale, flags, kv_events, healthy, name,
+    return on_fresh_ports(lambda: _start_sims_once(n, model, log_dir, time_scale, flags, kv_events, healthy, name,
                                                     timeout))
-
-
-def _on_fresh_ports(start: Callable[[], T]) -> T:
-    """start(), again (it picks new ports each time) when a port found free was taken before
-    the process bound it (e.g. as another connection's ephemeral source port)."""
-    for attempt in range(PORT_RACE_ATTEMPTS):
-        try:
-            return start()
-        except RuntimeError as e:  # the process exited; its log tail is in the message
-            if "address already in use" not in str(e).lower() or attempt + 1 == PORT_RACE_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")
 
 
 def _start_sims_once(n: int, model: str, log_dir: Path, time_scale: float,
@@ -230,7 +223,7 @@ def start_picker(*, log_dir: Path, endpoints: Sequence[str] = (), endpoints_file
                  timeout: float = STARTUP_TIMEOUT) -> PickerProcess:
     """`epp serve` on free gRPC/health/metrics ports of 127.0.0.1, its configuration (if any)
     written to a file in log_dir; returns once it logs `epp: ready`."""
-    return _on_fresh_ports(lambda: _start_picker_once(log_dir, endpoints, endpoints_file, config_text, extra_flags,
+    return on_fresh_ports(lambda: _start_picker_once(log_dir, endpoints, endpoints_file, config_text, extra_flags,
                                                       tls, timeout))
 
 

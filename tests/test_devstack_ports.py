@@ -61,3 +61,30 @@ def test_a_picker_start_that_loses_its_port_race_starts_again_on_other_ports(tmp
             p.stop()
     finally:
         taken.close()
+
+
+def test_an_envoy_start_that_loses_its_port_race_starts_again_on_other_ports(monkeypatch):
+    """Envoy exits when its listener cannot bind ("cannot bind ...: Address already in use"):
+    said at once, not after the readiness timeout, and started again on a fresh port."""
+    import devstack.envoy as envoy
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks: list[int] = []
+    real = envoy.free_port
+
+    def racy() -> int:  # the first port handed out (the listener's) is already in use
+        picks.append(taken.getsockname()[1] if not picks else real())
+        return picks[-1]
+
+    monkeypatch.setattr(envoy, "free_port", racy)
+    try:
+        e = envoy.start_envoy("full-duplex", epp_port=1, timeout=20)
+        try:
+            # picks: the first try's listener (taken) and admin ports, then the second try's
+            assert len(picks) == 4 and (e.port, e.admin_port) == (picks[2], picks[3])
+        finally:
+            e.stop()
+    finally:
+        taken.close()
