@@ -199,8 +199,8 @@ async def serve(configs: list[SimConfig], data_parallel_size: int = 1) -> None:
     started = []
     try:
         for s in servers:
+            started.append(s)  # stopped below even when its start fails half way (e.g. its port in use)
             await s.start(clock)
-            started.append(s)
         waits = [asyncio.ensure_future(stop.wait())] + [asyncio.ensure_future(s.dead.wait()) for s in servers]
         all_dead = asyncio.ensure_future(asyncio.wait(waits[1:]))
         await asyncio.wait([waits[0], all_dead], return_when=asyncio.FIRST_COMPLETED)

@@ -30,6 +30,8 @@ def test_a_simulator_start_that_loses_its_port_race_starts_again_on_other_ports(
         try:
             assert len(picks) == 2 and s.ports == [picks[1]]
             assert http_ok(s.url(0) + "/health")
+            lost = (tmp_path / f"sim-{picks[0]}.log").read_text()  # the first try: a clean error, nothing left open
+            assert "address already in use" in lost and "Unclosed" not in lost
         finally:
             s.stop()
     finally:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.launch import Process, free_port, http_ok, wait_until
+from devstack.launch import Process, free_port, http_ok, on_fresh_ports, wait_until
 from devstack.localstack import EPP
 from epp.apicli import format_endpoints, format_explain
 from tests.e2e import api
@@ -65,14 +65,21 @@ def _loopback_ips(n: int = 2) -> list[str]:
 
 class Sim:
     def __init__(self, ip: str, log_dir: Path, *kv_args: str, block: int = SERVER_BLOCK) -> None:
-        self.ip, self.port = ip, free_port()
-        self.hostport = f"{ip}:{self.port}"
-        self.url = f"http://{self.hostport}"
+        self.ip = ip
         kv = kv_args or ("--kv-events-endpoint", f"tcp://{ip}:{SOCKET_PORT}")
-        self.proc = Process([*EPP, "sim", "--host", ip, "--port", str(self.port), "--model", "m1",
-                             "--block-size", str(block), "--num-gpu-blocks", str(KV_TOKENS // block), "--time-scale", "20",
-                             *kv], name=f"sim-{self.hostport}", log_path=log_dir / f"sim-{self.hostport}.log")
-        wait_until(lambda: http_ok(self.url + "/health"), 30, f"simulator {self.hostport}")
+
+        def start() -> None:  # on a fresh port again if the one found free is taken before the bind
+            self.port = free_port()
+            self.hostport = f"{ip}:{self.port}"
+            self.url = f"http://{self.hostport}"
+            self.proc = Process([*EPP, "sim", "--host", ip, "--port", str(self.port), "--model", "m1", "--block-size",
+                                 str(block), "--num-gpu-blocks", str(KV_TOKENS // block), "--time-scale", "20", *kv],
+                                name=f"sim-{self.hostport}", log_path=log_dir / f"sim-{self.hostport}.log")
+            wait_until(lambda: not self.proc.alive() or http_ok(self.url + "/health"), 30, f"simulator {self.hostport}")
+            if not self.proc.alive():
+                raise RuntimeError(f"simulator {self.hostport} exited: {self.proc.log_tail()}")
+
+        on_fresh_ports(start)
 
     def post(self, path: str, body: dict | None = None) -> int:
         return post(self.url + path, body or {})[0]
