@@ -240,28 +240,34 @@ class KVEventIntake:
     @property
     def streams(self) -> dict[str, EndpointStream]:
         """Each endpoint's stream as `stream` picks it, by endpoint."""
-        now = self.clock()
-        return {name: self.stream(name, now) for name in dict.fromkeys([*self.subscribed, *self.routed])}
+        return {name: s for name, (s, _) in self.judged_all().items() if s is not None}
 
-    def stream(self, endpoint: str, now: float | None = None) -> EndpointStream | None:
-        """The stream the endpoint is judged by: its own subscription's or the global
-        socket's, whichever is precise, else the one that delivered last (its own on a tie)."""
+    def judged_all(self) -> dict[str, tuple[EndpointStream | None, str]]:
+        """`judged` of every endpoint with a stream, at one instant."""
+        now = self.clock()
+        return {name: self.judged(name, now) for name in dict.fromkeys([*self.subscribed, *self.routed])}
+
+    def judged(self, endpoint: str, now: float | None = None) -> tuple[EndpointStream | None, str]:
+        """The stream the endpoint is judged by and its status. The stream: its own
+        subscription's or the global socket's, whichever is precise, else the one that
+        delivered last (its own on a tie). The status: "precise", or why not: "unsubscribed",
+        "waiting" (no batch yet), "broken", "disconnected", "stale" (lost batches recently)
+        or "silent" (routed to, no event since)."""
+        now = self.clock() if now is None else now
         own, routed = self.subscribed.get(endpoint), self.routed.get(endpoint)
         if own is None or routed is None:
-            return own or routed
-        now = self.clock() if now is None else now
-        own_ok, routed_ok = self._status(own, now) == "precise", self._status(routed, now) == "precise"
-        if own_ok != routed_ok:
-            return own if own_ok else routed
-        return routed if _delivered(routed) > _delivered(own) else own
+            s = own or routed
+            return s, "unsubscribed" if s is None else self._status(s, now)
+        mine, theirs = (own, self._status(own, now)), (routed, self._status(routed, now))
+        if (mine[1] == "precise") != (theirs[1] == "precise"):
+            return mine if mine[1] == "precise" else theirs
+        return theirs if _delivered(routed) > _delivered(own) else mine
+
+    def stream(self, endpoint: str, now: float | None = None) -> EndpointStream | None:
+        return self.judged(endpoint, now)[0]
 
     def status(self, endpoint: str, now: float | None = None) -> str:
-        """"precise", or why not: "unsubscribed", "waiting" (no batch yet), "broken",
-        "disconnected", "stale" (lost batches recently) or "silent" (routed to, no event
-        since)."""
-        now = self.clock() if now is None else now
-        s = self.stream(endpoint, now)
-        return "unsubscribed" if s is None else self._status(s, now)
+        return self.judged(endpoint, now)[1]
 
     def _status(self, s: EndpointStream, now: float) -> str:
         if s.batches == 0:

@@ -161,8 +161,8 @@ class PrecisePrefixCacheProducer(ConfiguredPlugin[PrecisePrefixParams]):
             return "precise", 0.0
         if self.intake is None:
             return "unsubscribed", None
-        s = self.intake.stream(endpoint)
-        return self.intake.status(endpoint), None if s is None else s.lag
+        s, status = self.intake.judged(endpoint)
+        return status, None if s is None else s.lag
 
     def _ensure_intake(self) -> Any:
         if self.intake is None:
@@ -397,10 +397,10 @@ class _StreamMetrics:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         intake = self.producer.intake
-        streams = list(intake.streams.values()) if intake is not None else []
+        judged = list(intake.judged_all().values()) if intake is not None else []
         pre = "llm_d_epp_kv_cache_events_"
         active = GaugeMetricFamily(pre + "active_subscribers", "Number of active KV-events subscribers.",
-                                   value=len(streams))
+                                   value=len(judged))
         received = CounterMetricFamily(pre + "messages_received", "KV-event batches applied, per endpoint.",
                                        labels=["pod_identifier"])
         reconnects = CounterMetricFamily(pre + "subscriber_reconnections",
@@ -417,15 +417,14 @@ class _StreamMetrics:
         queues = [*intake.subscribed.values(), *filter(None, [intake.global_stream])] if intake is not None else []
         depth = GaugeMetricFamily(pre + "pool_queue_depth", "KV-event messages received and not yet applied, "
                                   "all endpoints.", value=sum(s.queued for s in queues))
-        now = self.producer.clock()
-        for s in streams:
+        for s, status in judged:
             labels = [s.endpoint]
             received.add_metric(labels, s.batches)
             reconnects.add_metric(labels, s.disconnects)
             dropped.add_metric(labels, s.missed)
             if s.lag is not None:
                 lag.add_metric(labels, s.lag)
-            precise.add_metric(labels, 1.0 if intake.is_precise(s.endpoint, now) else 0.0)
+            precise.add_metric(labels, 1.0 if status == "precise" else 0.0)
         return [active, received, reconnects, dropped, lag, precise, depth]
 
 
