@@ -230,7 +230,7 @@ def start_envoy(mode: str, *, epp_port: int | Sequence[int] = 0, epp_tls: bool =
                                  concurrency=concurrency, log_dir=log_dir, log_level=log_level, timeout=timeout,
                                  **bootstrap_kw)
 
-    return on_fresh_ports(start)
+    return start() if port else on_fresh_ports(start)  # a port the caller chose is not swapped
 
 
 def _start_envoy_once(mode: str, port: int, *, epp_port: int | Sequence[int], epp_tls: bool,
